@@ -1,0 +1,163 @@
+"""Solver backends (installed as ``qblock.backends``), looked up by name.
+
+Every backend is a :class:`dimod.Sampler` (or uses one) and is imported only when first used.
+There are three ways a backend sees the problem, its ``kind``:
+
+* ``"constrained"``: the sampler takes the unpenalised objective BQM and ``num_remove=M`` and only
+  ever returns states with exactly M ones (``exact``, ``swap``, QAOA with the XY mixer);
+* ``"penalty"``: the sampler takes the penalised BQM built by PyQUBO (``sa``, ``tabu``, ``steepest``,
+  D-Wave); :func:`qblock.solve` scans the penalty strength, repairs infeasible reads and polishes them
+  with swap moves;
+* ``"cqm"``: the sampler takes the :class:`dimod.ConstrainedQuadraticModel`.
+
+A backend may also bring its own ``runner`` (``runner(problem, sampler, num_solutions, seed, **params)``).
+
+Example:
+    >>> from qblock import backends
+    >>> "exact" in backends.names()
+    True
+    >>> backends.available()["exact"]["available"]
+    True
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from qblock._lazy import INSTALL_HINTS, is_installed
+
+__all__ = ["BackendSpec", "register", "names", "get_spec", "get_sampler", "available", "describe"]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """How to build one backend."""
+
+    name: str
+    target: str  # "module:attribute" of the sampler class (or factory)
+    kind: str  # "constrained" | "penalty" | "cqm"
+    description: str
+    requires: tuple[str, ...] = ()
+    extra: str | None = None
+    runner: str | None = None  # optional "module:function" that replaces the default solve path
+    check: str | None = None  # optional "module:function" -> (ok, reason) for run-time conditions (tokens)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    stochastic: bool = True
+
+
+_REGISTRY: dict[str, BackendSpec] = {}
+
+
+def register(spec: BackendSpec, *, replace: bool = False) -> None:
+    """Add a backend to the registry."""
+    if spec.kind not in ("constrained", "penalty", "cqm"):
+        raise ValueError(f"unknown backend kind {spec.kind!r}")
+    if spec.name in _REGISTRY and not replace:
+        raise ValueError(f"backend {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+
+
+def names() -> list[str]:
+    """Registered backend names, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_spec(name: str) -> BackendSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+
+
+def _load(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _missing(spec: BackendSpec) -> list[str]:
+    return [m for m in spec.requires if not is_installed(m)]
+
+
+def get_sampler(name: str, **kwargs: Any):
+    """Instantiate the sampler of backend ``name`` (imports its dependencies now)."""
+    from qblock._lazy import MissingDependencyError
+
+    spec = get_spec(name)
+    missing = _missing(spec)
+    if missing:
+        hint = INSTALL_HINTS.get(spec.extra or "", f"pip install {' '.join(missing)}")
+        raise MissingDependencyError(
+            f"backend {name!r} needs {', '.join(missing)}, which is not installed. Install it with: {hint}"
+        )
+    return _load(spec.target)(**kwargs)
+
+
+def get_runner(name: str) -> Callable | None:
+    spec = get_spec(name)
+    return _load(spec.runner) if spec.runner else None
+
+
+def available() -> dict[str, dict[str, Any]]:
+    """For every backend: whether it can run here and, if not, why and what to install.
+
+    Returns:
+        ``{name: {"available": bool, "reason": str, "install": str | None, "kind": str, "description": str}}``
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for spec in _REGISTRY.values():
+        missing = _missing(spec)
+        ok, reason, install = True, "", None
+        if missing:
+            ok = False
+            reason = f"missing {', '.join(missing)}"
+            install = INSTALL_HINTS.get(spec.extra or "", f"pip install {' '.join(missing)}")
+        elif spec.check:
+            try:
+                ok, reason = _load(spec.check)()
+            except Exception as exc:  # a broken check must not break the listing
+                ok, reason = False, f"check failed: {exc}"
+        out[spec.name] = {
+            "available": bool(ok),
+            "reason": reason,
+            "install": install,
+            "kind": spec.kind,
+            "description": spec.description,
+        }
+    return out
+
+
+def describe() -> str:
+    """A readable table of backends and their availability."""
+    rows = []
+    for name, a in available().items():
+        status = "yes" if a["available"] else "no"
+        note = a["description"] if a["available"] else f"{a['reason']}" + (f"; {a['install']}" if a["install"] else "")
+        rows.append((name, status, a["kind"], note))
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'backend':<{w}}  ok   kind         notes", f"{'-' * w}  ---  -----------  -----"]
+    lines += [f"{n:<{w}}  {s:<3}  {k:<11}  {d}" for n, s, k, d in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- built-in backends
+_B = "qblock.backends"
+register(BackendSpec("exact", f"{_B}.exact:ExactTopKSampler", "constrained",
+                     "certified top-k: enumerates the C(N,M) feasible states (branch-and-bound when too many)",
+                     stochastic=False))
+register(BackendSpec("swap", f"{_B}.swap:SwapAnnealingSampler", "constrained",
+                     "fixed-cardinality annealer (Kawasaki swap moves); every read feasible; default"))
+register(BackendSpec("sa", "dwave.samplers:SimulatedAnnealingSampler", "penalty",
+                     "dwave-samplers simulated annealing on the penalised QUBO (penalty scan + repair)",
+                     requires=("dwave.samplers",)))
+register(BackendSpec("tabu", "dwave.samplers:TabuSampler", "penalty",
+                     "dwave-samplers tabu search on the penalised QUBO (penalty scan + repair)",
+                     requires=("dwave.samplers",)))
+register(BackendSpec("steepest", "dwave.samplers:SteepestDescentSolver", "penalty",
+                     "dwave-samplers steepest descent from random states (penalty scan + repair)",
+                     requires=("dwave.samplers",)))
+
+# Quantum and cloud backends: registered here by name only, so that `available()` can say what to
+# install without importing anything heavy.
+from qblock.backends import _optional  # noqa: E402,F401
