@@ -1,0 +1,69 @@
+"""The ``qblock`` command line. Each sub-command lives in its own module ``qblock.cli.<name>`` that
+defines ``register(subparsers)``; heavy imports happen inside the command functions only."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+__all__ = ["main", "CliError"]
+
+#: sub-command modules, in help order (a module that is not present is skipped)
+SUBCOMMANDS = (
+    "run", "extract", "solve", "validate", "prune", "compare", "show",
+    "backends_cmd", "random_problem", "data",
+)
+
+
+class CliError(Exception):
+    """An error reported to the user as one line on stderr with a non-zero exit code."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qblock import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="qblock",
+        description="Choose which transformer blocks to remove by constrained binary optimisation.",
+    )
+    parser.add_argument("--version", action="version", version=f"qblock {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        modname = f"qblock.cli.{name}"
+        if importlib.util.find_spec(modname) is None:
+            continue
+        importlib.import_module(modname).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``qblock`` console script."""
+    from qblock._lazy import MissingDependencyError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if argv is None or argv == [] else 2
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        print("qblock: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, MissingDependencyError) as exc:
+        print(f"qblock: error: {exc}", file=sys.stderr)
+        return getattr(exc, "code", 2)
+    except (ValueError, FileNotFoundError, PermissionError, TypeError) as exc:
+        print(f"qblock: error: {exc}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from qblock.cli import main
+
+sys.exit(main())
