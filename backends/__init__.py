@@ -153,7 +153,7 @@ register(BackendSpec("sa", "dwave.samplers:SimulatedAnnealingSampler", "penalty"
                      requires=("dwave.samplers",)))
 register(BackendSpec("tabu", "dwave.samplers:TabuSampler", "penalty",
                      "dwave-samplers tabu search on the penalised QUBO (penalty scan + repair)",
-                     requires=("dwave.samplers",)))
+                     requires=("dwave.samplers",), defaults={"num_reads": 16, "timeout": 20}))
 register(BackendSpec("steepest", "dwave.samplers:SteepestDescentSolver", "penalty",
                      "dwave-samplers steepest descent from random states (penalty scan + repair)",
                      requires=("dwave.samplers",)))

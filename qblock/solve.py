@@ -64,6 +64,7 @@ def solve(
         raise ValueError("num_solutions must be at least 1")
     num_solutions = int(num_solutions)
     spec = backends.get_spec(backend)
+    params = {**spec.defaults, **params}
     if seed is None and spec.stochastic:
         seed = int(np.random.SeedSequence().entropy % (2**31))
     t0 = time.perf_counter()
