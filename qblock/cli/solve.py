@@ -1,0 +1,93 @@
+"""``qblock solve``: solve a saved problem with any backend and print / save the ranked solutions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qblock.cli import CliError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "solve",
+        help="solve a problem file with a backend; print the top-k",
+        description="Solve PROBLEM.npz (remove exactly M blocks) and print the K best distinct solutions.",
+    )
+    p.add_argument("problem", help="problem file (.npz) written by qblock extract / random-problem")
+    p.add_argument("--remove", "-M", type=int, default=None, help="number of blocks to remove (default: the file's)")
+    p.add_argument("--backend", "-b", default="swap", help="backend name (see `qblock backends`; default swap)")
+    p.add_argument("--top", "-k", type=int, default=20, help="how many distinct solutions (default 20)")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="backend parameter (repeatable), e.g. num_reads=128")
+    p.add_argument("--json", dest="json_out", default=None, help="write the solutions as JSON here")
+    p.add_argument("--dry-run", action="store_true", help="cloud backends: show what would be sent, send nothing")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    p.set_defaults(func=run)
+
+
+def solutions_payload(problem, ss) -> dict:
+    """JSON-ready description of a result (read back by ``qblock validate --solutions``)."""
+    sols = []
+    for rank, (sample, energy, occ) in enumerate(ss.data(["sample", "energy", "num_occurrences"]), start=1):
+        removed = problem.removed_blocks(sample)
+        sols.append({
+            "rank": rank,
+            "energy": float(energy),
+            "removed": removed,
+            "removed_labels": [problem.labels[i] for i in removed],
+            "num_occurrences": int(occ),
+        })
+    info = {k: v for k, v in ss.info.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
+    return {
+        "num_blocks": problem.num_blocks,
+        "num_remove": problem.num_remove,
+        "labels": list(problem.labels),
+        "metadata": problem.metadata,
+        "info": info,
+        "solutions": sols,
+    }
+
+
+def format_table(problem, ss, limit: int | None = None) -> str:
+    rows = [("rank", "energy", "removed blocks")]
+    for rank, (sample, energy) in enumerate(ss.data(["sample", "energy"]), start=1):
+        if limit and rank > limit:
+            break
+        rows.append((str(rank), f"{energy:.6g}", " ".join(str(i) for i in problem.removed_blocks(sample))))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    return "\n".join(f"{a:>{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    import qblock
+    from qblock import backends
+    from qblock.cli._common import load_problem, parse_params, write_json_atomic
+
+    if args.top < 1:
+        raise CliError("--top must be at least 1")
+    problem = load_problem(args.problem, args.remove)
+    params = parse_params(args.param)
+    spec = backends.get_spec(args.backend)
+    if args.dry_run:
+        if not spec.check:
+            raise CliError(f"--dry-run is for cloud backends; {args.backend!r} runs locally")
+        from qblock.backends.leap import dry_run_plan, format_plan
+
+        print(format_plan(dry_run_plan(problem, args.backend, **params)))
+        return 0
+    ss = qblock.solve(problem, backend=args.backend, num_solutions=args.top, seed=args.seed, **params)
+    if not args.quiet:
+        info = ss.info
+        head = (f"{args.problem}: N={problem.num_blocks}, remove M={problem.num_remove}, backend={args.backend}, "
+                f"{len(ss)} solutions in {info['timing']:.2f} s")
+        if info.get("certified_optimal"):
+            head += " (certified optimal)"
+        print(head)
+        print(format_table(problem, ss))
+    if args.json_out:
+        write_json_atomic(args.json_out, solutions_payload(problem, ss))
+        if not args.quiet:
+            print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0

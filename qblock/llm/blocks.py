@@ -1,0 +1,265 @@
+"""Find the decoder blocks of a causal LM by structure, and remove blocks reversibly.
+
+The block list is located without looking at the model's name or class: it is the outermost
+``nn.ModuleList`` whose entries all share one class and hold parameters, and among such lists the one
+holding the most parameters (the decoder stack carries almost all weights of a causal LM; expert lists
+inside MoE blocks are nested inside a block and so are never outermost).
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+    ...                   num_attention_heads=2, num_key_value_heads=2)
+    >>> model = LlamaForCausalLM(cfg).eval()
+    >>> [name for name, _ in find_blocks(model)]
+    ['model.layers.0', 'model.layers.1', 'model.layers.2']
+    >>> ids = torch.tensor([[1, 2, 3]])
+    >>> with mask_blocks(model, [1]):
+    ...     out = model(ids, use_cache=False).logits
+    >>> out.shape
+    torch.Size([1, 3, 64])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any, Iterable, Iterator
+
+from qblock._lazy import require
+
+__all__ = ["find_blocks", "block_labels", "mask_blocks", "hidden_from_call", "GATE_MODES", "GRANULARITIES"]
+
+GATE_MODES = ("layer", "branch")
+GRANULARITIES = ("block", "sublayer")
+
+# block class -> ("tensor", 0) or ("tuple", length): what a block returns, learnt from a real call
+_OUTPUT_KIND: "weakref.WeakKeyDictionary[type, tuple[str, int]]" = weakref.WeakKeyDictionary()
+
+
+def _nn():
+    return require("torch.nn", "llm")
+
+
+def _param_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def find_blocks(model) -> list[tuple[str, Any]]:
+    """The decoder blocks of ``model``, in execution order, as ``(qualified_name, module)`` pairs.
+
+    Args:
+        model: any ``torch.nn.Module`` holding a stack of repeated decoder blocks (a Hugging Face
+            ``*ForCausalLM``, its inner ``*Model``, or a custom module).
+
+    Returns:
+        ``[(name, block), ...]`` where ``name`` is the block's qualified module name
+        (``"model.layers.0"``, ``"transformer.h.0"``, ...).
+
+    Raises:
+        ValueError: when no ``nn.ModuleList`` of same-class, parameter-holding modules exists; the
+            message lists the lists that were examined and why each was rejected.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+        >>> [n for n, _ in find_blocks(m)]
+        ['transformer.h.0', 'transformer.h.1']
+    """
+    nn = _nn()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"find_blocks expects a torch.nn.Module, got {type(model).__name__}")
+    lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList)]
+    rejected: list[str] = []
+    candidates: list[tuple[str, Any]] = []
+    for name, mod in lists:
+        children = list(mod)
+        label = name or "<root>"
+        if not children:
+            rejected.append(f"{label} (empty)")
+            continue
+        classes = {type(c) for c in children}
+        if len(classes) != 1:
+            rejected.append(f"{label} (mixed classes: {sorted(c.__name__ for c in classes)})")
+            continue
+        if any(_param_count(c) == 0 for c in children):
+            rejected.append(f"{label} (entries without parameters)")
+            continue
+        candidates.append((name, mod))
+    # outermost only: a list nested inside an entry of another candidate list (MoE experts, a block's
+    # own sub-lists) is part of a block, not the block stack
+    outer = [
+        (name, mod)
+        for name, mod in candidates
+        if not any(other != name and (name.startswith(other + ".") or other == "") for other, _ in candidates)
+    ]
+    if not outer:
+        searched = ", ".join(rejected) if rejected else "none found"
+        raise ValueError(
+            f"no decoder block stack found in {type(model).__name__}: searched every nn.ModuleList for one whose "
+            f"entries share a class and hold parameters; lists examined: {searched}"
+        )
+    best_name, best = max(outer, key=lambda nm: (_param_count(nm[1]), len(nm[1])))
+    prefix = f"{best_name}." if best_name else ""
+    return [(f"{prefix}{i}", block) for i, block in enumerate(best)]
+
+
+def _block_stack(model):
+    """(qualified name of the ModuleList, the ModuleList) holding the blocks."""
+    blocks = find_blocks(model)
+    name = blocks[0][0].rsplit(".", 1)[0] if "." in blocks[0][0] else ""
+    stack = model.get_submodule(name) if name else model
+    return name, stack
+
+
+def block_labels(model, granularity: str = "block", gate: str = "branch") -> list[str]:
+    """Labels of the gate variables: block names, or ``<block>.attn`` / ``<block>.mlp`` per branch.
+
+    Args:
+        model: the model.
+        granularity: ``"block"`` (one variable per block) or ``"sublayer"`` (one per residual branch;
+            found by a short probe forward pass, see :func:`qblock.llm.gates.branch_sites`).
+        gate: only used for ``"sublayer"``; sublayer variables exist in branch mode only.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))
+        >>> block_labels(m, "sublayer")
+        ['model.layers.0.attn', 'model.layers.0.mlp', 'model.layers.1.attn', 'model.layers.1.mlp']
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "block":
+        return [name for name, _ in find_blocks(model)]
+    from qblock.llm.gates import gate_sites
+
+    return [site.label for site in gate_sites(model, gate="branch", granularity="sublayer")]
+
+
+def hidden_from_call(args: tuple, kwargs: dict):
+    """The hidden-state tensor a block was called with (first positional tensor or ``hidden_states``)."""
+    torch = require("torch", "llm")
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if "hidden_states" in kwargs and isinstance(kwargs["hidden_states"], torch.Tensor):
+        return kwargs["hidden_states"]
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v
+    raise RuntimeError("could not find the hidden-state tensor among the block's call arguments")
+
+
+def first_tensor(output):
+    """The hidden-state part of a block/sub-module output (the tensor itself or its first element)."""
+    torch = require("torch", "llm")
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise RuntimeError(f"unsupported module output type {type(output).__name__}: expected a tensor or a tuple")
+
+
+def replace_first(output, new):
+    """``output`` with its hidden-state part replaced by ``new`` (same container type)."""
+    torch = require("torch", "llm")
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, tuple):
+        return (new,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [new] + list(output[1:])
+    raise RuntimeError(f"unsupported module output type {type(output).__name__}")
+
+
+def _passthrough_forward(block, original_forward):
+    """A forward that returns its hidden-state input unchanged, in the block's output format."""
+
+    def forward(*args, **kwargs):
+        h = hidden_from_call(args, kwargs)
+        kind = _OUTPUT_KIND.get(type(block))
+        if kind is None:
+            # learn the output format from one real call (HF v5 blocks return a tensor, older or remote
+            # code blocks a tuple), then never compute this block again while masked
+            out = original_forward(*args, **kwargs)
+            if isinstance(out, tuple):
+                _OUTPUT_KIND[type(block)] = ("tuple", len(out))
+            else:
+                _OUTPUT_KIND[type(block)] = ("tensor", 0)
+            return replace_first(out, h.to(first_tensor(out).device))
+        if kind[0] == "tensor":
+            return h
+        return (h,) + (None,) * (kind[1] - 1)
+
+    return forward
+
+
+@contextlib.contextmanager
+def mask_blocks(model, removed: Iterable[int], gate: str = "layer", granularity: str = "block") -> Iterator[list[int]]:
+    """Temporarily remove blocks (``a_i = 0``) for forward passes; nothing is deleted.
+
+    In ``layer`` mode a removed block becomes a pass-through (its output is its input) and is not
+    computed at all. In ``branch`` mode the residual branches of the removed blocks (or, with
+    ``granularity="sublayer"``, the removed branches) are gated to zero. Everything is restored on exit,
+    also on error. Use ``use_cache=False`` in forward passes made under the mask.
+
+    Args:
+        model: the model.
+        removed: indices of the gate variables to remove (block indices, or branch indices in
+            ``sublayer`` granularity).
+        gate: ``"layer"`` or ``"branch"``.
+        granularity: ``"block"`` or ``"sublayer"`` (branch mode only).
+
+    Yields:
+        The sorted list of removed indices.
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2)).eval()
+        >>> with mask_blocks(m, [0, 2]) as idx:
+        ...     _ = m(torch.tensor([[1, 2]]), use_cache=False)
+        >>> idx
+        [0, 2]
+    """
+    if gate not in GATE_MODES:
+        raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+    removed = sorted({int(i) for i in removed})
+    if gate == "branch" or granularity != "block":
+        from qblock.llm.gates import gate_sites, gated
+
+        torch = require("torch", "llm")
+        n = len(gate_sites(model, gate=gate, granularity=granularity))
+        bad = [i for i in removed if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"indices {bad} out of range for {n} gate variables")
+        a = torch.ones(n)
+        a[removed] = 0.0
+        with gated(model, a, gate=gate, granularity=granularity):
+            yield removed
+        return
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    blocks = find_blocks(model)
+    bad = [i for i in removed if not 0 <= i < len(blocks)]
+    if bad:
+        raise IndexError(f"block indices {bad} out of range for a model with {len(blocks)} blocks")
+    saved: list[tuple[Any, bool, Any]] = []
+    try:
+        for i in removed:
+            block = blocks[i][1]
+            had_own = "forward" in block.__dict__
+            previous = block.__dict__.get("forward")
+            saved.append((block, had_own, previous))
+            block.forward = _passthrough_forward(block, block.forward)
+        yield removed
+    finally:
+        for block, had_own, previous in reversed(saved):
+            if had_own:
+                block.forward = previous
+            else:
+                del block.forward

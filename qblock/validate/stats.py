@@ -1,0 +1,235 @@
+"""Statistics of a validation run, computed *only* from the per-candidate table.
+
+Every number the validator reports (rank correlations, bootstrap intervals, the "best candidate"
+statement) is a pure function of the rows written to ``candidates.csv`` / ``candidates.json``, so it
+can be recomputed by anyone from those files (a test does exactly that).
+
+A row is a dict with at least ``num_remove``, ``method``, ``removed`` (list of block indices),
+``energy`` and ``heldout_loss``; see :data:`qblock.validate.report.BASE_COLUMNS` for the full set.
+
+Example:
+    >>> rows = [
+    ...     {"num_remove": 1, "method": "qubo", "rank": 1, "removed": [2], "energy": 0.1, "heldout_loss": 2.0},
+    ...     {"num_remove": 1, "method": "qubo", "rank": 2, "removed": [1], "energy": 0.2, "heldout_loss": 2.2},
+    ...     {"num_remove": 1, "method": "shortgpt", "rank": None, "removed": [0], "energy": 0.5,
+    ...      "heldout_loss": 2.5},
+    ... ]
+    >>> s = summarize(rows, n_boot=200, seed=0)
+    >>> s["per_m"]["1"]["correlations"]["energy"]["spearman"]
+    1.0
+    >>> s["per_m"]["1"]["best"]["statement"].split(":")[0]
+    'M=1'
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "QUBO_METHOD",
+    "RANDOM_METHOD",
+    "REFERENCE_METHOD",
+    "is_baseline",
+    "energy_columns",
+    "unique_candidates",
+    "rank_correlation",
+    "correlations",
+    "best_vs_baseline",
+    "summarize",
+    "parse_removed",
+]
+
+QUBO_METHOD = "qubo"
+RANDOM_METHOD = "random"
+#: the unpruned model; listed in the table for reference, never part of a statistic
+REFERENCE_METHOD = "full"
+
+
+def is_baseline(method: str) -> bool:
+    """True for a selection baseline (ShortGPT, angular, SLEB, norm ratio), false for QUBO, random, full."""
+    return method not in (QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD)
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(float(v))
+
+
+def energy_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Energy columns present in the table: ``energy`` (the problem's model) then ``energy_<model>``."""
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if (k == "energy" or k.startswith("energy_")) and k not in cols:
+                cols.append(k)
+    cols.sort(key=lambda k: (k != "energy", k))
+    return cols
+
+
+def unique_candidates(rows: Sequence[Mapping[str, Any]], num_remove: int) -> list[Mapping[str, Any]]:
+    """Rows at ``num_remove`` with a measured held-out loss, one per distinct removal set.
+
+    A set proposed by several methods (e.g. QUBO rank 1 and ShortGPT) is one candidate model, so it
+    is counted once in a correlation (the first row in table order is kept).
+    """
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for r in rows:
+        if int(r["num_remove"]) != int(num_remove) or r["method"] == REFERENCE_METHOD:
+            continue
+        if not _finite(r.get("heldout_loss")):
+            continue
+        key = tuple(sorted(int(i) for i in r["removed"]))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(r)
+    return out
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float], *, n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, Any]:
+    """Spearman and Kendall rank correlation of ``x`` and ``y`` with percentile bootstrap intervals.
+
+    The bootstrap resamples the (x, y) pairs with replacement ``n_boot`` times using
+    ``numpy.random.default_rng(seed)``; resamples in which either variable is constant have no
+    correlation and are skipped (their number is reported as ``n_boot_used``).
+
+    Returns:
+        ``{"n", "spearman", "spearman_p", "spearman_ci", "kendall", "kendall_p", "kendall_ci",
+        "n_boot", "n_boot_used", "seed", "level"}``; correlations are ``None`` for fewer than 3
+        points or constant input.
+
+    Example:
+        >>> r = rank_correlation([1, 2, 3, 4], [1.0, 3.0, 2.0, 4.0], n_boot=100)
+        >>> round(r["spearman"], 6), round(r["kendall"], 6)
+        (0.8, 0.666667)
+    """
+    from scipy import stats
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = int(x.size)
+    out: dict[str, Any] = {"n": n, "spearman": None, "spearman_p": None, "spearman_ci": None,
+                           "kendall": None, "kendall_p": None, "kendall_ci": None,
+                           "n_boot": int(n_boot), "n_boot_used": 0, "seed": int(seed), "level": float(level)}
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return out
+    sp = stats.spearmanr(x, y)
+    kt = stats.kendalltau(x, y)
+    out.update(spearman=float(sp.statistic), spearman_p=float(sp.pvalue),
+               kendall=float(kt.statistic), kendall_p=float(kt.pvalue))
+    rng = np.random.default_rng(seed)
+    boot_s, boot_k = [], []
+    for _ in range(int(n_boot)):
+        idx = rng.integers(0, n, size=n)
+        bx, by = x[idx], y[idx]
+        if np.ptp(bx) == 0 or np.ptp(by) == 0:
+            continue
+        boot_s.append(stats.spearmanr(bx, by).statistic)
+        boot_k.append(stats.kendalltau(bx, by).statistic)
+    if boot_s:
+        lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+        out["spearman_ci"] = [float(np.nanpercentile(boot_s, lo)), float(np.nanpercentile(boot_s, hi))]
+        out["kendall_ci"] = [float(np.nanpercentile(boot_k, lo)), float(np.nanpercentile(boot_k, hi))]
+    out["n_boot_used"] = len(boot_s)
+    return out
+
+
+def correlations(rows: Sequence[Mapping[str, Any]], num_remove: int, *, n_boot: int = 2000, seed: int = 0,
+                 loss_key: str = "heldout_loss") -> dict[str, dict[str, Any]]:
+    """Rank correlation between each energy column and the held-out loss over the distinct candidates at M."""
+    cands = unique_candidates(rows, num_remove)
+    out = {}
+    for col in energy_columns(cands):
+        pts = [(float(r[col]), float(r[loss_key])) for r in cands if _finite(r.get(col))]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        out[col] = rank_correlation(xs, ys, n_boot=n_boot, seed=seed)
+    return out
+
+
+def _describe(r: Mapping[str, Any]) -> str:
+    method = str(r["method"])
+    if method == QUBO_METHOD and r.get("rank") not in (None, ""):
+        method = f"QUBO rank {int(r['rank'])}"
+    elif method == RANDOM_METHOD and r.get("seed") not in (None, ""):
+        method = f"random (seed {int(r['seed'])})"
+    blocks = ",".join(str(int(i)) for i in sorted(int(i) for i in r["removed"]))
+    return f"{method} removing [{blocks}]"
+
+
+def best_vs_baseline(rows: Sequence[Mapping[str, Any]], num_remove: int) -> dict[str, Any]:
+    """Which candidate at M is best on held-out loss, and how the best QUBO state compares to the best baseline.
+
+    Ties on loss are broken by table order. The margin is ``loss(best baseline) - loss(best QUBO)``
+    (positive: QUBO better) and the perplexity ratio ``ppl(best baseline) / ppl(best QUBO)``.
+    """
+    m = int(num_remove)
+    cands = [r for r in rows if int(r["num_remove"]) == m and r["method"] != REFERENCE_METHOD
+             and _finite(r.get("heldout_loss"))]
+    out: dict[str, Any] = {"num_remove": m, "best": None, "best_qubo": None, "best_baseline": None,
+                           "best_random": None, "margin_loss": None, "ppl_ratio": None, "statement": None}
+    if not cands:
+        out["statement"] = f"M={m}: no evaluated candidates"
+        return out
+
+    def pick(pred):
+        sel = [r for r in cands if pred(r)]
+        return min(sel, key=lambda r: float(r["heldout_loss"])) if sel else None
+
+    best = pick(lambda r: True)
+    bq = pick(lambda r: r["method"] == QUBO_METHOD)
+    bb = pick(lambda r: is_baseline(str(r["method"])))
+    br = pick(lambda r: r["method"] == RANDOM_METHOD)
+
+    def brief(r):
+        if r is None:
+            return None
+        return {"method": r["method"], "rank": r.get("rank"), "removed": [int(i) for i in r["removed"]],
+                "heldout_loss": float(r["heldout_loss"]), "perplexity": math.exp(float(r["heldout_loss"])),
+                "description": _describe(r)}
+
+    out.update(best=brief(best), best_qubo=brief(bq), best_baseline=brief(bb), best_random=brief(br))
+    parts = [f"M={m}: best on held-out data is {_describe(best)} "
+             f"(loss {float(best['heldout_loss']):.4f}, ppl {math.exp(float(best['heldout_loss'])):.2f})"]
+    if bq is not None and bb is not None:
+        margin = float(bb["heldout_loss"]) - float(bq["heldout_loss"])
+        ratio = math.exp(margin)
+        out.update(margin_loss=margin, ppl_ratio=ratio)
+        if margin > 0:
+            verdict = (f"the best QUBO candidate ({_describe(bq)}) beats the best baseline "
+                       f"({_describe(bb)}) by {margin:.4f} nats/token (perplexity {ratio:.3f}x lower)")
+        elif margin < 0:
+            verdict = (f"the best baseline ({_describe(bb)}) beats the best QUBO candidate "
+                       f"({_describe(bq)}) by {-margin:.4f} nats/token (perplexity {1 / ratio:.3f}x lower)")
+        else:
+            verdict = f"the best QUBO candidate and the best baseline ({_describe(bb)}) tie"
+        parts.append(verdict)
+    if br is not None:
+        parts.append(f"best random set loss {float(br['heldout_loss']):.4f}")
+    out["statement"] = "; ".join(parts)
+    return out
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """All reported statistics, per M: correlations of every energy column and the best-candidate statement."""
+    ms = sorted({int(r["num_remove"]) for r in rows if r["method"] != REFERENCE_METHOD})
+    per_m = {}
+    for m in ms:
+        per_m[str(m)] = {
+            "num_candidates": len(unique_candidates(rows, m)),
+            "correlations": correlations(rows, m, n_boot=n_boot, seed=seed),
+            "best": best_vs_baseline(rows, m),
+        }
+    return {"per_m": per_m, "n_boot": int(n_boot), "seed": int(seed)}
+
+
+def parse_removed(value: Any) -> list[int]:
+    """Removal set from a table cell: a list, or a string like ``"3 4 5"`` / ``"[3, 4, 5]"``."""
+    if isinstance(value, (list, tuple)):
+        return [int(i) for i in value]
+    s = str(value).strip().strip("[]").replace(",", " ")
+    return [int(t) for t in s.split()] if s else []
+

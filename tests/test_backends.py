@@ -1,0 +1,194 @@
+import itertools
+import math
+import time
+
+import dimod
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qblock
+from qblock import backends
+from qblock.backends.exact import ExactTopKSampler, enumerate_topk
+from qblock.backends.local_search import repair, swap_descent, swap_neighbours
+from qblock.backends.swap import SwapAnnealingSampler
+from qblock.testing import brute_force_topk, check_backend
+
+LOCAL = ["exact", "swap", "sa", "tabu", "steepest"]
+
+
+def available_backends():
+    """Every registered backend that can run here (cloud ones are covered by mocked tests)."""
+    return [n for n, a in backends.available().items() if a["available"]]
+
+
+@pytest.mark.parametrize("name", LOCAL)
+def test_conformance_local(name):
+    check_backend(name)
+
+
+@pytest.mark.parametrize("name", sorted(set(available_backends()) - set(LOCAL)))
+def test_conformance_other_available(name):
+    # quantum simulators: small instances only (qubits = N)
+    problems = [qblock.random_problem(8, 2, seed=21), qblock.random_problem(8, 3, linear=True, seed=22)]
+    check_backend(name, problems, num_solutions=5)
+
+
+def test_registry_lists_builtin_backends_and_reasons():
+    av = backends.available()
+    for name in LOCAL:
+        assert av[name]["available"], av[name]
+    for name in ("qaoa", "leap-hybrid", "leap-cqm", "dwave-qpu"):
+        assert name in av
+        if not av[name]["available"]:
+            assert av[name]["reason"]
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.get_spec("nope")
+
+
+def test_backends_are_dimod_samplers():
+    assert isinstance(ExactTopKSampler(), dimod.Sampler)
+    assert isinstance(SwapAnnealingSampler(), dimod.Sampler)
+    for name in ("sa", "tabu", "steepest"):
+        assert isinstance(backends.get_sampler(name), dimod.Sampler)
+
+
+def test_exact_top20_equals_brute_force_n14_m5():
+    for seed in range(3):
+        p = qblock.random_problem(14, 5, seed=seed, linear=bool(seed == 2))
+        ss = qblock.solve(p, "exact", num_solutions=20)
+        Xb, eb = brute_force_topk(p, 20)
+        assert np.allclose(ss.record.energy, eb)
+        assert ss.info["certified_optimal"] is True
+
+
+@pytest.mark.parametrize("name", ["swap", "sa", "tabu"])
+def test_heuristics_find_optimum_n14_m5_default_params(name):
+    for seed in range(3):
+        p = qblock.random_problem(14, 5, seed=100 + seed)
+        _, eb = brute_force_topk(p, 1)
+        ss = qblock.solve(p, name, seed=seed)
+        assert ss.first.energy == pytest.approx(eb[0], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("n,m", [(5, 0), (5, 5), (6, 1), (6, 5), (1, 1)])
+def test_edge_cardinalities(n, m):
+    p = qblock.random_problem(n, m, seed=1)
+    for name in ("exact", "swap", "sa"):
+        ss = qblock.solve(p, name, num_solutions=3, seed=0)
+        Xb, eb = brute_force_topk(p, 3)
+        assert len(ss) == min(3, math.comb(n, m))
+        assert ss.first.energy == pytest.approx(eb[0])
+
+
+def test_exact_is_fast_n30_m8_and_n40_m6():
+    for n, m in [(30, 8), (40, 6)]:
+        p = qblock.random_problem(n, m, seed=0)
+        t = time.perf_counter()
+        ss = qblock.solve(p, "exact", num_solutions=20)
+        dt = time.perf_counter() - t
+        assert ss.info["states_visited"] == math.comb(n, m)
+        assert dt < 10.0, dt
+        # the certified optimum cannot be beaten by a heuristic
+        assert qblock.solve(p, "swap", seed=0).first.energy >= ss.first.energy - 1e-12
+
+
+def test_exact_beats_dimod_exact_solver():
+    p = qblock.random_problem(16, 4, seed=3)
+    t = time.perf_counter()
+    ours = qblock.solve(p, "exact", num_solutions=5)
+    t_ours = time.perf_counter() - t
+    t = time.perf_counter()
+    ref = p.decode(dimod.ExactSolver().sample(p.to_bqm()))
+    t_ref = time.perf_counter() - t
+    assert np.allclose(ours.record.energy, ref.record.energy[:5])
+    assert t_ours * 10 < t_ref, (t_ours, t_ref)
+
+
+def test_exact_chunked_paths_agree():
+    rng = np.random.default_rng(0)
+    H = rng.normal(size=(13, 13))
+    H = (H + H.T) / 2
+    lin = rng.normal(size=13)
+    base = enumerate_topk(H, lin, 6, 30)
+    for cap, chunk in [(1, 7), (50, 100), (10**9, 10**9)]:
+        X, e, n = enumerate_topk(H, lin, 6, 30, suffix_cap=cap, chunk_entries=chunk)
+        assert n == math.comb(13, 6)
+        assert np.allclose(e, base[1]) and np.array_equal(X, base[0])
+
+
+def test_exact_sampler_on_plain_bqm_with_string_labels():
+    bqm = dimod.BQM({"a": 1.0, "b": -2.0, "c": 0.5}, {("a", "b"): 3.0, ("b", "c"): -1.0}, 2.0, "BINARY")
+    ss = ExactTopKSampler().sample(bqm, num_remove=2, num_solutions=3)
+    for sample, energy in ss.data(["sample", "energy"]):
+        assert bqm.energy(sample) == pytest.approx(energy)
+        assert sum(sample.values()) == 2
+    ref = sorted(bqm.energy(dict(zip("abc", c))) for c in [(1, 1, 0), (1, 0, 1), (0, 1, 1)])
+    assert np.allclose(ss.record.energy, ref)
+
+
+def test_penalty_info_and_scan():
+    p = qblock.random_problem(20, 5, seed=4)
+    ss = qblock.solve(p, "sa", seed=1, num_reads=8)
+    assert ss.info["num_reads"] == 8 * 3
+    assert 0 <= ss.info["num_infeasible"] <= ss.info["num_reads"]
+    assert ss.info["penalty"] in [s["penalty"] for s in ss.info["penalty_scan"]]
+    one = qblock.solve(p, "sa", seed=1, num_reads=8, penalty=p.safe_penalty())
+    assert len(one.info["penalty_scan"]) == 1
+
+
+def test_same_seed_same_result_and_different_seeds_run():
+    p = qblock.random_problem(24, 6, seed=5)
+    a = qblock.solve(p, "swap", seed=3, num_solutions=10)
+    b = qblock.solve(p, "swap", seed=3, num_solutions=10)
+    assert np.array_equal(a.record.sample, b.record.sample)
+    assert a.info["seed"] == 3
+
+
+def test_local_search_helpers():
+    p = qblock.random_problem(12, 4, linear=True, seed=6)
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 2, size=(20, 12))
+    R = repair(p.H, p.linear, X, 4)
+    assert np.all(R.sum(1) == 4)
+    D, _ = swap_descent(p.H, p.linear, R)
+    assert np.all(p.energies(D) <= p.energies(R) + 1e-12)
+    for x in D:  # a swap-local minimum: no neighbour is lower
+        assert p.energies(swap_neighbours(x)).min() >= p.energy(x) - 1e-12
+    assert len(swap_neighbours(D[0])) == 4 * 8
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(2, 9),
+    data=st.data(),
+    seed=st.integers(0, 2**16),
+    with_linear=st.booleans(),
+)
+def test_property_exact_and_swap_vs_brute_force(n, data, seed, with_linear):
+    m = data.draw(st.integers(0, n))
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n + 2, n))
+    lin = rng.normal(size=n) if with_linear else None
+    p = qblock.BlockRemovalProblem(A.T @ A / (n + 2), m, linear=lin)
+    k = data.draw(st.integers(1, 12))
+    Xb, eb = brute_force_topk(p, k)
+    ss = qblock.solve(p, "exact", num_solutions=k)
+    assert np.allclose(ss.record.energy, eb)
+    sw = qblock.solve(p, "swap", num_solutions=k, seed=seed, num_reads=8, num_sweeps=20)
+    assert sw.first.energy == pytest.approx(eb[0], abs=1e-9)
+    assert np.all(p.states_from_sampleset(sw).sum(1) == m)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(3, 10), seed=st.integers(0, 2**16))
+def test_property_safe_penalty_bqm_minimum_is_feasible_optimum(n, seed):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n, n))
+    m = int(rng.integers(1, n))
+    p = qblock.BlockRemovalProblem(A.T @ A / n, m, linear=rng.normal(size=n))
+    ss = dimod.ExactSolver().sample(p.to_bqm())
+    x = p.states_from_sampleset(ss.truncate(1))[0]
+    _, eb = brute_force_topk(p, 1)
+    assert x.sum() == m and p.energy(x) == pytest.approx(eb[0])
