@@ -212,7 +212,7 @@ class ExactTopKSampler(dimod.Sampler):
         >>> import dimod
         >>> bqm = dimod.BQM({0: 1.0, 1: 2.0, 2: 3.0}, {(0, 1): 5.0}, 0.0, "BINARY")
         >>> ss = ExactTopKSampler().sample(bqm, num_remove=2, num_solutions=3)
-        >>> [(sorted(k for k, v in s.items() if v), e) for s, e in ss.data(["sample", "energy"])]
+        >>> [(sorted(k for k, v in s.items() if v), float(e)) for s, e in ss.data(["sample", "energy"])]
         [([0, 2], 4.0), ([1, 2], 5.0), ([0, 1], 8.0)]
     """
 
