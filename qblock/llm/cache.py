@@ -21,12 +21,14 @@ Layout::
 
 Example:
     >>> import os, tempfile, zipfile
+    >>> old = os.environ.get("QBLOCK_CACHE")
     >>> os.environ["QBLOCK_CACHE"] = d = tempfile.mkdtemp()
     >>> os.makedirs(os.path.join(d, "wheels"))
     >>> with zipfile.ZipFile(os.path.join(d, "wheels", "toy_pkg-1.0-py3-none-any.whl"), "w") as z:
     ...     z.writestr("toy_pkg/data.txt", "hello")
     >>> wheel_member("toy-pkg", "1.0", "toy_pkg/data.txt").read_text()
     'hello'
+    >>> _ = os.environ.pop("QBLOCK_CACHE") if old is None else os.environ.update(QBLOCK_CACHE=old)
 """
 
 from __future__ import annotations
@@ -70,10 +72,8 @@ def cache_dir() -> Path:
     """The cache root: ``$QBLOCK_CACHE`` or ``~/.cache/qblock`` (created on demand by writers).
 
     Example:
-        >>> import os
-        >>> os.environ["QBLOCK_CACHE"] = "/tmp/qb"
-        >>> str(cache_dir())
-        '/tmp/qb'
+        >>> cache_dir().is_absolute()
+        True
     """
     env = os.environ.get(ENV_CACHE)
     if env:

@@ -132,6 +132,10 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    try:
+        gguf_path.unlink()  # the wheel still holds it; the converted directory replaces it
+    except OSError:
+        pass
     if not quiet:
         _log(f"converted in {time.perf_counter() - t0:.1f} s -> {target}")
     return target

@@ -1,0 +1,353 @@
+"""End-to-end, resumable extraction: model + calibration text -> gate-gradient matrix ``A`` -> problem file.
+
+:func:`extract_problem` loads a model (:mod:`qblock.llm.models`), packs seeded calibration samples
+(:mod:`qblock.llm.data`), computes the rows of ``A[s, i] = d l_s / d a_i`` batch by batch with
+:func:`qblock.llm.gradients.gate_gradients`, and writes a :class:`qblock.BlockRemovalProblem` built by
+:func:`qblock.llm.energy.build_problem`.
+
+Resuming: the rows computed so far are checkpointed to ``<out stem>.partial.npz`` next to the output
+(plain arrays plus a JSON manifest of the run's settings; never pickle), every ``checkpoint_every``
+samples and when the run is interrupted. Running the same command again continues from there; the
+batches are the same as in an uninterrupted run, so the resulting ``A`` is the same. If the settings
+differ from the checkpoint's, the run stops with a message naming the differences (``restart=True`` /
+``--restart`` discards the checkpoint). If the output already exists with the same settings and
+holds ``A``, nothing is recomputed: the problem is rebuilt from the stored ``A`` (so ``energy`` and
+``num_remove`` may change).
+
+Example:
+    >>> from qblock.llm.pipeline import extract_problem
+    >>> p = extract_problem("default", num_samples=16, seq_len=128, out="p.npz")  # doctest: +SKIP
+    >>> p.num_blocks  # doctest: +SKIP
+    30
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["ExtractError", "extract_problem", "partial_path", "compute_rows", "DEFAULT_CHECKPOINT_EVERY"]
+
+#: default checkpoint interval, in samples (rounded up to a whole number of batches)
+DEFAULT_CHECKPOINT_EVERY = 32
+_PARTIAL_FORMAT = "qblock.extract.partial"
+# settings that change A: a checkpoint or finished output is only reused when all of them agree
+_A_KEYS = ("model", "dtype", "gate", "granularity", "num_samples", "seq_len", "seed", "num_eval",
+           "data_source", "tokens_sha256", "labels")
+
+
+class ExtractError(ValueError):
+    """A resumable-extraction problem the user must resolve (one-line message)."""
+
+
+def partial_path(out: str | os.PathLike) -> Path:
+    """The checkpoint file of an output: ``P.npz`` -> ``P.partial.npz`` (same folder)."""
+    out = Path(out)
+    stem = out.name[:-4] if out.name.endswith(".npz") else out.name
+    return out.with_name(stem + ".partial.npz")
+
+
+def _log(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(f"qblock: {msg}", file=sys.stderr, flush=True)
+
+
+def _tokens_sha256(samples) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(np.asarray(s.cpu().numpy(), dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _save_partial(path: Path, rows: np.ndarray, manifest: dict[str, Any]) -> None:
+    from qblock.problems.block_removal import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, rows=np.asarray(rows, dtype=np.float64),
+             manifest=np.array(json.dumps({**manifest, "format": _PARTIAL_FORMAT})))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_partial(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            manifest = json.loads(str(z["manifest"]))
+            rows = np.array(z["rows"], dtype=np.float64)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExtractError(f"checkpoint {path} is unreadable ({exc}); delete it or pass --restart") from None
+    if manifest.get("format") != _PARTIAL_FORMAT:
+        raise ExtractError(f"{path} is not a qblock extraction checkpoint; delete it or pass --restart")
+    return rows, manifest
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    out = []
+    for k in _A_KEYS:
+        va, vb = a.get(k), b.get(k)
+        if json.dumps(va, sort_keys=True) != json.dumps(vb, sort_keys=True):
+            if k == "labels":
+                out.append("labels (block structure) differ")
+            elif k == "tokens_sha256":
+                out.append("calibration tokens differ")
+            else:
+                out.append(f"{k}: {_short(vb)} (saved) vs {_short(va)} (now)")
+    return out
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def compute_rows(model, samples: Sequence, rows: np.ndarray | None = None, *, gate: str = "layer",
+                 granularity: str = "block", batch_size: int = 8, checkpoint_every: int | None = None,
+                 on_checkpoint=None, progress: bool = True, device: Any = None) -> np.ndarray:
+    """Rows of ``A`` for ``samples``, continuing after the rows already in ``rows``.
+
+    Batches start at multiples of ``batch_size`` from the first sample, whatever was done before, so
+    a resumed computation runs exactly the batches of an uninterrupted one. ``on_checkpoint(rows)`` is
+    called with all finished rows every ``checkpoint_every`` samples and, if the loop is interrupted
+    (``KeyboardInterrupt`` or any error), once more before the exception propagates.
+
+    Example:
+        >>> import torch, numpy as np
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> torch.manual_seed(0) and None
+        >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2)).eval()
+        >>> s = [torch.randint(0, 32, (8,)) for _ in range(5)]
+        >>> full = compute_rows(m, s, batch_size=2, progress=False)
+        >>> part = compute_rows(m, s[:2], batch_size=2, progress=False)
+        >>> bool(np.allclose(compute_rows(m, s, part, batch_size=2, progress=False), full))
+        True
+    """
+    from qblock.llm.gradients import gate_gradients
+
+    m = len(samples)
+    done_rows = [] if rows is None or len(rows) == 0 else [np.asarray(rows, dtype=np.float64)]
+    done = 0 if rows is None else int(len(rows))
+    if batch_size < 1:
+        raise ExtractError(f"batch_size must be >= 1, got {batch_size}")
+    if done > m:
+        raise ExtractError(f"{done} rows already computed but only {m} samples")
+    every = checkpoint_every or DEFAULT_CHECKPOINT_EVERY
+    every = max(batch_size, -(-every // batch_size) * batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        tokens = int(sum(len(s) for s in samples[:1])) if m else 0
+        bar = tqdm(total=m, initial=done, unit="sample", desc=f"gate gradients ({tokens} tok/sample)",
+                   dynamic_ncols=True, smoothing=0.1)
+    last_ckpt = done
+    try:
+        start = done
+        while start < m:
+            stop = min(m, (start // batch_size + 1) * batch_size)
+            A = gate_gradients(model, list(samples[start:stop]), gate=gate, granularity=granularity,
+                               batch_size=batch_size, device=device, progress=False)
+            done_rows.append(np.asarray(A, dtype=np.float64))
+            done = stop
+            start = stop
+            if bar is not None:
+                bar.update(stop - bar.n)
+            if on_checkpoint is not None and (done - last_ckpt >= every or done == m):
+                on_checkpoint(np.concatenate(done_rows, axis=0))
+                last_ckpt = done
+    except BaseException:
+        if on_checkpoint is not None and done > last_ckpt:
+            on_checkpoint(np.concatenate(done_rows, axis=0))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if not done_rows:
+        raise ExtractError("no samples to compute")
+    return np.concatenate(done_rows, axis=0)
+
+
+def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len: int = 256,
+                    energy: str = "fisher", gate: str = "layer", granularity: str = "block",
+                    batch_size: int = 8, seed: int = 0, out: str | os.PathLike | None = None,
+                    checkpoint_every: int | None = None, calibration: str | os.PathLike | None = None,
+                    keep_A: bool = True, progress: bool = True, num_remove: int | None = None,
+                    restart: bool = False, num_eval: int = 64, dtype: Any = None, device: Any = None,
+                    model=None, tokenizer=None):
+    """Compute ``A`` on calibration text, build the problem, and save it (resumably).
+
+    Args:
+        model_spec: ``"default"``, a local Hugging Face directory, or a hub id (see
+            :func:`qblock.llm.models.load_model`).
+        num_samples: calibration samples ``m``.
+        seq_len: tokens per sample.
+        energy: energy model for :func:`qblock.llm.energy.build_problem` (``"fisher"``, ``"fisher+grad"``).
+        gate: ``"layer"`` or ``"branch"``.
+        granularity: ``"block"`` or ``"sublayer"``.
+        batch_size: samples per batched backward.
+        seed: data shuffling/split seed.
+        out: output ``.npz``; ``None`` computes without files (no checkpointing).
+        checkpoint_every: checkpoint interval in samples (default 32, rounded up to whole batches).
+        calibration: ``None`` (LAMBADA passages) or a ``.txt``/``.jsonl`` file.
+        keep_A: store ``A`` in the problem file (lets other energies be derived later).
+        progress: progress bar and messages on stderr.
+        num_remove: ``M`` to store in the problem (``None``: choose later).
+        restart: discard an existing checkpoint/output instead of resuming/reusing it.
+        num_eval: evaluation samples reserved (disjoint passages) for later held-out evaluation;
+            recorded in the metadata so evaluators draw the same split.
+        dtype: model dtype (default fp32).
+        device: device for the model (default CPU).
+        model, tokenizer: an already loaded model and tokenizer (``model_spec`` is then only recorded).
+
+    Returns:
+        the :class:`qblock.BlockRemovalProblem` (also written to ``out``).
+
+    Raises:
+        ExtractError: settings differ from an existing checkpoint/output (see the message).
+    """
+    from qblock.llm import data as qdata
+    from qblock.llm import models as qmodels
+    from qblock.llm.blocks import block_labels
+    from qblock.llm.energy import build_problem
+
+    quiet = not progress
+    t_start = time.perf_counter()
+    out_path = Path(out) if out is not None else None
+    if out_path is not None and not out_path.name.endswith(".npz"):
+        out_path = out_path.with_name(out_path.name + ".npz")
+    ppath = partial_path(out_path) if out_path is not None else None
+
+    if model is None:
+        model, tokenizer = qmodels.load_model(model_spec, dtype=dtype, device=device, quiet=quiet)
+    elif tokenizer is None:
+        raise ExtractError("pass the tokenizer together with the model")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model_info = qmodels.model_provenance(model_spec) if isinstance(model_spec, (str, os.PathLike)) \
+        else {"id": type(model).__name__, "spec": "<object>"}
+
+    calib, _, data_prov = qdata.calibration_and_eval(
+        tokenizer, calibration, num_calib=num_samples, num_eval=num_eval, seq_len=seq_len, seed=seed)
+    labels = block_labels(model, granularity=granularity, gate=gate)
+    param_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    data_source = {k: data_prov.get(k) for k in ("name", "package", "file", "sha256") if data_prov.get(k)}
+    manifest = {
+        "model": {k: model_info.get(k) for k in ("id", "source")},
+        "dtype": param_dtype,
+        "gate": gate,
+        "granularity": granularity,
+        "num_samples": int(num_samples),
+        "seq_len": int(seq_len),
+        "seed": int(seed),
+        "num_eval": int(num_eval),
+        "data_source": data_source,
+        "tokens_sha256": _tokens_sha256(calib),
+        "labels": list(labels),
+        "batch_size": int(batch_size),
+    }
+
+    rows = None
+    resumed_from = 0
+    reused = False
+    if out_path is not None and restart:
+        for f in (ppath, out_path):
+            if f.exists():
+                _log(f"--restart: removing {f}", quiet)
+                f.unlink()
+    if out_path is not None and out_path.exists() and not restart:
+        rows, reused = _reuse_output(out_path, manifest), True
+    if rows is None and ppath is not None and ppath.exists():
+        rows, saved = _load_partial(ppath)
+        diffs = _differences(manifest, saved)
+        if diffs:
+            raise ExtractError(
+                f"checkpoint {ppath} was made with other settings ({'; '.join(diffs)}); "
+                "rerun with the same settings to resume, or pass --restart to start over")
+        if rows.shape[1:] != (len(labels),) or len(rows) > num_samples:
+            raise ExtractError(f"checkpoint {ppath} has rows of shape {rows.shape}; pass --restart")
+        resumed_from = len(rows)
+        _log(f"resuming from {ppath.name}: {resumed_from}/{num_samples} samples already done", quiet)
+        reused = False
+
+    if rows is None or len(rows) < num_samples:
+        def on_checkpoint(r):
+            if ppath is not None:
+                _save_partial(ppath, r, manifest)
+
+        if not quiet:
+            _log(f"computing gate gradients: {num_samples} samples x {seq_len} tokens, {len(labels)} gates "
+                 f"({gate}/{granularity}), batch {batch_size}" + (f"; checkpoints in {ppath}" if ppath else ""))
+        A = compute_rows(model, calib, rows, gate=gate, granularity=granularity, batch_size=batch_size,
+                         checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint,
+                         progress=progress, device=device)
+    else:
+        A = rows
+        if reused:
+            _log(f"{out_path} already holds A for these settings; rebuilding the problem without recomputing",
+                 quiet)
+    seconds = time.perf_counter() - t_start
+
+    import torch
+    import transformers
+
+    metadata = {
+        "model": model_info,
+        "gate": gate,
+        "granularity": granularity,
+        "energy": energy,
+        "dtype": param_dtype,
+        "num_samples": int(A.shape[0]),
+        "seq_len": int(seq_len),
+        "num_tokens": int(A.shape[0] * seq_len),
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "data": data_prov,
+        "extraction": {
+            "manifest": {k: manifest[k] for k in _A_KEYS if k != "labels"},
+            "seconds_this_run": round(seconds, 3),
+            "resumed_from": resumed_from,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    problem = build_problem(A, energy=energy, num_remove=num_remove, labels=labels, metadata=metadata)
+    if keep_A and "A" not in problem.arrays:
+        problem.arrays["A"] = np.asarray(A, dtype=np.float64)
+    if not keep_A:
+        problem.arrays.pop("A", None)
+    if out_path is not None:
+        problem.save(out_path)
+        if ppath.exists():
+            ppath.unlink()
+        _log(f"wrote {out_path}: {problem.num_blocks} variables, {A.shape[0]} samples x {seq_len} tokens, "
+             f"energy {energy}, {seconds:.1f} s", quiet)
+    return problem
+
+
+def _reuse_output(out_path: Path, manifest: dict[str, Any]):
+    """Rows of ``A`` from an existing output made with the same settings; error if they differ."""
+    from qblock.problems.block_removal import BlockRemovalProblem
+
+    try:
+        old = BlockRemovalProblem.load(out_path)
+    except ValueError as exc:
+        raise ExtractError(f"{out_path} exists and is not a problem file ({exc}); pass --restart to overwrite") from None
+    saved = dict(old.metadata.get("extraction", {}).get("manifest", {}))
+    saved["labels"] = list(old.labels)
+    diffs = _differences(manifest, saved)
+    if diffs:
+        raise ExtractError(f"{out_path} exists with other settings ({'; '.join(diffs)}); "
+                           "pass --restart to overwrite it or choose another --out")
+    if "A" not in old.arrays:
+        raise ExtractError(f"{out_path} exists but does not hold A (made with keep_A=False); "
+                           "pass --restart to recompute")
+    return np.asarray(old.arrays["A"], dtype=np.float64)

