@@ -18,7 +18,7 @@ INFO_KEYS = ("backend", "timing", "num_reads", "num_infeasible", "penalty", "see
 
 #: fractions of the safe penalty strength scanned by penalty backends (weak strengths keep neighbouring
 #: feasible states reachable for single-flip moves; the strong one guarantees feasibility of the minimum)
-DEFAULT_PENALTY_SCAN = (0.05, 0.2, 1.0)
+DEFAULT_PENALTY_SCAN = (0.005, 0.02, 0.1, 1.0)
 
 
 def solve(
