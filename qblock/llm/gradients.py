@@ -77,14 +77,17 @@ def pad_batch(samples: Sequence[Any], pad_id: int, device) -> tuple[Any, Any]:
 
 
 def sample_losses(logits, input_ids, attention_mask):
-    """Per-sample mean next-token cross-entropy over real (unpadded) targets, shape ``(B,)``, fp32."""
+    """Per-sample mean next-token cross-entropy over real (unpadded) targets, shape ``(B,)`` (>= fp32)."""
     torch = require("torch", "llm")
     F = require("torch.nn.functional", "llm")
     b, t, v = logits.shape
     targets = input_ids[:, 1:].to(logits.device)
     valid = attention_mask[:, 1:].to(logits.device).to(torch.float32)
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), targets.reshape(-1), reduction="none")
-    ce = ce.view(b, t - 1) * valid
+    flat = logits[:, :-1].reshape(-1, v)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # half-precision logits: take the softmax in fp32
+    ce = F.cross_entropy(flat, targets.reshape(-1), reduction="none")
+    ce = ce.view(b, t - 1) * valid.to(ce.dtype)
     return ce.sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
 
 
@@ -248,7 +251,9 @@ def gate_gradients_reference(
                 gates = torch.ones(n, dtype=torch.float32, device=in_dev, requires_grad=True)
                 with gated(model, gates, gate=gate, granularity=granularity), autocast():
                     logits = model(input_ids=ids, use_cache=False).logits
-                loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device))
+                flat = logits[0, :-1]
+                flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+                loss = F.cross_entropy(flat, ids[0, 1:].to(logits.device))
                 loss.backward()
                 A[s] = gates.grad.detach().to(torch.float64).cpu().numpy()
                 bar.update(1)
