@@ -1,0 +1,316 @@
+"""Evaluate removal candidates on one loaded model, without reloading it.
+
+A candidate (a set of removed blocks) is applied with :func:`qblock.llm.blocks.mask_blocks`, a
+reversible context manager that turns the blocks into pass-throughs, so hundreds of candidates can be
+scored on the same model object.
+
+* :func:`heldout_loss`: token-weighted mean next-token negative log-likelihood over evaluation
+  samples (padding never counted); perplexity is ``exp(loss)``.
+* :func:`multiple_choice`: zero-shot multiple-choice accuracy by log-likelihood, as
+  lm-evaluation-harness scores such tasks: the log-probability of each answer continuation given the
+  context is summed; ``acc`` takes the argmax of the sum, ``acc_norm`` of the sum divided by the
+  answer's length in characters.
+* :class:`CandidateEvaluator`: both, with a cache keyed by the removal set.
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> torch.manual_seed(0) and None
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2)).eval()
+    >>> samples = [torch.randint(0, 50, (12,)) for _ in range(3)]
+    >>> ev = CandidateEvaluator(model, samples)
+    >>> full, pruned = ev.evaluate([]), ev.evaluate([1])
+    >>> full["eval_tokens"], bool(full["heldout_loss"] != pruned["heldout_loss"])
+    (33, True)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+from qblock._lazy import require
+
+__all__ = ["heldout_loss", "multiple_choice", "encode_choices", "CandidateEvaluator", "model_device"]
+
+
+def _torch():
+    return require("torch", "llm")
+
+
+def model_device(model):
+    """The device of the model's first parameter (where inputs must go)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters
+        return _torch().device("cpu")
+
+
+def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None):
+    """Index batches over items sorted by length (longest first), so padding stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: list[int] = []
+    for i in order:
+        longest = lengths[batch[0]] if batch else lengths[i]
+        if batch and (len(batch) >= batch_size or (max_tokens and longest * (len(batch) + 1) > max_tokens)):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def _pad(seqs, pad_id: int = 0):
+    torch = _torch()
+    T = max(int(s.numel()) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : s.numel()] = s
+        mask[b, : s.numel()] = 1
+    return ids, mask
+
+
+def heldout_loss(model, samples: Sequence[Any], *, batch_size: int = 8, max_tokens: int | None = 8192,
+                 progress: bool = False, desc: str = "held-out loss") -> tuple[float, int]:
+    """Token-weighted mean next-token NLL of ``model`` on ``samples`` (1-D token-id tensors).
+
+    Every sample contributes ``len - 1`` predicted tokens; the loss is the sum of their NLLs divided by
+    the total count, so long samples weigh more (the standard perplexity convention).
+
+    Returns:
+        ``(mean_nll, num_predicted_tokens)``.
+
+    Example:
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> m = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)).eval()
+        >>> loss, n = heldout_loss(m, [torch.arange(10), torch.arange(5)])
+        >>> n, bool(loss > 0)
+        (13, True)
+    """
+    torch = _torch()
+    F = torch.nn.functional
+    samples = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in samples]
+    samples = [s for s in samples if s.numel() >= 2]
+    if not samples:
+        raise ValueError("heldout_loss needs at least one sample of two or more tokens")
+    dev = model_device(model)
+    total, count = 0.0, 0
+    batches = list(_batches([s.numel() for s in samples], batch_size, max_tokens))
+    it = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc=desc, unit="batch", leave=False)
+    with torch.inference_mode():
+        for b in it:
+            ids, mask = _pad([samples[i] for i in b])
+            ids, mask = ids.to(dev), mask.to(dev)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            lg = logits[:, :-1].float()
+            tgt = ids[:, 1:]
+            valid = mask[:, 1:].bool()
+            nll = F.cross_entropy(lg[valid], tgt[valid], reduction="sum")
+            total += float(nll)
+            count += int(valid.sum())
+    return total / count, count
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    if hasattr(tokenizer, "encode"):
+        try:
+            return list(tokenizer.encode(text, add_special_tokens=False))
+        except TypeError:
+            return list(tokenizer.encode(text))
+    return list(tokenizer(text)["input_ids"])
+
+
+def encode_choices(tokenizer, context: str, choices: Sequence[str], *, delimiter: str = " ",
+                   max_length: int = 1024) -> list[tuple[list[int], int]]:
+    """Token ids of ``context + delimiter + choice`` for each choice, and how many trailing ids are the answer.
+
+    Follows lm-evaluation-harness: trailing whitespace of the context moves to the continuation, the
+    pair is encoded jointly and the context's own encoding length splits it (so merges across the
+    boundary are scored as part of the answer), and an empty context is prefixed by the BOS (or EOS)
+    token. Over-long inputs are cut on the left to ``max_length`` tokens.
+    """
+    prefix: list[int] = []
+    stripped = context.rstrip()
+    moved = context[len(stripped):]
+    out = []
+    if not stripped:
+        tok_id = getattr(tokenizer, "bos_token_id", None)
+        if tok_id is None:
+            tok_id = getattr(tokenizer, "eos_token_id", None)
+        if tok_id is None:
+            raise ValueError("an empty context needs a tokenizer with a BOS or EOS token")
+        prefix = [int(tok_id)]
+    ctx_ids = _encode(tokenizer, stripped) if stripped else []
+    for choice in choices:
+        cont = moved + choice if moved else (choice if (not stripped or choice[:1].isspace()) else delimiter + choice)
+        whole = _encode(tokenizer, stripped + cont) if stripped else _encode(tokenizer, cont)
+        n_ctx = len(ctx_ids)
+        if whole[:n_ctx] != ctx_ids:  # tokenizer merged across the boundary differently: encode apart
+            whole = ctx_ids + _encode(tokenizer, cont)
+        n_cont = len(whole) - n_ctx
+        if n_cont < 1:
+            raise ValueError(f"choice {choice!r} encodes to no tokens")
+        ids = prefix + whole
+        if len(ids) > max_length + 1:
+            ids = ids[-(max_length + 1):]
+        out.append((ids, min(n_cont, len(ids) - 1)))
+    return out
+
+
+def multiple_choice(model, tokenizer, items: Sequence[Mapping[str, Any]], *, batch_size: int = 16,
+                    max_tokens: int | None = 8192, max_length: int = 1024, delimiter: str = " ",
+                    progress: bool = False, desc: str = "multiple choice") -> dict[str, Any]:
+    """Zero-shot multiple-choice accuracy by log-likelihood on items ``{"context", "choices", "label"}``.
+
+    Items that carry ``"contexts"`` and ``"continuation"`` (WinoGrande, see
+    :func:`qblock.llm.data.load_benchmark`) are scored lm-eval's partial way: the log-likelihood of the
+    shared continuation after each option's context.
+
+    Returns:
+        ``{"acc", "acc_norm", "num_items", "loglik": per-item list of per-choice summed log-probs}``.
+
+    Example:
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> class Tok:  # one token per character
+        ...     eos_token_id = 0
+        ...     def encode(self, s, add_special_tokens=False):
+        ...         return [1 + (ord(c) % 30) for c in s]
+        >>> m = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)).eval()
+        >>> r = multiple_choice(m, Tok(), [{"context": "ab", "choices": ["c", "dd"], "label": 0}])
+        >>> r["num_items"], r["acc"] in (0.0, 1.0), len(r["loglik"][0])
+        (1, True, 2)
+    """
+    torch = _torch()
+    reqs: list[tuple[int, int, list[int], int]] = []  # (item, choice, ids, n_cont)
+    norm_len: list[list[int]] = []
+    for i, it in enumerate(items):
+        if it.get("contexts"):
+            # partial scoring (WinoGrande): the option sits in the context, the shared continuation is scored
+            cont = str(it["continuation"])
+            for j, ctx in enumerate(it["contexts"]):
+                ids, n_cont = encode_choices(tokenizer, str(ctx), [cont], delimiter=delimiter,
+                                             max_length=max_length)[0]
+                reqs.append((i, j, ids, n_cont))
+            norm_len.append([len(cont)] * len(it["contexts"]))
+            continue
+        for j, (ids, n_cont) in enumerate(encode_choices(tokenizer, str(it["context"]), list(it["choices"]),
+                                                         delimiter=delimiter, max_length=max_length)):
+            reqs.append((i, j, ids, n_cont))
+        norm_len.append([len(str(c)) for c in it["choices"]])
+    if not reqs:
+        return {"acc": None, "acc_norm": None, "num_items": 0, "loglik": []}
+    dev = model_device(model)
+    scores: dict[tuple[int, int], float] = {}
+    lengths = [len(r[2]) - 1 for r in reqs]
+    batches = list(_batches(lengths, batch_size, max_tokens))
+    it_b = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it_b = tqdm(batches, desc=desc, unit="batch", leave=False)
+    with torch.inference_mode():
+        for b in it_b:
+            seqs = [torch.tensor(reqs[k][2][:-1], dtype=torch.long) for k in b]
+            ids, mask = _pad(seqs)
+            ids, mask = ids.to(dev), mask.to(dev)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            for row, k in enumerate(b):
+                full = reqs[k][2]
+                n_cont = reqs[k][3]
+                L = len(full) - 1
+                pos = torch.arange(L - n_cont, L, device=dev)
+                tgt = torch.tensor(full[-n_cont:], dtype=torch.long, device=dev)
+                lp = torch.log_softmax(logits[row, pos].float(), dim=-1)
+                scores[(reqs[k][0], reqs[k][1])] = float(lp.gather(1, tgt[:, None]).sum())
+    correct = correct_norm = 0
+    loglik = []
+    for i, it in enumerate(items):
+        ll = [scores[(i, j)] for j in range(len(norm_len[i]))]
+        loglik.append(ll)
+        label = int(it["label"])
+        best = max(range(len(ll)), key=lambda j: ll[j])
+        norm = [ll[j] / max(1, norm_len[i][j]) for j in range(len(ll))]
+        best_n = max(range(len(norm)), key=lambda j: norm[j])
+        correct += int(best == label)
+        correct_norm += int(best_n == label)
+    n = len(items)
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "num_items": n, "loglik": loglik}
+
+
+class CandidateEvaluator:
+    """Score removal sets on one model: held-out loss/perplexity and optional benchmark accuracy.
+
+    Args:
+        model: a causal LM (Hugging Face ``...ForCausalLM``), already on its device, in eval mode.
+        eval_samples: held-out token-id tensors, disjoint from the calibration data.
+        tokenizer: needed only for benchmarks.
+        benchmarks: ``{task_name: items}`` with items ``{"context", "choices", "label"}``.
+        batch_size: evaluation batch size.
+        gate: gate mode used for masking (``"layer"``: removed blocks are pass-throughs).
+
+    Results are cached per removal set (and task list), so a set proposed by several methods is
+    evaluated once.
+    """
+
+    def __init__(self, model, eval_samples: Sequence[Any], tokenizer=None,
+                 benchmarks: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                 batch_size: int = 8, gate: str = "layer", progress: bool = False) -> None:
+        if not eval_samples:
+            raise ValueError("CandidateEvaluator needs at least one evaluation sample")
+        self.model = model
+        self.eval_samples = list(eval_samples)
+        self.tokenizer = tokenizer
+        self.benchmarks = dict(benchmarks or {})
+        if self.benchmarks and tokenizer is None:
+            raise ValueError("benchmarks need a tokenizer")
+        self.batch_size = int(batch_size)
+        self.gate = gate
+        self.progress = progress
+        self._loss_cache: dict[tuple[int, ...], dict[str, Any]] = {}
+        self._task_cache: dict[tuple[tuple[int, ...], str], dict[str, Any]] = {}
+        self.num_evaluations = 0
+
+    def evaluate(self, removed: Iterable[int], tasks: bool | Sequence[str] = False) -> dict[str, Any]:
+        """``{"heldout_loss", "perplexity", "eval_tokens", "eval_seconds", "acc_<task>", "acc_norm_<task>"}``.
+
+        Args:
+            removed: block indices to remove.
+            tasks: ``True`` for every loaded benchmark, a list of names for some, ``False`` for none.
+        """
+        from qblock.llm.blocks import mask_blocks
+
+        key = tuple(sorted({int(i) for i in removed}))
+        names = list(self.benchmarks) if tasks is True else list(tasks or [])
+        unknown = [t for t in names if t not in self.benchmarks]
+        if unknown:
+            raise ValueError(f"benchmark(s) {unknown} not loaded; loaded: {sorted(self.benchmarks)}")
+        need_loss = key not in self._loss_cache
+        need_tasks = [t for t in names if (key, t) not in self._task_cache]
+        if need_loss or need_tasks:
+            with mask_blocks(self.model, key, gate=self.gate):
+                if need_loss:
+                    t0 = time.perf_counter()
+                    loss, n = heldout_loss(self.model, self.eval_samples, batch_size=self.batch_size,
+                                           progress=self.progress)
+                    self.num_evaluations += 1
+                    self._loss_cache[key] = {"heldout_loss": loss, "perplexity": math.exp(loss),
+                                             "eval_tokens": n, "eval_seconds": time.perf_counter() - t0}
+                for t in need_tasks:
+                    r = multiple_choice(self.model, self.tokenizer, self.benchmarks[t],
+                                        batch_size=max(self.batch_size, 8), progress=self.progress, desc=t)
+                    self._task_cache[(key, t)] = {"acc": r["acc"], "acc_norm": r["acc_norm"], "num_items": r["num_items"]}
+        out = dict(self._loss_cache[key])
+        for t in names:
+            r = self._task_cache[(key, t)]
+            out[f"acc_{t}"] = r["acc"]
+            out[f"acc_norm_{t}"] = r["acc_norm"]
+        return out

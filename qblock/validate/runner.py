@@ -1,0 +1,505 @@
+"""The validation pipeline shared by ``qblock validate`` and ``qblock run``.
+
+:func:`validate` takes a problem, the loaded model, calibration and held-out samples, and:
+
+1. gets the K lowest-energy states per M (from a backend via :func:`qblock.solve`, or from a
+   solutions file written by ``qblock solve --json``), R random sets and every baseline;
+2. evaluates each distinct removal set once on held-out samples (masking, no reloading), and the
+   benchmarks on the full model, the best few QUBO states and every baseline;
+3. scores every candidate under each available energy model (``fisher``, ``fisher+grad`` from the
+   stored ``A``; ``pairwise`` on request), so the proxies can be compared;
+4. writes the per-candidate table (JSON, CSV, markdown), ``summary.json`` (settings, statistics,
+   timings), ``report.md`` and PNG plots; every statistic is recomputed from the table by
+   :func:`qblock.validate.stats.summarize`.
+
+Example:
+    >>> import torch, tempfile
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from qblock.llm.gradients import gate_gradients
+    >>> from qblock.llm.energy import build_problem
+    >>> torch.manual_seed(0) and None
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=5, num_attention_heads=2, num_key_value_heads=2)).eval()
+    >>> calib = [torch.randint(0, 40, (12,)) for _ in range(6)]
+    >>> evals = [torch.randint(0, 40, (12,)) for _ in range(4)]
+    >>> p = build_problem(gate_gradients(model, calib, progress=False), energy="fisher")
+    >>> res = validate(p, model, None, calib, evals, ValidationSettings(num_removes=[2], top_k=3,
+    ...     num_random=2, backend="exact", n_boot=50, progress=False), out_dir=tempfile.mkdtemp())
+    >>> sorted({r["method"] for r in res["rows"]})[:3]
+    ['angular', 'full', 'norm_ratio']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from qblock.validate.baselines import BASELINE_METHODS
+from qblock.validate.stats import QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD, is_baseline, summarize
+
+__all__ = ["ValidationSettings", "validate", "data_for_problem", "read_solutions", "energy_column",
+           "print_summary", "ValidationError"]
+
+
+class ValidationError(ValueError):
+    """A validation input problem the user must fix (one-line message)."""
+
+
+@dataclass
+class ValidationSettings:
+    """What :func:`validate` evaluates.
+
+    Attributes:
+        num_removes: the values of M.
+        top_k: lowest-energy states per M.
+        backend: solver backend for the top-k (ignored for an M given in ``solutions``).
+        backend_params: extra keyword arguments for :func:`qblock.solve`.
+        solve_seed: solver seed.
+        num_random: random removal sets per M.
+        random_seed: seed of the first random set (set k uses ``random_seed + k``, repeats skipped).
+        baselines: baseline methods (subset of :data:`qblock.validate.baselines.BASELINE_METHODS`).
+        greedy_samples: calibration samples used by the greedy baselines (SLEB, iterative ShortGPT),
+            the first ones of the calibration set; ``None`` for all.
+        tasks: benchmark names (see :func:`qblock.llm.data.load_benchmark`); empty for none.
+        task_limit: items per benchmark (seeded subset); ``None`` for all.
+        bench_top: how many QUBO states per M (best by held-out loss) get the benchmarks; the full
+            model and every baseline always do.
+        energy_models: extra energy models to score candidates with: ``"auto"`` (fisher and
+            fisher+grad when ``A`` is stored, plus pairwise when ``N <= pairwise_max_blocks``), or a list.
+        pairwise_samples: calibration samples for the pairwise energy (its cost is N(N+1)/2 passes).
+        pairwise_max_blocks: largest N for which ``"auto"`` includes the pairwise energy.
+        n_boot: bootstrap resamples for the correlation intervals.
+        stats_seed: bootstrap seed.
+        batch_size: evaluation batch size.
+        progress: progress bars and messages on stderr.
+    """
+
+    num_removes: list[int]
+    top_k: int = 10
+    backend: str = "swap"
+    backend_params: dict[str, Any] = field(default_factory=dict)
+    solve_seed: int = 0
+    num_random: int = 5
+    random_seed: int = 0
+    baselines: list[str] = field(default_factory=lambda: list(BASELINE_METHODS))
+    greedy_samples: int | None = None
+    tasks: list[str] = field(default_factory=list)
+    task_limit: int | None = 100
+    bench_top: int = 2
+    energy_models: Any = "auto"
+    pairwise_samples: int = 8
+    pairwise_max_blocks: int = 12
+    n_boot: int = 2000
+    stats_seed: int = 0
+    batch_size: int = 8
+    progress: bool = True
+
+
+def energy_column(name: str) -> str:
+    """Table column of an energy model: ``fisher+grad`` -> ``energy_fisher_grad``."""
+    return "energy_" + name.replace("+", "_").replace("-", "_")
+
+
+def _log(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"qblock: {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def read_solutions(path: str | Path) -> tuple[int | None, list[list[int]]]:
+    """``(num_remove, [removed, ...])`` from a ``qblock solve --json`` file, in rank order."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValidationError(f"solutions file not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"{p} is not JSON: {exc.msg}") from None
+    sols = data.get("solutions") if isinstance(data, dict) else None
+    if not isinstance(sols, list) or not sols:
+        raise ValidationError(f'{p} has no "solutions" list (expected the output of qblock solve --json)')
+    try:
+        sols = sorted(sols, key=lambda s: (int(s.get("rank", 0)), float(s.get("energy", 0.0))))
+        sets = [sorted(int(i) for i in s["removed"]) for s in sols]
+    except (KeyError, TypeError, ValueError):
+        raise ValidationError(f'{p}: every solution needs a "removed" list of block indices') from None
+    sizes = {len(s) for s in sets}
+    if len(sizes) != 1:
+        raise ValidationError(f"{p}: solutions remove different numbers of blocks {sorted(sizes)}")
+    m = data.get("num_remove")
+    m = int(m) if m is not None else sizes.pop()
+    if any(len(s) != m for s in sets):
+        raise ValidationError(f"{p}: num_remove is {m} but the solutions remove {sorted({len(s) for s in sets})}")
+    return m, sets
+
+
+def data_for_problem(problem, tokenizer, *, num_eval: int | None = None, eval_seq_len: int | None = None,
+                     eval_text: str | None = None, calibration: str | None = None,
+                     num_calib: int | None = None, seq_len: int | None = None, seed: int | None = None):
+    """The problem's calibration samples (re-made from its provenance) and disjoint held-out samples.
+
+    The calibration samples are rebuilt with :func:`qblock.llm.data.calibration_and_eval` from the
+    source, counts and seed recorded in the problem metadata, and checked against the token hash the
+    extraction recorded. Held-out samples come from the same split's evaluation side (passages never
+    used for calibration, checked), or from ``eval_text`` (a .txt/.jsonl file).
+
+    Returns:
+        ``(calibration, evaluation, provenance)``.
+    """
+    from qblock.llm import data as qdata
+
+    meta = problem.metadata or {}
+    dmeta = meta.get("data") or {}
+    if calibration is None:
+        if not dmeta:
+            raise ValidationError("the problem file records no calibration data; pass --calibration FILE "
+                                  "(the text the problem was extracted from)")
+        calibration = None if dmeta.get("name") == "lambada" else dmeta.get("file")
+        if dmeta.get("sha256") and calibration:
+            import hashlib
+
+            if not Path(calibration).is_file():
+                raise ValidationError(f"calibration file {calibration} recorded in the problem is missing; "
+                                      "pass --calibration FILE")
+            if hashlib.sha256(Path(calibration).read_bytes()).hexdigest() != dmeta["sha256"]:
+                raise ValidationError(f"calibration file {calibration} changed since extraction (sha256 differs)")
+    num_calib = int(num_calib or meta.get("num_samples") or 0)
+    seq_len = int(seq_len or meta.get("seq_len") or 0)
+    if num_calib < 1 or seq_len < 2:
+        raise ValidationError("calibration sample count/length unknown; pass --calib-samples and --seq-len")
+    seed = int(seed if seed is not None else meta.get("seed", dmeta.get("seed", 0)))
+    manifest = (meta.get("extraction") or {}).get("manifest") or {}
+    reserved = int(manifest.get("num_eval", dmeta.get("evaluation", {}).get("num_samples", 0)) or 0)
+    eval_seq_len = int(eval_seq_len or seq_len)
+    num_eval = int(num_eval if num_eval is not None else max(reserved, 16))
+    try:
+        calib, ev, prov = qdata.calibration_and_eval(tokenizer, calibration, num_calib=num_calib,
+                                                     num_eval=reserved, seq_len=seq_len, seed=seed)
+    except qdata.DataError as exc:
+        raise ValidationError(str(exc)) from None
+    want = manifest.get("tokens_sha256")
+    if want:
+        from qblock.llm.pipeline import _tokens_sha256
+
+        got = _tokens_sha256(calib)
+        if got != want:
+            raise ValidationError("re-made calibration samples differ from the extraction's (token hash mismatch): "
+                                  "use the same model/tokenizer and calibration text as the extraction")
+    provenance: dict[str, Any] = {"calibration": {k: v for k, v in prov.items() if k != "evaluation"}}
+    cal_passages = set(prov["calibration"]["passages"])
+    if eval_text is not None:
+        if calibration is not None and Path(eval_text).resolve() == Path(calibration).resolve():
+            raise ValidationError("--eval-text is the calibration file; omit it to use the disjoint held-out split")
+        texts, tprov = qdata.load_texts(eval_text)
+        try:
+            ev = qdata.make_samples(tokenizer, texts, num_eval, eval_seq_len, seed=seed)
+        except qdata.DataError as exc:
+            raise ValidationError(str(exc)) from None
+        provenance["evaluation"] = dict(tprov, num_samples=len(ev), seq_len=eval_seq_len, seed=seed)
+        return calib, ev, provenance
+    if num_eval <= len(ev) and eval_seq_len == seq_len:
+        ev = ev[:num_eval]
+        eprov = dict(prov["evaluation"])
+    else:
+        try:
+            _, ev, prov2 = qdata.calibration_and_eval(tokenizer, calibration, num_calib=0, num_eval=num_eval,
+                                                      seq_len=eval_seq_len, seed=seed)
+        except qdata.DataError as exc:
+            raise ValidationError(str(exc)) from None
+        eprov = dict(prov2["evaluation"])
+    overlap = cal_passages & set(eprov.get("passages", []))
+    if overlap:
+        raise ValidationError(f"held-out samples would share {len(overlap)} passages with the calibration data; "
+                              "use fewer --eval-samples or --eval-text FILE")
+    eprov.update(num_samples=len(ev), seq_len=eval_seq_len, source=prov.get("name"), seed=seed,
+                 disjoint_from_calibration=True)
+    provenance["evaluation"] = eprov
+    return calib, ev, provenance
+
+
+# ------------------------------------------------------------------------------------------- energies
+def _energy_problems(problem, model, calib, settings: ValidationSettings, notes: list[str]) -> dict[str, Any]:
+    """Energy models to score candidates with: name -> BlockRemovalProblem."""
+    wanted = settings.energy_models
+    n = problem.num_blocks
+    has_a = "A" in problem.arrays
+    if wanted == "auto":
+        wanted = (["fisher", "fisher+grad"] if has_a else []) + (["pairwise"] if n <= settings.pairwise_max_blocks else [])
+    out: dict[str, Any] = {}
+    for name in wanted or []:
+        try:
+            if name == "pairwise":
+                from qblock.llm.energy import pairwise_problem
+
+                sub = list(calib[: settings.pairwise_samples])
+                t0 = time.perf_counter()
+                _log(f"pairwise energy: {n * (n + 1) // 2 + 1} masked passes on {len(sub)} samples", settings.progress)
+                out[name] = pairwise_problem(model, sub, progress=settings.progress)
+                notes.append(f"pairwise energy measured on {len(sub)} calibration samples "
+                             f"({n * (n + 1) // 2 + 1} forward passes, {time.perf_counter() - t0:.1f} s)")
+            else:
+                if not has_a:
+                    notes.append(f"energy model {name} skipped: the problem file does not hold A")
+                    continue
+                from qblock.llm.energy import build_problem
+
+                out[name] = build_problem(problem.arrays["A"], energy=name)
+        except ImportError as exc:
+            notes.append(f"energy model {name} unavailable ({exc})")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- main
+def _qubo_states(problem, m: int, settings: ValidationSettings, solutions: Mapping[int, list[list[int]]],
+                 timings: dict[str, float]) -> list[list[int]]:
+    if m in solutions:
+        return [list(s) for s in solutions[m][: settings.top_k]]
+    import qblock
+
+    t0 = time.perf_counter()
+    ss = qblock.solve(problem.with_num_remove(m), backend=settings.backend, num_solutions=settings.top_k,
+                      seed=settings.solve_seed, **settings.backend_params)
+    timings[f"solve_M{m}"] = time.perf_counter() - t0
+    return [problem.removed_blocks(s) for s in ss.samples()]
+
+
+def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[Any], settings: ValidationSettings,
+             out_dir: str | Path, *, solutions: Mapping[int, list[list[int]]] | None = None,
+             report_settings: Mapping[str, Any] | None = None, title: str = "qblock validation",
+             notes: Sequence[str] = ()) -> dict[str, Any]:
+    """Evaluate QUBO top-k, random sets and baselines for every M; write the table, report and plots.
+
+    Args:
+        problem: the :class:`qblock.BlockRemovalProblem` (its energy is the ``energy`` column).
+        model, tokenizer: the loaded model (never modified on return) and its tokenizer (benchmarks only).
+        calib: calibration samples (the extraction's; used by the baselines).
+        evals: held-out samples, disjoint from ``calib``.
+        settings: :class:`ValidationSettings`.
+        out_dir: output directory.
+        solutions: optional ``{M: [removed, ...]}`` to evaluate instead of solving.
+        report_settings: extra key/values listed in the report's settings section.
+        title: report title.
+        notes: extra lines for the report's notes.
+
+    Returns:
+        ``{"rows", "summary", "paths", "timings", "notes"}``.
+    """
+    from qblock.validate import plots, report
+    from qblock.validate.baselines import random_sets, run_baselines
+    from qblock.validate.evaluate import CandidateEvaluator
+
+    solutions = dict(solutions or {})
+    t_all = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    notes = list(notes)
+    timings: dict[str, float] = {}
+    ms = sorted({int(m) for m in settings.num_removes})
+    n = problem.num_blocks
+    for m in ms:
+        if not 1 <= m < n:
+            raise ValidationError(f"M must satisfy 1 <= M < N = {n}, got {m}")
+    model.eval()
+    meta = problem.metadata or {}
+    n_calib = int(meta.get("num_samples") or len(calib))
+    gate = meta.get("gate", "layer")
+    if meta.get("granularity", "block") != "block":
+        raise ValidationError("validation evaluates block removal; this problem has one variable per branch "
+                              f"(granularity {meta.get('granularity')!r})")
+
+    # 1. candidates ----------------------------------------------------------------------------
+    rows: list[dict[str, Any]] = []
+    for m in ms:
+        for rank, removed in enumerate(_qubo_states(problem, m, settings, solutions, timings), start=1):
+            rows.append({"num_remove": m, "method": QUBO_METHOD, "rank": rank, "removed": sorted(removed),
+                         "cost_forward_passes": 1, "cost_backward_passes": 1, "cost_calib_samples": n_calib,
+                         "cost_seconds": (meta.get("extraction") or {}).get("seconds_this_run")})
+    baseline_details = []
+    if settings.baselines:
+        if not calib:
+            raise ValidationError("baselines need calibration samples")
+        greedy = list(calib[: settings.greedy_samples]) if settings.greedy_samples else list(calib)
+        t0 = time.perf_counter()
+        _log(f"baselines {', '.join(settings.baselines)} for M = {ms} ({len(calib)} calibration samples, "
+             f"greedy methods on {len(greedy)})", settings.progress)
+        res = run_baselines(model, calib, ms, methods=settings.baselines, greedy_samples=greedy,
+                            batch_size=settings.batch_size, progress=settings.progress)
+        timings["baselines"] = time.perf_counter() - t0
+        for r in res:
+            rows.append({"num_remove": r.num_remove, "method": r.method, "removed": sorted(r.removed),
+                         "cost_forward_passes": r.forward_passes, "cost_backward_passes": 0,
+                         "cost_calib_samples": r.calib_samples, "cost_seconds": r.seconds})
+            baseline_details.append(r.to_dict())
+    for m in ms:
+        for r in random_sets(n, m, settings.num_random, seed=settings.random_seed):
+            rows.append({"num_remove": m, "method": RANDOM_METHOD, "seed": r.seed, "removed": r.removed,
+                         "cost_forward_passes": 0, "cost_backward_passes": 0, "cost_calib_samples": 0,
+                         "cost_seconds": 0.0})
+    rows.append({"num_remove": 0, "method": REFERENCE_METHOD, "removed": [], "cost_forward_passes": 0,
+                 "cost_backward_passes": 0, "cost_calib_samples": 0, "cost_seconds": 0.0})
+
+    # 2. energies --------------------------------------------------------------------------------
+    others = _energy_problems(problem, model, calib, settings, notes)
+    for r in rows:
+        r["energy"] = problem.energy_of(r["removed"])
+        for name, p in others.items():
+            r[energy_column(name)] = p.energy_of(r["removed"])
+
+    # 3. held-out loss of every distinct set -------------------------------------------------------
+    benchmarks = {}
+    if settings.tasks:
+        from qblock.llm.data import load_benchmark
+
+        for t in settings.tasks:
+            benchmarks[t] = load_benchmark(t, limit=settings.task_limit, seed=0)
+    evaluator = CandidateEvaluator(model, evals, tokenizer=tokenizer, benchmarks=benchmarks,
+                                   batch_size=settings.batch_size, gate=gate)
+    distinct = list(dict.fromkeys(tuple(r["removed"]) for r in rows))
+    t0 = time.perf_counter()
+    _log(f"held-out loss of {len(distinct)} distinct candidates on {len(evals)} samples", settings.progress)
+    it = distinct
+    if settings.progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(distinct, desc="evaluating candidates", unit="model")
+    for key in it:
+        evaluator.evaluate(key)
+    timings["heldout_eval"] = time.perf_counter() - t0
+    for r in rows:
+        r.update(evaluator.evaluate(r["removed"]))
+        r.pop("eval_seconds", None)
+
+    # 4. benchmarks on the full model, the best QUBO states and the baselines ---------------------
+    if benchmarks:
+        chosen: list[tuple[int, ...]] = [()]
+        for m in ms:
+            q = sorted((r for r in rows if r["num_remove"] == m and r["method"] == QUBO_METHOD),
+                       key=lambda r: r["heldout_loss"])
+            chosen += [tuple(r["removed"]) for r in q[: settings.bench_top]]
+            chosen += [tuple(r["removed"]) for r in rows if r["num_remove"] == m and is_baseline(r["method"])]
+        chosen = list(dict.fromkeys(chosen))
+        t0 = time.perf_counter()
+        _log(f"benchmarks {', '.join(benchmarks)} ({', '.join(str(len(v)) for v in benchmarks.values())} items) "
+             f"on {len(chosen)} models", settings.progress)
+        it2 = chosen
+        if settings.progress:
+            from tqdm.auto import tqdm
+
+            it2 = tqdm(chosen, desc="benchmarks", unit="model")
+        for key in it2:
+            res = evaluator.evaluate(key, tasks=True)
+            for r in rows:
+                if tuple(r["removed"]) == key:
+                    r.update({k: v for k, v in res.items() if k.startswith("acc_")})
+        timings["benchmarks"] = time.perf_counter() - t0
+
+    # 5. statistics, files -----------------------------------------------------------------------
+    rows.sort(key=lambda r: (r["num_remove"], _method_order(r["method"]), r.get("rank") or 0, r.get("seed") or 0))
+    summary = summarize(rows, n_boot=settings.n_boot, seed=settings.stats_seed)
+    paths = {k: str(v) for k, v in report.write_table(rows, out).items()}
+    plot_paths = plots.plot_energy_vs_loss(rows, out)
+    lvm = plots.plot_loss_vs_m(rows, out) if len(ms) > 1 else None
+    plot_paths += [lvm] if lvm else []
+    for name in others:
+        col = energy_column(name)
+        sub = out / "energy_models"
+        plot_paths += plots.plot_energy_vs_loss([dict(r, energy=r[col]) for r in rows], sub / name.replace("+", "_"))
+    timings["total_validate"] = time.perf_counter() - t_all
+    settings_view = dict(report_settings or {})
+    settings_view.update({
+        "blocks N": n, "M": ", ".join(map(str, ms)),
+        "QUBO candidates": f"top-{settings.top_k} per M" + (f" from backend {settings.backend}" if
+                                                             set(ms) - set(solutions) else " from the solutions file"),
+        "random sets": f"{settings.num_random} per M (seeds from {settings.random_seed})",
+        "baselines": ", ".join(settings.baselines) or "none",
+        "held-out samples": f"{len(evals)} x {max(len(s) for s in evals)} tokens",
+        "calibration samples (baselines)": f"{len(calib)}; greedy methods on the first "
+                                           f"{settings.greedy_samples or len(calib)}",
+        "energy models compared": ", ".join(["problem (" + str(meta.get("energy", "?")) + ")"] + list(others)),
+        "benchmarks": (", ".join(f"{t} ({len(v)} items)" for t, v in benchmarks.items()) or "none"),
+    })
+    md = report.render_report(rows, summary, title=title, settings=settings_view,
+                              plots=[str(Path(p).relative_to(out)) for p in plot_paths], notes=notes)
+    from qblock.problems.block_removal import atomic_write_bytes
+
+    atomic_write_bytes(out / "report.md", md.encode())
+    full = {
+        "settings": _jsonable(asdict(settings)),
+        "report_settings": _jsonable(settings_view),
+        "problem": {"num_blocks": n, "labels": list(problem.labels), "energy": meta.get("energy"),
+                    "model": meta.get("model"), "num_samples": meta.get("num_samples"), "seq_len": meta.get("seq_len")},
+        "summary": summary,
+        "timings_seconds": timings,
+        "baseline_details": _jsonable(baseline_details),
+        "notes": notes,
+        "files": {"table": paths, "plots": plot_paths, "report": str(out / "report.md")},
+    }
+    atomic_write_bytes(out / "summary.json", (json.dumps(full, indent=1, default=_json_default) + "\n").encode())
+    paths.update(report=str(out / "report.md"), summary=str(out / "summary.json"))
+    return {"rows": rows, "summary": summary, "paths": paths, "plots": plot_paths, "timings": timings, "notes": notes}
+
+
+_ORDER = {QUBO_METHOD: 0, **{m: k + 1 for k, m in enumerate(BASELINE_METHODS)}, RANDOM_METHOD: 90, REFERENCE_METHOD: -1}
+
+
+def _method_order(method: str) -> int:
+    return _ORDER.get(method, 50)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _jsonable(o: Any) -> Any:
+    return json.loads(json.dumps(o, default=_json_default))
+
+
+def print_summary(result: Mapping[str, Any], file=None) -> None:
+    """Print, per M, the candidates side by side (method, removed, energy, loss, ppl) and the statements."""
+    file = file or sys.stdout
+    rows = result["rows"]
+    ref = [r for r in rows if r["method"] == REFERENCE_METHOD]
+    if ref:
+        print(f"full model: held-out loss {ref[0]['heldout_loss']:.4f}, ppl {ref[0]['perplexity']:.2f}", file=file)
+    accs = sorted({k for r in rows for k in r if k.startswith("acc_") and not k.startswith("acc_norm_")
+                   and r.get(k) is not None})
+    for m_key, s in result["summary"]["per_m"].items():
+        m = int(m_key)
+        print(f"\nM = {m}", file=file)
+        head = f"  {'candidate':<20} {'removed':<28} {'energy':>11} {'loss':>8} {'ppl':>9}" + "".join(
+            f" {a[4:]:>10}" for a in accs)
+        print(head, file=file)
+        for r in rows:
+            if r["num_remove"] != m:
+                continue
+            name = r["method"]
+            if name == QUBO_METHOD:
+                name = f"QUBO #{r['rank']}"
+            elif name == RANDOM_METHOD:
+                name = f"random s{r['seed']}"
+            rem = ",".join(map(str, r["removed"]))
+            line = f"  {name:<20} {rem:<28} {r['energy']:>11.5g} {r['heldout_loss']:>8.4f} {r['perplexity']:>9.2f}"
+            line += "".join(f" {r[a]:>10.3f}" if r.get(a) is not None else f" {'-':>10}" for a in accs)
+            print(line, file=file)
+        c = s["correlations"].get("energy", {})
+        if c.get("spearman") is not None:
+            ci = c.get("spearman_ci") or [math.nan, math.nan]
+            print(f"  Spearman(energy, loss) = {c['spearman']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}], "
+                  f"Kendall = {c['kendall']:+.3f} over {c['n']} distinct candidates", file=file)
+        for col, cc in s["correlations"].items():
+            if col != "energy" and cc.get("spearman") is not None:
+                print(f"    {col[7:]}: Spearman {cc['spearman']:+.3f}, Kendall {cc['kendall']:+.3f}", file=file)
+        print(f"  {s['best']['statement']}", file=file)
