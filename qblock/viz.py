@@ -392,7 +392,6 @@ def show(
     from qblock.problems.block_removal import atomic_write_bytes
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"num_blocks": problem.num_blocks, "num_remove": problem.num_remove,
                             "labels": list(problem.labels)}
     if removed is None and problem.num_remove is not None:
@@ -403,6 +402,7 @@ def show(
         _removed_mask(problem, removed)
         meta["removal"] = {"removed": removed, "energy": problem.energy(problem.state_from_removed(removed)),
                            "backend": "given", "certified": False}
+    out.mkdir(parents=True, exist_ok=True)  # only now: nothing is written when the input is wrong
     paths: dict[str, Path] = {
         "hessian": plot_hessian(problem, out / "hessian.png", removed),
         "depth_graph": plot_depth_graph(problem, out / "depth_graph.png", removed, max_edges=max_edges),
