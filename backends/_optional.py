@@ -1,4 +1,9 @@
-"""Registry entries of the optional (quantum / cloud) backends. Nothing heavy is imported here."""
+"""Registry entries of the optional (quantum / cloud) backends. Nothing heavy is imported here.
+
+The cloud backends have a ``check`` (a configured Leap token, no network call), so
+:func:`qblock.solve` does not instantiate their sampler: their runners build it themselves with
+bounded network timeouts (:mod:`qblock.backends.leap`).
+"""
 
 from qblock.backends import BackendSpec, register
 
@@ -6,15 +11,19 @@ _B = "qblock.backends"
 
 register(BackendSpec("qaoa", f"{_B}.qaoa:QAOASampler", "constrained",
                      "QAOA on qiskit-aer (XY mixer from a Dicke state by default; mixer='x' on the penalised QUBO)",
-                     requires=("qiskit", "qiskit_aer", "qiskit_optimization"), extra="qaoa",
+                     requires=("qiskit", "qiskit_aer", "qiskit_optimization", "scipy"), extra="qaoa",
                      runner=f"{_B}.qaoa:run"))
 register(BackendSpec("leap-hybrid", "dwave.system:LeapHybridSampler", "penalty",
-                     "D-Wave Leap hybrid BQM solver (cloud; needs a Leap token)",
+                     "D-Wave Leap hybrid BQM solver on the penalised QUBO (cloud; needs a Leap token)",
                      requires=("dwave.system",), extra="leap", runner=f"{_B}.leap:run_hybrid",
                      check=f"{_B}.leap:check_token"))
 register(BackendSpec("leap-cqm", "dwave.system:LeapHybridCQMSampler", "cqm",
                      "D-Wave Leap hybrid CQM solver, constraint native (cloud; needs a Leap token)",
                      requires=("dwave.system",), extra="leap", runner=f"{_B}.leap:run_cqm",
+                     check=f"{_B}.leap:check_token"))
+register(BackendSpec("leap-nl", "dwave.system:LeapHybridNLSampler", "constrained",
+                     "D-Wave Leap hybrid nonlinear solver: list variable, first M entries removed (cloud; needs a Leap token)",
+                     requires=("dwave.system", "dwave.optimization"), extra="leap", runner=f"{_B}.leap:run_nl",
                      check=f"{_B}.leap:check_token"))
 register(BackendSpec("dwave-qpu", "dwave.system:DWaveSampler", "penalty",
                      "D-Wave quantum annealer with minor embedding (cloud; needs a Leap token)",
