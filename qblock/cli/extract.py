@@ -22,7 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "a .gguf file, or a hub id (default: default)")
     p.add_argument("--samples", type=int, default=128, help="calibration samples m (default 128)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default 256)")
-    p.add_argument("--energy", default="fisher", help="energy model: fisher (paper) or fisher+grad (default fisher)")
+    p.add_argument("--energy", default="fisher", choices=("fisher", "fisher+grad", "pairwise"),
+                   help="fisher: the paper's x^T (A^T A/m) x; fisher+grad: adds -g^T x (and halves H); "
+                        "pairwise: measured single/pair removal losses, 1+N(N+1)/2 forward passes, not "
+                        "resumable (default fisher)")
     p.add_argument("--gate", default="layer", choices=("layer", "branch"), help="gate mode (default layer)")
     p.add_argument("--granularity", default="block", choices=("block", "sublayer"),
                    help="one variable per block, or per residual branch (branch gates only)")

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -202,9 +203,24 @@ def load_default_model(dtype: Any = None, device: Any = None, quiet: bool = Fals
 def _load_dir(d: Path, dtype: Any, device: Any):
     torch_dtype = _resolve_dtype(dtype)
     tf = _transformers()
-    model = tf.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch_dtype, local_files_only=True)
+    with _no_bars(tf, True):  # loading a converted directory takes under a second
+        model = tf.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch_dtype, local_files_only=True)
     tok = tf.AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     return _finish(model, tok, device)
+
+
+@contextlib.contextmanager
+def _no_bars(tf, disable: bool):
+    """Switch transformers' own progress bars off for the duration (restored after)."""
+    logging = tf.utils.logging
+    was = logging.is_progress_bar_enabled()
+    if disable and was:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if disable and was:
+            logging.enable_progress_bar()
 
 
 def _is_default(spec: str) -> bool:
@@ -279,8 +295,9 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{p} is not a Hugging Face model directory (no config.json)")
         try:
-            model = tf.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype,
-                                                            local_files_only=True)
+            with _no_bars(tf, quiet):
+                model = tf.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype,
+                                                                local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load the model in {p}: {_first_line(exc)}") from None
         try:

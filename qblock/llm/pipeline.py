@@ -218,6 +218,10 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
     from qblock.llm.blocks import block_labels
     from qblock.llm.energy import build_problem
 
+    from qblock.llm.energy import ENERGY_MODELS
+
+    if energy not in ENERGY_MODELS:
+        raise ExtractError(f"unknown energy model {energy!r}; choose one of {', '.join(ENERGY_MODELS)}")
     quiet = not progress
     t_start = time.perf_counter()
     out_path = Path(out) if out is not None else None
@@ -263,6 +267,10 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
             if f.exists():
                 _log(f"--restart: removing {f}", quiet)
                 f.unlink()
+    if energy == "pairwise":
+        return _pairwise(model, calib, manifest, model_info, data_prov, out_path, num_remove, gate,
+                         granularity, batch_size, seed, seq_len, progress, t_start)
+
     if out_path is not None and out_path.exists() and not restart:
         rows, reused = _reuse_output(out_path, manifest), True
     if rows is None and ppath is not None and ppath.exists():
@@ -319,11 +327,8 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
             "transformers": transformers.__version__,
         },
     }
-    problem = build_problem(A, energy=energy, num_remove=num_remove, labels=labels, metadata=metadata)
-    if keep_A and "A" not in problem.arrays:
-        problem.arrays["A"] = np.asarray(A, dtype=np.float64)
-    if not keep_A:
-        problem.arrays.pop("A", None)
+    problem = build_problem(A, energy=energy, num_remove=num_remove, labels=labels, metadata=metadata,
+                            keep_A=keep_A)
     if out_path is not None:
         problem.save(out_path)
         if ppath.exists():
@@ -351,3 +356,28 @@ def _reuse_output(out_path: Path, manifest: dict[str, Any]):
         raise ExtractError(f"{out_path} exists but does not hold A (made with keep_A=False); "
                            "pass --restart to recompute")
     return np.asarray(old.arrays["A"], dtype=np.float64)
+
+
+def _pairwise(model, calib, manifest, model_info, data_prov, out_path, num_remove, gate, granularity,
+              batch_size, seed, seq_len, progress, t_start):
+    """The measured (forward-only) energy on the calibration samples; not checkpointed."""
+    from qblock.llm.energy import pairwise_problem
+
+    if out_path is not None and out_path.exists():
+        raise ExtractError(f"{out_path} exists; pass --restart to overwrite it or choose another --out")
+    n = len(manifest["labels"])
+    _log(f"pairwise energy: {1 + n * (n + 1) // 2} masked forward passes over {len(calib)} samples "
+         "(not resumable)", not progress)
+    metadata = {
+        "model": model_info, "gate": gate, "granularity": granularity, "dtype": manifest["dtype"],
+        "num_samples": len(calib), "seq_len": int(seq_len), "num_tokens": len(calib) * int(seq_len),
+        "batch_size": int(batch_size), "seed": int(seed), "data": data_prov,
+    }
+    problem = pairwise_problem(model, calib, num_remove=num_remove, gate=gate, granularity=granularity,
+                               batch_size=batch_size, labels=manifest["labels"], metadata=metadata,
+                               progress=progress)
+    problem.metadata["extraction"] = {"seconds_this_run": round(time.perf_counter() - t_start, 3)}
+    if out_path is not None:
+        problem.save(out_path)
+        _log(f"wrote {out_path}", not progress)
+    return problem

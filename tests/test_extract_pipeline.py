@@ -1,0 +1,178 @@
+"""Resumable extraction and ``qblock extract`` on a tiny model saved to a temporary directory."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from qblock.cli import main  # noqa: E402
+from qblock.llm import gradients, pipeline  # noqa: E402
+from qblock.problems.block_removal import BlockRemovalProblem  # noqa: E402
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{f"w{i}": i + 2 for i in range(62)}}
+    t = Tokenizer(tmodels.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", eos_token="[EOS]")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model directory, calibration file) for a 4-block Llama."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    paras = [" ".join(f"w{k}" for k in rng.integers(0, 62, size=rng.integers(5, 30))) for _ in range(200)]
+    (root / "calib.txt").write_text("\n\n".join(paras) + "\n")
+    return root / "model", root / "calib.txt"
+
+
+def run(tiny, out, **kw):
+    model_dir, calib = tiny
+    args = dict(model_spec=str(model_dir), num_samples=10, seq_len=12, batch_size=3, seed=1,
+                calibration=str(calib), num_eval=4, out=out, progress=False, checkpoint_every=3)
+    args.update(kw)
+    return pipeline.extract_problem(**args)
+
+
+def test_problem_file_contents(tiny, tmp_path):
+    out = tmp_path / "p.npz"
+    p = run(tiny, out, num_remove=1)
+    q = BlockRemovalProblem.load(out)
+    A = q.arrays["A"]
+    assert A.shape == (10, 4) and q.labels == tuple(f"model.layers.{i}" for i in range(4))
+    np.testing.assert_allclose(q.H, A.T @ A / 10, rtol=1e-12)
+    md = q.metadata
+    assert md["energy"] == "fisher" and md["gate"] == "layer" and md["granularity"] == "block"
+    assert md["num_samples"] == 10 and md["seq_len"] == 12 and md["num_tokens"] == 120
+    assert md["model"]["id"] == "model" and md["model"]["source"].startswith("local:")
+    assert md["data"]["calibration"]["num_samples"] == 10 and md["data"]["evaluation"]["num_samples"] == 4
+    assert not set(md["data"]["calibration"]["passages"]) & set(md["data"]["evaluation"]["passages"])
+    assert md["data"]["sha256"] and q.num_remove == 1 and p.num_blocks == 4
+    assert not pipeline.partial_path(out).exists()  # checkpoint removed once the output is written
+    json.dumps(md)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+    full = run(tiny, tmp_path / "full.npz").arrays["A"]
+
+    real = gradients.gate_gradients
+    calls = {"n": 0}
+
+    def dies_on_third_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    out = tmp_path / "p.npz"
+    monkeypatch.setattr(gradients, "gate_gradients", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, out)
+    assert not out.exists()
+    with np.load(pipeline.partial_path(out), allow_pickle=False) as z:
+        assert z["rows"].shape == (6, 4)  # two finished batches of 3 were checkpointed
+        assert json.loads(str(z["manifest"]))["num_samples"] == 10
+
+    seen = []
+
+    def counting(model, samples, *a, **k):
+        seen.append(len(samples))
+        return real(model, samples, *a, **k)
+
+    monkeypatch.setattr(gradients, "gate_gradients", counting)
+    p = run(tiny, out)
+    assert seen == [3, 1]  # only the missing batches were computed
+    assert p.metadata["extraction"]["resumed_from"] == 6
+    np.testing.assert_allclose(p.arrays["A"], full, rtol=1e-9, atol=0)
+    assert not pipeline.partial_path(out).exists()
+
+
+def test_changed_settings_are_refused_then_restart(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "p.npz"
+    real = gradients.gate_gradients
+
+    calls = {"n": 0}
+
+    def one_then_die(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(gradients, "gate_gradients", one_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, out)
+    monkeypatch.setattr(gradients, "gate_gradients", real)
+    with pytest.raises(pipeline.ExtractError, match=r"seq_len: 12 \(saved\) vs 10 \(now\).*--restart"):
+        run(tiny, out, seq_len=10)
+    with pytest.raises(pipeline.ExtractError, match="calibration tokens differ"):
+        run(tiny, out, seed=2)
+    p = run(tiny, out, seq_len=10, restart=True)
+    assert p.metadata["seq_len"] == 10 and p.metadata["extraction"]["resumed_from"] == 0
+
+
+def test_finished_output_is_reused_for_another_energy(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "p.npz"
+    A = run(tiny, out).arrays["A"]
+
+    def must_not_run(*a, **k):
+        raise AssertionError("A should be reused, not recomputed")
+
+    monkeypatch.setattr(gradients, "gate_gradients", must_not_run)
+    p = run(tiny, out, energy="fisher+grad", num_remove=2)
+    assert p.metadata["energy"] == "fisher+grad" and p.num_remove == 2
+    np.testing.assert_array_equal(p.arrays["A"], A)
+    np.testing.assert_allclose(p.linear, -A.mean(axis=0))
+    with pytest.raises(pipeline.ExtractError, match="exists with other settings"):
+        run(tiny, out, num_samples=9)
+
+
+def test_cli_extract(tiny, tmp_path, capsys):
+    model_dir, calib = tiny
+    out = tmp_path / "cli.npz"
+    argv = ["extract", "--model", str(model_dir), "--samples", "6", "--seq-len", "8", "--batch-size", "4",
+            "--calibration", str(calib), "--eval-samples", "2", "--out", str(out), "--remove", "2", "-q"]
+    assert main(argv) == 0
+    p = BlockRemovalProblem.load(out)
+    assert p.num_blocks == 4 and p.num_remove == 2 and p.arrays["A"].shape == (6, 4)
+    # same command again: reuses the finished output; other settings: one-line error
+    assert main(argv) == 0
+    assert main(argv[:4] + ["7"] + argv[5:]) == 2
+    err = capsys.readouterr().err
+    assert "exists with other settings" in err and "--restart" in err and err.count("qblock: error") == 1
+    assert err.strip() == err.strip().splitlines()[-1]  # nothing but the one-line error (quiet)
+    assert main(["extract", "--model", str(tmp_path / "nope"), "--out", str(out), "-q"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_branch_sublayer_and_bad_flags(tiny, tmp_path, capsys):
+    model_dir, calib = tiny
+    out = tmp_path / "sub.npz"
+    assert main(["extract", "--model", str(model_dir), "--samples", "4", "--seq-len", "8", "--gate", "branch",
+                 "--granularity", "sublayer", "--calibration", str(calib), "--eval-samples", "0",
+                 "--out", str(out), "-q"]) == 0
+    p = BlockRemovalProblem.load(out)
+    assert p.num_blocks == 8 and p.labels[1] == "model.layers.0.mlp"
+    assert main(["extract", "--model", str(model_dir), "--granularity", "sublayer", "--out", str(out), "-q"]) == 2
+    assert "needs --gate branch" in capsys.readouterr().err
+
+
+def test_not_enough_calibration_text_is_one_line(tiny, tmp_path, capsys):
+    model_dir, _ = tiny
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "w1 w2 w3"}\n')
+    assert main(["extract", "--model", str(model_dir), "--samples", "4", "--seq-len", "8",
+                 "--calibration", str(small), "--out", str(tmp_path / "x.npz"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "not enough text" in err and len(err.strip().splitlines()) == 1 and err.startswith("qblock: error")
