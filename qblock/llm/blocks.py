@@ -62,7 +62,8 @@ def find_blocks(model) -> list[tuple[str, Any]]:
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
-        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32,
+        ...     bos_token_id=1, eos_token_id=2))
         >>> [n for n, _ in find_blocks(m)]
         ['transformer.h.0', 'transformer.h.1']
     """

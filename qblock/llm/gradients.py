@@ -187,7 +187,8 @@ def gate_gradients(
     Example:
         >>> import torch
         >>> from transformers import GPT2Config, GPT2LMHeadModel
-        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32,
+        ...     bos_token_id=1, eos_token_id=2))
         >>> gate_gradients(m, [torch.tensor([1, 2, 3, 4])], progress=False).shape
         (1, 2)
     """
@@ -234,7 +235,8 @@ def gate_gradients_reference(
     Example:
         >>> import torch
         >>> from transformers import GPT2Config, GPT2LMHeadModel
-        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32,
+        ...     bos_token_id=1, eos_token_id=2))
         >>> gate_gradients_reference(m, [torch.tensor([1, 2, 3, 4])], progress=False).shape
         (1, 2)
     """
