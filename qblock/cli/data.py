@@ -72,7 +72,8 @@ def run_info(args: argparse.Namespace) -> int:
     if files.is_dir():
         for d in sorted(p for p in files.iterdir() if p.is_dir()):
             n = sum(1 for f in d.rglob("*") if f.is_file())
-            print(f"  extracted {d.name}: {n} file(s), {_size(d) / 1e6:.1f} MB")
+            if n:
+                print(f"  extracted {d.name}: {n} file(s), {_size(d) / 1e6:.1f} MB")
     md = default_model_dir()
     if _converted_ok(md):
         print(f"  default model (converted): {md} ({_size(md) / 1e6:.0f} MB)")

@@ -64,8 +64,11 @@ ENV_CACHE = "QBLOCK_CACHE"
 ENV_OFFLINE = "QBLOCK_OFFLINE"
 
 
-class CacheError(RuntimeError):
-    """A cached file is missing and cannot be downloaded (the message is one line)."""
+class CacheError(FileNotFoundError):
+    """A cached file is missing and cannot be downloaded (the message is one line).
+
+    A ``FileNotFoundError`` so that every ``qblock`` sub-command reports it as a one-line error.
+    """
 
 
 def cache_dir() -> Path:

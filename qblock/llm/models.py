@@ -127,6 +127,9 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
             "model_id": DEFAULT_MODEL_ID,
             "transformers": transformers.__version__,
         }, indent=2))
+        if _converted_ok(target) and not force:
+            shutil.rmtree(tmp)  # another process finished the same conversion meanwhile
+            return target
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
