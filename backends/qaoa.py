@@ -170,8 +170,12 @@ def build_qaoa_circuit(
     mixer: str = "xy",
     num_ones: int | None = None,
     xy_topology: str = "ring",
+    prepare: bool = True,
 ):
     """The parametrised QAOA circuit (no measurement) and its ``(gammas, betas)`` parameters.
+
+    With ``prepare=False`` the initial-state preparation (Dicke circuit or Hadamards) is left out, for
+    simulations that inject the initial state directly.
 
     Cost layer ``exp(-i gamma C)``: ``RZ(2 gamma h_i)`` and ``RZZ(2 gamma J_ij)``. Mixer layer: ``RX(2 beta)``
     (``mixer="x"``) or, per pair, ``RXX(beta) RYY(beta)`` = ``exp(-i beta (XX + YY) / 2)`` (``mixer="xy"``).
@@ -188,10 +192,12 @@ def build_qaoa_circuit(
     if mixer == "xy":
         if num_ones is None:
             raise ValueError("mixer='xy' needs num_remove (the Hamming weight of the Dicke state)")
-        qc.compose(dicke_circuit(n, num_ones), inplace=True)
+        if prepare:
+            qc.compose(dicke_circuit(n, num_ones), inplace=True)
         pairs = _xy_pairs(n, xy_topology)
     elif mixer == "x":
-        qc.h(range(n))
+        if prepare:
+            qc.h(range(n))
         pairs = []
     else:
         raise ValueError(f"mixer must be 'xy' or 'x', got {mixer!r}")
@@ -209,6 +215,24 @@ def build_qaoa_circuit(
                 qc.rxx(betas[r], i, j)
                 qc.ryy(betas[r], i, j)
     return qc, list(gammas), list(betas)
+
+
+def _initial_state(n: int, m: int | None) -> np.ndarray:
+    """The Dicke state with ``m`` ones (uniform over weight-``m`` basis states) or, for ``m=None``, ``|+>^n``."""
+    if m is None:
+        return np.full(2**n, 2.0 ** (-n / 2), dtype=complex)
+    idx = np.arange(2**n, dtype=np.int64)
+    weight = np.zeros(2**n, dtype=np.int64)
+    for i in range(n):
+        weight += (idx >> i) & 1
+    sv = (weight == m).astype(complex)
+    return sv / np.sqrt(sv.real.sum())
+
+
+def _sorted_like(targets, params) -> list:
+    """``params`` matched to ``targets`` by name (two circuits built alike have equally named parameters)."""
+    by_name = {p.name: p for p in params}
+    return [by_name[t.name] for t in targets]
 
 
 def _basis_bits(n: int) -> np.ndarray:
@@ -389,7 +413,19 @@ class QAOASampler(dimod.Sampler):
         meas = qc.measure_all(inplace=False)
         t_meas = pm.run(meas)
         if exact_sv:
-            probe = qc.copy()
+            # Optimisation loop: the initial state (Dicke or |+>^n, known exactly) is injected with
+            # Aer's set_statevector instead of simulating its preparation gates every evaluation
+            # (2-3x faster at N = 14); the sampled circuit below keeps the gate-level preparation.
+            from qiskit import QuantumCircuit
+            from qiskit_aer.library import SetStatevector
+
+            layers, _, _ = build_qaoa_circuit(h / scale, J / scale, reps, mixer=mixer, num_ones=m,
+                                              xy_topology=xy_topology, prepare=False)
+            layers.assign_parameters(dict(zip(layers.parameters, _sorted_like(layers.parameters, params))),
+                                     inplace=True)
+            probe = QuantumCircuit(n)
+            probe.append(SetStatevector(_initial_state(n, m if mixer == "xy" else None)), range(n))
+            probe.compose(layers, inplace=True)
             probe.save_probabilities()
             t_probe = pm.run(probe)
         t_build = time.perf_counter() - t0
@@ -479,7 +515,8 @@ class QAOASampler(dimod.Sampler):
             "cost_scale": scale,
             "optimal_expectation": float(best.fun),
             "start_expectations": history,
-            "expectation_mode": "statevector probabilities (exact)" if exact_sv else f"mean of {shots} shots",
+            "expectation_mode": ("exact: probabilities of the simulated statevector (initial state injected) "
+                                 "dotted with the cost diagonal") if exact_sv else f"mean energy of {shots} shots",
             "circuit_evaluations": evaluations,
             "circuit_width": int(width),
             "circuit_depth": int(depth),
