@@ -167,7 +167,8 @@ def _leap_error(exc: BaseException, backend: str, stage: str) -> LeapError:
     else:
         why = f"{name}: {text}"
     why = " ".join(why.split())
-    return LeapError(f"{backend}: {stage} failed: {why}; {_SETUP_HINT} and check the network")
+    hint = _SETUP_HINT if why.startswith("no valid Leap API token") else f"{_SETUP_HINT} and check the network"
+    return LeapError(f"{backend}: {stage} failed: {why}; {hint}")
 
 
 def make_sampler(backend: str, *, sampler_factory: Callable[..., Any] | None = None, **config: Any):
