@@ -273,6 +273,7 @@ def compare_backends(
     top_k: int = 10,
     time_limit: float | None = None,
     exact_reference: bool = True,
+    exact_time_limit: float | None = 60.0,
     rtol: float = 1e-6,
     atol: float = 1e-9,
     params: Mapping[str, Mapping[str, Any]] | None = None,
@@ -290,6 +291,8 @@ def compare_backends(
         top_k: how many distinct solutions each run returns (and the size of the reference top-k).
         time_limit: seconds per backend: no new repeat starts once a backend has used this much
             (recorded as ``stopped_early``); it also bounds the exact solver's branch-and-bound.
+        exact_time_limit: seconds for the exact solver's branch-and-bound when ``time_limit`` is not
+            given (enumeration is not interrupted; ``None``: no bound).
         exact_reference: run the exact solver for a certified reference even when ``"exact"`` is not
             among ``backends`` (its run is kept with ``role="reference"``). When it cannot run or does
             not finish, the reference is the best known energy, and ``reference.kind`` says so.
@@ -333,8 +336,9 @@ def compare_backends(
 
     def exact_params() -> dict[str, Any]:
         p = dict(params.get("exact", {}))
-        if time_limit is not None:
-            p.setdefault("time_limit", float(time_limit))
+        limit = time_limit if time_limit is not None else exact_time_limit
+        if limit is not None:
+            p.setdefault("time_limit", float(limit))
         return p
 
     def runnable(b: str) -> bool:
@@ -395,7 +399,8 @@ def compare_backends(
     study: dict[str, Any] = {
         "problem": _problem_record(problem, name),
         "settings": {"repeats": int(repeats), "seed": seed, "top_k": int(top_k), "time_limit": time_limit,
-                     "params": params, "exact_reference": bool(exact_reference)},
+                     "params": params, "exact_reference": bool(exact_reference),
+                     "exact_time_limit": exact_time_limit},
         "tolerance": {"rtol": float(rtol), "atol": float(atol)},
         "backends": backends,
         "skipped": skipped,

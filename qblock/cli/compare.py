@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", "-r", type=int, default=5, help="runs per stochastic backend (default 5)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds per backend and problem: no new repeat starts after this; also bounds exact's branch-and-bound")
+    p.add_argument("--exact-time-limit", type=float, default=60.0,
+                   help="seconds for exact's branch-and-bound when --time-limit is not given (default 60)")
     p.add_argument("--top", "-k", type=int, default=10, help="top-k size for the overlap (default 10)")
     p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
     p.add_argument("--rtol", type=float, default=1e-6, help="a run succeeds within rtol*|E_ref| + atol (default 1e-6)")
@@ -126,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     result = cmp.compare_problems(
         problems, backends, args.repeats, args.seed, names=names, progress=not args.quiet,
         top_k=args.top, time_limit=args.time_limit, exact_reference=not args.no_exact_reference,
+        exact_time_limit=args.exact_time_limit,
         rtol=args.rtol, atol=args.atol, params=_params(args.param),
     )
     paths = cmp.write_outputs(result, args.out)
