@@ -1,0 +1,108 @@
+"""Export: pruned copy == gated model with those gates at 0; saves, reloads and generates with a KV cache."""
+
+import doctest
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from qblock.llm import find_blocks, gated, mask_blocks, remove_blocks  # noqa: E402
+from qblock.llm.export import save_pruned  # noqa: E402
+
+try:
+    from tests.test_llm_blocks import VOCAB, tiny_model
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from test_llm_blocks import VOCAB, tiny_model
+
+IDS = torch.tensor([[3, 9, 27, 81, 5, 15, 45, 37, 14, 42, 29, 87], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary ``t0 .. t96``, built offline."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t1", eos_token="t2")
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "qwen3_moe"])
+def test_pruned_equals_gated_model(arch):
+    model = tiny_model(arch, layers=6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = torch.ones(6)
+    a[[1, 2, 4]] = 0
+    with gated(model, a):
+        want = logits(model)
+    pruned = remove_blocks(model, [4, 1, 2])
+    assert torch.allclose(logits(pruned), want, atol=1e-6)
+    assert len(find_blocks(pruned)) == 3 and pruned.config.num_hidden_layers == 3
+    assert pruned.config.qblock_pruned["removed"] == [1, 2, 4]
+    # the original is untouched
+    assert len(find_blocks(model)) == 6 and model.config.num_hidden_layers == 6
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    idx = [m.layer_idx for _, b in find_blocks(pruned) for m in b.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    assert sorted(set(idx)) == [0, 1, 2]
+
+
+def test_gemma3_layer_types_follow_the_kept_blocks():
+    model = tiny_model("gemma3", layers=6)  # sliding_window_pattern=2: S F S F S F
+    assert model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
+    pruned = remove_blocks(model, [1, 2, 4])  # keeps 0, 3, 5
+    assert pruned.config.layer_types == ["sliding_attention", "full_attention", "full_attention"]
+    assert [b.self_attn.is_sliding for _, b in find_blocks(pruned)] == [True, False, False]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_save_reload_generate(arch, tmp_path):
+    model = tiny_model(arch, layers=6)
+    tok = tiny_tokenizer()
+    out = save_pruned(model, tok, [1, 2, 4], tmp_path / "pruned")
+    info = json.loads((out / "qblock_pruned.json").read_text())
+    assert info["removed"] == [1, 2, 4] and info["original_num_blocks"] == 6
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.config.num_hidden_layers == 3
+    with mask_blocks(model, [1, 2, 4]):
+        want = logits(model)
+    assert torch.allclose(logits(reloaded), want, atol=1e-6)
+    tok2 = transformers.AutoTokenizer.from_pretrained(out)
+    prompt = tok2("t5 t9 t33 t70 t11 t3", return_tensors="pt")
+    with torch.no_grad():
+        cached = reloaded.generate(**prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=1)
+        uncached = reloaded.generate(**prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, use_cache=False, pad_token_id=1)
+    assert cached.shape == (1, prompt["input_ids"].shape[1] + 10)
+    assert torch.equal(cached, uncached)  # the KV cache indexes the renumbered layers correctly
+
+
+def test_bad_indices():
+    model = tiny_model("llama", layers=3)
+    with pytest.raises(IndexError, match="out of range"):
+        remove_blocks(model, [3])
+    with pytest.raises(ValueError, match="keep at least one"):
+        remove_blocks(model, [0, 1, 2])
+    with pytest.raises(ValueError, match="integers"):
+        remove_blocks(model, ["a"])
+
+
+def test_reload_check_catches_index_dependent_structure(tmp_path):
+    """Qwen3-MoE with MoE only on every 2nd block: dropping block 0 shifts the pattern; must be refused."""
+    model = tiny_model("qwen3_moe", layers=4)
+    model = transformers.Qwen3MoeForCausalLM(
+        transformers.Qwen3MoeConfig(**{**model.config.to_dict(), "decoder_sparse_step": 2})
+    ).eval()
+    with pytest.raises(ValueError, match="would not reload cleanly"):
+        save_pruned(model, None, [0], tmp_path / "bad")
+
+
+def test_docstring_examples():
+    import qblock.llm.export as mod
+
+    failures, _ = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert failures == 0
