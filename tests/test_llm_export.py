@@ -101,8 +101,49 @@ def test_reload_check_catches_index_dependent_structure(tmp_path):
         save_pruned(model, None, [0], tmp_path / "bad")
 
 
-def test_docstring_examples():
-    import qblock.llm.export as mod
+@pytest.mark.parametrize("name", ["qblock.llm.export", "qblock.cli.prune"])
+def test_docstring_examples(name):
+    import importlib
 
-    failures, _ = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    failures, _ = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert failures == 0
+
+
+def _saved_tiny(tmp_path, arch="llama"):
+    src = tmp_path / "src"
+    tiny_model(arch, layers=5).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    return src
+
+
+def test_cli_prune_indices_and_labels(tmp_path, capsys):
+    from qblock.cli import main
+
+    src = _saved_tiny(tmp_path)
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(src), "--remove", "1,layers.3", "--out", str(out)]) == 0
+    assert "removed 2 of 5 blocks: 1, 3" in capsys.readouterr().out
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    original = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    with mask_blocks(original, [1, 3]):
+        assert torch.allclose(logits(reloaded), logits(original), atol=1e-6)
+    assert (out / "tokenizer.json").exists()
+    # a non-empty --out is refused; bad indices are one-line errors
+    assert main(["prune", "--model", str(src), "--remove", "0", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["prune", "--model", str(src), "--remove", "7", "--out", str(tmp_path / "x")]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(["prune", "--model", str(src), "--remove", "0,1,2,3,4", "--out", str(tmp_path / "x")]) == 2
+    assert "cannot remove all" in capsys.readouterr().err
+
+
+def test_cli_prune_from_solutions_file(tmp_path):
+    from qblock.cli import main
+
+    src = _saved_tiny(tmp_path)
+    sols = tmp_path / "sols.json"
+    sols.write_text(json.dumps({"solutions": [{"rank": 1, "removed": [0, 4]}, {"rank": 2, "removed": [2]}]}))
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(src), "--solutions", str(sols), "--rank", "2", "--out", str(out), "-q"]) == 0
+    assert json.loads((out / "qblock_pruned.json").read_text())["removed"] == [2]
+    assert main(["prune", "--model", str(src), "--solutions", str(sols), "--rank", "3", "--out", str(tmp_path / "y")]) == 2

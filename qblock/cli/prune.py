@@ -1,0 +1,141 @@
+"""``qblock prune``: write a pruned Hugging Face model with the chosen decoder blocks dropped.
+
+Example::
+
+    qblock prune --model default --remove 3,7,12 --out smollm2-pruned
+    qblock prune --model default --solutions sols.json --rank 1 --out smollm2-pruned
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from qblock.cli import CliError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="write a pruned model without the chosen blocks",
+        description=(
+            "Drop decoder blocks from MODEL and save the result as a Hugging Face model directory that reloads "
+            "with AutoModelForCausalLM.from_pretrained (num_hidden_layers, per-layer config lists and KV-cache "
+            "layer indices updated). Example: qblock prune --model default --remove 3,7,12 --out pruned/"
+        ),
+    )
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct), a local HF model directory, a .gguf file or a hub id")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--remove", help="blocks to drop: 0-based indices and/or block labels, comma separated "
+                                        "(e.g. 3,7,12 or model.layers.3)")
+    which.add_argument("--solutions", metavar="FILE", help="solutions JSON written by `qblock solve --json`")
+    p.add_argument("--rank", type=int, default=1, help="with --solutions: which ranked solution (default 1, the best)")
+    p.add_argument("--out", "-o", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out directory")
+    p.add_argument("--no-check", action="store_true", help="skip the reload check of the saved config")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    p.set_defaults(func=run)
+
+
+def parse_remove(text: str, labels: list[str]) -> list[int]:
+    """``"3,7,model.layers.12"`` -> block indices; labels are matched exactly, or by their last parts.
+
+    Example:
+        >>> parse_remove("3, 1,layers.2", ["model.layers.0", "model.layers.1", "model.layers.2", "model.layers.3"])
+        [1, 2, 3]
+    """
+    out: set[int] = set()
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            i = int(item)
+        except ValueError:
+            hits = [k for k, lab in enumerate(labels) if lab == item or lab.endswith("." + item)]
+            if len(hits) != 1:
+                raise CliError(f"--remove: {item!r} is not a block index or a unique block label "
+                               f"(labels look like {labels[0]!r})") from None
+            i = hits[0]
+        if not 0 <= i < len(labels):
+            raise CliError(f"--remove: block {i} out of range; the model has {len(labels)} blocks (0..{len(labels) - 1})")
+        out.add(i)
+    if not out:
+        raise CliError("--remove: no blocks given")
+    if len(out) >= len(labels):
+        raise CliError(f"--remove: cannot remove all {len(labels)} blocks")
+    return sorted(out)
+
+
+def removed_from_solutions(path: str, rank: int) -> list[int]:
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"solutions file not found: {path}")
+    try:
+        data = json.loads(p.read_text())
+        sols = data["solutions"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CliError(f"{path} is not a solutions file from `qblock solve --json`") from None
+    if not 1 <= rank <= len(sols):
+        raise CliError(f"--rank {rank}: {path} holds {len(sols)} solution(s)")
+    return [int(i) for i in sols[rank - 1]["removed"]]
+
+
+def _load(spec: str, quiet: bool):
+    """(model, tokenizer) through qblock.llm.models; a plain local HF directory works without it."""
+    try:
+        from qblock.llm.models import load_model
+    except ImportError:
+        load_model = None
+    if load_model is not None:
+        try:
+            return load_model(spec, quiet=quiet)
+        except ValueError as exc:  # ModelLoadError: one-line reason
+            raise CliError(str(exc)) from None
+    import transformers
+
+    if not Path(spec).is_dir():
+        raise CliError(f"model {spec!r}: not a local model directory")
+    model = transformers.AutoModelForCausalLM.from_pretrained(spec, local_files_only=True)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError):
+        tok = None
+    return model, tok
+
+
+def run(args: argparse.Namespace) -> int:
+    from qblock._lazy import require
+
+    require("torch", "llm")
+    require("transformers", "llm")
+    from qblock.llm.blocks import find_blocks
+    from qblock.llm.export import save_pruned
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise CliError(f"--out {out} exists and is not empty; pass --overwrite to write into it")
+    if args.solutions and args.rank < 1:
+        raise CliError("--rank must be at least 1")
+    model, tok = _load(args.model, args.quiet)
+    labels = [name for name, _ in find_blocks(model)]
+    if args.solutions:
+        removed = removed_from_solutions(args.solutions, args.rank)
+        bad = [i for i in removed if not 0 <= i < len(labels)]
+        if bad:
+            raise CliError(f"{args.solutions}: blocks {bad} out of range for this model ({len(labels)} blocks); "
+                           f"was it solved for another model?")
+    else:
+        removed = parse_remove(args.remove, labels)
+    before = sum(p.numel() for p in model.parameters())
+    save_pruned(model, tok, removed, out, check=not args.no_check)
+    if not args.quiet:
+        blocks_per = [sum(p.numel() for p in find_blocks(model)[i][1].parameters()) for i in removed]
+        after = before - sum(blocks_per)
+        print(f"removed {len(removed)} of {len(labels)} blocks: {', '.join(map(str, removed))}")
+        print(f"parameters: {before:,} -> {after:,} ({100.0 * (before - after) / before:.1f}% fewer)")
+        print(f"saved to {out}  (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+        if tok is None:
+            print("note: no tokenizer was found next to the model; none was saved")
+    return 0
