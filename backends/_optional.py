@@ -29,3 +29,6 @@ register(BackendSpec("dwave-qpu", "dwave.system:DWaveSampler", "penalty",
                      "D-Wave quantum annealer with minor embedding (cloud; needs a Leap token)",
                      requires=("dwave.system", "minorminer"), extra="leap", runner=f"{_B}.leap:run_qpu",
                      check=f"{_B}.leap:check_token"))
+register(BackendSpec("sqa", f"{_B}.sqa:SQASampler", "penalty",
+                     "OpenJij simulated quantum annealing on the penalised QUBO (penalty scan + repair)",
+                     requires=("openjij",), defaults={"num_reads": 16}))
