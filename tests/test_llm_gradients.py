@@ -134,3 +134,24 @@ def test_docstring_examples():
 
     failures, _ = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert failures == 0
+
+
+def test_works_through_accelerate_device_hooks():
+    """device_map models run blocks through accelerate's forward wrappers; gates and masks must compose."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    from qblock.llm import find_blocks, mask_blocks
+
+    model = tiny_model("llama")
+    samples = random_samples(4)
+    want = {g: gate_gradients(model, samples, gate=g, progress=False) for g in ("layer", "branch")}
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad(), mask_blocks(model, [1]):
+        masked = model(ids, use_cache=False).logits
+    for _, block in find_blocks(model):
+        hooks.add_hook_to_module(block, hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    wrapped = find_blocks(model)[1][1].forward
+    for g in ("layer", "branch"):
+        assert np.array_equal(gate_gradients(model, samples, gate=g, progress=False), want[g])
+    with torch.no_grad(), mask_blocks(model, [1]):
+        assert torch.equal(model(ids, use_cache=False).logits, masked)
+    assert find_blocks(model)[1][1].forward is wrapped  # accelerate's wrapper is restored
