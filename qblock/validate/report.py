@@ -99,10 +99,10 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, s
 
 
 def _parse_cell(col: str, s: str) -> Any:
-    if s == "":
-        return None
     if col == "removed":
         return parse_removed(s)
+    if s == "":
+        return None
     if col in _STR_COLUMNS:
         return s
     if col in _INT_COLUMNS:

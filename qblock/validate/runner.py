@@ -178,7 +178,7 @@ def data_for_problem(problem, tokenizer, *, num_eval: int | None = None, eval_se
     manifest = (meta.get("extraction") or {}).get("manifest") or {}
     reserved = int(manifest.get("num_eval", dmeta.get("evaluation", {}).get("num_samples", 0)) or 0)
     eval_seq_len = int(eval_seq_len or seq_len)
-    num_eval = int(num_eval if num_eval is not None else max(reserved, 16))
+    num_eval = int(num_eval if num_eval is not None else (reserved or 16))
     try:
         calib, ev, prov = qdata.calibration_and_eval(tokenizer, calibration, num_calib=num_calib,
                                                      num_eval=reserved, seq_len=seq_len, seed=seed)

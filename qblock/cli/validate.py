@@ -1,0 +1,176 @@
+"""``qblock validate``: does low energy mean a better pruned model? Evaluate the top-k states, random
+sets and the depth-pruning baselines on held-out data and report rank correlations."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qblock.cli import CliError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="evaluate low-energy states against baselines on held-out data",
+        description=(
+            "Evaluate the K lowest-energy states of PROBLEM (from a backend or a solutions JSON written by "
+            "'qblock solve --json'), R random removal sets and the baselines (ShortGPT one-shot and iterative, "
+            "angular distance, SLEB, norm ratio) on held-out samples never used for calibration; write a "
+            "per-candidate table (JSON/CSV/markdown), Spearman/Kendall correlation between energy and held-out "
+            "loss with bootstrap intervals, plots and report.md. "
+            "Example: qblock validate p.npz --remove 6 --top 10 --out val/"
+        ),
+    )
+    p.add_argument("problem", help="problem file (.npz) from qblock extract")
+    p.add_argument("--model", default=None,
+                   help="model the problem was extracted from (default: the one recorded in the problem file)")
+    p.add_argument("--remove", "-M", default=None,
+                   help="blocks to remove, one value or a comma list, e.g. 3,6,9 (default: the problem's M)")
+    p.add_argument("--top", "-k", type=int, default=10, help="lowest-energy states per M (default 10)")
+    p.add_argument("--backend", default="swap", help="solver backend for the top-k (default swap)")
+    p.add_argument("--solutions", default=None, metavar="FILE.json",
+                   help="evaluate these states (qblock solve --json output) instead of solving")
+    p.add_argument("--seed", type=int, default=0, help="solver, random-set and bootstrap seed (default 0)")
+    p.add_argument("--random", type=int, default=5, metavar="R", help="random removal sets per M (default 5)")
+    p.add_argument("--baselines", default="all",
+                   help="'all', 'none', or a comma list of shortgpt,shortgpt_iterative,angular,sleb,norm_ratio")
+    p.add_argument("--greedy-samples", type=int, default=None, metavar="N",
+                   help="calibration samples for the greedy baselines SLEB/iterative ShortGPT (default all)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="calibration text, if the problem file does not record it")
+    p.add_argument("--eval-text", default=None, metavar="FILE",
+                   help="held-out text (.txt/.jsonl); default: the held-out split of the calibration source")
+    p.add_argument("--eval-samples", type=int, default=None, metavar="N",
+                   help="held-out samples (default: as many as the extraction reserved, or 16)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="L",
+                   help="tokens per held-out sample (default: the calibration length)")
+    p.add_argument("--tasks", default="", help="benchmarks, comma list (arc_easy,piqa,hellaswag,...; default none)")
+    p.add_argument("--task-limit", type=int, default=100, help="items per benchmark (default 100; 0 for all)")
+    p.add_argument("--bench-top", type=int, default=2,
+                   help="QUBO states per M (best by held-out loss) that get the benchmarks (default 2)")
+    p.add_argument("--energies", default="auto",
+                   help="energy models to compare: 'auto' (fisher, fisher+grad when A is stored; pairwise for "
+                        "N <= 12), 'none', or a comma list of fisher,fisher+grad,pairwise")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (default 8)")
+    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--out", "-o", default="validation", help="output directory (default ./validation)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output, no summary")
+    p.set_defaults(func=run)
+
+
+def parse_ms(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        ms = [int(v) for v in str(value).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise CliError(f"--remove expects integers like 6 or 3,6,9, got {value!r}") from None
+    if not ms:
+        raise CliError("--remove is empty")
+    return ms
+
+
+def parse_list(value: str, allowed: tuple[str, ...] | None, flag: str, all_value: tuple[str, ...] = ()) -> list[str]:
+    value = (value or "").strip()
+    if value in ("", "none"):
+        return []
+    if value == "all":
+        return list(all_value)
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if allowed is not None:
+        bad = [v for v in items if v not in allowed]
+        if bad:
+            raise CliError(f"{flag}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    from qblock._lazy import require
+
+    require("torch", "llm")
+    require("scipy", "llm")
+    from pathlib import Path
+
+    from qblock.problems.block_removal import BlockRemovalProblem
+    from qblock.validate.baselines import BASELINE_METHODS
+    from qblock.validate.runner import (ValidationError, ValidationSettings, data_for_problem, print_summary,
+                                        read_solutions, validate)
+
+    if not Path(args.problem).is_file():
+        raise CliError(f"problem file not found: {args.problem}")
+    problem = BlockRemovalProblem.load(args.problem)
+    ms = parse_ms(args.remove)
+    solutions = {}
+    if args.solutions:
+        try:
+            m_sol, sets = read_solutions(args.solutions)
+        except ValidationError as exc:
+            raise CliError(str(exc)) from None
+        if ms is None:
+            ms = [m_sol]
+        elif m_sol not in ms:
+            raise CliError(f"{args.solutions} holds states with M = {m_sol}, but --remove asks for {ms}")
+        bad = [s for s in sets if any(not 0 <= i < problem.num_blocks for i in s)]
+        if bad:
+            raise CliError(f"{args.solutions}: block index out of range 0..{problem.num_blocks - 1} in {bad[0]}")
+        solutions[m_sol] = sets
+    if ms is None:
+        if problem.num_remove is None:
+            raise CliError(f"{args.problem} has no number of blocks to remove; pass --remove M")
+        ms = [problem.num_remove]
+    for flag, v in (("--top", args.top), ("--batch-size", args.batch_size)):
+        if v < 1:
+            raise CliError(f"{flag} must be at least 1, got {v}")
+    if args.random < 0 or args.bootstrap < 0:
+        raise CliError("--random and --bootstrap must be >= 0")
+    baselines = parse_list(args.baselines, BASELINE_METHODS, "--baselines", BASELINE_METHODS)
+    from qblock.llm.data import BENCHMARKS
+
+    tasks = parse_list(args.tasks, tuple(BENCHMARKS), "--tasks")
+    energies = args.energies if args.energies == "auto" else parse_list(
+        args.energies, ("fisher", "fisher+grad", "pairwise"), "--energies")
+
+    model_spec = args.model or ((problem.metadata.get("model") or {}).get("spec"))
+    if not model_spec or model_spec == "<object>":
+        raise CliError("the problem file does not record its model; pass --model")
+    from qblock.llm.cache import CacheError
+    from qblock.llm.data import DataError
+    from qblock.llm.models import ModelLoadError, load_model
+
+    try:
+        model, tok = load_model(model_spec, device=args.device, quiet=args.quiet)
+    except (ModelLoadError, CacheError) as exc:
+        raise CliError(str(exc)) from None
+    from qblock.llm.blocks import find_blocks
+
+    n_model = len(find_blocks(model))
+    if n_model != problem.num_blocks:
+        raise CliError(f"model {model_spec} has {n_model} blocks but the problem has {problem.num_blocks}; "
+                       "pass the model the problem was extracted from (--model)")
+    try:
+        calib, evals, prov = data_for_problem(problem, tok, num_eval=args.eval_samples, eval_seq_len=args.seq_len,
+                                              eval_text=args.eval_text, calibration=args.calibration)
+        settings = ValidationSettings(
+            num_removes=ms, top_k=args.top, backend=args.backend, solve_seed=args.seed, num_random=args.random,
+            random_seed=args.seed, baselines=baselines, greedy_samples=args.greedy_samples, tasks=tasks,
+            task_limit=args.task_limit or None, bench_top=args.bench_top, energy_models=energies,
+            n_boot=args.bootstrap, stats_seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+        result = validate(problem, model, tok, calib, evals, settings, args.out, solutions=solutions,
+                          report_settings={"problem": args.problem, "model": model_spec,
+                                           "held-out data": _describe_eval(prov)})
+    except (ValidationError, DataError, CacheError) as exc:
+        raise CliError(str(exc)) from None
+    if not args.quiet:
+        print_summary(result)
+        print(f"\nwrote {args.out}/: candidates.csv/.json/.md, summary.json, report.md, "
+              f"{len(result['plots'])} plot(s)", file=sys.stderr)
+    return 0
+
+
+def _describe_eval(prov) -> str:
+    e = prov.get("evaluation", {})
+    src = e.get("file") or e.get("source") or e.get("name") or "?"
+    extra = ", passages disjoint from calibration" if e.get("disjoint_from_calibration") else ""
+    return f"{e.get('num_samples')} samples x {e.get('seq_len')} tokens from {src}{extra}"

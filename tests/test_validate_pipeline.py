@@ -1,0 +1,316 @@
+"""Validator on a tiny trained Llama whose blocks 3, 4, 5 are exact identities.
+
+The identity blocks have zero attention-output and MLP-down projections (kept at zero during a short
+training run of the other blocks on a synthetic sequence task), so removing them changes nothing:
+the QUBO pipeline and every non-random baseline must pick exactly them first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import qblock  # noqa: E402
+from qblock.validate import baselines as B  # noqa: E402
+from qblock.validate.evaluate import CandidateEvaluator, heldout_loss, multiple_choice  # noqa: E402
+
+V, EOS = 40, 40
+IDENTITY = (3, 4, 5)
+N_BLOCKS = 8
+
+
+def _passage(rng) -> list[int]:
+    # x_{t+1} = (x_t + x_{t-1}) mod V: needs attention to the previous token
+    x = [int(rng.integers(V)), int(rng.integers(V))]
+    while len(x) < int(rng.integers(16, 40)):
+        x.append((x[-1] + x[-2]) % V)
+    return x
+
+
+def _stream(rng, n_tok: int) -> list[int]:
+    s: list[int] = []
+    while len(s) < n_tok:
+        if s:
+            s.append(EOS)
+        s += _passage(rng)
+    return s[:n_tok]
+
+
+def _trained_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    cfg = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=N_BLOCKS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS)
+    model = LlamaForCausalLM(cfg)
+    for i in IDENTITY:
+        layer = model.model.layers[i]
+        for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
+            torch.nn.init.zeros_(w)
+            w.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(150):
+        ids = torch.tensor([_stream(rng, 32) for _ in range(16)])
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny matrices: one thread is as fast, and far faster when the machine's cores are busy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = _trained_model()
+    rng = np.random.default_rng(1)
+    calib = [torch.tensor(_stream(rng, 32)) for _ in range(8)]
+    evals = [torch.tensor(_stream(rng, 32)) for _ in range(6)]
+    return model, calib, evals
+
+
+def test_identity_blocks_are_exact_identities(tiny):
+    model, calib, evals = tiny
+    full, _ = heldout_loss(model, evals)
+    ev = CandidateEvaluator(model, evals)
+    assert ev.evaluate(list(IDENTITY))["heldout_loss"] == pytest.approx(full, abs=1e-6)
+    assert ev.evaluate([0])["heldout_loss"] > full + 1e-3  # a trained block matters
+
+
+def test_qubo_pipeline_removes_identity_blocks_first(tiny):
+    from qblock.llm.energy import build_problem
+    from qblock.llm.gradients import gate_gradients
+
+    model, calib, _ = tiny
+    A = gate_gradients(model, calib, progress=False)
+    assert np.all(A[:, list(IDENTITY)] == 0.0)
+    problem = build_problem(A, energy="fisher")
+    for m in (1, 2, 3):
+        ss = qblock.solve(problem.with_num_remove(m), backend="exact", num_solutions=3)
+        best = problem.removed_blocks(ss.first.sample)
+        assert set(best) <= set(IDENTITY) and len(best) == m
+        assert ss.first.energy == pytest.approx(0.0, abs=1e-15)
+    ss = qblock.solve(problem.with_num_remove(3), backend="exact", num_solutions=2)
+    assert problem.removed_blocks(ss.first.sample) == list(IDENTITY)
+    assert ss.record.energy[1] > 1e-6  # the next state is strictly worse
+
+
+@pytest.mark.parametrize("method", B.BASELINE_METHODS)
+def test_every_baseline_removes_identity_blocks_first(tiny, method):
+    model, calib, _ = tiny
+    res = B.run_baselines(model, calib, [1, 2, 3], methods=[method])
+    by_m = {r.num_remove: r for r in res}
+    assert by_m[3].removed == list(IDENTITY), (method, by_m[3])
+    for m in (1, 2):
+        assert set(by_m[m].removed) <= set(IDENTITY) and len(by_m[m].removed) == m
+    if method in ("shortgpt_iterative", "sleb"):
+        assert sorted(by_m[3].order) == list(IDENTITY)
+    expected_passes = {"shortgpt": 1, "norm_ratio": 1, "angular": 1, "shortgpt_iterative": 3,
+                       "sleb": N_BLOCKS + (N_BLOCKS - 1) + (N_BLOCKS - 2)}[method]
+    assert by_m[3].forward_passes == expected_passes
+    assert by_m[3].calib_samples == len(calib)
+
+
+def test_block_statistics_values(tiny):
+    model, calib, _ = tiny
+    st = B.block_statistics(model, calib)
+    assert st["tokens"] == sum(len(s) for s in calib)
+    assert np.allclose(st["bi"][list(IDENTITY)], 0.0, atol=1e-12)
+    assert np.allclose(st["norm_ratio"][list(IDENTITY)], 1.0, atol=1e-12)
+    others = [i for i in range(N_BLOCKS) if i not in IDENTITY]
+    assert st["bi"][others].min() > 1e-4
+    # angular distance over the identity window is zero; the last-token states include the final output
+    assert st["last"].shape == (len(calib), N_BLOCKS + 1, 32)
+    d = B.angular_distance(st["last"], 3)
+    assert d[3] == pytest.approx(0.0, abs=1e-6) and np.argmin(d) == 3
+
+
+def test_heldout_loss_matches_hf_loss_and_padding_is_ignored(tiny):
+    model, _, evals = tiny
+    loss, n = heldout_loss(model, evals[:2], batch_size=2)
+    ids = torch.stack(evals[:2])
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=ids).loss.item()
+    assert n == 2 * (len(evals[0]) - 1)
+    assert loss == pytest.approx(ref, rel=1e-5)
+    # a shorter sample padded in a batch gives the same token-weighted loss as one-by-one
+    short = [evals[0][:20], evals[1]]
+    batched, nb = heldout_loss(model, short, batch_size=2)
+    parts = [heldout_loss(model, [s], batch_size=1) for s in short]
+    assert nb == sum(p[1] for p in parts)
+    assert batched == pytest.approx(sum(l * k for l, k in parts) / nb, rel=1e-5)
+
+
+class _CharTok:
+    eos_token_id = EOS
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % V for c in text]
+
+
+def test_multiple_choice_scores_the_continuation(tiny):
+    model, _, _ = tiny
+    # the task's rule makes the right continuation far more likely: 1 2 -> 3 5 8 13
+    seq = [1, 2, 3, 5, 8, 13, 21, 34]
+    ctx = "".join(chr(t + 80) for t in seq[:6])  # ord % 40 recovers the token ids
+    right = "".join(chr(t + 80) for t in seq[6:])
+    wrong = "".join(chr(t + 80) for t in (7, 30))
+    items = [{"context": ctx, "choices": [wrong, right], "label": 1},
+             {"context": ctx, "choices": [right, wrong], "label": 0}]
+    r = multiple_choice(model, _CharTok(), items, delimiter="")
+    assert r["acc"] == 1.0 and r["num_items"] == 2
+    # per-choice log-likelihoods are the summed token log-probs
+    ids = torch.tensor([[ord(c) % V for c in ctx + right]])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+    ref = float(lp[5, seq[6]] + lp[6, seq[7]])
+    assert r["loglik"][0][1] == pytest.approx(ref, abs=1e-4)
+
+
+def test_partial_scoring_items(tiny):
+    model, _, _ = tiny
+    item = {"context": "", "choices": ["x", "y"], "label": 0,
+            "contexts": [chr(80 + 1) + chr(80 + 2), chr(80 + 1) + chr(80 + 9)], "continuation": chr(80 + 3)}
+    r = multiple_choice(model, _CharTok(), [item], delimiter="")
+    assert r["acc"] == 1.0
+
+
+def test_random_sets_are_distinct_and_seeded():
+    a = B.random_sets(8, 3, 5, seed=4)
+    b = B.random_sets(8, 3, 5, seed=4)
+    assert [r.removed for r in a] == [r.removed for r in b]
+    assert len({tuple(r.removed) for r in a}) == 5
+    assert all(len(r.removed) == 3 and r.forward_passes == 0 for r in a)
+    assert len(B.random_sets(4, 2, 100)) == math.comb(4, 2)
+
+
+def test_validate_end_to_end_and_recompute_from_table(tiny, tmp_path):
+    from qblock.llm.energy import build_problem
+    from qblock.llm.gradients import gate_gradients
+    from qblock.validate import report, stats
+    from qblock.validate.runner import ValidationSettings, validate
+
+    model, calib, evals = tiny
+    problem = build_problem(gate_gradients(model, calib, progress=False), energy="fisher")
+    settings = ValidationSettings(num_removes=[2, 3], top_k=4, backend="exact", num_random=3,
+                                  energy_models=["fisher", "fisher+grad"], n_boot=200, progress=False)
+    res = validate(problem, model, None, calib, evals, settings, tmp_path)
+    for name in ("candidates.json", "candidates.csv", "candidates.md", "summary.json", "report.md",
+                 "energy_vs_loss_M2.png", "energy_vs_loss_M3.png", "loss_vs_m.png"):
+        assert (tmp_path / name).is_file(), name
+    rows = report.read_table(tmp_path / "candidates.csv")
+    # everything reported is a function of the written table
+    again = stats.summarize(rows, n_boot=200, seed=0)
+    written = json.loads((tmp_path / "summary.json").read_text())["summary"]
+    assert again == written
+    # QUBO rank 1 at M=3 is the identity set, with the full model's loss
+    q1 = [r for r in rows if r["num_remove"] == 3 and r["method"] == "qubo" and r["rank"] == 1][0]
+    full = [r for r in rows if r["method"] == "full"][0]
+    assert q1["removed"] == list(IDENTITY)
+    assert q1["heldout_loss"] == pytest.approx(full["heldout_loss"], abs=1e-6)
+    assert q1["energy_fisher"] == pytest.approx(q1["energy"])
+    best = written["per_m"]["3"]["best"]
+    assert best["best"]["removed"] == list(IDENTITY)
+    # every baseline also found it, so the margin is zero ("tie")
+    assert best["margin_loss"] == pytest.approx(0.0, abs=1e-9)
+    assert "tie" in best["statement"]
+    md = (tmp_path / "report.md").read_text()
+    assert best["statement"] in md
+    for method in B.BASELINE_METHODS:
+        assert method in md
+    assert res["summary"] == written
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _word_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(V)}
+    vocab.update({"<eos>": EOS, "<unk>": EOS + 1})
+    tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory):
+    model, _, _ = tiny
+    d = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(d / "model")
+    _word_tokenizer().save_pretrained(d / "model")
+    rng = np.random.default_rng(7)
+    passages = [" ".join(f"t{t}" for t in _passage(rng)) for _ in range(120)]
+    (d / "calib.txt").write_text("\n\n".join(passages) + "\n")
+    return d
+
+
+def test_cli_validate_writes_all_files(tiny_dir, tmp_path, capsys):
+    from qblock.cli import main
+    from qblock.llm.pipeline import extract_problem
+
+    prob = tmp_path / "p.npz"
+    extract_problem(str(tiny_dir / "model"), num_samples=8, seq_len=24, calibration=str(tiny_dir / "calib.txt"),
+                    num_eval=6, out=prob, progress=False, num_remove=3)
+    out = tmp_path / "val"
+    code = main(["validate", str(prob), "--top", "4", "--random", "2", "--backend", "exact", "--bootstrap", "100",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    for name in ("candidates.json", "candidates.csv", "candidates.md", "summary.json", "report.md",
+                 "energy_vs_loss_M3.png"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "candidates.json").read_text())
+    methods = {r["method"] for r in data["rows"]}
+    assert methods == {"qubo", "random", "full", *B.BASELINE_METHODS}
+    qubo1 = [r for r in data["rows"] if r["method"] == "qubo" and r["rank"] == 1][0]
+    assert qubo1["removed"] == list(IDENTITY)
+    assert all(r["eval_tokens"] == 6 * 23 for r in data["rows"])
+    summary = json.loads((out / "summary.json").read_text())
+    # fisher and fisher+grad come from the stored A, pairwise is measured (N = 8 <= 12)
+    corr = summary["summary"]["per_m"]["3"]["correlations"]
+    assert set(corr) == {"energy", "energy_fisher", "energy_fisher_grad", "energy_pairwise"}
+
+    # the same states from a solutions file (qblock solve --json) give the same QUBO rows
+    sol = tmp_path / "sol.json"
+    assert main(["solve", str(prob), "--backend", "exact", "-k", "4", "--json", str(sol), "--quiet"]) == 0
+    out2 = tmp_path / "val2"
+    assert main(["validate", str(prob), "--solutions", str(sol), "--baselines", "none", "--random", "0",
+                 "--energies", "none", "--out", str(out2), "--quiet"]) == 0
+    rows2 = json.loads((out2 / "candidates.json").read_text())["rows"]
+    q = [(r["rank"], r["removed"], r["heldout_loss"]) for r in rows2 if r["method"] == "qubo"]
+    q0 = [(r["rank"], r["removed"], r["heldout_loss"]) for r in data["rows"] if r["method"] == "qubo"]
+    assert q == q0
+
+
+def test_cli_validate_errors(tiny_dir, tmp_path, capsys):
+    from qblock.cli import main
+
+    assert main(["validate", str(tmp_path / "missing.npz"), "--quiet"]) == 2
+    assert "not found" in capsys.readouterr().err
+    p = qblock.BlockRemovalProblem(np.eye(8), 3)
+    p.save(tmp_path / "bare.npz")
+    assert main(["validate", str(tmp_path / "bare.npz"), "--model", str(tiny_dir / "model"), "--quiet",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--calibration" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "bare.npz"), "--baselines", "nope", "--quiet"]) == 2
+    assert "unknown nope" in capsys.readouterr().err

@@ -1,0 +1,123 @@
+"""Statistics and table files of the validator: everything reported is recomputable from the table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("scipy")
+from scipy import stats as sst  # noqa: E402
+
+from qblock.validate import report, stats  # noqa: E402
+
+
+def _table(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    rows = [{"num_remove": 0, "method": "full", "rank": None, "seed": None, "removed": [], "energy": 0.0,
+             "heldout_loss": 2.0, "perplexity": math.exp(2.0)}]
+    for m in (2, 3):
+        for k in range(1, 7):
+            e = 0.1 * k + 0.01 * m
+            loss = 2.5 + 0.05 * k + rng.normal(0, 0.1) + 0.1 * m
+            rows.append({"num_remove": m, "method": "qubo", "rank": k, "seed": None,
+                         "removed": sorted(rng.choice(10, m, replace=False).tolist()), "energy": e,
+                         "heldout_loss": loss, "perplexity": math.exp(loss), "energy_fisher_grad": -e + rng.normal(0, 0.1)})
+        for meth, e, loss in (("shortgpt", 0.9, 3.1), ("sleb", 0.5, 2.62 + 0.1 * m), ("angular", 1.2, 3.3)):
+            rows.append({"num_remove": m, "method": meth, "rank": None, "seed": None,
+                         "removed": list(range(m)), "energy": e, "heldout_loss": loss, "perplexity": math.exp(loss)})
+        rows.append({"num_remove": m, "method": "random", "rank": None, "seed": 4, "removed": [7, 8, 9][:m],
+                     "energy": 2.0, "heldout_loss": 4.0, "perplexity": math.exp(4.0)})
+    return rows
+
+
+def test_roundtrip_csv_and_json_exact(tmp_path):
+    rows = _table()
+    paths = report.write_table(rows, tmp_path)
+    for key in ("csv", "json"):
+        back = report.read_table(paths[key])
+        assert len(back) == len(rows)
+        for a, b in zip(rows, back):
+            for k, v in a.items():
+                assert b[k] == v, (key, k)
+    assert "| M |" in paths["md"].read_text()
+
+
+def test_summary_recomputed_from_written_table(tmp_path):
+    rows = _table()
+    s = stats.summarize(rows, n_boot=300, seed=1)
+    report.write_table(rows, tmp_path)
+    back = report.read_table(tmp_path / "candidates.csv")
+    assert stats.summarize(back, n_boot=300, seed=1) == s
+
+
+def test_correlations_match_scipy_over_distinct_candidates():
+    rows = _table()
+    # the SLEB set [0, 1] duplicates the ShortGPT set: a distinct candidate is counted once (first row)
+    c = stats.correlations(rows, 2, n_boot=200, seed=0)["energy"]
+    cands = stats.unique_candidates(rows, 2)
+    assert c["n"] == len(cands) == 6 + 1 + 1  # six QUBO states, one baseline set, one random set
+    x = [r["energy"] for r in cands]
+    y = [r["heldout_loss"] for r in cands]
+    assert c["spearman"] == pytest.approx(sst.spearmanr(x, y).statistic)
+    assert c["kendall"] == pytest.approx(sst.kendalltau(x, y).statistic)
+    lo, hi = c["spearman_ci"]
+    assert -1 <= lo <= hi <= 1 and lo < hi
+    assert c["n_boot_used"] <= 200
+    # seeded: the same interval twice, another seed another interval
+    assert stats.correlations(rows, 2, n_boot=200, seed=0)["energy"] == c
+    assert stats.correlations(rows, 2, n_boot=200, seed=5)["energy"]["spearman_ci"] != c["spearman_ci"]
+    # an extra energy column is correlated on the rows that have it
+    assert stats.correlations(rows, 2, n_boot=50)["energy_fisher_grad"]["n"] == 6
+
+
+def test_best_vs_baseline_statement():
+    rows = _table()
+    b = stats.best_vs_baseline(rows, 3)
+    q = min((r for r in rows if r["num_remove"] == 3 and r["method"] == "qubo"), key=lambda r: r["heldout_loss"])
+    base = min((r for r in rows if r["num_remove"] == 3 and stats.is_baseline(r["method"])),
+               key=lambda r: r["heldout_loss"])
+    assert b["best_qubo"]["heldout_loss"] == q["heldout_loss"]
+    assert b["best_baseline"]["method"] == base["method"] == "sleb"
+    assert b["margin_loss"] == pytest.approx(base["heldout_loss"] - q["heldout_loss"])
+    assert b["ppl_ratio"] == pytest.approx(math.exp(b["margin_loss"]))
+    word = "beats the best baseline" if b["margin_loss"] > 0 else "beats the best QUBO candidate"
+    assert word in b["statement"] and b["statement"].startswith("M=3: best on held-out data is ")
+    # a baseline that wins is reported as winning
+    rows2 = [dict(r) for r in rows]
+    for r in rows2:
+        if r["method"] == "shortgpt" and r["num_remove"] == 3:
+            r["heldout_loss"] = 1.0
+    b2 = stats.best_vs_baseline(rows2, 3)
+    assert b2["best"]["method"] == "shortgpt" and b2["margin_loss"] < 0
+    assert "the best baseline (shortgpt removing [0,1,2]) beats the best QUBO candidate" in b2["statement"]
+
+
+def test_degenerate_inputs():
+    assert stats.rank_correlation([1, 2], [3, 4])["spearman"] is None
+    assert stats.rank_correlation([1, 1, 1], [1, 2, 3])["kendall"] is None
+    rows = [{"num_remove": 1, "method": "qubo", "rank": 1, "removed": [0], "energy": 0.0, "heldout_loss": None}]
+    s = stats.summarize(rows, n_boot=10)
+    assert s["per_m"]["1"]["num_candidates"] == 0
+    assert "no evaluated candidates" in s["per_m"]["1"]["best"]["statement"]
+    assert stats.parse_removed("3 4 5") == stats.parse_removed("[3, 4, 5]") == [3, 4, 5]
+    assert stats.parse_removed("") == []
+
+
+def test_report_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from qblock.validate import plots
+
+    rows = _table()
+    s = stats.summarize(rows, n_boot=100)
+    ps = plots.plot_energy_vs_loss(rows, tmp_path) + [plots.plot_loss_vs_m(rows, tmp_path)]
+    assert sorted(p.split("/")[-1] for p in ps) == ["energy_vs_loss_M2.png", "energy_vs_loss_M3.png", "loss_vs_m.png"]
+    for p in ps:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    md = report.render_report(rows, s, settings={"model": "toy"}, plots=ps)
+    assert "## Remove M = 2 blocks" in md and "## Remove M = 3 blocks" in md
+    assert s["per_m"]["3"]["best"]["statement"] in md
+    assert "QUBO #1" in md and "sleb" in md and "random s4" in md
+    json.dumps(s)  # JSON-ready
