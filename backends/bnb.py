@@ -1,0 +1,556 @@
+"""Certified top-k by branch-and-bound, without enumerating the ``C(N, M)`` feasible states.
+
+Problem: the ``k`` lowest values of ``E(x) = x^T H x + h^T x`` over binary ``x`` with ``sum(x) = M``.
+
+**Convexification (QCR).** For binary ``x`` the diagonal of ``H`` acts linearly (``x_i^2 = x_i``), so
+``E(x) = x^T (Q + diag(u)) x + (c - u)^T x`` for every ``u``, where ``Q`` is ``H`` with a zero diagonal
+and ``c = h + diag(H)``. On the feasible set only directions ``w`` with ``sum(w) = 0`` matter, so ``u``
+is chosen such that ``Q + diag(u)`` is positive semi-definite on ``1^perp`` and the continuous
+relaxation over ``{0 <= y <= 1, sum(y) = M}`` is as tight as possible: that ``u`` is the dual of the
+Shor semidefinite relaxation (the "quadratic convex reformulation" of Billionnet, Elloumi and
+Plateau). It is computed once at the root by a small ADMM on that SDP (numpy only) and then repaired
+with an exact eigenvalue shift, so the convexity the bounds rely on holds whatever the ADMM reached.
+This works with or without a linear term and for indefinite ``H`` (a larger ``u`` is then needed and
+the bound is weaker): the bound never relies on ``H`` being PSD. The fallback ``bound="eig"`` shifts the
+diagonal uniformly by the smallest eigenvalue on ``1^perp``.
+
+**Tree.** Variables are fixed in a fixed order (chosen from the root relaxation), so all nodes of the
+same depth share the free set and one matrix: nodes are processed in batches, each batch a handful
+of matrix products. Each node's bound is a Frank-Wolfe (linearisation) lower bound
+``f(y) + min_s grad f(y)^T (s - y)`` of its convex QP relaxation, valid at ANY feasible ``y`` by
+convexity, evaluated along warm-started accelerated projected-gradient iterations (exact projection
+onto the capped simplex). Iterations stop per node as soon as the node is pruned (bound above the
+incumbent) or cannot be (the relaxation value itself is below it). Small subtrees are enumerated in
+one matrix product. The incumbent is the k-th best energy, seeded by greedy + swap local search.
+
+Certification: when the search finishes, every state with energy at or below the returned k-th
+energy was visited, so the k returned states are the k lowest (ties broken by energy, then
+lexicographic state, exactly like :func:`qblock.backends.exact.enumerate_topk`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+
+from qblock.backends.exact import _combos, _TopK
+
+__all__ = ["topk", "qcr_diagonal", "convexify", "BnBStats"]
+
+BnBStats = dict  # alias for documentation: the stats dict returned by :func:`topk`
+
+
+def _limit_threads():
+    """One BLAS thread: the matrices here are small and threads only add contention."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(1)
+    except ImportError:  # pragma: no cover - optional
+        return nullcontext()
+
+
+def _complement_basis(n: int) -> np.ndarray:
+    """Orthonormal basis (n, n-1) of the subspace ``sum(w) = 0``."""
+    if n == 1:
+        return np.zeros((1, 0))
+    B = np.linalg.qr(np.concatenate([np.ones((n, 1)), np.eye(n)[:, : n - 1]], axis=1))[0][:, 1:]
+    return B
+
+
+def _min_eig_on_complement(A: np.ndarray, B: np.ndarray) -> float:
+    if B.shape[1] == 0:
+        return 0.0
+    return float(np.linalg.eigvalsh(B.T @ A @ B)[0])
+
+
+def qcr_diagonal(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int = 300, tol: float = 1e-4) -> np.ndarray:
+    """Near-optimal diagonal ``u`` of the quadratic convex reformulation (dual of the Shor SDP).
+
+    Solves ``min <Q, X> + c^T x`` s.t. ``[[1, x^T], [x, X]] >= 0``, ``diag(X) = x``, ``X 1 = M x``,
+    ``1^T x = M`` by the dual ADMM of Wen, Goldfarb and Yin and returns minus the multipliers of
+    ``diag(X) = x``. The result is NOT guaranteed to convexify ``Q``; :func:`convexify` repairs it.
+
+    Args:
+        Q: symmetric ``(n, n)`` with zero diagonal.
+        c: linear term (the diagonal folded in).
+        M: number of ones.
+        iters: maximum ADMM iterations.
+        tol: relative primal/dual residual at which to stop.
+
+    Example:
+        >>> import numpy as np
+        >>> Q = np.array([[0.0, 1.0, 0.2], [1.0, 0.0, 0.5], [0.2, 0.5, 0.0]])
+        >>> qcr_diagonal(Q, np.ones(3), 1).shape
+        (3,)
+    """
+    n = Q.shape[0]
+    n1 = n + 1
+    scale = max(float(np.abs(Q).max(initial=0.0)), float(np.abs(c).max(initial=0.0)), 1e-300)
+    C = np.zeros((n1, n1))
+    C[0, 1:] = C[1:, 0] = c / (2 * scale)
+    C[1:, 1:] = Q / scale
+    m = 2 * n + 2
+    ii = np.arange(1, n1)
+
+    # constraints, in order: Y_00 = 1; Y_ii - Y_0i = 0; sum_j Y_ij - M Y_0i = 0; sum_i Y_0i = M
+    def A_op(Y: np.ndarray) -> np.ndarray:
+        out = np.empty(m)
+        out[0] = Y[0, 0]
+        out[1:n1] = Y[ii, ii] - Y[0, 1:]
+        out[n1 : 2 * n + 1] = Y[1:, 1:].sum(axis=1) - M * Y[0, 1:]
+        out[m - 1] = Y[0, 1:].sum()
+        return out
+
+    def At_op(z: np.ndarray) -> np.ndarray:
+        za, zg = z[1:n1], z[n1 : 2 * n + 1]
+        Y = np.empty((n1, n1))
+        Y[0, 0] = z[0]
+        Y[0, 1:] = Y[1:, 0] = -0.5 * za - 0.5 * M * zg + 0.5 * z[m - 1]
+        Y[1:, 1:] = 0.5 * (zg[:, None] + zg[None, :])
+        Y[ii, ii] += za
+        return Y
+
+    AA = np.stack([A_op(At_op(e)) for e in np.eye(m)], axis=1)
+    AAinv = np.linalg.pinv(AA)
+    b = np.zeros(m)
+    b[0], b[m - 1] = 1.0, float(M)
+    X = np.zeros((n1, n1))
+    S = np.zeros((n1, n1))
+    mu = 1.0
+    y = np.zeros(m)
+    nb, nc = 1.0 + np.linalg.norm(b), 1.0 + np.linalg.norm(C)
+    for k in range(iters):
+        y = -AAinv @ (mu * (A_op(X) - b) + A_op(S - C))
+        Aty = At_op(y)
+        V = C - Aty - mu * X
+        V = 0.5 * (V + V.T)
+        w, P = np.linalg.eigh(V)
+        S = (P * np.maximum(w, 0.0)) @ P.T
+        X = (S - V) / mu
+        if k % 10 == 9:
+            pinf = np.linalg.norm(A_op(X) - b) / nb
+            dinf = np.linalg.norm(Aty + S - C) / nc
+            if max(pinf, dinf) < tol:
+                break
+            # balance the residuals (larger mu weighs primal feasibility more)
+            if pinf > 3 * dinf:
+                mu *= 2.0
+            elif dinf > 3 * pinf:
+                mu *= 0.5
+    return -y[1 : n + 1] * scale
+
+
+def convexify(Q: np.ndarray, c: np.ndarray, M: int, method: str = "qcr", *, iters: int = 300) -> tuple[np.ndarray, float]:
+    """A diagonal ``u`` with ``Q + diag(u)`` PSD on ``{w : sum(w) = 0}`` (checked by an exact eigenvalue).
+
+    Returns:
+        ``(u, min_eigenvalue_after_repair)``.
+    """
+    n = Q.shape[0]
+    B = _complement_basis(n)
+    if method == "qcr" and 0 < M < n and n > 2:
+        u = qcr_diagonal(Q, c, M, iters=iters)
+        if not np.all(np.isfinite(u)):
+            u = np.zeros(n)
+    elif method in ("qcr", "eig"):
+        u = np.zeros(n)
+    else:
+        raise ValueError(f"unknown bound {method!r}; use 'qcr' or 'eig'")
+    scale = max(float(np.abs(Q).max(initial=0.0)), 1e-300)
+    margin = 1e-9 * scale  # keeps rounding from making the relaxation slightly non-convex
+    lam = _min_eig_on_complement(Q + np.diag(u), B)
+    if lam < margin:
+        u = u + (margin - lam)
+        lam = _min_eig_on_complement(Q + np.diag(u), B)
+    return u, lam
+
+
+def _project(Z: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Exact Euclidean projection of each row of ``Z`` onto ``{0 <= y <= 1, sum(y) = r_row}``.
+
+    ``sum(clip(z - tau, 0, 1))`` is piecewise linear in ``tau`` with breakpoints ``z_i`` and
+    ``z_i - 1``; walking the sorted breakpoints gives the segment that hits ``r`` and ``tau`` on it.
+    """
+    B, m = Z.shape
+    bp = np.concatenate([Z, Z - 1.0], axis=1)
+    typ = np.concatenate([np.ones((B, m)), -np.ones((B, m))], axis=1)
+    order = np.argsort(-bp, axis=1, kind="stable")
+    bp = np.take_along_axis(bp, order, axis=1)
+    typ = np.take_along_axis(typ, order, axis=1)
+    slope = np.cumsum(typ, axis=1)  # slope of h(tau) in -tau just below each breakpoint
+    step = np.diff(bp, axis=1) * -1.0  # >= 0
+    h = np.concatenate([np.zeros((B, 1)), np.cumsum(slope[:, :-1] * step, axis=1)], axis=1)
+    rr = r.astype(np.float64)[:, None]
+    j = np.argmax(h >= rr - 1e-12, axis=1)  # first breakpoint where h reaches r (j >= 1 when r > 0)
+    j = np.maximum(j, 1)
+    rows = np.arange(B)
+    h0 = h[rows, j - 1]
+    s = slope[rows, j - 1]
+    tau = bp[rows, j - 1] - np.where(s > 0, (r - h0) / np.where(s > 0, s, 1.0), 0.0)
+    return np.clip(Z - tau[:, None], 0.0, 1.0)
+
+
+def _smallest_sum(G: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Sum of the ``r_row`` smallest entries of each row."""
+    Gs = np.sort(G, axis=1)
+    cs = np.concatenate([np.zeros((G.shape[0], 1)), np.cumsum(Gs, axis=1)], axis=1)
+    return cs[np.arange(G.shape[0]), r]
+
+
+class _Level:
+    """Per-depth data shared by all nodes whose first ``d`` variables are fixed."""
+
+    def __init__(self, A: np.ndarray, L: float, shift: float = 0.0) -> None:
+        self.A = A
+        self.L = L
+        self.shift = shift  # u on this level is u - shift
+        self.leaf: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _qp_bounds(
+    A: np.ndarray,
+    L: float,
+    lin: np.ndarray,
+    const: np.ndarray,
+    r: np.ndarray,
+    Y0: np.ndarray,
+    thr: float | None,
+    tol: float,
+    max_iter: int,
+    check_every: int = 4,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Lower bounds of ``const + min y^T A y + lin^T y`` over the capped simplices, with early exit.
+
+    Returns:
+        ``(bounds, Y, iterations)``; ``bounds`` are valid lower bounds (Frank-Wolfe gap certificates);
+        rows that cannot be pruned (relaxation value below ``thr``) stop early with their best bound.
+    """
+    Bn, m = lin.shape
+    Y = _project(Y0, r)
+    Z = Y.copy()
+    t = 1.0
+    best = np.full(Bn, -np.inf)
+    active = np.arange(Bn)
+    it = 0
+    while active.size and it < max_iter:
+        it += 1
+        Za = Z[active]
+        G = 2.0 * (Za @ A) + lin[active]
+        Yn = _project(Za - G / L, r[active])
+        tn = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+        Z[active] = Yn + ((t - 1.0) / tn) * (Yn - Y[active])
+        Y[active] = Yn
+        t = tn
+        if it % check_every == 0 or it == max_iter:
+            YA = Yn @ A
+            Gy = 2.0 * YA + lin[active]
+            f = const[active] + np.einsum("ij,ij->i", Yn, YA) + np.einsum("ij,ij->i", lin[active], Yn)
+            lb = f - np.einsum("ij,ij->i", Gy, Yn) + _smallest_sum(Gy, r[active])
+            best[active] = np.maximum(best[active], lb)
+            if thr is None:  # solve to tolerance (root)
+                done = (f - best[active]) <= tol
+                active = active[~done]
+                continue
+            done = (best[active] > thr + tol) | (f <= thr + tol)
+            # relaxation value reached its bound: nothing more to gain
+            done |= (f - best[active]) <= tol
+            active = active[~done]
+    return best, Y, it
+
+
+def _root_order(Q: np.ndarray, c: np.ndarray, u: np.ndarray, M: int, how: str) -> np.ndarray:
+    n = Q.shape[0]
+    if how == "natural":
+        return np.arange(n)
+    A = Q + np.diag(u)
+    L = 2.0 * max(float(np.linalg.eigvalsh(A)[-1]), 1e-300)
+    b, Y, _ = _qp_bounds(A, L, (c - u)[None, :], np.zeros(1), np.array([M]), np.full((1, n), M / n),
+                         None, 1e-6 * max(1.0, float(np.abs(A).max())), 2000, check_every=50)
+    y = Y[0]
+    if how == "fractional":  # most fractional first
+        key = -np.minimum(y, 1.0 - y)
+        return np.argsort(key, kind="stable")[::-1]
+    if how == "decided":  # most decided first, ones before zeros
+        return np.lexsort((-y, np.minimum(y, 1.0 - y)))
+    if how == "y":  # largest relaxation value first
+        return np.argsort(-y, kind="stable")
+    raise ValueError(f"unknown order {how!r}")
+
+
+def _initial_threshold(Q: np.ndarray, c: np.ndarray, M: int, k: int, seed: int, starts: int) -> tuple[float, int]:
+    """The k-th lowest distinct energy among greedy + swap-descent states and their swap neighbours."""
+    from qblock.backends.local_search import greedy_state, swap_descent, swap_neighbours
+
+    n = Q.shape[0]
+    rng = np.random.default_rng(seed)
+    X0 = np.zeros((starts, n))
+    for i in range(starts):
+        X0[i, rng.choice(n, M, replace=False)] = 1.0
+    X0 = np.concatenate([X0, greedy_state(Q, c, M)[None, :].astype(np.float64)])
+    X, _ = swap_descent(Q, c, X0)
+    X = np.unique(X, axis=0)
+    E = np.einsum("ij,ij->i", X @ Q, X) + X @ c
+    best = X[np.argsort(E, kind="stable")[: max(1, min(8, k))]]
+    X = np.unique(np.concatenate([X] + [swap_neighbours(x) for x in best]), axis=0).astype(np.float64)
+    E = np.sort(np.einsum("ij,ij->i", X @ Q, X) + X @ c)
+    return (float(E[k - 1]) if E.size >= k else math.inf), int(X.shape[0])
+
+
+def topk(
+    H: np.ndarray,
+    linear: np.ndarray | None,
+    num_remove: int,
+    k: int = 20,
+    time_limit: float | None = None,
+    *,
+    bound: str = "qcr",
+    qcr_iters: int = 200,
+    order: str = "natural",
+    batch_size: int = 4096,
+    max_open: int = 200_000,
+    max_qp_iter: int = 60,
+    leaf_states: int = 256,
+    starts: int = 32,
+    seed: int = 0,
+    tighten: bool = True,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The ``k`` lowest energies with exactly ``num_remove`` ones, certified by branch-and-bound.
+
+    Args:
+        H: symmetric ``(N, N)``; its diagonal is treated as linear (any diagonal is fine).
+        linear: length-``N`` linear term or ``None``.
+        num_remove: M.
+        k: number of states (``min(k, C(N, M))`` are returned).
+        time_limit: seconds; when reached the search stops and ``stats["certified"]`` is False.
+        bound: ``"qcr"`` (SDP-optimised diagonal, default) or ``"eig"`` (uniform eigenvalue shift).
+        qcr_iters: ADMM iterations for the QCR diagonal (more: tighter bounds, slower root).
+        order: branching order: ``"natural"`` (block order; best on the banded correlations of real
+            models), or from the root relaxation ``y``: ``"y"`` (largest first), ``"decided"``,
+            ``"fractional"``.
+        batch_size: nodes bounded together in one batch.
+        max_open: above this many open nodes the search goes deepest-first (bounds memory).
+        max_qp_iter: projected-gradient iterations per batch of bounds.
+        leaf_states: subtrees with at most this many completions are enumerated.
+        starts: random starts of the swap local search that seeds the incumbent.
+        seed: seed of that local search (the result does not depend on it, only the speed).
+        tighten: per depth, lower the diagonal to the edge of convexity of the free block.
+        progress: show a tqdm counter of nodes.
+
+    Returns:
+        ``(X, energies, stats)``: ``X`` int8 ``(k', N)``, energies ascending (``x^T H x + h^T x``,
+        ties by lexicographic state), ``stats`` with ``certified``, ``nodes``, ``leaves``, ``bound``,
+        ``root_bound``, ``gap``, ``time``, ``qp_iterations``.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> A = rng.standard_normal((40, 12)); H = A.T @ A / 40
+        >>> X, e, st = topk(H, None, 4, k=3)
+        >>> X.shape, bool(st["certified"]), bool(np.all(np.diff(e) >= 0))
+        ((3, 12), True, True)
+    """
+    t0 = time.perf_counter()
+    H = np.asarray(H, dtype=np.float64)
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be square, got shape {H.shape}")
+    n = H.shape[0]
+    M = int(num_remove)
+    if not 0 <= M <= n:
+        raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got {num_remove}")
+    if int(k) < 1:
+        raise ValueError("k must be at least 1")
+    lin = np.zeros(n) if linear is None else np.asarray(linear, dtype=np.float64).reshape(-1)
+    if lin.shape != (n,):
+        raise ValueError(f"linear must have length {n}, got {lin.shape}")
+    if not (np.all(np.isfinite(H)) and np.all(np.isfinite(lin))):
+        raise ValueError("H and linear must be finite")
+    H = 0.5 * (H + H.T)
+    c = lin + np.diag(H)
+    Q = H - np.diag(np.diag(H))
+    total = math.comb(n, M)
+    k = min(int(k), total)
+    top = _TopK(k)
+    stats: dict[str, Any] = {"bound": f"{bound}-qp", "nodes": 0, "leaves": 0, "qp_iterations": 0,
+                             "num_feasible_states": total}
+
+    with _limit_threads():
+        if M == 0 or M == n:
+            x = np.full((1, n), 1 if M else 0, dtype=np.int8)
+            e = float(x[0] @ Q @ x[0] + c @ x[0])
+            stats.update(certified=True, gap=0.0, root_bound=e, time=time.perf_counter() - t0, bound="trivial")
+            return x, np.array([e]), stats
+
+        scale = max(float(np.abs(Q).max(initial=0.0)), float(np.abs(c).max(initial=0.0)), 1e-300)
+        u, lam = convexify(Q, c, M, bound, iters=qcr_iters)
+        stats["min_eig_on_complement"] = lam
+        t1 = time.perf_counter()
+        thr0, n_init = _initial_threshold(Q, c, M, k, seed, starts)
+        stats["initial_threshold"] = thr0
+        t2 = time.perf_counter()
+        stats["time_convexify"], stats["time_heuristic"] = t1 - t0, t2 - t1
+        perm = _root_order(Q, c, u, M, order)
+        Qp, cp, up = Q[np.ix_(perm, perm)], c[perm], u[perm]
+        Ap = Qp + np.diag(up)
+        L = 2.0 * max(float(np.linalg.eigvalsh(Ap)[-1]), 1e-300)  # bounds every principal submatrix
+        # tolerance: bounds and energies are sums of O(n^2) terms of size <= scale
+        tol = 1e-9 * scale * (1.0 + M) ** 2
+        margin = 1e-9 * max(float(np.abs(Q).max(initial=0.0)), 1e-300)
+
+        levels: dict[int, _Level] = {}
+
+        def level(d: int) -> _Level:
+            if d not in levels:
+                # the suffix block may be convex with room to spare: lower its diagonal uniformly to
+                # the edge of convexity on 1^perp (a tighter relaxation for every node of this depth)
+                Ad = np.array(Ap[d:, d:])
+                shift = 0.0
+                if tighten and n - d > 2:
+                    lam_d = _min_eig_on_complement(Ad, _complement_basis(n - d))
+                    shift = max(0.0, lam_d - margin)
+                    Ad[np.diag_indices(n - d)] -= shift
+                levels[d] = _Level(Ad, L, shift)
+            return levels[d]
+
+        def leaf_table(d: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+            lv = level(d)
+            if r not in lv.leaf:
+                S = _combos(n - d, r)
+                Ind = np.zeros((S.shape[0], n - d))
+                if r:
+                    np.put_along_axis(Ind, S, 1.0, axis=1)
+                Qs = Qp[d:, d:]
+                pair = np.einsum("ij,ij->i", Ind @ Qs, Ind)
+                lv.leaf[r] = (Ind, pair)
+            return lv.leaf[r]
+
+        def threshold() -> float:
+            return min(top.threshold, thr0)
+
+        def offer(Xp_rows: np.ndarray, energies: np.ndarray) -> None:
+            def make(idx):
+                X = np.zeros((idx.size, n), dtype=np.int8)
+                X[:, perm] = Xp_rows[idx]
+                return X
+
+            top.offer(energies, make)
+
+        # a node: prefix (int8, depth d), field G = Qp @ x_fixed, energy E of the fixed part, picks left r
+        # open nodes by depth; breadth-first (one batch per depth: few, large matrix products) while
+        # the number of open nodes stays below max_open, deepest-first beyond (bounded memory)
+        pools: dict[int, list] = {0: [(np.zeros((1, 0), dtype=np.int8), np.zeros((1, n)), np.zeros(1), np.array([M]),
+                                       np.full((1, n), M / n), np.full(1, -np.inf))]}
+        n_open = 1
+        root_bound = None
+        open_min = math.inf
+        stopped = False
+        bar = None
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(desc="bnb nodes", unit="node", leave=False)
+            except ImportError:
+                bar = None
+        while pools:
+            if time_limit is not None and time.perf_counter() - t0 > time_limit:
+                stopped = True
+                open_min = min(float(np.min(b[5])) for lst in pools.values() for b in lst)
+                break
+            d = min(pools) if n_open <= max_open else max(pools)
+            parts = pools.pop(d)
+            P, G, E, r, Y, pb = (np.concatenate([b[i] for b in parts]) for i in range(6))
+            if P.shape[0] > batch_size:
+                pools[d] = [tuple(a[batch_size:] for a in (P, G, E, r, Y, pb))]
+                P, G, E, r, Y, pb = (a[:batch_size] for a in (P, G, E, r, Y, pb))
+            n_open -= P.shape[0]
+            m = n - d
+            stats["nodes"] += P.shape[0]
+            if bar:
+                bar.update(P.shape[0])
+            thr = threshold()
+            # drop nodes whose parent bound already exceeds a threshold that improved meanwhile
+            keep = pb <= thr + tol
+            if not keep.all():
+                P, G, E, r, Y, pb = P[keep], G[keep], E[keep], r[keep], Y[keep], pb[keep]
+            if P.shape[0] == 0:
+                continue
+            # complete or tiny subtrees: enumerate them in one product
+            ncomp = np.array([math.comb(m, int(ri)) for ri in r]) if m > 0 else np.ones(r.size, dtype=np.int64)
+            small = ncomp <= leaf_states
+            if small.any():
+                for ri in np.unique(r[small]):
+                    sel = np.flatnonzero(small & (r == ri))
+                    Ind, pair = leaf_table(d, int(ri))
+                    lvec = cp[None, d:] + 2.0 * G[sel, d:]
+                    En = E[sel, None] + lvec @ Ind.T + pair[None, :]
+                    stats["leaves"] += En.size
+                    nsuf = Ind.shape[0]
+                    Xrows_pref = P[sel]
+
+                    def rows(idx, Xrows_pref=Xrows_pref, Ind=Ind, nsuf=nsuf):
+                        pi, si = np.divmod(idx, nsuf)
+                        return np.concatenate([Xrows_pref[pi], Ind[si].astype(np.int8)], axis=1)
+
+                    flat = En.ravel()
+                    thr = threshold()
+                    cand = np.flatnonzero(flat <= thr + tol)
+                    if cand.size:
+                        offer(rows(cand), flat[cand])
+                big = ~small
+                P, G, E, r, Y, pb = P[big], G[big], E[big], r[big], Y[big], pb[big]
+                if P.shape[0] == 0:
+                    continue
+            lv = level(d)
+            thr = threshold()
+            lin_nodes = cp[None, d:] + 2.0 * G[:, d:] - (up[None, d:] - lv.shift)
+            bnd, Y, its = _qp_bounds(lv.A, lv.L, lin_nodes, E, r, Y[:, -m:], thr, tol, max_qp_iter)
+            stats["qp_iterations"] += its
+            if root_bound is None:
+                root_bound = float(bnd[0])
+            alive = bnd <= thr + tol
+            if not alive.any():
+                continue
+            P, G, E, r, Y, bnd = P[alive], G[alive], E[alive], r[alive], Y[alive], bnd[alive]
+            # children: x_d = 1 (if picks remain) and x_d = 0 (if enough variables remain)
+            one = r >= 1
+            zero = r <= m - 2
+            kids = []
+            if zero.any():
+                s = zero
+                kids.append((np.concatenate([P[s], np.zeros((s.sum(), 1), np.int8)], axis=1), G[s], E[s], r[s],
+                             Y[s, 1:], bnd[s], Y[s, 0]))
+            if one.any():
+                s = one
+                E1 = E[s] + cp[d] + 2.0 * G[s, d]
+                G1 = G[s] + Qp[d][None, :]
+                kids.append((np.concatenate([P[s], np.ones((s.sum(), 1), np.int8)], axis=1), G1, E1, r[s] - 1,
+                             Y[s, 1:], bnd[s], 1.0 - Y[s, 0]))
+            for Pk, Gk, Ek, rk, Yk, bk, _ in kids:
+                pools.setdefault(d + 1, []).append((Pk, Gk, Ek, rk, Yk, bk))
+                n_open += Pk.shape[0]
+        if bar:
+            bar.close()
+
+    if top.X is None:  # nothing at or below the threshold was reached (time limit)
+        X = np.zeros((0, n), dtype=np.int8)
+        e = np.zeros(0)
+    else:
+        X, e = top.X, top.energy
+    certified = (not stopped) and X.shape[0] == k
+    kth = float(e[-1]) if X.shape[0] == k else thr0
+    gap = 0.0 if certified else (max(0.0, kth - open_min) if math.isfinite(kth) and math.isfinite(open_min) else math.inf)
+    stats.update(
+        certified=bool(certified),
+        gap=float(gap),
+        root_bound=root_bound,
+        time=time.perf_counter() - t0,
+        order=order,
+        initial_states=n_init,
+    )
+    return X, e, stats

@@ -1,0 +1,230 @@
+"""Optional MIQP backends: SCIP (``pyscipopt``, open source) and Gurobi (``gurobipy``).
+
+Both receive the objective ``x^T H x + h^T x`` over binary ``x`` with the linear constraint
+``sum(x) = M``. Top-k:
+
+* Gurobi: a solution pool with ``PoolSearchMode=2`` (a systematic search for the k best), which Gurobi
+  proves optimal when it finishes within the time limit.
+* SCIP: k successive solves, each adding a no-good cut ``sum_{i in S} x_i <= M - 1`` that removes the
+  previous optimum ``S`` (for fixed cardinality this cut removes exactly that state); every state is
+  proven optimal among those not yet excluded, so the list is certified when every solve finishes.
+
+Since ``x_i^2 = x_i`` the solvers are free to convexify; the quadratic is passed as given (the BQM's
+zero diagonal plus the linear term, or a PSD ``H`` with its diagonal when called directly).
+
+Example:
+    >>> import numpy as np
+    >>> from qblock.backends.miqp import topk_scip  # doctest: +SKIP
+    >>> X, e, stats = topk_scip(np.eye(4), None, 2, k=3)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import dimod
+import numpy as np
+
+from qblock._lazy import require
+
+__all__ = ["topk_gurobi", "topk_scip", "GurobiTopKSampler", "SCIPTopKSampler"]
+
+
+def _prepare(H: np.ndarray, linear: np.ndarray | None, num_remove: int, k: int):
+    H = np.asarray(H, dtype=np.float64)
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be square, got shape {H.shape}")
+    n = H.shape[0]
+    lin = np.zeros(n) if linear is None else np.asarray(linear, dtype=np.float64).reshape(-1)
+    if lin.shape != (n,):
+        raise ValueError(f"linear must have length {n}")
+    M = int(num_remove)
+    if not 0 <= M <= n:
+        raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got {num_remove}")
+    if int(k) < 1:
+        raise ValueError("k must be at least 1")
+    return 0.5 * (H + H.T), lin, M, min(int(k), math.comb(n, M))
+
+
+def _sorted_result(H, lin, states: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    if not states:
+        return np.zeros((0, H.shape[0]), dtype=np.int8), np.zeros(0)
+    X = np.unique(np.array(states, dtype=np.int8), axis=0)
+    Xf = X.astype(np.float64)
+    e = np.einsum("ij,ij->i", Xf @ H, Xf) + Xf @ lin
+    order = np.lexsort(tuple(X[:, ::-1].T) + (e,))
+    return X[order], e[order]
+
+
+def topk_gurobi(
+    H: np.ndarray,
+    linear: np.ndarray | None,
+    num_remove: int,
+    k: int = 20,
+    time_limit: float | None = None,
+    *,
+    threads: int | None = None,
+    verbose: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The k best states by Gurobi's solution pool (``PoolSearchMode=2``).
+
+    Returns:
+        ``(X, energies, stats)`` like :func:`qblock.backends.bnb.topk`; ``stats["certified"]`` is True
+        when Gurobi reports OPTIMAL for the pool.
+    """
+    gp = require("gurobipy", "gurobi")
+    H, lin, M, k = _prepare(H, linear, num_remove, k)
+    n = H.shape[0]
+    t0 = time.perf_counter()
+    env = gp.Env(empty=True)
+    env.setParam("OutputFlag", 1 if verbose else 0)
+    env.start()
+    try:
+        model = gp.Model(env=env)
+        if time_limit is not None:
+            model.Params.TimeLimit = float(time_limit)
+        if threads is not None:
+            model.Params.Threads = int(threads)
+        model.Params.PoolSearchMode = 2
+        model.Params.PoolSolutions = k
+        model.Params.MIPGap = 0.0
+        model.Params.MIPGapAbs = 0.0
+        x = model.addMVar(n, vtype=gp.GRB.BINARY, name="x")
+        model.setObjective(x @ H @ x + lin @ x, gp.GRB.MINIMIZE)
+        model.addConstr(x.sum() == M)
+        model.optimize()
+        states = []
+        for i in range(model.SolCount):
+            model.Params.SolutionNumber = i
+            states.append(np.rint(np.array(x.Xn)).astype(np.int8))
+        certified = model.Status == gp.GRB.OPTIMAL and len(states) >= k
+        stats = {
+            "certified": bool(certified),
+            "nodes": int(model.NodeCount),
+            "bound": "gurobi",
+            "gap": float(model.MIPGap) if model.SolCount else math.inf,
+            "status": int(model.Status),
+        }
+    except gp.GurobiError as exc:
+        raise RuntimeError(f"Gurobi failed: {exc} (the pip licence is size-limited)") from None
+    finally:
+        env.dispose()
+    X, e = _sorted_result(H, lin, states)
+    stats["time"] = time.perf_counter() - t0
+    return X[:k], e[:k], stats
+
+
+def topk_scip(
+    H: np.ndarray,
+    linear: np.ndarray | None,
+    num_remove: int,
+    k: int = 20,
+    time_limit: float | None = None,
+    *,
+    threads: int | None = None,
+    verbose: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The k best states by k SCIP solves with no-good cuts (objective as an epigraph constraint).
+
+    ``time_limit`` bounds the whole sequence; ``stats["certified"]`` is True when every solve was
+    proven optimal. ``stats["first_time"]`` is the time of the first (ground-state) solve.
+    """
+    scip = require("pyscipopt", "miqp")
+    H, lin, M, k = _prepare(H, linear, num_remove, k)
+    n = H.shape[0]
+    t0 = time.perf_counter()
+    model = scip.Model()
+    if not verbose:
+        model.hideOutput()
+    x = [model.addVar(vtype="B", name=f"x{i}") for i in range(n)]
+    lo = float(np.minimum(H, 0).sum() + np.minimum(lin, 0).sum())
+    hi = float(np.maximum(H, 0).sum() + np.maximum(lin, 0).sum())
+    t = model.addVar(lb=lo - 1.0, ub=hi + 1.0, name="t")
+    iu = np.triu_indices(n, 1)
+    quad = scip.quicksum(float(2 * H[i, j]) * x[i] * x[j] for i, j in zip(*iu) if H[i, j] != 0.0)
+    lin_terms = scip.quicksum(float(lin[i] + H[i, i]) * x[i] for i in range(n))
+    model.addCons(t >= quad + lin_terms)
+    model.addCons(scip.quicksum(x) == M)
+    model.setObjective(t, "minimize")
+    states: list[np.ndarray] = []
+    certified = True
+    nodes = 0
+    first_time = None
+    for _ in range(k):
+        if time_limit is not None:
+            left = time_limit - (time.perf_counter() - t0)
+            if left <= 0:
+                certified = False
+                break
+            model.setParam("limits/time", left)
+        model.optimize()
+        nodes += int(model.getNNodes())
+        status = model.getStatus()
+        if model.getNSols() == 0:
+            certified = certified and status == "infeasible"
+            break
+        sol = model.getBestSol()
+        s = np.array([round(model.getSolVal(sol, v)) for v in x], dtype=np.int8)
+        if status != "optimal":
+            certified = False
+            states.append(s)
+            break
+        states.append(s)
+        if first_time is None:
+            first_time = time.perf_counter() - t0
+        model.freeTransform()
+        ones = np.flatnonzero(s == 1)
+        model.addCons(scip.quicksum(x[i] for i in ones) <= M - 1)
+    X, e = _sorted_result(H, lin, states)
+    certified = certified and X.shape[0] >= k
+    return X[:k], e[:k], {"certified": bool(certified), "nodes": nodes, "bound": "scip", "gap": 0.0 if certified else math.inf,
+                          "time": time.perf_counter() - t0, "first_time": first_time}
+
+
+class _MIQPSampler(dimod.Sampler):
+    """Common dimod wrapper: objective BQM + ``num_remove`` -> certified top-k (when the solver finishes)."""
+
+    _solver = staticmethod(topk_scip)
+    _name = ""
+    parameters = {"num_remove": [], "num_solutions": [], "time_limit": [], "threads": [], "verbose": []}
+    properties: dict[str, Any] = {}
+
+    def sample(self, bqm: dimod.BinaryQuadraticModel, *, num_remove: int, num_solutions: int = 20,
+               time_limit: float | None = None, threads: int | None = None, verbose: bool = False,
+               **kwargs: Any) -> dimod.SampleSet:
+        if kwargs:
+            raise TypeError(f"unknown parameters for {self._name}: {', '.join(kwargs)}")
+        from qblock.backends.exact import bqm_to_matrices
+
+        t0 = time.perf_counter()
+        H, lin, offset, variables = bqm_to_matrices(bqm)
+        X, e, stats = type(self)._solver(H, lin, num_remove, num_solutions, time_limit, threads=threads, verbose=verbose)
+        info = dict(stats)
+        info["certified_optimal"] = bool(stats["certified"])
+        info["timing"] = time.perf_counter() - t0
+        return dimod.SampleSet.from_samples((X, variables), vartype=dimod.BINARY, energy=e + offset, info=info,
+                                            sort_labels=False)
+
+
+class SCIPTopKSampler(_MIQPSampler):
+    """SCIP top-k by no-good cuts, as a dimod sampler (needs ``pyscipopt``).
+
+    Example:
+        >>> import dimod
+        >>> bqm = dimod.BQM({0: 1.0, 1: 2.0, 2: 3.0}, {(0, 1): 5.0}, 0.0, "BINARY")
+        >>> ss = SCIPTopKSampler().sample(bqm, num_remove=2, num_solutions=2)  # doctest: +SKIP
+        >>> list(ss.record.energy)  # doctest: +SKIP
+        [4.0, 5.0]
+    """
+
+    _solver = staticmethod(topk_scip)
+    _name = "scip"
+
+
+class GurobiTopKSampler(_MIQPSampler):
+    """Gurobi top-k by its solution pool, as a dimod sampler (needs ``gurobipy``; pip licence is size-limited)."""
+
+    _solver = staticmethod(topk_gurobi)
+    _name = "gurobi"
