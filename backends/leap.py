@@ -332,9 +332,13 @@ class _RecordingSampler(dimod.Sampler):
 
 
 def _is_network_error(exc: BaseException) -> bool:
-    names = {c.__name__ for c in type(exc).__mro__}
-    return bool(names & {"RequestError", "RequestException", "ConnectionError", "Timeout", "OSError",
-                         "RequestTimeout", "PollingTimeout", "SolverAuthenticationError", "SAPIError"})
+    """Errors of the cloud client or the HTTP stack (reported as LeapError); others propagate."""
+    for c in type(exc).__mro__:
+        if c.__module__.split(".")[0] in ("requests", "urllib3") or c.__module__.startswith("dwave.cloud"):
+            return True
+        if c.__name__ in ("ConnectionError", "TimeoutError", "RequestTimeout", "PollingTimeout"):
+            return True
+    return False
 
 
 def _prepare(problem, backend: str, save_dir, request: dict[str, Any]) -> RunStore:
@@ -665,6 +669,9 @@ def run_nl(
     finally:
         _close(inner)
     wall = time.perf_counter() - t0
+    resolve = getattr(model.states, "resolve", None)
+    if callable(resolve):
+        resolve()  # the answer is loaded into model.states by a hook on the future
     X = _nl_states(problem, model, order)
     objective = [float(model.objective.state(i)) for i in range(len(model.states))]
     res_info = dict(getattr(res, "info", {}) or {})

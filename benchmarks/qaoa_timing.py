@@ -75,7 +75,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shots", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "qaoa_timing"))
+    ap.add_argument("--render-only", action="store_true", help="re-write the .md from the existing .json")
     args = ap.parse_args(argv)
+    if args.render_only:
+        render(Path(args.out))
+        return 0
 
     info = machine()
     rows = []
@@ -112,7 +116,15 @@ def main(argv=None) -> int:
     payload = {"benchmark": "qaoa_timing", "machine": info, "settings": vars(args), "results": rows,
                "expectation_mode": "exact statevector probabilities (Aer, statevector method), final shots via Aer SamplerV2"}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    render(out)
+    return 0
 
+
+def render(out: Path) -> None:
+    """Write the markdown table from the JSON (``--render-only`` re-renders without re-running)."""
+    payload = json.loads(out.with_suffix(".json").read_text())
+    info, rows = payload["machine"], payload["results"]
+    args = argparse.Namespace(**payload["settings"])
     lines = [
         "# QAOA timing (qblock `qaoa` backend, qiskit-aer statevector)",
         "",
@@ -126,19 +138,29 @@ def main(argv=None) -> int:
         "(X mixer: by 1/2^N, its initial state is uniform over all bitstrings). AR: approximation ratio of the measured "
         "feasible shots, (E_max - mean E) / (E_max - E_min) over feasible states; uniform sampling gives 'AR unif'.",
         "",
-        "| N | M | variant | wall s | s/eval | evals | depth | feasible | p(opt)/uniform | AR | AR unif | opt in top 5 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N | M | variant | wall s | s/eval | evals | depth | feasible | p(opt) | p(opt)/uniform | AR | AR unif | opt in top 5 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = (r["optimum_probability"] / r["uniform_optimum_probability"]) if r["uniform_optimum_probability"] else float("nan")
         lines.append(
             f"| {r['N']} | {r['M']} | {r['variant']} | {r['wall_s']:.2f} | {r['s_per_evaluation'] * 1e3:.1f} ms | "
-            f"{r['circuit_evaluations']} | {r['circuit_depth']} | {r['feasible_fraction']:.3f} | {ratio:.2f} | "
+            f"{r['circuit_evaluations']} | {r['circuit_depth']} | {r['feasible_fraction']:.3f} | "
+            f"{r['optimum_probability']:.2e} | {ratio:.2f} | "
             f"{_f(r['approximation_ratio'])} | {_f(r['uniform_approximation_ratio'])} | {'yes' if r['optimum_in_top5'] else 'no'} |"
         )
+    lines += [
+        "",
+        "Reading (written for the recorded run): every XY-mixer shot is feasible; the X mixer on the penalised",
+        "QUBO spends 67-80% of its shots on infeasible states (its feasible top-k also benefits from greedy",
+        "repair). At p=2 every variant improves the approximation ratio over uniform sampling, but the",
+        "probability of the optimum ranges from about 0.01x to 17x its uniform value: minimising <C> does not",
+        "concentrate on the optimum at this depth (the complete XY mixer at N=13-14 pushed it far below",
+        "uniform and missed it). Where the optimum is found, 4096 shots cover much of the C(N, M) feasible",
+        "states. Time per evaluation grows from about 7 ms (N=8) to 130 ms (N=16, ring) on this shared machine.",
+    ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

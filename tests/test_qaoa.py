@@ -165,3 +165,15 @@ def test_conformance_small():
 @pytest.mark.slow
 def test_conformance_default_instances():
     check_backend("qaoa")
+
+
+def test_quadratic_program_agrees_with_problem_energy_on_feasible_states():
+    from qblock.testing import brute_force_topk
+
+    p = qblock.random_problem(8, 3, linear=True, seed=9)
+    qp = p.to_quadratic_program()
+    X, e = brute_force_topk(p, 56)
+    assert len(X) == 56
+    for x, ex in zip(X, e):
+        assert qp.objective.evaluate([int(v) for v in x]) == pytest.approx(ex, rel=1e-12, abs=1e-12)
+        assert qp.is_feasible([int(v) for v in x])
