@@ -314,3 +314,92 @@ def test_cli_validate_errors(tiny_dir, tmp_path, capsys):
     assert "--calibration" in capsys.readouterr().err
     assert main(["validate", str(tmp_path / "bare.npz"), "--baselines", "nope", "--quiet"]) == 2
     assert "unknown nope" in capsys.readouterr().err
+
+
+def test_lm_eval_adapter_agrees_with_native_scoring(tiny_dir, tmp_path):
+    """lm-eval's own protocol (through local task files) gives the same accuracies as ours."""
+    pytest.importorskip("lm_eval")
+    from qblock.validate.lmeval import run_lm_eval, write_task
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_dir / "model")
+    rng = np.random.default_rng(3)
+    items = []
+    for k in range(12):
+        p = _passage(rng)[:6]
+        right = (p[-1] + p[-2]) % V
+        wrong = [(right + d) % V for d in (7, 19, 25)]
+        choices = [" t" + str(c) for c in [right] + wrong]
+        order = rng.permutation(4)
+        items.append({"context": " ".join(f"t{t}" for t in p), "choices": [choices[j] for j in order],
+                      "label": int(np.argmax(order == 0))})
+    assert write_task(tmp_path, "x", items).read_text().count("target_delimiter: \" \"") == 1
+    for removed in ([], [0, 6]):
+        ours_by_mask = CandidateEvaluator(model, [torch.arange(4)], tokenizer=tok, benchmarks={"synth": items})
+        ours = ours_by_mask.evaluate(removed, tasks=True)
+        theirs = run_lm_eval(model, tok, {"synth": items}, removed=removed, batch_size=4)["synth"]
+        assert theirs["num_items"] == 12
+        assert theirs["acc"] == pytest.approx(ours["acc_synth"])
+        assert theirs["acc_norm"] == pytest.approx(ours["acc_norm_synth"])
+    assert ours_by_mask.evaluate([], tasks=True)["acc_synth"] > 0.5  # the trained model knows the rule
+
+
+def test_cli_run_end_to_end_and_cached(tiny_dir, tmp_path, monkeypatch, capsys):
+    from qblock.cli import main
+
+    monkeypatch.setenv("QBLOCK_CACHE", str(tmp_path / "cache"))
+    args = ["run", "--model", str(tiny_dir / "model"), "--calibration", str(tiny_dir / "calib.txt"),
+            "--samples", "8", "--seq-len", "24", "--eval-samples", "6", "--remove", "2,3", "--top", "3",
+            "--random", "2", "--greedy-samples", "4", "--tasks", "none", "--backend", "exact"]
+    out = tmp_path / "report"
+    assert main(args + ["--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "M = 2" in printed.out and "M = 3" in printed.out and "Spearman" in printed.out
+    assert "extracting the problem" in printed.err
+    assert len(list((tmp_path / "cache" / "problems").glob("*.npz"))) == 1
+    md = (out / "report.md").read_text()
+    for m in (2, 3):
+        section = md.split(f"## Remove M = {m} blocks")[1].split("## ")[0]
+        for label in ("QUBO #1", "QUBO #3", "random", *B.BASELINE_METHODS):
+            assert label in section, (m, label)
+    for name in ("candidates.csv", "summary.json", "energy_vs_loss_M2.png", "energy_vs_loss_M3.png", "loss_vs_m.png"):
+        assert (out / name).is_file()
+    rows = json.loads((out / "candidates.json").read_text())["rows"]
+    assert [r["removed"] for r in rows if r["method"] == "qubo" and r["rank"] == 1 and r["num_remove"] == 3] == [[3, 4, 5]]
+    # a re-run reuses the cached extraction and reproduces the table
+    out2 = tmp_path / "report2"
+    assert main(args + ["--out", str(out2)]) == 0
+    assert "reusing cached extraction" in capsys.readouterr().err
+    rows2 = json.loads((out2 / "candidates.json").read_text())["rows"]
+    assert [(r["method"], r["removed"], r["heldout_loss"]) for r in rows2] == \
+        [(r["method"], r["removed"], r["heldout_loss"]) for r in rows]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefix_cache_equals_plain_masked_passes(family):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from qblock.llm.blocks import mask_blocks
+    from qblock.validate.evaluate import PrefixCache
+
+    torch.manual_seed(0)
+    if family == "llama":
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=6,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    else:
+        m = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=6, n_head=2, bos_token_id=0,
+                                       eos_token_id=0)).eval()
+    xs = [torch.randint(0, 50, (n,)) for n in (12, 9, 12, 5, 11)]  # ragged: padded batches
+    for base in ((), (1, 4)):
+        pc = PrefixCache(m, xs, base, batch_size=2)
+        assert pc.enabled
+        for removed in ((), (0,), (3,), (5,), (1, 4), (1, 4, 5), (2, 4), (0, 1, 2, 3, 4, 5)):
+            with mask_blocks(m, removed):
+                plain = heldout_loss(m, xs, batch_size=2)
+            got = pc.loss(removed)
+            assert got[1] == plain[1]
+            assert got[0] == pytest.approx(plain[0], abs=1e-6), (family, base, removed)
+    # the model is unchanged afterwards
+    assert all("forward" not in blk.__dict__ for blk in pc.blocks)

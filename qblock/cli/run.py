@@ -51,7 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="calibration samples for SLEB / iterative ShortGPT (preset)")
     p.add_argument("--baselines", default="all", help="'all', 'none' or a comma list (default all)")
     p.add_argument("--tasks", default=None, help="benchmarks, comma list, or 'none' (preset)")
+    p.add_argument("--harness", default="native", choices=("native", "lm-eval"),
+                   help="benchmark scoring: qblock's own log-likelihood scoring (default) or lm-evaluation-harness "
+                        "(pip install 'qblock[eval]') through generated local task files")
     p.add_argument("--task-limit", type=int, default=None, help="items per benchmark (preset)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="calibration and held-out text (.txt/.jsonl; disjoint passages); default LAMBADA passages")
     p.add_argument("--energy", default="fisher", help="energy model to solve: fisher or fisher+grad (default fisher)")
     p.add_argument("--energies", default="auto", help="energy models to compare (see qblock validate)")
     p.add_argument("--backend", default="swap", help="solver backend (default swap)")
@@ -73,13 +78,18 @@ def _resolve(args) -> dict:
     return preset
 
 
-def problem_cache_path(model_id: str, cfg: dict, energy_free: bool = True):
-    """Where the extracted problem of these settings is cached (the name encodes what changes ``A``)."""
+def problem_cache_path(prov: dict, cfg: dict):
+    """Where the extracted problem of these settings is cached: ``<cache>/problems/<model>-<m>x<len>-<hash>.npz``.
+
+    The hash covers the model's source and every setting that changes ``A``; the extraction itself
+    also checks the settings recorded in the file before reusing it.
+    """
     from qblock.llm.cache import cache_dir
 
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[-60:]
-    key = json.dumps({"model": model_id, "samples": cfg["samples"], "seq_len": cfg["seq_len"],
-                      "eval": cfg["eval_samples"], "seed": cfg["seed"]}, sort_keys=True)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(prov.get("id") or "model").split("/")[-1])[:60]
+    key = json.dumps({"model": prov.get("source") or prov.get("id"), "samples": cfg["samples"],
+                      **({"calibration": cfg["calibration"]} if cfg.get("calibration") else {}),
+                      "seq_len": cfg["seq_len"], "eval": cfg["eval_samples"], "seed": cfg["seed"]}, sort_keys=True)
     h = hashlib.sha256(key.encode()).hexdigest()[:10]
     return cache_dir() / "problems" / f"{slug}-{cfg['samples']}x{cfg['seq_len']}-{h}.npz"
 
@@ -128,7 +138,13 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     timings["load_model"] = time.perf_counter() - t0
     prov = model_provenance(args.model)
-    ppath = problem_cache_path(str(prov.get("source") or prov.get("id")), cfg)
+    if args.calibration:
+        from pathlib import Path
+
+        if not Path(args.calibration).is_file():
+            raise CliError(f"calibration file not found: {args.calibration}")
+        cfg["calibration"] = str(Path(args.calibration).resolve())
+    ppath = problem_cache_path(prov, cfg)
     cached = ppath.exists() and not args.restart
     log(("reusing cached extraction " if cached else "extracting the problem into ") + str(ppath))
     t0 = time.perf_counter()
@@ -136,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
         problem = extract_problem(
             model_spec=args.model, num_samples=cfg["samples"], seq_len=cfg["seq_len"], energy=args.energy,
             batch_size=args.batch_size, seed=args.seed, out=ppath, progress=progress, restart=args.restart,
-            num_eval=cfg["eval_samples"], device=args.device, model=model, tokenizer=tok)
+            num_eval=cfg["eval_samples"], device=args.device, model=model, tokenizer=tok,
+            calibration=cfg.get("calibration"))
     except (CacheError, DataError, ExtractError) as exc:
         raise CliError(str(exc)) from None
     timings["extract"] = time.perf_counter() - t0
@@ -149,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         settings = ValidationSettings(
             num_removes=ms, top_k=cfg["top"], backend=args.backend, solve_seed=args.seed, num_random=cfg["random"],
             random_seed=args.seed, baselines=baselines, greedy_samples=cfg["greedy_samples"], tasks=tasks,
-            task_limit=cfg["task_limit"] or None, bench_top=cfg["bench_top"], energy_models=energies,
+            task_limit=cfg["task_limit"] or None, bench_top=cfg["bench_top"], harness=args.harness, energy_models=energies,
             n_boot=cfg["bootstrap"], stats_seed=args.seed, batch_size=args.batch_size, progress=progress)
         notes = [
             f"extraction {'reused from the cache' if cached else 'computed'} in {timings['extract']:.1f} s "

@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=None, metavar="L",
                    help="tokens per held-out sample (default: the calibration length)")
     p.add_argument("--tasks", default="", help="benchmarks, comma list (arc_easy,piqa,hellaswag,...; default none)")
+    p.add_argument("--harness", default="native", choices=("native", "lm-eval"),
+                   help="benchmark scoring: qblock's own log-likelihood scoring (default) or lm-evaluation-harness "
+                        "(pip install 'qblock[eval]') through generated local task files")
     p.add_argument("--task-limit", type=int, default=100, help="items per benchmark (default 100; 0 for all)")
     p.add_argument("--bench-top", type=int, default=2,
                    help="QUBO states per M (best by held-out loss) that get the benchmarks (default 2)")
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         settings = ValidationSettings(
             num_removes=ms, top_k=args.top, backend=args.backend, solve_seed=args.seed, num_random=args.random,
             random_seed=args.seed, baselines=baselines, greedy_samples=args.greedy_samples, tasks=tasks,
-            task_limit=args.task_limit or None, bench_top=args.bench_top, energy_models=energies,
+            task_limit=args.task_limit or None, bench_top=args.bench_top, harness=args.harness, energy_models=energies,
             n_boot=args.bootstrap, stats_seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
         result = validate(problem, model, tok, calib, evals, settings, args.out, solutions=solutions,
                           report_settings={"problem": args.problem, "model": model_spec,

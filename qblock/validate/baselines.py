@@ -251,10 +251,13 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, batch_size: int = 8,
          progress: bool = False) -> list[BaselineResult]:
     """SLEB greedy: at each step remove the block whose removal gives the lowest calibration loss.
 
-    Returns one result per M = 1..max_remove; the cost of M is the passes of its first M steps.
+    Returns one result per M = 1..max_remove; the cost of M is the candidate passes of its first M
+    steps (``N + (N-1) + ... + (N-M+1)``). Each step also runs one recorded pass of the current model
+    (``extra["recording_passes"]``) so that every candidate pass computes only the blocks from the
+    removed one on (:class:`qblock.validate.evaluate.PrefixCache`; the losses are unchanged).
     """
-    from qblock.llm.blocks import find_blocks, mask_blocks
-    from qblock.validate.evaluate import heldout_loss
+    from qblock.llm.blocks import find_blocks
+    from qblock.validate.evaluate import PrefixCache
 
     samples = _as_samples(samples)
     n = len(find_blocks(model))
@@ -272,11 +275,12 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, batch_size: int = 8,
     try:
         for step in range(max_remove):
             best, best_loss = None, float("inf")
+            # one recorded pass of the current model lets each candidate skip the blocks before i
+            prefix = PrefixCache(model, samples, removed, batch_size=batch_size)
             for i in range(n):
                 if i in removed:
                     continue
-                with mask_blocks(model, removed + [i]):
-                    loss, _ = heldout_loss(model, samples, batch_size=batch_size)
+                loss, _ = prefix.loss(removed + [i])
                 passes += 1
                 if bar is not None:
                     bar.update(1)
@@ -285,7 +289,7 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, batch_size: int = 8,
             removed.append(int(best))
             out.append(BaselineResult("sleb", step + 1, sorted(removed), passes, len(samples),
                                       time.perf_counter() - t0, order=list(removed),
-                                      extra={"calib_loss": best_loss}))
+                                      extra={"calib_loss": best_loss, "recording_passes": step + 1}))
     finally:
         if bar is not None:
             bar.close()

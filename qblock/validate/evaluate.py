@@ -9,7 +9,7 @@ scored on the same model object.
 * :func:`multiple_choice`: zero-shot multiple-choice accuracy by log-likelihood, as
   lm-evaluation-harness scores such tasks: the log-probability of each answer continuation given the
   context is summed; ``acc`` takes the argmax of the sum, ``acc_norm`` of the sum divided by the
-  answer's length in characters.
+  answer's length in characters (without a leading delimiter space, as lm-eval counts it).
 * :class:`CandidateEvaluator`: both, with a cache keyed by the removal set.
 
 Example:
@@ -27,13 +27,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from qblock._lazy import require
 
-__all__ = ["heldout_loss", "multiple_choice", "encode_choices", "CandidateEvaluator", "model_device"]
+__all__ = ["heldout_loss", "multiple_choice", "encode_choices", "CandidateEvaluator", "PrefixCache", "model_device"]
 
 
 def _torch():
@@ -74,11 +75,15 @@ def _pad(seqs, pad_id: int = 0):
 
 
 def heldout_loss(model, samples: Sequence[Any], *, batch_size: int = 8, max_tokens: int | None = 8192,
-                 progress: bool = False, desc: str = "held-out loss") -> tuple[float, int]:
+                 progress: bool = False, desc: str = "held-out loss",
+                 around_batch: Callable[[int], Any] | None = None) -> tuple[float, int]:
     """Token-weighted mean next-token NLL of ``model`` on ``samples`` (1-D token-id tensors).
 
     Every sample contributes ``len - 1`` predicted tokens; the loss is the sum of their NLLs divided by
     the total count, so long samples weigh more (the standard perplexity convention).
+
+    ``around_batch(k)``, if given, returns a context manager entered around the forward pass of batch
+    ``k`` (batches are deterministic for given samples; :class:`PrefixCache` uses this).
 
     Returns:
         ``(mean_nll, num_predicted_tokens)``.
@@ -106,10 +111,11 @@ def heldout_loss(model, samples: Sequence[Any], *, batch_size: int = 8, max_toke
 
         it = tqdm(batches, desc=desc, unit="batch", leave=False)
     with torch.inference_mode():
-        for b in it:
+        for k, b in enumerate(it):
             ids, mask = _pad([samples[i] for i in b])
             ids, mask = ids.to(dev), mask.to(dev)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            with (around_batch(k) if around_batch is not None else contextlib.nullcontext()):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             lg = logits[:, :-1].float()
             tgt = ids[:, 1:]
             valid = mask[:, 1:].bool()
@@ -205,7 +211,8 @@ def multiple_choice(model, tokenizer, items: Sequence[Mapping[str, Any]], *, bat
         for j, (ids, n_cont) in enumerate(encode_choices(tokenizer, str(it["context"]), list(it["choices"]),
                                                          delimiter=delimiter, max_length=max_length)):
             reqs.append((i, j, ids, n_cont))
-        norm_len.append([len(str(c)) for c in it["choices"]])
+        # lm-eval divides by the answer's length without the delimiter that joins it to the context
+        norm_len.append([len(str(c)[1:]) if str(c).startswith(" ") else len(str(c)) for c in it["choices"]])
     if not reqs:
         return {"acc": None, "acc_norm": None, "num_items": 0, "loglik": []}
     dev = model_device(model)
@@ -246,6 +253,109 @@ def multiple_choice(model, tokenizer, items: Sequence[Mapping[str, Any]], *, bat
     return {"acc": correct / n, "acc_norm": correct_norm / n, "num_items": n, "loglik": loglik}
 
 
+class PrefixCache:
+    """Held-out loss of many removal sets, skipping the blocks they share with a base model.
+
+    A model that removes ``T`` computes exactly what the base model (removing ``base``) computes in
+    every block before ``first = min(T ^ base)``. One recorded pass of the base model stores each
+    block's output per batch; a candidate's pass then replays those outputs for blocks
+    ``0 .. first-1`` (their forward returns the stored output at once) and computes only the rest.
+    The result equals a plain masked pass (the same batches, the same operations after ``first``).
+
+    Args:
+        model: the model.
+        samples: token-id tensors.
+        base: blocks removed in the base model.
+        batch_size: as :func:`heldout_loss`.
+        max_bytes: the stored outputs' budget; above it, nothing is stored and every candidate is
+            computed in full (the results are the same, only slower).
+        gate: gate mode of :func:`qblock.llm.blocks.mask_blocks`.
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> torch.manual_seed(0) and None
+        >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2)).eval()
+        >>> xs = [torch.randint(0, 50, (10,)) for _ in range(3)]
+        >>> pc = PrefixCache(m, xs)
+        >>> from qblock.llm.blocks import mask_blocks
+        >>> with mask_blocks(m, [2]):
+        ...     plain = heldout_loss(m, xs)[0]
+        >>> abs(pc.loss([2])[0] - plain) < 1e-6
+        True
+    """
+
+    def __init__(self, model, samples: Sequence[Any], base: Iterable[int] = (), *, batch_size: int = 8,
+                 max_bytes: float = 2e9, gate: str = "layer", progress: bool = False) -> None:
+        from qblock.llm.blocks import find_blocks, mask_blocks
+
+        torch = _torch()
+        self.model = model
+        self.samples = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in samples]
+        self.base = tuple(sorted({int(i) for i in base}))
+        self.batch_size = int(batch_size)
+        self.gate = gate
+        self.blocks = [mod for _, mod in find_blocks(model)]
+        cfg = getattr(model, "config", None)
+        d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 4096
+        tokens = sum(int(s.numel()) for s in self.samples)
+        param = next(model.parameters())
+        self.enabled = len(self.blocks) * tokens * int(d) * param.element_size() <= max_bytes
+        self._outputs: list[list[Any]] = []
+        handles = []
+        if self.enabled:
+            def make(j):
+                def hook(module, args, output):
+                    self._outputs[-1][j] = output
+                return hook
+
+            handles = [blk.register_forward_hook(make(j)) for j, blk in enumerate(self.blocks)]
+
+        def record(k):
+            self._outputs.append([None] * len(self.blocks))
+            return contextlib.nullcontext()
+
+        try:
+            with mask_blocks(model, self.base, gate=gate):
+                self.base_loss, self.num_tokens = heldout_loss(
+                    model, self.samples, batch_size=self.batch_size, progress=progress,
+                    around_batch=record if self.enabled else None)
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def _replay(self, k: int, upto: int):
+        saved = []
+        try:
+            for j in range(upto):
+                blk = self.blocks[j]
+                saved.append((blk, "forward" in blk.__dict__, blk.__dict__.get("forward")))
+                out = self._outputs[k][j]
+                blk.forward = (lambda o: (lambda *a, **kw: o))(out)
+            yield
+        finally:
+            for blk, had, prev in reversed(saved):
+                if had:
+                    blk.forward = prev
+                else:
+                    del blk.forward
+
+    def loss(self, removed: Iterable[int]) -> tuple[float, int]:
+        """``(mean_nll, tokens)`` of the model that removes ``removed`` (computed from the first differing block)."""
+        from qblock.llm.blocks import mask_blocks
+
+        key = tuple(sorted({int(i) for i in removed}))
+        diff = set(key) ^ set(self.base)
+        if not diff:
+            return self.base_loss, self.num_tokens
+        upto = min(diff) if self.enabled else 0
+        with mask_blocks(self.model, key, gate=self.gate):
+            return heldout_loss(self.model, self.samples, batch_size=self.batch_size,
+                                around_batch=(lambda k: self._replay(k, upto)) if upto else None)
+
+
 class CandidateEvaluator:
     """Score removal sets on one model: held-out loss/perplexity and optional benchmark accuracy.
 
@@ -278,6 +388,7 @@ class CandidateEvaluator:
         self._loss_cache: dict[tuple[int, ...], dict[str, Any]] = {}
         self._task_cache: dict[tuple[tuple[int, ...], str], dict[str, Any]] = {}
         self.num_evaluations = 0
+        self._prefix: PrefixCache | None = None  # full-model block outputs, to skip unchanged prefixes
 
     def evaluate(self, removed: Iterable[int], tasks: bool | Sequence[str] = False) -> dict[str, Any]:
         """``{"heldout_loss", "perplexity", "eval_tokens", "eval_seconds", "acc_<task>", "acc_norm_<task>"}``.
@@ -295,19 +406,22 @@ class CandidateEvaluator:
             raise ValueError(f"benchmark(s) {unknown} not loaded; loaded: {sorted(self.benchmarks)}")
         need_loss = key not in self._loss_cache
         need_tasks = [t for t in names if (key, t) not in self._task_cache]
-        if need_loss or need_tasks:
+        if need_loss:
+            t0 = time.perf_counter()
+            if self._prefix is None:  # recorded on the full model, outside any mask
+                self._prefix = PrefixCache(self.model, self.eval_samples, (), batch_size=self.batch_size,
+                                           gate=self.gate)
+            loss, n = self._prefix.loss(key)
+            self.num_evaluations += 1
+            self._loss_cache[key] = {"heldout_loss": loss, "perplexity": math.exp(loss),
+                                     "eval_tokens": n, "eval_seconds": time.perf_counter() - t0}
+        if need_tasks:
             with mask_blocks(self.model, key, gate=self.gate):
-                if need_loss:
-                    t0 = time.perf_counter()
-                    loss, n = heldout_loss(self.model, self.eval_samples, batch_size=self.batch_size,
-                                           progress=self.progress)
-                    self.num_evaluations += 1
-                    self._loss_cache[key] = {"heldout_loss": loss, "perplexity": math.exp(loss),
-                                             "eval_tokens": n, "eval_seconds": time.perf_counter() - t0}
                 for t in need_tasks:
                     r = multiple_choice(self.model, self.tokenizer, self.benchmarks[t],
                                         batch_size=max(self.batch_size, 8), progress=self.progress, desc=t)
-                    self._task_cache[(key, t)] = {"acc": r["acc"], "acc_norm": r["acc_norm"], "num_items": r["num_items"]}
+                    self._task_cache[(key, t)] = {"acc": r["acc"], "acc_norm": r["acc_norm"],
+                                                  "num_items": r["num_items"]}
         out = dict(self._loss_cache[key])
         for t in names:
             r = self._task_cache[(key, t)]

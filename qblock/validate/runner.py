@@ -71,6 +71,8 @@ class ValidationSettings:
         task_limit: items per benchmark (seeded subset); ``None`` for all.
         bench_top: how many QUBO states per M (best by held-out loss) get the benchmarks; the full
             model and every baseline always do.
+        harness: ``"native"`` (:func:`qblock.validate.evaluate.multiple_choice`) or ``"lm-eval"``
+            (lm-evaluation-harness through :mod:`qblock.validate.lmeval`; WinoGrande not supported).
         energy_models: extra energy models to score candidates with: ``"auto"`` (fisher and
             fisher+grad when ``A`` is stored, plus pairwise when ``N <= pairwise_max_blocks``), or a list.
         pairwise_samples: calibration samples for the pairwise energy (its cost is N(N+1)/2 passes).
@@ -93,6 +95,7 @@ class ValidationSettings:
     tasks: list[str] = field(default_factory=list)
     task_limit: int | None = 100
     bench_top: int = 2
+    harness: str = "native"
     energy_models: Any = "auto"
     pairwise_samples: int = 8
     pairwise_max_blocks: int = 12
@@ -354,6 +357,8 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
 
     # 3. held-out loss of every distinct set -------------------------------------------------------
     benchmarks = {}
+    if settings.harness not in ("native", "lm-eval"):
+        raise ValidationError(f"harness must be 'native' or 'lm-eval', got {settings.harness!r}")
     if settings.tasks:
         from qblock.llm.data import load_benchmark
 
@@ -394,7 +399,15 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
 
             it2 = tqdm(chosen, desc="benchmarks", unit="model")
         for key in it2:
-            res = evaluator.evaluate(key, tasks=True)
+            if settings.harness == "lm-eval":
+                from qblock.validate.lmeval import run_lm_eval
+
+                h = run_lm_eval(model, tokenizer, benchmarks, removed=key, batch_size=settings.batch_size, gate=gate)
+                res = {}
+                for t, v in h.items():
+                    res[f"acc_{t}"], res[f"acc_norm_{t}"] = v["acc"], v["acc_norm"]
+            else:
+                res = evaluator.evaluate(key, tasks=True)
             for r in rows:
                 if tuple(r["removed"]) == key:
                     r.update({k: v for k, v in res.items() if k.startswith("acc_")})
@@ -423,7 +436,8 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         "calibration samples (baselines)": f"{len(calib)}; greedy methods on the first "
                                            f"{settings.greedy_samples or len(calib)}",
         "energy models compared": ", ".join(["problem (" + str(meta.get("energy", "?")) + ")"] + list(others)),
-        "benchmarks": (", ".join(f"{t} ({len(v)} items)" for t, v in benchmarks.items()) or "none"),
+        "benchmarks": (", ".join(f"{t} ({len(v)} items)" for t, v in benchmarks.items()) +
+                       f", zero-shot log-likelihood scoring by {settings.harness}" if benchmarks else "none"),
     })
     md = report.render_report(rows, summary, title=title, settings=settings_view,
                               plots=[str(Path(p).relative_to(out)) for p in plot_paths], notes=notes)
