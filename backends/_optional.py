@@ -31,4 +31,4 @@ register(BackendSpec("dwave-qpu", "dwave.system:DWaveSampler", "penalty",
                      check=f"{_B}.leap:check_token"))
 register(BackendSpec("sqa", f"{_B}.sqa:SQASampler", "penalty",
                      "OpenJij simulated quantum annealing on the penalised QUBO (penalty scan + repair)",
-                     requires=("openjij",), defaults={"num_reads": 16}))
+                     requires=("openjij",), extra="sqa", defaults={"num_reads": 16}))

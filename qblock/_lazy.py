@@ -10,6 +10,7 @@ INSTALL_HINTS = {
     "llm": "pip install 'qblock[llm]'  (CPU torch: pip install torch==2.13.0 first)",
     "qaoa": "pip install 'qblock[qaoa]'",
     "leap": "pip install 'qblock[leap]'",
+    "sqa": "pip install 'qblock[sqa]'",
     "viz": "pip install 'qblock[viz]'",
     "eval": "pip install 'qblock[eval]'",
 }
