@@ -403,3 +403,30 @@ def test_prefix_cache_equals_plain_masked_passes(family):
             assert got[0] == pytest.approx(plain[0], abs=1e-6), (family, base, removed)
     # the model is unchanged afterwards
     assert all("forward" not in blk.__dict__ for blk in pc.blocks)
+
+
+def test_cli_validate_eval_text_and_guards(tiny_dir, tmp_path, capsys):
+    from qblock.cli import main
+    from qblock.llm.pipeline import extract_problem
+
+    prob = tmp_path / "p.npz"
+    extract_problem(str(tiny_dir / "model"), num_samples=6, seq_len=24, calibration=str(tiny_dir / "calib.txt"),
+                    num_eval=4, out=prob, progress=False)
+    rng = np.random.default_rng(11)
+    held = tmp_path / "held.txt"
+    held.write_text("\n\n".join(" ".join(f"t{t}" for t in _passage(rng)) for _ in range(40)) + "\n")
+    out = tmp_path / "v"
+    assert main(["validate", str(prob), "-M", "2,3", "--top", "2", "--random", "1", "--baselines", "shortgpt,angular",
+                 "--energies", "none", "--eval-text", str(held), "--eval-samples", "5", "--seq-len", "16",
+                 "--bootstrap", "50", "--out", str(out), "--quiet"]) == 0
+    rows = json.loads((out / "candidates.json").read_text())["rows"]
+    assert {r["num_remove"] for r in rows} == {0, 2, 3}
+    assert {r["method"] for r in rows} == {"qubo", "random", "full", "shortgpt", "angular"}
+    assert all(r["eval_tokens"] == 5 * 15 for r in rows)
+    assert "held.txt" in (out / "report.md").read_text()
+    # held-out text must not be the calibration text; M must fit the model
+    assert main(["validate", str(prob), "-M", "2", "--eval-text", str(tiny_dir / "calib.txt"), "--quiet",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "calibration file" in capsys.readouterr().err
+    assert main(["validate", str(prob), "-M", "8", "--quiet", "--out", str(tmp_path / "y")]) == 2
+    assert "1 <= M < N" in capsys.readouterr().err

@@ -121,3 +121,18 @@ def test_report_and_plots(tmp_path):
     assert s["per_m"]["3"]["best"]["statement"] in md
     assert "QUBO #1" in md and "sleb" in md and "random s4" in md
     json.dumps(s)  # JSON-ready
+
+
+@pytest.mark.parametrize("name", ["qblock.validate", "qblock.validate.stats", "qblock.validate.report",
+                                  "qblock.validate.plots", "qblock.validate.evaluate",
+                                  "qblock.validate.baselines", "qblock.validate.runner"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    if name in ("qblock.validate.evaluate", "qblock.validate.baselines", "qblock.validate.runner"):
+        pytest.importorskip("torch")
+        pytest.importorskip("transformers")
+    mod = importlib.import_module(name)
+    failures, tried = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert failures == 0 and tried > 0

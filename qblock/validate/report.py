@@ -212,7 +212,8 @@ def render_report(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
                 out.append(f"| {name} | {c['n']} | {_ci(c, 'spearman')} | {_ci(c, 'kendall')} |")
             out.append("")
     if plots:
-        out += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+        out += ["## Plots", ""] + [f"![{Path(p).with_suffix('').as_posix()}]({Path(p).as_posix()})"
+                                   for p in plots] + [""]
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     out += ["All numbers above are recomputable from `candidates.csv` with "
