@@ -176,3 +176,23 @@ def test_not_enough_calibration_text_is_one_line(tiny, tmp_path, capsys):
                  "--calibration", str(small), "--out", str(tmp_path / "x.npz"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "not enough text" in err and len(err.strip().splitlines()) == 1 and err.startswith("qblock: error")
+
+
+def test_concurrent_run_on_same_output_is_refused(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.npz"
+    lock = tmp_path / "p.npz.lock"
+    # a live process owns the lock: refused with a clear message
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(sleeper.pid))
+        with pytest.raises(pipeline.ExtractError, match=f"pid {sleeper.pid}"):
+            run(tiny, out)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # its owner is gone: the stale lock is taken over, and released afterwards
+    run(tiny, out)
+    assert out.exists() and not lock.exists()

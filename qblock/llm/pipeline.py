@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -108,6 +109,46 @@ def _short(v: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
+@contextlib.contextmanager
+def _output_lock(out_path: Path | None):
+    """One extraction per output at a time: ``<out>.lock`` holds the owner's pid (stale locks are taken over)."""
+    if out_path is None:
+        yield
+        return
+    lock = out_path.with_name(out_path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise ExtractError(f"another extraction (pid {pid}) is writing {out_path}; wait for it, or "
+                                   f"delete {lock} if that process is gone") from None
+            lock.unlink(missing_ok=True)  # stale: its owner died
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def compute_rows(model, samples: Sequence, rows: np.ndarray | None = None, *, gate: str = "layer",
                  granularity: str = "block", batch_size: int = 8, checkpoint_every: int | None = None,
                  on_checkpoint=None, progress: bool = True, device: Any = None) -> np.ndarray:
@@ -175,44 +216,14 @@ def compute_rows(model, samples: Sequence, rows: np.ndarray | None = None, *, ga
     return np.concatenate(done_rows, axis=0)
 
 
-def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len: int = 256,
+def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len: int = 256,
                     energy: str = "fisher", gate: str = "layer", granularity: str = "block",
                     batch_size: int = 8, seed: int = 0, out: str | os.PathLike | None = None,
                     checkpoint_every: int | None = None, calibration: str | os.PathLike | None = None,
                     keep_A: bool = True, progress: bool = True, num_remove: int | None = None,
                     restart: bool = False, num_eval: int = 64, dtype: Any = None, device: Any = None,
                     model=None, tokenizer=None):
-    """Compute ``A`` on calibration text, build the problem, and save it (resumably).
-
-    Args:
-        model_spec: ``"default"``, a local Hugging Face directory, or a hub id (see
-            :func:`qblock.llm.models.load_model`).
-        num_samples: calibration samples ``m``.
-        seq_len: tokens per sample.
-        energy: energy model for :func:`qblock.llm.energy.build_problem` (``"fisher"``, ``"fisher+grad"``).
-        gate: ``"layer"`` or ``"branch"``.
-        granularity: ``"block"`` or ``"sublayer"``.
-        batch_size: samples per batched backward.
-        seed: data shuffling/split seed.
-        out: output ``.npz``; ``None`` computes without files (no checkpointing).
-        checkpoint_every: checkpoint interval in samples (default 32, rounded up to whole batches).
-        calibration: ``None`` (LAMBADA passages) or a ``.txt``/``.jsonl`` file.
-        keep_A: store ``A`` in the problem file (lets other energies be derived later).
-        progress: progress bar and messages on stderr.
-        num_remove: ``M`` to store in the problem (``None``: choose later).
-        restart: discard an existing checkpoint/output instead of resuming/reusing it.
-        num_eval: evaluation samples reserved (disjoint passages) for later held-out evaluation;
-            recorded in the metadata so evaluators draw the same split.
-        dtype: model dtype (default fp32).
-        device: device for the model (default CPU).
-        model, tokenizer: an already loaded model and tokenizer (``model_spec`` is then only recorded).
-
-    Returns:
-        the :class:`qblock.BlockRemovalProblem` (also written to ``out``).
-
-    Raises:
-        ExtractError: settings differ from an existing checkpoint/output (see the message).
-    """
+    """The body of :func:`extract_problem` (runs under the output lock)."""
     from qblock.llm import data as qdata
     from qblock.llm import models as qmodels
     from qblock.llm.blocks import block_labels
@@ -222,9 +233,7 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
         raise ExtractError(f"unknown energy model {energy!r}; choose one of {', '.join(ENERGY_MODELS)}")
     quiet = not progress
     t_start = time.perf_counter()
-    out_path = Path(out) if out is not None else None
-    if out_path is not None and not out_path.name.endswith(".npz"):
-        out_path = out_path.with_name(out_path.name + ".npz")
+    out_path = _npz_path(out)
     ppath = partial_path(out_path) if out_path is not None else None
 
     if model is None:
@@ -361,6 +370,61 @@ def _reuse_output(out_path: Path, manifest: dict[str, Any]):
         raise ExtractError(f"{out_path} exists but does not hold A (made with keep_A=False); "
                            "pass --restart to recompute")
     return np.asarray(old.arrays["A"], dtype=np.float64)
+
+
+def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len: int = 256,
+                    energy: str = "fisher", gate: str = "layer", granularity: str = "block",
+                    batch_size: int = 8, seed: int = 0, out: str | os.PathLike | None = None,
+                    checkpoint_every: int | None = None, calibration: str | os.PathLike | None = None,
+                    keep_A: bool = True, progress: bool = True, num_remove: int | None = None,
+                    restart: bool = False, num_eval: int = 64, dtype: Any = None, device: Any = None,
+                    model=None, tokenizer=None):
+    """Compute ``A`` on calibration text, build the problem, and save it (resumably).
+
+    Args:
+        model_spec: ``"default"``, a local Hugging Face directory, or a hub id (see
+            :func:`qblock.llm.models.load_model`).
+        num_samples: calibration samples ``m``.
+        seq_len: tokens per sample.
+        energy: energy model for :func:`qblock.llm.energy.build_problem` (``"fisher"``, ``"fisher+grad"``).
+        gate: ``"layer"`` or ``"branch"``.
+        granularity: ``"block"`` or ``"sublayer"``.
+        batch_size: samples per batched backward.
+        seed: data shuffling/split seed.
+        out: output ``.npz``; ``None`` computes without files (no checkpointing).
+        checkpoint_every: checkpoint interval in samples (default 32, rounded up to whole batches).
+        calibration: ``None`` (LAMBADA passages) or a ``.txt``/``.jsonl`` file.
+        keep_A: store ``A`` in the problem file (lets other energies be derived later).
+        progress: progress bar and messages on stderr.
+        num_remove: ``M`` to store in the problem (``None``: choose later).
+        restart: discard an existing checkpoint/output instead of resuming/reusing it.
+        num_eval: evaluation samples reserved (disjoint passages) for later held-out evaluation;
+            recorded in the metadata so evaluators draw the same split.
+        dtype: model dtype (default fp32).
+        device: device for the model (default CPU).
+        model, tokenizer: an already loaded model and tokenizer (``model_spec`` is then only recorded).
+
+    Returns:
+        the :class:`qblock.BlockRemovalProblem` (also written to ``out``).
+
+    Raises:
+        ExtractError: settings differ from an existing checkpoint/output (see the message).
+    """
+    out_path = _npz_path(out)
+    with _output_lock(out_path):
+        return _extract_problem(
+            model_spec=model_spec, num_samples=num_samples, seq_len=seq_len, energy=energy, gate=gate,
+            granularity=granularity, batch_size=batch_size, seed=seed, out=out_path,
+            checkpoint_every=checkpoint_every, calibration=calibration, keep_A=keep_A, progress=progress,
+            num_remove=num_remove, restart=restart, num_eval=num_eval, dtype=dtype, device=device,
+            model=model, tokenizer=tokenizer)
+
+
+def _npz_path(out: str | os.PathLike | None) -> Path | None:
+    if out is None:
+        return None
+    p = Path(out)
+    return p if p.name.endswith(".npz") else p.with_name(p.name + ".npz")
 
 
 def _pairwise(model, calib, manifest, model_info, data_prov, out_path, num_remove, gate, granularity,
