@@ -561,7 +561,7 @@ def _pyplot():
 
 
 def plot_energy_distributions(study: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Energies returned per backend (all top-k states of all runs: box; each run's best: dots),
+    """Energies returned per backend (all top-k states of all runs: box, whiskers at min and max; each run's best: dots),
     with the reference energy as a line. Uses only the study's raw records."""
     plt = _pyplot()
     ref = reference_from_runs(study["runs"], int(study["settings"]["top_k"]))
@@ -576,7 +576,7 @@ def plot_energy_distributions(study: Mapping[str, Any], path: str | os.PathLike)
                     transform=ax.get_xaxis_transform(), ha="center", va="center", color="0.5", fontsize=8)
             continue
         allE = np.concatenate([np.asarray(r["energies"], dtype=float) for r in runs])
-        ax.boxplot([allE], positions=[i], widths=0.5, showfliers=False, patch_artist=True,
+        ax.boxplot([allE], positions=[i], widths=0.5, whis=(0, 100), showfliers=False, patch_artist=True,
                    boxprops={"facecolor": "#cfe2f3", "edgecolor": "#3d85c6"}, medianprops={"color": "#3d85c6"})
         best = np.array([r["energies"][0] for r in runs], dtype=float)
         ax.scatter(i + rng.uniform(-0.15, 0.15, best.size), best, s=16, color="#cc0000", zorder=3,

@@ -91,5 +91,7 @@ def test_04_dwave_leap_offline(tmp_path, monkeypatch):
 @pytest.mark.real_model
 def test_02_real_model(tmp_path, monkeypatch):
     nb, out = _execute("02_real_model.ipynb", tmp_path, monkeypatch, timeout=900)
-    assert (out / "problem.npz").exists()
+    assert (out / "problem.npz").exists() and (out / "pruned" / "config.json").exists()
+    text = _text(nb)
+    assert "blocks: 30 -> 24" in text and "best baseline" in text
 
