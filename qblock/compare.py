@@ -189,7 +189,11 @@ def summarize(study: Mapping[str, Any]) -> list[dict[str, Any]]:
         runs = [r for r in study["runs"] if r["backend"] == backend and r.get("role", "compared") == "compared"]
         runs_ok = [r for r in runs if r.get("states")]
         if not runs_ok:
-            rows.append({"backend": backend, "runs": len(runs), "note": "no feasible solution returned"})
+            # ran but returned nothing (e.g. exact's branch-and-bound stopped by its time limit): it did
+            # not reach E_ref, so p = 0 and TTS99 is infinite
+            t = float(np.mean([float(r["wall_time"]) for r in runs]))
+            rows.append({"backend": backend, "runs": len(runs), "p_success": 0.0, "time_per_run": t,
+                         "tts99": math.inf, "note": f"no feasible solution returned (after {t:.3g} s per run)"})
             continue
         bests = np.array([float(r["energies"][0]) for r in runs_ok])
         best = float(bests.min())
@@ -626,6 +630,11 @@ def plot_tts(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
         ps.sort()
         ax2.plot([x for x, _ in ps], [p for _, p in ps], marker="o", color=line.get_color(), label=b)
     ax1.set_yscale("log")
+    xs_all = sorted({s["problem"][xkey] for s in studies})
+    if xs_all and xs_all[0] > 0 and xs_all[-1] / xs_all[0] >= 4:  # doubling sweeps read best on log2
+        for ax in (ax1, ax2):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs_all, [str(x) for x in xs_all])
     ax1.set_xlabel(xlabel)
     ax1.set_ylabel("TTS99 [s]  (x on top: never reached E_ref)")
     ax1.set_title("time to solution (99 %)", fontsize=10)

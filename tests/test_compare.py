@@ -14,7 +14,6 @@ from qblock.cli import main
 from qblock.compare import (
     _jsonable,
     compare_backends,
-    format_csv,
     format_markdown,
     load_result,
     reference_from_runs,
