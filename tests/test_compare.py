@@ -217,3 +217,11 @@ def test_cli_errors_are_one_line(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_backend_that_returns_nothing_counts_as_never_successful():
+    runs = [_run("a", [1.0], [[0, 1]]), _run("b", [], [], t=2.5)]
+    a, b = summarize(_hand_study(runs, repeats=1))
+    assert a["p_success"] == 1.0
+    assert b["p_success"] == 0.0 and b["tts99"] == math.inf and b["time_per_run"] == 2.5
+    assert "no feasible solution" in b["note"]
