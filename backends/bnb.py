@@ -24,8 +24,8 @@ incumbent) or cannot be (the relaxation value itself is below it). Small subtree
 one matrix product. The incumbent is the k-th best energy, seeded by greedy + swap local search.
 
 Certification: when the search finishes, every state with energy at or below the returned k-th
-energy was visited, so the k returned states are the k lowest (ties broken by energy, then
-lexicographic state, exactly like :func:`qblock.backends.exact.enumerate_topk`).
+energy was visited, so the k returned states are the k lowest, ordered by energy and then
+lexicographic state (also among states tied with the k-th energy).
 """
 
 from __future__ import annotations
@@ -42,6 +42,31 @@ from qblock.backends.exact import _combos, _TopK
 __all__ = ["topk", "qcr_diagonal", "convexify", "BnBStats"]
 
 BnBStats = dict  # alias for documentation: the stats dict returned by :func:`topk`
+
+
+class _TopKLex(_TopK):
+    """The k lowest states in the order (energy, lexicographic state), ties at the cut included.
+
+    (Selecting the k candidates by ``argpartition`` alone would cut ties at the k-th energy
+    arbitrarily; here every candidate tied with the k-th is kept until the final sort.)
+    """
+
+    def offer(self, energies: np.ndarray, make_states) -> None:
+        thr = self.threshold
+        idx = np.flatnonzero(energies <= thr) if math.isfinite(thr) else np.arange(energies.size)
+        if idx.size == 0:
+            return
+        if idx.size > self.k:
+            kth = np.partition(energies[idx], self.k - 1)[self.k - 1]
+            idx = idx[energies[idx] <= kth]
+        X_new = make_states(idx)
+        e_new = energies[idx]
+        if self.X is None:
+            X_all, e_all = X_new, e_new
+        else:
+            X_all, e_all = np.concatenate([self.X, X_new]), np.concatenate([self.energy, e_new])
+        order = np.lexsort(tuple(X_all[:, ::-1].T) + (e_all,))[: self.k]
+        self.X, self.energy = X_all[order], e_all[order]
 
 
 def _limit_threads():
@@ -375,7 +400,7 @@ def topk(
     Q = H - np.diag(np.diag(H))
     total = math.comb(n, M)
     k = min(int(k), total)
-    top = _TopK(k)
+    top = _TopKLex(k)
     stats: dict[str, Any] = {"bound": f"{bound}-qp", "nodes": 0, "leaves": 0, "qp_iterations": 0,
                              "num_feasible_states": total}
 
@@ -519,7 +544,7 @@ def topk(
             P, G, E, r, Y, bnd = P[alive], G[alive], E[alive], r[alive], Y[alive], bnd[alive]
             # children: x_d = 1 (if picks remain) and x_d = 0 (if enough variables remain)
             one = r >= 1
-            zero = r <= m - 2
+            zero = r <= m - 1
             kids = []
             if zero.any():
                 s = zero

@@ -1,0 +1,237 @@
+"""Branch-and-bound top-k (qblock.backends.bnb) against exhaustive enumeration, plus the MIQP backends."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import qblock
+from qblock.backends import bnb
+from qblock.backends.exact import ExactTopKSampler, enumerate_topk
+
+
+def _instance(rng: np.random.Generator, n: int, kind: str) -> tuple[np.ndarray, np.ndarray | None]:
+    if kind == "psd":
+        A = rng.standard_normal((3 * n, n)) * rng.lognormal(0, 0.5, n)
+        return A.T @ A / (3 * n), None
+    if kind == "psd+linear":
+        A = rng.standard_normal((3 * n, n))
+        return A.T @ A / (3 * n), rng.standard_normal(n)
+    if kind == "indefinite":
+        H = rng.standard_normal((n, n))
+        return (H + H.T) / 2, rng.standard_normal(n)
+    raise AssertionError(kind)
+
+
+def _assert_same(X, e, Xr, er):
+    assert X.dtype == np.int8 and X.shape == Xr.shape
+    np.testing.assert_allclose(e, er, rtol=0, atol=1e-9 * max(1.0, float(np.abs(er).max())))
+    # states must agree wherever the energies are not (numerically) tied
+    gaps = np.diff(er)
+    distinct = np.ones(len(er), bool)
+    distinct[1:] &= gaps > 1e-9
+    distinct[:-1] &= gaps > 1e-9
+    assert (X[distinct] == Xr[distinct]).all()
+
+
+@pytest.mark.parametrize("kind", ["psd", "psd+linear", "indefinite"])
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_enumeration(kind, seed):
+    rng = np.random.default_rng(1000 * seed + len(kind))
+    n = int(rng.integers(8, 17))
+    for M in sorted({1, 2, n // 3, n // 2, n - 2}):
+        k = int(rng.integers(1, 21))
+        H, lin = _instance(rng, n, kind)
+        X, e, st = bnb.topk(H, lin, M, k)
+        Xr, er, _ = enumerate_topk(H, np.zeros(n) if lin is None else lin, M, k)
+        assert st["certified"] and st["gap"] == 0.0
+        assert st["bound"] == "qcr-qp"
+        _assert_same(X, e, Xr, er)
+        # the energies are those of the returned states
+        Xf = X.astype(float)
+        lin0 = np.zeros(n) if lin is None else lin
+        np.testing.assert_allclose(np.einsum("ij,ij->i", Xf @ H, Xf) + Xf @ lin0, e, atol=1e-9)
+        assert (X.sum(axis=1) == M).all()
+
+
+@pytest.mark.parametrize("options", [{"bound": "eig"}, {"order": "y"}, {"order": "fractional"},
+                                     {"order": "decided"}, {"tighten": False, "leaf_states": 1},
+                                     {"max_qp_iter": 2, "batch_size": 3}])
+def test_options_stay_exact(options):
+    rng = np.random.default_rng(7)
+    H, lin = _instance(rng, 14, "psd+linear")
+    X, e, st = bnb.topk(H, lin, 5, 20, **options)
+    Xr, er, _ = enumerate_topk(H, lin, 5, 20)
+    assert st["certified"]
+    _assert_same(X, e, Xr, er)
+
+
+def _brute_lex(H, lin, M, k):
+    import itertools
+
+    n = H.shape[0]
+    X = np.zeros((math.comb(n, M), n), dtype=np.int8)
+    for row, S in enumerate(itertools.combinations(range(n), M)):
+        X[row, list(S)] = 1
+    Xf = X.astype(float)
+    e = np.einsum("ij,ij->i", Xf @ H, Xf) + Xf @ lin
+    order = np.lexsort(tuple(X[:, ::-1].T) + (e,))[:k]
+    return X[order], e[order]
+
+
+def test_exact_ties_ordered_by_energy_then_lexicographic_state():
+    # integer couplings make many energies exactly equal, also at the k-th place
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        n = 12
+        H = rng.integers(0, 3, (n, n)).astype(float)
+        H = H + H.T
+        lin = rng.integers(-2, 3, n).astype(float)
+        for M in (3, 6):
+            X, e, st = bnb.topk(H, lin, M, 20)
+            Xr, er = _brute_lex(H, lin, M, 20)
+            assert st["certified"]
+            assert (np.diff(er) == 0).any()  # the instance really has ties
+            np.testing.assert_array_equal(e, er)
+            np.testing.assert_array_equal(X, Xr)
+
+
+def test_all_zero_matrix_every_state_tied():
+    X, e, st = bnb.topk(np.zeros((9, 9)), None, 3, 20)
+    Xr, er = _brute_lex(np.zeros((9, 9)), np.zeros(9), 3, 20)
+    np.testing.assert_array_equal(X, Xr)
+    assert st["certified"] and (e == 0).all()
+
+
+def test_edge_cases():
+    H = np.array([[1.0, 2.0, 0.0], [2.0, 3.0, 1.0], [0.0, 1.0, 5.0]])
+    X, e, st = bnb.topk(H, None, 0, 5)
+    assert X.tolist() == [[0, 0, 0]] and e.tolist() == [0.0] and st["certified"]
+    X, e, st = bnb.topk(H, None, 3, 5)
+    assert X.tolist() == [[1, 1, 1]] and e.tolist() == [float(np.ones(3) @ H @ np.ones(3))]
+    X, e, st = bnb.topk(H, np.array([0.0, -10.0, 0.0]), 1, 50)  # k larger than C(3, 1)
+    assert X.shape == (3, 3) and st["certified"] and X[0].tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match="num_remove"):
+        bnb.topk(H, None, 4, 1)
+    with pytest.raises(ValueError, match="k must"):
+        bnb.topk(H, None, 1, 0)
+    with pytest.raises(ValueError, match="square"):
+        bnb.topk(np.zeros((2, 3)), None, 1, 1)
+    with pytest.raises(ValueError, match="length"):
+        bnb.topk(H, np.zeros(2), 1, 1)
+    with pytest.raises(ValueError, match="unknown bound"):
+        bnb.topk(H, None, 1, 1, bound="nope")
+
+
+def test_time_limit_stops_uncertified():
+    rng = np.random.default_rng(11)
+    n = 70
+    H = rng.standard_normal((n, n))
+    H = (H + H.T) / 2  # dense indefinite: hard, cannot finish in 0.2 s
+    X, e, st = bnb.topk(H, None, 20, 20, time_limit=0.2)
+    assert st["certified"] is False
+    assert st["time"] < 5.0
+    assert st["gap"] > 0
+    assert X.shape[0] <= 20 and (np.diff(e) >= 0).all()
+
+
+def test_convexify_is_psd_on_complement():
+    rng = np.random.default_rng(5)
+    for kind in ("psd", "indefinite"):
+        H, lin = _instance(rng, 20, kind)
+        Q = H - np.diag(np.diag(H))
+        c = np.diag(H) + (0 if lin is None else lin)
+        for method in ("qcr", "eig"):
+            u, lam = bnb.convexify(Q, c, 6, method)
+            B = bnb._complement_basis(20)
+            assert np.linalg.eigvalsh(B.T @ (Q + np.diag(u)) @ B)[0] >= 0.0
+            assert lam >= 0.0
+
+
+def test_qcr_bound_beats_uniform_shift_at_root():
+    from qblock.problems.synthetic import paper_structure_A
+
+    A = paper_structure_A(30, 256, seed=2)
+    H = A.T @ A / 256
+    _, _, st_q = bnb.topk(H, None, 8, 5, bound="qcr")
+    _, e, st_e = bnb.topk(H, None, 8, 5, bound="eig")
+    assert st_q["root_bound"] > st_e["root_bound"]
+    assert st_q["root_bound"] <= e[0] + 1e-9
+
+
+def test_projection_onto_capped_simplex():
+    rng = np.random.default_rng(0)
+    Z = rng.normal(0, 2, (50, 9))
+    r = rng.integers(1, 9, 50)
+    Y = bnb._project(Z, r)
+    np.testing.assert_allclose(Y.sum(axis=1), r, atol=1e-12)
+    assert (Y >= 0).all() and (Y <= 1).all()
+    # optimality: y = clip(z - tau) for one tau per row (KKT of the projection)
+    for z, y in zip(Z, Y):
+        free = (y > 1e-12) & (y < 1 - 1e-12)
+        if free.any():
+            tau = (z - y)[free]
+            np.testing.assert_allclose(tau, tau[0], atol=1e-9)
+            np.testing.assert_allclose(y, np.clip(z - tau[0], 0, 1), atol=1e-9)
+
+
+def test_sampler_and_solve_with_bnb_strategy():
+    p = qblock.random_problem(16, 5, linear=True, seed=4)
+    a = qblock.solve(p, "exact", num_solutions=12, strategy="bnb")
+    b = qblock.solve(p, "exact", num_solutions=12, strategy="enumerate")
+    assert a.info["certified_optimal"] is True and a.info["strategy"] == "bnb"
+    assert a.info["bound"] == "qcr-qp" and a.info["nodes"] >= 1
+    np.testing.assert_allclose(a.record.energy, b.record.energy, atol=1e-9)
+    assert len(a) == 12
+    ss = ExactTopKSampler().sample(p.objective_bqm(), num_remove=5, num_solutions=3, strategy="bnb", time_limit=30)
+    assert ss.info["certified_optimal"] is True
+    np.testing.assert_allclose(ss.record.energy, b.record.energy[:3] - 0.0, atol=1e-9)
+
+
+def _small_problem():
+    rng = np.random.default_rng(21)
+    H, lin = _instance(rng, 10, "psd+linear")
+    return H, lin
+
+
+def test_scip_topk_matches_enumeration():
+    pytest.importorskip("pyscipopt")
+    from qblock.backends.miqp import topk_scip
+
+    H, lin = _small_problem()
+    X, e, st = topk_scip(H, lin, 4, 5)
+    Xr, er, _ = enumerate_topk(H, lin, 4, 5)
+    assert st["certified"]
+    _assert_same(X, e, Xr, er)
+
+
+def test_gurobi_topk_matches_enumeration():
+    pytest.importorskip("gurobipy")
+    from qblock.backends.miqp import topk_gurobi
+
+    H, _ = _small_problem()
+    lin = np.zeros(10)  # Gurobi's pool search is slow with a linear term here (tens of seconds at N=10)
+    try:
+        X, e, st = topk_gurobi(H, None, 4, 5, time_limit=60)
+    except RuntimeError as exc:  # no usable licence on this machine
+        pytest.skip(str(exc))
+    Xr, er, _ = enumerate_topk(H, lin, 4, 5)
+    assert st["certified"]
+    _assert_same(X, e, Xr, er)
+
+
+def test_miqp_samplers_through_dimod():
+    pytest.importorskip("pyscipopt")
+    import dimod
+
+    from qblock.backends.miqp import SCIPTopKSampler
+
+    bqm = dimod.BQM({0: 1.0, 1: 2.0, 2: 3.0}, {(0, 1): 5.0}, 0.5, "BINARY")
+    ss = SCIPTopKSampler().sample(bqm, num_remove=2, num_solutions=3)
+    assert list(ss.record.energy) == [4.5, 5.5, 8.5]
+    assert ss.info["certified_optimal"] is True
+    with pytest.raises(TypeError, match="unknown parameters"):
+        SCIPTopKSampler().sample(bqm, num_remove=2, bogus=1)
+    assert math.isfinite(ss.info["time"])
