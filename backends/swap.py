@@ -14,7 +14,7 @@ import dimod
 import numpy as np
 
 from qblock.backends.exact import bqm_to_matrices
-from qblock.backends.local_search import swap_descent, swap_neighbours
+from qblock.backends.local_search import swap_descent, topk_closure
 
 __all__ = ["SwapAnnealingSampler", "default_beta_range"]
 
@@ -50,7 +50,7 @@ class SwapAnnealingSampler(dimod.Sampler):
     """Annealer whose moves swap a removed and a kept block, so every state has exactly M ones.
 
     Takes the *unpenalised* objective BQM and ``num_remove``. Returns the best state each read
-    visited, polished by steepest swap descent, plus the swap neighbours of the best states (low
+    visited, polished by steepest swap descent and grown into a top-k closed under swap moves (low
     excited states for the top-k), as distinct states sorted by energy.
 
     Example:
@@ -158,10 +158,8 @@ class SwapAnnealingSampler(dimod.Sampler):
         moves = 0
         if polish:
             states, moves = swap_descent(H, lin, np.unique(states, axis=0))
-            uniq = np.unique(states, axis=0)
-            e = np.einsum("ri,ij,rj->r", uniq.astype(float), H, uniq.astype(float)) + uniq @ lin
-            best = uniq[np.argsort(e, kind="stable")[: max(1, min(8, num_solutions))]]
-            states = np.concatenate([states] + [swap_neighbours(x) for x in best])
+            # the reads end in few distinct minima; grow them into a top-k closed under swaps
+            states = np.concatenate([states, topk_closure(H, lin, states, int(num_solutions))])
         uniq = np.unique(states, axis=0)
         Xf = uniq.astype(np.float64)
         e = np.einsum("ri,ij,rj->r", Xf, H, Xf) + Xf @ lin + offset

@@ -131,11 +131,11 @@ def penalty_pipeline(
 
     Each strength comes from feeding the compiled model's ``Placeholder``; the raw reads are counted
     (feasible or not), infeasible reads are repaired by greedy add/drop, every read is polished by
-    1-in/1-out swap descent, and the best distinct states are kept, together with the swap
-    neighbours of the best few (so the top-k holds low excited states too).
+    1-in/1-out swap descent, and the best distinct states are grown into a top-k closed under swaps
+    (so the top-k holds the low excited states too, not only the minima the reads ended in).
     """
     from qblock.backends.local_search import repair as repair_fn
-    from qblock.backends.local_search import swap_descent, swap_neighbours
+    from qblock.backends.local_search import swap_descent
 
     m = problem._require_m()
     safe = problem.safe_penalty()
@@ -188,11 +188,7 @@ def penalty_pipeline(
 
 
 def enrich_with_neighbours(problem: BlockRemovalProblem, X: np.ndarray, num_solutions: int) -> np.ndarray:
-    """Add the 1-swap neighbours of the best few distinct states (cheap low excited states)."""
-    from qblock.backends.local_search import swap_neighbours
+    """Add low excited states: grow the reads into a top-k closed under 1-in/1-out swaps."""
+    from qblock.backends.local_search import topk_closure
 
-    uniq = np.unique(X, axis=0)
-    e = problem.energies(uniq)
-    best = uniq[np.argsort(e, kind="stable")[: max(1, min(8, num_solutions))]]
-    extra = [swap_neighbours(x) for x in best]
-    return np.concatenate([X] + extra)
+    return np.concatenate([X, topk_closure(problem.H, problem.linear, X, num_solutions)])

@@ -194,3 +194,31 @@ def test_property_safe_penalty_bqm_minimum_is_feasible_optimum(n, seed):
     x = p.states_from_sampleset(ss.truncate(1))[0]
     _, eb = brute_force_topk(p, 1)
     assert x.sum() == m and p.energy(x) == pytest.approx(eb[0])
+
+
+@pytest.mark.parametrize("name", ["swap", "sa", "tabu"])
+def test_heuristic_top10_equals_certified_top10(name):
+    # users want the low excited states too, not only the ground state
+    p = qblock.random_problem(24, 6, seed=8, num_samples=512)
+    ex = qblock.solve(p, "exact", num_solutions=10)
+    ss = qblock.solve(p, name, num_solutions=10, seed=0)
+    assert np.allclose(ss.record.energy, ex.record.energy)
+
+
+def test_topk_closure_recovers_excited_states_from_the_optimum_alone():
+    from qblock.backends.local_search import topk_closure
+
+    p = qblock.random_problem(20, 5, seed=2)
+    ex = qblock.solve(p, "exact", num_solutions=15)
+    X = topk_closure(p.H, p.linear, p.states_from_sampleset(ex)[:1], 15)
+    assert np.allclose(p.energies(X), ex.record.energy)
+
+
+def test_saved_files_have_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    f = qblock.random_problem(4, 1, seed=0).save(tmp_path / "p.npz")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o666 & ~umask
