@@ -307,7 +307,8 @@ def _root_order(Q: np.ndarray, c: np.ndarray, u: np.ndarray, M: int, how: str) -
     raise ValueError(f"unknown order {how!r}")
 
 
-def _initial_threshold(Q: np.ndarray, c: np.ndarray, M: int, k: int, seed: int, starts: int) -> tuple[float, int]:
+def _initial_threshold(Q: np.ndarray, c: np.ndarray, M: int, k: int, seed: int, starts: int,
+                       rounds: int = 6) -> tuple[float, int]:
     """The k-th lowest distinct energy among greedy + swap-descent states and their swap neighbours."""
     from qblock.backends.local_search import greedy_state, swap_descent, swap_neighbours
 
@@ -320,9 +321,36 @@ def _initial_threshold(Q: np.ndarray, c: np.ndarray, M: int, k: int, seed: int, 
     X, _ = swap_descent(Q, c, X0)
     X = np.unique(X, axis=0)
     E = np.einsum("ij,ij->i", X @ Q, X) + X @ c
-    best = X[np.argsort(E, kind="stable")[: max(1, min(8, k))]]
-    X = np.unique(np.concatenate([X] + [swap_neighbours(x) for x in best]), axis=0).astype(np.float64)
-    E = np.sort(np.einsum("ij,ij->i", X @ Q, X) + X @ c)
+    # the low excited states lie a few swaps from the ground state: grow the k best by their swap
+    # neighbourhoods until that set stops changing (a tight incumbent prunes from the first node on)
+    seen = X.astype(np.int8)
+    Es = E
+
+    def keys(Z: np.ndarray) -> np.ndarray:  # one comparable scalar per state (packed bits)
+        packed = np.ascontiguousarray(np.packbits(Z.astype(bool), axis=1))
+        return packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+
+    expanded: set[bytes] = set()
+    for _ in range(rounds):
+        best_idx = np.argsort(Es, kind="stable")[:k]
+        fresh = [i for i in best_idx if seen[i].tobytes() not in expanded]
+        if not fresh:
+            break
+        nbs, ens = [], []
+        for i in fresh:
+            x = seen[i]
+            expanded.add(x.tobytes())
+            ones, zeros = np.flatnonzero(x == 1), np.flatnonzero(x == 0)
+            g = c + 2.0 * (Q[ones].sum(axis=0) if ones.size else 0.0)  # cost of adding each block
+            # swap j (out) for i (in), rows = ones, columns = zeros, as in swap_neighbours
+            ens.append((Es[i] + g[zeros][None, :] - g[ones][:, None] - 2.0 * Q[np.ix_(ones, zeros)]).ravel())
+            nbs.append(swap_neighbours(x))
+        allX = np.concatenate([seen] + nbs)
+        allE = np.concatenate([Es] + ens)
+        _, idx = np.unique(keys(allX), return_index=True)
+        seen, Es = allX[idx], allE[idx]
+    E = np.sort(Es)
+    X = seen
     return (float(E[k - 1]) if E.size >= k else math.inf), int(X.shape[0])
 
 
