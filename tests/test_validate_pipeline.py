@@ -350,7 +350,8 @@ def test_cli_run_end_to_end_and_cached(tiny_dir, tmp_path, monkeypatch, capsys):
     from qblock.cli import main
 
     monkeypatch.setenv("QBLOCK_CACHE", str(tmp_path / "cache"))
-    args = ["run", "--model", str(tiny_dir / "model"), "--calibration", str(tiny_dir / "calib.txt"),
+    args = ["run", "--quick", "--energies", "fisher,fisher+grad", "--bootstrap", "100", "--model", str(tiny_dir / "model"),
+            "--calibration", str(tiny_dir / "calib.txt"),
             "--samples", "8", "--seq-len", "24", "--eval-samples", "6", "--remove", "2,3", "--top", "3",
             "--random", "2", "--greedy-samples", "4", "--tasks", "none", "--backend", "exact"]
     out = tmp_path / "report"

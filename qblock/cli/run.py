@@ -57,11 +57,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task-limit", type=int, default=None, help="items per benchmark (preset)")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="calibration and held-out text (.txt/.jsonl; disjoint passages); default LAMBADA passages")
+    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples for the intervals (preset)")
     p.add_argument("--energy", default="fisher", help="energy model to solve: fisher or fisher+grad (default fisher)")
     p.add_argument("--energies", default="auto", help="energy models to compare (see qblock validate)")
     p.add_argument("--backend", default="swap", help="solver backend (default swap)")
     p.add_argument("--seed", type=int, default=0, help="data, solver and bootstrap seed (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
+    p.add_argument("--threads", default="auto",
+                   help="torch CPU threads: a number, or 'auto' (default): torch's choice (one per core), but 1 when "
+                        "the machine is already busy (1-minute load average >= number of cores), where threads "
+                        "waiting on each other made forward passes up to 8x slower")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--restart", action="store_true", help="recompute the cached extraction")
     p.add_argument("--out", "-o", default=None, help="report directory (default ./qblock-report[-quick])")
@@ -99,6 +104,12 @@ def run(args: argparse.Namespace) -> int:
 
     require("torch", "llm")
     require("scipy", "llm")
+    from qblock.validate.runner import apply_threads
+
+    try:
+        threads = apply_threads(args.threads, quiet=args.quiet)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     from qblock.cli.validate import parse_list, parse_ms
     from qblock.llm.cache import CacheError
     from qblock.llm.data import BENCHMARKS, DataError
@@ -178,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         result = validate(problem, model, tok, calib, evals, settings, out,
                           report_settings={"model": f"{prov.get('id')} ({prov.get('source')})",
+                                           "torch threads": threads,
                                            "mode": "quick" if args.quick else "full",
                                            "energy (solved)": problem.metadata.get("energy"),
                                            "calibration": f"{cfg['samples']} samples x {cfg['seq_len']} tokens",

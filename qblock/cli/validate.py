@@ -57,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "N <= 12), 'none', or a comma list of fisher,fisher+grad,pairwise")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (default 8)")
+    p.add_argument("--threads", default="auto",
+                   help="torch CPU threads: a number, or 'auto' (default): torch's choice (one per core), but 1 when "
+                        "the machine is already busy (1-minute load average >= number of cores), where threads "
+                        "waiting on each other made forward passes up to 8x slower")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--out", "-o", default="validation", help="output directory (default ./validation)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output, no summary")
@@ -94,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
 
     require("torch", "llm")
     require("scipy", "llm")
+    from qblock.validate.runner import apply_threads
+
+    try:
+        threads = apply_threads(args.threads, quiet=args.quiet)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     from pathlib import Path
 
     from qblock.problems.block_removal import BlockRemovalProblem
@@ -161,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
             task_limit=args.task_limit or None, bench_top=args.bench_top, harness=args.harness, energy_models=energies,
             n_boot=args.bootstrap, stats_seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
         result = validate(problem, model, tok, calib, evals, settings, args.out, solutions=solutions,
-                          report_settings={"problem": args.problem, "model": model_spec,
+                          report_settings={"problem": args.problem, "model": model_spec, "torch threads": threads,
                                            "held-out data": _describe_eval(prov)})
     except (ValidationError, DataError, CacheError) as exc:
         raise CliError(str(exc)) from None

@@ -208,7 +208,7 @@ def render_report(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
                     f"(95% bootstrap interval, {n_boot} resamples):", "",
                     "| energy model | n | Spearman | Kendall |", "|---|---|---|---|"]
             for col, c in corr.items():
-                name = "problem energy" if col == "energy" else col[len("energy_"):]
+                name = "problem energy" if col == "energy" else col[len("energy_"):].replace("_grad", "+grad")
                 out.append(f"| {name} | {c['n']} | {_ci(c, 'spearman')} | {_ci(c, 'kendall')} |")
             out.append("")
     if plots:
