@@ -117,7 +117,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str] | Mapping[str, Sequence[M
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         with mask_blocks(model, list(removed), gate=gate):
             res = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=tm, log_samples=False,
-                                          bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+                                          bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
                                           torch_random_seed=seed, fewshot_random_seed=seed)
     for tname, name in names.items():
         r = res["results"][tname]

@@ -521,10 +521,11 @@ def print_summary(result: Mapping[str, Any], file=None) -> None:
     file = file or sys.stdout
     rows = result["rows"]
     ref = [r for r in rows if r["method"] == REFERENCE_METHOD]
-    if ref:
-        print(f"full model: held-out loss {ref[0]['heldout_loss']:.4f}, ppl {ref[0]['perplexity']:.2f}", file=file)
     accs = sorted({k for r in rows for k in r if k.startswith("acc_") and not k.startswith("acc_norm_")
                    and r.get(k) is not None})
+    if ref:
+        print(f"full model: held-out loss {ref[0]['heldout_loss']:.4f}, ppl {ref[0]['perplexity']:.2f}"
+              + "".join(f", {a[4:]} {ref[0][a]:.3f}" for a in accs if ref[0].get(a) is not None), file=file)
     for m_key, s in result["summary"]["per_m"].items():
         m = int(m_key)
         print(f"\nM = {m}", file=file)
