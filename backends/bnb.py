@@ -230,11 +230,10 @@ def _smallest_sum(G: np.ndarray, r: np.ndarray) -> np.ndarray:
 class _Level:
     """Per-depth data shared by all nodes whose first ``d`` variables are fixed."""
 
-    def __init__(self, A: np.ndarray, L: float, shift: float = 0.0) -> None:
-        self.A = A
-        self.L = L
-        self.shift = shift  # u on this level is u - shift
-        self.leaf: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    def __init__(self, A: np.ndarray, L: float) -> None:
+        self.A = A  # Q restricted to the free block plus diag(u)
+        self.L = L  # Lipschitz constant of the gradient
+        self.u = np.zeros(A.shape[0])
 
 
 def _qp_bounds(
@@ -371,6 +370,7 @@ def topk(
     starts: int = 32,
     seed: int = 0,
     tighten: bool = True,
+    refresh: int = 0,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The ``k`` lowest energies with exactly ``num_remove`` ones, certified by branch-and-bound.
@@ -393,6 +393,7 @@ def topk(
         starts: random starts of the swap local search that seeds the incumbent.
         seed: seed of that local search (the result does not depend on it, only the speed).
         tighten: per depth, lower the diagonal to the edge of convexity of the free block.
+        refresh: every ``refresh`` depths re-optimise the QCR diagonal for the subtree (0: never).
         progress: show a tqdm counter of nodes.
 
     Returns:
@@ -457,30 +458,43 @@ def topk(
 
         levels: dict[int, _Level] = {}
 
-        def level(d: int) -> _Level:
+        base: dict[int, np.ndarray] = {0: up}  # depth -> QCR diagonal of the suffix from that depth
+
+        def level(d: int, G: np.ndarray, r: np.ndarray) -> _Level:
             if d not in levels:
-                # the suffix block may be convex with room to spare: lower its diagonal uniformly to
-                # the edge of convexity on 1^perp (a tighter relaxation for every node of this depth)
-                Ad = np.array(Ap[d:, d:])
-                shift = 0.0
-                if tighten and n - d > 2:
-                    lam_d = _min_eig_on_complement(Ad, _complement_basis(n - d))
-                    shift = max(0.0, lam_d - margin)
-                    Ad[np.diag_indices(n - d)] -= shift
-                levels[d] = _Level(Ad, L, shift)
+                m_d = n - d
+                Qd = Qp[d:, d:]
+                if refresh and d % refresh == 0 and d > 0 and 0 < int(np.median(r)) < m_d and m_d > 8:
+                    # re-optimise the diagonal for this subtree (its own linear term and picks left)
+                    c_avg = cp[d:] + 2.0 * G[:, d:].mean(axis=0)
+                    base[d], _ = convexify(Qd, c_avg, int(np.median(r)), bound, iters=qcr_iters)
+                d0 = max(k for k in base if k <= d)
+                ud = np.array(base[d0][d - d0 :])
+                Ad = Qd + np.diag(ud)
+                if m_d > 2:
+                    lam_d = _min_eig_on_complement(Ad, _complement_basis(m_d))
+                    # lower the diagonal to the edge of convexity on 1^perp (tighter bounds), or
+                    # raise it if rounding left the restriction slightly non-convex
+                    shift = lam_d - margin if (tighten or lam_d < margin) else 0.0
+                    ud = ud - shift
+                    Ad[np.diag_indices(m_d)] -= shift
+                Ld = 2.0 * max(float(np.linalg.eigvalsh(Ad)[-1]), 1e-300)
+                lv = _Level(Ad, Ld)
+                lv.u = ud
+                levels[d] = lv
             return levels[d]
 
+        leaf_tables: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
         def leaf_table(d: int, r: int) -> tuple[np.ndarray, np.ndarray]:
-            lv = level(d)
-            if r not in lv.leaf:
+            if (d, r) not in leaf_tables:
                 S = _combos(n - d, r)
                 Ind = np.zeros((S.shape[0], n - d))
                 if r:
                     np.put_along_axis(Ind, S, 1.0, axis=1)
-                Qs = Qp[d:, d:]
-                pair = np.einsum("ij,ij->i", Ind @ Qs, Ind)
-                lv.leaf[r] = (Ind, pair)
-            return lv.leaf[r]
+                pair = np.einsum("ij,ij->i", Ind @ Qp[d:, d:], Ind)
+                leaf_tables[(d, r)] = (Ind, pair)
+            return leaf_tables[(d, r)]
 
         def threshold() -> float:
             return min(top.threshold, thr0)
@@ -559,9 +573,9 @@ def topk(
                 P, G, E, r, Y, pb = P[big], G[big], E[big], r[big], Y[big], pb[big]
                 if P.shape[0] == 0:
                     continue
-            lv = level(d)
+            lv = level(d, G, r)
             thr = threshold()
-            lin_nodes = cp[None, d:] + 2.0 * G[:, d:] - (up[None, d:] - lv.shift)
+            lin_nodes = cp[None, d:] + 2.0 * G[:, d:] - lv.u[None, :]
             bnd, Y, its = _qp_bounds(lv.A, lv.L, lin_nodes, E, r, Y[:, -m:], thr, tol, max_qp_iter)
             stats["qp_iterations"] += its
             if root_bound is None:
