@@ -59,7 +59,8 @@ class ValidationSettings:
     Attributes:
         num_removes: the values of M.
         top_k: lowest-energy states per M.
-        backend: solver backend for the top-k (ignored for an M given in ``solutions``).
+        backend: solver backend for the top-k (ignored for an M given in ``solutions``); ``"auto"``:
+            ``exact`` (certified top-k by branch-and-bound) when ``C(N, M) <= 1e8``, else ``swap``.
         backend_params: extra keyword arguments for :func:`qblock.solve`.
         solve_seed: solver seed.
         num_random: random removal sets per M.
@@ -85,7 +86,7 @@ class ValidationSettings:
 
     num_removes: list[int]
     top_k: int = 10
-    backend: str = "swap"
+    backend: str = "auto"
     backend_params: dict[str, Any] = field(default_factory=dict)
     solve_seed: int = 0
     num_random: int = 5
@@ -296,15 +297,21 @@ def _energy_problems(problem, model, calib, settings: ValidationSettings, notes:
 
 # ------------------------------------------------------------------------------------------- main
 def _qubo_states(problem, m: int, settings: ValidationSettings, solutions: Mapping[int, list[list[int]]],
-                 timings: dict[str, float]) -> list[list[int]]:
+                 timings: dict[str, float], solved: dict[int, dict[str, Any]]) -> list[list[int]]:
     if m in solutions:
+        solved[m] = {"backend": "solutions file", "certified_optimal": None, "num_states": len(solutions[m])}
         return [list(s) for s in solutions[m][: settings.top_k]]
     import qblock
 
+    backend = settings.backend
+    if backend == "auto":
+        backend = "exact" if math.comb(problem.num_blocks, m) <= 10**8 else "swap"
     t0 = time.perf_counter()
-    ss = qblock.solve(problem.with_num_remove(m), backend=settings.backend, num_solutions=settings.top_k,
+    ss = qblock.solve(problem.with_num_remove(m), backend=backend, num_solutions=settings.top_k,
                       seed=settings.solve_seed, **settings.backend_params)
     timings[f"solve_M{m}"] = time.perf_counter() - t0
+    solved[m] = {"backend": backend, "certified_optimal": bool(ss.info.get("certified_optimal")),
+                 "seconds": timings[f"solve_M{m}"], "num_states": len(ss)}
     return [problem.removed_blocks(s) for s in ss.samples()]
 
 
@@ -354,8 +361,9 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
 
     # 1. candidates ----------------------------------------------------------------------------
     rows: list[dict[str, Any]] = []
+    solved: dict[int, dict[str, Any]] = {}
     for m in ms:
-        for rank, removed in enumerate(_qubo_states(problem, m, settings, solutions, timings), start=1):
+        for rank, removed in enumerate(_qubo_states(problem, m, settings, solutions, timings, solved), start=1):
             rows.append({"num_remove": m, "method": QUBO_METHOD, "rank": rank, "removed": sorted(removed),
                          "cost_forward_passes": 1, "cost_backward_passes": 1, "cost_calib_samples": n_calib,
                          "cost_seconds": (meta.get("extraction") or {}).get("seconds_this_run")})
@@ -463,8 +471,9 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
     settings_view = dict(report_settings or {})
     settings_view.update({
         "blocks N": n, "M": ", ".join(map(str, ms)),
-        "QUBO candidates": f"top-{settings.top_k} per M" + (f" from backend {settings.backend}" if
-                                                             set(ms) - set(solutions) else " from the solutions file"),
+        "QUBO candidates": f"top-{settings.top_k} per M: " + "; ".join(
+            f"M={m} {v['backend']}" + (" (certified lowest)" if v.get("certified_optimal") else "")
+            for m, v in sorted(solved.items())),
         "random sets": f"{settings.num_random} per M (seeds from {settings.random_seed})",
         "baselines": ", ".join(settings.baselines) or "none",
         "held-out samples": f"{len(evals)} x {max(len(s) for s in evals)} tokens",
@@ -485,6 +494,7 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         "problem": {"num_blocks": n, "labels": list(problem.labels), "energy": meta.get("energy"),
                     "model": meta.get("model"), "num_samples": meta.get("num_samples"), "seq_len": meta.get("seq_len")},
         "summary": summary,
+        "solver": {str(m): v for m, v in solved.items()},
         "timings_seconds": timings,
         "baseline_details": _jsonable(baseline_details),
         "notes": notes,
