@@ -307,8 +307,12 @@ def _root_order(Q: np.ndarray, c: np.ndarray, u: np.ndarray, M: int, how: str) -
 
 
 def _initial_threshold(Q: np.ndarray, c: np.ndarray, M: int, k: int, seed: int, starts: int,
-                       rounds: int = 6) -> tuple[float, int]:
-    """The k-th lowest distinct energy among greedy + swap-descent states and their swap neighbours."""
+                       rounds: int = 6) -> tuple[float, int, np.ndarray, np.ndarray]:
+    """The k-th lowest distinct energy among greedy + swap-descent states and their swap neighbours.
+
+    Returns:
+        ``(kth_energy, states_seen, best_states, their_energies)`` (inf if fewer than k were seen).
+    """
     from qblock.backends.local_search import greedy_state, swap_descent, swap_neighbours
 
     n = Q.shape[0]
@@ -348,9 +352,9 @@ def _initial_threshold(Q: np.ndarray, c: np.ndarray, M: int, k: int, seed: int, 
         allE = np.concatenate([Es] + ens)
         _, idx = np.unique(keys(allX), return_index=True)
         seen, Es = allX[idx], allE[idx]
-    E = np.sort(Es)
-    X = seen
-    return (float(E[k - 1]) if E.size >= k else math.inf), int(X.shape[0])
+    order = np.argsort(Es, kind="stable")[:k]
+    thr = float(Es[order[-1]]) if Es.size >= k else math.inf
+    return thr, int(seen.shape[0]), seen[order], Es[order]
 
 
 def topk(
@@ -380,7 +384,9 @@ def topk(
         linear: length-``N`` linear term or ``None``.
         num_remove: M.
         k: number of states (``min(k, C(N, M))`` are returned).
-        time_limit: seconds; when reached the search stops and ``stats["certified"]`` is False.
+        time_limit: seconds; when reached the search stops, ``stats["certified"]`` is False and the
+            best states known (from the search and the local search) are returned, with
+            ``stats["gap"]`` = their k-th energy minus the lowest bound of the open nodes.
         bound: ``"qcr"`` (SDP-optimised diagonal, default) or ``"eig"`` (uniform eigenvalue shift).
         qcr_iters: ADMM iterations for the QCR diagonal (more: tighter bounds, slower root).
         order: branching order: ``"natural"`` (block order; best on the banded correlations of real
@@ -444,7 +450,7 @@ def topk(
         u, lam = convexify(Q, c, M, bound, iters=qcr_iters)
         stats["min_eig_on_complement"] = lam
         t1 = time.perf_counter()
-        thr0, n_init = _initial_threshold(Q, c, M, k, seed, starts)
+        thr0, n_init, X_heur, E_heur = _initial_threshold(Q, c, M, k, seed, starts)
         stats["initial_threshold"] = thr0
         t2 = time.perf_counter()
         stats["time_convexify"], stats["time_heuristic"] = t1 - t0, t2 - t1
@@ -604,13 +610,20 @@ def topk(
         if bar:
             bar.close()
 
-    if top.X is None:  # nothing at or below the threshold was reached (time limit)
-        X = np.zeros((0, n), dtype=np.int8)
-        e = np.zeros(0)
+    if stopped:
+        # stopped early: the best states known, found by the search or by the local search (uncertified)
+        Xs = [X_heur] + ([] if top.X is None else [top.X])
+        Es = [E_heur] + ([] if top.X is None else [top.energy])
+        X_all, idx = np.unique(np.concatenate(Xs), axis=0, return_index=True)
+        e_all = np.concatenate(Es)[idx]
+        order = np.lexsort(tuple(X_all[:, ::-1].T) + (e_all,))[:k]
+        X, e = X_all[order].astype(np.int8), e_all[order]
+    elif top.X is None:  # pragma: no cover - a finished search always reaches the k best
+        X, e = np.zeros((0, n), dtype=np.int8), np.zeros(0)
     else:
         X, e = top.X, top.energy
     certified = (not stopped) and X.shape[0] == k
-    kth = float(e[-1]) if X.shape[0] == k else thr0
+    kth = float(e[-1]) if X.shape[0] == k else math.inf
     gap = 0.0 if certified else (max(0.0, kth - open_min) if math.isfinite(kth) and math.isfinite(open_min) else math.inf)
     stats.update(
         certified=bool(certified),

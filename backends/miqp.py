@@ -48,6 +48,26 @@ def _prepare(H: np.ndarray, linear: np.ndarray | None, num_remove: int, k: int):
     return 0.5 * (H + H.T), lin, M, min(int(k), math.comb(n, M))
 
 
+def _convex_form(H: np.ndarray, lin: np.ndarray, M: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """An equivalent objective for binaries with a PSD quadratic (``x_i^2 = x_i`` moves the diagonal).
+
+    If ``H`` is already PSD it is returned unchanged. Otherwise the diagonal becomes the QCR diagonal
+    of :func:`qblock.backends.bnb.convexify` plus the smallest uniform shift that makes it PSD on all
+    of R^N, so MIQP solvers see a convex problem (they are much faster on one).
+    """
+    if np.linalg.eigvalsh(H)[0] >= -1e-12 * max(1.0, float(np.abs(H).max())):
+        return H, lin, False
+    from qblock.backends.bnb import convexify
+
+    Q = H - np.diag(np.diag(H))
+    c = lin + np.diag(H)
+    u, _ = convexify(Q, c, M)
+    lam = float(np.linalg.eigvalsh(Q + np.diag(u))[0])
+    if lam < 0:
+        u = u - lam
+    return Q + np.diag(u), c - u, True
+
+
 def _sorted_result(H, lin, states: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     if not states:
         return np.zeros((0, H.shape[0]), dtype=np.int8), np.zeros(0)
@@ -67,8 +87,12 @@ def topk_gurobi(
     *,
     threads: int | None = None,
     verbose: bool = False,
+    convex: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The k best states by Gurobi's solution pool (``PoolSearchMode=2``).
+
+    With ``convex`` (default) a non-PSD ``H`` (e.g. the zero-diagonal form of a BQM) is first rewritten
+    with a convexifying diagonal (:func:`_convex_form`); the states and energies are unchanged.
 
     Returns:
         ``(X, energies, stats)`` like :func:`qblock.backends.bnb.topk`; ``stats["certified"]`` is True
@@ -77,6 +101,9 @@ def topk_gurobi(
     gp = require("gurobipy", "gurobi")
     H, lin, M, k = _prepare(H, linear, num_remove, k)
     n = H.shape[0]
+    H0, lin0 = H, lin  # energies are reported in the original form
+    if convex:
+        H, lin, _ = _convex_form(H, lin, M)
     t0 = time.perf_counter()
     env = gp.Env(empty=True)
     env.setParam("OutputFlag", 1 if verbose else 0)
@@ -111,7 +138,7 @@ def topk_gurobi(
         raise RuntimeError(f"Gurobi failed: {exc} (the pip licence is size-limited)") from None
     finally:
         env.dispose()
-    X, e = _sorted_result(H, lin, states)
+    X, e = _sorted_result(H0, lin0, states)
     stats["time"] = time.perf_counter() - t0
     return X[:k], e[:k], stats
 
@@ -125,6 +152,7 @@ def topk_scip(
     *,
     threads: int | None = None,
     verbose: bool = False,
+    convex: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The k best states by k SCIP solves with no-good cuts (objective as an epigraph constraint).
 
@@ -134,6 +162,9 @@ def topk_scip(
     scip = require("pyscipopt", "miqp")
     H, lin, M, k = _prepare(H, linear, num_remove, k)
     n = H.shape[0]
+    H0, lin0 = H, lin
+    if convex:
+        H, lin, _ = _convex_form(H, lin, M)
     t0 = time.perf_counter()
     model = scip.Model()
     if not verbose:
@@ -177,7 +208,7 @@ def topk_scip(
         model.freeTransform()
         ones = np.flatnonzero(s == 1)
         model.addCons(scip.quicksum(x[i] for i in ones) <= M - 1)
-    X, e = _sorted_result(H, lin, states)
+    X, e = _sorted_result(H0, lin0, states)
     certified = certified and X.shape[0] >= k
     return X[:k], e[:k], {"certified": bool(certified), "nodes": nodes, "bound": "scip", "gap": 0.0 if certified else math.inf,
                           "time": time.perf_counter() - t0, "first_time": first_time}

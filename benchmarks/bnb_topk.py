@@ -88,10 +88,13 @@ def instances(args) -> list[dict]:
 
     cases = [(80, 8), (80, 40)] if args.quick else [(80, 8), (80, 16), (80, 24), (80, 40), (128, 32)]
     out = []
-    for n, M in cases:
-        A = paper_structure_A(n, args.rows, seed=args.seed)
-        out.append({"name": f"paper N={n} M={M}", "H": A.T @ A / args.rows, "linear": np.zeros(n), "M": M,
-                    "source": f"paper_structure_A(N={n}, m={args.rows}, seed={args.seed})"})
+    for seed in ([] if args.no_synthetic else [args.seed] + list(args.extra_seeds)):
+        for n, M in cases:
+            A = paper_structure_A(n, args.rows, seed=seed)
+            name = f"paper N={n} M={M}" + (f" seed={seed}" if args.extra_seeds else "")
+            out.append({"name": name, "H": A.T @ A / args.rows, "linear": np.zeros(n), "M": M,
+                        "source": f"paper_structure_A(N={n}, m={args.rows}, seed={seed})",
+                        "extra": seed != args.seed})
     if args.problem:
         from qblock.problems.block_removal import BlockRemovalProblem
 
@@ -127,7 +130,7 @@ def run(args) -> dict:
         X, e, st = bnb.topk(Q, lin + np.diag(H), M, args.k, time_limit=args.time_limit)
         row["qblock_bnb"] = {"seconds": time.perf_counter() - t, "certified": st["certified"], "nodes": st["nodes"],
                              "bound": st["bound"], "root_bound": st["root_bound"], "gap": st["gap"],
-                             "best": float(e[0]), "kth": float(e[-1])}
+                             "best": float(e[0]) if len(e) else None, "kth": float(e[-1]) if len(e) else None}
         print(f"{inst['name']}: qblock bnb {row['qblock_bnb']['seconds']:.2f}s certified={st['certified']} "
               f"nodes={st['nodes']}", flush=True)
         row["enumeration_extrapolated_s"] = math.comb(n, M) / rate["states_per_second"]
@@ -144,7 +147,7 @@ def run(args) -> dict:
             except Exception as exc:  # licence limits etc.: report, do not abort the table
                 row["gurobi"] = {"error": str(exc).splitlines()[0][:200]}
             print(f"  gurobi {row['gurobi']}", flush=True)
-        if not args.no_scip:
+        if not args.no_scip and not inst.get("extra"):
             try:
                 from qblock.backends.miqp import topk_scip
 
@@ -232,8 +235,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-scip", action="store_true")
     ap.add_argument("--no-gurobi", action="store_true")
     ap.add_argument("--quick", action="store_true", help="N=80 with M=8 and 40 only")
+    ap.add_argument("--extra-seeds", type=int, nargs="*", default=[],
+                    help="more instance seeds (qblock and Gurobi only; SCIP runs on --seed only)")
     ap.add_argument("--problem", default=None, help="also a real extracted problem (.npz)")
     ap.add_argument("--remove", type=int, default=None, help="M for --problem")
+    ap.add_argument("--no-synthetic", action="store_true", help="only the --problem instance")
     ap.add_argument("--out", default=str(RESULTS / "bnb_topk"), help="output path without extension")
     args = ap.parse_args(argv)
     res = run(args)
