@@ -196,3 +196,13 @@ def test_concurrent_run_on_same_output_is_refused(tiny, tmp_path):
     # its owner is gone: the stale lock is taken over, and released afterwards
     run(tiny, out)
     assert out.exists() and not lock.exists()
+
+
+def test_pairwise_energy(tiny, tmp_path):
+    out = tmp_path / "pw.npz"
+    p = run(tiny, out, energy="pairwise", num_samples=3, num_remove=1)
+    q = BlockRemovalProblem.load(out)
+    assert q.metadata["energy"] == "pairwise" and q.num_blocks == 4 and "A" not in q.arrays
+    assert q.metadata["data"]["calibration"]["num_samples"] == 3 and p.num_remove == 1
+    with pytest.raises(pipeline.ExtractError, match="exists"):
+        run(tiny, out, energy="pairwise", num_samples=3)

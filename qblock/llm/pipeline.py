@@ -386,7 +386,9 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
             :func:`qblock.llm.models.load_model`).
         num_samples: calibration samples ``m``.
         seq_len: tokens per sample.
-        energy: energy model for :func:`qblock.llm.energy.build_problem` (``"fisher"``, ``"fisher+grad"``).
+        energy: ``"fisher"`` or ``"fisher+grad"`` (built from ``A`` by
+            :func:`qblock.llm.energy.build_problem`), or ``"pairwise"`` (measured losses of single and
+            pairwise removals, :func:`qblock.llm.energy.pairwise_problem`; not checkpointed).
         gate: ``"layer"`` or ``"branch"``.
         granularity: ``"block"`` or ``"sublayer"``.
         batch_size: samples per batched backward.
