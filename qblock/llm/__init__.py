@@ -50,6 +50,9 @@ __all__ = [
     "save_pruned",
     "load_model",
     "load_default_model",
+    "extract_problem",
+    "calibration_and_eval",
+    "load_benchmark",
 ]
 
 _LAZY = {
@@ -65,6 +68,9 @@ _LAZY = {
     "save_pruned": "qblock.llm.export",
     "load_model": "qblock.llm.models",
     "load_default_model": "qblock.llm.models",
+    "extract_problem": "qblock.llm.pipeline",
+    "calibration_and_eval": "qblock.llm.data",
+    "load_benchmark": "qblock.llm.data",
 }
 
 
