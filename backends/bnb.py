@@ -39,9 +39,7 @@ import numpy as np
 
 from qblock.backends.exact import _combos, _TopK
 
-__all__ = ["topk", "qcr_diagonal", "convexify", "BnBStats"]
-
-BnBStats = dict  # alias for documentation: the stats dict returned by :func:`topk`
+__all__ = ["topk", "qcr_diagonal", "convexify"]
 
 
 class _TopKLex(_TopK):
@@ -405,7 +403,7 @@ def topk(
     Returns:
         ``(X, energies, stats)``: ``X`` int8 ``(k', N)``, energies ascending (``x^T H x + h^T x``,
         ties by lexicographic state), ``stats`` with ``certified``, ``nodes``, ``leaves``, ``bound``,
-        ``root_bound``, ``gap``, ``time``, ``qp_iterations``.
+        ``root_bound``, ``gap``, ``time``, ``qp_iterations``, ``bound_detail``, ``initial_threshold``.
 
     Example:
         >>> import numpy as np
@@ -436,8 +434,13 @@ def topk(
     total = math.comb(n, M)
     k = min(int(k), total)
     top = _TopKLex(k)
-    stats: dict[str, Any] = {"bound": f"{bound}-qp", "nodes": 0, "leaves": 0, "qp_iterations": 0,
-                             "num_feasible_states": total}
+    stats: dict[str, Any] = {
+        "bound": f"{bound}-qp",
+        "bound_detail": ("convex QP relaxation over {0<=y<=1, sum y = r} after moving the diagonal "
+                         + ("(QCR: dual of the Shor SDP)" if bound == "qcr" else "(uniform eigenvalue shift)")
+                         + ", convex on sum(w)=0 by an exact eigenvalue check; valid for any H and linear term"),
+        "nodes": 0, "leaves": 0, "qp_iterations": 0, "num_feasible_states": total,
+    }
 
     with _limit_threads():
         if M == 0 or M == n:
@@ -456,8 +459,6 @@ def topk(
         stats["time_convexify"], stats["time_heuristic"] = t1 - t0, t2 - t1
         perm = _root_order(Q, c, u, M, order)
         Qp, cp, up = Q[np.ix_(perm, perm)], c[perm], u[perm]
-        Ap = Qp + np.diag(up)
-        L = 2.0 * max(float(np.linalg.eigvalsh(Ap)[-1]), 1e-300)  # bounds every principal submatrix
         # tolerance: bounds and energies are sums of O(n^2) terms of size <= scale
         tol = 1e-9 * scale * (1.0 + M) ** 2
         margin = 1e-9 * max(float(np.abs(Q).max(initial=0.0)), 1e-300)
