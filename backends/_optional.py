@@ -32,3 +32,9 @@ register(BackendSpec("dwave-qpu", "dwave.system:DWaveSampler", "penalty",
 register(BackendSpec("sqa", f"{_B}.sqa:SQASampler", "penalty",
                      "OpenJij simulated quantum annealing on the penalised QUBO (penalty scan + repair)",
                      requires=("openjij",), extra="sqa", defaults={"num_reads": 16}))
+register(BackendSpec("scip", f"{_B}.miqp:SCIPTopKSampler", "constrained",
+                     "SCIP MIQP (open source): certified top-k by no-good cuts",
+                     requires=("pyscipopt",), extra="miqp", stochastic=False, defaults={"time_limit": 120.0}))
+register(BackendSpec("gurobi", f"{_B}.miqp:GurobiTopKSampler", "constrained",
+                     "Gurobi MIQP solution pool (PoolSearchMode=2); the pip licence is size-limited",
+                     requires=("gurobipy",), extra="gurobi", stochastic=False, defaults={"time_limit": 120.0}))

@@ -81,8 +81,13 @@ class _TopK:
         if idx.size == 0:
             return
         if idx.size > self.k:
-            part = np.argpartition(energies[idx], self.k - 1)[: self.k]
-            idx = idx[part]
+            # keep every candidate tied with the k-th energy, so ties resolve lexicographically below
+            kth = np.partition(energies[idx], self.k - 1)[self.k - 1]
+            tied = idx[energies[idx] <= kth]
+            if tied.size <= max(100_000, 10 * self.k):
+                idx = tied
+            else:  # a degenerate plateau: bound memory, ties then resolve arbitrarily
+                idx = idx[np.argpartition(energies[idx], self.k - 1)[: self.k]]
         X_new = make_states(idx)
         e_new = energies[idx]
         if self.X is None:

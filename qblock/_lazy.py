@@ -11,6 +11,8 @@ INSTALL_HINTS = {
     "qaoa": "pip install 'qblock[qaoa]'",
     "leap": "pip install 'qblock[leap]'",
     "sqa": "pip install 'qblock[sqa]'",
+    "miqp": "pip install 'qblock[miqp]'",
+    "gurobi": "pip install 'qblock[gurobi]'  (the pip licence is size-limited)",
     "viz": "pip install 'qblock[viz]'",
     "eval": "pip install 'qblock[eval]'",
 }

@@ -222,3 +222,14 @@ def test_saved_files_have_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(os.stat(f).st_mode) == 0o666 & ~umask
+
+
+def test_exact_ties_resolve_the_same_for_enumeration_and_bnb():
+    # every pair has the same energy: the top-k is decided by the tie rule alone
+    p = qblock.BlockRemovalProblem(np.eye(9), 2)
+    a = qblock.solve(p, "exact", num_solutions=7, strategy="enumerate")
+    b = qblock.solve(p, "exact", num_solutions=7, strategy="bnb")
+    assert np.array_equal(p.states_from_sampleset(a), p.states_from_sampleset(b))
+    X = p.states_from_sampleset(a)
+    # energy, then lexicographic order of the 0/1 vector
+    assert [tuple(x) for x in X] == sorted(tuple(x) for x in X)
