@@ -39,7 +39,7 @@ import numpy as np
 
 from qblock.backends.exact import _combos, _TopK
 
-__all__ = ["topk", "qcr_diagonal", "convexify"]
+__all__ = ["topk", "qcr_diagonal", "convexify", "convexify_nonneg"]
 
 
 class _TopKLex(_TopK):
@@ -111,6 +111,17 @@ def qcr_diagonal(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int = 300, tol:
         >>> qcr_diagonal(Q, np.ones(3), 1).shape
         (3,)
     """
+    return _shor_admm(Q, c, M, iters=iters, tol=tol, nonneg=False)[0]
+
+
+def _shor_admm(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int, tol: float,
+               nonneg: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Dual ADMM (Wen, Goldfarb, Yin) on the Shor SDP; with ``nonneg`` also ``X_ij >= 0`` (i != j).
+
+    Returns:
+        ``(u, N)``: minus the multipliers of ``diag(X) = x`` and, with ``nonneg``, the (non-negative,
+        zero-diagonal) multipliers of ``X_ij >= 0`` (zeros otherwise), in the units of ``Q``.
+    """
     n = Q.shape[0]
     n1 = n + 1
     scale = max(float(np.abs(Q).max(initial=0.0)), float(np.abs(c).max(initial=0.0)), 1e-300)
@@ -144,20 +155,29 @@ def qcr_diagonal(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int = 300, tol:
     b[0], b[m - 1] = 1.0, float(M)
     X = np.zeros((n1, n1))
     S = np.zeros((n1, n1))
+    Z = np.zeros((n1, n1))  # multipliers of X_ij >= 0 (off-diagonal of the X block only)
+    off = np.zeros((n1, n1), dtype=bool)
+    if nonneg:
+        off[1:, 1:] = True
+        off[ii, ii] = False
     mu = 1.0
     y = np.zeros(m)
     nb, nc = 1.0 + np.linalg.norm(b), 1.0 + np.linalg.norm(C)
     for k in range(iters):
-        y = -AAinv @ (mu * (A_op(X) - b) + A_op(S - C))
+        y = -AAinv @ (mu * (A_op(X) - b) + A_op(S + Z - C))
         Aty = At_op(y)
-        V = C - Aty - mu * X
+        if nonneg:
+            Z = np.where(off, np.maximum(C - Aty - S - mu * X, 0.0), 0.0)
+        V = C - Aty - Z - mu * X
         V = 0.5 * (V + V.T)
         w, P = np.linalg.eigh(V)
         S = (P * np.maximum(w, 0.0)) @ P.T
         X = (S - V) / mu
         if k % 10 == 9:
             pinf = np.linalg.norm(A_op(X) - b) / nb
-            dinf = np.linalg.norm(Aty + S - C) / nc
+            if nonneg:
+                pinf += np.linalg.norm(np.minimum(X[off], 0.0)) / nb
+            dinf = np.linalg.norm(Aty + S + Z - C) / nc
             if max(pinf, dinf) < tol:
                 break
             # balance the residuals (larger mu weighs primal feasibility more)
@@ -165,32 +185,83 @@ def qcr_diagonal(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int = 300, tol:
                 mu *= 2.0
             elif dinf > 3 * pinf:
                 mu *= 0.5
-    return -y[1 : n + 1] * scale
+    return -y[1 : n + 1] * scale, Z[1:, 1:] * scale
 
 
 def convexify(Q: np.ndarray, c: np.ndarray, M: int, method: str = "qcr", *, iters: int = 300) -> tuple[np.ndarray, float]:
     """A diagonal ``u`` with ``Q + diag(u)`` PSD on ``{w : sum(w) = 0}`` (checked by an exact eigenvalue).
 
+    Args:
+        Q: symmetric ``(n, n)`` with zero diagonal.
+        c: linear term (the diagonal folded in).
+        M: number of ones.
+        method: ``"qcr"`` (Shor SDP dual), ``"eig"`` (uniform shift) or ``"dnn"`` (the diagonal that
+            :func:`convexify_nonneg` computes; its ``N`` is dropped here, so ``Q + diag(u)`` itself is
+            made convex).
+        iters: ADMM iterations.
+
     Returns:
         ``(u, min_eigenvalue_after_repair)``.
+
+    Example:
+        >>> import numpy as np
+        >>> Q = np.array([[0.0, 1.0, 0.2], [1.0, 0.0, 0.5], [0.2, 0.5, 0.0]])
+        >>> u, lam = convexify(Q, np.ones(3), 1)
+        >>> bool(lam > 0)
+        True
     """
+    u, _, lam = _convexify(Q, c, M, method, iters, nonneg=False)
+    return u, lam
+
+
+def convexify_nonneg(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int = 300) -> tuple[np.ndarray, np.ndarray, float]:
+    """Doubly non-negative convexification: ``u`` and ``N >= 0`` with ``Q - N + diag(u)`` PSD on ``sum(w) = 0``.
+
+    For ``x >= 0``, ``x^T Q x >= x^T (Q - N) x``, so the convex QP relaxation of ``Q - N`` (with the
+    diagonal ``u`` moved in as for QCR) is a valid lower bound of the binary problem, for any ``N``
+    with non-negative entries. ``u`` and ``N`` are the multipliers of ``diag(X) = x`` and ``X >= 0``
+    in the doubly non-negative SDP relaxation, so at the root the bound approaches that SDP's value
+    (much tighter than the Shor SDP when ``Q`` has positive couplings, as correlated blocks do).
+
+    Returns:
+        ``(u, N, min_eigenvalue_after_repair)``; ``N`` symmetric, zero diagonal, entries ``>= 0``.
+
+    Example:
+        >>> import numpy as np
+        >>> Q = np.array([[0.0, 1.0, 0.2], [1.0, 0.0, 0.5], [0.2, 0.5, 0.0]])
+        >>> u, N, lam = convexify_nonneg(Q, np.ones(3), 1)
+        >>> bool(lam > 0 and N.min() >= 0)
+        True
+    """
+    return _convexify(Q, c, M, "dnn", iters, nonneg=True)
+
+
+def _convexify(Q: np.ndarray, c: np.ndarray, M: int, method: str, iters: int,
+               nonneg: bool) -> tuple[np.ndarray, np.ndarray, float]:
     n = Q.shape[0]
     B = _complement_basis(n)
-    if method == "qcr" and 0 < M < n and n > 2:
-        u = qcr_diagonal(Q, c, M, iters=iters)
-        if not np.all(np.isfinite(u)):
-            u = np.zeros(n)
-    elif method in ("qcr", "eig"):
+    N = np.zeros((n, n))
+    if method in ("qcr", "dnn") and 0 < M < n and n > 2:
+        u, N = _shor_admm(Q, c, M, iters=iters, tol=1e-4, nonneg=method == "dnn")
+        if not (np.all(np.isfinite(u)) and np.all(np.isfinite(N))):
+            u, N = np.zeros(n), np.zeros((n, n))
+        # exact validity of N: symmetric, zero diagonal, non-negative (rounding must not break it)
+        N = np.maximum(0.5 * (N + N.T), 0.0)
+        np.fill_diagonal(N, 0.0)
+        if not nonneg:
+            N = np.zeros((n, n))
+    elif method in ("qcr", "eig", "dnn"):
         u = np.zeros(n)
     else:
-        raise ValueError(f"unknown bound {method!r}; use 'qcr' or 'eig'")
+        raise ValueError(f"unknown bound {method!r}; use 'dnn', 'qcr' or 'eig'")
     scale = max(float(np.abs(Q).max(initial=0.0)), 1e-300)
     margin = 1e-9 * scale  # keeps rounding from making the relaxation slightly non-convex
-    lam = _min_eig_on_complement(Q + np.diag(u), B)
+    Qc = Q - N
+    lam = _min_eig_on_complement(Qc + np.diag(u), B)
     if lam < margin:
         u = u + (margin - lam)
-        lam = _min_eig_on_complement(Q + np.diag(u), B)
-    return u, lam
+        lam = _min_eig_on_complement(Qc + np.diag(u), B)
+    return u, N, lam
 
 
 def _project(Z: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -362,7 +433,7 @@ def topk(
     k: int = 20,
     time_limit: float | None = None,
     *,
-    bound: str = "qcr",
+    bound: str = "dnn",
     qcr_iters: int = 200,
     order: str = "natural",
     batch_size: int = 4096,
@@ -385,8 +456,10 @@ def topk(
         time_limit: seconds; when reached the search stops, ``stats["certified"]`` is False and the
             best states known (from the search and the local search) are returned, with
             ``stats["gap"]`` = their k-th energy minus the lowest bound of the open nodes.
-        bound: ``"qcr"`` (SDP-optimised diagonal, default) or ``"eig"`` (uniform eigenvalue shift).
-        qcr_iters: ADMM iterations for the QCR diagonal (more: tighter bounds, slower root).
+        bound: ``"dnn"`` (default: diagonal and non-negative couplings ``N`` from the doubly
+            non-negative SDP, see :func:`convexify_nonneg`), ``"qcr"`` (diagonal from the Shor SDP) or
+            ``"eig"`` (uniform eigenvalue shift).
+        qcr_iters: ADMM iterations for the SDP multipliers (more: tighter bounds, slower root).
         order: branching order: ``"natural"`` (block order; best on the banded correlations of real
             models), or from the root relaxation ``y``: ``"y"`` (largest first), ``"decided"``,
             ``"fractional"``.
@@ -437,7 +510,9 @@ def topk(
     stats: dict[str, Any] = {
         "bound": f"{bound}-qp",
         "bound_detail": ("convex QP relaxation over {0<=y<=1, sum y = r} after moving the diagonal "
-                         + ("(QCR: dual of the Shor SDP)" if bound == "qcr" else "(uniform eigenvalue shift)")
+                         + {"qcr": "(QCR: dual of the Shor SDP)", "eig": "(uniform eigenvalue shift)",
+                            "dnn": "and dropping x^T N x >= 0 (u, N >= 0: duals of the doubly non-negative SDP)"
+                            }.get(bound, bound)
                          + ", convex on sum(w)=0 by an exact eigenvalue check; valid for any H and linear term"),
         "nodes": 0, "leaves": 0, "qp_iterations": 0, "num_feasible_states": total,
     }
@@ -450,22 +525,25 @@ def topk(
             return x, np.array([e]), stats
 
         scale = max(float(np.abs(Q).max(initial=0.0)), float(np.abs(c).max(initial=0.0)), 1e-300)
-        u, lam = convexify(Q, c, M, bound, iters=qcr_iters)
+        u, Nn, lam = _convexify(Q, c, M, bound, qcr_iters, nonneg=bound == "dnn")
+        Qc = Q - Nn  # the matrix the relaxations use (Q itself unless bound="dnn")
         stats["min_eig_on_complement"] = lam
         t1 = time.perf_counter()
         thr0, n_init, X_heur, E_heur = _initial_threshold(Q, c, M, k, seed, starts)
         stats["initial_threshold"] = thr0
         t2 = time.perf_counter()
         stats["time_convexify"], stats["time_heuristic"] = t1 - t0, t2 - t1
-        perm = _root_order(Q, c, u, M, order)
+        perm = _root_order(Qc, c, u, M, order)
         Qp, cp, up = Q[np.ix_(perm, perm)], c[perm], u[perm]
+        Qcp = Qc[np.ix_(perm, perm)]
         # tolerance: bounds and energies are sums of O(n^2) terms of size <= scale
         tol = 1e-9 * scale * (1.0 + M) ** 2
         margin = 1e-9 * max(float(np.abs(Q).max(initial=0.0)), 1e-300)
 
         levels: dict[int, _Level] = {}
 
-        base: dict[int, np.ndarray] = {0: up}  # depth -> QCR diagonal of the suffix from that depth
+        # depth -> (diagonal, non-negative part N) of the suffix from that depth
+        base: dict[int, tuple[np.ndarray, np.ndarray]] = {0: (up, Qp - Qcp)}
 
         def level(d: int, G: np.ndarray, r: np.ndarray) -> _Level:
             if d not in levels:
@@ -474,10 +552,11 @@ def topk(
                 if refresh and d % refresh == 0 and d > 0 and 0 < int(np.median(r)) < m_d and m_d > 8:
                     # re-optimise the diagonal for this subtree (its own linear term and picks left)
                     c_avg = cp[d:] + 2.0 * G[:, d:].mean(axis=0)
-                    base[d], _ = convexify(Qd, c_avg, int(np.median(r)), bound, iters=qcr_iters)
+                    ub, Nb, _ = _convexify(Qd, c_avg, int(np.median(r)), bound, qcr_iters, nonneg=bound == "dnn")
+                    base[d] = (ub, Nb)
                 d0 = max(k for k in base if k <= d)
-                ud = np.array(base[d0][d - d0 :])
-                Ad = Qd + np.diag(ud)
+                ud = np.array(base[d0][0][d - d0 :])
+                Ad = Qd - base[d0][1][d - d0 :, d - d0 :] + np.diag(ud)
                 if m_d > 2:
                     lam_d = _min_eig_on_complement(Ad, _complement_basis(m_d))
                     # lower the diagonal to the edge of convexity on 1^perp (tighter bounds), or

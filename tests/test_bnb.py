@@ -36,18 +36,19 @@ def _assert_same(X, e, Xr, er):
     assert (X[distinct] == Xr[distinct]).all()
 
 
+@pytest.mark.parametrize("bound", ["dnn", "qcr"])
 @pytest.mark.parametrize("kind", ["psd", "psd+linear", "indefinite"])
 @pytest.mark.parametrize("seed", range(6))
-def test_matches_enumeration(kind, seed):
+def test_matches_enumeration(kind, seed, bound):
     rng = np.random.default_rng(1000 * seed + len(kind))
     n = int(rng.integers(8, 17))
     for M in sorted({1, 2, n // 3, n // 2, n - 2}):
         k = int(rng.integers(1, 21))
         H, lin = _instance(rng, n, kind)
-        X, e, st = bnb.topk(H, lin, M, k)
+        X, e, st = bnb.topk(H, lin, M, k, bound=bound)
         Xr, er, _ = enumerate_topk(H, np.zeros(n) if lin is None else lin, M, k)
         assert st["certified"] and st["gap"] == 0.0
-        assert st["bound"] == "qcr-qp"
+        assert st["bound"] == f"{bound}-qp"
         _assert_same(X, e, Xr, er)
         # the energies are those of the returned states
         Xf = X.astype(float)
@@ -56,7 +57,8 @@ def test_matches_enumeration(kind, seed):
         assert (X.sum(axis=1) == M).all()
 
 
-@pytest.mark.parametrize("options", [{"bound": "eig"}, {"order": "y"}, {"order": "fractional"},
+@pytest.mark.parametrize("options", [{"bound": "eig"}, {"bound": "qcr"}, {"refresh": 3}, {"bound": "qcr", "refresh": 3},
+                                     {"order": "y"}, {"order": "fractional"},
                                      {"order": "decided"}, {"tighten": False, "leaf_states": 1},
                                      {"max_qp_iter": 2, "batch_size": 3}])
 def test_options_stay_exact(options):
@@ -146,22 +148,41 @@ def test_convexify_is_psd_on_complement():
         H, lin = _instance(rng, 20, kind)
         Q = H - np.diag(np.diag(H))
         c = np.diag(H) + (0 if lin is None else lin)
-        for method in ("qcr", "eig"):
+        B = bnb._complement_basis(20)
+        for method in ("qcr", "eig", "dnn"):
             u, lam = bnb.convexify(Q, c, 6, method)
-            B = bnb._complement_basis(20)
             assert np.linalg.eigvalsh(B.T @ (Q + np.diag(u)) @ B)[0] >= 0.0
             assert lam >= 0.0
+        u, N, lam = bnb.convexify_nonneg(Q, c, 6)
+        assert (N >= 0).all() and (np.diag(N) == 0).all() and np.array_equal(N, N.T)
+        assert np.linalg.eigvalsh(B.T @ (Q - N + np.diag(u)) @ B)[0] >= 0.0 and lam >= 0.0
 
 
-def test_qcr_bound_beats_uniform_shift_at_root():
+def test_nonneg_part_only_lowers_binary_energies():
+    # the DNN bound drops x^T N x, which is >= 0 on binaries: check on every state of a small instance
+    rng = np.random.default_rng(9)
+    H, lin = _instance(rng, 10, "psd+linear")
+    Q = H - np.diag(np.diag(H))
+    c = np.diag(H) + lin
+    u, N, _ = bnb.convexify_nonneg(Q, c, 4)
+    assert N.max() > 0  # the instance really uses the non-negativity multipliers
+    X = ((np.arange(2**10)[:, None] >> np.arange(10)) & 1).astype(float)
+    exact = np.einsum("ij,ij->i", X @ Q, X) + X @ c
+    relaxed = np.einsum("ij,ij->i", X @ (Q - N + np.diag(u)), X) + X @ (c - u)
+    assert (relaxed <= exact + 1e-12).all()
+
+
+def test_root_bounds_dnn_beats_qcr_beats_uniform_shift():
     from qblock.problems.synthetic import paper_structure_A
 
     A = paper_structure_A(30, 256, seed=2)
     H = A.T @ A / 256
+    _, _, st_d = bnb.topk(H, None, 8, 5, bound="dnn")
     _, _, st_q = bnb.topk(H, None, 8, 5, bound="qcr")
     _, e, st_e = bnb.topk(H, None, 8, 5, bound="eig")
-    assert st_q["root_bound"] > st_e["root_bound"]
-    assert st_q["root_bound"] <= e[0] + 1e-9
+    assert st_d["root_bound"] > st_q["root_bound"] > st_e["root_bound"]
+    assert st_d["root_bound"] <= e[0] + 1e-9
+    assert st_d["nodes"] <= st_q["nodes"]
 
 
 def test_projection_onto_capped_simplex():
@@ -185,7 +206,7 @@ def test_sampler_and_solve_with_bnb_strategy():
     a = qblock.solve(p, "exact", num_solutions=12, strategy="bnb")
     b = qblock.solve(p, "exact", num_solutions=12, strategy="enumerate")
     assert a.info["certified_optimal"] is True and a.info["strategy"] == "bnb"
-    assert a.info["bound"] == "qcr-qp" and a.info["nodes"] >= 1
+    assert a.info["bound"] == "dnn-qp" and a.info["nodes"] >= 1
     np.testing.assert_allclose(a.record.energy, b.record.energy, atol=1e-9)
     assert len(a) == 12
     ss = ExactTopKSampler().sample(p.objective_bqm(), num_remove=5, num_solutions=3, strategy="bnb", time_limit=30)
