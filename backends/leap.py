@@ -50,6 +50,8 @@ from typing import Any, Callable
 import dimod
 import numpy as np
 
+from qblock._io import json_default as _json_default
+
 __all__ = [
     "LeapError",
     "check_token",
@@ -202,18 +204,6 @@ def default_store_root() -> Path:
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "qblock") / "leap"
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
-
-
 class RunStore:
     """A folder holding one Leap run: problem, models, request and every answer, written atomically.
 
@@ -242,7 +232,7 @@ class RunStore:
         self.backend = backend
 
     def _write(self, name: str, data: bytes) -> Path:
-        from qblock.problems.block_removal import atomic_write_bytes
+        from qblock._io import atomic_write_bytes
 
         target = self.path / name
         atomic_write_bytes(target, data)

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import dimod
 import numpy as np
 
+from qblock._io import atomic_write_bytes
+
 __all__ = ["BlockRemovalProblem", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
@@ -552,24 +554,3 @@ class BlockRemovalProblem:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "BlockRemovalProblem":
         return cls(d["H"], d.get("num_remove"), d.get("linear"), d.get("offset", 0.0), d.get("labels"), d.get("metadata"))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        # mkstemp creates 0600; give the file the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -660,7 +660,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    from qblock.problems.block_removal import atomic_write_bytes
+    from qblock._io import atomic_write_bytes
 
     atomic_write_bytes(path, buf.getvalue())
     return path
@@ -675,7 +675,7 @@ def _slug(study: Mapping[str, Any]) -> str:
 def render(result: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write the table (markdown, CSV) and the plots of ``result`` into ``out_dir``, using only the
     JSON document (so this also re-renders a saved ``compare.json``)."""
-    from qblock.problems.block_removal import atomic_write_bytes
+    from qblock._io import atomic_write_bytes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -700,7 +700,7 @@ def write_outputs(result: Mapping[str, Any], out_dir: str | os.PathLike) -> dict
     """Save ``compare.json`` (with every raw run) and everything :func:`render` draws from it."""
     import json
 
-    from qblock.problems.block_removal import atomic_write_bytes
+    from qblock._io import atomic_write_bytes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    from qblock.problems.block_removal import atomic_write_bytes
+    from qblock._io import atomic_write_bytes
 
     plt = _pyplot()
     path = Path(path)
@@ -389,7 +389,7 @@ def show(
     Returns:
         ``{name: path}`` of what was written.
     """
-    from qblock.problems.block_removal import atomic_write_bytes
+    from qblock._io import atomic_write_bytes
 
     out = Path(out_dir)
     meta: dict[str, Any] = {"num_blocks": problem.num_blocks, "num_remove": problem.num_remove,

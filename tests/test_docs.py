@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE_MODULES = [
     "qblock",
     "qblock._lazy",
+    "qblock._io",
     "qblock.solve",
     "qblock.testing",
     "qblock.problems.block_removal",

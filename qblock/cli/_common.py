@@ -7,38 +7,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qblock._io import json_default as _json_default  # noqa: F401  (re-exported)
+from qblock._io import write_json_atomic  # noqa: F401  (re-exported)
 from qblock.cli import CliError
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically (temporary file + rename), so a failed run never leaves half a file."""
-    from qblock.problems.block_removal import atomic_write_bytes
-
-    path = Path(path)
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
-    return path
-
-
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    from qblock.problems.block_removal import atomic_write_bytes
+    from qblock._io import atomic_write_bytes
 
-    path = Path(path)
-    atomic_write_bytes(path, text.encode())
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
+    return atomic_write_bytes(Path(path), text.encode())
 
 
 def load_problem(path: str, remove: int | None = None):

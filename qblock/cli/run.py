@@ -218,7 +218,7 @@ def _add_timings(out, timings) -> None:
     """Record the whole job's phase timings in summary.json."""
     from pathlib import Path
 
-    from qblock.problems.block_removal import atomic_write_bytes
+    from qblock._io import atomic_write_bytes
 
     p = Path(out) / "summary.json"
     data = json.loads(p.read_text())

@@ -70,7 +70,7 @@ def _tokens_sha256(samples) -> str:
 
 
 def _save_partial(path: Path, rows: np.ndarray, manifest: dict[str, Any]) -> None:
-    from qblock.problems.block_removal import atomic_write_bytes
+    from qblock._io import atomic_write_bytes
 
     buf = io.BytesIO()
     np.savez(buf, rows=np.asarray(rows, dtype=np.float64),

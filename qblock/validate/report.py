@@ -80,7 +80,7 @@ def _json_value(v: Any) -> Any:
 
 def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, stem: str = "candidates") -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.csv`` and ``<stem>.md`` into ``out_dir`` (atomically)."""
-    from qblock.problems.block_removal import atomic_write_bytes
+    from qblock._io import atomic_write_bytes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from qblock._io import json_default as _json_default
 from qblock.validate.baselines import BASELINE_METHODS
 from qblock.validate.stats import QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD, is_baseline, summarize
 
@@ -485,7 +486,7 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
     })
     md = report.render_report(rows, summary, title=title, settings=settings_view,
                               plots=[str(Path(p).relative_to(out)) for p in plot_paths], notes=notes)
-    from qblock.problems.block_removal import atomic_write_bytes
+    from qblock._io import atomic_write_bytes
 
     atomic_write_bytes(out / "report.md", md.encode())
     full = {
@@ -510,16 +511,6 @@ _ORDER = {QUBO_METHOD: 0, **{m: k + 1 for k, m in enumerate(BASELINE_METHODS)}, 
 
 def _method_order(method: str) -> int:
     return _ORDER.get(method, 50)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def _jsonable(o: Any) -> Any:
