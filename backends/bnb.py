@@ -14,7 +14,15 @@ This works with or without a linear term and for indefinite ``H`` (a larger ``u`
 the bound is weaker): the bound never relies on ``H`` being PSD. The fallback ``bound="eig"`` shifts the
 diagonal uniformly by the smallest eigenvalue on ``1^perp``.
 
-**Tree.** Variables are fixed in a fixed order (chosen from the root relaxation), so all nodes of the
+**Doubly non-negative bound (default, ``bound="dnn"``).** For ``x >= 0`` and any ``N >= 0`` (entrywise),
+``x^T Q x >= x^T (Q - N) x``, so the convexified relaxation of ``Q - N`` is still a valid bound. The same
+ADMM, with the constraint ``X >= 0`` added (the doubly non-negative SDP), yields ``u`` and ``N`` together;
+removing the positive couplings that correlated blocks have lets a much smaller ``u`` convexify, and
+the root bound moves from 9-16 % to 4-7 % below the optimum on the paper-structure N=128, M=32
+instances (5-37x fewer nodes). Only the free-free block of a node is relaxed: fixed variables keep
+the exact ``Q``.
+
+**Tree.** Variables are fixed in a fixed order (block order, or chosen from the root relaxation), so all nodes of the
 same depth share the free set and one matrix: nodes are processed in batches, each batch a handful
 of matrix products. Each node's bound is a Frank-Wolfe (linearisation) lower bound
 ``f(y) + min_s grad f(y)^T (s - y)`` of its convex QP relaxation, valid at ANY feasible ``y`` by
