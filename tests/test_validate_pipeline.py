@@ -431,3 +431,22 @@ def test_cli_validate_eval_text_and_guards(tiny_dir, tmp_path, capsys):
     assert "calibration file" in capsys.readouterr().err
     assert main(["validate", str(prob), "-M", "8", "--quiet", "--out", str(tmp_path / "y")]) == 2
     assert "1 <= M < N" in capsys.readouterr().err
+
+
+def test_prefix_cache_with_branch_gates_on_a_fresh_model():
+    # branch gates discover their plan with a probe forward on first use; that probe must not
+    # run into the cache's recording hooks (it did: IndexError on a branch-gate problem)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qblock.llm.blocks import mask_blocks
+    from qblock.validate.evaluate import PrefixCache
+
+    torch.manual_seed(1)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                     num_attention_heads=2, num_key_value_heads=2)).eval()
+    xs = [torch.randint(0, 50, (n,)) for n in (10, 7, 10)]
+    pc = PrefixCache(m, xs, (), batch_size=2, gate="branch")
+    for removed in ((), (1,), (0, 3)):
+        with mask_blocks(m, removed, gate="branch"):
+            plain = heldout_loss(m, xs, batch_size=2)
+        assert pc.loss(removed)[0] == pytest.approx(plain[0], abs=1e-6)

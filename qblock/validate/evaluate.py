@@ -305,9 +305,16 @@ class PrefixCache:
         self._outputs: list[list[Any]] = []
         handles = []
         if self.enabled:
+            # branch gates discover their plan with a probe forward on first use: run it now, before
+            # the hooks exist, so the probe never lands in the recorded outputs
+            from qblock.llm.gates import gate_sites
+
+            gate_sites(model, gate=gate)
+
             def make(j):
                 def hook(module, args, output):
-                    self._outputs[-1][j] = output
+                    if self._outputs:
+                        self._outputs[-1][j] = output
                 return hook
 
             handles = [blk.register_forward_hook(make(j)) for j, blk in enumerate(self.blocks)]
