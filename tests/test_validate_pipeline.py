@@ -450,3 +450,20 @@ def test_prefix_cache_with_branch_gates_on_a_fresh_model():
         with mask_blocks(m, removed, gate="branch"):
             plain = heldout_loss(m, xs, batch_size=2)
         assert pc.loss(removed)[0] == pytest.approx(plain[0], abs=1e-6)
+
+
+def test_cli_run_with_branch_gates(tiny_dir, tmp_path, monkeypatch, capsys):
+    from qblock.cli import main
+
+    monkeypatch.setenv("QBLOCK_CACHE", str(tmp_path / "cache"))
+    args = ["run", "--quick", "--gate", "branch", "--bootstrap", "50", "--model", str(tiny_dir / "model"),
+            "--calibration", str(tiny_dir / "calib.txt"), "--samples", "8", "--seq-len", "24",
+            "--eval-samples", "6", "--remove", "3", "--top", "2", "--random", "1", "--greedy-samples", "2",
+            "--tasks", "none", "--baselines", "angular", "--backend", "exact", "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    problems = list((tmp_path / "cache" / "problems").glob("*.npz"))
+    assert len(problems) == 1
+    assert qblock.BlockRemovalProblem.load(problems[0]).metadata["gate"] == "branch"
+    rows = json.loads((tmp_path / "r" / "candidates.json").read_text())["rows"]
+    # the identity blocks 3-5 are found first with the paper's gates too
+    assert [r["removed"] for r in rows if r["method"] == "qubo" and r["rank"] == 1] == [[3, 4, 5]]

@@ -61,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="calibration and held-out text (.txt/.jsonl; disjoint passages); default LAMBADA passages")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples for the intervals (preset)")
     p.add_argument("--energy", default="fisher", help="energy model to solve: fisher or fisher+grad (default fisher)")
+    p.add_argument("--gate", default="layer", choices=("layer", "branch"),
+                   help="gate mode of the extraction: layer (default, any block) or branch (the paper's)")
     p.add_argument("--energies", default="auto", help="energy models to compare (see qblock validate)")
     p.add_argument("--backend", default="auto",
                    help="solver backend for the top-k; 'auto' (default): exact (certified top-k) when C(N, M) <= 1e8, "
@@ -98,6 +100,7 @@ def problem_cache_path(prov: dict, cfg: dict):
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(prov.get("id") or "model").split("/")[-1])[:60]
     key = json.dumps({"model": prov.get("source") or prov.get("id"), "samples": cfg["samples"],
                       **({"calibration": cfg["calibration"]} if cfg.get("calibration") else {}),
+                      **({"gate": cfg["gate"]} if cfg.get("gate", "layer") != "layer" else {}),
                       "seq_len": cfg["seq_len"], "eval": cfg["eval_samples"], "seed": cfg["seed"]}, sort_keys=True)
     h = hashlib.sha256(key.encode()).hexdigest()[:10]
     return cache_dir() / "problems" / f"{slug}-{cfg['samples']}x{cfg['seq_len']}-{h}.npz"
@@ -126,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     cfg = _resolve(args)
     cfg["seed"] = args.seed
+    cfg["gate"] = args.gate
     ms = parse_ms(args.remove)
     for k in ("samples", "eval_samples", "top", "batch_size"):
         v = cfg.get(k, getattr(args, k, 1))
@@ -166,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         problem = extract_problem(
             model_spec=args.model, num_samples=cfg["samples"], seq_len=cfg["seq_len"], energy=args.energy,
+            gate=args.gate,
             batch_size=args.batch_size, seed=args.seed, out=ppath, progress=progress, restart=args.restart,
             num_eval=cfg["eval_samples"], device=args.device, model=model, tokenizer=tok,
             calibration=cfg.get("calibration"))
