@@ -51,28 +51,10 @@ __all__ = ["topk", "qcr_diagonal", "convexify", "convexify_nonneg"]
 
 
 class _TopKLex(_TopK):
-    """The k lowest states in the order (energy, lexicographic state), ties at the cut included.
+    """The k lowest states in the order (energy, lexicographic state), every tie at the cut kept
+    until the final sort (no plateau cap: the candidates offered per node batch are few)."""
 
-    (Selecting the k candidates by ``argpartition`` alone would cut ties at the k-th energy
-    arbitrarily; here every candidate tied with the k-th is kept until the final sort.)
-    """
-
-    def offer(self, energies: np.ndarray, make_states) -> None:
-        thr = self.threshold
-        idx = np.flatnonzero(energies <= thr) if math.isfinite(thr) else np.arange(energies.size)
-        if idx.size == 0:
-            return
-        if idx.size > self.k:
-            kth = np.partition(energies[idx], self.k - 1)[self.k - 1]
-            idx = idx[energies[idx] <= kth]
-        X_new = make_states(idx)
-        e_new = energies[idx]
-        if self.X is None:
-            X_all, e_all = X_new, e_new
-        else:
-            X_all, e_all = np.concatenate([self.X, X_new]), np.concatenate([self.energy, e_new])
-        order = np.lexsort(tuple(X_all[:, ::-1].T) + (e_all,))[: self.k]
-        self.X, self.energy = X_all[order], e_all[order]
+    plateau_cap = None
 
 
 def _limit_threads():

@@ -64,6 +64,10 @@ def _combos(n: int, r: int, shift: int = 0) -> np.ndarray:
 class _TopK:
     """The k lowest (energy, key) pairs seen so far."""
 
+    #: above this many candidates tied at the k-th energy, keep only k of them (bounds memory on a
+    #: degenerate plateau); ``None`` keeps every tie
+    plateau_cap: int | None = 100_000
+
     def __init__(self, k: int) -> None:
         self.k = k
         self.energy = np.zeros(0)
@@ -84,7 +88,7 @@ class _TopK:
             # keep every candidate tied with the k-th energy, so ties resolve lexicographically below
             kth = np.partition(energies[idx], self.k - 1)[self.k - 1]
             tied = idx[energies[idx] <= kth]
-            if tied.size <= max(100_000, 10 * self.k):
+            if self.plateau_cap is None or tied.size <= max(self.plateau_cap, 10 * self.k):
                 idx = tied
             else:  # a degenerate plateau: bound memory, ties then resolve arbitrarily
                 idx = idx[np.argpartition(energies[idx], self.k - 1)[: self.k]]
