@@ -107,17 +107,9 @@ def problem_cache_path(prov: dict, cfg: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    from qblock._lazy import require
+    from qblock.cli.validate import parse_list, parse_ms, setup_torch
 
-    require("torch", "llm")
-    require("scipy", "llm")
-    from qblock.validate.runner import apply_threads
-
-    try:
-        threads = apply_threads(args.threads, quiet=args.quiet)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    from qblock.cli.validate import parse_list, parse_ms
+    threads = setup_torch(args)
     from qblock.llm.cache import CacheError
     from qblock.llm.data import BENCHMARKS, DataError
     from qblock.llm.models import ModelLoadError, load_model, model_provenance

@@ -95,7 +95,8 @@ def parse_list(value: str, allowed: tuple[str, ...] | None, flag: str, all_value
     return items
 
 
-def run(args: argparse.Namespace) -> int:
+def setup_torch(args: argparse.Namespace) -> int:
+    """Check the llm extra is installed and set torch's threads (``--threads``); shared with ``qblock run``."""
     from qblock._lazy import require
 
     require("torch", "llm")
@@ -103,9 +104,13 @@ def run(args: argparse.Namespace) -> int:
     from qblock.validate.runner import apply_threads
 
     try:
-        threads = apply_threads(args.threads, quiet=args.quiet)
+        return apply_threads(args.threads, quiet=args.quiet)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    threads = setup_torch(args)
     from pathlib import Path
 
     from qblock.problems.block_removal import BlockRemovalProblem
