@@ -44,6 +44,14 @@ def _as_matrix(H: Any) -> np.ndarray:
     return arr
 
 
+def _check_num_remove(num_remove: Any, n: int) -> int:
+    if isinstance(num_remove, bool) or int(num_remove) != num_remove:
+        raise ValueError(f"num_remove must be an integer, got {num_remove!r}")
+    if not 0 <= int(num_remove) <= n:
+        raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got M = {num_remove}")
+    return int(num_remove)
+
+
 class BlockRemovalProblem:
     """Remove exactly ``num_remove`` of ``N`` blocks at the lowest energy.
 
@@ -119,13 +127,7 @@ class BlockRemovalProblem:
         if not math.isfinite(self._offset):
             raise ValueError("offset must be finite")
 
-        if num_remove is not None:
-            if isinstance(num_remove, bool) or int(num_remove) != num_remove:
-                raise ValueError(f"num_remove must be an integer, got {num_remove!r}")
-            num_remove = int(num_remove)
-            if not 0 <= num_remove <= n:
-                raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got M = {num_remove}")
-        self._num_remove = num_remove
+        self._num_remove = None if num_remove is None else _check_num_remove(num_remove, n)
 
         if labels is None:
             labels = [str(i) for i in range(n)]
@@ -206,13 +208,7 @@ class BlockRemovalProblem:
         p.__dict__.update(self.__dict__)
         p.metadata = dict(self.metadata)
         p._safe_penalty = None
-        if isinstance(num_remove, bool) or int(num_remove) != num_remove:
-            raise ValueError(f"num_remove must be an integer, got {num_remove!r}")
-        if not 0 <= int(num_remove) <= self.num_blocks:
-            raise ValueError(
-                f"num_remove must satisfy 0 <= M <= N = {self.num_blocks}, got M = {num_remove}"
-            )
-        p._num_remove = int(num_remove)
+        p._num_remove = _check_num_remove(num_remove, self.num_blocks)
         return p
 
     def __repr__(self) -> str:
