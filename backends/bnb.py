@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
+from qblock._threads import single_blas_thread
 from qblock.backends.exact import _combos, _TopK
 
 __all__ = ["topk", "qcr_diagonal", "convexify", "convexify_nonneg"]
@@ -55,16 +55,6 @@ class _TopKLex(_TopK):
     until the final sort (no plateau cap: the candidates offered per node batch are few)."""
 
     plateau_cap = None
-
-
-def _limit_threads():
-    """One BLAS thread: the matrices here are small and threads only add contention."""
-    try:
-        from threadpoolctl import threadpool_limits
-
-        return threadpool_limits(1)
-    except ImportError:  # pragma: no cover - optional
-        return nullcontext()
 
 
 def _complement_basis(n: int) -> np.ndarray:
@@ -507,7 +497,7 @@ def topk(
         "nodes": 0, "leaves": 0, "qp_iterations": 0, "num_feasible_states": total,
     }
 
-    with _limit_threads():
+    with single_blas_thread():
         if M == 0 or M == n:
             x = np.full((1, n), 1 if M else 0, dtype=np.int8)
             e = float(x[0] @ Q @ x[0] + c @ x[0])

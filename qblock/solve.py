@@ -9,6 +9,7 @@ from typing import Any
 import dimod
 import numpy as np
 
+from qblock._threads import single_blas_thread
 from qblock.problems.block_removal import BlockRemovalProblem
 
 __all__ = ["solve", "INFO_KEYS", "penalty_pipeline", "finish"]
@@ -68,6 +69,22 @@ def solve(
     if seed is None and spec.stochastic:
         seed = int(np.random.SeedSequence().entropy % (2**31))
     t0 = time.perf_counter()
+    with single_blas_thread():  # small matrices: BLAS threads only add contention
+        result = _dispatch(problem, backend, spec, m, num_solutions, seed, params)
+    result.info["backend"] = backend
+    result.info["seed"] = seed
+    result.info["timing"] = time.perf_counter() - t0
+    result.info.setdefault("certified_optimal", False)
+    for key in INFO_KEYS:
+        result.info.setdefault(key, None)
+    return result
+
+
+def _dispatch(problem: BlockRemovalProblem, backend: str, spec: Any, m: int, num_solutions: int,
+              seed: int | None, params: dict[str, Any]) -> dimod.SampleSet:
+    """Run the backend by its kind (runner, constrained, penalty or CQM) and return feasible states."""
+    from qblock import backends
+
     runner = backends.get_runner(backend)
     if runner is not None:
         sampler = None if spec.check else backends.get_sampler(backend)
@@ -88,12 +105,6 @@ def solve(
         raw = sampler.sample_cqm(problem.to_cqm(), **params)
         result = finish(problem, problem.states_from_sampleset(raw), raw.info, num_solutions,
                         num_reads=len(raw), num_infeasible=int((~raw.record.is_feasible).sum()), penalty=None)
-    result.info["backend"] = backend
-    result.info["seed"] = seed
-    result.info["timing"] = time.perf_counter() - t0
-    result.info.setdefault("certified_optimal", False)
-    for key in INFO_KEYS:
-        result.info.setdefault(key, None)
     return result
 
 

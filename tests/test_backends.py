@@ -1,6 +1,5 @@
 import itertools
 import math
-import time
 
 import dimod
 import numpy as np
@@ -82,28 +81,23 @@ def test_edge_cardinalities(n, m):
         assert ss.first.energy == pytest.approx(eb[0])
 
 
-def test_exact_is_fast_n30_m8_and_n40_m6():
+def test_exact_enumerates_n30_m8_and_n40_m6():
+    # timings of this case live in benchmarks/ (no wall-clock asserts in the suite)
     for n, m in [(30, 8), (40, 6)]:
         p = qblock.random_problem(n, m, seed=0)
-        t = time.perf_counter()
         ss = qblock.solve(p, "exact", num_solutions=20)
-        dt = time.perf_counter() - t
         assert ss.info["states_visited"] == math.comb(n, m)
-        assert dt < 10.0, dt
+        assert ss.info["certified_optimal"] is True
         # the certified optimum cannot be beaten by a heuristic
         assert qblock.solve(p, "swap", seed=0).first.energy >= ss.first.energy - 1e-12
 
 
-def test_exact_beats_dimod_exact_solver():
+def test_exact_agrees_with_dimod_exact_solver():
     p = qblock.random_problem(16, 4, seed=3)
-    t = time.perf_counter()
     ours = qblock.solve(p, "exact", num_solutions=5)
-    t_ours = time.perf_counter() - t
-    t = time.perf_counter()
     ref = p.decode(dimod.ExactSolver().sample(p.to_bqm()))
-    t_ref = time.perf_counter() - t
     assert np.allclose(ours.record.energy, ref.record.energy[:5])
-    assert t_ours * 10 < t_ref, (t_ours, t_ref)
+    assert ours.info["states_visited"] == math.comb(16, 4)  # only the feasible slice, not all 2^16
 
 
 def test_exact_chunked_paths_agree():

@@ -134,7 +134,6 @@ def test_time_limit_stops_uncertified():
     H = (H + H.T) / 2  # dense indefinite: hard, cannot finish in 0.2 s
     X, e, st = bnb.topk(H, None, 20, 20, time_limit=0.2)
     assert st["certified"] is False
-    assert st["time"] < 5.0
     assert st["gap"] > 0
     assert X.shape[0] == 20 and (np.diff(e) >= 0).all()  # the best states known, uncertified
     assert len({x.tobytes() for x in X}) == 20 and (X.sum(axis=1) == 20).all()

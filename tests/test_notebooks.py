@@ -23,8 +23,7 @@ def _needs(*modules: str) -> list[str]:
 
 def _execute(name: str, tmp_path: Path, monkeypatch, timeout: int = 120, **env: str):
     missing = _needs("nbclient", "nbformat", "ipykernel")
-    if missing:
-        pytest.skip(f"notebook tests need {', '.join(missing)} (pip install 'qblock[test]')")
+    assert not missing, f"notebook tests need {', '.join(missing)} (pip install 'qblock[test]')"
     import nbformat
     from nbclient import NotebookClient
 
@@ -79,8 +78,7 @@ def test_03_backend_comparison(tmp_path, monkeypatch):
 
 def test_04_dwave_leap_offline(tmp_path, monkeypatch):
     missing = _needs("dwave.system", "minorminer")
-    if missing or importlib.util.find_spec("qblock.backends.leap") is None:
-        pytest.skip(f"needs dwave-system, minorminer and qblock.backends.leap (missing: {missing or ['qblock.backends.leap']})")
+    assert not missing, f"needs dwave-system and minorminer (pip install 'qblock[leap]'); missing: {missing}"
     monkeypatch.delenv("DWAVE_API_TOKEN", raising=False)
     nb, out = _execute("04_dwave_leap.ipynb", tmp_path, monkeypatch, QBLOCK_NB_LIVE="0")
     assert (out / "embedding.png").exists()

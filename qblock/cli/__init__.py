@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import importlib.util
 import sys
 
 __all__ = ["main", "CliError"]
@@ -36,10 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qblock {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        modname = f"qblock.cli.{name}"
-        if importlib.util.find_spec(modname) is None:
-            continue
-        importlib.import_module(modname).register(sub)
+        # every sub-command module is part of the package: a failing import is a bug, never hidden
+        importlib.import_module(f"qblock.cli.{name}").register(sub)
     return parser
 
 
