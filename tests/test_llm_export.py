@@ -147,3 +147,25 @@ def test_cli_prune_from_solutions_file(tmp_path):
     assert main(["prune", "--model", str(src), "--solutions", str(sols), "--rank", "2", "--out", str(out), "-q"]) == 0
     assert json.loads((out / "qblock_pruned.json").read_text())["removed"] == [2]
     assert main(["prune", "--model", str(src), "--solutions", str(sols), "--rank", "3", "--out", str(tmp_path / "y")]) == 2
+
+
+def test_cli_prune_recommended_set_from_a_report(tmp_path, capsys):
+    from qblock.cli import main
+
+    src = _saved_tiny(tmp_path)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "summary.json").write_text(json.dumps({
+        "problem": {"model": {"id": "tiny", "spec": str(src)}},
+        "recommended": {"1": {"removed": [3]}, "2": {"removed": [1, 4]}}}))
+    out = tmp_path / "out"
+    # the model recorded in the report is used when --model is not given
+    assert main(["prune", "--recommended", str(report), "--remove-count", "2", "--out", str(out), "-q"]) == 0
+    assert json.loads((out / "qblock_pruned.json").read_text())["removed"] == [1, 4]
+    assert main(["prune", "--recommended", str(report), "--remove-count", "3", "--out", str(tmp_path / "y")]) == 2
+    assert "only for M = 1, 2" in capsys.readouterr().err
+    assert main(["prune", "--recommended", str(report), "--out", str(tmp_path / "y")]) == 2
+    assert "needs --remove-count" in capsys.readouterr().err
+    assert main(["prune", "--recommended", str(tmp_path), "--remove-count", "2", "--out", str(tmp_path / "y")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

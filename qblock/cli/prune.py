@@ -4,6 +4,7 @@ Example::
 
     qblock prune --model default --remove 3,7,12 --out smollm2-pruned
     qblock prune --model default --solutions sols.json --rank 1 --out smollm2-pruned
+    qblock prune --recommended qblock-report-quick --remove-count 6 --out smollm2-pruned
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from qblock.cli import CliError
 
@@ -25,13 +27,19 @@ def register(sub: argparse._SubParsersAction) -> None:
             "layer indices updated). Example: qblock prune --model default --remove 3,7,12 --out pruned/"
         ),
     )
-    p.add_argument("--model", default="default",
-                   help="'default' (SmolLM2-135M-Instruct), a local HF model directory, a .gguf file or a hub id")
+    p.add_argument("--model", default=None,
+                   help="'default' (SmolLM2-135M-Instruct; the default), a local HF model directory, a .gguf file or a "
+                        "hub id; with --recommended, the report's model unless given")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--remove", help="blocks to drop: 0-based indices and/or block labels, comma separated "
                                         "(e.g. 3,7,12 or model.layers.3)")
     which.add_argument("--solutions", metavar="FILE", help="solutions JSON written by `qblock solve --json`")
+    which.add_argument("--recommended", metavar="REPORT_DIR",
+                       help="a report folder of `qblock run` / `qblock validate`: prune its recommended set "
+                            "for --remove-count M")
     p.add_argument("--rank", type=int, default=1, help="with --solutions: which ranked solution (default 1, the best)")
+    p.add_argument("--remove-count", "-M", type=int, default=None, metavar="M",
+                   help="with --recommended: how many blocks (one of the report's M values)")
     p.add_argument("--out", "-o", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out directory")
     p.add_argument("--no-check", action="store_true", help="skip the reload check of the saved config")
@@ -82,6 +90,25 @@ def removed_from_solutions(path: str, rank: int) -> list[int]:
     return [int(i) for i in sols[rank - 1]["removed"]]
 
 
+def removed_from_recommended(report_dir: str, m: int | None) -> tuple[list[int], Any]:
+    """The recommended set for M from a report folder's summary.json, and the model recorded there."""
+    p = Path(report_dir) / "summary.json"
+    if not p.is_file():
+        raise CliError(f"--recommended {report_dir}: no summary.json there (expected a `qblock run` report folder)")
+    try:
+        data = json.loads(p.read_text())
+        rec = data.get("recommended") or {}
+    except (json.JSONDecodeError, AttributeError):
+        raise CliError(f"{p} is not a summary written by qblock run/validate") from None
+    if not rec:
+        raise CliError(f"{p} holds no recommended sets (was the selection switched off with --no-select?)")
+    if m is None:
+        raise CliError(f"--recommended needs --remove-count M; {p} recommends sets for M = {', '.join(rec)}")
+    if str(m) not in rec:
+        raise CliError(f"--remove-count {m}: {p} recommends sets only for M = {', '.join(rec)}")
+    return [int(i) for i in rec[str(m)]["removed"]], (data.get("problem") or {}).get("model")
+
+
 def _load(spec: str, quiet: bool):
     """(model, tokenizer) through qblock.llm.models; a plain local HF directory works without it."""
     try:
@@ -118,9 +145,22 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--out {out} exists and is not empty; pass --overwrite to write into it")
     if args.solutions and args.rank < 1:
         raise CliError("--rank must be at least 1")
-    model, tok = _load(args.model, args.quiet)
+    if args.remove_count is not None and not args.recommended:
+        raise CliError("--remove-count goes with --recommended REPORT_DIR")
+    recommended, recorded = (removed_from_recommended(args.recommended, args.remove_count) if args.recommended
+                             else (None, None))
+    spec = args.model or (recorded.get("spec") if isinstance(recorded, dict) else recorded) or "default"
+    if spec == "<object>":
+        raise CliError(f"{args.recommended} does not record a loadable model; pass --model")
+    model, tok = _load(spec, args.quiet)
     labels = [name for name, _ in find_blocks(model)]
-    if args.solutions:
+    if recommended is not None:
+        removed = recommended
+        bad = [i for i in removed if not 0 <= i < len(labels)]
+        if bad:
+            raise CliError(f"{args.recommended}: blocks {bad} out of range for this model ({len(labels)} blocks); "
+                           "pass the model of that report with --model")
+    elif args.solutions:
         removed = removed_from_solutions(args.solutions, args.rank)
         bad = [i for i in removed if not 0 <= i < len(labels)]
         if bad:
