@@ -172,3 +172,32 @@ def test_bad_arguments_are_one_line_errors():
         refine(o, prior, 7, budget_tokens=100)
     with pytest.raises(ValueError, match="batch"):
         refine(o, prior, 2, budget_tokens=100, batch=0)
+
+
+def test_measured_energy_on_a_tiny_model_equals_direct_masked_losses():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qblock.llm.energy import extract
+    from qblock.validate.evaluate import heldout_loss
+    from qblock.llm.blocks import mask_blocks
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=5, num_attention_heads=2,
+        num_key_value_heads=2)).eval()
+    samples = [torch.randint(0, 40, (12,)) for _ in range(3)]
+    p = extract(model, samples, energy="measured", progress=False)
+    pool = p.metadata["selection"]["pool"]
+    assert p.metadata["energy"] == "measured" and len(pool) == 5  # max(8, N/2) capped at N
+
+    def direct(removed):
+        with mask_blocks(model, removed):
+            return heldout_loss(model, samples)[0]
+
+    L0 = direct([])
+    for i in range(5):
+        assert p.energy_of([i]) == pytest.approx(direct([i]) - L0, abs=1e-5)
+    for i, j in itertools.combinations(pool, 2):
+        assert p.energy_of([i, j]) == pytest.approx(direct([i, j]) - L0, abs=1e-5)
+    # cost accounting: 1 + N + P(P-1)/2 evaluations of 3 x 12 tokens
+    assert p.metadata["selection"]["forward_tokens"] == (1 + 5 + 10) * 36

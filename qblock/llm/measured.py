@@ -42,19 +42,29 @@ class CalibrationLoss:
 
     def __init__(self, model, samples: Sequence[Any], *, gate: str = "layer", batch_size: int = 8,
                  max_bytes: float = 2e9) -> None:
-        from qblock.validate.evaluate import PrefixCache
-
         if not samples:
             raise ValueError("CalibrationLoss needs at least one calibration sample")
+        self._args = (model, list(samples), gate, int(batch_size), max_bytes)
+        self._prefix = None  # recorded on first use: that pass is the full model's evaluation
+        self.tokens_per_pass = int(sum(int(getattr(s, "numel", lambda: len(s))()) for s in samples))
+        self.num_samples = len(samples)
+        self._cache: dict[tuple[int, ...], float] = {}
+        self.tokens = 0
+        self.evaluations = 0
+
+    def _record(self) -> None:
+        from qblock.validate.evaluate import PrefixCache
+
+        model, samples, gate, batch_size, max_bytes = self._args
         self._prefix = PrefixCache(model, samples, (), batch_size=batch_size, gate=gate, max_bytes=max_bytes)
-        self.tokens_per_pass = int(sum(int(s.numel()) for s in self._prefix.samples))
-        self.num_samples = len(self._prefix.samples)
-        self._cache: dict[tuple[int, ...], float] = {(): float(self._prefix.base_loss)}
-        self.tokens = self.tokens_per_pass
-        self.evaluations = 1
+        self._cache[()] = float(self._prefix.base_loss)
+        self.tokens += self.tokens_per_pass
+        self.evaluations += 1
 
     def loss(self, removed: Iterable[int]) -> float:
         """The calibration loss with ``removed`` masked (measured once per distinct set)."""
+        if self._prefix is None:
+            self._record()
         key = tuple(sorted({int(i) for i in removed}))
         if key not in self._cache:
             self._cache[key] = float(self._prefix.loss(key)[0])
