@@ -184,16 +184,20 @@ def test_concurrent_run_on_same_output_is_refused(tiny, tmp_path):
 
     out = tmp_path / "p.npz"
     lock = tmp_path / "p.npz.lock"
-    # a live process owns the lock: refused with a clear message
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # a live process holds the lock: refused with a clear message naming it
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, qblock._filelock as f; f.acquire({str(lock)!r}); "
+                               "print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        lock.write_text(str(sleeper.pid))
-        with pytest.raises(pipeline.ExtractError, match=f"pid {sleeper.pid}"):
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(pipeline.ExtractError, match=f"pid {holder.pid}"):
             run(tiny, out)
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    # its owner is gone: the stale lock is taken over, and released afterwards
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    # a lock file left behind by a killed run is no obstacle, and is removed afterwards
+    lock.write_text("999999999")
     run(tiny, out)
     assert out.exists() and not lock.exists()
 

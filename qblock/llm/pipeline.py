@@ -111,42 +111,22 @@ def _short(v: Any) -> str:
 
 @contextlib.contextmanager
 def _output_lock(out_path: Path | None):
-    """One extraction per output at a time: ``<out>.lock`` holds the owner's pid (stale locks are taken over)."""
+    """One extraction per output at a time: an OS lock on ``<out>.lock`` (see :mod:`qblock._filelock`)."""
     if out_path is None:
         yield
         return
+    from qblock._filelock import LockBusy, acquire
+
     lock = out_path.with_name(out_path.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise ExtractError(f"another extraction (pid {pid}) is writing {out_path}; wait for it, or "
-                                   f"delete {lock} if that process is gone") from None
-            lock.unlink(missing_ok=True)  # stale: its owner died
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        break
+    try:
+        release = acquire(lock)
+    except LockBusy as exc:
+        who = f"pid {exc.pid}" if exc.pid else "another process"
+        raise ExtractError(f"another extraction ({who}) is writing {out_path}; wait for it to finish") from None
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        release()
 
 
 def compute_rows(model, samples: Sequence, rows: np.ndarray | None = None, *, gate: str = "layer",
