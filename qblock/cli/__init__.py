@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qblock`` console script."""
-    from qblock._lazy import MissingDependencyError
+    from qblock._lazy import MissingDependencyError, as_missing_dependency
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -64,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, MissingDependencyError) as exc:
         print(f"qblock: error: {exc}", file=sys.stderr)
         return getattr(exc, "code", 2)
+    except ImportError as exc:
+        # a plain `import matplotlib` (show, compare) or `import dwave.system` (dwave-qpu) on an
+        # install without that extra: the same one line as require() gives; anything else is a bug
+        missing = as_missing_dependency(exc)
+        if missing is None:
+            raise
+        print(f"qblock: error: {missing}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, PermissionError, TypeError) as exc:
         print(f"qblock: error: {exc}", file=sys.stderr)
         return 2
