@@ -210,3 +210,88 @@ def test_pairwise_energy(tiny, tmp_path):
     assert q.metadata["data"]["calibration"]["num_samples"] == 3 and p.num_remove == 1
     with pytest.raises(pipeline.ExtractError, match="exists"):
         run(tiny, out, energy="pairwise", num_samples=3)
+
+
+# ---------------------------------------------------------------------------------------- bad input: one line
+def cli_args(tiny, out, *extra):
+    model_dir, calib = tiny
+    return ["extract", "--model", str(model_dir), "--samples", "6", "--seq-len", "8", "--batch-size", "3",
+            "--calibration", str(calib), "--eval-samples", "2", "--out", str(out), "-q", *extra]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("qblock: error: "), err
+    return err
+
+
+def _truncated_npz(path, seed):
+    good = path.with_name("good.npz")
+    np.savez(good, rows=np.zeros((3, 4)), manifest=np.array("{}"))
+    path.write_bytes(good.read_bytes()[:200])
+
+
+DAMAGE = {
+    "garbage": lambda p: p.write_text("not an npz\n"),
+    "empty": lambda p: p.write_bytes(b""),
+    "truncated": lambda p: _truncated_npz(p, 0),
+    "json list manifest": lambda p: np.savez(p, rows=np.zeros((3, 4)), manifest=np.array("[1, 2]")),
+    "1-d rows": lambda p: np.savez(p, rows=np.zeros(3), manifest=np.array('{"format": "qblock.extract.partial"}')),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("which", ["checkpoint", "output"])
+def test_damaged_checkpoint_or_output_reaches_the_restart_line(tiny, tmp_path, capsys, damage, which):
+    out = tmp_path / "p.npz"
+    victim = pipeline.partial_path(out) if which == "checkpoint" else out
+    DAMAGE[damage](victim)
+    before = victim.read_bytes()
+    assert main(cli_args(tiny, out)) == 2
+    err = one_error_line(capsys)
+    assert str(victim) in err and "--restart" in err
+    assert victim.read_bytes() == before  # nothing was overwritten
+    assert main(cli_args(tiny, out, "--restart")) == 0
+    assert BlockRemovalProblem.load(out).arrays["A"].shape == (6, 4)
+
+
+def test_output_that_is_a_directory_is_refused_even_with_restart(tiny, tmp_path, capsys):
+    out = tmp_path / "p.npz"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(cli_args(tiny, out, "--restart")) == 2
+    assert "is a directory" in one_error_line(capsys) and (out / "keep.txt").exists()
+
+
+def test_device_cuda_without_cuda_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    def must_not_load(*a, **k):
+        raise AssertionError("the model must not be loaded for an unusable device")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", must_not_load)
+    assert main(cli_args(tiny, tmp_path / "p.npz", "--device", "cuda")) == 2
+    err = one_error_line(capsys)
+    assert "'cuda' is not available" in err and "--device cpu" in err
+    assert main(cli_args(tiny, tmp_path / "p.npz", "--device", "warp9")) == 2
+    assert "unknown device 'warp9'" in one_error_line(capsys)
+    assert not (tmp_path / "p.npz").exists()
+
+
+def test_device_index_past_the_last_gpu_is_one_line(tiny, tmp_path, capsys):
+    # true on any machine: there is never a GPU number device_count()
+    assert main(cli_args(tiny, tmp_path / "p.npz", "--device", f"cuda:{torch.cuda.device_count()}")) == 2
+    assert "cuda:" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("remove, fragment", [("99", "only 4 blocks"), ("-1", ">= 0")])
+def test_remove_out_of_range_fails_before_any_gradient(tiny, tmp_path, capsys, monkeypatch, remove, fragment):
+    def must_not_run(*a, **k):
+        raise AssertionError("--remove must be checked before A is computed")
+
+    monkeypatch.setattr(gradients, "gate_gradients", must_not_run)
+    out = tmp_path / "p.npz"
+    assert main(cli_args(tiny, out, "--remove", remove)) == 2
+    assert fragment in one_error_line(capsys)
+    assert not out.exists() and not pipeline.partial_path(out).exists()
+    with pytest.raises(pipeline.ExtractError, match="whole number"):
+        run(tiny, out, num_remove=1.5)

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_ALIASES",
     "ModelLoadError",
+    "check_device",
     "default_model_dir",
     "convert_default_model",
     "load_default_model",
@@ -186,6 +187,46 @@ def _placement(device) -> tuple[dict, Any]:
     return {}, device
 
 
+def check_device(device: Any) -> None:
+    """Fail in one line, before anything is loaded, if ``device`` is not usable here.
+
+    ``None`` (CPU) and the device-map names always pass; ``"cuda"`` without a CUDA build of torch
+    or without a visible GPU, an index past the last GPU, or an unknown name are errors.
+
+    Raises:
+        ModelLoadError: what is wrong and what to use instead.
+
+    Example:
+        >>> check_device("cpu")
+        >>> try:
+        ...     check_device("warp-drive")
+        ... except ModelLoadError as e:
+        ...     print(str(e).split(";")[0])
+        unknown device 'warp-drive'
+    """
+    if device is None or (isinstance(device, str) and device in _DEVICE_MAPS):
+        return
+    torch = _torch()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch, dev.type, None)
+    if dev.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available:
+        why = (f"this torch {torch.__version__} is built without CUDA" if dev.type == "cuda" and
+               not torch.version.cuda else f"no {dev.type} device is visible")
+        raise ModelLoadError(f"device {str(device)!r} is not available: {why}; use --device cpu")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise ModelLoadError(f"device {str(device)!r} does not exist: {count} {dev.type} device(s) are "
+                             f"visible (0..{count - 1})")
+
+
 def _single_device(device):
     """Models that are loaded whole (GGUF, the small default model) go to one device."""
     if isinstance(device, str) and device in _DEVICE_MAPS:
@@ -302,6 +343,7 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
         True
     """
     spec_s = str(spec)
+    check_device(device)
     if _is_default(spec_s):
         return load_default_model(dtype=dtype, device=_single_device(device), quiet=quiet)
     placement, device = _placement(device)
