@@ -295,3 +295,13 @@ def test_remove_out_of_range_fails_before_any_gradient(tiny, tmp_path, capsys, m
     assert not out.exists() and not pipeline.partial_path(out).exists()
     with pytest.raises(pipeline.ExtractError, match="whole number"):
         run(tiny, out, num_remove=1.5)
+
+
+def test_binary_calibration_file_is_one_line_naming_it(tiny, tmp_path, capsys):
+    model_dir, _ = tiny
+    binary = tmp_path / "calib.txt"
+    binary.write_bytes(bytes(range(256)) * 8)
+    assert main(["extract", "--model", str(model_dir), "--calibration", str(binary), "--samples", "2",
+                 "--seq-len", "4", "--out", str(tmp_path / "p.npz"), "-q"]) == 2
+    err = one_error_line(capsys)
+    assert str(binary) in err and ".txt" in err and ".jsonl" in err

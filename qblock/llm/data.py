@@ -128,14 +128,18 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
         ['First paragraph\\ncontinues.', 'Second.']
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataError(f"calibration file {p} is a directory; {_FORMATS}")
     if not p.is_file():
         raise DataError(f"calibration file not found: {p}")
     suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8")
+    if suffix not in (".txt", ".jsonl"):
+        raise DataError(f"unsupported calibration file {p.name}: {_FORMATS}")
+    text = _read_utf8(p)
     if suffix == ".txt":
         paras = [blk.strip() for blk in _split_blank_lines(text)]
         out = [s for s in paras if s]
-    elif suffix == ".jsonl":
+    else:  # .jsonl
         out = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -148,11 +152,27 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
                 raise DataError(f'{p}:{n}: each .jsonl line must be an object with a string "text" field')
             if rec["text"].strip():
                 out.append(rec["text"])
-    else:
-        raise DataError(f"unsupported calibration file {p.name}: use .txt (paragraphs) or .jsonl (\"text\" field)")
     if not out:
         raise DataError(f"{p} contains no text")
     return out
+
+
+_FORMATS = 'use .txt (paragraphs separated by blank lines) or .jsonl (one object per line with a "text" field)'
+
+
+def _read_utf8(p: Path) -> str:
+    """The file as UTF-8 text; a binary file is a :class:`DataError` that names it and the formats."""
+    raw = p.read_bytes()
+    # NUL never occurs in text but decodes as UTF-8, so check it too (e.g. a UTF-16 or .npz file)
+    bad = raw.find(b"\x00")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.start
+    else:
+        if bad < 0:
+            return text
+    raise DataError(f"calibration file {p} is not UTF-8 text (binary byte at offset {bad}); {_FORMATS}")
 
 
 def _split_blank_lines(text: str) -> list[str]:
