@@ -386,7 +386,8 @@ def fetch_wheel(name: str, version: str, *, quiet: bool = False) -> Path:
         # the size pip reports ("Downloading X.whl (85.6 MB)"), else the file's size
         m = re.search(r"Downloading \S+ \(([^)]+)\)", proc.stdout or "")
         size = m.group(1) if m else _human(target.stat().st_size)
-        print(f"qblock: saved {target.name} ({size})", file=sys.stderr, flush=True)
+        checked = "; sha256 matches its pin" if pin is not None else ""
+        print(f"qblock: saved {target.name} ({size}){checked}", file=sys.stderr, flush=True)
     return target
 
 
