@@ -109,17 +109,23 @@ def _acquire_flock(lock: Path) -> Callable[[], None]:
 
 
 def _acquire_pidfile(lock: Path) -> Callable[[], None]:
-    """Without ``flock``: the lock file appears atomically *with* the owner's pid in it (hard link
-    of a finished temporary file), so a reader never sees it empty; a dead owner's lock is taken over."""
+    """Without ``flock`` (Windows): the lock file appears atomically *with* the owner's pid in it
+    (hard link of a finished temporary file), so a reader never sees it empty.
+
+    A dead owner's lock is taken over; that step is not atomic (two processes taking over the same
+    stale lock at the same instant can both win), a case the ``flock`` path does not have.
+    """
     tmp = lock.with_name(f".{lock.name}.{os.getpid()}.{id(lock):x}")
     tmp.write_text(str(os.getpid()))
     try:
-        for _ in range(2):
+        for _ in range(3):
             try:
                 os.link(tmp, lock)
                 break
             except FileExistsError:
                 pid = _read_pid(lock)
+                if pid is None and not lock.exists():
+                    continue  # released between our link and our read: try again
                 if pid is None or _alive(pid):
                     # no pid cannot be a half-written file (it is linked complete): never take it
                     raise LockBusy(lock, pid) from None

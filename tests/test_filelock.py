@@ -17,51 +17,67 @@ from qblock import _filelock
 
 MECHANISMS = ["qblock._filelock:acquire", "qblock._filelock:_acquire_pidfile"]
 
-# each worker: per round, wait for all workers (file barrier), try the lock, and while holding it
-# create a marker with O_EXCL; failing to create it means another process holds the lock too
+# Each round must start in every worker at the same instant, or the tries never overlap. The parent
+# holds an exclusive flock on two gate files; in round r the workers block on a shared flock of gate
+# r % 2 and all wake together when the parent lets go of it (blocking, no polling: cheap on a loaded
+# machine). A worker that holds the lock creates a marker with O_EXCL: failing means two holders.
 WORKER = textwrap.dedent("""
-    import importlib, os, sys, time
+    import fcntl, importlib, os, sys, time
     from pathlib import Path
     from qblock._filelock import LockBusy
     mod, fn = sys.argv[1].split(":")
     acquire = getattr(importlib.import_module(mod), fn)
-    root, me, nproc, rounds = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    held = busy = overlaps = 0
+    root, rounds = Path(sys.argv[2]), int(sys.argv[3])
+    gates = [os.open(root / f"gate{k}", os.O_RDWR) for k in (0, 1)]
+    print("ready", flush=True)
     for r in range(rounds):
-        (root / f"ready.{r}.{me}").touch()
-        while sum(1 for k in range(nproc) if (root / f"ready.{r}.{k}").exists()) < nproc:
-            time.sleep(0.0002)
+        fcntl.flock(gates[r % 2], fcntl.LOCK_SH)
         try:
             release = acquire(root / "out.npz.lock")
         except LockBusy:
-            busy += 1
-            continue
-        held += 1
-        try:
-            fd = os.open(root / "inside", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            overlaps += 1
+            result = "busy"
         else:
-            os.close(fd)
-            time.sleep(0.001)
-            os.unlink(root / "inside")
-        release()
-    print(held, busy, overlaps)
+            try:
+                fd = os.open(root / "inside", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                result = "overlap"
+            else:
+                os.close(fd)
+                time.sleep(0.002)
+                os.unlink(root / "inside")
+                result = "held"
+            release()
+        fcntl.flock(gates[r % 2], fcntl.LOCK_UN)
+        print(result, flush=True)
 """)
 
 
 def stress(tmp_path, mechanism, nproc=4, rounds=20, extra_path=None):
+    """Counts of ``held``, ``busy`` and ``overlap`` over ``rounds`` rounds of ``nproc`` simultaneous tries."""
+    import fcntl
+
     env = dict(os.environ)
     paths = [str(Path(__file__).resolve().parents[1])] + ([str(extra_path)] if extra_path else [])
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, mechanism, str(tmp_path), str(k), str(nproc),
-                               str(rounds)], stdout=subprocess.PIPE, text=True, env=env) for k in range(nproc)]
-    counts = []
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0
-        counts.append([int(v) for v in out.split()])
-    return [sum(c[i] for c in counts) for i in range(3)]  # held, busy, overlaps
+    gates = [os.open(tmp_path / f"gate{k}", os.O_RDWR | os.O_CREAT) for k in (0, 1)]
+    for g in gates:
+        fcntl.flock(g, fcntl.LOCK_EX)
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, mechanism, str(tmp_path), str(rounds)],
+                              stdout=subprocess.PIPE, text=True, env=env) for _ in range(nproc)]
+    counts = {"held": 0, "busy": 0, "overlap": 0}
+    try:
+        assert all(p.stdout.readline().strip() == "ready" for p in procs)
+        for r in range(rounds):
+            fcntl.flock(gates[r % 2], fcntl.LOCK_UN)  # everyone starts round r at once
+            for p in procs:
+                counts[p.stdout.readline().strip()] += 1
+            fcntl.flock(gates[r % 2], fcntl.LOCK_EX)  # granted once all have left the gate
+    finally:
+        for g in gates:
+            os.close(g)  # lets any worker still waiting run to its end
+        for p in procs:
+            p.wait(timeout=60)
+    return counts["held"], counts["busy"], counts["overlap"]
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
