@@ -10,6 +10,11 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+try:
+    import fcntl  # POSIX
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 
 class LockBusy(RuntimeError):
     """The lock is held by another process (``pid`` is its owner, or ``None`` if not yet known)."""
@@ -53,9 +58,7 @@ def acquire(lock: str | os.PathLike) -> Callable[[], None]:
     """
     lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl  # noqa: F401  (POSIX)
-    except ImportError:  # pragma: no cover - Windows; the fallback is tested by forcing it
+    if fcntl is None:  # pragma: no cover - Windows; the fallback is tested by calling it directly
         return _acquire_pidfile(lock)
     return _acquire_flock(lock)
 
@@ -77,8 +80,6 @@ def _same_file(fd: int, path: Path) -> bool:
 
 def _acquire_flock(lock: Path) -> Callable[[], None]:
     """``flock`` on ``lock``: the kernel drops it when its owner exits, so no lock is ever stale."""
-    import fcntl
-
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
