@@ -151,6 +151,36 @@ def test_packing_is_seeded():
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
+class BosTokenizer(PassageTokenizer):
+    """Adds BOS (id 2) in front unless told not to, like Gemma's and Llama 2's tokenizers."""
+
+    bos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = super().__call__(text)["input_ids"]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+
+def test_packing_starts_each_sample_with_bos_when_the_tokenizer_adds_one():
+    texts = passages(30)
+    plain = data.make_samples(PassageTokenizer(), texts, num_samples=5, seq_len=16, seed=3)
+    bos = data.make_samples(BosTokenizer(), texts, num_samples=5, seq_len=16, seed=3)
+    assert all(s.shape == (16,) and int(s[0]) == 2 for s in bos)
+    # the same text stream, 15 tokens per sample after the BOS
+    assert torch.cat([s[1:] for s in bos]).tolist() == torch.cat(plain).tolist()[:75]
+    assert 2 not in torch.cat([s[1:] for s in bos]).tolist()
+
+
+def test_bos_packing_is_recorded_and_needs_room(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("\n\n".join(passages(60)))
+    _, ev, prov = data.calibration_and_eval(BosTokenizer(), f, num_calib=2, num_eval=2, seq_len=8, seed=0)
+    assert prov["packing"].endswith("each sample starts with the tokenizer's BOS token")
+    assert "BOS" not in data.calibration_and_eval(PassageTokenizer(), f, 2, 2, 8, 0)[2]["packing"]
+    with pytest.raises(data.DataError, match=r"seq_len >= 2 \(one token is BOS\), got 3 and 1$"):
+        data.make_samples(BosTokenizer(), passages(5), num_samples=3, seq_len=1)
+
+
 def test_not_enough_text():
     with pytest.raises(data.DataError, match="not enough text"):
         data.make_samples(PassageTokenizer(), passages(2), num_samples=10, seq_len=50, seed=0)

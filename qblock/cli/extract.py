@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", default="default",
-                   help="'default' (SmolLM2-135M-Instruct, offline once cached), a local HF model directory, "
-                        "a .gguf file, or a hub id (default: default)")
+                   help="'default' (SmolLM2-135M-Instruct, offline once cached), 'gemma3-270m' (Gemma-3-270M, "
+                        "Gemma Terms of Use), a local HF model directory, a .gguf file, or a hub id (default: default)")
     p.add_argument("--samples", type=int, default=128, help="calibration samples m (default 128)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default 256)")
     p.add_argument("--energy", default="fisher", choices=("fisher", "fisher+grad", "pairwise"),

@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", default=None,
-                   help="'default' (SmolLM2-135M-Instruct; the default), a local HF model directory, a .gguf file or a "
-                        "hub id; with --recommended, the report's model unless given")
+                   help="'default' (SmolLM2-135M-Instruct; the default), 'gemma3-270m' (Gemma-3-270M), a local HF model "
+                        "directory, a .gguf file or a hub id; with --recommended, the report's model unless given")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--remove", help="blocks to drop: 0-based indices and/or block labels, comma separated "
                                         "(e.g. 3,7,12 or model.layers.3)")

@@ -46,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--quick", action="store_true", help="small, fast settings (see the description)")
-    p.add_argument("--model", default="default", help="model spec (default: default)")
+    p.add_argument("--model", default="default",
+                   help="model spec: default (SmolLM2-135M-Instruct), gemma3-270m (Gemma-3-270M), a local HF "
+                        "model directory, a .gguf file or a hub id (default: default)")
     p.add_argument("--remove", "-M", default=DEFAULT_M, help=f"values of M, comma list (default {DEFAULT_M})")
     p.add_argument("--samples", type=int, default=None, help="calibration samples (preset)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (preset)")

