@@ -279,3 +279,18 @@ def test_decode_names_what_it_expected():
         p.decode(twice)
     with pytest.raises(ValueError, match="expected a block index"):
         p.decode(dimod.SampleSet.from_samples([{0: 1, 1: 0, "foo": 0}], "BINARY", [0.0]))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["extract", "--out", "{p}/x.npz"], "is a file, not a folder"),
+    (["extract", "--out", "{p}", "--calibration", "{p}"], "would overwrite the input"),
+    (["validate", "{p}", "--out", "{p}"], "is an existing file"),
+    (["validate", "{p}", "--out", ""], "--out is empty"),
+    (["run", "--quick", "--out", "{p}"], "is an existing file"),
+])
+def test_llm_commands_share_the_output_rule(pfile, capsys, argv, needle):
+    before = pfile.read_bytes()
+    code = main([a.format(p=pfile) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()  # validate/run may first note the thread count
+    assert code != 0 and err[-1].startswith("qblock: error: ") and needle in err[-1], err
+    assert pfile.read_bytes() == before
