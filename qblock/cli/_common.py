@@ -38,13 +38,15 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
     """``KEY=VALUE`` pairs; values are parsed as JSON when they can be (numbers, lists, true/false)."""
     out: dict[str, Any] = {}
     for item in items or []:
-        if "=" not in item:
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
             raise CliError(f"--param expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
             out[k] = v
+        except RecursionError:  # "[[[[..." thousands deep: not a value anyone means
+            raise CliError(f"--param {k}: the value is nested too deeply") from None
     return out
 
 
