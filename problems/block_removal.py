@@ -35,7 +35,10 @@ _NUM_REMOVE = "num_remove"
 
 def _as_real(value: Any, what: str) -> np.ndarray:
     """``value`` as a float64 array; complex, text and date values are errors, never coerced."""
-    arr = np.asarray(value)
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged nested lists
+        raise ValueError(f"{what} must be a numeric array: {exc}") from None
     if arr.dtype.kind == "c":
         raise ValueError(f"{what} must be real, got complex values; take .real first if the imaginary part is noise")
     if arr.dtype.kind not in "biufO":

@@ -251,6 +251,12 @@ def test_complex_input_is_rejected_not_truncated(kwargs):
         BlockRemovalProblem(num_remove=1, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [dict(H=[[1.0, 0.0], [0.0]]), dict(H=np.eye(2), linear=[[1.0], [1.0, 2.0]])])
+def test_ragged_input_is_a_valueerror(kwargs):
+    with pytest.raises(ValueError, match="must be a numeric array"):
+        BlockRemovalProblem(num_remove=1, **kwargs)
+
+
 @pytest.mark.parametrize("m", [float("inf"), float("nan"), 1.5, "1", [1], True])
 def test_num_remove_must_be_a_whole_number(m):
     with pytest.raises(ValueError, match="num_remove must be an integer"):
