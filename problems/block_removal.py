@@ -15,6 +15,7 @@ import numbers
 import os
 import struct
 import tempfile
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -623,6 +624,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, struct.error,
             UnicodeDecodeError, OverflowError) as exc:
         raise ValueError(f"truncated or not a .npz archive: {exc}") from None
+    except (tokenize.TokenError, SyntaxError, RecursionError) as exc:
+        # numpy parses a damaged .npy header with tokenize/ast and lets their errors through
+        raise ValueError(f"a damaged .npy header: {exc}") from None
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise ValueError(f"no {', '.join(missing)} in the archive")

@@ -63,6 +63,18 @@ def huge_member():
     return out.getvalue()
 
 
+def damaged_npy_header():
+    """H.npy whose header dict lost its closing brace: numpy's fallback parser raises tokenize.TokenError."""
+    hdr = "{'descr': '<f8', 'fortran_order': False, 'shape': (2, 2), ".ljust(118) + "\n"
+    blob = b"\x93NUMPY\x01\x00" + len(hdr).to_bytes(2, "little") + hdr.encode() + np.eye(2).tobytes()
+    good = npz_bytes(H=np.eye(2), linear=np.zeros(2), header=header())
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(good)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, blob if info.filename == "H.npy" else src.read(info))
+    return out.getvalue()
+
+
 BAD_FILES = {
     "empty": lambda good: b"",
     "truncated": lambda good: good[: len(good) // 2],
@@ -86,6 +98,7 @@ BAD_FILES = {
     "complex H": lambda good: npz_bytes(H=np.eye(2) * (1 + 1j), linear=np.zeros(2), header=header()),
     "pickled object": lambda good: _pickled(),
     "declares 8 TB": lambda good: huge_member(),
+    "damaged npy header": lambda good: damaged_npy_header(),
 }
 
 
