@@ -122,6 +122,22 @@ def test_corrupted_problem_files_load_or_raise_valueerror(tmp_path_factory, whic
     check_load(f)
 
 
+@FUZZ
+@given(which=st.integers(0, 1), member=st.sampled_from(["header.npy", "H.npy", "linear.npy", "array__A.npy"]),
+       muts=st.lists(mutation, min_size=1, max_size=4), deflate=st.booleans())
+def test_corrupted_members_with_valid_checksums_load_or_raise_valueerror(tmp_path_factory, which, member, muts, deflate):
+    """Mutate one member's .npy bytes and re-zip with a correct CRC, so the damage reaches numpy and JSON."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(valid_files()[which])) as src, \
+            zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            raw = src.read(info)
+            dst.writestr(info.filename, mutate(raw, muts) if info.filename == member else raw)
+    f = tmp_path_factory.mktemp("c") / "p.npz"
+    f.write_bytes(out.getvalue())
+    check_load(f)
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
