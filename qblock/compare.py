@@ -718,9 +718,13 @@ def load_result(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"comparison file not found: {path}")
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a qblock comparison (format={data.get('format')!r})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path} is not a qblock comparison (not JSON: {exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} is not a qblock comparison (format={got!r})")
     if int(data.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer qblock (format {data['format_version']})")
     return data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qblock.cli import CliError
+from qblock.cli._common import check_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--eval-samples must be >= 0")
     if args.granularity == "sublayer" and args.gate != "branch":
         raise CliError("--granularity sublayer needs --gate branch (one gate per residual branch)")
+    check_output(args.out, "--out", inputs=[args.calibration])
     try:
         problem = extract_problem(
             model_spec=args.model, num_samples=args.samples, seq_len=args.seq_len, energy=args.energy,

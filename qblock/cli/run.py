@@ -15,6 +15,7 @@ import sys
 import time
 
 from qblock.cli import CliError
+from qblock.cli._common import check_output
 
 #: settings of a full run and of ``--quick`` (chosen to finish in under 10 minutes on 2 CPU cores,
 #: extraction included, with the default model already cached)
@@ -142,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     energies = args.energies if args.energies == "auto" else parse_list(
         args.energies, ("fisher", "fisher+grad", "pairwise"), "--energies")
     out = args.out or ("qblock-report-quick" if args.quick else "qblock-report")
+    check_output(out, "--out", inputs=[args.calibration], folder=True)
     progress = not args.quiet
     timings = {}
 

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from qblock.cli import CliError
+from qblock.cli._common import check_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -151,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not Path(args.problem).is_file():
         raise CliError(f"problem file not found: {args.problem}")
+    check_output(args.out, "--out", inputs=[args.problem, args.solutions, args.calibration, args.eval_text],
+                 folder=True, writes=("candidates.*", "summary.json", "report.md", "*.png"))
     problem = BlockRemovalProblem.load(args.problem)
     ms = parse_ms(args.remove)
     solutions = {}
