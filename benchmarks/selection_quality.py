@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--random", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="fp32", help="model dtype for every measurement (bf16: ~3x faster on CPUs "
+                                                       "with AVX512-BF16; every method is measured the same way)")
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/selection_quality_<model>)")
     args = ap.parse_args(argv)
 
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", args.model)
     stem = Path(args.out) if args.out else RESULTS / f"selection_quality_{slug}"
-    model, tok = load_model(args.model, quiet=True)
+    model, tok = load_model(args.model, quiet=True, dtype=args.dtype)
     n = len(find_blocks(model))
     ms = sorted({max(1, min(n - 1, round(float(f) * n))) for f in args.fractions.split(",")})
     calib, evals, prov = calibration_and_eval(tok, None, num_calib=args.calib_samples, num_eval=args.eval_samples,

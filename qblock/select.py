@@ -216,7 +216,8 @@ class Refinement:
         best_removed: the measured set of size M of lowest calibration loss.
         best_loss: its calibration loss.
         history: every measurement of size M, in order: ``{"removed", "loss", "round", "source"}``
-            (``source``: ``"solver"`` for a backend proposal, ``"neighbour"`` for a swap neighbour).
+            (``source``: ``"solver"`` for a backend proposal, ``"neighbour"`` for a swap neighbour of a
+            best measured set, ranked by the surrogate).
         surrogate: the final surrogate QUBO (prior + correction fitted to every measurement).
         tokens: forward tokens this refinement spent (the prior's not included).
         backend: the solver backend used.
@@ -238,7 +239,8 @@ class Refinement:
 
 def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, backend: str = "exact",
            budget_tokens: int, batch: int = 4, seed: int = 0, backend_params: dict[str, Any] | None = None,
-           known: dict[tuple[int, ...], float] | None = None, progress: Any = None) -> Refinement:
+           known: dict[tuple[int, ...], float] | None = None, local: int = 50,
+           progress: Any = None) -> Refinement:
     """Surrogate refinement for one M: fit, solve with ``backend``, measure the best unseen, repeat.
 
     Args:
@@ -253,6 +255,9 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
         seed: solver seed (round ``t`` uses ``seed + t``).
         backend_params: extra keyword arguments for :func:`qblock.solve`.
         known: measured ``{removed: loss}`` of other sets (any size) to fit on too (e.g. from another M).
+        local: percent of each round (after the first) given to the surrogate's best unseen one-swap
+            neighbours of the best measured sets (a trust region around the incumbent); the rest are the
+            backend's proposals. ``0``: backend proposals only (neighbours only replace repeats).
         progress: a callable ``progress(tokens_spent, budget)`` or None.
 
     Returns:
@@ -289,9 +294,12 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
         props = [_key(sur.removed_blocks(x)) for x in ss.samples()]
         fresh = [p for p in dict.fromkeys(props) if p not in seen]
         repeats += len(props) - len(fresh)
-        picks = [(p, "solver") for p in fresh[:want]]
-        if len(picks) < want:
-            picks += [(p, "neighbour") for p in _neighbours(sur, seen, M, want - len(picks), exclude=fresh)]
+        # the surrogate's global proposals, and (trust-region style) its best unseen swap neighbours of the
+        # best measured sets; neighbours also stand in for proposals the solver repeats
+        n_local = min(want - 1, want * local // 100) if rounds > 0 else 0
+        picks = [(p, "solver") for p in fresh[: want - n_local]]
+        picks += [(p, "neighbour") for p in _neighbours(sur, seen, M, want - len(picks),
+                                                       exclude=[p for p, _ in picks])]
         if not picks:
             break
         for p, source in picks:

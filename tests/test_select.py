@@ -114,10 +114,19 @@ def test_a_solver_that_repeats_itself_is_topped_up_with_unseen_neighbours(monkey
         return real_solve(problem, backend, num_solutions=1, seed=seed, **kw)
 
     monkeypatch.setattr(qblock, "solve", stubborn)
-    res = refine(o, prior, 3, backend="exact", budget_tokens=12 * o.tokens_per_eval, batch=3)
+    res = refine(o, prior, 3, backend="exact", budget_tokens=12 * o.tokens_per_eval, batch=3, local=0)
     assert len(res.history) == 12 and res.repeats >= 3
     assert {h["source"] for h in res.history} == {"solver", "neighbour"}
     assert len({tuple(h["removed"]) for h in res.history}) == 12
+
+
+def test_without_local_moves_an_exact_solver_supplies_every_proposal():
+    o = Oracle(10, seed=11)
+    prior = measured_problem(o, 10, pool_size=6)
+    res = refine(o, prior, 4, backend="exact", budget_tokens=12 * o.tokens_per_eval, batch=4, local=0)
+    assert {h["source"] for h in res.history} == {"solver"} and len(res.history) == 12
+    mixed = refine(Oracle(10, seed=11), prior, 4, backend="exact", budget_tokens=12 * o.tokens_per_eval, batch=4)
+    assert [h["source"] for h in mixed.history].count("neighbour") == 4  # rounds 2 and 3: half of each
 
 
 def test_loop_stops_when_every_state_is_measured():
