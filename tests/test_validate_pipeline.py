@@ -319,6 +319,9 @@ def test_cli_validate_writes_all_files(tiny_dir, tmp_path, capsys):
     assert sel["per_m"]["3"]["tokens"] == sel["per_m"]["3"]["evaluations"] * sel["tokens_per_evaluation"]
     sleb = [r for r in data["rows"] if r["method"] == "sleb"][0]
     assert sleb["cost_forward_tokens"] == sleb["cost_forward_passes"] * 8 * 24
+    report_md = (out / "report.md").read_text()
+    assert report_md.index("## What to remove") < report_md.index("## Settings")
+    assert "| 3 | 3,4,5 |" in report_md
 
     # the same states from a solutions file (qblock solve --json) give the same QUBO rows
     sol = tmp_path / "sol.json"

@@ -188,10 +188,6 @@ def render_report(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
     """The markdown report: settings, per-M candidate tables (QUBO and baselines side by side),
     rank correlations with bootstrap intervals, and the best-candidate statements."""
     out = [f"# {title}", ""]
-    if settings:
-        out += ["## Settings", ""]
-        out += [f"- **{k}**: {v}" for k, v in settings.items()]
-        out.append("")
     rec = summary.get("recommended") or {}
     if rec:
         out += ["## What to remove", "",
@@ -202,6 +198,10 @@ def render_report(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
             out.append(f"| {m_key} | {_fmt(v['removed'])} | {_fmt(v['calibration_loss'])} | {_fmt(v['heldout_loss'])} "
                        f"| {v['selection_tokens']:,} | {v['method']} |")
         out += ["", "Prune with `qblock prune --recommended <this folder> --remove-count M`.", ""]
+    if settings:
+        out += ["## Settings", ""]
+        out += [f"- **{k}**: {v}" for k, v in settings.items()]
+        out.append("")
     ref = [r for r in rows if r["method"] == REFERENCE_METHOD]
     if ref:
         r = ref[0]
