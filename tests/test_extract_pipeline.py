@@ -212,6 +212,18 @@ def test_pairwise_energy(tiny, tmp_path):
         run(tiny, out, energy="pairwise", num_samples=3)
 
 
+def test_measured_energy_from_the_cli(tiny, tmp_path):
+    from qblock.cli import main
+
+    out = tmp_path / "m.npz"
+    assert main(cli_args(tiny, out, "--energy", "measured")) == 0
+    q = BlockRemovalProblem.load(out)
+    assert q.metadata["energy"] == "measured" and q.num_blocks == 4 and "A" not in q.arrays
+    sel = q.metadata["selection"]
+    assert sel["pool"] == [0, 1, 2, 3] and sel["forward_tokens"] == (1 + 4 + 6) * 6 * 8
+    assert q.linear.shape == (4,)
+
+
 # ---------------------------------------------------------------------------------------- bad input: one line
 def cli_args(tiny, out, *extra):
     model_dir, calib = tiny

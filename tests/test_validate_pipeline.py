@@ -347,6 +347,18 @@ def test_cli_validate_errors(tiny_dir, tmp_path, capsys):
     assert "--calibration" in capsys.readouterr().err
     assert main(["validate", str(tmp_path / "bare.npz"), "--baselines", "nope", "--quiet"]) == 2
     assert "unknown nope" in capsys.readouterr().err
+    # a problem made in memory by qblock.llm.extract records no loadable model: one line, not a crash
+    from qblock.llm.energy import extract
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model").eval()
+    made = extract(model, [torch.arange(1, 12)], progress=False)
+    assert isinstance(made.metadata["model"], dict)
+    made.save(tmp_path / "made.npz")
+    capsys.readouterr()  # the model's own loading bar
+    assert main(["validate", str(tmp_path / "made.npz"), "-M", "2", "--quiet", "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --model" in err and len(err.strip().splitlines()) == 1
 
 
 def test_lm_eval_adapter_agrees_with_native_scoring(tiny_dir, tmp_path):

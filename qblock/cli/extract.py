@@ -23,10 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "Gemma Terms of Use), a local HF model directory, a .gguf file, or a hub id (default: default)")
     p.add_argument("--samples", type=int, default=128, help="calibration samples m (default 128)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default 256)")
-    p.add_argument("--energy", default="fisher", choices=("fisher", "fisher+grad", "pairwise"),
-                   help="fisher: the paper's x^T (A^T A/m) x; fisher+grad: adds -g^T x (and halves H); "
-                        "pairwise: measured single/pair removal losses, 1+N(N+1)/2 forward passes, not "
-                        "resumable (default fisher)")
+    from qblock.llm.energy import ENERGY_MODELS
+
+    p.add_argument("--energy", default="fisher", choices=tuple(ENERGY_MODELS),
+                   help="; ".join(f"{k}: {v}" for k, v in ENERGY_MODELS.items()) + " (default fisher; the measured "
+                        "energies are not resumable)")
     p.add_argument("--gate", default="layer", choices=("layer", "branch"), help="gate mode (default layer)")
     p.add_argument("--granularity", default="block", choices=("block", "sublayer"),
                    help="one variable per block, or per residual branch (branch gates only)")

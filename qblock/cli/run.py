@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     baselines = parse_list(args.baselines, BASELINE_METHODS, "--baselines", BASELINE_METHODS)
     tasks = parse_list(cfg["tasks"], tuple(BENCHMARKS), "--tasks")
     energies = args.energies if args.energies == "auto" else parse_list(
-        args.energies, ("fisher", "fisher+grad", "pairwise"), "--energies")
+        args.energies, ("fisher", "fisher+grad", "pairwise"), "--energies")  # the scorable subset of ENERGY_MODELS
     out = args.out or ("qblock-report-quick" if args.quick else "qblock-report")
     check_output(out, "--out", inputs=[args.calibration], folder=True)
     progress = not args.quiet

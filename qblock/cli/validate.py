@@ -184,9 +184,10 @@ def run(args: argparse.Namespace) -> int:
 
     tasks = parse_list(args.tasks, tuple(BENCHMARKS), "--tasks")
     energies = args.energies if args.energies == "auto" else parse_list(
-        args.energies, ("fisher", "fisher+grad", "pairwise"), "--energies")
+        args.energies, ("fisher", "fisher+grad", "pairwise"), "--energies")  # the scorable subset of ENERGY_MODELS
 
-    model_spec = args.model or ((problem.metadata.get("model") or {}).get("spec"))
+    recorded = problem.metadata.get("model")
+    model_spec = args.model or (recorded.get("spec") if isinstance(recorded, dict) else None)
     if not model_spec or model_spec == "<object>":
         raise CliError("the problem file does not record its model; pass --model")
     from qblock.llm.cache import CacheError

@@ -332,7 +332,8 @@ def extract(
     samples = as_token_tensors(samples)
     labels = [s.label for s in gate_sites(model, gate=gate, granularity=granularity)]
     ours = {
-        "model": _model_id(model),
+        # the same provenance shape as qblock.llm.pipeline: a dict (an in-memory model has no loadable spec)
+        "model": {"id": _model_id(model), "spec": "<object>"},
         "gate": gate,
         "granularity": granularity,
         "energy": energy,

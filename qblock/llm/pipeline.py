@@ -274,8 +274,8 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
             if f.exists():
                 _log(f"--restart: removing {f}", quiet)
                 f.unlink()
-    if energy == "pairwise":
-        return _pairwise(model, calib, manifest, model_info, data_prov, out_path, num_remove, gate,
+    if energy in ("pairwise", "measured"):
+        return _measured(energy, model, calib, manifest, model_info, data_prov, out_path, num_remove, gate,
                          granularity, batch_size, seed, seq_len, progress, t_start)
 
     if out_path is not None and out_path.exists() and not restart:
@@ -415,8 +415,10 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
         num_samples: calibration samples ``m``.
         seq_len: tokens per sample.
         energy: ``"fisher"`` or ``"fisher+grad"`` (built from ``A`` by
-            :func:`qblock.llm.energy.build_problem`), or ``"pairwise"`` (measured losses of single and
-            pairwise removals, :func:`qblock.llm.energy.pairwise_problem`; not checkpointed).
+            :func:`qblock.llm.energy.build_problem`), ``"pairwise"`` (measured losses of single and
+            pairwise removals, :func:`qblock.llm.energy.pairwise_problem`; not checkpointed) or
+            ``"measured"`` (singles and pairs in a pool, :func:`qblock.llm.energy.measured_energy_problem`;
+            not checkpointed).
         gate: ``"layer"`` or ``"branch"``.
         granularity: ``"block"`` or ``"sublayer"``.
         batch_size: samples per batched backward.
@@ -457,24 +459,30 @@ def _npz_path(out: str | os.PathLike | None) -> Path | None:
     return p if p.name.endswith(".npz") else p.with_name(p.name + ".npz")
 
 
-def _pairwise(model, calib, manifest, model_info, data_prov, out_path, num_remove, gate, granularity,
+def _measured(energy, model, calib, manifest, model_info, data_prov, out_path, num_remove, gate, granularity,
               batch_size, seed, seq_len, progress, t_start):
-    """The measured (forward-only) energy on the calibration samples; not checkpointed."""
-    from qblock.llm.energy import pairwise_problem
+    """A measured (forward-only) energy on the calibration samples: ``pairwise`` or ``measured``; not checkpointed."""
+    from qblock.llm.energy import measured_energy_problem, pairwise_problem
 
     if out_path is not None and out_path.exists():
         raise ExtractError(f"{out_path} exists; pass --restart to overwrite it or choose another --out")
     n = len(manifest["labels"])
-    _log(f"pairwise energy: {1 + n * (n + 1) // 2} masked forward passes over {len(calib)} samples "
-         "(not resumable)", not progress)
+    if energy == "measured" and granularity != "block":
+        raise ExtractError("the 'measured' energy removes whole blocks: use --granularity block")
+    cost = f"{1 + n * (n + 1) // 2}" if energy == "pairwise" else f"about {1 + n + (max(8, -(-n // 2))) ** 2 // 2}"
+    _log(f"{energy} energy: {cost} masked forward passes over {len(calib)} samples (not resumable)", not progress)
     metadata = {
         "model": model_info, "gate": gate, "granularity": granularity, "dtype": manifest["dtype"],
         "num_samples": len(calib), "seq_len": int(seq_len), "num_tokens": len(calib) * int(seq_len),
         "batch_size": int(batch_size), "seed": int(seed), "data": data_prov,
     }
-    problem = pairwise_problem(model, calib, num_remove=num_remove, gate=gate, granularity=granularity,
-                               batch_size=batch_size, labels=manifest["labels"], metadata=metadata,
-                               progress=progress)
+    if energy == "pairwise":
+        problem = pairwise_problem(model, calib, num_remove=num_remove, gate=gate, granularity=granularity,
+                                   batch_size=batch_size, labels=manifest["labels"], metadata=metadata,
+                                   progress=progress)
+    else:
+        problem = measured_energy_problem(model, calib, num_remove, gate=gate, batch_size=batch_size,
+                                          labels=manifest["labels"], metadata=metadata, progress=progress)
     problem.metadata["extraction"] = {"seconds_this_run": round(time.perf_counter() - t_start, 3)}
     if out_path is not None:
         problem.save(out_path)
