@@ -272,7 +272,7 @@ def test_output_that_is_a_directory_is_refused_even_with_restart(tiny, tmp_path,
     out.mkdir()
     (out / "keep.txt").write_text("x")
     assert main(cli_args(tiny, out, "--restart")) == 2
-    assert "is a directory" in one_error_line(capsys) and (out / "keep.txt").exists()
+    assert "is a folder" in one_error_line(capsys) and (out / "keep.txt").exists()
 
 
 def test_device_cuda_without_cuda_is_one_line(tiny, tmp_path, capsys, monkeypatch):

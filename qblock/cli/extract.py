@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "Gemma Terms of Use), a local HF model directory, a .gguf file, or a hub id (default: default)")
     p.add_argument("--samples", type=int, default=128, help="calibration samples m (default 128)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default 256)")
-    from qblock.llm.energy import ENERGY_MODELS
+    from qblock._energies import ENERGY_MODELS
 
     p.add_argument("--energy", default="fisher", choices=tuple(ENERGY_MODELS),
                    help="; ".join(f"{k}: {v}" for k, v in ENERGY_MODELS.items()) + " (default fisher; the measured "

@@ -42,14 +42,7 @@ __all__ = [
     "measured_energy_problem",
 ]
 
-#: energy model name -> one-line description
-ENERGY_MODELS = {
-    "fisher": "x^T H x with H = A^T A / m (empirical Fisher; the paper's energy)",
-    "fisher+grad": "-g^T x + 1/2 x^T H x with g = mean of A (first-order term kept)",
-    "pairwise": "measured loss increases of single and pairwise removals (forward-only, N(N+1)/2 passes)",
-    "measured": "measured single removals and pairs inside a pool of the most removable blocks (forward-only, "
-                "about N + P^2/2 passes; qblock.select.measured_problem)",
-}
+from qblock._energies import ENERGY_MODELS  # noqa: E402  (the registry lives where the CLI can read it without torch)
 
 
 def _as_A(A: Any) -> np.ndarray:

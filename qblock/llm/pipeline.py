@@ -357,7 +357,7 @@ def _check_files(out_path: Path | None, ppath: Path | None) -> None:
     """The output and its checkpoint must be files (``--restart`` removes files, never folders)."""
     for f in (out_path, ppath):
         if f is not None and f.is_dir():
-            raise ExtractError(f"{f} is a directory; choose another --out")
+            raise ExtractError(f"{f} is a folder; choose another --out")
 
 
 def _check_num_remove(num_remove: Any, n: int | None = None, granularity: str = "block") -> None:
