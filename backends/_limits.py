@@ -113,11 +113,13 @@ def _exact_uses_bnb(n: int, m: int, params: Mapping[str, Any]) -> bool:
     return strategy == "bnb" or (strategy == "auto" and math.comb(n, m) > ENUMERATION_LIMIT)
 
 
-def check(backend: str, n: int, m: int, k: int, params: Mapping[str, Any], kind: str = "") -> None:
+def check(backend: str, n: int, m: int, k: int, params: Mapping[str, Any], kind: str = "",
+          requested: int | None = None) -> None:
     """Refuse a solve that cannot fit, before any work, in one line with the limit and a hint.
 
     Checks the size limit of the certified search (:data:`qblock.backends.exact.BNB_MAX_BLOCKS`) and
-    the estimated memory against :func:`memory_limit`.
+    the estimated memory against :func:`memory_limit`. Arguments as for :func:`estimate`, plus
+    ``requested``: the number of solutions asked for, when ``k`` was capped at ``C(N, M)``.
 
     Raises:
         ValueError: e.g. ``"backend 'swap': N=..., M=..., top ... needs about X of memory (mostly Y),
@@ -133,6 +135,9 @@ def check(backend: str, n: int, m: int, k: int, params: Mapping[str, Any], kind:
     if need <= limit:
         return
     what, biggest = max(parts, key=lambda p: p[1])
+    top = f"top {k:,}"
+    if requested is not None and requested > k:
+        top += f" (all C({n},{m}) feasible states; {requested:,} were asked for)"
     if what.startswith("the top"):
         hint = "ask for fewer solutions (--top / num_solutions)"
     elif backend == "exact":
@@ -140,6 +145,6 @@ def check(backend: str, n: int, m: int, k: int, params: Mapping[str, Any], kind:
     else:
         hint = "use fewer reads or fewer blocks"
     raise ValueError(
-        f"backend {backend!r}: N={n}, M={m}, top {k:,} needs about {human_bytes(need)} of memory "
+        f"backend {backend!r}: N={n}, M={m}, {top} needs about {human_bytes(need)} of memory "
         f"(mostly {what}: {human_bytes(biggest)}), above the limit of {human_bytes(limit)} ({source}); {hint}"
     )

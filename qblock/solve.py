@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import dimod
 import numpy as np
@@ -76,8 +79,9 @@ def solve(
     spec = backends.get_spec(backend)
     params = backends.validate_params(backend, params)
     seed = _check_seed(seed)
-    num_solutions = min(_check_num_solutions(num_solutions), problem.num_states)
-    _limits.check(backend, problem.num_blocks, m, num_solutions, params, spec.kind)
+    requested = _check_num_solutions(num_solutions)
+    num_solutions = min(requested, problem.num_states)  # there are no more distinct feasible states
+    _limits.check(backend, problem.num_blocks, m, num_solutions, params, spec.kind, requested=requested)
     if seed is None and spec.stochastic:
         seed = int(np.random.SeedSequence().entropy % (2**31))
     t0 = time.perf_counter()
@@ -195,7 +199,12 @@ def penalty_pipeline(
             kwargs["seed"] = int(rng.integers(2**31))
         if "initial_states" not in kwargs and "num_reads" in getattr(sampler, "parameters", {}):
             kwargs.setdefault("num_reads", 32)
-        raw = sampler.sample(problem.to_bqm(penalty=lam), **kwargs)
+        bqm = problem.to_bqm(penalty=lam)
+        if "interrupt_function" in getattr(sampler, "parameters", {}) and "interrupt_function" not in kwargs:
+            with _ctrl_c_between_reads() as interrupted:
+                raw = sampler.sample(bqm, interrupt_function=interrupted, **kwargs)
+        else:
+            raw = sampler.sample(bqm, **kwargs)
         X = problem.states_from_sampleset(raw)
         X = np.repeat(X, np.asarray(raw.record.num_occurrences), axis=0)
         feasible = X.sum(axis=1) == m
@@ -226,6 +235,29 @@ def penalty_pipeline(
     }
     return finish(problem, X, info, num_solutions, num_reads=num_reads, num_infeasible=num_infeasible,
                   penalty=best_strength)
+
+
+@contextmanager
+def _ctrl_c_between_reads() -> Iterator[Callable[[], bool]]:
+    """A poll function for samplers that call one between reads (dwave's ``interrupt_function``).
+
+    Their C++ loop holds the interpreter for the whole call (N = 2000: 60 s until Ctrl-C took
+    effect), and a KeyboardInterrupt raised inside the poll is swallowed; so Ctrl-C only sets a flag
+    here, the poll stops the sampler after the current read, and KeyboardInterrupt is raised once
+    the sampler has returned. Outside the main thread (no signal handlers there) the poll is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+    hit = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit:
+        raise KeyboardInterrupt
 
 
 def enrich_with_neighbours(problem: BlockRemovalProblem, X: np.ndarray, num_solutions: int) -> np.ndarray:

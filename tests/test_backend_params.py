@@ -259,3 +259,34 @@ def test_docstring_examples(name):
 def test_param_descriptions_read_as_one_phrase():
     p = _params.Param("float", low=0, low_open=True, none=True, doc="seconds")
     assert _params.describe_param(p) == "a finite number > 0, or null for the default (seconds)"
+
+
+def test_ctrl_c_stops_a_sampler_that_polls_between_reads(p10):
+    # dwave's SA holds the interpreter for the whole call (N = 2000: Ctrl-C took 60 s); it calls an
+    # interrupt_function between reads, which must be given and must turn Ctrl-C into a stop
+    import os
+    import signal
+
+    import dimod
+
+    from qblock.solve import penalty_pipeline
+
+    class PollingSampler(dimod.Sampler):
+        parameters = {"num_reads": [], "interrupt_function": []}
+        properties: dict = {}
+        reads_done = 0
+
+        def sample(self, bqm, num_reads=10, interrupt_function=None, **kw):
+            assert interrupt_function is not None, "no interrupt_function was passed"
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the first read
+            for read in range(num_reads):
+                if interrupt_function():
+                    break
+                type(self).reads_done += 1
+            X = np.zeros((max(1, type(self).reads_done), bqm.num_variables), dtype=np.int8)
+            return dimod.SampleSet.from_samples((X, list(bqm.variables)), dimod.BINARY, energy=bqm.energies(X))
+
+    with pytest.raises(KeyboardInterrupt):
+        penalty_pipeline(p10, PollingSampler(), num_solutions=3, seed=0, num_reads=1000)
+    assert PollingSampler.reads_done < 1000
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
