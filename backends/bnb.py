@@ -303,20 +303,17 @@ def _project(Z: np.ndarray, r: np.ndarray) -> np.ndarray:
     """
     B, m = Z.shape
     bp = np.concatenate([Z, Z - 1.0], axis=1)
-    typ = np.concatenate([np.ones((B, m)), -np.ones((B, m))], axis=1)
-    order = np.argsort(-bp, axis=1, kind="stable")
+    order = np.argsort(-bp, axis=1)
     bp = np.take_along_axis(bp, order, axis=1)
-    typ = np.take_along_axis(typ, order, axis=1)
-    slope = np.cumsum(typ, axis=1)  # slope of h(tau) in -tau just below each breakpoint
-    step = np.diff(bp, axis=1) * -1.0  # >= 0
-    h = np.concatenate([np.zeros((B, 1)), np.cumsum(slope[:, :-1] * step, axis=1)], axis=1)
-    rr = r.astype(np.float64)[:, None]
-    j = np.argmax(h >= rr - 1e-12, axis=1)  # first breakpoint where h reaches r (j >= 1 when r > 0)
-    j = np.maximum(j, 1)
+    # slope of h(tau) in -tau just below each breakpoint: +1 at a z_i, -1 at a z_i - 1
+    slope = np.cumsum(np.where(order < m, 1.0, -1.0), axis=1)
+    h = np.zeros_like(bp)  # h at each breakpoint, walking tau down from +inf
+    np.cumsum(slope[:, :-1] * (bp[:, :-1] - bp[:, 1:]), axis=1, out=h[:, 1:])
+    j = np.argmax(h >= r[:, None] - 1e-12, axis=1)  # first breakpoint where h reaches r (j >= 1 when r > 0)
+    j = np.maximum(j, 1) - 1
     rows = np.arange(B)
-    h0 = h[rows, j - 1]
-    s = slope[rows, j - 1]
-    tau = bp[rows, j - 1] - np.where(s > 0, (r - h0) / np.where(s > 0, s, 1.0), 0.0)
+    s = slope[rows, j]
+    tau = bp[rows, j] - np.where(s > 0, (r - h[rows, j]) / np.where(s > 0, s, 1.0), 0.0)
     return np.clip(Z - tau[:, None], 0.0, 1.0)
 
 
