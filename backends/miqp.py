@@ -130,6 +130,8 @@ def topk_gurobi(
         model.setObjective(x @ H @ x + lin @ x, gp.GRB.MINIMIZE)
         model.addConstr(x.sum() == M)
         model.optimize()
+        if model.Status == gp.GRB.INTERRUPTED:  # Gurobi catches Ctrl-C itself; pass it on
+            raise KeyboardInterrupt
         states = []
         for i in range(model.SolCount):
             model.Params.SolutionNumber = i
@@ -209,6 +211,8 @@ def topk_scip(
         model.optimize()
         nodes += int(model.getNNodes())
         status = model.getStatus()
+        if status == "userinterrupt":  # SCIP catches Ctrl-C itself; pass it on instead of a partial list
+            raise KeyboardInterrupt
         if status != "optimal":
             # the unfinished solve's dual bound holds for every state not cut off yet
             lower = max(lower, float(model.getDualbound()))

@@ -390,3 +390,23 @@ def test_scip_time_limit_zero_is_an_error_and_a_tiny_one_a_labelled_result(tmp_p
     assert "parameter 'time_limit'" in capsys.readouterr().err
     assert main(["solve", str(f), "-b", "scip", "--top", "5", "--param", "time_limit=1e-9"]) == 0
     assert "NOT CERTIFIED: time limit reached" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_scip_interrupts_instead_of_returning_a_partial_list(tmp_path):
+    # SCIP catches SIGINT itself and used to hand back a partial, unlabelled top-k with exit 0
+    pytest.importorskip("pyscipopt")
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    f = tmp_path / "p.npz"
+    qblock.random_problem(80, 24, seed=1).save(f)  # a certified top-20 takes SCIP minutes
+    proc = subprocess.Popen([sys.executable, "-m", "qblock", "solve", str(f), "-b", "scip", "--top", "20",
+                             "--param", "time_limit=600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4.0)  # imports, model building, then SCIP is solving
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (out, err)
+    assert err.strip().splitlines()[-1] == "qblock: interrupted"
+    assert "rank" not in out  # no partial table
