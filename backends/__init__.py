@@ -59,7 +59,10 @@ _REGISTRY: dict[str, BackendSpec] = {}
 
 
 def register(spec: BackendSpec, *, replace: bool = False) -> None:
-    """Add a backend to the registry."""
+    """Add a backend to the registry.
+
+    ``spec.params`` must list every keyword the backend takes: :func:`qblock.solve` rejects any other.
+    """
     if spec.kind not in ("constrained", "penalty", "cqm"):
         raise ValueError(f"unknown backend kind {spec.kind!r}")
     if spec.name in _REGISTRY and not replace:

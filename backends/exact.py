@@ -269,6 +269,23 @@ class ExactTopKSampler(dimod.Sampler):
         time_limit: float | None = None,
         **kwargs: Any,
     ) -> dimod.SampleSet:
+        """The ``num_solutions`` lowest-energy states with exactly ``num_remove`` ones.
+
+        Args:
+            bqm: the unpenalised objective (BINARY or SPIN).
+            num_remove: M.
+            num_solutions: k (fewer if there are fewer feasible states).
+            strategy: ``"auto"``, ``"enumerate"`` or ``"bnb"``.
+            progress: show a progress bar.
+            time_limit: seconds for the whole call, or ``None``. When it runs out, the best states
+                known are returned with ``info["certified_optimal"] = False``,
+                ``info["time_limit_reached"] = True`` and ``info["gap"]``, the k-th energy minus a
+                valid lower bound of every state not ruled out.
+
+        Raises:
+            ValueError: ``num_remove`` out of range, an unknown strategy, or a branch-and-bound over
+                more than :data:`BNB_MAX_BLOCKS` blocks.
+        """
         if kwargs:
             raise TypeError(f"unknown parameters for exact: {', '.join(kwargs)}")
         t0 = time.perf_counter()
