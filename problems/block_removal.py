@@ -15,8 +15,13 @@ from __future__ import annotations
 import io
 import json
 import math
+import numbers
 import os
+import struct
 import tempfile
+import tokenize
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -33,11 +38,25 @@ _PENALTY = "penalty"
 _NUM_REMOVE = "num_remove"
 
 
-def _as_matrix(H: Any) -> np.ndarray:
+def _as_real(value: Any, what: str) -> np.ndarray:
+    """``value`` as a float64 array; complex, text and date values are errors, never coerced."""
     try:
-        arr = np.asarray(H, dtype=np.float64)
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged nested lists
+        raise ValueError(f"{what} must be a numeric array: {exc}") from None
+    if arr.dtype.kind == "c":
+        raise ValueError(f"{what} must be real, got complex values; take .real first if the imaginary part is noise")
+    if arr.dtype.kind not in "biufO":
+        raise ValueError(f"{what} must be numeric, got dtype {arr.dtype}")
+    try:
+        out = np.asarray(arr, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"H must be a numeric square matrix: {exc}") from None
+        raise ValueError(f"{what} must be numeric: {exc}") from None
+    return out
+
+
+def _as_matrix(H: Any) -> np.ndarray:
+    arr = _as_real(H, "H")
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
         raise ValueError(f"H must be a square 2-D matrix, got shape {arr.shape}")
     if arr.shape[0] == 0:
@@ -48,8 +67,26 @@ def _as_matrix(H: Any) -> np.ndarray:
     return arr
 
 
+def _as_linear(linear: Any, n: int) -> np.ndarray:
+    if linear is None:
+        return np.zeros(n)
+    lin = _as_real(linear, "linear")
+    # exactly one entry per block: a (2, 3) or (1, N) array is a caller's mistake, not a vector
+    if lin.ndim != 1:
+        raise ValueError(f"linear must be a 1-D vector of length N = {n}, got shape {lin.shape}")
+    if lin.size != n:
+        raise ValueError(f"linear has {lin.size} entries but H has {n} rows; they must agree")
+    if not np.all(np.isfinite(lin)):
+        raise ValueError("linear must be finite")
+    return lin.copy()
+
+
 def _check_num_remove(num_remove: Any, n: int) -> int:
-    if isinstance(num_remove, bool) or int(num_remove) != num_remove:
+    """``num_remove`` as an int in ``0..n``; floats must be finite whole numbers (``2.0``, not ``2.5``)."""
+    ok = isinstance(num_remove, numbers.Integral) or (
+        isinstance(num_remove, numbers.Real) and math.isfinite(num_remove) and float(num_remove).is_integer()
+    )
+    if not ok or isinstance(num_remove, (bool, np.bool_)):
         raise ValueError(f"num_remove must be an integer, got {num_remove!r}")
     if not 0 <= int(num_remove) <= n:
         raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got M = {num_remove}")
@@ -110,18 +147,7 @@ class BlockRemovalProblem:
         self._H = (H + H.T) / 2.0
         self._H.setflags(write=False)
 
-        if linear is None:
-            lin = np.zeros(n)
-        else:
-            try:
-                lin = np.asarray(linear, dtype=np.float64).reshape(-1)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"linear must be a numeric vector: {exc}") from None
-            if lin.shape != (n,):
-                raise ValueError(f"linear has {lin.size} entries but H has {n} rows; they must agree")
-            if not np.all(np.isfinite(lin)):
-                raise ValueError("linear must be finite")
-        self._linear = lin.copy()
+        self._linear = _as_linear(linear, n)
         self._linear.setflags(write=False)
 
         try:
@@ -419,21 +445,36 @@ class BlockRemovalProblem:
 
     # ------------------------------------------------------------------ reading results back
     def states_from_sampleset(self, sampleset: dimod.SampleSet) -> np.ndarray:
-        """Rows of 0/1 removal vectors from a sampleset of any conversion (BQM, Ising, CQM, qiskit names)."""
+        """Rows of 0/1 removal vectors from a sampleset of any conversion (BQM, Ising, CQM, qiskit names).
+
+        Raises:
+            TypeError: ``sampleset`` is not a :class:`dimod.SampleSet`.
+            ValueError: its variables are not exactly this problem's ``N`` block variables.
+        """
+        if not isinstance(sampleset, dimod.SampleSet):
+            raise TypeError(
+                f"expected a dimod.SampleSet, got {type(sampleset).__name__} "
+                "(for 0/1 rows use sampleset_from_states)"
+            )
         if sampleset.vartype is dimod.SPIN:
             sampleset = sampleset.change_vartype(dimod.BINARY)
         names = list(sampleset.variables)
         cols = [self._variable_index(v) for v in names]
-        if sorted(cols) != list(range(self.num_blocks)):
-            missing = sorted(set(range(self.num_blocks)) - set(cols))
-            raise ValueError(f"sampleset does not hold every block variable; missing {missing[:10]}")
+        n = self.num_blocks
+        if sorted(cols) != list(range(n)):
+            extra = [v for v, c in zip(names, cols) if not 0 <= c < n]
+            missing = sorted(set(range(n)) - set(cols))
+            twice = sorted({c for c in cols if cols.count(c) > 1})
+            found = [f"{what} {vals[:10]}" for what, vals in
+                     (("extra", extra), ("missing", missing), ("given twice", twice)) if vals]
+            raise ValueError(f"sampleset must hold exactly the N = {n} block variables 0..{n - 1}; {', '.join(found)}")
         raw = sampleset.record.sample
         X = np.zeros((raw.shape[0], self.num_blocks), dtype=np.int8)
         X[:, cols] = raw
         return X
 
     def _variable_index(self, v: Any) -> int:
-        if isinstance(v, (int, np.integer)):
+        if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
             return int(v)
         s = str(v)
         for prefix, suffix in (("x[", "]"), ("x", "")):
@@ -443,7 +484,9 @@ class BlockRemovalProblem:
                     return int(core)
         if s in self._labels:
             return self._labels.index(s)
-        raise ValueError(f"unknown variable {v!r} in sampleset")
+        raise ValueError(
+            f"unknown variable {v!r} in sampleset (expected a block index, 'x[i]', 'xi' or a block label)"
+        )
 
     def sampleset_from_states(self, X: Any, info: Mapping[str, Any] | None = None, **vectors) -> dimod.SampleSet:
         """Feasible, distinct states of ``X`` as a SampleSet sorted by objective energy (penalty removed).
@@ -530,32 +573,31 @@ class BlockRemovalProblem:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BlockRemovalProblem":
-        """Load a problem written by :meth:`save` (``allow_pickle=False``)."""
+        """Load a problem written by :meth:`save`; never unpickles.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: ``path`` is not a valid problem file; the message names the file and what is
+                wrong (truncated, not an archive, a bad header, an invalid matrix, ...).
+        """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"problem file not found: {path}")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(str(data["header"]))
-                H = data["H"]
-                linear = data["linear"]
-                arrays = {k[len("array__") :]: data[k] for k in data.files if k.startswith("array__")}
-        except (ValueError, KeyError, OSError) as exc:
-            raise ValueError(f"{path} is not a qblock problem file: {exc}") from None
-        if header.get("format") != "qblock.BlockRemovalProblem":
-            raise ValueError(f"{path} is not a qblock problem file (format={header.get('format')!r})")
-        if int(header.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{path} was written by a newer qblock (format {header['format_version']})")
-        p = cls(
-            H,
-            header.get("num_remove"),
-            linear=linear,
-            offset=header.get("offset", 0.0),
-            labels=header.get("labels"),
-            metadata=header.get("metadata"),
-            arrays=arrays,
-        )
-        return p
+            data = _read_npz(path)
+            header = _parse_header(data)
+            arrays = {k[len("array__") :]: v for k, v in data.items() if k.startswith("array__")}
+            return cls(
+                data["H"],
+                header["num_remove"],
+                linear=data["linear"],
+                offset=header["offset"],
+                labels=header["labels"],
+                metadata=header["metadata"],
+                arrays=arrays,
+            )
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a qblock problem file ({exc})") from None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (matrices as nested lists)."""
@@ -571,3 +613,97 @@ class BlockRemovalProblem:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "BlockRemovalProblem":
         return cls(d["H"], d.get("num_remove"), d.get("linear"), d.get("offset", 0.0), d.get("labels"), d.get("metadata"))
+
+
+# ---------------------------------------------------------------------------------- reading files
+#: deflate never expands more than ~1032:1, so a member claiming more data than that is corrupt
+_MAX_DEFLATE_RATIO = 1100
+#: what a problem file's archive can hold: the header, H, linear and the optional named arrays
+_REQUIRED = ("header", "H", "linear")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The ``.npy`` members of the archive at ``path``, read with ``allow_pickle=False``.
+
+    Every failure is a ``ValueError`` saying why: an empty, truncated or corrupt file raises a zoo
+    of types inside ``zipfile``/``zlib``/numpy, and no declared size is trusted before it is checked
+    against the bytes that are really there (so a crafted header cannot make us allocate gigabytes).
+    """
+    disk = path.stat().st_size
+    if path.is_dir():
+        raise ValueError("it is a folder")
+    if not path.is_file():
+        raise ValueError("not a regular file")  # a device or pipe: reading it could block forever
+    if disk == 0:
+        raise ValueError("the file is empty")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            data = {info.filename[:-4]: _read_member(zf, info, disk)
+                    for info in zf.infolist() if info.filename.endswith(".npy")}
+    except PermissionError:
+        raise  # an access problem, not a bad file: the caller reports it with the path
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, struct.error,
+            UnicodeDecodeError, OverflowError) as exc:
+        raise ValueError(f"truncated or not a .npz archive: {exc}") from None
+    except (tokenize.TokenError, SyntaxError, RecursionError) as exc:
+        # numpy parses a damaged .npy header with tokenize/ast and lets their errors through
+        raise ValueError(f"a damaged .npy header: {exc}") from None
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)} in the archive")
+    return data
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, disk_size: int) -> np.ndarray:
+    name = info.filename
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise ValueError(f"member {name} uses an unsupported compression")
+    room = min(info.compress_size, disk_size)
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        room *= _MAX_DEFLATE_RATIO
+    with zf.open(info) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"member {name} has unsupported .npy version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(fh)
+        if dtype.hasobject:
+            raise ValueError(f"member {name} holds Python objects; problem files never contain pickles")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > min(info.file_size, room):
+            raise ValueError(f"member {name} declares shape {shape} but the file is too short for it")
+    with zf.open(info) as fh:
+        return np.lib.format.read_array(fh, allow_pickle=False)
+
+
+def _parse_header(data: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The JSON header, checked field by field (every failure a ``ValueError``)."""
+    raw = data["header"]
+    if raw.shape != () or raw.dtype.kind != "U":
+        raise ValueError(f"the header must be one JSON string, got a {raw.dtype} array of shape {raw.shape}")
+    try:
+        header = json.loads(str(raw[()]))
+    except RecursionError:
+        raise ValueError("the header is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"the header must be a JSON object, got {type(header).__name__}")
+    if header.get("format") != "qblock.BlockRemovalProblem":
+        raise ValueError(f"format={header.get('format')!r}")
+    version = header.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"written by a newer qblock (format {version}); upgrade qblock")
+    out = {"num_remove": header.get("num_remove"), "offset": header.get("offset", 0.0),
+           "labels": header.get("labels"), "metadata": header.get("metadata")}
+    if out["labels"] is not None and not (
+        isinstance(out["labels"], list) and all(isinstance(lab, (str, int)) for lab in out["labels"])
+    ):
+        raise ValueError("labels must be a list of strings")
+    if out["metadata"] is not None and not isinstance(out["metadata"], dict):
+        raise ValueError(f"metadata must be a JSON object, got {type(out['metadata']).__name__}")
+    if isinstance(out["offset"], bool) or not isinstance(out["offset"], (int, float)):
+        raise ValueError(f"offset must be a number, got {out['offset']!r}")
+    return out

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "write_json_atomic", "json_default"]
+__all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "file_in_the_way"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename).
 
     A crash or error never leaves half a file, and an existing file is replaced in one step.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder (or is spelled like one, ending in a separator).
+        OSError: ``path`` exists but is not a regular file (a device such as ``/dev/full`` would be
+            replaced, not written, by the rename), or the write failed (permission denied,
+            read-only file system, disk full, ...); ``filename`` is always ``path``, never the
+            temporary file.
 
     Example:
         >>> import tempfile, os
@@ -23,7 +31,39 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         >>> open(f, "rb").read()
         b'hello'
     """
+    spelled = os.fspath(path)
     path = Path(path)
+    if spelled.endswith(("/", os.sep)) or path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", spelled)
+    if path.exists() and not path.is_file():
+        raise OSError(errno.EINVAL, "Not a regular file; refusing to replace it", spelled)
+    blocker = file_in_the_way(path.parent)
+    if blocker is not None:
+        raise NotADirectoryError(errno.ENOTDIR, f"{blocker} is a file, not a folder", spelled)
+    try:
+        _replace_with(path, data)
+    except OSError as exc:
+        # report the file the caller asked for, not our temporary name
+        raise type(exc)(exc.errno, exc.strerror or str(exc), spelled) from None
+    return path
+
+
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The nearest existing ancestor of ``folder`` (itself included) if that is not a folder, else None.
+
+    Example:
+        >>> import tempfile, os
+        >>> d = tempfile.mkdtemp(); f = os.path.join(d, "x.npz"); _ = open(f, "w").close()
+        >>> file_in_the_way(os.path.join(f, "sub")) == Path(f), file_in_the_way(d)
+        (True, None)
+    """
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return None if p.is_dir() else p
+
+
+def _replace_with(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -40,7 +80,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         except OSError:
             pass
         raise
-    return path
 
 
 def json_default(o: Any) -> Any:

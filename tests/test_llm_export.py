@@ -147,3 +147,111 @@ def test_cli_prune_from_solutions_file(tmp_path):
     assert main(["prune", "--model", str(src), "--solutions", str(sols), "--rank", "2", "--out", str(out), "-q"]) == 0
     assert json.loads((out / "qblock_pruned.json").read_text())["removed"] == [2]
     assert main(["prune", "--model", str(src), "--solutions", str(sols), "--rank", "3", "--out", str(tmp_path / "y")]) == 2
+
+
+def test_cli_prune_recommended_set_from_a_report(tmp_path, capsys):
+    from qblock.cli import main
+
+    src = _saved_tiny(tmp_path)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "summary.json").write_text(json.dumps({
+        "problem": {"model": {"id": "tiny", "spec": str(src)}},
+        "recommended": {"1": {"removed": [3]}, "2": {"removed": [1, 4]}}}))
+    out = tmp_path / "out"
+    # the model recorded in the report is used when --model is not given
+    assert main(["prune", "--recommended", str(report), "--remove-count", "2", "--out", str(out), "-q"]) == 0
+    assert json.loads((out / "qblock_pruned.json").read_text())["removed"] == [1, 4]
+    assert main(["prune", "--recommended", str(report), "--remove-count", "3", "--out", str(tmp_path / "y")]) == 2
+    assert "only for M = 1, 2" in capsys.readouterr().err
+    assert main(["prune", "--recommended", str(report), "--out", str(tmp_path / "y")]) == 2
+    assert "needs --remove-count" in capsys.readouterr().err
+    assert main(["prune", "--recommended", str(tmp_path), "--remove-count", "2", "--out", str(tmp_path / "y")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("removed, fragment", [
+    ([1, 1, 2], "block 1 is listed more than once"),
+    ([-1], "block -1 out of range"),
+    ([1.7], "whole block numbers"),
+    (["a"], "whole block numbers"),
+    ([True], "whole block numbers"),
+    ("1,2", "whole block numbers"),
+])
+def test_cli_prune_rejects_bad_solution_before_loading_the_model(tmp_path, capsys, monkeypatch, removed, fragment):
+    from qblock.cli import main
+    from qblock.llm import models
+
+    def must_not_load(*a, **k):
+        raise AssertionError("a bad solutions file must be refused before the model is loaded")
+
+    monkeypatch.setattr(models, "load_model", must_not_load)
+    sols = tmp_path / "sols.json"
+    sols.write_text(json.dumps({"solutions": [{"rank": 1, "removed": removed}]}))
+    out = tmp_path / "out"
+    assert main(["prune", "--model", "default", "--solutions", str(sols), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("qblock: error:") and fragment in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", ['{"solutions": [5]}', '{"solutions": {}}', "[1, 2]", "\x00\x01binary"])
+def test_cli_prune_rejects_foreign_solutions_files(tmp_path, capsys, monkeypatch, content):
+    from qblock.cli import main
+    from qblock.llm import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded for a bad file"))
+    sols = tmp_path / "sols.json"
+    sols.write_text(content)
+    assert main(["prune", "--model", "default", "--solutions", str(sols), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(sols) in err, err
+
+
+def test_cli_prune_repeated_block_and_mismatched_problem(tmp_path, capsys):
+    from qblock.cli import main
+
+    src = _saved_tiny(tmp_path)
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(src), "--remove", "1,layers.1", "--out", str(out)]) == 2
+    assert "block 1 is listed more than once" in capsys.readouterr().err
+    # a solutions file of a problem with another number of variables (another model, or sub-layer gates)
+    sols = tmp_path / "sols.json"
+    sols.write_text(json.dumps({"num_blocks": 10, "solutions": [{"rank": 1, "removed": [1, 2]}]}))
+    assert main(["prune", "--model", str(src), "--solutions", str(sols), "--out", str(out)]) == 2
+    assert "solved for 10 variables but this model has 5 blocks" in capsys.readouterr().err
+    assert not out.exists()
+    # the report counts what was removed: 2 blocks of 5, and the parameter share of exactly those
+    sols.write_text(json.dumps({"num_blocks": 5, "solutions": [{"rank": 1, "removed": [2, 1]}]}))
+    assert main(["prune", "--model", str(src), "--solutions", str(sols), "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    total = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in find_blocks(model)[1][1].parameters())
+    assert "removed 2 of 5 blocks: 1, 2" in report
+    assert f"({100.0 * 2 * block / total:.1f}% fewer)" in report
+
+
+def test_remove_blocks_rejects_repeats_and_non_integers():
+    import numpy as np
+
+    model = tiny_model("llama", layers=3)
+    with pytest.raises(ValueError, match="more than once"):
+        remove_blocks(model, [1, 1])
+    with pytest.raises(ValueError, match="integers"):
+        remove_blocks(model, [1.7])
+    assert remove_blocks(model, np.array([2])).config.num_hidden_layers == 2  # numpy integers are fine
+
+
+def test_cli_prune_recommended_set_with_a_repeat_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    from qblock.cli import main
+    from qblock.llm import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded for a bad report"))
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "summary.json").write_text(json.dumps({"recommended": {"2": {"removed": [3, 3]}}}))
+    assert main(["prune", "--recommended", str(report), "--remove-count", "2", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "block 3 is listed more than once" in err

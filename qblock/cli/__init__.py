@@ -4,6 +4,7 @@ defines ``register(subparsers)``; heavy imports happen inside the command functi
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qblock`` console script."""
-    from qblock._lazy import MissingDependencyError
+    from qblock._lazy import MissingDependencyError, as_missing_dependency
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -62,12 +63,47 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     except (CliError, MissingDependencyError) as exc:
-        print(f"qblock: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return getattr(exc, "code", 2)
-    except (ValueError, FileNotFoundError, PermissionError, TypeError) as exc:
-        print(f"qblock: error: {exc}", file=sys.stderr)
+    except ImportError as exc:
+        # a plain `import matplotlib` (show, compare) or `import dwave.system` (dwave-qpu) on an
+        # install without that extra: the same one line as require() gives; anything else is a bug
+        missing = as_missing_dependency(exc)
+        if missing is None:
+            raise
+        _error(str(missing))
+        return 2
+    except (ValueError, TypeError) as exc:
+        _error(str(exc))
+        return 2
+    except OSError as exc:
+        _error(_os_error_message(exc))
         return 2
     return int(code or 0)
+
+
+def _error(message: str) -> None:
+    """Print ``message`` as the one ``qblock: error:`` line (library messages may span lines)."""
+    print("qblock: error: " + " ".join(message.split()), file=sys.stderr)
+
+
+#: what to do about the file-system errors a user can fix
+_OS_HINTS = {
+    errno.ENOSPC: "free some disk space or write elsewhere",
+    errno.EDQUOT: "free some disk space or write elsewhere",
+    errno.EACCES: "check the permissions or write elsewhere",
+    errno.EPERM: "check the permissions or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.EISDIR: "give a file name, not a folder",
+}
+
+
+def _os_error_message(exc: OSError) -> str:
+    """``PATH: what went wrong (hint)`` for an ``OSError`` (a bare ``str`` when it has no errno)."""
+    if exc.errno is None or exc.filename is None:
+        return str(exc)
+    hint = _OS_HINTS.get(exc.errno)
+    return f"{exc.filename}: {exc.strerror}" + (f" ({hint})" if hint else "")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from qblock._io import json_default as _json_default  # noqa: F401  (re-exported)
 from qblock._io import write_json_atomic  # noqa: F401  (re-exported)
@@ -37,11 +38,106 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
     """``KEY=VALUE`` pairs; values are parsed as JSON when they can be (numbers, lists, true/false)."""
     out: dict[str, Any] = {}
     for item in items or []:
-        if "=" not in item:
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
             raise CliError(f"--param expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
             out[k] = v
+        except RecursionError:  # "[[[[..." thousands deep: not a value anyone means
+            raise CliError(f"--param {k}: the value is nested too deeply") from None
     return out
+
+
+def check_output(
+    path: str | os.PathLike | None,
+    flag: str,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    folder: bool = False,
+    writes: Sequence[str] = (),
+) -> Path | None:
+    """Refuse an output path that cannot be written or would overwrite an input; the one rule for
+    every sub-command, checked before any work starts.
+
+    Args:
+        path: the output as the user spelled it; None means "not asked for" and passes.
+        flag: the option that gave it (``"--json"``), for the message.
+        inputs: the files the command reads; none of them may be overwritten.
+        folder: ``path`` is a folder the command writes into (else a file).
+        writes: with ``folder``, the names (glob patterns) of the files written into it.
+
+    Returns:
+        ``Path(path)``, or None when ``path`` is None.
+
+    Raises:
+        CliError: with one line saying what is wrong and what to do.
+
+    Example:
+        >>> check_output("p.npz", "--json", inputs=["./p.npz"])
+        Traceback (most recent call last):
+        ...
+        qblock.cli.CliError: --json p.npz would overwrite the input ./p.npz (choose another file)
+    """
+    from qblock._io import file_in_the_way
+
+    if path is None:
+        return None
+    spelled = os.fspath(path)
+    kind = "folder" if folder else "file"
+    if not spelled.strip():
+        raise CliError(f"{flag} is empty (give a {kind} name)")
+    p = Path(spelled)
+    if folder and p.exists() and not p.is_dir():
+        raise CliError(f"{flag} {spelled} is an existing file (give a folder to write into)")
+    if not folder and (spelled.endswith(("/", os.sep)) or p.is_dir()):
+        raise CliError(f"{flag} {spelled} is a folder (give a file name)")
+    if not folder and p.exists() and not p.is_file():
+        raise CliError(f"{flag} {spelled} is not a regular file (give a file name)")
+    blocker = file_in_the_way(p if folder else p.parent)
+    if blocker is not None:
+        raise CliError(f"{flag} {spelled}: {blocker} is a file, not a folder (choose another {kind})")
+    for inp in inputs:
+        if inp is not None and _would_overwrite(p, Path(inp), folder, writes):
+            raise CliError(f"{flag} {spelled} would overwrite the input {os.fspath(inp)} (choose another {kind})")
+    _check_writable(p, flag, spelled, folder)
+    return p
+
+
+def _would_overwrite(out: Path, inp: Path, folder: bool, writes: Sequence[str]) -> bool:
+    """Whether writing ``out`` (a file, or ``writes`` inside the folder ``out``) replaces ``inp``."""
+    if not inp.exists():
+        return False
+    if not folder:
+        return _same_file(out, inp)
+    real = Path(os.path.realpath(inp))
+    written_here = _same_file(out, real.parent) and any(fnmatch.fnmatch(real.name, w) for w in writes)
+    return written_here or _same_file(out, real)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same file by resolved path, or by inode (hard links, bind mounts)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _check_writable(p: Path, flag: str, spelled: str, folder: bool) -> None:
+    """Fail now, not after a long solve, when the place the output goes cannot be written."""
+    target = p if folder else p.parent
+    target = target.absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent  # the folder that will be created lives here
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise CliError(f"{flag} {spelled}: cannot write in {target} (permission denied or read-only file system)")
+
+
+def check_seed(seed: int | None, flag: str = "--seed") -> int | None:
+    """A seed is None (fresh randomness) or a non-negative integer, as numpy and dwave-samplers need."""
+    if seed is not None and seed < 0:
+        raise CliError(f"{flag} must be a non-negative integer, got {seed} (e.g. {flag} 0)")
+    return seed

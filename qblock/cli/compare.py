@@ -76,9 +76,17 @@ def _params(items: list[str] | None) -> dict[str, dict]:
     return out
 
 
+#: what ``compare`` writes into --out (qblock.compare.write_outputs; render skips compare.json)
+WRITES = ("compare.md", "compare.csv", "*.png")
+
+
 def run(args: argparse.Namespace) -> int:
     from qblock import compare as cmp
+    from qblock.cli._common import check_output, check_seed
 
+    check_seed(args.seed)
+    writes = WRITES if args.from_json else WRITES + ("compare.json",)
+    check_output(args.out, "--out", inputs=[*args.problems, args.from_json], folder=True, writes=writes)
     if args.from_json:
         if args.problems or args.blocks:
             raise CliError("--from-json re-draws a saved comparison; give no problems or --blocks with it")

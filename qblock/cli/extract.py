@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qblock.cli import CliError
+from qblock.cli._common import check_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,14 +19,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", default="default",
-                   help="'default' (SmolLM2-135M-Instruct, offline once cached), a local HF model directory, "
-                        "a .gguf file, or a hub id (default: default)")
+                   help="'default' (SmolLM2-135M-Instruct, offline once cached), 'gemma3-270m' (Gemma-3-270M, "
+                        "Gemma Terms of Use), a local HF model directory, a .gguf file, or a hub id (default: default)")
     p.add_argument("--samples", type=int, default=128, help="calibration samples m (default 128)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default 256)")
-    p.add_argument("--energy", default="fisher", choices=("fisher", "fisher+grad", "pairwise"),
-                   help="fisher: the paper's x^T (A^T A/m) x; fisher+grad: adds -g^T x (and halves H); "
-                        "pairwise: measured single/pair removal losses, 1+N(N+1)/2 forward passes, not "
-                        "resumable (default fisher)")
+    from qblock.llm.energy import ENERGY_MODELS
+
+    p.add_argument("--energy", default="fisher", choices=tuple(ENERGY_MODELS),
+                   help="; ".join(f"{k}: {v}" for k, v in ENERGY_MODELS.items()) + " (default fisher; the measured "
+                        "energies are not resumable)")
     p.add_argument("--gate", default="layer", choices=("layer", "branch"), help="gate mode (default layer)")
     p.add_argument("--granularity", default="block", choices=("block", "sublayer"),
                    help="one variable per block, or per residual branch (branch gates only)")
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--eval-samples must be >= 0")
     if args.granularity == "sublayer" and args.gate != "branch":
         raise CliError("--granularity sublayer needs --gate branch (one gate per residual branch)")
+    check_output(args.out, "--out", inputs=[args.calibration])
     try:
         problem = extract_problem(
             model_spec=args.model, num_samples=args.samples, seq_len=args.seq_len, energy=args.energy,

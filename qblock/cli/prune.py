@@ -4,6 +4,7 @@ Example::
 
     qblock prune --model default --remove 3,7,12 --out smollm2-pruned
     qblock prune --model default --solutions sols.json --rank 1 --out smollm2-pruned
+    qblock prune --recommended qblock-report-quick --remove-count 6 --out smollm2-pruned
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from qblock.cli import CliError
 
@@ -25,13 +27,19 @@ def register(sub: argparse._SubParsersAction) -> None:
             "layer indices updated). Example: qblock prune --model default --remove 3,7,12 --out pruned/"
         ),
     )
-    p.add_argument("--model", default="default",
-                   help="'default' (SmolLM2-135M-Instruct), a local HF model directory, a .gguf file or a hub id")
+    p.add_argument("--model", default=None,
+                   help="'default' (SmolLM2-135M-Instruct; the default), 'gemma3-270m' (Gemma-3-270M), a local HF model "
+                        "directory, a .gguf file or a hub id; with --recommended, the report's model unless given")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--remove", help="blocks to drop: 0-based indices and/or block labels, comma separated "
                                         "(e.g. 3,7,12 or model.layers.3)")
     which.add_argument("--solutions", metavar="FILE", help="solutions JSON written by `qblock solve --json`")
+    which.add_argument("--recommended", metavar="REPORT_DIR",
+                       help="a report folder of `qblock run` / `qblock validate`: prune its recommended set "
+                            "for --remove-count M")
     p.add_argument("--rank", type=int, default=1, help="with --solutions: which ranked solution (default 1, the best)")
+    p.add_argument("--remove-count", "-M", type=int, default=None, metavar="M",
+                   help="with --recommended: how many blocks (one of the report's M values)")
     p.add_argument("--out", "-o", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out directory")
     p.add_argument("--no-check", action="store_true", help="skip the reload check of the saved config")
@@ -46,7 +54,7 @@ def parse_remove(text: str, labels: list[str]) -> list[int]:
         >>> parse_remove("3, 1,layers.2", ["model.layers.0", "model.layers.1", "model.layers.2", "model.layers.3"])
         [1, 2, 3]
     """
-    out: set[int] = set()
+    out: list[int] = []
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
@@ -58,28 +66,85 @@ def parse_remove(text: str, labels: list[str]) -> list[int]:
                 raise CliError(f"--remove: {item!r} is not a block index or a unique block label "
                                f"(labels look like {labels[0]!r})") from None
             i = hits[0]
-        if not 0 <= i < len(labels):
-            raise CliError(f"--remove: block {i} out of range; the model has {len(labels)} blocks (0..{len(labels) - 1})")
-        out.add(i)
+        out.append(i)
     if not out:
         raise CliError("--remove: no blocks given")
-    if len(out) >= len(labels):
-        raise CliError(f"--remove: cannot remove all {len(labels)} blocks")
-    return sorted(out)
+    return check_removed(out, len(labels), "--remove")
 
 
-def removed_from_solutions(path: str, rank: int) -> list[int]:
+def check_removed(removed: list[int], n: int | None, where: str) -> list[int]:
+    """Sorted block indices, each once and in ``0..n-1`` (``n=None``: range not known yet).
+
+    A repeated block is an error rather than folded away: it would otherwise be counted twice in the
+    report (issue 10: ``[1, 1, 2]`` was reported as 3 blocks and 34.5% fewer parameters).
+
+    Example:
+        >>> check_removed([3, 1], 4, "--remove")
+        [1, 3]
+    """
+    seen = [i for k, i in enumerate(removed) if i in removed[:k]]
+    if seen:
+        raise CliError(f"{where}: block {seen[0]} is listed more than once")
+    bad = [i for i in removed if i < 0 or (n is not None and i >= n)]
+    if bad:
+        span = f"; the model has {n} blocks (0..{n - 1})" if n is not None else ""
+        raise CliError(f"{where}: block {bad[0]} out of range{span}")
+    if n is not None and len(removed) >= n:
+        raise CliError(f"{where}: cannot remove all {n} blocks")
+    return sorted(removed)
+
+
+def removed_from_solutions(path: str, rank: int) -> tuple[list[int], int | None]:
+    """``(removed, num_blocks)`` of solution ``rank`` in a ``qblock solve --json`` file.
+
+    Everything that can be checked without the model is checked here (so before it is loaded):
+    the file's shape, whole-number indices, no repeats, none negative.
+    """
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise CliError(f"solutions file not found: {path}")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
         sols = data["solutions"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        if not isinstance(sols, list):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise CliError(f"{path} is not a solutions file from `qblock solve --json`") from None
     if not 1 <= rank <= len(sols):
         raise CliError(f"--rank {rank}: {path} holds {len(sols)} solution(s)")
-    return [int(i) for i in sols[rank - 1]["removed"]]
+    sol = sols[rank - 1]
+    removed = sol.get("removed") if isinstance(sol, dict) else None
+    where = f"{path} solution {rank}"
+    if not isinstance(removed, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in removed):
+        raise CliError(f'{where}: "removed" must be a list of whole block numbers, got {_short(removed)}')
+    num_blocks = data.get("num_blocks")
+    if not isinstance(num_blocks, int) or isinstance(num_blocks, bool):
+        num_blocks = None
+    return check_removed(removed, None, where), num_blocks
+
+
+def _short(value) -> str:
+    s = json.dumps(value)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def removed_from_recommended(report_dir: str, m: int | None) -> tuple[list[int], Any]:
+    """The recommended set for M from a report folder's summary.json, and the model recorded there."""
+    p = Path(report_dir) / "summary.json"
+    if not p.is_file():
+        raise CliError(f"--recommended {report_dir}: no summary.json there (expected a `qblock run` report folder)")
+    try:
+        data = json.loads(p.read_text())
+        rec = data.get("recommended") or {}
+    except (json.JSONDecodeError, AttributeError):
+        raise CliError(f"{p} is not a summary written by qblock run/validate") from None
+    if not rec:
+        raise CliError(f"{p} holds no recommended sets (was the selection switched off with --no-select?)")
+    if m is None:
+        raise CliError(f"--recommended needs --remove-count M; {p} recommends sets for M = {', '.join(rec)}")
+    if str(m) not in rec:
+        raise CliError(f"--remove-count {m}: {p} recommends sets only for M = {', '.join(rec)}")
+    return [int(i) for i in rec[str(m)]["removed"]], (data.get("problem") or {}).get("model")
 
 
 def _load(spec: str, quiet: bool):
@@ -118,14 +183,31 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--out {out} exists and is not empty; pass --overwrite to write into it")
     if args.solutions and args.rank < 1:
         raise CliError("--rank must be at least 1")
-    model, tok = _load(args.model, args.quiet)
-    labels = [name for name, _ in find_blocks(model)]
+    if args.remove_count is not None and not args.recommended:
+        raise CliError("--remove-count goes with --recommended REPORT_DIR")
+    recommended, recorded = (removed_from_recommended(args.recommended, args.remove_count) if args.recommended
+                             else (None, None))
+    if recommended is not None:  # repeats and negatives need no model: refuse them before loading it
+        check_removed(recommended, None, args.recommended)
     if args.solutions:
-        removed = removed_from_solutions(args.solutions, args.rank)
+        removed, solved_blocks = removed_from_solutions(args.solutions, args.rank)
+    spec = args.model or (recorded.get("spec") if isinstance(recorded, dict) else recorded) or "default"
+    if spec == "<object>":
+        raise CliError(f"{args.recommended} does not record a loadable model; pass --model")
+    model, tok = _load(spec, args.quiet)
+    labels = [name for name, _ in find_blocks(model)]
+    if recommended is not None:
+        removed = recommended
         bad = [i for i in removed if not 0 <= i < len(labels)]
         if bad:
-            raise CliError(f"{args.solutions}: blocks {bad} out of range for this model ({len(labels)} blocks); "
-                           f"was it solved for another model?")
+            raise CliError(f"{args.recommended}: blocks {bad} out of range for this model ({len(labels)} blocks); "
+                           "pass the model of that report with --model")
+        removed = check_removed(removed, len(labels), args.recommended)
+    elif args.solutions:
+        if solved_blocks is not None and solved_blocks != len(labels):
+            raise CliError(f"{args.solutions} was solved for {solved_blocks} variables but this model has "
+                           f"{len(labels)} blocks; was it solved for another model or per sub-layer?")
+        removed = check_removed(removed, len(labels), args.solutions)
     else:
         removed = parse_remove(args.remove, labels)
     before = sum(p.numel() for p in model.parameters())

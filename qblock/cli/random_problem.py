@@ -21,10 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qblock.cli._common import check_output, check_seed
     from qblock.problems.synthetic import random_problem
 
     if args.blocks < 1:
         raise CliError("--blocks must be at least 1")
+    check_seed(args.seed)
+    check_output(args.out, "--out")
     if not args.out.endswith(".npz"):
         raise CliError("--out must end in .npz")
     p = random_problem(args.blocks, args.remove, num_samples=args.samples, correlation=args.correlation,

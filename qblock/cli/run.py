@@ -15,19 +15,24 @@ import sys
 import time
 
 from qblock.cli import CliError
+from qblock.cli._common import check_output
 
 #: settings of a full run and of ``--quick`` (chosen to finish in under 10 minutes on 2 CPU cores,
 #: extraction included, with the default model already cached)
 PRESETS = {
     "full": {"samples": 128, "seq_len": 256, "eval_samples": 32, "top": 10, "random": 5, "greedy_samples": 8,
-             "tasks": "arc_easy,piqa,hellaswag", "task_limit": 100, "bench_top": 1, "bootstrap": 2000},
+             "tasks": "arc_easy,piqa,hellaswag", "task_limit": 100, "bench_top": 1, "bootstrap": 2000,
+             "select_samples": 16, "select_evaluations": 32},
     "quick": {"samples": 32, "seq_len": 128, "eval_samples": 12, "top": 5, "random": 3, "greedy_samples": 2,
-              "tasks": "", "task_limit": 50, "bench_top": 1, "bootstrap": 1000},
+              "tasks": "", "task_limit": 50, "bench_top": 1, "bootstrap": 1000,
+              "select_samples": 8, "select_evaluations": 24},
 }
 DEFAULT_M = "3,6,9"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from qblock.cli.validate import add_selection_options
+
     p = sub.add_parser(
         "run",
         help="the main job: extract, solve and validate against baselines, with a report",
@@ -42,7 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--quick", action="store_true", help="small, fast settings (see the description)")
-    p.add_argument("--model", default="default", help="model spec (default: default)")
+    p.add_argument("--model", default="default",
+                   help="model spec: default (SmolLM2-135M-Instruct), gemma3-270m (Gemma-3-270M), a local HF "
+                        "model directory, a .gguf file or a hub id (default: default)")
     p.add_argument("--remove", "-M", default=DEFAULT_M, help=f"values of M, comma list (default {DEFAULT_M})")
     p.add_argument("--samples", type=int, default=None, help="calibration samples (preset)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (preset)")
@@ -77,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--restart", action="store_true", help="recompute the cached extraction")
     p.add_argument("--out", "-o", default=None, help="report directory (default ./qblock-report[-quick])")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    add_selection_options(p, samples=None, evaluations=None)
     p.set_defaults(func=run)
 
 
@@ -107,7 +115,7 @@ def problem_cache_path(prov: dict, cfg: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    from qblock.cli.validate import parse_list, parse_ms, setup_torch
+    from qblock.cli.validate import parse_list, parse_ms, selection_settings, setup_torch
 
     threads = setup_torch(args)
     from qblock.llm.cache import CacheError
@@ -121,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     cfg = _resolve(args)
     cfg["seed"] = args.seed
+    args.select_samples, args.select_evaluations = cfg["select_samples"], cfg["select_evaluations"]
     cfg["gate"] = args.gate
     ms = parse_ms(args.remove)
     for k in ("samples", "eval_samples", "top", "batch_size"):
@@ -132,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
     baselines = parse_list(args.baselines, BASELINE_METHODS, "--baselines", BASELINE_METHODS)
     tasks = parse_list(cfg["tasks"], tuple(BENCHMARKS), "--tasks")
     energies = args.energies if args.energies == "auto" else parse_list(
-        args.energies, ("fisher", "fisher+grad", "pairwise"), "--energies")
+        args.energies, ("fisher", "fisher+grad", "pairwise"), "--energies")  # the scorable subset of ENERGY_MODELS
     out = args.out or ("qblock-report-quick" if args.quick else "qblock-report")
+    check_output(out, "--out", inputs=[args.calibration], folder=True)
     progress = not args.quiet
     timings = {}
 
@@ -179,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
             num_removes=ms, top_k=cfg["top"], backend=args.backend, solve_seed=args.seed, num_random=cfg["random"],
             random_seed=args.seed, baselines=baselines, greedy_samples=cfg["greedy_samples"], tasks=tasks,
             task_limit=cfg["task_limit"] or None, bench_top=cfg["bench_top"], harness=args.harness, energy_models=energies,
-            n_boot=cfg["bootstrap"], stats_seed=args.seed, batch_size=args.batch_size, progress=progress)
+            n_boot=cfg["bootstrap"], stats_seed=args.seed, batch_size=args.batch_size, progress=progress,
+            **selection_settings(args))
         notes = [
             f"extraction {'reused from the cache' if cached else 'computed'} in {timings['extract']:.1f} s "
             f"({cfg['samples']} samples x {cfg['seq_len']} tokens, one batched forward+backward); problem file {ppath}",

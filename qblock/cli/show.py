@@ -7,6 +7,9 @@ import argparse
 
 from qblock.cli import CliError
 
+#: what ``show`` writes into --out (qblock.viz.show)
+WRITES = ("hessian.png", "depth_graph.png", "block_costs.png", "embedding.png", "show.json")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -37,9 +40,12 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from qblock.cli._common import check_output, check_seed
     from qblock.problems.block_removal import BlockRemovalProblem
     from qblock.viz import show
 
+    check_seed(args.seed)
+    check_output(args.out, "--out", inputs=[args.problem], folder=True, writes=WRITES)
     path = Path(args.problem)
     if not path.exists():
         raise CliError(f"problem file not found: {args.problem}")

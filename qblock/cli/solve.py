@@ -80,10 +80,12 @@ def certification_line(info: dict) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import qblock
     from qblock import backends
-    from qblock.cli._common import load_problem, parse_params, write_json_atomic
+    from qblock.cli._common import check_output, check_seed, load_problem, parse_params, write_json_atomic
 
     if args.top < 1:
         raise CliError("--top must be at least 1")
+    check_seed(args.seed)
+    json_out = check_output(args.json_out, "--json", inputs=[args.problem])
     problem = load_problem(args.problem, args.remove)
     params = parse_params(args.param)
     spec = backends.get_spec(args.backend)
@@ -111,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(problem, ss))
     elif uncertified:  # quiet prints only problems, and an uncertified "exact" answer is one
         print(uncertified, file=sys.stderr)
-    if args.json_out:
-        write_json_atomic(args.json_out, solutions_payload(problem, ss))
+    if json_out is not None:
+        write_json_atomic(json_out, solutions_payload(problem, ss))
         if not args.quiet:
-            print(f"wrote {args.json_out}", file=sys.stderr)
+            print(f"wrote {json_out}", file=sys.stderr)
     return 0

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from qblock.cli import CliError
+from qblock.cli._common import check_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,7 +67,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default cpu), or auto to spread a large model over all GPUs (device_map)")
     p.add_argument("--out", "-o", default="validation", help="output directory (default ./validation)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output, no summary")
+    add_selection_options(p)
     p.set_defaults(func=run)
+
+
+def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, evaluations: int = 24) -> None:
+    """Options of qblock's selection (the measured QUBO refined per M), shared by ``validate`` and ``run``."""
+    g = p.add_argument_group("qblock selection (the recommended set per M; calibration data only)")
+    g.add_argument("--no-select", dest="select", action="store_false",
+                   help="skip the selection (no recommended sets; only the QUBO states and baselines)")
+    g.add_argument("--select-samples", type=int, default=samples, metavar="N",
+                   help=f"calibration samples its measurements use (default {samples})")
+    g.add_argument("--select-evaluations", type=int, default=evaluations, metavar="E",
+                   help=f"refinement budget per M in evaluations of those samples (default {evaluations})")
+    g.add_argument("--select-pool", type=int, default=None, metavar="P",
+                   help="blocks whose pairwise removals are measured (default max(8, N/2))")
+    g.add_argument("--select-backend", default="exact",
+                   help="solver in the refinement loop: any backend name (default exact)")
+
+
+def selection_settings(args: argparse.Namespace) -> dict:
+    """The :class:`ValidationSettings` fields of the selection options, checked."""
+    for flag, v, low in (("--select-samples", args.select_samples, 1), ("--select-evaluations", args.select_evaluations, 0),
+                         ("--select-pool", args.select_pool, 0)):
+        if v is not None and v < low:
+            raise CliError(f"{flag} must be at least {low}, got {v}")
+    from qblock import backends
+
+    if args.select_backend not in backends.names():
+        raise CliError(f"--select-backend {args.select_backend!r} is not a backend; choose from "
+                       f"{', '.join(backends.names())}")
+    return {"select": args.select, "select_samples": args.select_samples, "select_evaluations": args.select_evaluations,
+            "select_pool": args.select_pool, "select_backend": args.select_backend}
 
 
 def parse_ms(value: str | None) -> list[int] | None:
@@ -120,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not Path(args.problem).is_file():
         raise CliError(f"problem file not found: {args.problem}")
+    check_output(args.out, "--out", inputs=[args.problem, args.solutions, args.calibration, args.eval_text],
+                 folder=True, writes=("candidates.*", "summary.json", "report.md", "*.png"))
     problem = BlockRemovalProblem.load(args.problem)
     ms = parse_ms(args.remove)
     solutions = {}
@@ -150,9 +184,10 @@ def run(args: argparse.Namespace) -> int:
 
     tasks = parse_list(args.tasks, tuple(BENCHMARKS), "--tasks")
     energies = args.energies if args.energies == "auto" else parse_list(
-        args.energies, ("fisher", "fisher+grad", "pairwise"), "--energies")
+        args.energies, ("fisher", "fisher+grad", "pairwise"), "--energies")  # the scorable subset of ENERGY_MODELS
 
-    model_spec = args.model or ((problem.metadata.get("model") or {}).get("spec"))
+    recorded = problem.metadata.get("model")
+    model_spec = args.model or (recorded.get("spec") if isinstance(recorded, dict) else None)
     if not model_spec or model_spec == "<object>":
         raise CliError("the problem file does not record its model; pass --model")
     from qblock.llm.cache import CacheError
@@ -176,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
             num_removes=ms, top_k=args.top, backend=args.backend, solve_seed=args.seed, num_random=args.random,
             random_seed=args.seed, baselines=baselines, greedy_samples=args.greedy_samples, tasks=tasks,
             task_limit=args.task_limit or None, bench_top=args.bench_top, harness=args.harness, energy_models=energies,
-            n_boot=args.bootstrap, stats_seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+            n_boot=args.bootstrap, stats_seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+            **selection_settings(args))
         result = validate(problem, model, tok, calib, evals, settings, args.out, solutions=solutions,
                           report_settings={"problem": args.problem, "model": model_spec, "torch threads": threads,
                                            "held-out data": _describe_eval(prov)})

@@ -39,6 +39,7 @@ __all__ = [
     "build_problem",
     "extract",
     "subset_losses",
+    "measured_energy_problem",
 ]
 
 #: energy model name -> one-line description
@@ -46,6 +47,8 @@ ENERGY_MODELS = {
     "fisher": "x^T H x with H = A^T A / m (empirical Fisher; the paper's energy)",
     "fisher+grad": "-g^T x + 1/2 x^T H x with g = mean of A (first-order term kept)",
     "pairwise": "measured loss increases of single and pairwise removals (forward-only, N(N+1)/2 passes)",
+    "measured": "measured single removals and pairs inside a pool of the most removable blocks (forward-only, "
+                "about N + P^2/2 passes; qblock.select.measured_problem)",
 }
 
 
@@ -140,8 +143,9 @@ def build_problem(
         return fisher_problem(A, num_remove, labels, metadata, keep_A)
     if energy == "fisher+grad":
         return fisher_grad_problem(A, num_remove, labels, metadata, keep_A)
-    if energy == "pairwise":
-        raise ValueError("the 'pairwise' energy is measured on the model, not built from A: use pairwise_problem(model, samples)")
+    if energy in ("pairwise", "measured"):
+        raise ValueError(f"the {energy!r} energy is measured on the model, not built from A: use "
+                         "extract(model, samples, energy=...)")
     raise ValueError(f"unknown energy model {energy!r}; choose one of {list(ENERGY_MODELS)}")
 
 
@@ -242,6 +246,36 @@ def pairwise_problem(
     )
 
 
+def measured_energy_problem(model, samples: Sequence[Any], num_remove: int | None = None, *, gate: str = "layer",
+                            pool_size: int | None = None, batch_size: int = 8, labels: Sequence[str] | None = None,
+                            metadata: Mapping[str, Any] | None = None, progress: bool = True) -> BlockRemovalProblem:
+    """The measured QUBO of :func:`qblock.select.measured_problem` on a real model (block granularity).
+
+    Single removals of every block and pairs inside a pool of the most removable ones, measured on
+    ``samples`` with a prefix cache; a QUBO any backend can solve (and :func:`qblock.select.refine` can
+    refine for one M).
+    """
+    from qblock.llm.measured import CalibrationLoss, _Bar
+    from qblock.select import measured_problem
+
+    oracle = CalibrationLoss(model, samples, gate=gate, batch_size=batch_size)
+    bar = _Bar(oracle, progress)
+    try:
+        p = measured_problem(bar, len(labels) if labels else _num_blocks(model), pool_size=pool_size,
+                             num_remove=num_remove, labels=labels)
+    finally:
+        bar.close()
+    md = _meta(metadata, energy="measured", num_samples=len(samples))
+    md["selection"] = p.metadata["selection"]
+    return BlockRemovalProblem(p.H, num_remove, linear=p.linear, labels=p.labels, metadata=md, arrays=p.arrays)
+
+
+def _num_blocks(model) -> int:
+    from qblock.llm.blocks import find_blocks
+
+    return len(find_blocks(model))
+
+
 def _model_id(model) -> str:
     cfg = getattr(model, "config", None)
     return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "") or type(model).__name__)
@@ -298,7 +332,8 @@ def extract(
     samples = as_token_tensors(samples)
     labels = [s.label for s in gate_sites(model, gate=gate, granularity=granularity)]
     ours = {
-        "model": _model_id(model),
+        # the same provenance shape as qblock.llm.pipeline: a dict (an in-memory model has no loadable spec)
+        "model": {"id": _model_id(model), "spec": "<object>"},
         "gate": gate,
         "granularity": granularity,
         "energy": energy,
@@ -309,6 +344,11 @@ def extract(
     md = _meta(metadata, **ours)
     if energy == "pairwise":
         return pairwise_problem(model, samples, num_remove, gate, granularity, batch_size, labels, md, progress)
+    if energy == "measured":
+        if granularity != "block":
+            raise ValueError("the 'measured' energy removes whole blocks: use granularity='block'")
+        return measured_energy_problem(model, samples, num_remove, gate=gate, batch_size=batch_size, labels=labels,
+                                       metadata=md, progress=progress)
     A = gate_gradients(model, samples, gate=gate, granularity=granularity, batch_size=batch_size,
                        dtype=dtype, device=device, progress=progress)
     return build_problem(A, energy, num_remove, labels, md, keep_A)

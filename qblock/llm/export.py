@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -54,16 +55,20 @@ def _configs(model) -> list[Any]:
 
 
 def _normalise(idx: Iterable[int], n: int) -> list[int]:
-    try:
-        removed = sorted({int(i) for i in idx})
-    except (TypeError, ValueError):
-        raise ValueError(f"block indices must be integers, got {idx!r}") from None
+    """Sorted, checked block indices: whole numbers (numpy integers too), each once, in ``0..n-1``."""
+    idx = list(idx)
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in idx):
+        raise ValueError(f"block indices must be integers, got {idx!r}")
+    removed = [int(i) for i in idx]
+    twice = sorted({i for i in removed if removed.count(i) > 1})
+    if twice:
+        raise ValueError(f"block indices {twice} are listed more than once")
     bad = [i for i in removed if not 0 <= i < n]
     if bad:
         raise IndexError(f"block indices {bad} out of range for a model with {n} blocks (0..{n - 1})")
     if len(removed) >= n:
         raise ValueError(f"cannot remove all {n} blocks; keep at least one")
-    return removed
+    return sorted(removed)
 
 
 def remove_blocks(model, idx: Iterable[int]):

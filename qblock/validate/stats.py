@@ -30,6 +30,8 @@ import numpy as np
 
 __all__ = [
     "QUBO_METHOD",
+    "SELECT_METHOD",
+    "MEASURED_METHOD",
     "RANDOM_METHOD",
     "REFERENCE_METHOD",
     "is_baseline",
@@ -39,18 +41,24 @@ __all__ = [
     "correlations",
     "best_vs_baseline",
     "summarize",
+    "recommended",
     "parse_removed",
 ]
 
 QUBO_METHOD = "qubo"
+#: qblock's recommended set per M: the lowest measured calibration loss of the refinement loop
+SELECT_METHOD = "qblock"
+#: other sets the refinement loop measured (ranked by calibration loss), evaluated for the correlations
+MEASURED_METHOD = "measured"
 RANDOM_METHOD = "random"
 #: the unpruned model; listed in the table for reference, never part of a statistic
 REFERENCE_METHOD = "full"
 
 
 def is_baseline(method: str) -> bool:
-    """True for a selection baseline (ShortGPT, angular, SLEB, norm ratio), false for QUBO, random, full."""
-    return method not in (QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD)
+    """True for a selection baseline (ShortGPT, angular, SLEB, norm ratio); false for qblock's own
+    candidates (QUBO states, the recommended and measured sets), random sets and the full model."""
+    return method not in (QUBO_METHOD, SELECT_METHOD, MEASURED_METHOD, RANDOM_METHOD, REFERENCE_METHOD)
 
 
 def _finite(v: Any) -> bool:
@@ -154,6 +162,10 @@ def _describe(r: Mapping[str, Any]) -> str:
     method = str(r["method"])
     if method == QUBO_METHOD and r.get("rank") not in (None, ""):
         method = f"QUBO rank {int(r['rank'])}"
+    elif method == SELECT_METHOD:
+        method = "qblock's recommended set"
+    elif method == MEASURED_METHOD and r.get("rank") not in (None, ""):
+        method = f"measured set #{int(r['rank'])}"
     elif method == RANDOM_METHOD and r.get("seed") not in (None, ""):
         method = f"random (seed {int(r['seed'])})"
     blocks = ",".join(str(int(i)) for i in sorted(int(i) for i in r["removed"]))
@@ -170,7 +182,8 @@ def best_vs_baseline(rows: Sequence[Mapping[str, Any]], num_remove: int) -> dict
     cands = [r for r in rows if int(r["num_remove"]) == m and r["method"] != REFERENCE_METHOD
              and _finite(r.get("heldout_loss"))]
     out: dict[str, Any] = {"num_remove": m, "best": None, "best_qubo": None, "best_baseline": None,
-                           "best_random": None, "margin_loss": None, "ppl_ratio": None, "statement": None}
+                           "best_random": None, "margin_loss": None, "ppl_ratio": None, "statement": None,
+                           "recommended": None, "recommended_margin_loss": None}
     if not cands:
         out["statement"] = f"M={m}: no evaluated candidates"
         return out
@@ -191,9 +204,18 @@ def best_vs_baseline(rows: Sequence[Mapping[str, Any]], num_remove: int) -> dict
                 "heldout_loss": float(r["heldout_loss"]), "perplexity": math.exp(float(r["heldout_loss"])),
                 "description": _describe(r)}
 
-    out.update(best=brief(best), best_qubo=brief(bq), best_baseline=brief(bb), best_random=brief(br))
+    rec = pick(lambda r: r["method"] == SELECT_METHOD)
+    out.update(best=brief(best), best_qubo=brief(bq), best_baseline=brief(bb), best_random=brief(br),
+               recommended=brief(rec))
     parts = [f"M={m}: best on held-out data is {_describe(best)} "
              f"(loss {float(best['heldout_loss']):.4f}, ppl {math.exp(float(best['heldout_loss'])):.2f})"]
+    if rec is not None and bb is not None:
+        margin = float(bb["heldout_loss"]) - float(rec["heldout_loss"])
+        out["recommended_margin_loss"] = margin
+        parts.append(f"qblock's recommended set (loss {float(rec['heldout_loss']):.4f}) "
+                     + (f"beats the best baseline ({_describe(bb)}) by {margin:.4f} nats/token" if margin > 0 else
+                        f"loses to the best baseline ({_describe(bb)}) by {-margin:.4f} nats/token" if margin < 0 else
+                        f"ties the best baseline ({_describe(bb)})"))
     if bq is not None and bb is not None:
         margin = float(bb["heldout_loss"]) - float(bq["heldout_loss"])
         ratio = math.exp(margin)
@@ -213,6 +235,33 @@ def best_vs_baseline(rows: Sequence[Mapping[str, Any]], num_remove: int) -> dict
     return out
 
 
+def recommended(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """qblock's recommendation per M, from the table's ``qblock`` rows (chosen on calibration loss only).
+
+    Returns:
+        ``{"<M>": {"removed", "method", "calibration_loss", "heldout_loss", "selection_tokens",
+        "selection_backward_tokens"}}``.
+
+    Example:
+        >>> recommended([{"num_remove": 2, "method": "qblock", "removed": [3, 4], "calib_loss": 2.5,
+        ...               "heldout_loss": 2.7, "cost_forward_tokens": 9000, "note": "refined with exact"}])["2"]["removed"]
+        [3, 4]
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["method"] != SELECT_METHOD:
+            continue
+        out[str(int(r["num_remove"]))] = {
+            "removed": sorted(int(i) for i in r["removed"]),
+            "method": str(r.get("note") or "measured QUBO, refined"),
+            "calibration_loss": float(r["calib_loss"]) if _finite(r.get("calib_loss")) else None,
+            "heldout_loss": float(r["heldout_loss"]) if _finite(r.get("heldout_loss")) else None,
+            "selection_tokens": int(r["cost_forward_tokens"]) if _finite(r.get("cost_forward_tokens")) else None,
+            "selection_backward_tokens": int(r.get("cost_backward_tokens") or 0),
+        }
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
 def summarize(rows: Sequence[Mapping[str, Any]], *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """All reported statistics, per M: correlations of every energy column and the best-candidate statement."""
     ms = sorted({int(r["num_remove"]) for r in rows if r["method"] != REFERENCE_METHOD})
@@ -223,7 +272,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, n_boot: int = 2000, seed: in
             "correlations": correlations(rows, m, n_boot=n_boot, seed=seed),
             "best": best_vs_baseline(rows, m),
         }
-    return {"per_m": per_m, "n_boot": int(n_boot), "seed": int(seed)}
+    return {"per_m": per_m, "recommended": recommended(rows), "n_boot": int(n_boot), "seed": int(seed)}
 
 
 def parse_removed(value: Any) -> list[int]:

@@ -1,0 +1,150 @@
+"""Calibration loss of removal sets on a real model: the loss oracle of :mod:`qblock.select`.
+
+One recorded pass of the full model stores every block's output per batch
+(:class:`qblock.validate.evaluate.PrefixCache`); a removal set then recomputes only the blocks from its
+first removed block on. Every distinct set is measured once (cached), and the forward tokens spent are
+counted as whole passes over the samples, as for every baseline, even where the prefix replay made a
+pass cheaper (so the accounting never flatters qblock).
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> torch.manual_seed(0) and None
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2)).eval()
+    >>> oracle = CalibrationLoss(m, [torch.randint(0, 50, (10,)) for _ in range(3)])
+    >>> a = oracle.loss([2]); b = oracle.loss([2])    # the second is cached
+    >>> a == b, oracle.tokens, oracle.evaluations    # base pass + one removal, 30 tokens each
+    (True, 60, 2)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+__all__ = ["CalibrationLoss"]
+
+
+class CalibrationLoss:
+    """Token-weighted mean next-token NLL of the model with a set of blocks removed, on calibration samples.
+
+    Args:
+        model: a causal LM in eval mode (never modified on return: removal is reversible masking).
+        samples: calibration token-id tensors (never the held-out ones).
+        gate: ``"layer"`` or ``"branch"`` masking, as the problem's gates.
+        batch_size: forward batch size.
+        max_bytes: memory budget of the prefix cache (above it, passes are computed in full).
+
+    Attributes:
+        tokens: forward tokens spent so far (each evaluation counts every sample token once).
+        evaluations: distinct removal sets measured (the full model included).
+    """
+
+    def __init__(self, model, samples: Sequence[Any], *, gate: str = "layer", batch_size: int = 8,
+                 max_bytes: float = 2e9) -> None:
+        if not samples:
+            raise ValueError("CalibrationLoss needs at least one calibration sample")
+        self._args = (model, list(samples), gate, int(batch_size), max_bytes)
+        self._prefix = None  # recorded on first use: that pass is the full model's evaluation
+        self.tokens_per_pass = int(sum(int(getattr(s, "numel", lambda: len(s))()) for s in samples))
+        self.num_samples = len(samples)
+        self._cache: dict[tuple[int, ...], float] = {}
+        self.tokens = 0
+        self.evaluations = 0
+
+    def _record(self) -> None:
+        from qblock.validate.evaluate import PrefixCache
+
+        model, samples, gate, batch_size, max_bytes = self._args
+        self._prefix = PrefixCache(model, samples, (), batch_size=batch_size, gate=gate, max_bytes=max_bytes)
+        self._cache[()] = float(self._prefix.base_loss)
+        self.tokens += self.tokens_per_pass
+        self.evaluations += 1
+
+    def loss(self, removed: Iterable[int]) -> float:
+        """The calibration loss with ``removed`` masked (measured once per distinct set)."""
+        if self._prefix is None:
+            self._record()
+        key = tuple(sorted({int(i) for i in removed}))
+        if key not in self._cache:
+            self._cache[key] = float(self._prefix.loss(key)[0])
+            self.tokens += self.tokens_per_pass
+            self.evaluations += 1
+        return self._cache[key]
+
+    def measured(self) -> dict[tuple[int, ...], float]:
+        """Every set measured so far and its loss."""
+        return dict(self._cache)
+
+
+def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *, gate: str = "layer",
+                    pool_size: int | None = None, evaluations_per_m: int = 24, batch: int = 4,
+                    backend: str = "exact", backend_params: dict[str, Any] | None = None, seed: int = 0,
+                    batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+    """qblock's recommended removal sets: the measured QUBO, refined for each M with ``backend`` in the loop.
+
+    Args:
+        model: the causal LM (unchanged on return).
+        samples: calibration samples for every measurement (never held-out ones).
+        num_removes: the values of M.
+        gate: masking mode.
+        pool_size: blocks whose pairs are measured (see :func:`qblock.select.measured_problem`).
+        evaluations_per_m: refinement budget per M, in evaluations of ``samples`` (tokens = this x
+            the samples' tokens).
+        batch: sets measured per refinement round.
+        backend, backend_params, seed: the solver in the loop (any :func:`qblock.solve` backend).
+        batch_size: forward batch size.
+        progress: a progress bar over evaluations.
+
+    Returns:
+        ``{"prior": BlockRemovalProblem, "refinements": {M: Refinement}, "shared_tokens": int,
+        "tokens_per_evaluation": int, "oracle": CalibrationLoss, "seconds": float}``.
+    """
+    import time
+
+    from qblock.llm.blocks import find_blocks
+    from qblock.select import measured_problem, refine
+
+    t0 = time.perf_counter()
+    n = len(find_blocks(model))
+    oracle = CalibrationLoss(model, samples, gate=gate, batch_size=batch_size)
+    bar = _Bar(oracle, progress)
+    try:
+        prior = measured_problem(bar, n, pool_size=pool_size)
+        shared = oracle.tokens
+        refinements = {}
+        for m in sorted({int(m) for m in num_removes}):
+            refinements[m] = refine(bar, prior, m, backend=backend, backend_params=backend_params, seed=seed,
+                                    budget_tokens=int(evaluations_per_m) * oracle.tokens_per_pass, batch=batch,
+                                    known=oracle.measured())
+    finally:
+        bar.close()
+    return {"prior": prior, "refinements": refinements, "shared_tokens": int(shared),
+            "tokens_per_evaluation": oracle.tokens_per_pass, "oracle": oracle, "seconds": time.perf_counter() - t0}
+
+
+class _Bar:
+    """The oracle behind a tqdm counter of evaluations (the loop's length is not known in advance)."""
+
+    def __init__(self, oracle: CalibrationLoss, enabled: bool) -> None:
+        self.oracle = oracle
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc="qblock selection (calibration loss)", unit="set", leave=False)
+
+    @property
+    def tokens(self) -> int:
+        return self.oracle.tokens
+
+    def loss(self, removed: Iterable[int]) -> float:
+        before = self.oracle.evaluations
+        out = self.oracle.loss(removed)
+        if self.bar is not None and self.oracle.evaluations > before:
+            self.bar.update(1)
+        return out
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

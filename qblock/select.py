@@ -1,0 +1,338 @@
+"""Choosing removal sets from measured losses: a cheap measured QUBO, refined with any backend in the loop.
+
+The paper's Fisher energy is a local model of a unit-size step and ranks removal sets poorly (see the
+README). What depth-pruning methods that work rank by is the measured calibration loss of a removal.
+This module keeps the QUBO and its backends and fits the QUBO to measured losses:
+
+1. :func:`measured_problem`: the loss with each single block removed (``N + 1`` evaluations) and
+   with each pair removed inside a *pool* of the most removable blocks (``P (P - 1) / 2``), fitted
+   exactly at the 0/1/2-removal level. A coupling outside the pool is imputed from the measured
+   couplings of blocks at the same distance in depth (couplings are banded: neighbours interact most).
+2. :func:`refine`: a surrogate loop of the FMQA/BOCS family for one target M. Fit a correction to the
+   measured QUBO on every measured set of size M (kernel ridge on pair indicators; on the slice
+   ``sum(x) = M`` a linear term is a combination of couplings, so only couplings are fitted), solve the
+   surrogate with ANY registered backend (:func:`qblock.solve`), measure the best distinct unseen
+   proposals, refit, until the token budget is spent. Proposals the solver repeats are replaced by
+   unseen swap neighbours of the best measured sets, ranked by the surrogate.
+3. The recommendation is the set of lowest *measured* calibration loss among all sets of size M
+   evaluated; held-out data is never touched here.
+
+Everything here is model-agnostic: a loss oracle is any object with ``loss(removed) -> float`` and a
+``tokens`` counter (:class:`qblock.llm.measured.CalibrationLoss` is the one for a real model; the
+tests use synthetic ones).
+
+Example:
+    >>> import numpy as np
+    >>> class Toy:  # loss of a removal set: additive costs plus a penalty for adjacent removals
+    ...     tokens = 0
+    ...     def loss(self, removed):
+    ...         self.tokens += 100
+    ...         s = sorted(removed)
+    ...         return 1.0 + sum(0.1 * (i % 5 + 1) for i in s) + sum(0.5 for a, b in zip(s, s[1:]) if b == a + 1)
+    >>> oracle = Toy()
+    >>> prior = measured_problem(oracle, 10, pool_size=6)
+    >>> res = refine(oracle, prior, 3, backend="exact", budget_tokens=3000, batch=4)
+    >>> res.best_removed, round(res.best_loss, 3)
+    ([0, 2, 5], 1.5)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol, Sequence
+
+import numpy as np
+
+from qblock.problems.block_removal import BlockRemovalProblem
+
+__all__ = ["LossOracle", "measured_problem", "refine", "Refinement", "surrogate_problem"]
+
+
+class LossOracle(Protocol):
+    """Measures the calibration loss of a removal set and counts the forward tokens it spent."""
+
+    tokens: int
+
+    def loss(self, removed: Iterable[int]) -> float:  # pragma: no cover - a protocol
+        ...
+
+
+def _key(removed: Iterable[int]) -> tuple[int, ...]:
+    return tuple(sorted({int(i) for i in removed}))
+
+
+# ------------------------------------------------------------------------------ the measured QUBO
+def measured_problem(oracle: LossOracle, num_blocks: int, *, pool_size: int | None = None,
+                     pair_oracle: LossOracle | None = None, num_remove: int | None = None,
+                     labels: Sequence[str] | None = None, progress: Any = None) -> BlockRemovalProblem:
+    """Measured QUBO: single removals of every block, pair removals inside a pool of the most removable.
+
+    With ``L_0`` the full model's loss, ``L_i`` with block ``i`` removed and ``L_ij`` with both removed:
+    ``linear_i = L_i - L_0`` and coupling ``J_ij = L_ij - L_i - L_j + L_0`` (stored as
+    ``H_ij = H_ji = J_ij / 2``), so ``E(S) = L(S) - L_0`` exactly for ``|S| <= 2`` inside the pool.
+
+    Args:
+        oracle: measures singles (and pairs unless ``pair_oracle`` is given).
+        num_blocks: N.
+        pool_size: P, the blocks of lowest single-removal loss whose pairs are measured; default
+            ``min(N, max(8, ceil(N / 2)))``; ``0`` for none (couplings all imputed as zero).
+        pair_oracle: a cheaper oracle for the pairs (e.g. fewer calibration tokens); its own ``L_0``
+            and ``L_i`` of the pool are measured too, so each coupling is a difference on one data set.
+        num_remove: M of the returned problem (optional).
+        labels: block names.
+        progress: a callable ``progress(done, total)`` or None.
+
+    Returns:
+        A :class:`BlockRemovalProblem` with ``metadata["energy"] == "measured"``, arrays
+        ``single_losses``, ``pair_losses`` (NaN where not measured), ``pool``, and
+        ``metadata["selection"]`` recording evaluations and tokens.
+    """
+    n = int(num_blocks)
+    if n < 1:
+        raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
+    P = min(n, max(8, math.ceil(n / 2))) if pool_size is None else int(pool_size)
+    if not 0 <= P <= n:
+        raise ValueError(f"pool_size must be between 0 and N = {n}, got {pool_size}")
+    tok0 = oracle.tokens
+    L0 = float(oracle.loss(()))
+    single = np.array([oracle.loss((i,)) for i in range(n)], dtype=np.float64)
+    pool = sorted(np.argsort(single - L0, kind="stable")[:P].tolist())
+    po = pair_oracle or oracle
+    ptok0 = po.tokens if po is not oracle else None
+    if po is oracle:
+        pL0, psingle = L0, single
+    else:
+        pL0 = float(po.loss(()))
+        psingle = single.copy()
+        for i in pool:
+            psingle[i] = po.loss((i,))
+    pairs = np.full((n, n), np.nan)
+    J = np.zeros((n, n))
+    for i, j in itertools.combinations(pool, 2):
+        pairs[i, j] = pairs[j, i] = po.loss((i, j))
+        J[i, j] = J[j, i] = pairs[i, j] - psingle[i] - psingle[j] + pL0
+    measured = ~np.isnan(pairs)
+    J = _impute_couplings(J, measured)
+    tokens = oracle.tokens - tok0 + (po.tokens - ptok0 if ptok0 is not None else 0)
+    meta = {"energy": "measured",
+            "selection": {"pool": pool, "pool_size": P, "single_evaluations": n + 1,
+                          "pair_evaluations": len(pool) * (len(pool) - 1) // 2
+                          + (0 if po is oracle else len(pool) + 1),
+                          "forward_tokens": int(tokens), "base_loss": L0,
+                          "coupling_rule": "measured inside the pool; outside it the median of measured "
+                                           "couplings at the same depth distance (all measured if none)"}}
+    return BlockRemovalProblem(J / 2.0, num_remove, linear=single - L0, labels=labels, metadata=meta,
+                               arrays={"single_losses": single, "pair_losses": pairs,
+                                       "pool": np.asarray(pool, dtype=np.int64)})
+
+
+def _impute_couplings(J: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """Fill unmeasured off-diagonal couplings with the median measured coupling at the same distance."""
+    n = J.shape[0]
+    iu, ju = np.triu_indices(n, 1)
+    if not measured[iu, ju].any():
+        return J
+    dist = ju - iu
+    m_d, m_v = dist[measured[iu, ju]], J[iu, ju][measured[iu, ju]]
+    overall = float(np.median(m_v))
+    out = J.copy()
+    for d in np.unique(dist[~measured[iu, ju]]):
+        vals = m_v[m_d == d]
+        fill = float(np.median(vals)) if vals.size >= 2 else overall
+        sel = (~measured[iu, ju]) & (dist == d)
+        out[iu[sel], ju[sel]] = out[ju[sel], iu[sel]] = fill
+    return out
+
+
+# ------------------------------------------------------------------------------ the surrogate
+def _features(sets: Sequence[tuple[int, ...]], n: int) -> np.ndarray:
+    X = np.zeros((len(sets), n))
+    for k, s in enumerate(sets):
+        X[k, list(s)] = 1.0
+    return X
+
+
+def surrogate_problem(prior: BlockRemovalProblem, sets: Sequence[Iterable[int]], losses: Sequence[float],
+                      base_loss: float, num_remove: int, *, ridge: float | None = None) -> BlockRemovalProblem:
+    """The prior QUBO plus a kernel-ridge correction fitted to measured sets of size ``num_remove``.
+
+    The correction is ``dE(S) = sum_i dh_i [i in S] + sum_{i<j} dJ_ij [i, j in S]`` with a Gaussian
+    prior on every coefficient; its posterior mean is ``dh = X^T a``, ``dJ_ij = sum_k a_k x_ki x_kj``
+    with ``a = (K + ridge I)^{-1} r``, ``K_kl = s + s (s - 1) / 2`` for ``s = |S_k & S_l|`` and ``r``
+    the residuals ``L(S_k) - L_0 - E_prior(S_k)``. ``ridge`` defaults to the value of least
+    leave-one-out error on a grid (closed form for kernel ridge).
+
+    Example:
+        >>> import numpy as np
+        >>> prior = BlockRemovalProblem(np.zeros((4, 4)), 2, linear=np.zeros(4))
+        >>> sur = surrogate_problem(prior, [(0, 1), (2, 3)], [1.0, 3.0], base_loss=0.0, num_remove=2, ridge=1e-9)
+        >>> round(sur.energy_of([0, 1]), 6), round(sur.energy_of([2, 3]), 6)
+        (1.0, 3.0)
+    """
+    n = prior.num_blocks
+    keys = [_key(s) for s in sets]
+    y = np.asarray(losses, dtype=np.float64) - float(base_loss)
+    H = np.array(prior.H, dtype=np.float64)
+    lin = np.array(prior.linear, dtype=np.float64)
+    sel = [k for k, s in enumerate(keys) if len(s) == num_remove]
+    md = dict(prior.metadata or {}, energy="measured+refined", refined_on=len(sel))
+    if sel:
+        X = _features([keys[k] for k in sel], n)
+        r = y[sel] - np.array([prior.energy_of(keys[k]) - prior.offset for k in sel])
+        S = X @ X.T
+        K = S + S * (S - 1) / 2.0
+        lam = _loo_ridge(K, r) if ridge is None else float(ridge)
+        a = np.linalg.solve(K + lam * np.eye(len(sel)), r)
+        lin += X.T @ a
+        dJ = (X * a[:, None]).T @ X
+        np.fill_diagonal(dJ, 0.0)
+        H += dJ / 2.0
+        md["ridge"] = lam
+    return BlockRemovalProblem(H, num_remove, linear=lin, offset=prior.offset, labels=prior.labels, metadata=md)
+
+
+def _loo_ridge(K: np.ndarray, r: np.ndarray) -> float:
+    """Ridge strength of least leave-one-out squared error (closed form) over a log grid."""
+    scale = max(float(np.mean(np.diag(K))), 1e-12)
+    best, best_err = scale, math.inf
+    for f in (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0):
+        G = np.linalg.inv(K + f * scale * np.eye(len(r)))
+        a = G @ r
+        err = float(np.mean((a / np.diag(G)) ** 2))
+        if err < best_err - 1e-15:
+            best, best_err = f * scale, err
+    return best
+
+
+# ------------------------------------------------------------------------------ the loop
+@dataclass
+class Refinement:
+    """What :func:`refine` measured and chose for one M.
+
+    Attributes:
+        num_remove: M.
+        best_removed: the measured set of size M of lowest calibration loss.
+        best_loss: its calibration loss.
+        history: every measurement of size M, in order: ``{"removed", "loss", "round", "source"}``
+            (``source``: ``"solver"`` for a backend proposal, ``"neighbour"`` for a swap neighbour of a
+            best measured set, ranked by the surrogate).
+        surrogate: the final surrogate QUBO (prior + correction fitted to every measurement).
+        tokens: forward tokens this refinement spent (the prior's not included).
+        backend: the solver backend used.
+        rounds: rounds run.
+        repeats: proposals of the solver that had been measured already (skipped).
+    """
+
+    num_remove: int
+    best_removed: list[int]
+    best_loss: float
+    history: list[dict[str, Any]]
+    surrogate: BlockRemovalProblem
+    tokens: int
+    backend: str
+    rounds: int
+    repeats: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, backend: str = "exact",
+           budget_tokens: int, batch: int = 4, seed: int = 0, backend_params: dict[str, Any] | None = None,
+           known: dict[tuple[int, ...], float] | None = None, local: int = 50,
+           progress: Any = None) -> Refinement:
+    """Surrogate refinement for one M: fit, solve with ``backend``, measure the best unseen, repeat.
+
+    Args:
+        oracle: the calibration-loss oracle (the same one that measured ``prior``, so losses compare).
+        prior: the measured QUBO (:func:`measured_problem`); its ``metadata["selection"]["base_loss"]``
+            is ``L_0``.
+        num_remove: M.
+        backend: any name of :func:`qblock.backends.names` (exact, swap, sa, tabu, qaoa, leap-*, ...).
+        budget_tokens: forward tokens this loop may spend (it stops before exceeding it; at least one
+            round always runs).
+        batch: sets measured per round.
+        seed: solver seed (round ``t`` uses ``seed + t``).
+        backend_params: extra keyword arguments for :func:`qblock.solve`.
+        known: measured ``{removed: loss}`` of other sets (any size) to fit on too (e.g. from another M).
+        local: percent of each round (after the first) given to the surrogate's best unseen one-swap
+            neighbours of the best measured sets (a trust region around the incumbent); the rest are the
+            backend's proposals. ``0``: backend proposals only (neighbours only replace repeats).
+        progress: a callable ``progress(tokens_spent, budget)`` or None.
+
+    Returns:
+        A :class:`Refinement`.
+    """
+    import qblock
+
+    n, M = prior.num_blocks, int(num_remove)
+    if not 1 <= M <= n:
+        raise ValueError(f"num_remove must satisfy 1 <= M <= N = {n}, got {num_remove}")
+    if int(batch) < 1 or int(budget_tokens) < 0:
+        raise ValueError("batch must be at least 1 and budget_tokens non-negative")
+    base = (prior.metadata.get("selection") or {}).get("base_loss")
+    base = float(oracle.loss(()) if base is None else base)
+    seen: dict[tuple[int, ...], float] = {k: v for k, v in (known or {}).items()}
+    history: list[dict[str, Any]] = []
+    total = math.comb(n, M)
+    t0, rounds, repeats = oracle.tokens, 0, 0
+    per_eval = None  # tokens of one evaluation, learnt from the first
+    sur = prior.with_num_remove(M)
+    while True:
+        sur = surrogate_problem(prior, list(seen), list(seen.values()), base, M)
+        measured_m = sum(1 for k in seen if len(k) == M)
+        if measured_m >= total:
+            break
+        want = min(batch, total - measured_m)
+        if per_eval is not None:
+            left = int(budget_tokens) - (oracle.tokens - t0)
+            want = min(want, left // per_eval)
+            if want < 1:
+                break
+        k = min(total, want + measured_m)
+        ss = qblock.solve(sur, backend, num_solutions=k, seed=seed + rounds, **(backend_params or {}))
+        props = [_key(sur.removed_blocks(x)) for x in ss.samples()]
+        fresh = [p for p in dict.fromkeys(props) if p not in seen]
+        repeats += len(props) - len(fresh)
+        # the surrogate's global proposals, and (trust-region style) its best unseen swap neighbours of the
+        # best measured sets; neighbours also stand in for proposals the solver repeats
+        n_local = min(want - 1, want * local // 100) if rounds > 0 else 0
+        picks = [(p, "solver") for p in fresh[: want - n_local]]
+        picks += [(p, "neighbour") for p in _neighbours(sur, seen, M, want - len(picks),
+                                                       exclude=[p for p, _ in picks])]
+        if not picks:
+            break
+        for p, source in picks:
+            before = oracle.tokens
+            loss = float(oracle.loss(p))
+            per_eval = per_eval or max(1, oracle.tokens - before)
+            seen[p] = loss
+            history.append({"removed": list(p), "loss": loss, "round": rounds, "source": source})
+        rounds += 1
+        if progress is not None:
+            progress(oracle.tokens - t0, budget_tokens)
+    sur = surrogate_problem(prior, list(seen), list(seen.values()), base, M)
+    sized = {k: v for k, v in seen.items() if len(k) == M}
+    if not sized:
+        raise ValueError("the token budget allowed no evaluation; raise budget_tokens")
+    best = min(sized, key=lambda k: (sized[k], k))
+    return Refinement(M, list(best), sized[best], history, sur, oracle.tokens - t0, backend, rounds, repeats)
+
+
+def _neighbours(sur: BlockRemovalProblem, seen: dict[tuple[int, ...], float], M: int, count: int,
+                exclude: Sequence[tuple[int, ...]] = ()) -> list[tuple[int, ...]]:
+    """Unseen one-swap neighbours of the best measured sets of size M, lowest surrogate energy first."""
+    n = sur.num_blocks
+    sized = sorted((k for k in seen if len(k) == M), key=lambda k: seen[k])[:5]
+    cand: dict[tuple[int, ...], float] = {}
+    skip = set(seen) | set(exclude)
+    for s in sized:
+        inside = set(s)
+        for i in s:
+            for j in range(n):
+                if j in inside:
+                    continue
+                t = _key((inside - {i}) | {j})
+                if t not in skip and t not in cand:
+                    cand[t] = sur.energy_of(t)
+    return sorted(cand, key=lambda t: (cand[t], t))[:count]

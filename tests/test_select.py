@@ -1,0 +1,212 @@
+"""The measured QUBO and the refinement loop (qblock.select), on synthetic loss oracles: offline, seeded, fast."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+import qblock
+from qblock.select import measured_problem, refine, surrogate_problem
+
+
+class Oracle:
+    """A synthetic calibration loss: additive costs, banded pair interactions and a cubic term the QUBO cannot hold."""
+
+    def __init__(self, n: int, seed: int = 0, tokens_per_eval: int = 64) -> None:
+        rng = np.random.default_rng(seed)
+        self.n = n
+        self.cost = rng.uniform(0.05, 1.0, n)
+        self.pair = np.zeros((n, n))
+        for i in range(n - 1):
+            self.pair[i, i + 1] = self.pair[i + 1, i] = rng.uniform(0.1, 0.6)
+        self.tokens_per_eval = tokens_per_eval
+        self.tokens = 0
+        self.calls: list[tuple[int, ...]] = []
+
+    def true_loss(self, removed) -> float:
+        s = sorted(int(i) for i in removed)
+        x = np.zeros(self.n)
+        x[s] = 1
+        return 2.0 + float(self.cost @ x + x @ np.triu(self.pair) @ x) + 0.02 * len(s) ** 3 / self.n
+
+    def loss(self, removed) -> float:
+        self.tokens += self.tokens_per_eval
+        self.calls.append(tuple(sorted(int(i) for i in removed)))
+        return self.true_loss(removed)
+
+
+def test_measured_problem_is_exact_at_zero_one_two_removals_inside_the_pool():
+    o = Oracle(9, seed=1)
+    p = measured_problem(o, 9, pool_size=9)
+    L0 = o.true_loss(())
+    for i in range(9):
+        assert p.energy_of([i]) == pytest.approx(o.true_loss([i]) - L0, abs=1e-12)
+    for i, j in itertools.combinations(range(9), 2):
+        assert p.energy_of([i, j]) == pytest.approx(o.true_loss([i, j]) - L0, abs=1e-12)
+    # cost accounting: 1 + N singles + N(N-1)/2 pairs, each one evaluation
+    evals = 1 + 9 + 36
+    assert o.tokens == evals * o.tokens_per_eval == p.metadata["selection"]["forward_tokens"]
+    assert p.metadata["selection"]["single_evaluations"] + p.metadata["selection"]["pair_evaluations"] == evals
+
+
+def test_pool_holds_the_most_removable_blocks_and_couplings_outside_are_imputed_by_distance():
+    o = Oracle(12, seed=2)
+    p = measured_problem(o, 12, pool_size=5)
+    single = np.array([o.true_loss([i]) for i in range(12)])
+    pool = sorted(np.argsort(single)[:5].tolist())
+    assert p.metadata["selection"]["pool"] == pool
+    assert len(o.calls) == 1 + 12 + 10  # no pair outside the pool was measured
+    pairs = p.arrays["pair_losses"]
+    assert np.isnan(pairs).sum() == 12 * 12 - 5 * 4  # only the pool's off-diagonal pairs are measured
+    J = 2 * p.H
+    measured = ~np.isnan(pairs)
+    iu, ju = np.triu_indices(12, 1)
+    for i, j in zip(iu, ju):
+        if measured[i, j]:
+            continue
+        same = [J[a, b] for a, b in zip(iu, ju) if measured[a, b] and b - a == j - i]
+        want = np.median(same) if len(same) >= 2 else np.median(J[iu, ju][measured[iu, ju]])
+        assert J[i, j] == pytest.approx(want)
+
+
+def test_surrogate_interpolates_measured_sets_with_a_small_ridge():
+    o = Oracle(8, seed=3)
+    prior = measured_problem(o, 8, pool_size=4)
+    sets = [(0, 1, 2), (1, 3, 5), (2, 4, 6), (0, 5, 7)]
+    losses = [o.true_loss(s) for s in sets]
+    sur = surrogate_problem(prior, sets, losses, prior.metadata["selection"]["base_loss"], 3, ridge=1e-10)
+    for s, y in zip(sets, losses):
+        assert sur.energy_of(s) == pytest.approx(y - o.true_loss(()), abs=1e-6)
+    assert sur.metadata["refined_on"] == 4
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+def test_loop_best_is_the_lowest_measured_loss_and_the_tokens_add_up(m):
+    o = Oracle(12, seed=4)
+    prior = measured_problem(o, 12, pool_size=8)
+    before = o.tokens
+    res = refine(o, prior, m, backend="exact", budget_tokens=20 * o.tokens_per_eval, batch=4)
+    losses = {tuple(h["removed"]): h["loss"] for h in res.history}
+    assert all(len(k) == m for k in losses)
+    assert len(losses) == len(res.history)  # never measured twice
+    assert res.best_loss == min(losses.values()) and tuple(res.best_removed) in losses
+    assert res.tokens == o.tokens - before == len(res.history) * o.tokens_per_eval <= 20 * o.tokens_per_eval
+    assert res.best_loss == pytest.approx(o.true_loss(res.best_removed))
+
+
+def test_refinement_reaches_the_true_optimum_on_a_small_instance():
+    o = Oracle(10, seed=5)
+    prior = measured_problem(o, 10, pool_size=10)
+    true = min(itertools.combinations(range(10), 5), key=o.true_loss)
+    res = refine(o, prior, 5, backend="exact", budget_tokens=60 * o.tokens_per_eval, batch=4)
+    assert res.best_loss == pytest.approx(o.true_loss(true))
+
+
+def test_a_solver_that_repeats_itself_is_topped_up_with_unseen_neighbours(monkeypatch):
+    o = Oracle(10, seed=6)
+    prior = measured_problem(o, 10, pool_size=6)
+    real_solve = qblock.solve
+
+    def stubborn(problem, backend, num_solutions=20, seed=None, **kw):  # always the same single state
+        return real_solve(problem, backend, num_solutions=1, seed=seed, **kw)
+
+    monkeypatch.setattr(qblock, "solve", stubborn)
+    res = refine(o, prior, 3, backend="exact", budget_tokens=12 * o.tokens_per_eval, batch=3, local=0)
+    assert len(res.history) == 12 and res.repeats >= 3
+    assert {h["source"] for h in res.history} == {"solver", "neighbour"}
+    assert len({tuple(h["removed"]) for h in res.history}) == 12
+
+
+def test_without_local_moves_an_exact_solver_supplies_every_proposal():
+    o = Oracle(10, seed=11)
+    prior = measured_problem(o, 10, pool_size=6)
+    res = refine(o, prior, 4, backend="exact", budget_tokens=12 * o.tokens_per_eval, batch=4, local=0)
+    assert {h["source"] for h in res.history} == {"solver"} and len(res.history) == 12
+    mixed = refine(Oracle(10, seed=11), prior, 4, backend="exact", budget_tokens=12 * o.tokens_per_eval, batch=4)
+    assert [h["source"] for h in mixed.history].count("neighbour") == 4  # rounds 2 and 3: half of each
+
+
+def test_loop_stops_when_every_state_is_measured():
+    o = Oracle(5, seed=7)
+    prior = measured_problem(o, 5, pool_size=5)
+    res = refine(o, prior, 2, backend="exact", budget_tokens=10**9, batch=4, known=None)
+    assert len(res.history) == math.comb(5, 2)
+
+
+@pytest.mark.parametrize("backend,params", [
+    ("exact", {}), ("swap", {}), ("sa", {}), ("tabu", {}), ("steepest", {}),
+])
+def test_loop_runs_with_any_classical_backend(backend, params):
+    o = Oracle(10, seed=8)
+    prior = measured_problem(o, 10, pool_size=6)
+    res = refine(o, prior, 3, backend=backend, backend_params=params, budget_tokens=8 * o.tokens_per_eval, batch=4,
+                 seed=1)
+    assert res.backend == backend and len(res.history) == 8
+    assert res.best_loss == min(h["loss"] for h in res.history)
+
+
+def test_loop_runs_with_qaoa_on_a_small_problem():
+    pytest.importorskip("qiskit_aer")
+    o = Oracle(6, seed=9)
+    prior = measured_problem(o, 6, pool_size=6)
+    res = refine(o, prior, 2, backend="qaoa", budget_tokens=6 * o.tokens_per_eval, batch=3, seed=1)
+    assert len(res.history) == 6 and res.backend == "qaoa"
+    assert res.best_loss == min(h["loss"] for h in res.history)
+
+
+def test_loop_runs_with_the_mock_qpu():
+    pytest.importorskip("dwave.system")
+    from dwave.system.testing import MockDWaveSampler
+
+    def factory(**config):
+        return MockDWaveSampler(topology_type="pegasus", topology_shape=[4], substitute_kwargs={"seed": 3},
+                                parameter_warnings=False)
+
+    o = Oracle(8, seed=10)
+    prior = measured_problem(o, 8, pool_size=5)
+    res = refine(o, prior, 3, backend="dwave-qpu", backend_params={"sampler_factory": factory, "num_reads": 20},
+                 budget_tokens=6 * o.tokens_per_eval, batch=3, seed=2)
+    assert len(res.history) == 6 and res.best_loss == min(h["loss"] for h in res.history)
+
+
+def test_bad_arguments_are_one_line_errors():
+    o = Oracle(6)
+    with pytest.raises(ValueError, match="pool_size"):
+        measured_problem(o, 6, pool_size=7)
+    prior = measured_problem(o, 6, pool_size=3)
+    with pytest.raises(ValueError, match="num_remove"):
+        refine(o, prior, 7, budget_tokens=100)
+    with pytest.raises(ValueError, match="batch"):
+        refine(o, prior, 2, budget_tokens=100, batch=0)
+
+
+def test_measured_energy_on_a_tiny_model_equals_direct_masked_losses():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qblock.llm.energy import extract
+    from qblock.validate.evaluate import heldout_loss
+    from qblock.llm.blocks import mask_blocks
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=5, num_attention_heads=2,
+        num_key_value_heads=2)).eval()
+    samples = [torch.randint(0, 40, (12,)) for _ in range(3)]
+    p = extract(model, samples, energy="measured", progress=False)
+    pool = p.metadata["selection"]["pool"]
+    assert p.metadata["energy"] == "measured" and len(pool) == 5  # max(8, N/2) capped at N
+
+    def direct(removed):
+        with mask_blocks(model, removed):
+            return heldout_loss(model, samples)[0]
+
+    L0 = direct([])
+    for i in range(5):
+        assert p.energy_of([i]) == pytest.approx(direct([i]) - L0, abs=1e-5)
+    for i, j in itertools.combinations(pool, 2):
+        assert p.energy_of([i, j]) == pytest.approx(direct([i, j]) - L0, abs=1e-5)
+    # cost accounting: 1 + N + P(P-1)/2 evaluations of 3 x 12 tokens
+    assert p.metadata["selection"]["forward_tokens"] == (1 + 5 + 10) * 36
