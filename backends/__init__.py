@@ -12,6 +12,10 @@ There are three ways a backend sees the problem, its ``kind``:
 
 A backend may also bring its own ``runner`` (``runner(problem, sampler, num_solutions, seed, **params)``).
 
+Every backend declares its parameters (``BackendSpec.params``: type, range, choices, see
+:class:`qblock.backends._params.Param`); :func:`validate_params` checks keyword arguments against
+them, the same way for every backend, and :func:`qblock.solve` calls it before anything runs.
+
 Example:
     >>> from qblock import backends
     >>> "exact" in backends.names()
@@ -27,8 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from qblock._lazy import INSTALL_HINTS, is_installed
+from qblock.backends._params import Param, validate
 
-__all__ = ["BackendSpec", "register", "names", "get_spec", "get_sampler", "available", "describe"]
+__all__ = ["BackendSpec", "Param", "register", "names", "get_spec", "get_sampler", "available", "describe",
+           "validate_params", "PENALTY_PARAMS"]
 
 
 @dataclass(frozen=True)
@@ -45,13 +51,18 @@ class BackendSpec:
     check: str | None = None  # optional "module:function" -> (ok, reason) for run-time conditions (tokens)
     defaults: dict[str, Any] = field(default_factory=dict)
     stochastic: bool = True
+    #: every keyword the backend takes (besides ``num_solutions`` and ``seed``); others are rejected
+    params: dict[str, Param] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, BackendSpec] = {}
 
 
 def register(spec: BackendSpec, *, replace: bool = False) -> None:
-    """Add a backend to the registry."""
+    """Add a backend to the registry.
+
+    ``spec.params`` must list every keyword the backend takes: :func:`qblock.solve` rejects any other.
+    """
     if spec.kind not in ("constrained", "penalty", "cqm"):
         raise ValueError(f"unknown backend kind {spec.kind!r}")
     if spec.name in _REGISTRY and not replace:
@@ -69,6 +80,25 @@ def get_spec(name: str) -> BackendSpec:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+
+
+def validate_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The backend's defaults updated by ``params``, checked against its declared parameters.
+
+    Raises:
+        ValueError: unknown backend, unknown parameter, or a value of the wrong type or range (one
+            line naming the backend, the parameter and what is allowed).
+
+    Example:
+        >>> validate_params("tabu", {"num_reads": 4})["num_reads"]
+        4
+        >>> validate_params("sa", {"num_reads": "abc"})
+        Traceback (most recent call last):
+        ...
+        ValueError: backend 'sa': parameter 'num_reads' must be an integer >= 1 (independent reads per penalty strength), got 'abc'
+    """
+    spec = get_spec(name)
+    return validate(name, spec.params, {**spec.defaults, **params})
 
 
 def _load(target: str) -> Any:
@@ -142,21 +172,73 @@ def describe() -> str:
 
 
 # ---------------------------------------------------------------------------- built-in backends
+#: what :func:`qblock.solve`'s penalty pipeline takes, for every backend of kind "penalty"
+PENALTY_PARAMS: dict[str, Param] = {
+    "penalty": Param("float", low=0, none=True, doc="one penalty strength instead of the scan"),
+    "penalty_scan": Param("floats", low=0, low_open=True, none=True,
+                          doc="fractions of the safe penalty strength, e.g. [0.02, 1.0]"),
+    "repair": Param("bool", doc="make infeasible reads feasible by greedy add/drop"),
+    "polish": Param("bool", doc="finish every read with swap descent"),
+}
+_READS = Param("int", low=1, doc="independent reads per penalty strength")
+
 _B = "qblock.backends"
 register(BackendSpec("exact", f"{_B}.exact:ExactTopKSampler", "constrained",
                      "certified top-k: enumerates the C(N,M) feasible states (branch-and-bound when too many)",
-                     stochastic=False))
+                     stochastic=False, params={
+                         "strategy": Param("choice", choices=("auto", "enumerate", "bnb")),
+                         "progress": Param("bool"),
+                         "time_limit": Param("float", low=0, low_open=True, none=True,
+                                             doc="seconds for the whole solve; the result is then uncertified"),
+                     }))
 register(BackendSpec("swap", f"{_B}.swap:SwapAnnealingSampler", "constrained",
-                     "fixed-cardinality annealer (Kawasaki swap moves); every read feasible; default"))
+                     "fixed-cardinality annealer (Kawasaki swap moves); every read feasible; default", params={
+                         "num_reads": Param("int", low=1, doc="independent chains"),
+                         "num_sweeps": Param("int", low=0, doc="sweeps of N proposed swaps per chain"),
+                         "beta_range": Param("pair", low=0, low_open=True, none=True,
+                                             doc="[hot, cold] inverse temperatures"),
+                         "polish": Param("bool", doc="finish with swap descent"),
+                     }))
 register(BackendSpec("sa", "dwave.samplers:SimulatedAnnealingSampler", "penalty",
                      "dwave-samplers simulated annealing on the penalised QUBO (penalty scan + repair)",
-                     requires=("dwave.samplers",)))
+                     requires=("dwave.samplers",), params={
+                         **PENALTY_PARAMS,
+                         "num_reads": _READS,
+                         "num_sweeps": Param("int", low=1),
+                         "num_sweeps_per_beta": Param("int", low=1),
+                         "beta_range": Param("pair", low=0, low_open=True, none=True,
+                                             doc="[hot, cold] inverse temperatures"),
+                         "beta_schedule_type": Param("choice", choices=("linear", "geometric", "custom")),
+                         "beta_schedule": Param("floats", low=0, none=True, doc="with beta_schedule_type 'custom'"),
+                         "randomize_order": Param("bool"),
+                         "proposal_acceptance_criteria": Param("choice", choices=("Metropolis", "Gibbs")),
+                     }))
+# Tabu stops at the first of `timeout` (wall clock) and `num_restarts`; the default is a fixed number of
+# restarts with the timeout only as a generous cap, so the same seed gives the same result on a busy
+# machine too (a 20 ms default timeout made the reads depend on the load).
+TABU_DEFAULTS = {"num_reads": 16, "num_restarts": 5, "timeout": 60_000}
 register(BackendSpec("tabu", "dwave.samplers:TabuSampler", "penalty",
                      "dwave-samplers tabu search on the penalised QUBO (penalty scan + repair)",
-                     requires=("dwave.samplers",), defaults={"num_reads": 16, "timeout": 20}))
+                     requires=("dwave.samplers",), defaults=dict(TABU_DEFAULTS), params={
+                         **PENALTY_PARAMS,
+                         "num_reads": _READS,
+                         "num_restarts": Param("int", low=0, doc="restarts per read (deterministic work)"),
+                         "timeout": Param("int", low=1, high=3_600_000,
+                                          doc="milliseconds per read, a wall-clock cap; when it binds the "
+                                              "result depends on the machine's speed"),
+                         "tenure": Param("int", low=1, none=True, doc="tabu tenure, below N"),
+                         "energy_threshold": Param("float", none=True),
+                         "coefficient_z_first": Param("int", low=1, none=True),
+                         "coefficient_z_restart": Param("int", low=1, none=True),
+                         "lower_bound_z": Param("int", low=1, none=True),
+                     }))
 register(BackendSpec("steepest", "dwave.samplers:SteepestDescentSolver", "penalty",
                      "dwave-samplers steepest descent from random states (penalty scan + repair)",
-                     requires=("dwave.samplers",)))
+                     requires=("dwave.samplers",), params={
+                         **PENALTY_PARAMS,
+                         "num_reads": _READS,
+                         "large_sparse_opt": Param("bool"),
+                     }))
 
 # Quantum and cloud backends: registered here by name only, so that `available()` can say what to
 # install without importing anything heavy.

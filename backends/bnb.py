@@ -47,7 +47,10 @@ import numpy as np
 from qblock._threads import single_blas_thread
 from qblock.backends.exact import _combos, _TopK
 
-__all__ = ["topk", "qcr_diagonal", "convexify", "convexify_nonneg"]
+__all__ = ["topk", "qcr_diagonal", "convexify", "convexify_nonneg", "LEVEL_CACHE_BYTES"]
+
+#: memory for the per-depth matrices of the tree (beyond it the oldest are dropped and rebuilt on demand)
+LEVEL_CACHE_BYTES = 256 * 2**20
 
 
 class _TopKLex(_TopK):
@@ -71,7 +74,8 @@ def _min_eig_on_complement(A: np.ndarray, B: np.ndarray) -> float:
     return float(np.linalg.eigvalsh(B.T @ A @ B)[0])
 
 
-def qcr_diagonal(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int = 300, tol: float = 1e-4) -> np.ndarray:
+def qcr_diagonal(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int = 300, tol: float = 1e-4,
+                 deadline: float | None = None) -> np.ndarray:
     """Near-optimal diagonal ``u`` of the quadratic convex reformulation (dual of the Shor SDP).
 
     Solves ``min <Q, X> + c^T x`` s.t. ``[[1, x^T], [x, X]] >= 0``, ``diag(X) = x``, ``X 1 = M x``,
@@ -84,6 +88,8 @@ def qcr_diagonal(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int = 300, tol:
         M: number of ones.
         iters: maximum ADMM iterations.
         tol: relative primal/dual residual at which to stop.
+        deadline: a ``time.perf_counter()`` value at which to stop early (the multipliers reached
+            so far are returned; any ``u`` is valid after the repair of :func:`convexify`).
 
     Example:
         >>> import numpy as np
@@ -91,16 +97,50 @@ def qcr_diagonal(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int = 300, tol:
         >>> qcr_diagonal(Q, np.ones(3), 1).shape
         (3,)
     """
-    return _shor_admm(Q, c, M, iters=iters, tol=tol, nonneg=False)[0]
+    return _shor_admm(Q, c, M, iters=iters, tol=tol, nonneg=False, deadline=deadline)[0]
+
+
+def _gram(n: int, M: int) -> np.ndarray:
+    """``A A^T`` of the Shor constraints of :func:`_shor_admm`, in closed form (``O(n^2)``).
+
+    Order: ``Y_00 = 1``; ``a_i: Y_ii - Y_0i = 0``; ``g_i: sum_j Y_ij - M Y_0i = 0``; ``L: sum_i Y_0i = M``.
+    Applying the adjoint and then the operator to a multiplier vector ``z`` gives
+    ``a_i -> 1.5 za_i + (1 + M/2) zg_i - zL/2``,
+    ``g_i -> (1 + M/2) za_i + (n + M^2)/2 zg_i + sum(zg)/2 - M zL/2`` and
+    ``L -> -sum(za)/2 - M sum(zg)/2 + n zL/2`` (checked against the operators in the tests).
+    """
+    m = 2 * n + 2
+    a, g, last = np.arange(1, n + 1), np.arange(n + 1, 2 * n + 1), m - 1
+    AA = np.zeros((m, m))
+    AA[0, 0] = 1.0
+    AA[a, a] = 1.5
+    AA[a, g] = AA[g, a] = 1.0 + 0.5 * M
+    AA[n + 1 : 2 * n + 1, n + 1 : 2 * n + 1] = 0.5
+    AA[g, g] += 0.5 * (n + M * M)
+    AA[a, last] = AA[last, a] = -0.5
+    AA[g, last] = AA[last, g] = -0.5 * M
+    AA[last, last] = 0.5 * n
+    return AA
+
+
+def _pinv_psd(A: np.ndarray) -> np.ndarray:
+    """Pseudo-inverse of a symmetric PSD matrix by one ``eigh`` (a third of the cost of an SVD)."""
+    w, V = np.linalg.eigh(A)
+    keep = w > w[-1] * A.shape[0] * np.finfo(float).eps
+    return (V[:, keep] / w[keep]) @ V[:, keep].T
 
 
 def _shor_admm(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int, tol: float,
-               nonneg: bool) -> tuple[np.ndarray, np.ndarray]:
+               nonneg: bool, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Dual ADMM (Wen, Goldfarb, Yin) on the Shor SDP; with ``nonneg`` also ``X_ij >= 0`` (i != j).
 
+    Stops at ``tol``, after ``iters`` iterations, or at ``deadline`` (``time.perf_counter()``),
+    whichever comes first.
+
     Returns:
-        ``(u, N)``: minus the multipliers of ``diag(X) = x`` and, with ``nonneg``, the (non-negative,
-        zero-diagonal) multipliers of ``X_ij >= 0`` (zeros otherwise), in the units of ``Q``.
+        ``(u, N, iterations)``: minus the multipliers of ``diag(X) = x`` and, with ``nonneg``, the
+        (non-negative, zero-diagonal) multipliers of ``X_ij >= 0`` (zeros otherwise), in the units
+        of ``Q``; and the number of iterations run.
     """
     n = Q.shape[0]
     n1 = n + 1
@@ -129,21 +169,25 @@ def _shor_admm(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int, tol: float,
         Y[ii, ii] += za
         return Y
 
-    AA = np.stack([A_op(At_op(e)) for e in np.eye(m)], axis=1)
-    AAinv = np.linalg.pinv(AA)
+    y = np.zeros(m)
+    Z = np.zeros((n1, n1))  # multipliers of X_ij >= 0 (off-diagonal of the X block only)
+    if deadline is not None and time.perf_counter() > deadline:
+        return -y[1 : n + 1] * scale, Z[1:, 1:] * scale, 0
+    AAinv = _pinv_psd(_gram(n, M))
     b = np.zeros(m)
     b[0], b[m - 1] = 1.0, float(M)
     X = np.zeros((n1, n1))
     S = np.zeros((n1, n1))
-    Z = np.zeros((n1, n1))  # multipliers of X_ij >= 0 (off-diagonal of the X block only)
     off = np.zeros((n1, n1), dtype=bool)
     if nonneg:
         off[1:, 1:] = True
         off[ii, ii] = False
     mu = 1.0
-    y = np.zeros(m)
     nb, nc = 1.0 + np.linalg.norm(b), 1.0 + np.linalg.norm(C)
-    for k in range(iters):
+    its = 0
+    while its < iters:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         y = -AAinv @ (mu * (A_op(X) - b) + A_op(S + Z - C))
         Aty = At_op(y)
         if nonneg:
@@ -153,7 +197,8 @@ def _shor_admm(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int, tol: float,
         w, P = np.linalg.eigh(V)
         S = (P * np.maximum(w, 0.0)) @ P.T
         X = (S - V) / mu
-        if k % 10 == 9:
+        its += 1
+        if its % 10 == 0:
             pinf = np.linalg.norm(A_op(X) - b) / nb
             if nonneg:
                 pinf += np.linalg.norm(np.minimum(X[off], 0.0)) / nb
@@ -165,7 +210,7 @@ def _shor_admm(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int, tol: float,
                 mu *= 2.0
             elif dinf > 3 * pinf:
                 mu *= 0.5
-    return -y[1 : n + 1] * scale, Z[1:, 1:] * scale
+    return -y[1 : n + 1] * scale, Z[1:, 1:] * scale, its
 
 
 def convexify(Q: np.ndarray, c: np.ndarray, M: int, method: str = "qcr", *, iters: int = 300) -> tuple[np.ndarray, float]:
@@ -190,7 +235,7 @@ def convexify(Q: np.ndarray, c: np.ndarray, M: int, method: str = "qcr", *, iter
         >>> bool(lam > 0)
         True
     """
-    u, _, lam = _convexify(Q, c, M, method, iters, nonneg=False)
+    u, _, lam, _ = _convexify(Q, c, M, method, iters, nonneg=False)
     return u, lam
 
 
@@ -213,16 +258,22 @@ def convexify_nonneg(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int = 300) 
         >>> bool(lam > 0 and N.min() >= 0)
         True
     """
-    return _convexify(Q, c, M, "dnn", iters, nonneg=True)
+    return _convexify(Q, c, M, "dnn", iters, nonneg=True)[:3]
 
 
-def _convexify(Q: np.ndarray, c: np.ndarray, M: int, method: str, iters: int,
-               nonneg: bool) -> tuple[np.ndarray, np.ndarray, float]:
+def _convexify(Q: np.ndarray, c: np.ndarray, M: int, method: str, iters: int, nonneg: bool,
+               deadline: float | None = None) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """``(u, N, min_eigenvalue_after_repair, admm_iterations)``.
+
+    The ADMM stops at ``deadline``; whatever it reached, the exact eigenvalue shift below makes
+    ``Q - N + diag(u)`` convex on ``sum(w) = 0``, so the bounds stay valid (only less tight).
+    """
     n = Q.shape[0]
     B = _complement_basis(n)
     N = np.zeros((n, n))
+    its = 0
     if method in ("qcr", "dnn") and 0 < M < n and n > 2:
-        u, N = _shor_admm(Q, c, M, iters=iters, tol=1e-4, nonneg=method == "dnn")
+        u, N, its = _shor_admm(Q, c, M, iters=iters, tol=1e-4, nonneg=method == "dnn", deadline=deadline)
         if not (np.all(np.isfinite(u)) and np.all(np.isfinite(N))):
             u, N = np.zeros(n), np.zeros((n, n))
         # exact validity of N: symmetric, zero diagonal, non-negative (rounding must not break it)
@@ -241,7 +292,7 @@ def _convexify(Q: np.ndarray, c: np.ndarray, M: int, method: str, iters: int,
     if lam < margin:
         u = u + (margin - lam)
         lam = _min_eig_on_complement(Qc + np.diag(u), B)
-    return u, N, lam
+    return u, N, lam, its
 
 
 def _project(Z: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -252,20 +303,17 @@ def _project(Z: np.ndarray, r: np.ndarray) -> np.ndarray:
     """
     B, m = Z.shape
     bp = np.concatenate([Z, Z - 1.0], axis=1)
-    typ = np.concatenate([np.ones((B, m)), -np.ones((B, m))], axis=1)
-    order = np.argsort(-bp, axis=1, kind="stable")
+    order = np.argsort(-bp, axis=1)
     bp = np.take_along_axis(bp, order, axis=1)
-    typ = np.take_along_axis(typ, order, axis=1)
-    slope = np.cumsum(typ, axis=1)  # slope of h(tau) in -tau just below each breakpoint
-    step = np.diff(bp, axis=1) * -1.0  # >= 0
-    h = np.concatenate([np.zeros((B, 1)), np.cumsum(slope[:, :-1] * step, axis=1)], axis=1)
-    rr = r.astype(np.float64)[:, None]
-    j = np.argmax(h >= rr - 1e-12, axis=1)  # first breakpoint where h reaches r (j >= 1 when r > 0)
-    j = np.maximum(j, 1)
+    # slope of h(tau) in -tau just below each breakpoint: +1 at a z_i, -1 at a z_i - 1
+    slope = np.cumsum(np.where(order < m, 1.0, -1.0), axis=1)
+    h = np.zeros_like(bp)  # h at each breakpoint, walking tau down from +inf
+    np.cumsum(slope[:, :-1] * (bp[:, :-1] - bp[:, 1:]), axis=1, out=h[:, 1:])
+    j = np.argmax(h >= r[:, None] - 1e-12, axis=1)  # first breakpoint where h reaches r (j >= 1 when r > 0)
+    j = np.maximum(j, 1) - 1
     rows = np.arange(B)
-    h0 = h[rows, j - 1]
-    s = slope[rows, j - 1]
-    tau = bp[rows, j - 1] - np.where(s > 0, (r - h0) / np.where(s > 0, s, 1.0), 0.0)
+    s = slope[rows, j]
+    tau = bp[rows, j] - np.where(s > 0, (r - h[rows, j]) / np.where(s > 0, s, 1.0), 0.0)
     return np.clip(Z - tau[:, None], 0.0, 1.0)
 
 
@@ -356,54 +404,47 @@ def _root_order(Q: np.ndarray, c: np.ndarray, u: np.ndarray, M: int, how: str) -
 
 
 def _initial_threshold(Q: np.ndarray, c: np.ndarray, M: int, k: int, seed: int, starts: int,
-                       rounds: int = 6) -> tuple[float, int, np.ndarray, np.ndarray]:
+                       rounds: int = 6, deadline: float | None = None) -> tuple[float, int, np.ndarray, np.ndarray]:
     """The k-th lowest distinct energy among greedy + swap-descent states and their swap neighbours.
+
+    The low excited states lie a few swaps from the ground state: the k best are grown by their swap
+    neighbourhoods until that set stops changing (a tight incumbent prunes from the first node on).
+    Past ``deadline`` the descent and the growth stop early (one round of growth always runs).
 
     Returns:
         ``(kth_energy, states_seen, best_states, their_energies)`` (inf if fewer than k were seen).
     """
-    from qblock.backends.local_search import greedy_state, swap_descent, swap_neighbours
+    from qblock.backends.local_search import closure, greedy_state, swap_descent
 
     n = Q.shape[0]
     rng = np.random.default_rng(seed)
     X0 = np.zeros((starts, n))
     for i in range(starts):
         X0[i, rng.choice(n, M, replace=False)] = 1.0
-    X0 = np.concatenate([X0, greedy_state(Q, c, M)[None, :].astype(np.float64)])
-    X, _ = swap_descent(Q, c, X0)
-    X = np.unique(X, axis=0)
-    E = np.einsum("ij,ij->i", X @ Q, X) + X @ c
-    # the low excited states lie a few swaps from the ground state: grow the k best by their swap
-    # neighbourhoods until that set stops changing (a tight incumbent prunes from the first node on)
-    seen = X.astype(np.int8)
-    Es = E
+    X0 = np.concatenate([greedy_state(Q, c, M)[None, :].astype(np.float64), X0])
+    X, _ = swap_descent(Q, c, X0, deadline=deadline)
+    best, E, seen = closure(Q, c, X, k, max_rounds=rounds, deadline=deadline)
+    thr = float(E[-1]) if E.size >= k else math.inf
+    return thr, int(seen), best, E
 
-    def keys(Z: np.ndarray) -> np.ndarray:  # one comparable scalar per state (packed bits)
-        packed = np.ascontiguousarray(np.packbits(Z.astype(bool), axis=1))
-        return packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
 
-    expanded: set[bytes] = set()
-    for _ in range(rounds):
-        best_idx = np.argsort(Es, kind="stable")[:k]
-        fresh = [i for i in best_idx if seen[i].tobytes() not in expanded]
-        if not fresh:
-            break
-        nbs, ens = [], []
-        for i in fresh:
-            x = seen[i]
-            expanded.add(x.tobytes())
-            ones, zeros = np.flatnonzero(x == 1), np.flatnonzero(x == 0)
-            g = c + 2.0 * (Q[ones].sum(axis=0) if ones.size else 0.0)  # cost of adding each block
-            # swap j (out) for i (in), rows = ones, columns = zeros, as in swap_neighbours
-            ens.append((Es[i] + g[zeros][None, :] - g[ones][:, None] - 2.0 * Q[np.ix_(ones, zeros)]).ravel())
-            nbs.append(swap_neighbours(x))
-        allX = np.concatenate([seen] + nbs)
-        allE = np.concatenate([Es] + ens)
-        _, idx = np.unique(keys(allX), return_index=True)
-        seen, Es = allX[idx], allE[idx]
-    order = np.argsort(Es, kind="stable")[:k]
-    thr = float(Es[order[-1]]) if Es.size >= k else math.inf
-    return thr, int(seen.shape[0]), seen[order], Es[order]
+def _simple_bound(Q: np.ndarray, c: np.ndarray, M: int) -> float:
+    """A lower bound of ``x^T Q x + c^T x`` over ``sum(x) = M`` in ``O(N^2)``, with no relaxation solved.
+
+    ``E(x) = sum_{i in S} (c_i + sum_{j in S, j != i} Q_ij)``; the inner sum is at least the sum of
+    the ``M - 1`` smallest off-diagonal entries of row ``i``, and the outer one at least the sum of
+    the ``M`` smallest such row totals. It bounds the open nodes when the time runs out before the
+    root relaxation was solved, so an uncertified result still has a finite gap.
+    """
+    n = Q.shape[0]
+    if M == 0:
+        return 0.0
+    row = np.zeros(n)
+    if M > 1:
+        R = Q + np.diag(np.full(n, np.inf))  # the diagonal is not a coupling
+        row = np.partition(R, M - 2, axis=1)[:, : M - 1].sum(axis=1)
+    t = c + row
+    return float(np.partition(t, M - 1)[:M].sum())
 
 
 def topk(
@@ -433,9 +474,13 @@ def topk(
         linear: length-``N`` linear term or ``None``.
         num_remove: M.
         k: number of states (``min(k, C(N, M))`` are returned).
-        time_limit: seconds; when reached the search stops, ``stats["certified"]`` is False and the
-            best states known (from the search and the local search) are returned, with
-            ``stats["gap"]`` = their k-th energy minus the lowest bound of the open nodes.
+        time_limit: seconds for the whole call, checked from the start: the convexification (its
+            ADMM stops early and the exact eigenvalue repair keeps the bounds valid), the local
+            search that seeds the incumbent and the tree. When reached, ``stats["certified"]`` is
+            False, ``stats["time_limit_reached"]`` True, and the best states known (from the search
+            and the local search) are returned, with ``stats["gap"]`` = their k-th energy minus a
+            valid lower bound of every state not yet ruled out (finite; the root bound if the tree
+            never started). The last step may overrun the limit by one batch of work.
         bound: ``"dnn"`` (default: diagonal and non-negative couplings ``N`` from the doubly
             non-negative SDP, see :func:`convexify_nonneg`), ``"qcr"`` (diagonal from the Shor SDP) or
             ``"eig"`` (uniform eigenvalue shift).
@@ -456,7 +501,8 @@ def topk(
     Returns:
         ``(X, energies, stats)``: ``X`` int8 ``(k', N)``, energies ascending (``x^T H x + h^T x``,
         ties by lexicographic state), ``stats`` with ``certified``, ``nodes``, ``leaves``, ``bound``,
-        ``root_bound``, ``gap``, ``time``, ``qp_iterations``, ``bound_detail``, ``initial_threshold``.
+        ``root_bound``, ``gap``, ``time``, ``qp_iterations``, ``bound_detail``, ``initial_threshold``,
+        ``admm_iterations``, ``time_limit_reached``.
 
     Example:
         >>> import numpy as np
@@ -467,6 +513,7 @@ def topk(
         ((3, 12), True, True)
     """
     t0 = time.perf_counter()
+    deadline = None if time_limit is None else t0 + float(time_limit)
     H = np.asarray(H, dtype=np.float64)
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be square, got shape {H.shape}")
@@ -494,7 +541,7 @@ def topk(
                             "dnn": "and dropping x^T N x >= 0 (u, N >= 0: duals of the doubly non-negative SDP)"
                             }.get(bound, bound)
                          + ", convex on sum(w)=0 by an exact eigenvalue check; valid for any H and linear term"),
-        "nodes": 0, "leaves": 0, "qp_iterations": 0, "num_feasible_states": total,
+        "nodes": 0, "leaves": 0, "qp_iterations": 0, "num_feasible_states": total, "time_limit_reached": False,
     }
 
     with single_blas_thread():
@@ -505,11 +552,14 @@ def topk(
             return x, np.array([e]), stats
 
         scale = max(float(np.abs(Q).max(initial=0.0)), float(np.abs(c).max(initial=0.0)), 1e-300)
-        u, Nn, lam = _convexify(Q, c, M, bound, qcr_iters, nonneg=bound == "dnn")
+        # valid for every state: the bound of the open nodes until the root relaxation is solved
+        simple_bound = _simple_bound(Q, c, M)
+        u, Nn, lam, stats["admm_iterations"] = _convexify(Q, c, M, bound, qcr_iters, nonneg=bound == "dnn",
+                                                          deadline=deadline)
         Qc = Q - Nn  # the matrix the relaxations use (Q itself unless bound="dnn")
         stats["min_eig_on_complement"] = lam
         t1 = time.perf_counter()
-        thr0, n_init, X_heur, E_heur = _initial_threshold(Q, c, M, k, seed, starts)
+        thr0, n_init, X_heur, E_heur = _initial_threshold(Q, c, M, k, seed, starts, deadline=deadline)
         stats["initial_threshold"] = thr0
         t2 = time.perf_counter()
         stats["time_convexify"], stats["time_heuristic"] = t1 - t0, t2 - t1
@@ -520,6 +570,7 @@ def topk(
         tol = 1e-9 * scale * (1.0 + M) ** 2
         margin = 1e-9 * max(float(np.abs(Q).max(initial=0.0)), 1e-300)
 
+        # per-depth matrices, cached up to LEVEL_CACHE_BYTES (all depths together are ~8 N^3 / 3 bytes)
         levels: dict[int, _Level] = {}
 
         # depth -> (diagonal, non-negative part N) of the suffix from that depth
@@ -532,7 +583,8 @@ def topk(
                 if refresh and d % refresh == 0 and d > 0 and 0 < int(np.median(r)) < m_d and m_d > 8:
                     # re-optimise the diagonal for this subtree (its own linear term and picks left)
                     c_avg = cp[d:] + 2.0 * G[:, d:].mean(axis=0)
-                    ub, Nb, _ = _convexify(Qd, c_avg, int(np.median(r)), bound, qcr_iters, nonneg=bound == "dnn")
+                    ub, Nb, _, _ = _convexify(Qd, c_avg, int(np.median(r)), bound, qcr_iters,
+                                              nonneg=bound == "dnn", deadline=deadline)
                     base[d] = (ub, Nb)
                 d0 = max(k for k in base if k <= d)
                 ud = np.array(base[d0][0][d - d0 :])
@@ -547,7 +599,10 @@ def topk(
                 Ld = 2.0 * max(float(np.linalg.eigvalsh(Ad)[-1]), 1e-300)
                 lv = _Level(Ad, Ld)
                 lv.u = ud
+                while levels and sum(v.A.nbytes for v in levels.values()) + Ad.nbytes > LEVEL_CACHE_BYTES:
+                    del levels[next(iter(levels))]  # the oldest: breadth-first search moves on from it
                 levels[d] = lv
+                return lv
             return levels[d]
 
         leaf_tables: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -577,7 +632,7 @@ def topk(
         # open nodes by depth; breadth-first (one batch per depth: few, large matrix products) while
         # the number of open nodes stays below max_open, deepest-first beyond (bounded memory)
         pools: dict[int, list] = {0: [(np.zeros((1, 0), dtype=np.int8), np.zeros((1, n)), np.zeros(1), np.array([M]),
-                                       np.full((1, n), M / n), np.full(1, -np.inf))]}
+                                       np.full((1, n), M / n), np.full(1, simple_bound))]}
         n_open = 1
         root_bound = None
         open_min = math.inf
@@ -591,7 +646,7 @@ def topk(
             except ImportError:
                 bar = None
         while pools:
-            if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            if deadline is not None and time.perf_counter() > deadline:
                 stopped = True
                 open_min = min(float(np.min(b[5])) for lst in pools.values() for b in lst)
                 break
@@ -674,10 +729,12 @@ def topk(
         # stopped early: the best states known, found by the search or by the local search (uncertified)
         Xs = [X_heur] + ([] if top.X is None else [top.X])
         Es = [E_heur] + ([] if top.X is None else [top.energy])
-        X_all, idx = np.unique(np.concatenate(Xs), axis=0, return_index=True)
-        e_all = np.concatenate(Es)[idx]
-        order = np.lexsort(tuple(X_all[:, ::-1].T) + (e_all,))[:k]
-        X, e = X_all[order].astype(np.int8), e_all[order]
+        X_all = np.unique(np.concatenate(Xs), axis=0).astype(np.int8)
+        Xf = X_all.astype(np.float64)
+        e_all = np.einsum("ij,ij->i", Xf @ Q, Xf) + Xf @ c  # exact energies (the local search's are incremental)
+        best = np.lexsort(tuple(X_all[:, ::-1].T) + (e_all,))[:k]
+        X, e = X_all[best], e_all[best]
+        stats["time_limit_reached"] = True
     elif top.X is None:  # pragma: no cover - a finished search always reaches the k best
         X, e = np.zeros((0, n), dtype=np.int8), np.zeros(0)
     else:

@@ -27,15 +27,36 @@ __all__ = ["ExactTopKSampler", "enumerate_topk", "bqm_to_matrices", "set_energie
 #: Above this many feasible states ``strategy="auto"`` switches from enumeration to branch-and-bound.
 ENUMERATION_LIMIT = 60_000_000
 
+#: The branch-and-bound refuses more blocks than this: its bound costs an ``(N+1) x (N+1)`` eigenvalue
+#: decomposition per ADMM step and per depth (N = 1000: ~0.3 s each, minutes in all, and it still
+#: cannot certify a top-k that large); real models have at most a few hundred blocks.
+BNB_MAX_BLOCKS = 1000
+
+
+def check_bnb_size(n: int) -> None:
+    """Refuse a branch-and-bound over more than :data:`BNB_MAX_BLOCKS` blocks, in one line with a hint."""
+    if n > BNB_MAX_BLOCKS:
+        raise ValueError(
+            f"exact: N = {n} blocks is above the limit of {BNB_MAX_BLOCKS} for a certified search "
+            f"(each bound step is an (N+1) x (N+1) eigenvalue problem); use a heuristic backend such as "
+            f"'swap' (qblock solve -b swap), or fewer blocks"
+        )
+
 
 def bqm_to_matrices(bqm: dimod.BinaryQuadraticModel) -> tuple[np.ndarray, np.ndarray, float, list]:
     """``(H, linear, offset, variables)`` with ``E(x) = x^T H x + linear^T x + offset`` for a BINARY BQM.
 
     ``H`` is symmetric with a zero diagonal (the BQM's linear biases already hold the diagonal).
+    ``variables`` are sorted when their labels can be (integers: block order), else in the BQM's
+    order, so that "lexicographic state" means the same for every BQM of one problem.
     """
     if bqm.vartype is dimod.SPIN:
         bqm = bqm.change_vartype(dimod.BINARY, inplace=False)
     variables = list(bqm.variables)
+    try:
+        variables = sorted(variables)
+    except TypeError:  # mixed label types: keep the BQM's order
+        pass
     n = len(variables)
     lin, (row, col, quad), offset = bqm.to_numpy_vectors(variable_order=variables)
     H = np.zeros((n, n))
@@ -112,6 +133,7 @@ def enumerate_topk(
     suffix_cap: int = 200_000,
     chunk_entries: int = 4_000_000,
     progress: bool = False,
+    deadline: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """The ``k`` lowest-energy states with exactly ``num_remove`` ones, by exhaustive enumeration.
 
@@ -123,6 +145,8 @@ def enumerate_topk(
         suffix_cap: the largest suffix table (rows) held at once.
         chunk_entries: the largest block of energies computed at once (bounds memory).
         progress: show a progress bar (tqdm, if installed).
+        deadline: a ``time.perf_counter()`` value; past it the enumeration stops after the current
+            block (then ``states_visited < C(N, M)`` and the states are the best of those visited).
 
     Returns:
         ``(X, energies, states_visited)`` with ``X`` of shape ``(k, N)``, sorted by energy (without the
@@ -176,6 +200,8 @@ def enumerate_topk(
             bar.update(visited)
     else:
         for t in range(p - 1, n - q):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
             u = n - 1 - t
             S = _combos(u, q, shift=t + 1)  # suffixes above t
             ES = set_energies(Hoff, d, S)
@@ -188,6 +214,8 @@ def enumerate_topk(
             CP = 2.0 * Hoff[P][:, :, t + 1 :].sum(axis=1)  # (num_prefixes, u)
             rows = max(1, chunk_entries // max(1, S.shape[0]))
             for lo in range(0, P.shape[0], rows):
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
                 hi = min(lo + rows, P.shape[0])
                 E = EP[lo:hi, None] + ES[None, :] + CP[lo:hi] @ IS.T
 
@@ -205,7 +233,9 @@ def enumerate_topk(
                     bar.update(E.size)
     if bar:
         bar.close()
-    assert visited == total, (visited, total)
+    assert visited == total or deadline is not None, (visited, total)
+    if top.X is None:  # stopped before the first block
+        return np.zeros((0, n), dtype=np.int8), np.zeros(0), visited
     return top.X, top.energy, visited
 
 
@@ -239,9 +269,27 @@ class ExactTopKSampler(dimod.Sampler):
         time_limit: float | None = None,
         **kwargs: Any,
     ) -> dimod.SampleSet:
+        """The ``num_solutions`` lowest-energy states with exactly ``num_remove`` ones.
+
+        Args:
+            bqm: the unpenalised objective (BINARY or SPIN).
+            num_remove: M.
+            num_solutions: k (fewer if there are fewer feasible states).
+            strategy: ``"auto"``, ``"enumerate"`` or ``"bnb"``.
+            progress: show a progress bar.
+            time_limit: seconds for the whole call, or ``None``. When it runs out, the best states
+                known are returned with ``info["certified_optimal"] = False``,
+                ``info["time_limit_reached"] = True`` and ``info["gap"]``, the k-th energy minus a
+                valid lower bound of every state not ruled out.
+
+        Raises:
+            ValueError: ``num_remove`` out of range, an unknown strategy, or a branch-and-bound over
+                more than :data:`BNB_MAX_BLOCKS` blocks.
+        """
         if kwargs:
             raise TypeError(f"unknown parameters for exact: {', '.join(kwargs)}")
         t0 = time.perf_counter()
+        deadline = None if time_limit is None else t0 + float(time_limit)
         H, lin, offset, variables = bqm_to_matrices(bqm)
         n = len(variables)
         if not 0 <= num_remove <= n:
@@ -249,24 +297,50 @@ class ExactTopKSampler(dimod.Sampler):
         total = math.comb(n, num_remove)
         if strategy == "auto":
             strategy = "enumerate" if total <= ENUMERATION_LIMIT else "bnb"
-        info: dict[str, Any] = {"strategy": strategy, "num_feasible_states": total}
+        info: dict[str, Any] = {"strategy": strategy, "num_feasible_states": total, "time_limit_reached": False}
         if strategy == "enumerate":
-            X, e, visited = enumerate_topk(H, lin, num_remove, num_solutions, progress=progress)
+            X, e, visited = enumerate_topk(H, lin, num_remove, num_solutions, progress=progress, deadline=deadline)
             info["states_visited"] = visited
+            info["certified"] = visited == total
+            if visited < total:
+                X, e, info["gap"] = _best_known(H, lin, num_remove, num_solutions, X, e)
+                info["time_limit_reached"] = True
+            else:
+                info["gap"] = 0.0
         elif strategy == "bnb":
-            try:
-                from qblock.backends.bnb import topk as bnb_topk
-            except ImportError:
-                raise ValueError(
-                    f"C({n},{num_remove}) = {total:,} feasible states is too many to enumerate "
-                    f"(limit {ENUMERATION_LIMIT:,}); use a heuristic backend such as 'swap' or 'tabu'"
-                ) from None
+            from qblock.backends.bnb import topk as bnb_topk
+
+            check_bnb_size(n)
             X, e, stats = bnb_topk(H, lin, num_remove, num_solutions, time_limit=time_limit)
             info.update(stats)
         else:
             raise ValueError(f"unknown strategy {strategy!r}; use 'auto', 'enumerate' or 'bnb'")
-        info["certified_optimal"] = bool(info.get("certified", True))
+        info["certified_optimal"] = bool(info["certified"])
         info["timing"] = time.perf_counter() - t0
         return dimod.SampleSet.from_samples(
             (X, variables), vartype=dimod.BINARY, energy=e + offset, info=info, sort_labels=False
         )
+
+
+def _best_known(H: np.ndarray, lin: np.ndarray, m: int, k: int, X: np.ndarray,
+                e: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """An enumeration stopped by its deadline: its states merged with a quick local search's.
+
+    Returns:
+        ``(states, energies, gap)``: the best ``k`` known, in (energy, state) order, and the gap of
+        their k-th energy above a valid lower bound of every feasible state (``inf`` if fewer than
+        ``k`` states are known).
+    """
+    from qblock.backends.bnb import _initial_threshold, _simple_bound
+
+    Q = H - np.diag(np.diag(H))
+    c = lin + np.diag(H)
+    # the deadline has passed: one descent pass and one round of swap neighbours, no more
+    _, _, Xh, _ = _initial_threshold(Q, c, m, k, seed=0, starts=8, deadline=0.0)
+    X_all = np.unique(np.concatenate([X.astype(np.int8), Xh.astype(np.int8)]), axis=0)
+    Xf = X_all.astype(np.float64)
+    e_all = np.einsum("ij,ij->i", Xf @ Q, Xf) + Xf @ c
+    best = np.lexsort(tuple(X_all[:, ::-1].T) + (e_all,))[:k]
+    X, e = X_all[best], e_all[best]
+    gap = max(0.0, float(e[-1]) - _simple_bound(Q, c, m)) if X.shape[0] >= k else math.inf
+    return X, e, gap

@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = [
     "greedy_state", "repair", "swap_descent", "swap_neighbours", "add_deltas", "drop_deltas",
-    "neighbour_energies", "topk_closure",
+    "neighbour_energies", "topk_closure", "closure", "DESCENT_CHUNK_ENTRIES",
 ]
 
 
@@ -65,42 +65,70 @@ def repair(H: np.ndarray, linear: np.ndarray, X: np.ndarray, num_remove: int) ->
             X[rows[under], i[under]] = 1.0
 
 
+#: the largest (rows x N x N) block of swap energy changes held at once by :func:`swap_descent` (floats)
+DESCENT_CHUNK_ENTRIES = 4_000_000
+
+
 def swap_descent(
-    H: np.ndarray, linear: np.ndarray, X: np.ndarray, max_iter: int = 10_000, tol: float = 1e-12
+    H: np.ndarray, linear: np.ndarray, X: np.ndarray, max_iter: int = 10_000, tol: float = 1e-12,
+    *, deadline: float | None = None,
 ) -> tuple[np.ndarray, int]:
     """Steepest 1-in/1-out descent to a swap-local minimum, for every row at once.
+
+    Rows are processed in chunks of at most :data:`DESCENT_CHUNK_ENTRIES` swap deltas (a full
+    ``rows x N x N`` block at N = 1000 and 64 rows took 2 GB).
+
+    Args:
+        H, linear: the energy ``x^T H x + linear^T x``.
+        X: starting states (rows).
+        max_iter: at most this many moves per row.
+        tol: relative size of an improvement that counts.
+        deadline: a ``time.perf_counter()`` value; past it the descent stops after the current
+            iteration (the states stay valid, they may just not be local minima yet).
 
     Returns:
         ``(states, number_of_improving_moves)``.
     """
+    import time
+
     X = np.asarray(X, dtype=np.float64).copy()
     r, n = X.shape
     if r == 0:
         return X.astype(np.int8), 0
     scale = tol * max(1.0, float(np.abs(H).max()))
+    rows_per_chunk = max(1, DESCENT_CHUNK_ENTRIES // max(1, n * n))
     moves = 0
     active = np.arange(r)
     for _ in range(max_iter):
-        Xa = X[active]
-        G = Xa @ H
-        din = add_deltas(H, linear, Xa, G)
-        dout = drop_deltas(H, linear, Xa, G)
-        din[Xa == 1] = np.inf
-        dout[Xa == 0] = np.inf
-        D = din[:, :, None] + dout[:, None, :] - 2.0 * H[None, :, :]
-        flat = D.reshape(len(active), -1)
-        k = np.argmin(flat, axis=1)
-        best = flat[np.arange(len(active)), k]
-        improve = best < -scale
-        if not improve.any():
+        improved = []
+        for lo in range(0, active.size, rows_per_chunk):
+            rows = active[lo : lo + rows_per_chunk]
+            i, j, ok = _best_swaps(H, linear, X[rows], scale)
+            rows = rows[ok]
+            X[rows, i[ok]] = 1.0
+            X[rows, j[ok]] = 0.0
+            improved.append(rows)
+        active = np.concatenate(improved)
+        moves += int(active.size)
+        if not active.size or (deadline is not None and time.perf_counter() > deadline):
             break
-        rows = active[improve]
-        i, j = np.divmod(k[improve], n)
-        X[rows, i] = 1.0
-        X[rows, j] = 0.0
-        moves += int(improve.sum())
-        active = rows
     return X.astype(np.int8), moves
+
+
+def _best_swaps(H: np.ndarray, linear: np.ndarray, Xa: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each row: the best swap (add ``i``, drop ``j``) and whether it lowers the energy."""
+    n = H.shape[0]
+    G = Xa @ H
+    din = add_deltas(H, linear, Xa, G)
+    dout = drop_deltas(H, linear, Xa, G)
+    din[Xa == 1] = np.inf
+    dout[Xa == 0] = np.inf
+    D = din[:, :, None] + dout[:, None, :] - 2.0 * H[None, :, :]
+    flat = D.reshape(Xa.shape[0], -1)
+    k = np.argmin(flat, axis=1)
+    best = flat[np.arange(Xa.shape[0]), k]
+    i, j = np.divmod(k, n)
+    return i, j, best < -scale
 
 
 def swap_neighbours(x: np.ndarray) -> np.ndarray:
@@ -129,7 +157,8 @@ def neighbour_energies(H: np.ndarray, linear: np.ndarray, x: np.ndarray, energy:
     return e.ravel(), np.stack([ii.ravel(), jj.ravel()], axis=1)
 
 
-def topk_closure(H: np.ndarray, linear: np.ndarray, X: np.ndarray, k: int, max_rounds: int = 50) -> np.ndarray:
+def topk_closure(H: np.ndarray, linear: np.ndarray, X: np.ndarray, k: int, max_rounds: int = 50,
+                 *, deadline: float | None = None) -> np.ndarray:
     """Grow a pool of states until its ``k`` best are closed under 1-swap moves.
 
     Starting from the states ``X`` (e.g. annealer reads), repeatedly expands every state among the
@@ -138,32 +167,71 @@ def topk_closure(H: np.ndarray, linear: np.ndarray, X: np.ndarray, k: int, max_r
     if it is lower than the k-th energy. This recovers low excited states that a sampler visits only
     rarely (the true top-k is typically connected by swaps). Energies use incremental deltas.
 
+    Args:
+        H, linear: the energy ``x^T H x + linear^T x``.
+        X: starting states.
+        k: size of the top-k.
+        max_rounds: at most this many rounds of expansion.
+        deadline: a ``time.perf_counter()`` value; past it no further round starts (the first round
+            always runs, so a top-k exists whenever the neighbourhoods are large enough).
+
     Returns:
-        The pool's best ``k`` distinct states (sorted by energy).
+        The pool's best ``k`` distinct states (sorted by energy, ties by lexicographic state).
     """
+    return closure(H, linear, X, k, max_rounds, deadline=deadline)[0]
+
+
+def _order(X: np.ndarray, E: np.ndarray) -> np.ndarray:
+    """Indices sorting the rows by energy, ties by lexicographic state."""
+    return np.lexsort(tuple(X[:, ::-1].T) + (E,))
+
+
+def closure(H: np.ndarray, linear: np.ndarray, X: np.ndarray, k: int, max_rounds: int = 50,
+            *, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`topk_closure` with the energies and the number of distinct states looked at.
+
+    The pool never holds more than ``k`` states plus ``k`` new ones per expanded state: a state
+    that falls below the k-th place can never come back (the k-th energy only decreases), and of
+    one state's ``M (N - M)`` neighbours at most ``k`` can enter, so only those are built.
+
+    Returns:
+        ``(states, energies, states_seen)``: at most ``k`` states in (energy, state) order, and how
+        many states' energies were looked at (the starting ones and every neighbour evaluated).
+    """
+    import time
+
     X = np.unique(np.asarray(X, dtype=np.int8), axis=0)
     if X.shape[0] == 0:
-        return X
+        return X, np.zeros(0), 0
     Xf = X.astype(np.float64)
-    e = np.einsum("ri,ij,rj->r", Xf, H, Xf) + Xf @ linear
-    pool = {row.tobytes(): (float(en), row) for row, en in zip(X, e)}
+    E = np.einsum("ri,ij,rj->r", Xf, H, Xf) + Xf @ linear
+    order = _order(X, E)[:k]
+    X, E = X[order], E[order]
+    seen = X.shape[0]
     expanded: set[bytes] = set()
-    for _ in range(max_rounds):
-        best = sorted(pool.items(), key=lambda kv: (kv[1][0], kv[0]))[:k]
-        todo = [(key, val) for key, val in best if key not in expanded]
+    for rnd in range(max_rounds):
+        if rnd and deadline is not None and time.perf_counter() > deadline:
+            break
+        todo = [i for i in range(X.shape[0]) if X[i].tobytes() not in expanded]
         if not todo:
             break
-        threshold = best[-1][1][0] if len(best) >= k else np.inf
-        for key, (en, row) in todo:
-            expanded.add(key)
-            ne, pairs = neighbour_energies(H, linear, row, en)
-            keep = np.flatnonzero(ne < threshold) if np.isfinite(threshold) else np.argsort(ne)[:k]
-            for idx in keep:
-                y = row.copy()
-                y[pairs[idx, 0]] = 1
-                y[pairs[idx, 1]] = 0
-                kb = y.tobytes()
-                if kb not in pool:
-                    pool[kb] = (float(ne[idx]), y)
-    best = sorted(pool.items(), key=lambda kv: (kv[1][0], kv[0]))[:k]
-    return np.array([val[1] for _, val in best], dtype=np.int8)
+        threshold = E[-1] if X.shape[0] >= k else np.inf
+        new_X, new_E = [X], [E]
+        for i in todo:
+            expanded.add(X[i].tobytes())
+            ne, pairs = neighbour_energies(H, linear, X[i], float(E[i]))
+            seen += ne.size
+            keep = np.flatnonzero(ne < threshold) if np.isfinite(threshold) else np.arange(ne.size)
+            if keep.size > k:
+                keep = keep[np.argpartition(ne[keep], k - 1)[:k]]
+            Y = np.repeat(X[i][None, :], keep.size, axis=0)
+            rows = np.arange(keep.size)
+            Y[rows, pairs[keep, 0]] = 1
+            Y[rows, pairs[keep, 1]] = 0
+            new_X.append(Y)
+            new_E.append(ne[keep])
+        X, idx = np.unique(np.concatenate(new_X), axis=0, return_index=True)
+        E = np.concatenate(new_E)[idx]
+        order = _order(X, E)[:k]
+        X, E = X[order], E[order]
+    return X, E, seen

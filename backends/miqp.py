@@ -130,6 +130,8 @@ def topk_gurobi(
         model.setObjective(x @ H @ x + lin @ x, gp.GRB.MINIMIZE)
         model.addConstr(x.sum() == M)
         model.optimize()
+        if model.Status == gp.GRB.INTERRUPTED:  # Gurobi catches Ctrl-C itself; pass it on
+            raise KeyboardInterrupt
         states = []
         for i in range(model.SolCount):
             model.Params.SolutionNumber = i
@@ -141,6 +143,9 @@ def topk_gurobi(
             "bound": "gurobi",
             "gap": float(model.MIPGap) if model.SolCount else math.inf,
             "status": int(model.Status),
+            "time_limit_reached": model.Status == gp.GRB.TIME_LIMIT,
+            # a bound of the optimum, so of every state (the convex form has the same feasible energies)
+            "lower_bound": float(model.ObjBound) if certified or model.Status == gp.GRB.TIME_LIMIT else -math.inf,
         }
     except gp.GurobiError as exc:
         raise RuntimeError(f"Gurobi failed: {exc} (the pip licence is size-limited)") from None
@@ -165,7 +170,10 @@ def topk_scip(
     """The k best states by k SCIP solves with no-good cuts (objective as an epigraph constraint).
 
     ``time_limit`` bounds the whole sequence; ``stats["certified"]`` is True when every solve was
-    proven optimal. ``stats["first_time"]`` is the time of the first (ground-state) solve.
+    proven optimal. ``stats["first_time"]`` is the time of the first (ground-state) solve. When the
+    time runs out, ``stats["time_limit_reached"]`` is True and ``stats["lower_bound"]`` bounds every
+    state not returned as certified (the last proven optimum, or SCIP's dual bound of the unfinished
+    solve); ``stats["gap"]`` is the k-th returned energy minus it (``inf`` with fewer than k states).
     """
     scip = require("pyscipopt", "miqp")
     H, lin, M, k = _prepare(H, linear, num_remove, k)
@@ -189,28 +197,38 @@ def topk_scip(
     model.setObjective(t, "minimize")
     states: list[np.ndarray] = []
     certified = True
+    out_of_time = False
+    lower = -math.inf  # every state not yet proven among the best is at least this
     nodes = 0
     first_time = None
     for _ in range(k):
         if time_limit is not None:
             left = time_limit - (time.perf_counter() - t0)
             if left <= 0:
-                certified = False
+                certified, out_of_time = False, True
                 break
             model.setParam("limits/time", left)
         model.optimize()
         nodes += int(model.getNNodes())
         status = model.getStatus()
+        if status == "userinterrupt":  # SCIP catches Ctrl-C itself; pass it on instead of a partial list
+            raise KeyboardInterrupt
+        if status != "optimal":
+            # the unfinished solve's dual bound holds for every state not cut off yet
+            lower = max(lower, float(model.getDualbound()))
         if model.getNSols() == 0:
             certified = certified and status == "infeasible"
+            out_of_time = status == "timelimit"
             break
         sol = model.getBestSol()
         s = np.array([round(model.getSolVal(sol, v)) for v in x], dtype=np.int8)
         if status != "optimal":
             certified = False
+            out_of_time = status == "timelimit"
             states.append(s)
             break
         states.append(s)
+        lower = max(lower, float(s @ H0 @ s + lin0 @ s))  # the optimum over the states not cut off
         if first_time is None:
             first_time = time.perf_counter() - t0
         model.freeTransform()
@@ -218,8 +236,31 @@ def topk_scip(
         model.addCons(scip.quicksum(x[i] for i in ones) <= M - 1)
     X, e = _sorted_result(H0, lin0, states)
     certified = certified and X.shape[0] >= k
-    return X[:k], e[:k], {"certified": bool(certified), "nodes": nodes, "bound": "scip", "gap": 0.0 if certified else math.inf,
-                          "time": time.perf_counter() - t0, "first_time": first_time}
+    gap = 0.0 if certified else (max(0.0, float(e[k - 1]) - lower) if X.shape[0] >= k else math.inf)
+    return X[:k], e[:k], {"certified": bool(certified), "nodes": nodes, "bound": "scip", "gap": gap,
+                          "time": time.perf_counter() - t0, "first_time": first_time,
+                          "time_limit_reached": bool(out_of_time), "lower_bound": lower}
+
+
+def _fill_uncertified(H: np.ndarray, lin: np.ndarray, M: int, k: int, X: np.ndarray, e: np.ndarray,
+                      lower: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """A solver that ran out of time with fewer than k states: add a quick local search's states.
+
+    The result stays labelled uncertified; the gap is the k-th energy above ``lower`` (a bound of
+    every state the solver did not prove), or above the simple row bound if that is tighter.
+
+    Returns:
+        ``(states, energies, gap)`` in (energy, state) order.
+    """
+    from qblock.backends.bnb import _initial_threshold, _simple_bound
+
+    Q = H - np.diag(np.diag(H))
+    c = lin + np.diag(H)
+    _, _, Xh, _ = _initial_threshold(Q, c, M, k, seed=0, starts=8, deadline=0.0)  # one quick pass
+    Xs, es = _sorted_result(H, lin, list(X) + list(Xh))
+    lower = max(lower, _simple_bound(Q, c, M))
+    gap = max(0.0, float(es[k - 1]) - lower) if Xs.shape[0] >= k else math.inf
+    return Xs[:k], es[:k], gap
 
 
 class _MIQPSampler(dimod.Sampler):
@@ -240,7 +281,14 @@ class _MIQPSampler(dimod.Sampler):
         t0 = time.perf_counter()
         H, lin, offset, variables = bqm_to_matrices(bqm)
         X, e, stats = type(self)._solver(H, lin, num_remove, num_solutions, time_limit, threads=threads, verbose=verbose)
+        k = min(int(num_solutions), math.comb(len(variables), int(num_remove)))
+        if not stats["certified"] and X.shape[0] < k:
+            # out of time before k states were found: never return an empty or short list silently
+            X, e, stats["gap"] = _fill_uncertified(H, lin, int(num_remove), k, X, e, stats.get("lower_bound", -math.inf))
+            stats["filled_by_local_search"] = True
         info = dict(stats)
+        if not math.isfinite(info.get("lower_bound", 0.0)):
+            info["lower_bound"] = None
         info["certified_optimal"] = bool(stats["certified"])
         info["timing"] = time.perf_counter() - t0
         return dimod.SampleSet.from_samples((X, variables), vartype=dimod.BINARY, energy=e + offset, info=info,

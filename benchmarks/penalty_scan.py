@@ -1,7 +1,7 @@
 """How the penalty strength decides whether single-flip samplers find the constrained optimum.
 
 For paper-structure instances (``H = A^T A / m``, m = 2048, M = N/4, with and without a linear term)
-this runs dwave-samplers' SA and tabu on the PyQUBO penalised QUBO at single strengths (fractions of
+this runs dwave-samplers' SA and tabu on the penalised QUBO at single strengths (fractions of
 the provably safe one) and with qblock's default scan, each with and without swap polishing, and
 records the gap to the best known energy (swap annealer and exact where it can run).
 

@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 #: "json" (a .json file)). Scripts not listed run with their defaults.
 KNOWN: dict[str, tuple[list[str], list[str], str]] = {
     "bnb_topk": ([], ["--quick"], "stem"),
+    "certified_n80": ([], ["--quick"], "stem"),
     "solvers_tts": ([], ["--sizes", "16", "32", "64", "--repeats", "3"], "stem"),
     "extract_speed": (["--random-weights", "--samples", "8", "--seq-len", "64", "--batch-size", "4"],
                       ["--random-weights", "--samples", "4", "--seq-len", "32", "--batch-size", "4"], "json"),

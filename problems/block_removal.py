@@ -1,9 +1,13 @@
 """The block-removal problem: minimise ``x^T H x + h^T x + c`` subject to ``sum(x) = M``.
 
-``x_i = 1`` means "remove block i". The model is written once in PyQUBO, with the cardinality
-constraint as a :class:`pyqubo.Constraint` scaled by a :class:`pyqubo.Placeholder` penalty strength,
-and compiled once; every conversion (BQM, Ising, CQM, qiskit ``QuadraticProgram``) is derived from
-that compiled model and can be read back with :meth:`BlockRemovalProblem.decode`.
+``x_i = 1`` means "remove block i". The penalised model is
+``x^T H x + h^T x + c + penalty * (sum(x) - M)^2``. The BQM conversions (BQM, Ising, CQM, qiskit
+``QuadraticProgram``) are built directly from ``H`` with numpy, over the variables ``0 .. N-1`` in block
+order, so they cost ``O(N^2)`` time and memory and never wait on a compiler (a PyQUBO compile of
+``N = 5000`` blocks took minutes and ~7 GB and ignored Ctrl-C). The same model written in PyQUBO, with the
+constraint as a :class:`pyqubo.Constraint` and the strength and ``M`` as :class:`pyqubo.Placeholder`\ s,
+is available as :attr:`BlockRemovalProblem.compiled` (built on first use only; the tests check both
+forms agree). Every conversion can be read back with :meth:`BlockRemovalProblem.decode`.
 """
 
 from __future__ import annotations
@@ -284,10 +288,12 @@ class BlockRemovalProblem:
     # ------------------------------------------------------------------ the PyQUBO model
     @property
     def compiled(self):
-        """The compiled PyQUBO model: objective + penalty * Constraint((sum x - M)^2).
+        """The same model in PyQUBO: objective + penalty * Constraint((sum x - M)^2), compiled on first use.
 
         Both the penalty strength and ``M`` are PyQUBO ``Placeholder``\\ s, so the model is built and
-        compiled once per ``H`` and reused for every ``M`` and every penalty strength.
+        compiled once per ``H`` and reused for every ``M`` and every penalty strength. The solvers do
+        not use it (:meth:`to_bqm` builds the same BQM with numpy); it is here for PyQUBO users and
+        costs ``O(N^2)`` Python objects, so avoid it for thousands of blocks.
         """
         if self._compiled is None:
             from pyqubo import Binary, Constraint, Placeholder
@@ -341,34 +347,49 @@ class BlockRemovalProblem:
 
     # ------------------------------------------------------------------ conversions
     def objective_bqm(self) -> dimod.BinaryQuadraticModel:
-        """The unpenalised objective as a BQM over the integer variables ``0 .. N-1``."""
+        """The unpenalised objective as a BQM over the integer variables ``0 .. N-1`` (block order)."""
         return self.to_bqm(penalty=0.0)
 
     def to_bqm(self, penalty: float | None = None) -> dimod.BinaryQuadraticModel:
         """Penalised QUBO as a :class:`dimod.BinaryQuadraticModel` over variables ``0 .. N-1``.
 
+        The BQM is ``x^T H x + h^T x + c + penalty * (sum(x) - M)^2`` expanded with ``x_i^2 = x_i``:
+        linear biases ``H_ii + h_i + penalty * (1 - 2M)``, couplings ``2 H_ij + 2 penalty`` (``i < j``) and
+        offset ``c + penalty * M^2``. It is built from ``H`` with numpy (``O(N^2)``, no compiler), and
+        its variables are in block order, so samplers that break ties by variable order break them
+        by block order.
+
         Args:
-            penalty: strength of the cardinality penalty; default :meth:`safe_penalty`.
+            penalty: strength of the cardinality penalty; default :meth:`safe_penalty`; ``0`` gives
+                the objective alone (``M`` need not be set then).
 
         Example:
             >>> import numpy as np
             >>> p = BlockRemovalProblem(np.eye(3), num_remove=1)
             >>> bqm = p.to_bqm()
-            >>> sorted(bqm.variables)
+            >>> list(bqm.variables)
             [0, 1, 2]
             >>> bool(abs(bqm.energy({0: 1, 1: 0, 2: 0}) - p.energy([1, 0, 0])) < 1e-9)
             True
         """
         if penalty is None:
             penalty = self.safe_penalty()
-        if not math.isfinite(float(penalty)) or float(penalty) < 0:
+        try:
+            lam = float(penalty)
+        except (TypeError, ValueError):
+            raise ValueError(f"penalty must be a finite non-negative number, got {penalty!r}") from None
+        if not math.isfinite(lam) or lam < 0:
             raise ValueError(f"penalty must be a finite non-negative number, got {penalty!r}")
-        bqm = self.compiled.to_bqm(index_label=False, feed_dict=self._feed(penalty))
-        # PyQUBO orders variables its own way; map its names to our indices explicitly.
-        mapping = {f"x[{i}]": i for i in range(self.num_blocks)}
-        bqm.relabel_variables(mapping, inplace=True)
-        bqm.add_linear_from({i: 0.0 for i in range(self.num_blocks) if i not in bqm.variables})
-        return bqm
+        n = self.num_blocks
+        linear = np.diag(self._H) + self._linear
+        couplings = np.triu(2.0 * self._H, 1)
+        offset = self._offset
+        if lam:
+            m = self._require_m()
+            linear = linear + lam * (1.0 - 2.0 * m)
+            couplings = couplings + np.triu(np.full((n, n), 2.0 * lam), 1)
+            offset += lam * m * m
+        return dimod.BinaryQuadraticModel(linear, couplings, offset, dimod.BINARY)
 
     def to_qubo(self, penalty: float | None = None) -> tuple[dict[tuple[int, int], float], float]:
         """``(Q, offset)`` dictionaries of the penalised QUBO."""
@@ -390,7 +411,7 @@ class BlockRemovalProblem:
 
     def to_quadratic_program(self, name: str = "block_removal"):
         """A qiskit-optimization ``QuadraticProgram``: binaries ``x0..x{N-1}``, the objective read
-        from the compiled model's unpenalised BQM, and the linear equality ``sum x == M``."""
+        from the unpenalised BQM (:meth:`objective_bqm`), and the linear equality ``sum x == M``."""
         from qblock._lazy import require
 
         qp_mod = require("qiskit_optimization", "qaoa")

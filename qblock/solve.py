@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import dimod
 import numpy as np
@@ -31,21 +34,32 @@ def solve(
 ) -> dimod.SampleSet:
     """Solve ``problem`` with a named backend and return its best distinct feasible states.
 
+    Everything is checked before any work starts: the parameters against the backend's declared
+    ones (:func:`qblock.backends.validate_params`: the same rule for every backend, one-line errors),
+    the seed, and the memory the solve would need (:mod:`qblock.backends._limits`).
+
     Args:
         problem: the block-removal problem (``num_remove`` must be set).
         backend: a name from :func:`qblock.backends.names` (``"swap"``, ``"exact"``, ``"sa"``, ...).
-        num_solutions: how many distinct feasible states to return at most (the top-k).
-        seed: random seed; the same seed gives the same result.
-        **params: passed to the backend's sampler (e.g. ``num_reads``, ``num_sweeps``); penalty backends
-            also take ``penalty`` (one strength) or ``penalty_scan`` (fractions of the safe strength),
-            ``repair`` and ``polish`` (both default True).
+        num_solutions: how many distinct feasible states to return at most (the top-k). Values above
+            the number of feasible states ``C(N, M)`` are capped to it (there are no more states);
+            a top-k whose states alone would not fit in memory is refused.
+        seed: random seed, a non-negative integer below ``2**32``; the same seed gives the same result.
+        **params: the backend's parameters (``qblock backends`` lists the backends; each one's
+            declared parameters are in ``qblock.backends.get_spec(name).params``), e.g. ``num_reads``,
+            ``num_sweeps``; penalty backends also take ``penalty`` (one strength) or ``penalty_scan``
+            (fractions of the safe strength), ``repair`` and ``polish`` (both default True); the
+            certified backends take ``time_limit`` (seconds for the whole solve; an out-of-time
+            result has ``info["certified_optimal"] = False``, ``info["time_limit_reached"] = True``
+            and ``info["gap"]``).
 
     Returns:
         A :class:`dimod.SampleSet` over variables ``0..N-1`` holding only feasible, distinct states,
         sorted by the unpenalised energy, with ``info`` keys :data:`INFO_KEYS` (plus backend extras).
 
     Raises:
-        ValueError: unknown backend, bad parameters, or ``num_remove`` not set.
+        ValueError: unknown backend, unknown or invalid parameter, invalid seed, ``num_remove`` not
+            set, or a problem too large for the memory limit (one line each).
         qblock._lazy.MissingDependencyError: the backend's optional dependency is not installed.
 
     Example:
@@ -57,15 +71,17 @@ def solve(
         True
     """
     from qblock import backends
+    from qblock.backends import _limits
 
     if not isinstance(problem, BlockRemovalProblem):
         raise TypeError(f"problem must be a BlockRemovalProblem, got {type(problem).__name__}")
     m = problem._require_m()
-    if int(num_solutions) < 1:
-        raise ValueError("num_solutions must be at least 1")
-    num_solutions = int(num_solutions)
     spec = backends.get_spec(backend)
-    params = {**spec.defaults, **params}
+    params = backends.validate_params(backend, params)
+    seed = _check_seed(seed)
+    requested = _check_num_solutions(num_solutions)
+    num_solutions = min(requested, problem.num_states)  # there are no more distinct feasible states
+    _limits.check(backend, problem.num_blocks, m, num_solutions, params, spec.kind, requested=requested)
     if seed is None and spec.stochastic:
         seed = int(np.random.SeedSequence().entropy % (2**31))
     t0 = time.perf_counter()
@@ -78,6 +94,21 @@ def solve(
     for key in INFO_KEYS:
         result.info.setdefault(key, None)
     return result
+
+
+def _check_num_solutions(num_solutions: Any) -> int:
+    if isinstance(num_solutions, bool) or not isinstance(num_solutions, (int, np.integer)) or num_solutions < 1:
+        raise ValueError(f"num_solutions must be an integer >= 1, got {num_solutions!r}")
+    return int(num_solutions)
+
+
+def _check_seed(seed: Any) -> int | None:
+    """``None`` or an integer in ``[0, 2**32)`` (what numpy and the dwave samplers accept)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer from 0 to {2**32 - 1}, got {seed!r}")
+    return int(seed)
 
 
 def _dispatch(problem: BlockRemovalProblem, backend: str, spec: Any, m: int, num_solutions: int,
@@ -153,7 +184,10 @@ def penalty_pipeline(
     if penalty is not None:
         strengths = [float(penalty)]
     else:
-        strengths = [f * safe for f in (penalty_scan or DEFAULT_PENALTY_SCAN)]
+        fractions = DEFAULT_PENALTY_SCAN if penalty_scan is None else tuple(penalty_scan)
+        if not fractions:  # an empty scan would run nothing; never fall back silently
+            raise ValueError("penalty_scan must hold at least one fraction of the safe penalty strength")
+        strengths = [f * safe for f in fractions]
     accepts_seed = "seed" in getattr(sampler, "parameters", {})
     rng = np.random.default_rng(seed)
     all_X, per_strength = [], []
@@ -165,7 +199,12 @@ def penalty_pipeline(
             kwargs["seed"] = int(rng.integers(2**31))
         if "initial_states" not in kwargs and "num_reads" in getattr(sampler, "parameters", {}):
             kwargs.setdefault("num_reads", 32)
-        raw = sampler.sample(problem.to_bqm(penalty=lam), **kwargs)
+        bqm = problem.to_bqm(penalty=lam)
+        if "interrupt_function" in getattr(sampler, "parameters", {}) and "interrupt_function" not in kwargs:
+            with _ctrl_c_between_reads() as interrupted:
+                raw = sampler.sample(bqm, interrupt_function=interrupted, **kwargs)
+        else:
+            raw = sampler.sample(bqm, **kwargs)
         X = problem.states_from_sampleset(raw)
         X = np.repeat(X, np.asarray(raw.record.num_occurrences), axis=0)
         feasible = X.sum(axis=1) == m
@@ -196,6 +235,29 @@ def penalty_pipeline(
     }
     return finish(problem, X, info, num_solutions, num_reads=num_reads, num_infeasible=num_infeasible,
                   penalty=best_strength)
+
+
+@contextmanager
+def _ctrl_c_between_reads() -> Iterator[Callable[[], bool]]:
+    """A poll function for samplers that call one between reads (dwave's ``interrupt_function``).
+
+    Their C++ loop holds the interpreter for the whole call (N = 2000: 60 s until Ctrl-C took
+    effect), and a KeyboardInterrupt raised inside the poll is swallowed; so Ctrl-C only sets a flag
+    here, the poll stops the sampler after the current read, and KeyboardInterrupt is raised once
+    the sampler has returned. Outside the main thread (no signal handlers there) the poll is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+    hit = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit:
+        raise KeyboardInterrupt
 
 
 def enrich_with_neighbours(problem: BlockRemovalProblem, X: np.ndarray, num_solutions: int) -> np.ndarray:

@@ -270,3 +270,143 @@ def test_convex_form_keeps_every_feasible_energy():
     Xr, er = _brute_lex(H, lin, 3, math.comb(9, 3))
     Xf = Xr.astype(float)
     np.testing.assert_allclose(np.einsum("ij,ij->i", Xf @ Hc, Xf) + Xf @ lc, er, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------- time limit of the whole solve
+def _check_valid_states(X, e, H, lin, M, k):
+    """k distinct feasible states, sorted, whose energies are the returned ones."""
+    assert X.shape[0] == k and len({x.tobytes() for x in X}) == k and (X.sum(axis=1) == M).all()
+    assert (np.diff(e) >= 0).all()
+    Xf = X.astype(float)
+    np.testing.assert_allclose(np.einsum("ij,ij->i", Xf @ H, Xf) + Xf @ lin, e, atol=1e-9)
+
+
+@pytest.mark.parametrize("bound", ["dnn", "qcr", "eig"])
+def test_time_limit_includes_convexification_and_seeding(bound):
+    # a limit already reached at the start: the ADMM must not run (it used to run all its
+    # iterations, then the local search, before the limit was first looked at: 0.01 s took 11 s);
+    # the answer is still k valid states, labelled, with a finite and honest gap
+    rng = np.random.default_rng(11)
+    n, M, k = 40, 12, 20
+    H, lin = _instance(rng, n, "psd+linear")
+    X, e, st = bnb.topk(H, lin, M, k, time_limit=0.0, bound=bound)
+    assert st["certified"] is False and st["time_limit_reached"] is True
+    assert st["admm_iterations"] == 0 and st["nodes"] == 0
+    assert 0 < st["gap"] < math.inf
+    _check_valid_states(X, e, H, lin, M, k)
+    Xr, er, st_full = bnb.topk(H, lin, M, k)
+    assert st_full["certified"] and st_full["admm_iterations"] > 0
+    assert er[-1] >= e[-1] - st["gap"] - 1e-9  # the true k-th best is at most `gap` lower
+
+
+def test_admm_stops_at_its_deadline_and_the_repair_keeps_the_bound_valid():
+    import time
+
+    rng = np.random.default_rng(2)
+    H, lin = _instance(rng, 12, "indefinite")
+    Q, c = H - np.diag(np.diag(H)), lin + np.diag(H)
+    u, N, its = bnb._shor_admm(Q, c, 4, iters=300, tol=0.0, nonneg=True, deadline=time.perf_counter() - 1.0)
+    assert its == 0 and not u.any() and not N.any()
+    u, N, lam, its = bnb._convexify(Q, c, 4, "dnn", 300, nonneg=True, deadline=time.perf_counter() - 1.0)
+    assert its == 0 and lam > 0  # the exact eigenvalue shift made the relaxation convex anyway
+
+
+def test_gram_matrix_in_closed_form_matches_the_constraint_operators():
+    # the operators of _shor_admm, applied to every unit vector (how the Gram matrix used to be built)
+    n, M = 6, 2
+    n1, m, ii = n + 1, 2 * n + 2, np.arange(1, n + 1)
+
+    def A_op(Y):
+        return np.concatenate([[Y[0, 0]], Y[ii, ii] - Y[0, 1:], Y[1:, 1:].sum(axis=1) - M * Y[0, 1:], [Y[0, 1:].sum()]])
+
+    def At_op(z):
+        za, zg = z[1:n1], z[n1 : 2 * n + 1]
+        Y = np.empty((n1, n1))
+        Y[0, 0] = z[0]
+        Y[0, 1:] = Y[1:, 0] = -0.5 * za - 0.5 * M * zg + 0.5 * z[m - 1]
+        Y[1:, 1:] = 0.5 * (zg[:, None] + zg[None, :])
+        Y[ii, ii] += za
+        return Y
+
+    AA = np.stack([A_op(At_op(e)) for e in np.eye(m)], axis=1)
+    np.testing.assert_allclose(bnb._gram(n, M), AA, atol=1e-12)
+    np.testing.assert_allclose(bnb._pinv_psd(AA), np.linalg.pinv(AA), atol=1e-9)
+
+
+def test_simple_bound_is_below_every_feasible_energy():
+    rng = np.random.default_rng(4)
+    for kind in ("psd", "psd+linear", "indefinite"):
+        H, lin = _instance(rng, 9, kind)
+        lin = np.zeros(9) if lin is None else lin
+        Q, c = H - np.diag(np.diag(H)), lin + np.diag(H)
+        for M in (1, 3, 8):
+            _, er = _brute_lex(H, lin, M, 1)
+            assert bnb._simple_bound(Q, c, M) <= er[0] + 1e-12
+
+
+@pytest.mark.parametrize("strategy", ["enumerate", "bnb"])
+def test_solve_time_limit_labels_an_out_of_time_result(strategy):
+    # N=30, M=8 is enumerated (5.9 million states) by "auto": the limit used to be ignored there
+    p = qblock.random_problem(30, 8, seed=3)
+    ss = qblock.solve(p, "exact", num_solutions=10, strategy=strategy, time_limit=1e-9)
+    assert ss.info["certified_optimal"] is False and ss.info["time_limit_reached"] is True
+    assert 0 < ss.info["gap"] < math.inf
+    X = p.states_from_sampleset(ss)
+    _check_valid_states(X, ss.record.energy - p.offset, p.H, p.linear, 8, 10)
+    full = qblock.solve(p, "exact", num_solutions=10)
+    assert full.info["certified_optimal"] is True and full.info["time_limit_reached"] is False
+    assert full.record.energy[-1] >= ss.record.energy[-1] - ss.info["gap"] - 1e-9
+
+
+def test_cli_says_not_certified_plainly(tmp_path, capsys):
+    from qblock.cli import main
+
+    f = tmp_path / "p.npz"
+    qblock.random_problem(30, 8, seed=3).save(f)
+    assert main(["solve", str(f), "-b", "exact", "--top", "5", "--param", "time_limit=1e-9"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "(certified optimal)" not in out[0]
+    assert out[1].startswith("NOT CERTIFIED: time limit reached; gap ")
+    assert main(["solve", str(f), "-b", "exact", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "(certified optimal)" in out and "NOT CERTIFIED" not in out
+
+
+def test_scip_time_limit_zero_is_an_error_and_a_tiny_one_a_labelled_result(tmp_path, capsys):
+    # time_limit=0 used to return 0 solutions, exit 0, no message
+    pytest.importorskip("pyscipopt")
+    from qblock.cli import main
+
+    p = qblock.random_problem(30, 8, seed=0)
+    with pytest.raises(ValueError, match="backend 'scip': parameter 'time_limit' must be a finite number > 0"):
+        qblock.solve(p, "scip", num_solutions=5, time_limit=0)
+    ss = qblock.solve(p, "scip", num_solutions=5, time_limit=1e-9)
+    assert len(ss) == 5 and ss.info["certified_optimal"] is False and ss.info["time_limit_reached"] is True
+    assert 0 < ss.info["gap"] < math.inf
+    _check_valid_states(p.states_from_sampleset(ss), ss.record.energy - p.offset, p.H, p.linear, 8, 5)
+    f = tmp_path / "p.npz"
+    p.save(f)
+    assert main(["solve", str(f), "-b", "scip", "--top", "5", "--param", "time_limit=0"]) == 2
+    assert "parameter 'time_limit'" in capsys.readouterr().err
+    assert main(["solve", str(f), "-b", "scip", "--top", "5", "--param", "time_limit=1e-9"]) == 0
+    assert "NOT CERTIFIED: time limit reached" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_scip_interrupts_instead_of_returning_a_partial_list(tmp_path):
+    # SCIP catches SIGINT itself and used to hand back a partial, unlabelled top-k with exit 0
+    pytest.importorskip("pyscipopt")
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    f = tmp_path / "p.npz"
+    qblock.random_problem(80, 24, seed=1).save(f)  # a certified top-20 takes SCIP minutes
+    proc = subprocess.Popen([sys.executable, "-m", "qblock", "solve", str(f), "-b", "scip", "--top", "20",
+                             "--param", "time_limit=600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4.0)  # imports, model building, then SCIP is solving
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (out, err)
+    assert err.strip().splitlines()[-1] == "qblock: interrupted"
+    assert "rank" not in out  # no partial table

@@ -48,7 +48,7 @@ def test_solve_remove_overrides_and_params(tmp_path, capsys):
         (["solve", "{f}", "--remove", "99"], "0 <= M <= N"),
         (["solve", "{f}", "--top", "0"], "--top must be at least 1"),
         (["solve", "{f}", "--param", "oops"], "KEY=VALUE"),
-        (["solve", "{f}", "--backend", "swap", "--param", "bogus=1"], "unknown parameters"),
+        (["solve", "{f}", "--backend", "swap", "--param", "bogus=1"], "unknown parameter 'bogus'"),
     ],
 )
 def test_errors_are_one_line_and_nonzero(tmp_path, args, needle):

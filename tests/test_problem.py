@@ -67,6 +67,31 @@ def test_bqm_matches_energy_on_feasible_and_penalises_infeasible():
     assert np.allclose(ss.record.energy[~feas], p.energies(X[~feas]) + pen * viol)
 
 
+@pytest.mark.parametrize("penalty", [0.0, 0.7, None])
+def test_numpy_bqm_equals_the_pyqubo_model_in_block_order(penalty):
+    # the BQM is built from H with numpy (a PyQUBO compile of N = 5000 took minutes and ~7 GB);
+    # it must be the same model as the PyQUBO one, with the variables in block order
+    p = qblock.random_problem(9, 4, linear=True, seed=6)
+    bqm = p.to_bqm(penalty)
+    assert list(bqm.variables) == list(range(9))
+    lam = p.safe_penalty() if penalty is None else penalty
+    ref = p.compiled.to_bqm(index_label=False, feed_dict=p._feed(lam))
+    ref.relabel_variables({f"x[{i}]": i for i in range(9)}, inplace=True)
+    for i in range(9):
+        assert bqm.get_linear(i) == pytest.approx(ref.get_linear(i), abs=1e-12)
+        for j in range(i + 1, 9):
+            assert bqm.get_quadratic(i, j, default=0.0) == pytest.approx(ref.get_quadratic(i, j, default=0.0), abs=1e-12)
+    assert bqm.offset == pytest.approx(ref.offset + p.offset, abs=1e-12)
+
+
+def test_objective_bqm_needs_no_num_remove_and_checks_the_penalty():
+    p = BlockRemovalProblem(np.eye(3), None)
+    assert p.objective_bqm().energy({0: 1, 1: 1, 2: 0}) == 2.0
+    for bad in (-1.0, float("nan"), "x"):
+        with pytest.raises(ValueError, match="penalty must be a finite non-negative number"):
+            p.with_num_remove(1).to_bqm(penalty=bad)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_safe_penalty_makes_bqm_ground_state_feasible_and_optimal(seed):
     p = qblock.random_problem(9, 3, linear=bool(seed % 2), correlation=0.0, seed=seed)

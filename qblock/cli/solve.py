@@ -60,6 +60,23 @@ def format_table(problem, ss, limit: int | None = None) -> str:
     return "\n".join(f"{a:>{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
 
 
+def certification_line(info: dict) -> str | None:
+    """The plain-language line for a result that ran out of time, or ``None``.
+
+    Example:
+        >>> certification_line({"certified_optimal": False, "time_limit_reached": True, "gap": 0.25})
+        'NOT CERTIFIED: time limit reached; gap 0.25 (the true k-th best energy is at most that much lower)'
+    """
+    if info.get("certified_optimal") or not info.get("time_limit_reached"):
+        return None
+    gap = info.get("gap")
+    if isinstance(gap, (int, float)) and gap == gap and gap != float("inf"):
+        gap_text = f"gap {gap:.6g} (the true k-th best energy is at most that much lower)"
+    else:
+        gap_text = "gap unknown (fewer states than asked for were found)"
+    return f"NOT CERTIFIED: time limit reached; {gap_text}"
+
+
 def run(args: argparse.Namespace) -> int:
     import qblock
     from qblock import backends
@@ -73,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     params = parse_params(args.param)
     spec = backends.get_spec(args.backend)
     if args.dry_run:
+        backends.validate_params(args.backend, params)
         if not spec.check:
             raise CliError(f"--dry-run is for cloud backends; {args.backend!r} runs locally")
         from qblock.backends.leap import dry_run_plan, format_plan
@@ -80,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
         print(format_plan(dry_run_plan(problem, args.backend, **params)))
         return 0
     ss = qblock.solve(problem, backend=args.backend, num_solutions=args.top, seed=args.seed, **params)
+    if len(ss) == 0:
+        raise CliError(f"backend {args.backend!r} returned no feasible solution; try more reads or another backend")
+    uncertified = certification_line(ss.info)
     if not args.quiet:
         info = ss.info
         head = (f"{args.problem}: N={problem.num_blocks}, remove M={problem.num_remove}, backend={args.backend}, "
@@ -87,7 +108,11 @@ def run(args: argparse.Namespace) -> int:
         if info.get("certified_optimal"):
             head += " (certified optimal)"
         print(head)
+        if uncertified:
+            print(uncertified)
         print(format_table(problem, ss))
+    elif uncertified:  # quiet prints only problems, and an uncertified "exact" answer is one
+        print(uncertified, file=sys.stderr)
     if json_out is not None:
         write_json_atomic(json_out, solutions_payload(problem, ss))
         if not args.quiet:
