@@ -170,6 +170,15 @@ def _load(spec: str, quiet: bool):
     return model, tok
 
 
+def _provenance(spec: str) -> dict[str, Any] | None:
+    """What ``--model`` was (recorded for ``qblock heal``'s default teacher); ``None`` without the llm extra."""
+    try:
+        from qblock.llm.models import model_provenance
+    except ImportError:
+        return None
+    return model_provenance(spec)
+
+
 def run(args: argparse.Namespace) -> int:
     from qblock._lazy import require
 
@@ -211,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         removed = parse_remove(args.remove, labels)
     before = sum(p.numel() for p in model.parameters())
-    save_pruned(model, tok, removed, out, check=not args.no_check)
+    save_pruned(model, tok, removed, out, check=not args.no_check, provenance=_provenance(spec))
     if not args.quiet:
         blocks_per = [sum(p.numel() for p in find_blocks(model)[i][1].parameters()) for i in removed]
         after = before - sum(blocks_per)

@@ -164,7 +164,8 @@ def check_reloadable(model, out_dir: str | os.PathLike) -> None:
         )
 
 
-def save_pruned(model, tokenizer, idx: Iterable[int], out_dir: str | os.PathLike, check: bool = True) -> Path:
+def save_pruned(model, tokenizer, idx: Iterable[int], out_dir: str | os.PathLike, check: bool = True,
+                provenance: dict[str, Any] | None = None) -> Path:
     """Prune ``model`` (a copy) and save it with its tokenizer as a Hugging Face model directory.
 
     Args:
@@ -173,6 +174,8 @@ def save_pruned(model, tokenizer, idx: Iterable[int], out_dir: str | os.PathLike
         idx: block indices to drop.
         out_dir: output directory (created).
         check: rebuild the saved config on the meta device to confirm it reloads (no weights loaded).
+        provenance: what the model is (e.g. :func:`qblock.llm.models.model_provenance` of its spec), recorded
+            as ``"model"`` in ``qblock_pruned.json``; ``qblock heal`` takes its default teacher from there.
 
     Returns:
         ``Path(out_dir)``; it reloads with ``AutoModelForCausalLM.from_pretrained(out_dir)``.
@@ -196,6 +199,8 @@ def save_pruned(model, tokenizer, idx: Iterable[int], out_dir: str | os.PathLike
         tokenizer.save_pretrained(out)
     info = dict(pruned.config.qblock_pruned)
     info["source"] = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    if provenance is not None:
+        info["model"] = dict(provenance)
     (out / "qblock_pruned.json").write_text(json.dumps(info, indent=2) + "\n")
     if check:
         check_reloadable(pruned, out)
