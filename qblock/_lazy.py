@@ -15,6 +15,7 @@ INSTALL_HINTS = {
     "gurobi": "pip install 'qblock[gurobi]'  (the pip licence is size-limited)",
     "viz": "pip install 'qblock[viz]'",
     "eval": "pip install 'qblock[eval]'",
+    "heal": "pip install 'qblock[heal]'",
 }
 
 
@@ -33,6 +34,7 @@ MODULE_EXTRAS = {
     "pyscipopt": "miqp",
     "gurobipy": "gurobi",
     "lm_eval": "eval",
+    "peft": "heal",
 }
 
 

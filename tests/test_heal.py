@@ -1,0 +1,347 @@
+"""Healing: distillation lowers the KL to the teacher, resumes to the same weights, saves a loadable model.
+
+The teacher is the tiny trained Llama of the validator's tests (a synthetic sequence task, blocks
+3-5 exact identities); the student drops blocks 1 and 2, which the task needs, so it starts far
+from the teacher.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import json
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from qblock.cli import main  # noqa: E402
+from qblock.llm import heal as H  # noqa: E402
+from qblock.llm.export import remove_blocks, save_pruned  # noqa: E402
+
+try:
+    from tests.test_validate_pipeline import EOS, V, _passage, _stream, _trained_model, _word_tokenizer
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from test_validate_pipeline import EOS, V, _passage, _stream, _trained_model, _word_tokenizer
+
+REMOVED = [1, 2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return _trained_model()
+
+
+def _samples(seed: int, n: int, length: int = 24):
+    rng = np.random.default_rng(seed)
+    return [torch.tensor(_stream(rng, length)) for _ in range(n)]
+
+
+def _student(teacher, dropout: float = 0.0):
+    s = remove_blocks(teacher, REMOVED)
+    s.config.attention_dropout = dropout
+    for blk in s.model.layers:
+        blk.self_attn.attention_dropout = dropout
+    return s
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("mode", ["full", "last", "lora"])
+def test_healing_lowers_the_kl_to_the_teacher_on_held_out_samples(teacher, mode):
+    if mode == "lora":
+        pytest.importorskip("peft")
+    train, held = _samples(1, 32), _samples(2, 8)
+    student = _student(teacher)
+    before = H.compare_to_teacher(student, teacher, held)
+    t_before = _weights(teacher)
+    res = H.heal(student, teacher, train, H.HealSettings(mode=mode, steps=40, batch_size=8, seq_len=24), progress=False,
+                 eval_samples=held, eval_every=20)
+    after = H.compare_to_teacher(res.model, teacher, held)
+    assert res.mode == mode and res.steps == 40 and res.tokens == 40 * 8 * 24
+    assert after["kl"] < 0.7 * before["kl"], (before, after)
+    assert after["heldout_loss"] < before["heldout_loss"]
+    assert after["teacher_loss"] == pytest.approx(before["teacher_loss"])
+    # evaluations: before, at step 20, after; the last equals a fresh comparison
+    assert [e["step"] for e in res.evals] == [0, 20, 40]
+    assert res.evals[-1]["kl"] == pytest.approx(after["kl"], rel=1e-5)
+    assert res.evals[0]["kl"] == pytest.approx(before["kl"], rel=1e-5)
+    # the teacher is untouched, and a plain model comes back (LoRA merged)
+    assert all(torch.equal(v, t_before[k]) for k, v in teacher.state_dict().items())
+    assert type(res.model).__name__ == "LlamaForCausalLM" and not res.model.training
+    assert not any("lora" in k for k in res.model.state_dict())
+    if mode == "last":  # only the last blocks, the final norm and the (tied-free) head moved
+        start = _student(teacher).state_dict()
+        moved = {k for k, v in res.model.state_dict().items() if not torch.equal(v, start[k])}
+        n = len(res.model.model.layers)
+        assert moved and all(k.startswith((f"model.layers.{n - 2}.", f"model.layers.{n - 1}.", "model.norm", "lm_head"))
+                             for k in moved), sorted(moved)
+
+
+def test_cross_entropy_term_and_schedule():
+    lrs = [H.lr_at(k, 20, 1e-3, warmup=0.1, min_ratio=0.1) for k in range(20)]
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # decays monotonically after the warmup
+    s = torch.randn(2, 5, 11)
+    t = torch.randn(2, 5, 11)
+    y = torch.randint(0, 11, (2, 5))
+    loss, kl, ce = H.distill_loss(s, t, y, ce_weight=0.5)
+    p = torch.softmax(t, -1)
+    want_kl = (p * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1).mean()
+    assert float(kl) == pytest.approx(float(want_kl), rel=1e-5)
+    assert float(ce) == pytest.approx(float(torch.nn.functional.cross_entropy(s.reshape(-1, 11), y.reshape(-1))))
+    assert float(loss) == pytest.approx(float(kl) + 0.5 * float(ce), rel=1e-6)
+
+
+def test_settings_are_checked():
+    for bad in ({"steps": 0}, {"tokens": -5}, {"mode": "half"}, {"warmup": 1.5}, {"lr": 0.0}, {"seq_len": 1}):
+        with pytest.raises(H.HealError):
+            H.HealSettings(**bad).check()
+    assert H.HealSettings(tokens=10_000, batch_size=4, seq_len=256).num_steps() == 10
+
+
+# ------------------------------------------------------------------------------------------- resuming
+class Stop(RuntimeError):
+    pass
+
+
+def _run(teacher, ckpt, train, *, stop_at=None, exc=Stop, settings=None, student=None):
+    settings = settings or H.HealSettings(steps=9, batch_size=4, seq_len=24, lr=2e-3)
+
+    def hook(step, rec):
+        if step == stop_at:
+            raise exc(f"stopped at {step}")
+
+    student = student if student is not None else _student(teacher, dropout=0.2)
+    return H.heal(student, teacher, train, settings, checkpoint_dir=ckpt, checkpoint_every=2, progress=False,
+                  on_step=hook)
+
+
+@pytest.mark.parametrize("exc, stop_at, saved_at", [(Stop, 5, 4), (KeyboardInterrupt, 3, 3)])
+def test_an_interrupted_heal_resumes_to_the_same_weights(teacher, tmp_path, exc, stop_at, saved_at):
+    train = _samples(3, 10)  # 9 steps x 4 samples: the data cycles through ~4 seeded epochs
+    straight = _run(teacher, tmp_path / "a", train)
+    with pytest.raises(exc):
+        _run(teacher, tmp_path / "b", train, stop_at=stop_at, exc=exc)
+    # an error leaves the last periodic checkpoint; an interrupt saves the steps completed
+    assert H.read_checkpoint_state(tmp_path / "b")["step"] == saved_at
+    resumed = _run(teacher, tmp_path / "b", train)
+    assert resumed.resumed_from == [saved_at]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    # the dropout RNG matters here: a resume that did not restore it would not reproduce the run
+    other = _run(teacher, tmp_path / "c", train, settings=H.HealSettings(steps=9, batch_size=4, seq_len=24, lr=2e-3,
+                                                                        seed=1))
+    assert not all(torch.equal(a[k], other.model.state_dict()[k]) for k in a)
+
+
+def test_lora_heal_resumes_to_the_same_weights(teacher, tmp_path):
+    pytest.importorskip("peft")
+    train = _samples(3, 10)
+    s = H.HealSettings(mode="lora", steps=6, batch_size=4, seq_len=24, lora_rank=4, lora_dropout=0.1)
+    straight = _run(teacher, tmp_path / "a", train, settings=s)
+    with pytest.raises(Stop):
+        _run(teacher, tmp_path / "b", train, settings=s, stop_at=3)
+    resumed = _run(teacher, tmp_path / "b", train, settings=s)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert resumed.resumed_from == [2] and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_other_settings_is_refused(teacher, tmp_path):
+    train = _samples(3, 10)
+    with pytest.raises(Stop):
+        _run(teacher, tmp_path, train, stop_at=3)
+    with pytest.raises(H.HealError, match="lr: 0.002 .checkpoint. vs 0.001 .now."):
+        _run(teacher, tmp_path, train, settings=H.HealSettings(steps=9, batch_size=4, seq_len=24, lr=1e-3))
+    with pytest.raises(H.HealError, match="data_sha256"):
+        _run(teacher, tmp_path, _samples(4, 10))
+
+
+# ------------------------------------------------------------------------------------------- data
+def test_heal_data_keeps_the_held_out_passages_out(tiny_files):
+    tok = _word_tokenizer()
+    calib = str(tiny_files / "calib.txt")
+    train, held, prov = H.heal_data(tok, calib, num_samples=20, seq_len=24, seed=0, eval_samples=4, eval_seq_len=16)
+    assert len(train) == 20 and all(len(t) == 24 for t in train) and len(held) == 4
+    assert not set(prov["train"]["passages"]) & set(prov["held_out"]["passages"])
+    # the held-out split is the one qblock run / validate use for the same text, seed and size
+    from qblock.llm.data import calibration_and_eval
+
+    _, ev, p2 = calibration_and_eval(tok, calib, num_calib=0, num_eval=4, seq_len=16, seed=0)
+    assert [t.tolist() for t in ev] == [t.tolist() for t in held]
+    assert p2["evaluation"]["passages"] == prov["held_out"]["passages"]
+    # excluded passages are never used; a short text gives what there is (training cycles through it)
+    excl = prov["train"]["passages"][:5]
+    _, _, p3 = H.heal_data(tok, calib, num_samples=20, seq_len=24, eval_samples=0, exclude=excl)
+    assert not set(excl) & set(p3["train"]["passages"])
+    few, _, _ = H.heal_data(tok, calib, num_samples=10**6, seq_len=24)
+    assert 50 < len(few) < 10**6
+    with pytest.raises(H.HealError, match="not enough text"):
+        H.heal_data(tok, calib, num_samples=1, seq_len=10**6)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def tiny_files(teacher, tmp_path_factory):
+    d = tmp_path_factory.mktemp("heal_files")
+    teacher.save_pretrained(d / "model")
+    _word_tokenizer().save_pretrained(d / "model")
+    rng = np.random.default_rng(7)
+    (d / "calib.txt").write_text("\n\n".join(" ".join(f"t{t}" for t in _passage(rng)) for _ in range(200)) + "\n")
+    assert main(["prune", "--model", str(d / "model"), "--remove", "1,2", "--out", str(d / "pruned"), "--quiet"]) == 0
+    return d
+
+
+def _heal_args(d, out, *extra):
+    return ["heal", str(d / "pruned"), "--out", str(out), "--calibration", str(d / "calib.txt"), "--steps", "6",
+            "--batch-size", "4", "--seq-len", "24", "--eval-samples", "4", "--eval-seq-len", "24", "--lr", "2e-3",
+            "--threads", "1", *extra]
+
+
+def test_cli_heal_saves_a_model_that_reloads_and_generates(tiny_files, tmp_path, capsys):
+    out = tmp_path / "healed"
+    assert main(_heal_args(tiny_files, out)) == 0
+    printed = capsys.readouterr().out
+    assert "of the gap closed" in printed and "saved to" in printed
+    info = json.loads((out / "qblock.json").read_text())
+    # the teacher is the model qblock prune recorded; the run is described
+    assert info["teacher"]["spec"] == str((tiny_files / "model").resolve())
+    assert info["student"]["removed"] == REMOVED and info["student"]["original_num_blocks"] == 8
+    assert info["steps"] == 6 and info["tokens"] == 6 * 4 * 24 and info["mode"] == "full"
+    assert len(info["losses"]["history"]) == 6 and info["data"]["train"]["num_samples"] == 24
+    h = info["heldout"]
+    assert h["after"]["kl"] < h["before"]["kl"] and h["teacher_loss"] < h["before"]["loss"]
+    assert h["gap_closed"] == pytest.approx((h["before"]["loss"] - h["after"]["loss"]) /
+                                            (h["before"]["loss"] - h["teacher_loss"]))
+    assert not (out / H.CHECKPOINT_DIR).exists()
+    assert json.loads((out / "qblock_pruned.json").read_text())["removed"] == REMOVED
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert model.config.num_hidden_layers == 6
+    prompt = tok("t3 t5 t8 t13", return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(**prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=EOS)
+    assert gen.shape == (1, 4 + 6) and int(gen.max()) <= V
+    # a re-run of the same command has nothing to do; other settings or a foreign folder are refused
+    assert main(_heal_args(tiny_files, out)) == 0
+    assert "already holds this heal" in capsys.readouterr().err
+    assert main(_heal_args(tiny_files, out, "--seed", "3")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(_heal_args(tiny_files, out, "--seed", "3", "--overwrite", "--quiet")) == 0
+    assert json.loads((out / "qblock.json").read_text())["settings"]["seed"] == 3
+
+
+def test_cli_heal_resumes_an_interrupted_run(tiny_files, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    straight = tmp_path / "straight"
+    assert main(_heal_args(tiny_files, straight, "--quiet")) == 0
+    real = H.heal
+
+    def interrupted(*a, **kw):
+        def stop(step, rec):
+            if step == 4:
+                raise KeyboardInterrupt
+        return real(*a, **dict(kw, on_step=stop))
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(H, "heal", interrupted)
+    assert main(_heal_args(tiny_files, out)) == 130
+    assert "checkpoint saved" in capsys.readouterr().err
+    monkeypatch.setattr(H, "heal", real)
+    assert main(_heal_args(tiny_files, out)) == 0
+    assert "resuming the heal" in capsys.readouterr().err
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "qblock.json").read_text())["resumed_from"] == [4]
+    # a re-run with other settings does not touch the checkpoint of an unfinished run
+    monkeypatch.setattr(H, "heal", interrupted)
+    out2 = tmp_path / "out2"
+    assert main(_heal_args(tiny_files, out2, "--quiet")) == 130
+    monkeypatch.setattr(H, "heal", real)
+    capsys.readouterr()
+    assert main(_heal_args(tiny_files, out2, "--lr", "1e-3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different heal" in err[0] and "--overwrite" in err[0]
+    assert H.read_checkpoint_state(out2 / H.CHECKPOINT_DIR)["step"] == 4
+
+
+def test_cli_heal_errors_are_one_line(tiny_files, tmp_path, capsys, monkeypatch):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("keep me")
+    cases = [
+        (["heal", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "not a Hugging Face model directory"),
+        (_heal_args(tiny_files, busy), "is not empty"),
+        (_heal_args(tiny_files, tiny_files / "pruned"), "must not be PRUNED_DIR"),
+        (_heal_args(tiny_files, tmp_path / "o", "--steps", "0"), "--steps must be positive"),
+        (_heal_args(tiny_files, tmp_path / "o", "--warmup", "2"), "--warmup must be between 0 and 1"),
+        (_heal_args(tiny_files, tmp_path / "o", "--eval-samples", "-1"), "--eval-samples must be at least 0"),
+        (_heal_args(tiny_files, tmp_path / "o", "--calibration", str(tmp_path / "nope.txt")), "not found"),
+        (_heal_args(tiny_files, tmp_path / "o", "--teacher", str(tmp_path / "nothing")), "teacher:"),
+    ]
+    for args, msg in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], (args, err)
+    assert (busy / "x").read_text() == "keep me"
+    # a pruned folder without qblock_pruned.json needs --teacher; a teacher of another size is refused
+    bare = tmp_path / "bare"
+    save_pruned(_trained_model(), _word_tokenizer(), REMOVED, bare)
+    (bare / "qblock_pruned.json").unlink()
+    assert main(["heal", str(bare), "--out", str(tmp_path / "o2")]) == 2
+    assert "pass --teacher" in capsys.readouterr().err
+    small = tmp_path / "small"
+    remove_blocks(_trained_model(), [0]).save_pretrained(small)
+    _word_tokenizer().save_pretrained(small)
+    assert main(_heal_args(tiny_files, tmp_path / "o3", "--teacher", str(small))) == 2
+    assert "has 7 blocks" in capsys.readouterr().err
+    # LoRA without peft: one line naming the extra
+    monkeypatch.setitem(sys.modules, "peft", None)
+    assert main(_heal_args(tiny_files, tmp_path / "o4", "--mode", "lora")) == 2
+    assert "pip install 'qblock[heal]'" in capsys.readouterr().err
+
+
+def test_cli_help_defaults_match_the_settings():
+    from qblock.cli import heal as cli_heal
+
+    d = H.HealSettings()
+    assert cli_heal.DEFAULT_LR == H.DEFAULT_LR and cli_heal.DEFAULTS["tokens"] == H.DEFAULT_TOKENS == d.tokens
+    for k, v in cli_heal.DEFAULTS.items():
+        assert getattr(d, k) == v, k
+
+
+def test_recorded_teacher(tmp_path):
+    from qblock.llm.models import default_model_dir
+
+    def rec(info):
+        (tmp_path / "qblock_pruned.json").write_text(json.dumps(info))
+        return H.recorded_teacher(tmp_path)
+
+    assert rec({"model": {"spec": "default", "source": "pypi:x"}}) == "default"
+    assert rec({"model": {"spec": "./m", "source": "local:/abs/m"}}) == "/abs/m"
+    assert rec({"source": str(default_model_dir())}) == "default"  # written before prune recorded the spec
+    assert rec({"source": "/elsewhere/cache/models/" + default_model_dir().name}) == "default"
+    assert rec({"source": "org/model"}) == "org/model"
+    assert rec({"removed": [1]}) is None
+
+
+@pytest.mark.parametrize("name", ["qblock.llm.heal", "qblock.validate.heal"])
+def test_docstring_examples(name):
+    failures, tried = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert tried and failures == 0
