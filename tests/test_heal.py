@@ -345,3 +345,83 @@ def test_recorded_teacher(tmp_path):
 def test_docstring_examples(name):
     failures, tried = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert tried and failures == 0
+
+
+# ------------------------------------------------------------------------------------------- validation after healing
+def test_validate_with_heal_steps_adds_before_after_columns_and_correlation(tiny_files, tmp_path, capsys):
+    from qblock.llm.pipeline import extract_problem
+    from qblock.validate import heal as VH
+    from qblock.validate.report import read_table
+
+    prob = tmp_path / "p.npz"
+    extract_problem(str(tiny_files / "model"), num_samples=8, seq_len=24, calibration=str(tiny_files / "calib.txt"),
+                    num_eval=6, out=prob, progress=False, num_remove=2)
+    out = tmp_path / "val"
+    # M = 4: every set drops a block the task needs (only 3-5 are identities), so there is a gap to heal
+    assert main(["validate", str(prob), "-M", "4", "--top", "3", "--random", "1", "--backend", "exact", "--bootstrap", "50",
+                 "--energies", "fisher", "--baselines", "shortgpt,angular,sleb", "--heal-steps", "8",
+                 "--heal-top", "3", "--threads", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "after healing (8 steps, 768 tokens per candidate, full)" in printed
+    rows = read_table(out / "candidates.csv")
+    healed = [r for r in rows if r.get("heldout_loss_healed") is not None]
+    chosen = VH.choose_candidates(rows, 3)[4]
+    assert {tuple(r["removed"]) for r in healed} == set(chosen) and 3 <= len(chosen) <= 5
+    # healing helps every pruned candidate here (the blocks it drops matter to the task)
+    assert all(r["heldout_loss_healed"] < r["heldout_loss"] for r in healed)
+    # everything reported is recomputable from the table
+    summary = json.loads((out / "summary.json").read_text())
+    again = VH.heal_summary(rows, n_boot=50, seed=0)
+    assert summary["healing"]["per_m"] == json.loads(json.dumps(again["per_m"]))
+    s = summary["healing"]["per_m"]["4"]
+    assert s["n"] == len(chosen) and s["spearman"] is not None
+    assert summary["healing"]["settings"]["tokens_per_candidate"] == 8 * 4 * 24
+    assert summary["healing"]["settings"]["excluded_heldout_passages"] > 0
+    md = (out / "report.md").read_text()
+    assert md.count("## After healing") == 1 and "Spearman(before, after)" in md and "### M = 4" in md
+    assert "healed loss" in (out / "candidates.md").read_text()
+
+
+def test_heal_options_are_checked(tiny_files, tmp_path, capsys):
+    prob = tmp_path / "p.npz"
+    import qblock
+
+    qblock.BlockRemovalProblem(np.eye(8), 2).save(prob)
+    for extra, msg in ((["--heal-steps", "-1"], "--heal-steps must be >= 0"),
+                       (["--heal-steps", "2", "--heal-tokens", "100"], "not both"),
+                       (["--heal-steps", "2", "--heal-top", "-1"], "--heal-top must be >= 0")):
+        assert main(["validate", str(prob), "--model", str(tiny_files / "model"), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+
+
+def test_heal_summary_needs_three_candidates_for_a_correlation():
+    from qblock.validate.heal import heal_summary, render_heal_section
+
+    rows = [{"num_remove": 1, "method": "qubo", "rank": 1, "removed": [2], "heldout_loss": 3.0,
+             "heldout_loss_healed": 2.0},
+            {"num_remove": 1, "method": "sleb", "removed": [3], "heldout_loss": 2.5, "heldout_loss_healed": 2.2},
+            {"num_remove": 1, "method": "random", "seed": 0, "removed": [4], "heldout_loss": 4.0}]
+    s = heal_summary(rows, n_boot=20)
+    m = s["per_m"]["1"]
+    assert m["n"] == 2 and m["spearman"] is None and not m["same_best"]
+    assert m["best_before"]["method"] == "sleb" and m["best_after"]["method"] == "qubo"
+    md = render_heal_section(rows, dict(s, settings={"steps": 1}))
+    assert "n/a (2 candidate(s)" in md and "(a different set)" in md
+
+
+@pytest.mark.real_model
+def test_real_model_quick_run_with_healing(tmp_path):
+    """``qblock run --quick --heal-steps N`` end to end on the real default model (M = 6 only, to keep it short)."""
+    import subprocess
+
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, "-m", "qblock", "run", "--quick", "--remove", "6", "--heal-steps", "3",
+                        "--heal-top", "1", "--out", str(out)], capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "after healing (3 steps" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    s = summary["healing"]["per_m"]["6"]
+    assert s["n"] >= 2 and all(p["after"] < p["before"] for p in s["candidates"])
+    md = (out / "report.md").read_text()
+    assert "## After healing" in md and "### M = 6" in md and "Spearman(before, after)" in md or "n/a" in md

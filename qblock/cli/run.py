@@ -85,6 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", default=None, help="report directory (default ./qblock-report[-quick])")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     add_selection_options(p, samples=None, evaluations=None)
+    from qblock.validate.heal import add_heal_options
+
+    add_heal_options(p)
     p.set_defaults(func=run)
 
 
@@ -142,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
     tasks = parse_list(cfg["tasks"], tuple(BENCHMARKS), "--tasks")
     energies = args.energies if args.energies == "auto" else parse_list(
         args.energies, ("fisher", "fisher+grad", "pairwise"), "--energies")  # the scorable subset of ENERGY_MODELS
+    from qblock.validate.heal import heal_after_validation, heal_options, print_heal_summary
+
+    heal_opts = heal_options(args)
     out = args.out or ("qblock-report-quick" if args.quick else "qblock-report")
     check_output(out, "--out", inputs=[args.calibration], folder=True)
     progress = not args.quiet
@@ -208,6 +214,9 @@ def run(args: argparse.Namespace) -> int:
                                            "held-out data": f"{len(evals)} samples x {cfg['seq_len']} tokens, "
                                                             "passages disjoint from calibration"},
                           title=f"qblock run: which blocks of {prov.get('id')} to remove", notes=notes)
+        if heal_opts:
+            heal_after_validation(result, model, tok, evals, dprov, out, heal_opts, n_boot=cfg["bootstrap"],
+                                  seed=args.seed, batch_size=args.batch_size, progress=progress)
     except (ValidationError, DataError, CacheError) as exc:
         raise CliError(str(exc)) from None
     timings.update(result["timings"])
@@ -216,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
     _add_timings(out, timings)
     if progress:
         print_summary(result)
+        print_heal_summary(result)
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total")
         print(f"\ntotal {total:.0f} s ({phases})")
         print(f"report: {out}/report.md (tables: candidates.csv/.json/.md, summary.json, plots)")

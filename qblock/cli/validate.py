@@ -68,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", default="validation", help="output directory (default ./validation)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output, no summary")
     add_selection_options(p)
+    from qblock.validate.heal import add_heal_options
+
+    add_heal_options(p)
     p.set_defaults(func=run)
 
 
@@ -180,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
     if args.random < 0 or args.bootstrap < 0:
         raise CliError("--random and --bootstrap must be >= 0")
     baselines = parse_list(args.baselines, BASELINE_METHODS, "--baselines", BASELINE_METHODS)
+    from qblock.validate.heal import heal_after_validation, heal_options, print_heal_summary
+
+    heal_opts = heal_options(args)
     from qblock.llm.data import BENCHMARKS
 
     tasks = parse_list(args.tasks, tuple(BENCHMARKS), "--tasks")
@@ -216,10 +222,14 @@ def run(args: argparse.Namespace) -> int:
         result = validate(problem, model, tok, calib, evals, settings, args.out, solutions=solutions,
                           report_settings={"problem": args.problem, "model": model_spec, "torch threads": threads,
                                            "held-out data": _describe_eval(prov)})
+        if heal_opts:
+            heal_after_validation(result, model, tok, evals, prov, args.out, heal_opts, n_boot=args.bootstrap,
+                                  seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
     except (ValidationError, DataError, CacheError) as exc:
         raise CliError(str(exc)) from None
     if not args.quiet:
         print_summary(result)
+        print_heal_summary(result)
         print(f"\nwrote {args.out}/: candidates.csv/.json/.md, summary.json, report.md, "
               f"{len(result['plots'])} plot(s)", file=sys.stderr)
     return 0

@@ -154,8 +154,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, num_remove: int | None 
     accs = sorted({k for r in sel for k in r if k.startswith("acc_") and r.get(k) is not None})
     ens = [c for c in energy_columns(sel) if c != "energy"]
     calib = any(r.get("calib_loss") is not None for r in sel)
+    healed = any(r.get("heldout_loss_healed") is not None for r in sel)  # qblock.validate.heal's column
     head = (["M", "candidate", "removed", "energy"] + ens + (["calib. loss"] if calib else []) + ["held-out loss", "ppl"]
-            + accs + ["cost (fwd/bwd passes)", "fwd tokens"])
+            + (["healed loss"] if healed else []) + accs + ["cost (fwd/bwd passes)", "fwd tokens"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sel:
         cost = "-"
@@ -166,6 +167,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, num_remove: int | None 
         cells = [str(r["num_remove"]), _label(r), _fmt(r.get("removed")), _fmt(r.get("energy"), 5)]
         cells += [_fmt(r.get(c), 5) for c in ens] + ([_fmt(r.get("calib_loss"))] if calib else [])
         cells += [_fmt(r.get("heldout_loss")), _fmt(r.get("perplexity"), 2)]
+        cells += [_fmt(r.get("heldout_loss_healed"))] if healed else []
         toks = r.get("cost_forward_tokens")
         cells += [_fmt(r.get(a), 3) for a in accs] + [cost, f"{int(toks):,}" if toks is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
