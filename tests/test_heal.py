@@ -107,8 +107,21 @@ def test_cross_entropy_term_and_schedule():
     assert float(loss) == pytest.approx(float(kl) + 0.5 * float(ce), rel=1e-6)
 
 
+def test_micro_batches_accumulate_to_the_batch_gradient(teacher):
+    train = _samples(5, 8)
+    runs = [H.heal(_student(teacher), teacher, train, H.HealSettings(steps=2, batch_size=4, micro_batch_size=m,
+                                                                    seq_len=24, lr=1e-3), progress=False)
+            for m in (1, 4)]
+    a, b = (r.model.state_dict() for r in runs)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert runs[0].history[0]["loss"] == pytest.approx(runs[1].history[0]["loss"], rel=1e-6)
+    moved = _student(teacher).state_dict()
+    assert not all(torch.equal(a[k], moved[k]) for k in a)
+
+
 def test_settings_are_checked():
-    for bad in ({"steps": 0}, {"tokens": -5}, {"mode": "half"}, {"warmup": 1.5}, {"lr": 0.0}, {"seq_len": 1}):
+    for bad in ({"steps": 0}, {"tokens": -5}, {"mode": "half"}, {"warmup": 1.5}, {"lr": 0.0}, {"seq_len": 1},
+                {"micro_batch_size": 0}):
         with pytest.raises(H.HealError):
             H.HealSettings(**bad).check()
     assert H.HealSettings(tokens=10_000, batch_size=4, seq_len=256).num_steps() == 10
@@ -185,6 +198,10 @@ def test_heal_data_keeps_the_held_out_passages_out(tiny_files):
     _, ev, p2 = calibration_and_eval(tok, calib, num_calib=0, num_eval=4, seq_len=16, seed=0)
     assert [t.tolist() for t in ev] == [t.tolist() for t in held]
     assert p2["evaluation"]["passages"] == prov["held_out"]["passages"]
+    # a larger split packs from the same end: its first samples are the smaller split (qblock heal evaluates
+    # the first --eval-samples of a 32-sample reservation)
+    _, more, _ = H.heal_data(tok, calib, num_samples=20, seq_len=24, seed=0, eval_samples=9, eval_seq_len=16)
+    assert [t.tolist() for t in more[:4]] == [t.tolist() for t in held]
     # excluded passages are never used; a short text gives what there is (training cycles through it)
     excl = prov["train"]["passages"][:5]
     _, _, p3 = H.heal_data(tok, calib, num_samples=20, seq_len=24, eval_samples=0, exclude=excl)
@@ -224,6 +241,7 @@ def test_cli_heal_saves_a_model_that_reloads_and_generates(tiny_files, tmp_path,
     assert info["student"]["removed"] == REMOVED and info["student"]["original_num_blocks"] == 8
     assert info["steps"] == 6 and info["tokens"] == 6 * 4 * 24 and info["mode"] == "full"
     assert len(info["losses"]["history"]) == 6 and info["data"]["train"]["num_samples"] == 24
+    assert info["heldout"]["num_samples"] == 4 and info["heldout"]["reserved_samples"] == 32
     h = info["heldout"]
     assert h["after"]["kl"] < h["before"]["kl"] and h["teacher_loss"] < h["before"]["loss"]
     assert h["gap_closed"] == pytest.approx((h["before"]["loss"] - h["after"]["loss"]) /

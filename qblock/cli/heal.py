@@ -24,10 +24,13 @@ from qblock.cli import CliError
 
 #: defaults shown in --help, kept here so that ``qblock --help`` needs no torch (a test checks they
 #: equal :class:`qblock.llm.heal.HealSettings`' own)
-DEFAULTS = {"tokens": 96 * 4 * 256, "batch_size": 4, "seq_len": 256, "warmup": 0.1, "min_lr_ratio": 0.1,
+DEFAULTS = {"tokens": 32 * 4 * 256, "batch_size": 4, "micro_batch_size": 1, "seq_len": 256, "warmup": 0.1, "min_lr_ratio": 0.1,
             "weight_decay": 0.0, "clip": 1.0, "ce_weight": 0.0, "temperature": 1.0, "last_layers": 2,
             "lora_rank": 16, "lora_alpha": 32.0}
-DEFAULT_LR = {"full": 2e-4, "lora": 1e-3, "last": 5e-4}
+DEFAULT_LR = {"full": 3e-4, "lora": 1e-3, "last": 5e-4}
+#: the held-out split always reserved (never trained on): qblock run's full preset at the same seed, so
+#: a later ``qblock run`` / ``validate`` evaluates on text the healed model never saw
+RESERVED_HELDOUT = 32
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                              f"{DEFAULT_TOKENS // (d.batch_size * d.seq_len)} steps of {d.batch_size} x {d.seq_len})")
     budget.add_argument("--steps", type=int, default=None, help="training budget in optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"samples per step (default {d.batch_size})")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
+                   help="samples per forward pass, gradients accumulated over the step (default 1: least memory)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sample (default {d.seq_len})")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
@@ -80,9 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="training text (.txt paragraphs or .jsonl 'text'); default LAMBADA passages")
     p.add_argument("--seed", type=int, default=0, help="data split/order and initialisation seed (default 0)")
-    p.add_argument("--eval-samples", type=int, default=32,
-                   help="held-out samples, reserved from the text (passages never trained on) and evaluated before "
-                        "and after (default 32: with --eval-seq-len 256 and seed 0 the held-out split of qblock run)")
+    p.add_argument("--eval-samples", type=int, default=16,
+                   help="held-out samples evaluated before and after healing (default 16): the first of the held-out "
+                        f"split, max(this, {RESERVED_HELDOUT}) samples of --eval-seq-len tokens packed from passages "
+                        "that are never trained on (with 256 tokens and seed 0, qblock run's held-out split)")
     p.add_argument("--eval-seq-len", type=int, default=256, help="tokens per held-out sample (default 256)")
     p.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
                    help="also evaluate on the held-out samples every STEPS steps (default 0: before and after only)")
@@ -101,7 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _settings(args):
     from qblock.llm.heal import HealError, HealSettings
 
-    s = HealSettings(mode=args.mode, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+    s = HealSettings(mode=args.mode, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                     seq_len=args.seq_len, lr=args.lr,
                      warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
                      clip=args.clip, ce_weight=args.ce_weight, temperature=args.temperature,
                      last_layers=args.last_layers, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
@@ -237,7 +244,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         train, held, dprov = H.heal_data(tok, args.calibration, num_samples=steps * settings.batch_size,
                                          seq_len=settings.seq_len, seed=settings.seed,
-                                         eval_samples=args.eval_samples, eval_seq_len=args.eval_seq_len)
+                                         eval_samples=max(args.eval_samples, RESERVED_HELDOUT),
+                                         eval_seq_len=args.eval_seq_len)
+        held = held[:args.eval_samples]  # packed from the same end: the first k equal a k-sample split
     except (DataError, CacheError) as exc:
         raise CliError(str(exc)) from None
     except H.HealError as exc:
@@ -247,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         "teacher": model_provenance(teacher_spec),
         "dtype": str(args.dtype or "fp32"),
         "data": {k: dprov.get(k) for k in ("name", "file", "sha256", "seed")},
-        "held_out": {k: dprov["held_out"][k] for k in ("num_samples", "seq_len")},
+        "held_out": {**{k: dprov["held_out"][k] for k in ("num_samples", "seq_len")}, "evaluated": len(held)},
     }
     if state == "finished":
         return _finished(out, fingerprint, settings, progress)
@@ -323,8 +332,9 @@ def _info(result, settings, teacher_spec, pruned, pruned_info, dprov, fingerprin
     from qblock.llm.models import model_provenance
 
     evals = result.evals
-    held: dict[str, Any] = {"num_samples": dprov["held_out"]["num_samples"], "seq_len": dprov["held_out"]["seq_len"],
-                            "passages": dprov["held_out"]["num_passages"], "curve": evals}
+    held: dict[str, Any] = {"num_samples": fingerprint["held_out"]["evaluated"], "seq_len": dprov["held_out"]["seq_len"],
+                            "reserved_samples": dprov["held_out"]["num_samples"],
+                            "reserved_passages": dprov["held_out"]["num_passages"], "curve": evals}
     if evals:
         before, after = evals[0], evals[-1]
         gap = before["heldout_loss"] - before["teacher_loss"]

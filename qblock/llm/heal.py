@@ -69,13 +69,14 @@ __all__ = [
 ]
 
 MODES = ("full", "lora", "last")
-#: default budget of ``qblock heal``: 96 steps of 4 x 256 tokens (about 12 minutes for the 135M default
-#: model and its teacher on 2 CPU cores; see README "Healing")
-DEFAULT_TOKENS = 96 * 4 * 256
+#: default budget of ``qblock heal``: 32 steps of 4 x 256 tokens. The 135M default model and its teacher
+#: took about 18 s a step on one core of a shared 2-core machine (load average 3-4), so the default run
+#: with its held-out evaluations fits in 15 minutes there (README "Healing")
+DEFAULT_TOKENS = 32 * 4 * 256
 #: above this many parameters ``mode="auto"`` uses LoRA instead of full fine-tuning
 FULL_MAX_PARAMS = 1_500_000_000
 #: peak learning rates per mode (AdamW), used when ``HealSettings.lr`` is None
-DEFAULT_LR = {"full": 2e-4, "lora": 1e-3, "last": 5e-4}
+DEFAULT_LR = {"full": 3e-4, "lora": 1e-3, "last": 5e-4}
 CHECKPOINT_DIR = "checkpoint"
 _STATE = "state.json"
 _FORMAT = "qblock.heal.checkpoint"
@@ -95,6 +96,8 @@ class HealSettings:
         tokens: training budget in tokens (rounded up to whole steps); ignored when ``steps`` is set.
         steps: training budget in optimizer steps (each ``batch_size`` x ``seq_len`` tokens).
         batch_size: samples per step.
+        micro_batch_size: samples per forward pass (gradients are accumulated over the step's batch): one
+            sample of 256 tokens keeps the 135M default model's logits at 50 MB a tensor.
         seq_len: tokens per sample.
         lr: peak learning rate; ``None``: :data:`DEFAULT_LR` of the mode.
         warmup: fraction of the steps with a linear warmup from ``lr / warmup_steps``.
@@ -113,6 +116,7 @@ class HealSettings:
     tokens: int = DEFAULT_TOKENS
     steps: int | None = None
     batch_size: int = 4
+    micro_batch_size: int = 1
     seq_len: int = 256
     lr: float | None = None
     warmup: float = 0.1
@@ -143,7 +147,8 @@ class HealSettings:
         """Raise :class:`HealError` on a setting that cannot work (one line naming it)."""
         if self.mode not in ("auto", *MODES):
             raise HealError(f"mode must be auto, {', '.join(MODES)}; got {self.mode!r}")
-        positive = {"batch_size": self.batch_size, "last_layers": self.last_layers, "lora_rank": self.lora_rank,
+        positive = {"batch_size": self.batch_size, "micro_batch_size": self.micro_batch_size,
+                    "last_layers": self.last_layers, "lora_rank": self.lora_rank,
                     "temperature": self.temperature}
         if self.steps is not None:
             positive["steps"] = self.steps
@@ -268,7 +273,7 @@ def distill_loss(student_logits, teacher_logits, targets=None, *, ce_weight: flo
     return loss, kl, ce
 
 
-def compare_to_teacher(student, teacher, samples: Sequence[Any], *, batch_size: int = 4) -> dict[str, float]:
+def compare_to_teacher(student, teacher, samples: Sequence[Any], *, batch_size: int = 2) -> dict[str, float]:
     """Held-out next-token NLL of student and teacher and ``KL(teacher || student)``, token-weighted.
 
     Every sample of length ``L`` contributes its ``L - 1`` predicted tokens (as
@@ -588,17 +593,17 @@ def _load_checkpoint(ckpt: Path, state: dict[str, Any], tr: _Trainable, opt) -> 
 def heal(student, teacher, samples: Sequence[Any], settings: HealSettings | None = None, *,
          checkpoint_dir: str | os.PathLike | None = None, fingerprint: dict[str, Any] | None = None,
          checkpoint_every: int = 0, checkpoint_seconds: float = 300.0, eval_samples: Sequence[Any] = (),
-         eval_every: int = 0, eval_batch_size: int = 4, progress: bool = True,
+         eval_every: int = 0, eval_batch_size: int = 2, progress: bool = True,
          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> HealResult:
     """Distil ``teacher`` into ``student`` on ``samples``; resumable through ``checkpoint_dir``.
 
     Args:
         student: the pruned model (trained in place; in LoRA mode wrapped, then merged).
-        teacher: the unpruned model (frozen, never modified).
+        teacher: the unpruned model (frozen; left as it was given).
         samples: training token-id tensors of ``settings.seq_len`` tokens (cycled in seeded epochs).
         settings: :class:`HealSettings` (default: the defaults).
         checkpoint_dir: where to checkpoint; a checkpoint already there is resumed when its
-            ``fingerprint`` and settings equal this call's (else :class:`HealError` lists the differences).
+            ``fingerprint``, data and settings equal this call's (else :class:`HealError` lists the differences).
         fingerprint: JSON-ready identity of the inputs (models, data), stored with the checkpoint.
         checkpoint_every: also checkpoint every this many steps (0: only by time).
         checkpoint_seconds: checkpoint when this long has passed since the last one.
@@ -616,138 +621,173 @@ def heal(student, teacher, samples: Sequence[Any], settings: HealSettings | None
     Returns:
         :class:`HealResult`. The checkpoint folder is left in place; delete it once the model is saved.
     """
-    torch = _torch()
-    settings = settings or HealSettings()
-    settings.check()
-    if not samples:
-        raise HealError("healing needs at least one training sample")
-    lengths = {int(torch.as_tensor(s).numel()) for s in samples}
-    if len(lengths) != 1:
-        raise HealError(f"training samples must all have the same length, got lengths {sorted(lengths)[:5]}")
-    n_params = sum(p.numel() for p in student.parameters())
-    mode = resolve_mode(settings.mode, n_params)
-    peak = float(settings.lr if settings.lr is not None else DEFAULT_LR[mode])
-    steps = settings.num_steps()
-    seq = lengths.pop()
-    order = _sample_order(len(samples), steps * int(settings.batch_size), settings.seed)
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    meta = {"settings": _jsonable({**asdict(settings), "mode": mode, "lr": peak, "num_steps": steps, "seq_len": seq}),
-            "fingerprint": _jsonable(fingerprint or {}), "data_sha256": tokens_sha256(samples)}
-    saved = read_checkpoint_state(ckpt) if ckpt is not None else None
-    if saved is not None:
-        diff = _differences({k: saved.get(k) for k in meta}, meta)
-        if diff:
-            raise HealError(f"{ckpt} holds a checkpoint of a different heal ({'; '.join(diff[:3])}); "
-                            "pass --overwrite (or delete it) to start over")
+    run = _Run(student, teacher, samples, settings or HealSettings(), checkpoint_dir, fingerprint)
+    run.checkpoint_every, run.checkpoint_seconds = int(checkpoint_every), float(checkpoint_seconds)
+    run.eval_samples, run.eval_every, run.eval_batch_size = list(eval_samples), int(eval_every), int(eval_batch_size)
     flags = [(p, p.requires_grad) for p in teacher.parameters()]
     was_training = teacher.training
     teacher.eval()
     for p, _ in flags:
         p.requires_grad_(False)
     try:
-        return _train(student, teacher, samples, settings, mode, peak, steps, order, ckpt, meta, saved,
-                      checkpoint_every, checkpoint_seconds, eval_samples, eval_every, eval_batch_size, progress, on_step)
+        return run.train(progress, on_step)
     finally:  # the teacher is the caller's model: leave it as it was
         for p, flag in flags:
             p.requires_grad_(flag)
         teacher.train(was_training)
 
 
-def _train(student, teacher, samples, settings, mode, peak, steps, order, ckpt, meta, saved, checkpoint_every,
-           checkpoint_seconds, eval_samples, eval_every, eval_batch_size, progress, on_step) -> HealResult:
-    """The training loop of :func:`heal` (arguments checked there)."""
-    torch = _torch()
-    from qblock.validate.evaluate import model_device
+class _Run:
+    """One healing run: settings checked, checkpoint matched, then :meth:`train`."""
 
-    bs = int(settings.batch_size)
-    seq = int(torch.as_tensor(samples[0]).numel())
-    dev = model_device(student)
-    t_dev = model_device(teacher)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(settings.seed))
-        tr = _prepare(student, mode, settings)
-        if not tr.params:
+    def __init__(self, student, teacher, samples, settings: HealSettings, checkpoint_dir, fingerprint) -> None:
+        torch = _torch()
+        settings.check()
+        if not samples:
+            raise HealError("healing needs at least one training sample")
+        lengths = {int(torch.as_tensor(s).numel()) for s in samples}
+        if len(lengths) != 1:
+            raise HealError(f"training samples must all have the same length, got lengths {sorted(lengths)[:5]}")
+        self.student, self.teacher, self.samples, self.settings = student, teacher, samples, settings
+        self.mode = resolve_mode(settings.mode, sum(p.numel() for p in student.parameters()))
+        self.peak = float(settings.lr if settings.lr is not None else DEFAULT_LR[self.mode])
+        self.steps = settings.num_steps()
+        self.seq = lengths.pop()
+        self.order = _sample_order(len(samples), self.steps * settings.batch_size, settings.seed)
+        self.ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.meta = {"settings": _jsonable({**asdict(settings), "mode": self.mode, "lr": self.peak,
+                                            "num_steps": self.steps, "seq_len": self.seq}),
+                     "fingerprint": _jsonable(fingerprint or {}), "data_sha256": tokens_sha256(samples)}
+        self.saved = read_checkpoint_state(self.ckpt) if self.ckpt is not None else None
+        if self.saved is not None:
+            diff = _differences({k: self.saved.get(k) for k in self.meta}, self.meta)
+            if diff:
+                raise HealError(f"{self.ckpt} holds a checkpoint of a different heal ({'; '.join(diff[:3])}); "
+                                "pass --overwrite (or delete it) to start over")
+        self.history: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+        self.resumed: list[int] = []
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _start(self, progress: bool) -> int:
+        """Trainable parameters, optimizer, and the state of a matching checkpoint; returns the first step."""
+        torch = _torch()
+        self.tr = _prepare(self.student, self.mode, self.settings)
+        if not self.tr.params:
             raise HealError("nothing to train: no parameter requires a gradient in this mode")
-        opt = torch.optim.AdamW([p for _, p in tr.params], lr=peak, betas=tuple(settings.betas),
-                                weight_decay=float(settings.weight_decay), eps=1e-8)
-        start, history, evals, resumed = 0, [], [], []
-        if saved is not None:
-            torch.set_rng_state(_load_checkpoint(ckpt, saved, tr, opt))
-            start = int(saved["step"])
-            history, evals = list(saved.get("history", [])), list(saved.get("evals", []))
-            resumed = list(saved.get("resumed_from", [])) + [start]
-            _log(f"resuming the heal in {ckpt.parent} at step {start} of {steps}", progress)
-        elif eval_samples:
-            evals.append({"step": 0, "tokens": 0, **compare_to_teacher(tr.model, teacher, eval_samples,
-                                                                       batch_size=eval_batch_size)})
-        tr.model.train()
-        t0 = last_save = time.perf_counter()
-        bar = _bar(steps, start, progress)
-        step = start
-        rng_at_step = torch.get_rng_state()
-        updating = False
+        self.opt = torch.optim.AdamW([p for _, p in self.tr.params], lr=self.peak, betas=tuple(self.settings.betas),
+                                     weight_decay=float(self.settings.weight_decay), eps=1e-8)
+        if self.saved is None:
+            if self.eval_samples:
+                self._evaluate(0)
+            return 0
+        torch.set_rng_state(_load_checkpoint(self.ckpt, self.saved, self.tr, self.opt))
+        start = int(self.saved["step"])
+        self.history, self.evals = list(self.saved.get("history", [])), list(self.saved.get("evals", []))
+        self.resumed = list(self.saved.get("resumed_from", [])) + [start]
+        _log(f"resuming the heal in {self.ckpt.parent} at step {start} of {self.steps}", progress)
+        return start
 
-        def save(at_step, rng):
-            if ckpt is not None:
-                _save_checkpoint(ckpt, at_step, tr, opt, rng, {**meta, "history": history, "evals": evals,
-                                                               "resumed_from": resumed})
+    def _evaluate(self, step: int) -> None:
+        r = compare_to_teacher(self.tr.model, self.teacher, self.eval_samples, batch_size=self.eval_batch_size)
+        self.evals.append({"step": step, "tokens": step * self.settings.batch_size * self.seq, **r})
+
+    def _save(self, step: int, rng) -> None:
+        if self.ckpt is not None:
+            _save_checkpoint(self.ckpt, step, self.tr, self.opt, rng,
+                             {**self.meta, "history": self.history, "evals": self.evals, "resumed_from": self.resumed})
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _gradients(self, step: int) -> tuple[float, float, float | None]:
+        """Accumulate the step's gradients, one micro-batch at a time (bounds the logits' memory)."""
+        torch = _torch()
+        from qblock.validate.evaluate import model_device
+
+        st, bs = self.settings, int(self.settings.batch_size)
+        idx = self.order[step * bs:(step + 1) * bs]
+        ids = torch.stack([torch.as_tensor(self.samples[int(i)], dtype=torch.long) for i in idx])
+        dev, t_dev = model_device(self.student), model_device(self.teacher)
+        self.opt.zero_grad(set_to_none=True)
+        sums = [0.0, 0.0, 0.0]
+        micro = max(1, min(int(st.micro_batch_size), bs))
+        for k in range(0, bs, micro):
+            part = ids[k:k + micro]
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=part.to(t_dev), use_cache=False).logits[:, :-1]
+            s_logits = self.tr.model(input_ids=part.to(dev), use_cache=False).logits[:, :-1]
+            loss, kl, ce = distill_loss(s_logits, t_logits.to(s_logits.device), part[:, 1:].to(dev),
+                                        ce_weight=st.ce_weight, temperature=st.temperature)
+            del t_logits, s_logits
+            share = len(part) / bs  # equal-length samples: the mean over micro-batches is the batch mean
+            (loss * share).backward()
+            sums = [sums[0] + float(loss.detach()) * share, sums[1] + float(kl.detach()) * share,
+                    sums[2] + float(ce.detach()) * share]
+        return sums[0], sums[1], (sums[2] if st.ce_weight else None)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train(self, progress: bool, on_step) -> HealResult:
+        torch = _torch()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.settings.seed))
+            start = self._start(progress)
+            self.tr.model.train()
+            t0 = time.perf_counter()
+            self._loop(start, progress, on_step)
+            seconds = time.perf_counter() - t0
+            self.tr.model.eval()
+            if self.eval_samples:
+                self._evaluate(self.steps)
+            n_train = sum(p.numel() for _, p in self.tr.params)
+            model = self.tr.finish()
+        model.eval()
+        return HealResult(model=model, mode=self.mode, lr=self.peak, steps=self.steps,
+                          tokens=self.steps * self.settings.batch_size * self.seq, history=self.history,
+                          evals=self.evals, resumed_from=self.resumed, seconds=seconds,
+                          trainable_params=n_train)
+
+    def _loop(self, start: int, progress: bool, on_step) -> None:
+        torch = _torch()
+        st = self.settings
+        last_save = time.perf_counter()
+        bar = _bar(self.steps, start, progress)
+        rng_at_step, updating, step = torch.get_rng_state(), False, start
         try:
-            for step in range(start, steps):
+            for step in range(start, self.steps):
                 rng_at_step = torch.get_rng_state()
-                lr = lr_at(step, steps, peak, settings.warmup, settings.min_lr_ratio)
-                for g in opt.param_groups:
+                lr = lr_at(step, self.steps, self.peak, st.warmup, st.min_lr_ratio)
+                for g in self.opt.param_groups:
                     g["lr"] = lr
-                idx = order[step * bs:(step + 1) * bs]
-                ids = torch.stack([torch.as_tensor(samples[int(i)], dtype=torch.long) for i in idx])
-                with torch.no_grad():
-                    t_logits = teacher(input_ids=ids.to(t_dev), use_cache=False).logits[:, :-1]
-                s_logits = tr.model(input_ids=ids.to(dev), use_cache=False).logits[:, :-1]
-                loss, kl, ce = distill_loss(s_logits, t_logits.to(s_logits.device), ids[:, 1:].to(dev),
-                                            ce_weight=settings.ce_weight, temperature=settings.temperature)
-                del t_logits
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                del s_logits
+                loss, kl, ce = self._gradients(step)
                 updating = True  # an interrupt from here on leaves a half-applied step: not saved
-                gn = _clip([p for _, p in tr.params], settings.clip)
-                opt.step()
-                rec = {"step": step + 1, "tokens": (step + 1) * bs * seq, "loss": float(loss.detach()),
-                       "kl": float(kl.detach()), "ce": None if ce is None else float(ce.detach()),
-                       "lr": lr, "grad_norm": gn}
-                history.append(rec)
+                gn = _clip([p for _, p in self.tr.params], st.clip)
+                self.opt.step()
+                rec = {"step": step + 1, "tokens": (step + 1) * st.batch_size * self.seq, "loss": loss, "kl": kl,
+                       "ce": ce, "lr": lr, "grad_norm": gn}
+                self.history.append(rec)
                 updating = False  # weights and history agree again
-                if eval_samples and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-                    evals.append({"step": step + 1, "tokens": rec["tokens"],
-                                  **compare_to_teacher(tr.model, teacher, eval_samples, batch_size=eval_batch_size)})
-                now = time.perf_counter()
-                if (checkpoint_every and (step + 1) % checkpoint_every == 0) or now - last_save >= checkpoint_seconds:
-                    save(step + 1, torch.get_rng_state())
+                if self.eval_samples and self.eval_every and (step + 1) % self.eval_every == 0 \
+                        and step + 1 < self.steps:
+                    self._evaluate(step + 1)
+                if (self.checkpoint_every and (step + 1) % self.checkpoint_every == 0) \
+                        or time.perf_counter() - last_save >= self.checkpoint_seconds:
+                    self._save(step + 1, torch.get_rng_state())
                     last_save = time.perf_counter()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{_running(history):.4f}", tokens=f"{rec['tokens']:,}", refresh=False)
+                    bar.set_postfix(loss=f"{_running(self.history):.4f}", tokens=f"{rec['tokens']:,}", refresh=False)
                 if on_step is not None:
                     on_step(step + 1, rec)
         except KeyboardInterrupt:
-            done = len(history)
+            done = len(self.history)
             if not updating and done > start:
-                save(done, torch.get_rng_state() if done == step + 1 else rng_at_step)
-                _log(f"interrupted at step {done} of {steps}; checkpoint saved: run the same command again to resume",
-                     progress)
+                # a step that had not finished starts again from its own RNG state
+                self._save(done, torch.get_rng_state() if done == step + 1 else rng_at_step)
+                _log(f"interrupted at step {done} of {self.steps}; checkpoint saved: run the same command again "
+                     "to resume", progress)
             raise
         finally:
             if bar is not None:
                 bar.close()
-        seconds = time.perf_counter() - t0
-        tr.model.eval()
-        if eval_samples:
-            evals.append({"step": steps, "tokens": steps * bs * seq,
-                          **compare_to_teacher(tr.model, teacher, eval_samples, batch_size=eval_batch_size)})
-        n_train = sum(p.numel() for _, p in tr.params)
-        model = tr.finish()
-    model.eval()
-    return HealResult(model=model, mode=mode, lr=peak, steps=steps, tokens=steps * bs * seq, history=history,
-                      evals=evals, resumed_from=resumed, seconds=seconds, trainable_params=n_train)
 
 
 def _clip(params, max_norm: float) -> float:
