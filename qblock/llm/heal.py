@@ -180,9 +180,9 @@ class HealResult:
         lr: the peak learning rate used.
         steps, tokens: optimizer steps and training tokens of the whole run (resumed parts included).
         history: one record per step: ``step``, ``tokens``, ``loss``, ``kl``, ``ce``, ``lr``, ``grad_norm``.
-        evals: held-out evaluations (``step``, ``tokens``, ``heldout_loss``, ``kl``, ``teacher_loss``).
+        evals: held-out evaluations (``step``, ``tokens``, ``heldout_loss``, ``kl``, ``teacher_loss``, ``seconds``).
         resumed_from: the steps at which this run (or an earlier one) resumed from a checkpoint.
-        seconds: wall time of this call's training loop.
+        seconds: wall time of this call's training loop (evaluations during it included, each also in ``evals``).
         trainable_params: parameters trained.
     """
 
@@ -689,8 +689,10 @@ class _Run:
         return start
 
     def _evaluate(self, step: int) -> None:
+        t0 = time.perf_counter()
         r = compare_to_teacher(self.tr.model, self.teacher, self.eval_samples, batch_size=self.eval_batch_size)
-        self.evals.append({"step": step, "tokens": step * self.settings.batch_size * self.seq, **r})
+        self.evals.append({"step": step, "tokens": step * self.settings.batch_size * self.seq, **r,
+                           "seconds": time.perf_counter() - t0})
 
     def _save(self, step: int, rng) -> None:
         if self.ckpt is not None:
