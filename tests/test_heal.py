@@ -77,7 +77,8 @@ def test_healing_lowers_the_kl_to_the_teacher_on_held_out_samples(teacher, mode)
     assert after["heldout_loss"] < before["heldout_loss"]
     assert after["teacher_loss"] == pytest.approx(before["teacher_loss"])
     # evaluations: before, at step 20, after; the last equals a fresh comparison
-    assert [e["step"] for e in res.evals] == [0, 20, 40]
+    assert [e["step"] for e in res.evals] == [0, 20, 40] and [e["tokens"] for e in res.evals] == [0, 20 * 192, 40 * 192]
+    assert all(e["eval_tokens"] == 8 * 23 for e in res.evals)
     assert res.evals[-1]["kl"] == pytest.approx(after["kl"], rel=1e-5)
     assert res.evals[0]["kl"] == pytest.approx(before["kl"], rel=1e-5)
     # the teacher is untouched, and a plain model comes back (LoRA merged)

@@ -180,7 +180,8 @@ class HealResult:
         lr: the peak learning rate used.
         steps, tokens: optimizer steps and training tokens of the whole run (resumed parts included).
         history: one record per step: ``step``, ``tokens``, ``loss``, ``kl``, ``ce``, ``lr``, ``grad_norm``.
-        evals: held-out evaluations (``step``, ``tokens``, ``heldout_loss``, ``kl``, ``teacher_loss``, ``seconds``).
+        evals: held-out evaluations: ``step``, ``tokens`` (trained so far), ``heldout_loss``, ``teacher_loss``,
+            ``kl``, ``eval_tokens`` (predicted tokens evaluated) and ``seconds``.
         resumed_from: the steps at which this run (or an earlier one) resumed from a checkpoint.
         seconds: wall time of this call's training loop (evaluations during it included, each also in ``evals``).
         trainable_params: parameters trained.
@@ -691,8 +692,9 @@ class _Run:
     def _evaluate(self, step: int) -> None:
         t0 = time.perf_counter()
         r = compare_to_teacher(self.tr.model, self.teacher, self.eval_samples, batch_size=self.eval_batch_size)
-        self.evals.append({"step": step, "tokens": step * self.settings.batch_size * self.seq, **r,
-                           "seconds": time.perf_counter() - t0})
+        self.evals.append({"step": step, "tokens": step * self.settings.batch_size * self.seq,
+                           "heldout_loss": r["heldout_loss"], "teacher_loss": r["teacher_loss"], "kl": r["kl"],
+                           "eval_tokens": r["tokens"], "seconds": time.perf_counter() - t0})
 
     def _save(self, step: int, rng) -> None:
         if self.ckpt is not None:
@@ -774,9 +776,9 @@ class _Run:
                         or time.perf_counter() - last_save >= self.checkpoint_seconds:
                     self._save(step + 1, torch.get_rng_state())
                     last_save = time.perf_counter()
-                if bar is not None:
-                    bar.update(1)
+                if bar is not None:  # postfix first: update() redraws the line with it
                     bar.set_postfix(loss=f"{_running(self.history):.4f}", tokens=f"{rec['tokens']:,}", refresh=False)
+                    bar.update(1)
                 if on_step is not None:
                     on_step(step + 1, rec)
         except KeyboardInterrupt:
