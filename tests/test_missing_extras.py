@@ -46,6 +46,7 @@ def problem(tmp_path_factory):
     (["compare", "{p}", "--backends", "exact", "--repeats", "1", "--out", "cmp"], "viz"),
     (["extract", "--out", "x.npz"], "llm"),
     (["prune", "--remove", "1", "--out", "pruned"], "llm"),
+    (["heal", "pruned", "--out", "healed"], "llm"),
 ])
 def test_core_only_command_ends_in_one_install_line(problem, tmp_path, args, extra):
     r = run_core_only([a.format(p=problem) for a in args], tmp_path)

@@ -873,7 +873,11 @@ def save_healed(model, tokenizer, out_dir: str | os.PathLike, info: dict[str, An
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _drop_gguf_markers(model)
-    model.save_pretrained(out)
+    tf = require("transformers", "llm")
+    from qblock.llm.models import _no_bars
+
+    with _no_bars(tf, True):  # transformers' shard-writing bar: noise after the healing bar
+        model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if pruned_info is not None:
