@@ -680,6 +680,8 @@ class _Run:
                                      weight_decay=float(self.settings.weight_decay), eps=1e-8)
         if self.saved is None:
             if self.eval_samples:
+                _log(f"held-out loss and KL of student and teacher before healing ({len(self.eval_samples)} samples)",
+                     progress)
                 self._evaluate(0)
             return 0
         torch.set_rng_state(_load_checkpoint(self.ckpt, self.saved, self.tr, self.opt))
