@@ -307,7 +307,8 @@ def test_cli_heal_errors_are_one_line(tiny_files, tmp_path, capsys, monkeypatch)
     cases = [
         (["heal", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "not a Hugging Face model directory"),
         (_heal_args(tiny_files, busy), "is not empty"),
-        (_heal_args(tiny_files, tiny_files / "pruned"), "must not be PRUNED_DIR"),
+        (_heal_args(tiny_files, tiny_files / "pruned"), "would overwrite the input"),
+        (_heal_args(tiny_files, busy / "x"), "is an existing file"),
         (_heal_args(tiny_files, tmp_path / "o", "--steps", "0"), "--steps must be positive"),
         (_heal_args(tiny_files, tmp_path / "o", "--warmup", "2"), "--warmup must be between 0 and 1"),
         (_heal_args(tiny_files, tmp_path / "o", "--eval-samples", "-1"), "--eval-samples must be at least 0"),

@@ -130,14 +130,10 @@ def _settings(args):
     return s
 
 
-def _out_state(out: Path, pruned: Path, overwrite: bool) -> str:
+def _out_state(out: Path, overwrite: bool) -> str:
     """``"fresh"``, ``"resume"`` (a checkpoint is there) or ``"finished"`` (a healed model is there)."""
     from qblock.llm.heal import CHECKPOINT_DIR
 
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} exists and is not a directory")
-    if out.resolve() == pruned.resolve():
-        raise CliError("--out must not be PRUNED_DIR (the pruned model would be overwritten)")
     if not out.exists() or not any(out.iterdir()):
         return "fresh"
     if overwrite:
@@ -211,7 +207,11 @@ def run(args: argparse.Namespace) -> int:
     pruned, out = Path(args.pruned), Path(args.out)
     if not pruned.is_dir() or not (pruned / "config.json").is_file():
         raise CliError(f"PRUNED_DIR {pruned} is not a Hugging Face model directory (no config.json)")
-    state = _out_state(out, pruned, args.overwrite)
+    from qblock.cli._common import check_output
+
+    # the one --out rule of every sub-command (not a file, writable, never one of the inputs)
+    check_output(args.out, "--out", inputs=[args.pruned, args.calibration, args.teacher], folder=True)
+    state = _out_state(out, args.overwrite)
     from qblock.llm import heal as H
     from qblock.llm.cache import CacheError
     from qblock.llm.data import DataError
