@@ -35,7 +35,6 @@ RESERVED_HELDOUT = 32
 
 def register(sub: argparse._SubParsersAction) -> None:
     d = argparse.Namespace(**DEFAULTS)
-    DEFAULT_TOKENS = d.tokens
     p = sub.add_parser(
         "heal",
         help="heal a pruned model by distillation from the unpruned model",
@@ -61,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default): full up to 1.5B parameters, else lora")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--tokens", type=int, default=None,
-                        help=f"training budget in tokens (default {DEFAULT_TOKENS:,}: "
-                             f"{DEFAULT_TOKENS // (d.batch_size * d.seq_len)} steps of {d.batch_size} x {d.seq_len})")
+                        help=f"training budget in tokens (default {d.tokens:,}: "
+                             f"{d.tokens // (d.batch_size * d.seq_len)} steps of {d.batch_size} x {d.seq_len})")
     budget.add_argument("--steps", type=int, default=None, help="training budget in optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"samples per step (default {d.batch_size})")
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
@@ -212,52 +211,23 @@ def run(args: argparse.Namespace) -> int:
     # the one --out rule of every sub-command (not a file, writable, never one of the inputs)
     check_output(args.out, "--out", inputs=[args.pruned, args.calibration, args.teacher], folder=True)
     state = _out_state(out, args.overwrite)
-    from qblock.llm import heal as H
-    from qblock.llm.cache import CacheError
-    from qblock.llm.data import DataError
-    from qblock.llm.models import ModelLoadError, check_device, load_model, model_provenance
-    from qblock.validate.runner import apply_threads
-
-    try:
-        check_device(args.device)
-        threads = apply_threads(args.threads, quiet=args.quiet)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    progress = not args.quiet
+    threads = _threads(args)
     t_start = time.perf_counter()
-    student, tok = _load_student(pruned, args.dtype, args.device, args.quiet)
-    pruned_info = _read_pruned_info(pruned)
-    teacher_spec = args.teacher or H.recorded_teacher(pruned)
-    if not teacher_spec:
-        raise CliError(f"{pruned} records no teacher (no qblock_pruned.json from qblock prune); pass --teacher MODEL")
-    try:
-        # quiet: transformers' weight-loading bars are noise here (downloads are announced regardless)
-        teacher, t_tok = load_model(teacher_spec, dtype=args.dtype, device=args.device, quiet=True)
-    except (ModelLoadError, CacheError) as exc:
-        raise CliError(f"teacher: {exc}") from None
-    _check_pair(student, teacher, pruned_info, teacher_spec)
-    tok = tok or t_tok
-    settings.mode = H.resolve_mode(settings.mode, sum(p.numel() for p in student.parameters()))
+    m = _load_models(args, pruned)
+    from qblock.llm import heal as H
+
+    settings.mode = H.resolve_mode(settings.mode, sum(p.numel() for p in m["student"].parameters()))
     if settings.mode == "lora":
         require("peft", "heal")
-    steps = settings.num_steps()
-    try:
-        train, held, dprov = H.heal_data(tok, args.calibration, num_samples=steps * settings.batch_size,
-                                         seq_len=settings.seq_len, seed=settings.seed,
-                                         eval_samples=max(args.eval_samples, RESERVED_HELDOUT),
-                                         eval_seq_len=args.eval_seq_len)
-        held = held[:args.eval_samples]  # packed from the same end: the first k equal a k-sample split
-    except (DataError, CacheError) as exc:
-        raise CliError(str(exc)) from None
-    except H.HealError as exc:
-        raise CliError(str(exc)) from None
+    train, held, dprov = _data(args, m["tok"], settings)
     fingerprint = {
         "student": {"dir": str(pruned.resolve()), "weights_sha256": _weights_sha256(pruned)},
-        "teacher": model_provenance(teacher_spec),
+        "teacher": m["provenance"],
         "dtype": str(args.dtype or "fp32"),
         "data": {k: dprov.get(k) for k in ("name", "file", "sha256", "seed")},
         "held_out": {**{k: dprov["held_out"][k] for k in ("num_samples", "seq_len")}, "evaluated": len(held)},
     }
+    progress = not args.quiet
     if state == "finished":
         return _finished(out, fingerprint, settings, progress)
     if state == "overwrite":
@@ -265,25 +235,79 @@ def run(args: argparse.Namespace) -> int:
         (out / "qblock.json").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if progress and state != "resume":  # a resumed run says so itself, once its checkpoint is found to match
-        tokens = steps * settings.batch_size * settings.seq_len
-        print(f"qblock heal: {settings.mode} fine-tuning of {pruned} ({len(pruned_info.get('removed') or [])} blocks "
-              f"removed) from teacher {teacher_spec}: {steps} steps x {settings.batch_size} x {settings.seq_len} = "
-              f"{tokens:,} tokens from {dprov['train']['num_samples']} samples ({dprov.get('name')}); held-out "
-              f"{len(held)} x {args.eval_seq_len} tokens; {threads} torch thread(s)", file=sys.stderr, flush=True)
+        _announce(settings, pruned, m, dprov, len(held), args.eval_seq_len, threads)
     try:
-        result = H.heal(student, teacher, train, settings, checkpoint_dir=out / H.CHECKPOINT_DIR,
+        result = H.heal(m["student"], m["teacher"], train, settings, checkpoint_dir=out / H.CHECKPOINT_DIR,
                         fingerprint=fingerprint, checkpoint_every=args.checkpoint_every,
                         checkpoint_seconds=60.0 * args.checkpoint_minutes,
                         eval_samples=[] if args.no_eval else held, eval_every=args.eval_every, progress=progress)
     except H.HealError as exc:
         raise CliError(str(exc)) from None
-    info = _info(result, settings, teacher_spec, pruned, pruned_info, dprov, fingerprint, threads, args,
+    info = _info(result, settings, m["teacher_spec"], pruned, m["pruned_info"], dprov, fingerprint, threads, args,
                  time.perf_counter() - t_start)
-    H.save_healed(result.model, tok, out, info, pruned_info or None)
+    H.save_healed(result.model, m["tok"], out, info, m["pruned_info"] or None)
     H.remove_checkpoint(out)
     if progress:
         _print(info, out)
     return 0
+
+
+def _threads(args) -> int:
+    from qblock.llm.models import check_device
+    from qblock.validate.runner import apply_threads
+
+    try:
+        check_device(args.device)
+        return apply_threads(args.threads, quiet=args.quiet)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _load_models(args, pruned: Path) -> dict[str, Any]:
+    """Student (the pruned model), teacher (given, or recorded by qblock prune), tokenizer; checked as a pair."""
+    from qblock.llm.cache import CacheError
+    from qblock.llm.heal import recorded_teacher
+    from qblock.llm.models import ModelLoadError, load_model, model_provenance
+
+    student, tok = _load_student(pruned, args.dtype, args.device, args.quiet)
+    pruned_info = _read_pruned_info(pruned)
+    spec = args.teacher or recorded_teacher(pruned)
+    if not spec:
+        raise CliError(f"{pruned} records no teacher (no qblock_pruned.json from qblock prune); pass --teacher MODEL")
+    try:
+        # quiet: transformers' weight-loading bars are noise here (downloads are announced regardless)
+        teacher, t_tok = load_model(spec, dtype=args.dtype, device=args.device, quiet=True)
+    except (ModelLoadError, CacheError) as exc:
+        raise CliError(f"teacher: {exc}") from None
+    _check_pair(student, teacher, pruned_info, spec)
+    return {"student": student, "teacher": teacher, "tok": tok or t_tok, "teacher_spec": spec,
+            "provenance": model_provenance(spec), "pruned_info": pruned_info}
+
+
+def _data(args, tok, settings):
+    """Training samples and the evaluated held-out samples (the first of the reserved split)."""
+    from qblock.llm.cache import CacheError
+    from qblock.llm.data import DataError
+    from qblock.llm.heal import HealError, heal_data
+
+    try:
+        train, held, dprov = heal_data(tok, args.calibration, num_samples=settings.num_steps() * settings.batch_size,
+                                       seq_len=settings.seq_len, seed=settings.seed,
+                                       eval_samples=max(args.eval_samples, RESERVED_HELDOUT),
+                                       eval_seq_len=args.eval_seq_len)
+    except (DataError, CacheError, HealError) as exc:
+        raise CliError(str(exc)) from None
+    return train, held[:args.eval_samples], dprov  # packed from the same end: the first k are a k-sample split
+
+
+def _announce(settings, pruned: Path, m: dict[str, Any], dprov, n_held: int, held_len: int, threads: int) -> None:
+    steps = settings.num_steps()
+    tokens = steps * settings.batch_size * settings.seq_len
+    print(f"qblock heal: {settings.mode} fine-tuning of {pruned} ({len(m['pruned_info'].get('removed') or [])} "
+          f"blocks removed) from teacher {m['teacher_spec']}: {steps} steps x {settings.batch_size} x "
+          f"{settings.seq_len} = {tokens:,} tokens from {dprov['train']['num_samples']} samples "
+          f"({dprov.get('name')}); held-out {n_held} x {held_len} tokens; {threads} torch thread(s)",
+          file=sys.stderr, flush=True)
 
 
 def _read_pruned_info(pruned: Path) -> dict[str, Any]:
@@ -329,8 +353,6 @@ def _info(result, settings, teacher_spec, pruned, pruned_info, dprov, fingerprin
     from dataclasses import asdict
 
     from qblock import __version__
-    from qblock.llm.models import model_provenance
-
     evals = result.evals
     held: dict[str, Any] = {"num_samples": fingerprint["held_out"]["evaluated"], "seq_len": dprov["held_out"]["seq_len"],
                             "reserved_samples": dprov["held_out"]["num_samples"],
@@ -345,7 +367,7 @@ def _info(result, settings, teacher_spec, pruned, pruned_info, dprov, fingerprin
     return {
         "format": "qblock.heal",
         "qblock_version": __version__,
-        "teacher": {"spec": teacher_spec, **model_provenance(teacher_spec)},
+        "teacher": {"spec": teacher_spec, **fingerprint["teacher"]},
         "student": {"pruned_dir": str(pruned.resolve()), "removed": pruned_info.get("removed"),
                     "removed_labels": pruned_info.get("removed_labels"),
                     "original_num_blocks": pruned_info.get("original_num_blocks")},
