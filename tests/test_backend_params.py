@@ -286,7 +286,13 @@ def test_ctrl_c_stops_a_sampler_that_polls_between_reads(p10):
             X = np.zeros((max(1, type(self).reads_done), bqm.num_variables), dtype=np.int8)
             return dimod.SampleSet.from_samples((X, list(bqm.variables)), dimod.BINARY, energy=bqm.energies(X))
 
-    with pytest.raises(KeyboardInterrupt):
-        penalty_pipeline(p10, PollingSampler(), num_solutions=3, seed=0, num_reads=1000)
-    assert PollingSampler.reads_done < 1000
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    # Python's own Ctrl-C handler, as in an interactive run (a job started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and then Ctrl-C cannot reach it at all)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            penalty_pipeline(p10, PollingSampler(), num_solutions=3, seed=0, num_reads=1000)
+        assert PollingSampler.reads_done < 1000
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, outer)
