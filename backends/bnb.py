@@ -638,13 +638,10 @@ def topk(
         open_min = math.inf
         stopped = False
         bar = None
-        if progress:
-            try:
-                from tqdm.auto import tqdm
+        if progress:  # tqdm is a core dependency
+            from tqdm.auto import tqdm
 
-                bar = tqdm(desc="bnb nodes", unit="node", leave=False)
-            except ImportError:
-                bar = None
+            bar = tqdm(desc="bnb nodes", unit="node", leave=False)
         while pools:
             if deadline is not None and time.perf_counter() > deadline:
                 stopped = True

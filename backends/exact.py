@@ -176,13 +176,10 @@ def enumerate_topk(
     p = M - q
 
     bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
+    if progress:  # tqdm is a core dependency
+        from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, unit="state", unit_scale=True, desc="exact", leave=False)
-        except ImportError:
-            bar = None
+        bar = tqdm(total=total, unit="state", unit_scale=True, desc="exact", leave=False)
 
     visited = 0
     if p == 0:

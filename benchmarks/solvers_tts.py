@@ -35,10 +35,7 @@ def run(args) -> dict:
     from bnb_topk import machine_info
     from qblock.backends import bnb
 
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
+    from tqdm.auto import tqdm  # a core dependency of qblock
     rows = []
     for n in args.sizes:
         M = max(1, n // 4)
@@ -48,7 +45,7 @@ def run(args) -> dict:
         cert_time = time.perf_counter() - t
         opt = float(e[0]) + p.offset
         row = {"N": n, "M": M, "optimum": opt, "certified": st["certified"], "certify_seconds": cert_time, "backends": {}}
-        it = args.backends if tqdm is None else tqdm(args.backends, desc=f"N={n}", leave=False)
+        it = tqdm(args.backends, desc=f"N={n}", leave=False)
         for name in it:
             times, hits, bests = [], 0, []
             for r in range(args.repeats):
