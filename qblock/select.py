@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
@@ -66,7 +66,7 @@ def _key(removed: Iterable[int]) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------ the measured QUBO
 def measured_problem(oracle: LossOracle, num_blocks: int, *, pool_size: int | None = None,
                      pair_oracle: LossOracle | None = None, num_remove: int | None = None,
-                     labels: Sequence[str] | None = None, progress: Any = None) -> BlockRemovalProblem:
+                     labels: Sequence[str] | None = None) -> BlockRemovalProblem:
     """Measured QUBO: single removals of every block, pair removals inside a pool of the most removable.
 
     With ``L_0`` the full model's loss, ``L_i`` with block ``i`` removed and ``L_ij`` with both removed:
@@ -81,8 +81,7 @@ def measured_problem(oracle: LossOracle, num_blocks: int, *, pool_size: int | No
         pair_oracle: a cheaper oracle for the pairs (e.g. fewer calibration tokens); its own ``L_0``
             and ``L_i`` of the pool are measured too, so each coupling is a difference on one data set.
         num_remove: M of the returned problem (optional).
-        labels: block names.
-        progress: a callable ``progress(done, total)`` or None.
+        labels: block names (progress is the oracle's to show, see :func:`qblock.llm.measured.select_removals`).
 
     Returns:
         A :class:`BlockRemovalProblem` with ``metadata["energy"] == "measured"``, arrays
@@ -234,7 +233,6 @@ class Refinement:
     backend: str
     rounds: int
     repeats: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, backend: str = "exact",
