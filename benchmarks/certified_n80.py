@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bnb_topk import machine_info  # noqa: E402  (one description of the machine for every benchmark)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -55,22 +58,6 @@ def measure(ms: list[int], seeds: list[int], k: int) -> list[dict]:
             print(f"M={M:2d} seed={seed}: {dt:.3f} s ({cpu:.3f} s CPU) certified={rows[-1]['certified']} nodes={rows[-1]['nodes']}",
                   flush=True)
     return rows
-
-
-def machine() -> dict:
-    import numpy
-    import scipy
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "python": sys.version.split()[0], "numpy": numpy.__version__, "scipy": scipy.__version__}
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -134,7 +121,7 @@ def main(argv=None) -> int:
         for p in procs:
             p.kill()
             p.wait()
-    res = {"benchmark": "certified_n80", "machine": machine(), "settings": vars(args), "load_before": load_before,
+    res = {"benchmark": "certified_n80", "machine": machine_info(), "settings": vars(args), "load_before": load_before,
            "load_after": list(os.getloadavg()), "rows": rows, "summary": summary(rows),
            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     out = Path(args.out)
