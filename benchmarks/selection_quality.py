@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--select-samples", type=int, default=8, help="calibration samples of qblock's measurements")
     ap.add_argument("--select-evaluations", type=int, default=24, help="refinement evaluations per M")
     ap.add_argument("--select-backend", default="exact")
+    ap.add_argument("--select-confirm", type=int, default=6, help="finalists per M re-measured on the calibration set")
+    ap.add_argument("--select-confirm-samples", type=int, default=32, help="calibration samples of the confirmation")
     ap.add_argument("--select-heldout", type=int, default=None,
                     help="measured sets per M also evaluated on held-out data (default all; fewer is faster, but "
                          "the correlations then cover fewer sets)")
@@ -79,7 +81,8 @@ def main(argv=None) -> int:
         num_removes=ms, top_k=5, backend="auto", solve_seed=args.seed, num_random=args.random, random_seed=args.seed,
         greedy_samples=args.greedy_samples, energy_models=["fisher+grad"], n_boot=1000, stats_seed=args.seed,
         select_samples=args.select_samples, select_evaluations=args.select_evaluations,
-        select_backend=args.select_backend, select_heldout=args.select_heldout or 10**6, progress=True)
+        select_backend=args.select_backend, select_confirm=args.select_confirm,
+        select_confirm_samples=args.select_confirm_samples, select_heldout=args.select_heldout or 10**6, progress=True)
     work = Path(tempfile.mkdtemp(prefix="qblock-selq-"))
     res = validate(problem, model, tok, calib, evals, settings, work, title=f"selection quality: {args.model}")
     rows = res["rows"]
@@ -180,10 +183,12 @@ def _tables(rows, extra, res, ms, n, usual):
             "sleb_tokens_usual": (sleb["cost_forward_passes"] * usual) if sleb else None,
         }
         lines += [f"### M = {m} of {n} blocks ({100 * m / n:.0f}%)", "",
-                  "| method | removed | calibration loss | held-out loss | forward tokens to choose | backward tokens |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | removed | calibration loss | confirmed calib. loss | held-out loss "
+                  "| forward tokens to choose | backward tokens |",
+                  "|---|---|---|---|---|---|---|"]
         for t in table:
             lines.append(f"| {t['method']} | {','.join(map(str, t['removed']))} | {_f(t.get('calib_loss'))} | "
+                         f"{_f(t.get('confirm_loss'))} | "
                          f"{_f(t['heldout_loss'])} | {_i(t.get('fwd_tokens'))} | {_i(t.get('bwd_tokens'))} |")
         d = per_m[str(m)]
         if d["qblock_minus_best_baseline"] is not None:
@@ -198,7 +203,7 @@ def _tables(rows, extra, res, ms, n, usual):
 
 def _row(label, r):
     return {"method": label, "removed": r["removed"], "heldout_loss": r["heldout_loss"], "calib_loss": r.get("calib_loss"),
-            "fwd_tokens": r.get("cost_forward_tokens"), "bwd_tokens": r.get("cost_backward_tokens")}
+            "confirm_loss": r.get("confirm_loss"), "fwd_tokens": r.get("cost_forward_tokens"), "bwd_tokens": r.get("cost_backward_tokens")}
 
 
 def _f(v, d=4):

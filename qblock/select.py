@@ -14,8 +14,11 @@ This module keeps the QUBO and its backends and fits the QUBO to measured losses
    surrogate with ANY registered backend (:func:`qblock.solve`), measure the best distinct unseen
    proposals, refit, until the token budget is spent. Proposals the solver repeats are replaced by
    unseen swap neighbours of the best measured sets, ranked by the surrogate.
-3. The recommendation is the set of lowest *measured* calibration loss among all sets of size M
-   evaluated; held-out data is never touched here.
+3. :func:`confirm` (optional, recommended): the best few measured sets are measured again on more
+   calibration tokens and the lowest of those is recommended. The loop's many cheap measurements find
+   the candidates; the few larger ones keep the choice from overfitting the small sample the loop used
+   (racing, as in multi-fidelity optimisation). Either way the recommendation is a set of lowest
+   *measured* calibration loss; held-out data is never touched here.
 
 Everything here is model-agnostic: a loss oracle is any object with ``loss(removed) -> float`` and a
 ``tokens`` counter (:class:`qblock.llm.measured.CalibrationLoss` is the one for a real model; the
@@ -40,14 +43,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
 from qblock.problems.block_removal import BlockRemovalProblem
 
-__all__ = ["LossOracle", "measured_problem", "refine", "Refinement", "surrogate_problem"]
+__all__ = ["LossOracle", "measured_problem", "refine", "Refinement", "surrogate_problem", "confirm"]
 
 
 class LossOracle(Protocol):
@@ -222,6 +225,9 @@ class Refinement:
         backend: the solver backend used.
         rounds: rounds run.
         repeats: proposals of the solver that had been measured already (skipped).
+        finalists: ``{removed: loss}`` re-measured by :func:`confirm` on more calibration tokens (empty
+            when no confirmation ran).
+        confirm_tokens: forward tokens the confirmation spent for this M.
     """
 
     num_remove: int
@@ -233,6 +239,22 @@ class Refinement:
     backend: str
     rounds: int
     repeats: int = 0
+    finalists: dict[tuple[int, ...], float] = field(default_factory=dict)
+    confirm_tokens: int = 0
+
+    @property
+    def recommended(self) -> tuple[list[int], float]:
+        """The recommended set and its loss: the lowest confirmed loss if confirmed, else ``best_removed``."""
+        if self.finalists:
+            key = min(self.finalists, key=lambda k: (self.finalists[k], k))
+            return list(key), self.finalists[key]
+        return list(self.best_removed), self.best_loss
+
+    def ranked(self) -> list[tuple[tuple[int, ...], float]]:
+        """Every measured set of size M with its loss, lowest first (the loop's own measurements)."""
+        sized = {tuple(h["removed"]): h["loss"] for h in self.history}
+        sized.setdefault(tuple(self.best_removed), self.best_loss)
+        return sorted(sized.items(), key=lambda kv: (kv[1], kv[0]))
 
 
 def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, backend: str = "exact",
@@ -334,3 +356,40 @@ def _neighbours(sur: BlockRemovalProblem, seen: dict[tuple[int, ...], float], M:
                 if t not in skip and t not in cand:
                     cand[t] = sur.energy_of(t)
     return sorted(cand, key=lambda t: (cand[t], t))[:count]
+
+
+def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6) -> Refinement:
+    """Re-measure the ``top`` best sets of a refinement on a larger calibration sample; recommend the lowest.
+
+    The loop ranks many sets on a small sample, so its few best sets differ by less than that sample's
+    noise; measuring only those again on more tokens is cheap and picks among them on firmer ground.
+
+    Args:
+        oracle: a loss oracle on more calibration tokens than the loop's (e.g. every calibration sample;
+            never held-out ones).
+        refinement: the result of :func:`refine`; updated in place and returned.
+        top: how many of its best measured sets to re-measure (``0``: none).
+
+    Returns:
+        ``refinement`` with ``finalists`` and ``confirm_tokens`` set; ``refinement.recommended`` is then
+        the finalist of lowest confirmed loss.
+
+    Example:
+        >>> class Noisy:  # the loop's oracle ranks 0 and 1 the wrong way round
+        ...     tokens = 0
+        ...     def __init__(self, bias): self.bias = bias
+        ...     def loss(self, removed):
+        ...         self.tokens += 10
+        ...         return 1.0 + 0.1 * sum(removed) + self.bias.get(tuple(removed), 0.0)
+        >>> res = Refinement(1, [1], 1.05, [{"removed": [1], "loss": 1.05}, {"removed": [0], "loss": 1.08}],
+        ...                  None, 0, "exact", 1)
+        >>> confirm(Noisy({}), res, top=2).recommended, res.confirm_tokens
+        (([0], 1.0), 20)
+    """
+    if int(top) < 0:
+        raise ValueError(f"top must be non-negative, got {top}")
+    t0 = oracle.tokens
+    for key, _ in refinement.ranked()[: int(top)]:
+        refinement.finalists[key] = float(oracle.loss(key))
+    refinement.confirm_tokens += oracle.tokens - t0
+    return refinement

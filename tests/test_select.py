@@ -210,3 +210,62 @@ def test_measured_energy_on_a_tiny_model_equals_direct_masked_losses():
         assert p.energy_of([i, j]) == pytest.approx(direct([i, j]) - L0, abs=1e-5)
     # cost accounting: 1 + N + P(P-1)/2 evaluations of 3 x 12 tokens
     assert p.metadata["selection"]["forward_tokens"] == (1 + 5 + 10) * 36
+
+
+class _Shifted(Oracle):
+    """The same synthetic loss seen through a small sample: a per-set bias the larger sample does not have."""
+
+    def __init__(self, base: Oracle, scale: float, seed: int = 3) -> None:
+        self.__dict__.update(base.__dict__)
+        self.tokens, self.calls = 0, []
+        self.scale, self.rng_seed = scale, seed
+
+    def true_loss(self, removed) -> float:
+        key = tuple(sorted(int(i) for i in removed))
+        bias = np.random.default_rng([self.rng_seed, *key]).normal(0.0, self.scale) if key else 0.0
+        return Oracle.true_loss(self, key) + float(bias)
+
+
+def test_confirm_remeasures_the_best_sets_and_recommends_the_lowest_confirmed():
+    from qblock.select import confirm
+
+    exact = Oracle(10, seed=4, tokens_per_eval=500)
+    noisy = _Shifted(exact, scale=0.3)
+    noisy.tokens_per_eval = 100
+    prior = measured_problem(noisy, 10, pool_size=6)
+    res = refine(noisy, prior, 3, budget_tokens=2000, batch=4)
+    ranked = res.ranked()
+    assert ranked[0] == (tuple(res.best_removed), res.best_loss)  # the loop's own choice, before confirming
+    confirm(exact, res, top=5)
+    assert list(res.finalists) == [k for k, _ in ranked[:5]]  # the five best of the loop, nothing else
+    assert res.finalists == {k: pytest.approx(exact.true_loss(k)) for k in res.finalists}
+    best = min(res.finalists, key=res.finalists.get)
+    assert res.recommended == (list(best), res.finalists[best])
+    assert res.confirm_tokens == exact.tokens == 5 * 500  # cost accounting: one larger pass per finalist
+    assert confirm(exact, res, top=0).confirm_tokens == 5 * 500
+    with pytest.raises(ValueError, match="top"):
+        confirm(exact, res, top=-1)
+
+
+def test_select_removals_confirms_on_more_samples_and_accounts_for_it():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qblock.llm.measured import CalibrationLoss, select_removals
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=2)).eval()
+    samples = [torch.randint(0, 40, (12,)) for _ in range(6)]
+    sel = select_removals(model, samples[:2], [2, 3], pool_size=4, evaluations_per_m=6, confirm_samples=samples,
+                          confirm_top=3)
+    direct = CalibrationLoss(model, samples)
+    checker = sel["confirm_oracle"]
+    assert sel["shared_tokens"] == sel["prior"].metadata["selection"]["forward_tokens"] + 6 * 12
+    for m, ref in sel["refinements"].items():
+        assert list(ref.finalists) == [k for k, _ in ref.ranked()[:3]]
+        for k, v in ref.finalists.items():
+            assert v == pytest.approx(direct.loss(k), abs=1e-6)
+        assert ref.confirm_tokens == 3 * 6 * 12
+        assert ref.recommended[1] == min(ref.finalists.values())
+    assert checker.tokens == 6 * 12 * (1 + 3 + 3)

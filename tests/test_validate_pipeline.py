@@ -316,6 +316,7 @@ def test_cli_validate_writes_all_files(tiny_dir, tmp_path, capsys):
     assert rec["calibration_loss"] == min(r["calib_loss"] for r in mine)
     sel = summary["selection"]
     assert rec["selection_tokens"] == sel["shared_tokens"] + sel["per_m"]["3"]["tokens"]
+    assert sel["confirm_samples"] == 0 and rec["confirmation_loss"] is None  # 8 samples: nothing more to confirm on
     assert sel["per_m"]["3"]["tokens"] == sel["per_m"]["3"]["evaluations"] * sel["tokens_per_evaluation"]
     sleb = [r for r in data["rows"] if r["method"] == "sleb"][0]
     assert sleb["cost_forward_tokens"] == sleb["cost_forward_passes"] * 8 * 24
@@ -333,6 +334,28 @@ def test_cli_validate_writes_all_files(tiny_dir, tmp_path, capsys):
     q = [(r["rank"], r["removed"], r["heldout_loss"]) for r in rows2 if r["method"] == "qubo"]
     q0 = [(r["rank"], r["removed"], r["heldout_loss"]) for r in data["rows"] if r["method"] == "qubo"]
     assert q == q0
+
+
+def test_cli_validate_confirms_the_best_sets_on_more_calibration_samples(tiny_dir, tmp_path):
+    from qblock.cli import main
+    from qblock.llm.pipeline import extract_problem
+
+    prob = tmp_path / "p.npz"
+    extract_problem(str(tiny_dir / "model"), num_samples=8, seq_len=24, calibration=str(tiny_dir / "calib.txt"),
+                    num_eval=6, out=prob, progress=False, num_remove=3)
+    out = tmp_path / "val"
+    assert main(["validate", str(prob), "--top", "2", "--random", "0", "--baselines", "none", "--energies", "none",
+                 "--select-samples", "3", "--select-evaluations", "6", "--select-confirm", "4", "--bootstrap", "50",
+                 "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [r for r in json.loads((out / "candidates.json").read_text())["rows"] if r["method"] in ("qblock", "measured")]
+    rec, sel = summary["recommended"]["3"], summary["selection"]
+    confirmed = [r for r in rows if r["confirm_loss"] is not None]
+    assert sel["confirm_samples"] == 8 and len(confirmed) == sel["per_m"]["3"]["finalists"] == 4
+    assert rows[0]["method"] == "qblock" and rec["confirmation_loss"] == min(r["confirm_loss"] for r in confirmed)
+    assert rec["selection_tokens"] == sel["shared_tokens"] + sel["per_m"]["3"]["tokens"] + sel["per_m"]["3"]["confirm_tokens"]
+    assert sel["per_m"]["3"]["confirm_tokens"] == 4 * 8 * 24
+    assert "confirmed calib. loss" in (out / "report.md").read_text()
 
 
 def test_cli_validate_errors(tiny_dir, tmp_path, capsys):
@@ -512,3 +535,24 @@ def test_cli_run_with_branch_gates(tiny_dir, tmp_path, monkeypatch, capsys):
     rows = json.loads((tmp_path / "r" / "candidates.json").read_text())["rows"]
     # the identity blocks 3-5 are found first with the paper's gates too
     assert [r["removed"] for r in rows if r["method"] == "qubo" and r["rank"] == 1] == [[3, 4, 5]]
+
+
+def test_eval_dtype_casts_only_forward_work_and_refuses_bf16_healing():
+    import argparse
+
+    from qblock.cli import CliError
+    from qblock.cli.validate import apply_eval_dtype
+    from qblock.llm.models import ModelLoadError, eval_dtype
+
+    model = torch.nn.Linear(2, 2)
+    ns = argparse.Namespace(eval_dtype="bf16", device=None)
+    with pytest.raises(CliError, match="healing trains in fp32"):
+        apply_eval_dtype(model, ns, healing=True)
+    assert next(model.parameters()).dtype == torch.float32  # refused: nothing cast
+    assert apply_eval_dtype(model, argparse.Namespace(eval_dtype="auto", device=None), healing=True) == "fp32"
+    assert apply_eval_dtype(model, argparse.Namespace(eval_dtype="fp32", device=None), healing=False) == "fp32"
+    assert next(model.parameters()).dtype == torch.float32
+    assert apply_eval_dtype(model, ns, healing=False) == "bf16"
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="evaluation dtype"):
+        eval_dtype("fp8")

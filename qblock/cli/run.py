@@ -31,7 +31,7 @@ DEFAULT_M = "3,6,9"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from qblock.cli.validate import add_selection_options
+    from qblock.cli.validate import add_eval_dtype_option, add_selection_options
 
     p = sub.add_parser(
         "run",
@@ -85,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", default=None, help="report directory (default ./qblock-report[-quick])")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     add_selection_options(p, samples=None, evaluations=None)
+    add_eval_dtype_option(p)
     from qblock.validate.heal import add_heal_options
 
     add_heal_options(p)
@@ -118,7 +119,7 @@ def problem_cache_path(prov: dict, cfg: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    from qblock.cli.validate import parse_list, parse_ms, selection_settings, setup_torch
+    from qblock.cli.validate import apply_eval_dtype, parse_list, parse_ms, selection_settings, setup_torch
 
     threads = setup_torch(args)
     from qblock.llm.cache import CacheError
@@ -189,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [m for m in ms if not 1 <= m < n]
     if bad:
         raise CliError(f"--remove values must be between 1 and {n - 1} for this {n}-block model, got {bad}")
+    dtype = apply_eval_dtype(model, args, healing=bool(heal_opts))  # after extraction: gradients stay fp32
     try:
         calib, evals, dprov = data_for_problem(problem, tok, num_eval=cfg["eval_samples"])
         settings = ValidationSettings(
@@ -207,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         result = validate(problem, model, tok, calib, evals, settings, out,
                           report_settings={"model": f"{prov.get('id')} ({prov.get('source')})",
-                                           "torch threads": threads,
+                                           "torch threads": threads, "evaluation dtype": dtype,
                                            "mode": "quick" if args.quick else "full",
                                            "energy (solved)": problem.metadata.get("energy"),
                                            "calibration": f"{cfg['samples']} samples x {cfg['seq_len']} tokens",

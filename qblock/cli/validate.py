@@ -68,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", default="validation", help="output directory (default ./validation)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output, no summary")
     add_selection_options(p)
+    add_eval_dtype_option(p)
     from qblock.validate.heal import add_heal_options
 
     add_heal_options(p)
@@ -87,12 +88,42 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
                    help="blocks whose pairwise removals are measured (default max(8, N/2))")
     g.add_argument("--select-backend", default="exact",
                    help="solver in the refinement loop: any backend name (default exact)")
+    g.add_argument("--select-confirm", type=int, default=6, metavar="K",
+                   help="best sets per M measured again on more calibration samples, the lowest recommended "
+                        "(default 6; 0 for none)")
+    g.add_argument("--select-confirm-samples", type=int, default=32, metavar="N",
+                   help="calibration samples of that confirmation (default 32, at most the calibration set)")
+
+
+def add_eval_dtype_option(p: argparse.ArgumentParser) -> None:
+    """``--eval-dtype``, shared by ``validate`` and ``run``."""
+    p.add_argument("--eval-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="dtype of the forward-only evaluations (selection, baselines, held-out loss): auto = bf16 "
+                        "where the CPU/GPU runs it natively (about 3x faster on such CPUs), else fp32; extraction "
+                        "and healing always run in fp32 (default auto)")
+
+
+def apply_eval_dtype(model, args: argparse.Namespace, healing: bool) -> str:
+    """Cast ``model`` to the evaluation dtype (after any gradient work); fp32 when healing follows."""
+    from qblock.llm.models import eval_dtype
+
+    if healing:
+        if args.eval_dtype == "bf16":
+            raise CliError("healing trains in fp32: drop --eval-dtype bf16 (or the --heal options)")
+        return "fp32"
+    name = eval_dtype(args.eval_dtype, getattr(args, "device", None))
+    if name == "bf16":
+        import torch
+
+        model.to(torch.bfloat16)
+    return name
 
 
 def selection_settings(args: argparse.Namespace) -> dict:
     """The :class:`ValidationSettings` fields of the selection options, checked."""
     for flag, v, low in (("--select-samples", args.select_samples, 1), ("--select-evaluations", args.select_evaluations, 0),
-                         ("--select-pool", args.select_pool, 0)):
+                         ("--select-pool", args.select_pool, 0), ("--select-confirm", args.select_confirm, 0),
+                         ("--select-confirm-samples", args.select_confirm_samples, 1)):
         if v is not None and v < low:
             raise CliError(f"{flag} must be at least {low}, got {v}")
     from qblock import backends
@@ -101,7 +132,8 @@ def selection_settings(args: argparse.Namespace) -> dict:
         raise CliError(f"--select-backend {args.select_backend!r} is not a backend; choose from "
                        f"{', '.join(backends.names())}")
     return {"select": args.select, "select_samples": args.select_samples, "select_evaluations": args.select_evaluations,
-            "select_pool": args.select_pool, "select_backend": args.select_backend}
+            "select_pool": args.select_pool, "select_backend": args.select_backend,
+            "select_confirm": args.select_confirm, "select_confirm_samples": args.select_confirm_samples}
 
 
 def parse_ms(value: str | None) -> list[int] | None:
@@ -206,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     from qblock.llm.blocks import find_blocks
 
+    dtype = apply_eval_dtype(model, args, healing=bool(heal_opts))
     n_model = len(find_blocks(model))
     if n_model != problem.num_blocks:
         raise CliError(f"model {model_spec} has {n_model} blocks but the problem has {problem.num_blocks}; "
@@ -221,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
             **selection_settings(args))
         result = validate(problem, model, tok, calib, evals, settings, args.out, solutions=solutions,
                           report_settings={"problem": args.problem, "model": model_spec, "torch threads": threads,
-                                           "held-out data": _describe_eval(prov)})
+                                           "evaluation dtype": dtype, "held-out data": _describe_eval(prov)})
         if heal_opts:
             heal_after_validation(result, model, tok, evals, prov, args.out, heal_opts, n_boot=args.bootstrap,
                                   seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)

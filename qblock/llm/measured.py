@@ -80,7 +80,8 @@ class CalibrationLoss:
 def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *, gate: str = "layer",
                     pool_size: int | None = None, evaluations_per_m: int = 24, batch: int = 4,
                     backend: str = "exact", backend_params: dict[str, Any] | None = None, seed: int = 0,
-                    batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+                    batch_size: int = 8, confirm_samples: Sequence[Any] | None = None, confirm_top: int = 6,
+                    progress: bool = False) -> dict[str, Any]:
     """qblock's recommended removal sets: the measured QUBO, refined for each M with ``backend`` in the loop.
 
     Args:
@@ -94,42 +95,57 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         batch: sets measured per refinement round.
         backend, backend_params, seed: the solver in the loop (any :func:`qblock.solve` backend).
         batch_size: forward batch size.
+        confirm_samples: more calibration samples (e.g. all of them) on which the ``confirm_top`` best
+            sets of each M are measured again, the lowest recommended (:func:`qblock.select.confirm`);
+            ``None``: no confirmation.
+        confirm_top: finalists per M.
         progress: a progress bar over evaluations.
 
     Returns:
         ``{"prior": BlockRemovalProblem, "refinements": {M: Refinement}, "shared_tokens": int,
-        "tokens_per_evaluation": int, "oracle": CalibrationLoss, "seconds": float}``.
+        "tokens_per_evaluation": int, "oracle": CalibrationLoss, "confirm_oracle": CalibrationLoss or None,
+        "seconds": float}``. ``shared_tokens`` counts what every M needs (the measured QUBO and the
+        confirmation's full-model pass); each Refinement's ``tokens + confirm_tokens`` are its own.
     """
     import time
 
     from qblock.llm.blocks import find_blocks
-    from qblock.select import measured_problem, refine
+    from qblock.select import confirm, measured_problem, refine
 
     t0 = time.perf_counter()
     n = len(find_blocks(model))
     oracle = CalibrationLoss(model, samples, gate=gate, batch_size=batch_size)
+    checker = (CalibrationLoss(model, confirm_samples, gate=gate, batch_size=batch_size)
+               if confirm_samples and int(confirm_top) > 0 else None)
     bar = _Bar(oracle, progress)
     try:
         prior = measured_problem(bar, n, pool_size=pool_size)
         shared = oracle.tokens
+        if checker is not None:
+            checker.loss(())  # its recorded full-model pass serves every M
+            shared += checker.tokens
         refinements = {}
         for m in sorted({int(m) for m in num_removes}):
             refinements[m] = refine(bar, prior, m, backend=backend, backend_params=backend_params, seed=seed,
                                     budget_tokens=int(evaluations_per_m) * oracle.tokens_per_pass, batch=batch,
                                     known=oracle.measured())
+            if checker is not None:
+                confirm(_Bar(checker, False, bar.bar), refinements[m], top=confirm_top)
     finally:
         bar.close()
     return {"prior": prior, "refinements": refinements, "shared_tokens": int(shared),
-            "tokens_per_evaluation": oracle.tokens_per_pass, "oracle": oracle, "seconds": time.perf_counter() - t0}
+            "tokens_per_evaluation": oracle.tokens_per_pass, "oracle": oracle, "confirm_oracle": checker,
+            "seconds": time.perf_counter() - t0}
 
 
 class _Bar:
     """The oracle behind a tqdm counter of evaluations (the loop's length is not known in advance)."""
 
-    def __init__(self, oracle: CalibrationLoss, enabled: bool) -> None:
+    def __init__(self, oracle: CalibrationLoss, enabled: bool, bar: Any = None) -> None:
         self.oracle = oracle
-        self.bar = None
-        if enabled:
+        self.bar = bar  # an existing bar to share (not closed here)
+        self._own = bar is None and enabled
+        if self._own:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(desc="qblock selection (calibration loss)", unit="set", leave=False)
@@ -146,5 +162,5 @@ class _Bar:
         return out
 
     def close(self) -> None:
-        if self.bar is not None:
+        if self._own and self.bar is not None:
             self.bar.close()

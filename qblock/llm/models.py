@@ -188,6 +188,34 @@ def _transformers():
     return tf
 
 
+def eval_dtype(choice: str = "auto", device: Any = None) -> str:
+    """The dtype for forward-only evaluation: ``"fp32"``, ``"bf16"``, or ``"auto"`` (bf16 where it runs natively).
+
+    Masked forward passes (baselines, qblock's selection, held-out loss) dominate a validation run and
+    need no gradients; bf16 runs them about 3x faster on CPUs with native bf16 (oneDNN) and on GPUs,
+    at about 0.003 nats/token of difference in a loss (measured on SmolLM2-135M). Gradients for the
+    Fisher energy, and healing, stay in fp32.
+
+    Example:
+        >>> eval_dtype("fp32"), eval_dtype("bf16")
+        ('fp32', 'bf16')
+        >>> eval_dtype("auto") in ("fp32", "bf16")
+        True
+    """
+    if choice not in ("auto", "fp32", "bf16"):
+        raise ModelLoadError(f"unknown evaluation dtype {choice!r}; use auto, fp32 or bf16")
+    if choice != "auto":
+        return choice
+    torch = _torch()
+    if device is not None and str(device).startswith("cuda"):
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN: emulated bf16 is slow
+        native = False
+    return "bf16" if native else "fp32"
+
+
 def _resolve_dtype(dtype: Any):
     torch = _torch()
     if dtype is None:

@@ -154,8 +154,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, num_remove: int | None 
     accs = sorted({k for r in sel for k in r if k.startswith("acc_") and r.get(k) is not None})
     ens = [c for c in energy_columns(sel) if c != "energy"]
     calib = any(r.get("calib_loss") is not None for r in sel)
+    conf = any(r.get("confirm_loss") is not None for r in sel)
     healed = any(r.get("heldout_loss_healed") is not None for r in sel)  # qblock.validate.heal's column
-    head = (["M", "candidate", "removed", "energy"] + ens + (["calib. loss"] if calib else []) + ["held-out loss", "ppl"]
+    head = (["M", "candidate", "removed", "energy"] + ens + (["calib. loss"] if calib else [])
+            + (["confirmed calib. loss"] if conf else []) + ["held-out loss", "ppl"]
             + (["healed loss"] if healed else []) + accs + ["cost (fwd/bwd passes)", "fwd tokens"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sel:
@@ -166,6 +168,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, num_remove: int | None 
                 cost += f" x {int(r['cost_calib_samples'])} samples"
         cells = [str(r["num_remove"]), _label(r), _fmt(r.get("removed")), _fmt(r.get("energy"), 5)]
         cells += [_fmt(r.get(c), 5) for c in ens] + ([_fmt(r.get("calib_loss"))] if calib else [])
+        cells += [_fmt(r.get("confirm_loss"))] if conf else []
         cells += [_fmt(r.get("heldout_loss")), _fmt(r.get("perplexity"), 2)]
         cells += [_fmt(r.get("heldout_loss_healed"))] if healed else []
         toks = r.get("cost_forward_tokens")
@@ -193,11 +196,13 @@ def render_report(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
     rec = summary.get("recommended") or {}
     if rec:
         out += ["## What to remove", "",
-                "qblock's recommended set per M: the lowest calibration loss it measured (held-out data only reports).",
-                "", "| M | remove blocks | calibration loss | held-out loss | forward tokens to choose | method |",
-                "|---|---|---|---|---|---|"]
+                "qblock's recommended set per M: the lowest calibration loss it measured (with a confirmation, the "
+                "lowest of its best few sets re-measured on more calibration samples); held-out data only reports.",
+                "", "| M | remove blocks | calibration loss | confirmed calib. loss | held-out loss "
+                "| forward tokens to choose | method |", "|---|---|---|---|---|---|---|"]
         for m_key, v in rec.items():
-            out.append(f"| {m_key} | {_fmt(v['removed'])} | {_fmt(v['calibration_loss'])} | {_fmt(v['heldout_loss'])} "
+            out.append(f"| {m_key} | {_fmt(v['removed'])} | {_fmt(v['calibration_loss'])} "
+                       f"| {_fmt(v.get('confirmation_loss'))} | {_fmt(v['heldout_loss'])} "
                        f"| {v['selection_tokens']:,} | {v['method']} |")
         out += ["", "Prune with `qblock prune --recommended <this folder> --remove-count M`.", ""]
     if settings:

@@ -87,6 +87,11 @@ class ValidationSettings:
         select_evaluations: refinement budget per M, in evaluations of the selection samples.
         select_batch: sets measured per refinement round.
         select_backend: the solver in the refinement loop (any backend name).
+        select_confirm: finalists per M measured again on ``select_confirm_samples`` calibration samples,
+            the lowest of them recommended (``0``: recommend the loop's lowest; see
+            :func:`qblock.select.confirm`).
+        select_confirm_samples: calibration samples of the confirmation (the first ones; ``None`` for
+            all); no confirmation when they are no more than ``select_samples``.
         select_heldout: measured sets per M (lowest calibration loss first, the recommended one
             included) also evaluated on held-out data, for the correlations.
         n_boot: bootstrap resamples for the correlation intervals.
@@ -117,6 +122,8 @@ class ValidationSettings:
     select_evaluations: int = 24
     select_batch: int = 4
     select_backend: str = "exact"
+    select_confirm: int = 6
+    select_confirm_samples: int | None = 32
     select_heldout: int = 5
     n_boot: int = 2000
     stats_seed: int = 0
@@ -335,39 +342,53 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
     samples = list(calib[: settings.select_samples]) if settings.select_samples else list(calib)
     if not samples:
         raise ValidationError("qblock's selection needs calibration samples")
+    cs = settings.select_confirm_samples
+    checks = list(calib[:cs]) if cs else list(calib)
+    checks = checks if settings.select_confirm > 0 and len(checks) > len(samples) else None
     _log(f"qblock selection: measured QUBO on {len(samples)} calibration samples, refined per M with "
-         f"{settings.select_backend} ({settings.select_evaluations} evaluations per M)", settings.progress)
+         f"{settings.select_backend} ({settings.select_evaluations} evaluations per M)"
+         + (f", best {settings.select_confirm} confirmed on {len(checks)} samples" if checks else ""),
+         settings.progress)
     t0 = time.perf_counter()
     try:
         sel = select_removals(model, samples, ms, gate=gate, pool_size=settings.select_pool,
                               evaluations_per_m=settings.select_evaluations, batch=settings.select_batch,
                               backend=settings.select_backend, seed=settings.solve_seed,
-                              batch_size=settings.batch_size, progress=settings.progress)
+                              batch_size=settings.batch_size, confirm_samples=checks,
+                              confirm_top=settings.select_confirm, progress=settings.progress)
     except ValueError as exc:
         raise ValidationError(f"qblock selection: {exc}") from None
     timings["selection"] = time.perf_counter() - t0
     sel["num_samples"] = len(samples)
+    sel["confirm_samples"] = len(checks) if checks else 0
     return sel
 
 
 def _selection_rows(sel: Mapping[str, Any], settings: ValidationSettings) -> list[dict[str, Any]]:
-    """The recommended set (``qblock``) and the next measured sets (``measured``) of every M."""
+    """The recommended set (``qblock``) and the next measured sets (``measured``) of every M.
+
+    Order: the recommended set, the other confirmed finalists (lowest confirmed loss first), then the
+    loop's other sets (lowest loss first). ``calib_loss`` is always on the loop's samples (the column
+    the baselines are measured on too); ``confirm_loss`` on the confirmation's, where measured.
+    """
     prior, per_eval = sel["prior"], sel["tokens_per_evaluation"]
     shared_evals = sel["shared_tokens"] // per_eval
     rows = []
     for m, ref in sel["refinements"].items():
-        ranked = sorted({tuple(h["removed"]): h["loss"] for h in ref.history}.items(), key=lambda kv: (kv[1], kv[0]))
-        if not ranked or ranked[0][1] > ref.best_loss:
-            ranked.insert(0, (tuple(ref.best_removed), ref.best_loss))
-        cost = {"cost_forward_passes": shared_evals + len(ref.history), "cost_backward_passes": 0,
-                "cost_calib_samples": sel["num_samples"], "cost_seconds": sel["seconds"],
-                "cost_forward_tokens": sel["shared_tokens"] + ref.tokens, "cost_backward_tokens": 0}
+        loop = dict(ref.ranked())
+        fin = sorted(ref.finalists, key=lambda k: (ref.finalists[k], k))
+        order = fin + [k for k in loop if k not in ref.finalists]
+        cost = {"cost_forward_passes": shared_evals + len(ref.history) + len(fin), "cost_backward_passes": 0,
+                "cost_calib_samples": max(sel["num_samples"], sel.get("confirm_samples") or 0),
+                "cost_seconds": sel["seconds"], "cost_backward_tokens": 0,
+                "cost_forward_tokens": sel["shared_tokens"] + ref.tokens + ref.confirm_tokens}
         note = (f"measured QUBO (pairs in a pool of {len(prior.metadata['selection']['pool'])}) refined with "
-                f"{ref.backend} in the loop")
-        for rank, (key, loss) in enumerate(ranked[: max(1, settings.select_heldout)], start=1):
+                f"{ref.backend} in the loop" + (f"; best {len(fin)} confirmed on {sel['confirm_samples']} "
+                                                 "calibration samples" if fin else ""))
+        for rank, key in enumerate(order[: max(1, settings.select_heldout)], start=1):
             rows.append({"num_remove": m, "method": SELECT_METHOD if rank == 1 else MEASURED_METHOD,
-                         "rank": None if rank == 1 else rank, "removed": list(key), "calib_loss": loss,
-                         "note": note, **cost})
+                         "rank": None if rank == 1 else rank, "removed": list(key), "calib_loss": loop[key],
+                         "confirm_loss": ref.finalists.get(key), "note": note, **cost})
     return rows
 
 
@@ -385,8 +406,10 @@ def _selection_summary(sel: Mapping[str, Any], n: int, ms: Sequence[int]) -> dic
     return {
         "pool": meta["pool"], "shared_tokens": sel["shared_tokens"], "tokens_per_evaluation": sel["tokens_per_evaluation"],
         "num_samples": sel["num_samples"], "seconds": sel["seconds"], "coupling_rule": meta["coupling_rule"],
+        "confirm_samples": sel.get("confirm_samples", 0),
         "per_m": {str(m): {"backend": r.backend, "rounds": r.rounds, "evaluations": len(r.history),
-                           "tokens": r.tokens, "solver_repeats": r.repeats,
+                           "tokens": r.tokens, "solver_repeats": r.repeats, "finalists": len(r.finalists),
+                           "confirm_tokens": r.confirm_tokens,
                            "surrogate_ridge": r.surrogate.metadata.get("ridge")}
                   for m, r in sel["refinements"].items()},
         "sleb_usual_tokens": {str(m): sleb_passes(n, m) * SLEB_USUAL_TOKENS_PER_PASS for m in ms},

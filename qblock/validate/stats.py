@@ -239,8 +239,9 @@ def recommended(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """qblock's recommendation per M, from the table's ``qblock`` rows (chosen on calibration loss only).
 
     Returns:
-        ``{"<M>": {"removed", "method", "calibration_loss", "heldout_loss", "selection_tokens",
-        "selection_backward_tokens"}}``.
+        ``{"<M>": {"removed", "method", "calibration_loss", "confirmation_loss", "heldout_loss",
+        "selection_tokens", "selection_backward_tokens"}}`` (``calibration_loss`` on the selection
+        samples, ``confirmation_loss`` on the larger confirmation sample, ``None`` without one).
 
     Example:
         >>> recommended([{"num_remove": 2, "method": "qblock", "removed": [3, 4], "calib_loss": 2.5,
@@ -255,6 +256,7 @@ def recommended(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
             "removed": sorted(int(i) for i in r["removed"]),
             "method": str(r.get("note") or "measured QUBO, refined"),
             "calibration_loss": float(r["calib_loss"]) if _finite(r.get("calib_loss")) else None,
+            "confirmation_loss": float(r["confirm_loss"]) if _finite(r.get("confirm_loss")) else None,
             "heldout_loss": float(r["heldout_loss"]) if _finite(r.get("heldout_loss")) else None,
             "selection_tokens": int(r["cost_forward_tokens"]) if _finite(r.get("cost_forward_tokens")) else None,
             "selection_backward_tokens": int(r.get("cost_backward_tokens") or 0),
