@@ -1,7 +1,7 @@
 """D-Wave Leap backends: hybrid BQM, hybrid CQM, hybrid nonlinear (NL) and the QPU, behind qblock.solve.
 
 * ``leap-hybrid``: :class:`dwave.system.LeapHybridSampler` on the PyQUBO-penalised BQM, through
-  :func:`qblock.solve.penalty_pipeline` (penalty strength, greedy repair, swap polish).
+  :func:`qblock._solve.penalty_pipeline` (penalty strength, greedy repair, swap polish).
 * ``leap-cqm``: :class:`dwave.system.LeapHybridCQMSampler` on :meth:`BlockRemovalProblem.to_cqm`
   (the cardinality constraint is native); infeasible samples are dropped.
 * ``leap-nl``: :class:`dwave.system.LeapHybridNLSampler` on a dwave-optimization nonlinear model
@@ -383,7 +383,7 @@ def run_hybrid(
         save_dir: root folder for the saved run (default :func:`default_store_root`).
         request_timeout, http_retry_total, polling_timeout: network bounds (see :func:`client_config`).
     """
-    from qblock.solve import penalty_pipeline
+    from qblock._solve import penalty_pipeline
 
     config = _config_from(params)
     inner = sampler if sampler is not None else make_sampler("leap-hybrid", sampler_factory=sampler_factory, **config)
@@ -450,7 +450,7 @@ def run_cqm(
 
 
 def _decode_constrained(problem, raw, store, num_solutions, wall, repair, backend) -> dimod.SampleSet:
-    from qblock.solve import finish
+    from qblock._solve import finish
 
     m = problem._require_m()
     X = problem.states_from_sampleset(raw)
@@ -509,7 +509,7 @@ def run_qpu(
     from dwave.embedding.chain_strength import uniform_torque_compensation
     from dwave.system import EmbeddingComposite
 
-    from qblock.solve import penalty_pipeline
+    from qblock._solve import penalty_pipeline
 
     config = _config_from(params)
     child = sampler if sampler is not None else make_sampler("dwave-qpu", sampler_factory=sampler_factory, **config)
@@ -636,7 +636,7 @@ def run_nl(
     With ``polish`` the states are also improved by 1-in/1-out swap descent and their swap
     neighbours added (useful for a longer top-k; off by default so the result is the solver's own).
     """
-    from qblock.solve import enrich_with_neighbours, finish
+    from qblock._solve import enrich_with_neighbours, finish
 
     config = _config_from(params)
     model, order = build_nl_model(problem)
@@ -698,7 +698,7 @@ def dry_run_plan(problem, backend: str, **params: Any) -> dict[str, Any]:
         >>> plan["num_variables"], plan["num_constraints"], plan["network"]
         (12, 1, 'none (dry run)')
     """
-    from qblock.solve import DEFAULT_PENALTY_SCAN
+    from qblock._solve import DEFAULT_PENALTY_SCAN
 
     if backend not in _SAMPLER_CLASSES:
         raise ValueError(f"dry run is for the Leap backends {', '.join(_SAMPLER_CLASSES)}; got {backend!r}")

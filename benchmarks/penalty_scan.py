@@ -18,7 +18,7 @@ import platform
 import time
 
 import qblock
-from qblock.solve import DEFAULT_PENALTY_SCAN
+from qblock._solve import DEFAULT_PENALTY_SCAN
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ def conformance_problems(max_blocks: int = 14) -> list[BlockRemovalProblem]:
 
 def check_sampleset(problem: BlockRemovalProblem, ss: dimod.SampleSet, *, num_solutions: int | None = None) -> None:
     """Structural checks on a result of :func:`qblock.solve`."""
-    from qblock.solve import INFO_KEYS
+    from qblock import INFO_KEYS
 
     assert isinstance(ss, dimod.SampleSet), f"expected a dimod.SampleSet, got {type(ss).__name__}"
     assert set(ss.variables) == set(range(problem.num_blocks)), "variables must be the block indices 0..N-1"

@@ -16,7 +16,7 @@ CORE_MODULES = [
     "qblock",
     "qblock._lazy",
     "qblock._io",
-    "qblock.solve",
+    "qblock._solve",
     "qblock.testing",
     "qblock.problems.block_removal",
     "qblock.problems.synthetic",
