@@ -280,7 +280,7 @@ def run_exact(problem, sampler: Any = None, *, num_solutions: int, seed: int | N
     Raises:
         ValueError: the problem is too large to enumerate and not separable with the prefix rule.
     """
-    from qblock.solve import finish
+    from qblock._solve import finish
 
     p = problem
     n = p.num_variables
@@ -374,7 +374,7 @@ def run_swap(problem, sampler: Any = None, *, num_solutions: int, seed: int | No
     One sweep is one proposal per matrix (prefix rule) or per variable, for every read; a proposal adds,
     drops or exchanges groups and is rejected if it would break the budget.
     """
-    from qblock.solve import finish
+    from qblock._solve import finish
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)

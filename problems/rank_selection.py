@@ -21,7 +21,7 @@ The conversions mirror :class:`~qblock.problems.BlockRemovalProblem`'s:
   prefix rule, ``y_(l,k) - y_(l,k-1) <= 0`` (labels ``prefix[i]``);
 * :meth:`~RankSelectionProblem.to_bqm` (and ``to_qubo``/``to_ising``): the objective plus
   ``penalty * ((sum q_i y_i + sum w_j s_j - B')^2 + sum y_(l,k) (1 - y_(l,k-1)))`` with binary slack
-  variables ``slack[j]`` whose weights ``w_j`` represent every integer ``0 .. B'`` exactly; ``q``
+  variables (labels ``N, N+1, ...``; ``slack[j]`` in PyQUBO) whose weights ``w_j`` represent every integer ``0 .. B'`` exactly; ``q``
   and ``B'`` are the costs and the budget in units of ``unit`` (costs rounded up, the budget down,
   so a state feasible in units is feasible in parameters);
 * :attr:`~RankSelectionProblem.compiled`: the same penalised model written in PyQUBO, with the penalty
@@ -198,7 +198,8 @@ class RankSelectionProblem:
                 raise ValueError(f"the groups of matrix {l} must be numbered 0 .. {counts[l] - 1}")
         self._groups = [np.array([self._index[(l, k)] for k in range(counts[l])], dtype=np.int64)
                         for l in range(mats.size)]
-        pairs = [(self._index[(l, k)], self._index[(l, k - 1)]) for l in range(mats.size) for k in range(1, counts[l])]
+        pairs = [(self._index[(l, k)], self._index[(l, k - 1)]) for l in range(mats.size)
+                 for k in range(1, counts[l])] if self._prefix else []
         self._pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)  # (later, earlier)
 
     # ------------------------------------------------------------------ properties
@@ -353,14 +354,15 @@ class RankSelectionProblem:
     def to_bqm(self, penalty: float | None = None) -> dimod.BinaryQuadraticModel:
         """The penalised BQM: objective + ``penalty`` * (budget equality with slack + prefix terms).
 
-        Variables ``0 .. N-1`` are the groups, ``"slack[j]"`` the slack bits. With the default unit
+        Variables ``0 .. N-1`` are the groups, ``N, N+1, ...`` the slack bits (integer labels, as some
+        samplers sort labels and cannot compare names with numbers). With the default unit
         (:meth:`bqm_unit`) every feasible state with its best slack has exactly its objective energy.
 
         Example:
             >>> p = RankSelectionProblem(None, [-1.0, -1.0], costs=[2, 2], budget=2, matrix=[0, 1], position=[0, 0])
             >>> bqm = p.to_bqm()
-            >>> sorted(v for v in bqm.variables if isinstance(v, str))
-            ['slack[0]', 'slack[1]']
+            >>> list(bqm.variables)         # two groups, then the slack bits of 0 .. 1 budget units
+            [0, 1, 2]
         """
         lam = self.safe_penalty() if penalty is None else float(penalty)
         if not math.isfinite(lam) or lam < 0:
@@ -371,7 +373,8 @@ class RankSelectionProblem:
         unit = self.bqm_unit()
         q = -(-self._costs // unit)  # costs rounded up
         w = self.slack_weights(unit)
-        terms = [(i, float(c)) for i, c in enumerate(q)] + [(f"slack[{j}]", float(c)) for j, c in enumerate(w)]
+        n = self.num_variables
+        terms = [(i, float(c)) for i, c in enumerate(q)] + [(n + j, float(c)) for j, c in enumerate(w)]
         bqm.add_linear_equality_constraint(terms, lagrange_multiplier=lam, constant=-float(self._budget // unit))
         for later, earlier in self._pairs:  # y_later (1 - y_earlier)
             bqm.add_linear(int(later), lam)
@@ -448,7 +451,7 @@ class RankSelectionProblem:
     def _variable_index(self, v: Any) -> int | None:
         """The group index of a variable name, or ``None`` for a slack variable."""
         if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
-            return int(v)
+            return int(v) if int(v) < self.num_variables else None  # N, N+1, ...: slack bits
         s = str(v)
         if s.startswith("slack"):
             return None
