@@ -15,6 +15,7 @@ import sys
 import time
 
 from qblock.cli import CliError
+from qblock.backends.exact import ENUMERATION_LIMIT
 from qblock.cli._common import check_output
 
 #: settings of a full run and of ``--quick`` (chosen to finish in under 10 minutes on 2 CPU cores,
@@ -72,8 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="gate mode of the extraction: layer (default, any block) or branch (the paper's)")
     p.add_argument("--energies", default="auto", help="energy models to compare (see qblock validate)")
     p.add_argument("--backend", default="auto",
-                   help="solver backend for the top-k; 'auto' (default): exact (certified top-k) when C(N, M) <= 1e8, "
-                        "else swap")
+                   help="solver backend for the top-k; 'auto' (default): exact (certified top-k) when C(N, M) <= "
+                        f"{ENUMERATION_LIMIT:,}, else swap")
     p.add_argument("--seed", type=int, default=0, help="data, solver and bootstrap seed (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     p.add_argument("--threads", default="auto",

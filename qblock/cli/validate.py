@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from qblock.cli import CliError
+from qblock.backends.exact import ENUMERATION_LIMIT
 from qblock.cli._common import check_output
 
 
@@ -30,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="blocks to remove, one value or a comma list, e.g. 3,6,9 (default: the problem's M)")
     p.add_argument("--top", "-k", type=int, default=10, help="lowest-energy states per M (default 10)")
     p.add_argument("--backend", default="auto",
-                   help="solver backend for the top-k; 'auto' (default): exact (certified top-k) when C(N, M) <= 1e8, "
-                        "else swap")
+                   help="solver backend for the top-k; 'auto' (default): exact (certified top-k) when C(N, M) <= "
+                        f"{ENUMERATION_LIMIT:,}, else swap")
     p.add_argument("--solutions", default=None, metavar="FILE.json",
                    help="evaluate these states (qblock solve --json output) instead of solving")
     p.add_argument("--seed", type=int, default=0, help="solver, random-set and bootstrap seed (default 0)")

@@ -62,7 +62,8 @@ class ValidationSettings:
         num_removes: the values of M.
         top_k: lowest-energy states per M.
         backend: solver backend for the top-k (ignored for an M given in ``solutions``); ``"auto"``:
-            ``exact`` (certified top-k by branch-and-bound) when ``C(N, M) <= 1e8``, else ``swap``.
+            ``exact`` (certified top-k) when ``C(N, M) <= 6e7``
+            (:func:`qblock.backends.exact.auto_backend`), else ``swap``.
         backend_params: extra keyword arguments for :func:`qblock.solve`.
         solve_seed: solver seed.
         num_random: random removal sets per M.
@@ -427,7 +428,9 @@ def _qubo_states(problem, m: int, settings: ValidationSettings, solutions: Mappi
 
     backend = settings.backend
     if backend == "auto":
-        backend = "exact" if math.comb(problem.num_blocks, m) <= 10**8 else "swap"
+        from qblock.backends.exact import auto_backend
+
+        backend = auto_backend(problem.num_blocks, m)
     t0 = time.perf_counter()
     ss = qblock.solve(problem.with_num_remove(m), backend=backend, num_solutions=settings.top_k,
                       seed=settings.solve_seed, **settings.backend_params)
