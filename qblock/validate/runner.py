@@ -179,27 +179,25 @@ def _log(msg: str, progress: bool) -> None:
 
 # ------------------------------------------------------------------------------------------- inputs
 def read_solutions(path: str | Path) -> tuple[int | None, list[list[int]]]:
-    """``(num_remove, [removed, ...])`` from a ``qblock solve --json`` file, in rank order."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValidationError(f"solutions file not found: {p}")
+    """``(num_remove, [removed, ...])`` from a ``qblock solve --json`` file, in rank order (each set sorted).
+
+    The file is read by :func:`qblock._solutions.read_solutions_file` (the one reader of the format);
+    here the states must all remove ``num_remove`` blocks.
+    """
+    from qblock._solutions import SolutionsFileError, read_solutions_file
+
     try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValidationError(f"{p} is not JSON: {exc.msg}") from None
-    sols = data.get("solutions") if isinstance(data, dict) else None
-    if not isinstance(sols, list) or not sols:
-        raise ValidationError(f'{p} has no "solutions" list (expected the output of qblock solve --json)')
-    try:
-        sols = sorted(sols, key=lambda s: (int(s.get("rank", 0)), float(s.get("energy", 0.0))))
-        sets = [sorted(int(i) for i in s["removed"]) for s in sols]
-    except (KeyError, TypeError, ValueError):
-        raise ValidationError(f'{p}: every solution needs a "removed" list of block indices') from None
+        sols = read_solutions_file(path)
+    except SolutionsFileError as exc:
+        raise ValidationError(str(exc)) from None
+    p = sols.path
+    if not sols.removed:
+        raise ValidationError(f'{p} has no solutions (expected the output of qblock solve --json)')
+    sets = [sorted(s) for s in sols.removed]
     sizes = {len(s) for s in sets}
     if len(sizes) != 1:
         raise ValidationError(f"{p}: solutions remove different numbers of blocks {sorted(sizes)}")
-    m = data.get("num_remove")
-    m = int(m) if m is not None else sizes.pop()
+    m = sols.num_remove if sols.num_remove is not None else sizes.pop()
     if any(len(s) != m for s in sets):
         raise ValidationError(f"{p}: num_remove is {m} but the solutions remove {sorted({len(s) for s in sets})}")
     return m, sets
