@@ -46,6 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from qblock._provenance import Provenance
 from qblock.problems.block_removal import BlockRemovalProblem
 
 __all__ = [
@@ -88,11 +89,6 @@ COLUMNS = (
 
 
 # ---------------------------------------------------------------------------------------- metrics
-def _model_name(model: Any) -> str | None:
-    """A problem's recorded model as a short name (provenance is a dict; old files hold a string)."""
-    return (model.get("id") or model.get("spec")) if isinstance(model, dict) else model
-
-
 def tts99(t: float, p: float) -> float:
     """Time to solution at 99 % confidence from the time ``t`` of one run and success probability ``p``.
 
@@ -237,7 +233,7 @@ def summarize(study: Mapping[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------- running
 def _problem_record(problem: BlockRemovalProblem, name: str | None) -> dict[str, Any]:
     return {
-        "name": name or problem.metadata.get("name") or _model_name(problem.metadata.get("model"))
+        "name": name or problem.metadata.get("name") or Provenance.of(problem.metadata).model_name
         or problem.metadata.get("source", "problem"),
         "num_blocks": problem.num_blocks,
         "num_remove": problem.num_remove,

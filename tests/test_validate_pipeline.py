@@ -377,9 +377,18 @@ def test_cli_validate_errors(tiny_dir, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model").eval()
     made = extract(model, [torch.arange(1, 12)], progress=False)
     assert isinstance(made.metadata["model"], dict)
+    from qblock._provenance import Provenance, tokens_sha256
+
+    assert Provenance.of(made.metadata).tokens_sha256 == tokens_sha256([torch.arange(1, 12)])
     made.save(tmp_path / "made.npz")
     capsys.readouterr()  # the model's own loading bar
     assert main(["validate", str(tmp_path / "made.npz"), "-M", "2", "--quiet", "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --model" in err and len(err.strip().splitlines()) == 1
+    # a file written before the record was one shape (model as a plain string): the same line
+    old = qblock.BlockRemovalProblem(made.H, 2, metadata={**made.metadata, "model": "llama"})
+    old.save(tmp_path / "old.npz")
+    assert main(["validate", str(tmp_path / "old.npz"), "--quiet", "--out", str(tmp_path / "o3")]) == 2
     err = capsys.readouterr().err
     assert "pass --model" in err and len(err.strip().splitlines()) == 1
 

@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from qblock._provenance import OBJECT_SPEC, Provenance, tokens_sha256
 
 __all__ = ["ExtractError", "extract_problem", "partial_path", "compute_rows", "DEFAULT_CHECKPOINT_EVERY"]
 
@@ -73,14 +74,6 @@ def partial_path(out: str | os.PathLike) -> Path:
 def _log(msg: str, quiet: bool = False) -> None:
     if not quiet:
         print(f"qblock: {msg}", file=sys.stderr, flush=True)
-
-
-def _tokens_sha256(samples) -> str:
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(np.asarray(s.cpu().numpy(), dtype=np.int64).tobytes())
-        h.update(b"|")
-    return h.hexdigest()
 
 
 def _save_partial(path: Path, rows: np.ndarray, manifest: dict[str, Any]) -> None:
@@ -241,7 +234,7 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
     elif tokenizer is None:
         raise ExtractError("pass the tokenizer together with the model")
     model_info = qmodels.model_provenance(model_spec) if isinstance(model_spec, (str, os.PathLike)) \
-        else {"id": type(model).__name__, "spec": "<object>"}
+        else {"id": type(model).__name__, "spec": OBJECT_SPEC}
     labels = block_labels(model, granularity=granularity, gate=gate)
     _check_num_remove(num_remove, len(labels), granularity)  # before any gradient is computed
 
@@ -261,7 +254,7 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
         "seed": int(seed),
         "num_eval": int(num_eval),
         "data_source": data_source,
-        "tokens_sha256": _tokens_sha256(calib),
+        "tokens_sha256": tokens_sha256(calib),
         "labels": list(labels),
         "batch_size": int(batch_size),
     }
@@ -323,17 +316,11 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
     import transformers
 
     metadata = {
-        "model": model_info,
-        "gate": gate,
-        "granularity": granularity,
+        **Provenance(model=model_info, gate=gate, granularity=granularity, dtype=param_dtype,
+                     num_samples=int(A.shape[0]), seq_len=int(seq_len), num_tokens=int(A.shape[0] * seq_len),
+                     batch_size=int(batch_size), seed=int(seed), data=data_prov,
+                     tokens_sha256=manifest["tokens_sha256"]).metadata(),
         "energy": energy,
-        "dtype": param_dtype,
-        "num_samples": int(A.shape[0]),
-        "seq_len": int(seq_len),
-        "num_tokens": int(A.shape[0] * seq_len),
-        "batch_size": int(batch_size),
-        "seed": int(seed),
-        "data": data_prov,
         "extraction": {
             "manifest": {k: manifest[k] for k in _A_KEYS if k != "labels"},
             "seconds_this_run": round(seconds, 3),
@@ -471,11 +458,10 @@ def _measured(energy, model, calib, manifest, model_info, data_prov, out_path, n
         raise ExtractError("the 'measured' energy removes whole blocks: use --granularity block")
     cost = f"{1 + n * (n + 1) // 2}" if energy == "pairwise" else f"about {1 + n + (max(8, -(-n // 2))) ** 2 // 2}"
     _log(f"{energy} energy: {cost} masked forward passes over {len(calib)} samples (not resumable)", not progress)
-    metadata = {
-        "model": model_info, "gate": gate, "granularity": granularity, "dtype": manifest["dtype"],
-        "num_samples": len(calib), "seq_len": int(seq_len), "num_tokens": len(calib) * int(seq_len),
-        "batch_size": int(batch_size), "seed": int(seed), "data": data_prov,
-    }
+    metadata = Provenance(model=model_info, gate=gate, granularity=granularity, dtype=manifest["dtype"],
+                          num_samples=len(calib), seq_len=int(seq_len), num_tokens=len(calib) * int(seq_len),
+                          batch_size=int(batch_size), seed=int(seed), data=data_prov,
+                          tokens_sha256=manifest["tokens_sha256"]).metadata()
     if energy == "pairwise":
         problem = pairwise_problem(model, calib, num_remove=num_remove, gate=gate, granularity=granularity,
                                    batch_size=batch_size, labels=manifest["labels"], metadata=metadata,

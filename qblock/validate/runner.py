@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from qblock._io import json_default as _json_default
+from qblock._provenance import Provenance, tokens_sha256
 from qblock.validate.baselines import BASELINE_METHODS
 from qblock.validate.stats import (MEASURED_METHOD, QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD, SELECT_METHOD,
                                    is_baseline, summarize)
@@ -247,12 +248,9 @@ def data_for_problem(problem, tokenizer, *, num_eval: int | None = None, eval_se
                                                      num_eval=reserved, seq_len=seq_len, seed=seed)
     except qdata.DataError as exc:
         raise ValidationError(str(exc)) from None
-    want = manifest.get("tokens_sha256")
+    want = Provenance.of(meta).tokens_sha256
     if want:
-        from qblock.llm.pipeline import _tokens_sha256
-
-        got = _tokens_sha256(calib)
-        if got != want:
+        if tokens_sha256(calib) != want:
             raise ValidationError("re-made calibration samples differ from the extraction's (token hash mismatch): "
                                   "use the same model/tokenizer and calibration text as the extraction")
     provenance: dict[str, Any] = {"calibration": {k: v for k, v in prov.items() if k != "evaluation"}}
