@@ -27,47 +27,14 @@ Example:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from qblock._lazy import INSTALL_HINTS, is_installed
 from qblock.backends._params import Param, validate
+from qblock.backends._spec import _REGISTRY, PENALTY_PARAMS, BackendSpec, register
 
 __all__ = ["BackendSpec", "Param", "register", "names", "get_spec", "get_sampler", "available", "describe",
            "validate_params", "PENALTY_PARAMS"]
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    """How to build one backend."""
-
-    name: str
-    target: str  # "module:attribute" of the sampler class (or factory)
-    kind: str  # "constrained" | "penalty" | "cqm"
-    description: str
-    requires: tuple[str, ...] = ()
-    extra: str | None = None
-    runner: str | None = None  # optional "module:function" that replaces the default solve path
-    check: str | None = None  # optional "module:function" -> (ok, reason) for run-time conditions (tokens)
-    defaults: dict[str, Any] = field(default_factory=dict)
-    stochastic: bool = True
-    #: every keyword the backend takes (besides ``num_solutions`` and ``seed``); others are rejected
-    params: dict[str, Param] = field(default_factory=dict)
-
-
-_REGISTRY: dict[str, BackendSpec] = {}
-
-
-def register(spec: BackendSpec, *, replace: bool = False) -> None:
-    """Add a backend to the registry.
-
-    ``spec.params`` must list every keyword the backend takes: :func:`qblock.solve` rejects any other.
-    """
-    if spec.kind not in ("constrained", "penalty", "cqm"):
-        raise ValueError(f"unknown backend kind {spec.kind!r}")
-    if spec.name in _REGISTRY and not replace:
-        raise ValueError(f"backend {spec.name!r} is already registered")
-    _REGISTRY[spec.name] = spec
 
 
 def names() -> list[str]:
@@ -172,14 +139,6 @@ def describe() -> str:
 
 
 # ---------------------------------------------------------------------------- built-in backends
-#: what :func:`qblock.solve`'s penalty pipeline takes, for every backend of kind "penalty"
-PENALTY_PARAMS: dict[str, Param] = {
-    "penalty": Param("float", low=0, none=True, doc="one penalty strength instead of the scan"),
-    "penalty_scan": Param("floats", low=0, low_open=True, none=True,
-                          doc="fractions of the safe penalty strength, e.g. [0.02, 1.0]"),
-    "repair": Param("bool", doc="make infeasible reads feasible by greedy add/drop"),
-    "polish": Param("bool", doc="finish every read with swap descent"),
-}
 _READS = Param("int", low=1, doc="independent reads per penalty strength")
 
 _B = "qblock.backends"

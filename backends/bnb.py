@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from qblock._threads import single_blas_thread
-from qblock.backends.exact import _combos, _TopK
+from qblock.backends._topk import _combos, _TopK
 
 __all__ = ["topk", "qcr_diagonal", "convexify", "convexify_nonneg", "LEVEL_CACHE_BYTES"]
 

@@ -459,7 +459,7 @@ def test_cli_run_end_to_end_and_cached(tiny_dir, tmp_path, monkeypatch, capsys):
 def test_prefix_cache_equals_plain_masked_passes(family):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from qblock.llm.blocks import mask_blocks
+    from qblock.llm.gates import mask_blocks
     from qblock.validate.evaluate import PrefixCache
 
     torch.manual_seed(0)
@@ -515,7 +515,7 @@ def test_prefix_cache_with_branch_gates_on_a_fresh_model():
     # run into the cache's recording hooks (it did: IndexError on a branch-gate problem)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qblock.llm.blocks import mask_blocks
+    from qblock.llm.gates import mask_blocks
     from qblock.validate.evaluate import PrefixCache
 
     torch.manual_seed(1)

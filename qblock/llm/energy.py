@@ -168,7 +168,7 @@ def subset_losses(
 
     from qblock._lazy import require
 
-    from qblock.llm.blocks import mask_blocks
+    from qblock.llm.gates import mask_blocks
     from qblock.llm.gradients import _pad_id, as_token_tensors, batches_by_length, pad_batch, sample_losses, scoring_mode
 
     torch = require("torch", "llm")
