@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from qblock._lazy import INSTALL_HINTS, is_installed
 from qblock.backends._params import Param, validate
-from qblock.backends._spec import _REGISTRY, PENALTY_PARAMS, BackendSpec, register
+from qblock.backends._spec import _BOTH, _REGISTRY, PENALTY_PARAMS, BackendSpec, register
 
 __all__ = ["BackendSpec", "Param", "register", "names", "get_spec", "get_sampler", "available", "describe",
            "validate_params", "PENALTY_PARAMS"]
@@ -91,9 +91,11 @@ def get_sampler(name: str, **kwargs: Any):
     return _load(spec.target)(**kwargs)
 
 
-def get_runner(name: str) -> Callable | None:
+def get_runner(name: str, kind: str = "block_removal") -> Callable | None:
+    """The runner of backend ``name`` for problems of ``kind`` (``None``: the default path of its ``kind``)."""
     spec = get_spec(name)
-    return _load(spec.runner) if spec.runner else None
+    target = spec.problem_runners.get(kind, spec.runner)
+    return _load(target) if target else None
 
 
 def available() -> dict[str, dict[str, Any]]:
@@ -121,6 +123,7 @@ def available() -> dict[str, dict[str, Any]]:
             "install": install,
             "kind": spec.kind,
             "description": spec.description,
+            "problems": list(spec.problems),
         }
     return out
 
@@ -142,16 +145,19 @@ def describe() -> str:
 _READS = Param("int", low=1, doc="independent reads per penalty strength")
 
 _B = "qblock.backends"
+#: the problem kinds every backend with a generic path (or a runner per kind) takes
 register(BackendSpec("exact", f"{_B}.exact:ExactTopKSampler", "constrained",
                      "certified top-k: enumerates the C(N,M) feasible states (branch-and-bound when too many)",
-                     stochastic=False, params={
+                     stochastic=False, problems=_BOTH, problem_runners={"rank_selection": f"{_B}.knapsack:run_exact"},
+                     params={
                          "strategy": Param("choice", choices=("auto", "enumerate", "bnb")),
                          "progress": Param("bool"),
                          "time_limit": Param("float", low=0, low_open=True, none=True,
                                              doc="seconds for the whole solve; the result is then uncertified"),
                      }))
 register(BackendSpec("swap", f"{_B}.swap:SwapAnnealingSampler", "constrained",
-                     "fixed-cardinality annealer (Kawasaki swap moves); every read feasible; default", params={
+                     "fixed-cardinality annealer (Kawasaki swap moves); every read feasible; default",
+                     problems=_BOTH, problem_runners={"rank_selection": f"{_B}.knapsack:run_swap"}, params={
                          "num_reads": Param("int", low=1, doc="independent chains"),
                          "num_sweeps": Param("int", low=0, doc="sweeps of N proposed swaps per chain"),
                          "beta_range": Param("pair", low=0, low_open=True, none=True,
@@ -160,7 +166,7 @@ register(BackendSpec("swap", f"{_B}.swap:SwapAnnealingSampler", "constrained",
                      }))
 register(BackendSpec("sa", "dwave.samplers:SimulatedAnnealingSampler", "penalty",
                      "dwave-samplers simulated annealing on the penalised QUBO (penalty scan + repair)",
-                     requires=("dwave.samplers",), params={
+                     requires=("dwave.samplers",), problems=_BOTH, params={
                          **PENALTY_PARAMS,
                          "num_reads": _READS,
                          "num_sweeps": Param("int", low=1),
@@ -178,7 +184,7 @@ register(BackendSpec("sa", "dwave.samplers:SimulatedAnnealingSampler", "penalty"
 TABU_DEFAULTS = {"num_reads": 16, "num_restarts": 5, "timeout": 60_000}
 register(BackendSpec("tabu", "dwave.samplers:TabuSampler", "penalty",
                      "dwave-samplers tabu search on the penalised QUBO (penalty scan + repair)",
-                     requires=("dwave.samplers",), defaults=dict(TABU_DEFAULTS), params={
+                     requires=("dwave.samplers",), defaults=dict(TABU_DEFAULTS), problems=_BOTH, params={
                          **PENALTY_PARAMS,
                          "num_reads": _READS,
                          "num_restarts": Param("int", low=0, doc="restarts per read (deterministic work)"),
@@ -193,7 +199,7 @@ register(BackendSpec("tabu", "dwave.samplers:TabuSampler", "penalty",
                      }))
 register(BackendSpec("steepest", "dwave.samplers:SteepestDescentSolver", "penalty",
                      "dwave-samplers steepest descent from random states (penalty scan + repair)",
-                     requires=("dwave.samplers",), params={
+                     requires=("dwave.samplers",), problems=_BOTH, params={
                          **PENALTY_PARAMS,
                          "num_reads": _READS,
                          "large_sparse_opt": Param("bool"),

@@ -31,6 +31,20 @@ class BackendSpec:
     stochastic: bool = True
     #: every keyword the backend takes (besides ``num_solutions`` and ``seed``); others are rejected
     params: dict[str, Param] = field(default_factory=dict)
+    #: the problem kinds it solves (``problem.kind``); :func:`qblock.solve` refuses others in one line
+    problems: tuple[str, ...] = ("block_removal",)
+    #: ``{problem kind: "module:function"}``: a runner for that kind replacing the default path
+    problem_runners: dict[str, str] = field(default_factory=dict)
+
+    def accepts(self, kind: str) -> bool:
+        """Whether this backend solves problems of ``kind``.
+
+        Example:
+            >>> from qblock.backends import get_spec
+            >>> get_spec("sa").accepts("rank_selection"), get_spec("qaoa").accepts("rank_selection")
+            (True, False)
+        """
+        return kind in self.problems
 
 
 _REGISTRY: dict[str, BackendSpec] = {}
@@ -56,3 +70,6 @@ PENALTY_PARAMS: dict[str, Param] = {
     "repair": Param("bool", doc="make infeasible reads feasible by greedy add/drop"),
     "polish": Param("bool", doc="finish every read with swap descent"),
 }
+
+#: the problem kinds of the built-in core backends
+_BOTH = ("block_removal", "rank_selection")

@@ -335,7 +335,8 @@ def _prepare(problem, backend: str, save_dir, request: dict[str, Any]) -> RunSto
     store = RunStore(backend, save_dir)
     store.save_problem(problem)
     store.save_json("request.json", {
-        "backend": backend, "num_blocks": problem.num_blocks, "num_remove": problem.num_remove,
+        "backend": backend, "num_blocks": problem.num_blocks, "num_remove": getattr(problem, "num_remove", None),
+        "problem_kind": problem.kind,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "parameters": {k: (repr(v) if callable(v) else v) for k, v in request.items()},
     })
@@ -452,21 +453,18 @@ def run_cqm(
 def _decode_constrained(problem, raw, store, num_solutions, wall, repair, backend) -> dimod.SampleSet:
     from qblock._solve import finish
 
-    m = problem._require_m()
     X = problem.states_from_sampleset(raw)
     X = np.repeat(X, np.asarray(raw.record.num_occurrences), axis=0)
     if "is_feasible" in raw.record.dtype.names:
         ok = np.repeat(np.asarray(raw.record.is_feasible, bool), np.asarray(raw.record.num_occurrences))
     else:
         ok = np.ones(len(X), bool)
-    ok &= X.sum(axis=1) == m
+    ok &= problem.feasible_mask(X)
     info: dict[str, Any] = {"repaired": False}
     if ok.any() or not repair:
         Xk = X[ok]
     else:
-        from qblock.backends.local_search import repair as repair_fn
-
-        Xk = repair_fn(problem.H, problem.linear, X, m)
+        Xk = problem.repair_states(X)
         info["repaired"] = True
     call: dict[str, Any] = {"wall_seconds": wall, "num_samples": len(raw)}
     for key in ("problem_id", "problem_label", "timing"):
@@ -702,7 +700,8 @@ def dry_run_plan(problem, backend: str, **params: Any) -> dict[str, Any]:
 
     if backend not in _SAMPLER_CLASSES:
         raise ValueError(f"dry run is for the Leap backends {', '.join(_SAMPLER_CLASSES)}; got {backend!r}")
-    n, m = problem.num_blocks, problem._require_m()
+    n = problem.num_blocks
+    m = problem._require_m() if problem.kind == "block_removal" else None
     params = dict(params)
     time_limit = params.get("time_limit")
     plan: dict[str, Any] = {
@@ -735,7 +734,8 @@ def dry_run_plan(problem, backend: str, **params: Any) -> dict[str, Any]:
     elif backend == "leap-cqm":
         cqm = problem.to_cqm()
         plan.update({
-            "model": "CQM (objective + equality constraint 'remove_exactly_M')",
+            "model": "CQM (objective + equality constraint 'remove_exactly_M')" if m is not None
+            else "CQM (objective + knapsack inequality 'budget' and prefix inequalities)",
             "num_variables": len(cqm.variables),
             "num_interactions": cqm.objective.num_interactions,
             "num_constraints": len(cqm.constraints),

@@ -20,6 +20,8 @@ CORE_MODULES = [
     "qblock.testing",
     "qblock.problems.block_removal",
     "qblock.problems.synthetic",
+    "qblock.problems.rank_selection",
+    "qblock.backends.knapsack",
     "qblock.backends",
     "qblock.backends.exact",
     "qblock.backends.swap",
