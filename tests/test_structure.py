@@ -101,11 +101,5 @@ def test_the_cycle_finder_sees_a_cycle(tmp_path, monkeypatch):
     assert import_cycles() == [["qblock.a", "qblock.b"]]
 
 
-#: functions still over the limit, to be split along their phases (issue 13); the list only shrinks
-NOT_YET_SPLIT = {"backends/qaoa.py:sample"}
-
-
 def test_no_function_over_120_lines():
-    long = long_functions()
-    assert set(long) - NOT_YET_SPLIT == set(), "split these functions"
-    assert NOT_YET_SPLIT - set(long) == set(), "split already: remove them from NOT_YET_SPLIT"
+    assert long_functions() == {}
