@@ -95,6 +95,9 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
                         "(default 6; 0 for none)")
     g.add_argument("--select-confirm-samples", type=int, default=32, metavar="N",
                    help="calibration samples of that confirmation (default 32, at most the calibration set)")
+    g.add_argument("--select-screen", type=int, default=2, metavar="N",
+                   help="calibration samples of a cheap greedy removal chain that gives the loop one starting set "
+                        "per M (default 2; 0 for none)")
 
 
 def add_eval_dtype_option(p: argparse.ArgumentParser) -> None:
@@ -125,7 +128,8 @@ def selection_settings(args: argparse.Namespace) -> dict:
     """The :class:`ValidationSettings` fields of the selection options, checked."""
     for flag, v, low in (("--select-samples", args.select_samples, 1), ("--select-evaluations", args.select_evaluations, 0),
                          ("--select-pool", args.select_pool, 0), ("--select-confirm", args.select_confirm, 0),
-                         ("--select-confirm-samples", args.select_confirm_samples, 1)):
+                         ("--select-confirm-samples", args.select_confirm_samples, 1),
+                         ("--select-screen", args.select_screen, 0)):
         if v is not None and v < low:
             raise CliError(f"{flag} must be at least {low}, got {v}")
     from qblock import backends
@@ -135,7 +139,8 @@ def selection_settings(args: argparse.Namespace) -> dict:
                        f"{', '.join(backends.names())}")
     return {"select": args.select, "select_samples": args.select_samples, "select_evaluations": args.select_evaluations,
             "select_pool": args.select_pool, "select_backend": args.select_backend,
-            "select_confirm": args.select_confirm, "select_confirm_samples": args.select_confirm_samples}
+            "select_confirm": args.select_confirm, "select_confirm_samples": args.select_confirm_samples,
+            "select_screen": args.select_screen}
 
 
 def parse_ms(value: str | None) -> list[int] | None:
@@ -225,9 +230,10 @@ def run(args: argparse.Namespace) -> int:
     tasks = parse_list(args.tasks, tuple(BENCHMARKS), "--tasks")
     energies = args.energies if args.energies == "auto" else parse_list(args.energies, SCORED_ENERGY_MODELS, "--energies")
 
-    recorded = problem.metadata.get("model")
-    model_spec = args.model or (recorded.get("spec") if isinstance(recorded, dict) else None)
-    if not model_spec or model_spec == "<object>":
+    from qblock._provenance import Provenance
+
+    model_spec = args.model or Provenance.of(problem.metadata).model_spec
+    if not model_spec:
         raise CliError("the problem file does not record its model; pass --model")
     from qblock.llm.cache import CacheError
     from qblock.llm.data import DataError
