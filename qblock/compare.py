@@ -271,7 +271,41 @@ def _run_once(problem: BlockRemovalProblem, backend: str, seed: int | None, top_
 
 
 def _skip_reason(exc: BaseException) -> str:
+    if isinstance(exc, _Failed):
+        return exc.reason
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+
+
+class _Failed(Exception):
+    """A run that raised on a worker, with the reason as the local run would have recorded it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _job(job: tuple) -> dict[str, Any]:
+    """One solver run on a worker: the record, or ``{"failed": reason}`` (as a skip would record it)."""
+    problem, backend, seed, top_k, params = job
+    try:
+        return _run_once(problem, backend, seed, top_k, params)
+    except Exception as exc:  # noqa: BLE001 - recorded as the local loop records it
+        return {"failed": _skip_reason(exc)}
+
+
+def _prefetch(executor: Any, problem: BlockRemovalProblem, jobs: Sequence[tuple[str, int, Any, Mapping]],
+              top_k: int, bar: Any) -> dict[tuple[str, int], Any]:
+    """Every run of a study at once on ``executor`` (solver runs as tasks); ``(backend, repeat) -> record``.
+
+    The study then replays the local loop over these records, so skips, time limits and the reference
+    are decided exactly as when the runs happen one after another.
+    """
+    def done(i: int, rec: Mapping[str, Any]) -> None:
+        bar.set_postfix_str(f"{jobs[i][0]} run {jobs[i][1] + 1} done")
+        bar.update(1)
+
+    recs = executor.map(_job, [(problem, b, s, top_k, dict(p)) for b, _, s, p in jobs], on_result=done)
+    return {(b, r): rec for (b, r, _, _), rec in zip(jobs, recs)}
 
 
 def compare_backends(
@@ -289,6 +323,7 @@ def compare_backends(
     params: Mapping[str, Mapping[str, Any]] | None = None,
     name: str | None = None,
     progress: bool = True,
+    executor: Any = None,
 ) -> dict[str, Any]:
     """Run each backend ``repeats`` times (distinct seeds) on ``problem`` and record every run.
 
@@ -311,6 +346,10 @@ def compare_backends(
             given a ``sampler_factory`` (e.g. one returning ``MockDWaveSampler()``) runs without a token.
         name: a name for the problem in tables.
         progress: show a progress bar.
+        executor: where the runs happen (:mod:`qblock.executor`); ``None`` or ``"local"``: one after
+            another here. On Ray every run is a task, all submitted at once; the records (and so every
+            table entry except wall times) are the same as the local executor's. With ``time_limit`` the
+            rule "no new repeat after the limit" is applied to the finished runs in repeat order.
 
     Returns:
         A JSON-ready study dictionary: ``problem``, ``settings``, ``tolerance``, ``backends``,
@@ -364,11 +403,34 @@ def compare_backends(
     want_ref = exact_reference and "exact" not in backends and avail.get("exact", {}).get("available", False)
     bar = _progress(steps + int(want_ref), progress, f"compare N={problem.num_blocks} M={problem.num_remove}")
     reference_note = None
+    from qblock.executor import is_local
+
+    ready: dict[tuple[str, int], Any] | None = None
+    if not is_local(executor):
+        jobs = [("exact", -1, None, exact_params())] if want_ref else []
+        for b in todo:
+            b_seeds = seeds if registry.get_spec(b).stochastic else [None]
+            jobs += [(b, r, s, exact_params() if b == "exact" else params.get(b, {})) for r, s in enumerate(b_seeds)]
+        try:
+            ready = _prefetch(executor, problem, jobs, top_k, bar)
+        except BaseException:
+            bar.close()
+            raise
+        bar.update = lambda *a, **k: None  # counted as the runs finished
+
+    def run_one(b: str, r: int, s: int | None, p: Mapping[str, Any]) -> dict[str, Any]:
+        if ready is None:
+            return _run_once(problem, b, s, top_k, p)
+        rec = dict(ready[(b, r)])
+        if "failed" in rec:
+            raise _Failed(rec["failed"])
+        return rec
+
     try:
         if want_ref:
             bar.set_postfix_str("exact (reference)")
             try:
-                rec = _run_once(problem, "exact", None, top_k, exact_params())
+                rec = run_one("exact", -1, None, exact_params())
                 rec.update(role="reference", repeat=0)
                 runs.append(rec)
                 if not rec["certified_optimal"]:
@@ -390,7 +452,7 @@ def compare_backends(
                 bar.set_postfix_str(f"{b} run {r + 1}/{len(b_seeds)}")
                 p = exact_params() if b == "exact" else params.get(b, {})
                 try:
-                    rec = _run_once(problem, b, s, top_k, p)
+                    rec = run_one(b, r, s, p)
                 except Exception as exc:  # noqa: BLE001 - e.g. qaoa above its qubit limit, exact too large
                     skipped[b] = _skip_reason(exc)
                     runs[:] = [x for x in runs if not (x["backend"] == b and x.get("role") == "compared")]
@@ -464,9 +526,12 @@ def compare_problems(
     *,
     names: Sequence[str] | None = None,
     progress: bool = True,
+    executor: Any = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """A comparison over several problems (a scaling sweep); one study per problem.
+
+    ``executor`` (:mod:`qblock.executor`) runs each study's solver runs (see :func:`compare_backends`).
 
     Returns:
         ``{"format": "qblock.compare", "format_version", "qblock_version", "created", "environment",
@@ -482,7 +547,8 @@ def compare_problems(
     studies = []
     for i, p in enumerate(problems):
         nm = names[i] if names else None
-        studies.append(compare_backends(p, backends, repeats, seed, name=nm, progress=progress, **kwargs))
+        studies.append(compare_backends(p, backends, repeats, seed, name=nm, progress=progress, executor=executor,
+                                        **kwargs))
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -25,6 +25,7 @@ CORE_MODULES = [
     "qblock.backends.swap",
     "qblock.select",
     "qblock._threads",
+    "qblock.executor",
 ]
 
 

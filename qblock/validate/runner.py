@@ -335,7 +335,7 @@ def sleb_passes(num_blocks: int, m: int) -> int:
 
 
 def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: ValidationSettings, gate: str,
-            timings: dict[str, float]) -> dict[str, Any]:
+            timings: dict[str, float], executor: Any = None) -> dict[str, Any]:
     """qblock's selection on the first ``select_samples`` calibration samples (never held-out data)."""
     from qblock.llm.measured import select_removals
 
@@ -355,7 +355,8 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
                               evaluations_per_m=settings.select_evaluations, batch=settings.select_batch,
                               backend=settings.select_backend, seed=settings.solve_seed,
                               batch_size=settings.batch_size, confirm_samples=checks,
-                              confirm_top=settings.select_confirm, progress=settings.progress)
+                              confirm_top=settings.select_confirm, progress=settings.progress,
+                              executor=executor)
     except ValueError as exc:
         raise ValidationError(f"qblock selection: {exc}") from None
     timings["selection"] = time.perf_counter() - t0
@@ -440,7 +441,7 @@ def _qubo_states(problem, m: int, settings: ValidationSettings, solutions: Mappi
 def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[Any], settings: ValidationSettings,
              out_dir: str | Path, *, solutions: Mapping[int, list[list[int]]] | None = None,
              report_settings: Mapping[str, Any] | None = None, title: str = "qblock validation",
-             notes: Sequence[str] = ()) -> dict[str, Any]:
+             notes: Sequence[str] = (), executor: Any = None) -> dict[str, Any]:
     """Evaluate QUBO top-k, random sets and baselines for every M; write the table, report and plots.
 
     Args:
@@ -454,6 +455,9 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         report_settings: extra key/values listed in the report's settings section.
         title: report title.
         notes: extra lines for the report's notes.
+        executor: where the model-bound work runs (:mod:`qblock.executor`): held-out losses of the
+            candidates, SLEB's candidate passes and qblock's selection measurements. ``None``: here; Ray:
+            model actors with one replica each, the same table.
 
     Returns:
         ``{"rows", "summary", "paths", "timings", "notes"}``.
@@ -501,7 +505,7 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         _log(f"baselines {', '.join(settings.baselines)} for M = {ms} ({len(calib)} calibration samples, "
              f"greedy methods on {len(greedy)})", settings.progress)
         res = run_baselines(model, calib, ms, methods=settings.baselines, greedy_samples=greedy,
-                            batch_size=settings.batch_size, progress=settings.progress)
+                            batch_size=settings.batch_size, progress=settings.progress, pool=executor)
         timings["baselines"] = time.perf_counter() - t0
         for r in res:
             per_pass = tokens["greedy"] if r.method in ("sleb", "shortgpt_iterative") else tokens["calib"]
@@ -510,7 +514,7 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
                          "cost_calib_samples": r.calib_samples, "cost_seconds": r.seconds,
                          "cost_forward_tokens": r.forward_passes * per_pass, "cost_backward_tokens": 0})
             baseline_details.append(r.to_dict())
-    selection = _select(model, calib, ms, settings, gate, timings) if settings.select else None
+    selection = _select(model, calib, ms, settings, gate, timings, executor) if settings.select else None
     if selection is not None:
         rows += _selection_rows(selection, settings)
     for m in ms:
@@ -548,13 +552,16 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
     distinct = list(dict.fromkeys(tuple(r["removed"]) for r in rows))
     t0 = time.perf_counter()
     _log(f"held-out loss of {len(distinct)} distinct candidates on {len(evals)} samples", settings.progress)
-    it = distinct
+    bar = None
     if settings.progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(distinct, desc="evaluating candidates", unit="model")
-    for key in it:
-        evaluator.evaluate(key)
+        bar = tqdm(total=len(distinct), desc="evaluating candidates", unit="model")
+    try:
+        evaluator.evaluate_many(distinct, executor=executor, on_result=lambda *_: bar.update(1) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
     timings["heldout_eval"] = time.perf_counter() - t0
     for r in rows:
         r.update(evaluator.evaluate(r["removed"]))
