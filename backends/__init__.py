@@ -53,6 +53,19 @@ class BackendSpec:
     stochastic: bool = True
     #: every keyword the backend takes (besides ``num_solutions`` and ``seed``); others are rejected
     params: dict[str, Param] = field(default_factory=dict)
+    #: the problem kinds it solves (``problem.kind``); :func:`qblock.solve` refuses others in one line
+    problems: tuple[str, ...] = ("block_removal",)
+    #: ``{problem kind: "module:function"}``: a runner for that kind replacing the default path
+    problem_runners: dict[str, str] = field(default_factory=dict)
+
+    def accepts(self, kind: str) -> bool:
+        """Whether this backend solves problems of ``kind``.
+
+        Example:
+            >>> get_spec("sa").accepts("rank_selection"), get_spec("qaoa").accepts("rank_selection")
+            (True, False)
+        """
+        return kind in self.problems
 
 
 _REGISTRY: dict[str, BackendSpec] = {}
@@ -124,9 +137,11 @@ def get_sampler(name: str, **kwargs: Any):
     return _load(spec.target)(**kwargs)
 
 
-def get_runner(name: str) -> Callable | None:
+def get_runner(name: str, kind: str = "block_removal") -> Callable | None:
+    """The runner of backend ``name`` for problems of ``kind`` (``None``: the default path of its ``kind``)."""
     spec = get_spec(name)
-    return _load(spec.runner) if spec.runner else None
+    target = spec.problem_runners.get(kind, spec.runner)
+    return _load(target) if target else None
 
 
 def available() -> dict[str, dict[str, Any]]:
@@ -154,6 +169,7 @@ def available() -> dict[str, dict[str, Any]]:
             "install": install,
             "kind": spec.kind,
             "description": spec.description,
+            "problems": list(spec.problems),
         }
     return out
 
@@ -183,16 +199,20 @@ PENALTY_PARAMS: dict[str, Param] = {
 _READS = Param("int", low=1, doc="independent reads per penalty strength")
 
 _B = "qblock.backends"
+#: the problem kinds every backend with a generic path (or a runner per kind) takes
+_BOTH = ("block_removal", "rank_selection")
 register(BackendSpec("exact", f"{_B}.exact:ExactTopKSampler", "constrained",
                      "certified top-k: enumerates the C(N,M) feasible states (branch-and-bound when too many)",
-                     stochastic=False, params={
+                     stochastic=False, problems=_BOTH, problem_runners={"rank_selection": f"{_B}.knapsack:run_exact"},
+                     params={
                          "strategy": Param("choice", choices=("auto", "enumerate", "bnb")),
                          "progress": Param("bool"),
                          "time_limit": Param("float", low=0, low_open=True, none=True,
                                              doc="seconds for the whole solve; the result is then uncertified"),
                      }))
 register(BackendSpec("swap", f"{_B}.swap:SwapAnnealingSampler", "constrained",
-                     "fixed-cardinality annealer (Kawasaki swap moves); every read feasible; default", params={
+                     "fixed-cardinality annealer (Kawasaki swap moves); every read feasible; default",
+                     problems=_BOTH, problem_runners={"rank_selection": f"{_B}.knapsack:run_swap"}, params={
                          "num_reads": Param("int", low=1, doc="independent chains"),
                          "num_sweeps": Param("int", low=0, doc="sweeps of N proposed swaps per chain"),
                          "beta_range": Param("pair", low=0, low_open=True, none=True,
@@ -201,7 +221,7 @@ register(BackendSpec("swap", f"{_B}.swap:SwapAnnealingSampler", "constrained",
                      }))
 register(BackendSpec("sa", "dwave.samplers:SimulatedAnnealingSampler", "penalty",
                      "dwave-samplers simulated annealing on the penalised QUBO (penalty scan + repair)",
-                     requires=("dwave.samplers",), params={
+                     requires=("dwave.samplers",), problems=_BOTH, params={
                          **PENALTY_PARAMS,
                          "num_reads": _READS,
                          "num_sweeps": Param("int", low=1),
@@ -219,7 +239,7 @@ register(BackendSpec("sa", "dwave.samplers:SimulatedAnnealingSampler", "penalty"
 TABU_DEFAULTS = {"num_reads": 16, "num_restarts": 5, "timeout": 60_000}
 register(BackendSpec("tabu", "dwave.samplers:TabuSampler", "penalty",
                      "dwave-samplers tabu search on the penalised QUBO (penalty scan + repair)",
-                     requires=("dwave.samplers",), defaults=dict(TABU_DEFAULTS), params={
+                     requires=("dwave.samplers",), defaults=dict(TABU_DEFAULTS), problems=_BOTH, params={
                          **PENALTY_PARAMS,
                          "num_reads": _READS,
                          "num_restarts": Param("int", low=0, doc="restarts per read (deterministic work)"),
@@ -234,7 +254,7 @@ register(BackendSpec("tabu", "dwave.samplers:TabuSampler", "penalty",
                      }))
 register(BackendSpec("steepest", "dwave.samplers:SteepestDescentSolver", "penalty",
                      "dwave-samplers steepest descent from random states (penalty scan + repair)",
-                     requires=("dwave.samplers",), params={
+                     requires=("dwave.samplers",), problems=_BOTH, params={
                          **PENALTY_PARAMS,
                          "num_reads": _READS,
                          "large_sparse_opt": Param("bool"),

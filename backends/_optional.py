@@ -5,7 +5,7 @@ The cloud backends have a ``check`` (a configured Leap token, no network call), 
 bounded network timeouts (:mod:`qblock.backends.leap`).
 """
 
-from qblock.backends import PENALTY_PARAMS, BackendSpec, Param, register
+from qblock.backends import _BOTH, PENALTY_PARAMS, BackendSpec, Param, register
 
 _B = "qblock.backends"
 
@@ -58,12 +58,12 @@ register(BackendSpec("qaoa", f"{_B}.qaoa:QAOASampler", "constrained",
 register(BackendSpec("leap-hybrid", "dwave.system:LeapHybridSampler", "penalty",
                      "D-Wave Leap hybrid BQM solver on the penalised QUBO (cloud; needs a Leap token)",
                      requires=("dwave.system",), extra="leap", runner=f"{_B}.leap:run_hybrid",
-                     check=f"{_B}.leap:check_token", params={**PENALTY_PARAMS, **_CLOUD, "time_limit": _SECONDS}))
+                     check=f"{_B}.leap:check_token", problems=_BOTH, params={**PENALTY_PARAMS, **_CLOUD, "time_limit": _SECONDS}))
 register(BackendSpec("leap-cqm", "dwave.system:LeapHybridCQMSampler", "cqm",
                      "D-Wave Leap hybrid CQM solver, constraint native (cloud; needs a Leap token)",
                      requires=("dwave.system",), extra="leap", runner=f"{_B}.leap:run_cqm",
                      check=f"{_B}.leap:check_token",
-                     params={**_CLOUD, "time_limit": _SECONDS, "repair": PENALTY_PARAMS["repair"]}))
+                     problems=_BOTH, params={**_CLOUD, "time_limit": _SECONDS, "repair": PENALTY_PARAMS["repair"]}))
 register(BackendSpec("leap-nl", "dwave.system:LeapHybridNLSampler", "constrained",
                      "D-Wave Leap hybrid nonlinear solver: list variable, first M entries removed (cloud; needs a Leap token)",
                      requires=("dwave.system", "dwave.optimization"), extra="leap", runner=f"{_B}.leap:run_nl",
@@ -72,7 +72,7 @@ register(BackendSpec("leap-nl", "dwave.system:LeapHybridNLSampler", "constrained
 register(BackendSpec("dwave-qpu", "dwave.system:DWaveSampler", "penalty",
                      "D-Wave quantum annealer with minor embedding (cloud; needs a Leap token)",
                      requires=("dwave.system", "minorminer"), extra="leap", runner=f"{_B}.leap:run_qpu",
-                     check=f"{_B}.leap:check_token", params={
+                     check=f"{_B}.leap:check_token", problems=_BOTH, params={
                          **PENALTY_PARAMS, **_CLOUD,
                          "num_reads": Param("int", low=1, high=10_000, doc="reads per submission"),
                          "chain_strength": Param("float", low=0, low_open=True, none=True),
@@ -85,7 +85,7 @@ register(BackendSpec("dwave-qpu", "dwave.system:DWaveSampler", "penalty",
                      }))
 register(BackendSpec("sqa", f"{_B}.sqa:SQASampler", "penalty",
                      "OpenJij simulated quantum annealing on the penalised QUBO (penalty scan + repair)",
-                     requires=("openjij",), extra="sqa", defaults={"num_reads": 16}, params={
+                     requires=("openjij",), extra="sqa", defaults={"num_reads": 16}, problems=_BOTH, params={
                          **PENALTY_PARAMS,
                          "num_reads": Param("int", low=1, doc="independent anneals per penalty strength"),
                          "num_sweeps": Param("int", low=1, none=True),

@@ -22,10 +22,22 @@ from typing import Any
 import dimod
 import numpy as np
 
-__all__ = ["ExactTopKSampler", "enumerate_topk", "bqm_to_matrices", "set_energies"]
+__all__ = ["ExactTopKSampler", "enumerate_topk", "bqm_to_matrices", "set_energies", "auto_backend", "ENUMERATION_LIMIT"]
 
-#: Above this many feasible states ``strategy="auto"`` switches from enumeration to branch-and-bound.
+#: Above this many feasible states ``strategy="auto"`` switches from enumeration to branch-and-bound,
+#: and every ``backend="auto"`` (validate, run, viz, benchmarks) switches from ``exact`` to ``swap``.
 ENUMERATION_LIMIT = 60_000_000
+
+
+def auto_backend(n: int, m: int) -> str:
+    """The backend an ``"auto"`` choice means for ``N = n`` blocks and ``M = m`` removed: ``"exact"``
+    (certified, by enumeration) up to :data:`ENUMERATION_LIMIT` feasible states ``C(N, M)``, else ``"swap"``.
+
+    Example:
+        >>> auto_backend(30, 8), auto_backend(80, 16)
+        ('exact', 'swap')
+    """
+    return "exact" if math.comb(n, m) <= ENUMERATION_LIMIT else "swap"
 
 #: The branch-and-bound refuses more blocks than this: its bound costs an ``(N+1) x (N+1)`` eigenvalue
 #: decomposition per ADMM step and per depth (N = 1000: ~0.3 s each, minutes in all, and it still

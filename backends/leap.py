@@ -1,7 +1,7 @@
 """D-Wave Leap backends: hybrid BQM, hybrid CQM, hybrid nonlinear (NL) and the QPU, behind qblock.solve.
 
 * ``leap-hybrid``: :class:`dwave.system.LeapHybridSampler` on the PyQUBO-penalised BQM, through
-  :func:`qblock.solve.penalty_pipeline` (penalty strength, greedy repair, swap polish).
+  :func:`qblock._solve.penalty_pipeline` (penalty strength, greedy repair, swap polish).
 * ``leap-cqm``: :class:`dwave.system.LeapHybridCQMSampler` on :meth:`BlockRemovalProblem.to_cqm`
   (the cardinality constraint is native); infeasible samples are dropped.
 * ``leap-nl``: :class:`dwave.system.LeapHybridNLSampler` on a dwave-optimization nonlinear model
@@ -335,7 +335,8 @@ def _prepare(problem, backend: str, save_dir, request: dict[str, Any]) -> RunSto
     store = RunStore(backend, save_dir)
     store.save_problem(problem)
     store.save_json("request.json", {
-        "backend": backend, "num_blocks": problem.num_blocks, "num_remove": problem.num_remove,
+        "backend": backend, "num_blocks": problem.num_blocks, "num_remove": getattr(problem, "num_remove", None),
+        "problem_kind": problem.kind,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "parameters": {k: (repr(v) if callable(v) else v) for k, v in request.items()},
     })
@@ -383,7 +384,7 @@ def run_hybrid(
         save_dir: root folder for the saved run (default :func:`default_store_root`).
         request_timeout, http_retry_total, polling_timeout: network bounds (see :func:`client_config`).
     """
-    from qblock.solve import penalty_pipeline
+    from qblock._solve import penalty_pipeline
 
     config = _config_from(params)
     inner = sampler if sampler is not None else make_sampler("leap-hybrid", sampler_factory=sampler_factory, **config)
@@ -450,23 +451,20 @@ def run_cqm(
 
 
 def _decode_constrained(problem, raw, store, num_solutions, wall, repair, backend) -> dimod.SampleSet:
-    from qblock.solve import finish
+    from qblock._solve import finish
 
-    m = problem._require_m()
     X = problem.states_from_sampleset(raw)
     X = np.repeat(X, np.asarray(raw.record.num_occurrences), axis=0)
     if "is_feasible" in raw.record.dtype.names:
         ok = np.repeat(np.asarray(raw.record.is_feasible, bool), np.asarray(raw.record.num_occurrences))
     else:
         ok = np.ones(len(X), bool)
-    ok &= X.sum(axis=1) == m
+    ok &= problem.feasible_mask(X)
     info: dict[str, Any] = {"repaired": False}
     if ok.any() or not repair:
         Xk = X[ok]
     else:
-        from qblock.backends.local_search import repair as repair_fn
-
-        Xk = repair_fn(problem.H, problem.linear, X, m)
+        Xk = problem.repair_states(X)
         info["repaired"] = True
     call: dict[str, Any] = {"wall_seconds": wall, "num_samples": len(raw)}
     for key in ("problem_id", "problem_label", "timing"):
@@ -509,7 +507,7 @@ def run_qpu(
     from dwave.embedding.chain_strength import uniform_torque_compensation
     from dwave.system import EmbeddingComposite
 
-    from qblock.solve import penalty_pipeline
+    from qblock._solve import penalty_pipeline
 
     config = _config_from(params)
     child = sampler if sampler is not None else make_sampler("dwave-qpu", sampler_factory=sampler_factory, **config)
@@ -636,7 +634,7 @@ def run_nl(
     With ``polish`` the states are also improved by 1-in/1-out swap descent and their swap
     neighbours added (useful for a longer top-k; off by default so the result is the solver's own).
     """
-    from qblock.solve import enrich_with_neighbours, finish
+    from qblock._solve import enrich_with_neighbours, finish
 
     config = _config_from(params)
     model, order = build_nl_model(problem)
@@ -698,11 +696,12 @@ def dry_run_plan(problem, backend: str, **params: Any) -> dict[str, Any]:
         >>> plan["num_variables"], plan["num_constraints"], plan["network"]
         (12, 1, 'none (dry run)')
     """
-    from qblock.solve import DEFAULT_PENALTY_SCAN
+    from qblock._solve import DEFAULT_PENALTY_SCAN
 
     if backend not in _SAMPLER_CLASSES:
         raise ValueError(f"dry run is for the Leap backends {', '.join(_SAMPLER_CLASSES)}; got {backend!r}")
-    n, m = problem.num_blocks, problem._require_m()
+    n = problem.num_blocks
+    m = problem._require_m() if problem.kind == "block_removal" else None
     params = dict(params)
     time_limit = params.get("time_limit")
     plan: dict[str, Any] = {
@@ -735,7 +734,8 @@ def dry_run_plan(problem, backend: str, **params: Any) -> dict[str, Any]:
     elif backend == "leap-cqm":
         cqm = problem.to_cqm()
         plan.update({
-            "model": "CQM (objective + equality constraint 'remove_exactly_M')",
+            "model": "CQM (objective + equality constraint 'remove_exactly_M')" if m is not None
+            else "CQM (objective + knapsack inequality 'budget' and prefix inequalities)",
             "num_variables": len(cqm.variables),
             "num_interactions": cqm.objective.num_interactions,
             "num_constraints": len(cqm.constraints),

@@ -600,7 +600,7 @@ def run(
         >>> bool(ss.info["num_infeasible"] >= 0) and ss.info["mixer"] == "x"
         True
     """
-    from qblock.solve import finish
+    from qblock._solve import finish
 
     sampler = sampler or QAOASampler()
     m = problem._require_m()

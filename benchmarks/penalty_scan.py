@@ -18,7 +18,8 @@ import platform
 import time
 
 import qblock
-from qblock.solve import DEFAULT_PENALTY_SCAN
+from qblock._solve import DEFAULT_PENALTY_SCAN
+from qblock.backends.exact import ENUMERATION_LIMIT
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
                 p = qblock.random_problem(n, n // 4, num_samples=2048, linear=linear, seed=inst)
                 ref = qblock.solve(p, "swap", seed=0, num_reads=128, num_sweeps=400)
                 best, ref_name = ref.first.energy, "swap(128 reads, 400 sweeps)"
-                if math.comb(n, n // 4) <= 60_000_000:
+                if math.comb(n, n // 4) <= ENUMERATION_LIMIT:
                     best, ref_name = qblock.solve(p, "exact", num_solutions=1).first.energy, "exact"
                 for backend in ("sa", "tabu"):
                     settings = [((f,), f"{f} x safe") for f in (0.005, 0.02, 0.1, 1.0)]

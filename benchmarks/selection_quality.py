@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import re
 import shutil
@@ -112,6 +111,7 @@ def main(argv=None) -> int:
 def _ground_states(problem, model, evals, rows, ms):
     """Ground state per M of the fisher+grad and measured (unrefined) energies, with held-out loss."""
     import qblock
+    from qblock.backends.exact import auto_backend
     from qblock.llm.energy import build_problem
     from qblock.validate.evaluate import CandidateEvaluator
 
@@ -123,7 +123,7 @@ def _ground_states(problem, model, evals, rows, ms):
     for m in ms:
         out[m] = {}
         for name, p in (("fisher+grad", fg),):
-            ss = qblock.solve(p.with_num_remove(m), "exact" if math.comb(p.num_blocks, m) <= 10**8 else "swap",
+            ss = qblock.solve(p.with_num_remove(m), auto_backend(p.num_blocks, m),
                               num_solutions=1, seed=0)
             key = tuple(p.removed_blocks(ss.first.sample))
             out[m][name] = {"removed": list(key), "heldout_loss": (known.get(key) or ev.evaluate(key))["heldout_loss"]}

@@ -227,6 +227,36 @@ class BlockRemovalProblem:
         ev = np.linalg.eigvalsh(self._H)
         return bool(ev[0] >= -1e-10 * max(1.0, float(np.abs(ev).max())))
 
+    #: the problem kind (see :attr:`qblock.backends.BackendSpec.problems`)
+    kind = "block_removal"
+
+    @property
+    def num_variables(self) -> int:
+        """N, the same as :attr:`num_blocks` (the name every problem kind shares)."""
+        return self.num_blocks
+
+    def feasible_mask(self, X: Any) -> np.ndarray:
+        """Whether each row of ``X`` removes exactly ``M`` blocks."""
+        return np.asarray(X).reshape(-1, self.num_blocks).sum(axis=1) == self._require_m()
+
+    def repair_states(self, X: np.ndarray) -> np.ndarray:
+        """Rows made feasible by greedy add / drop (:func:`qblock.backends.local_search.repair`)."""
+        from qblock.backends.local_search import repair
+
+        return repair(self._H, self._linear, X, self._require_m())
+
+    def polish_states(self, X: np.ndarray) -> np.ndarray:
+        """Rows taken to 1-in/1-out swap minima (:func:`qblock.backends.local_search.swap_descent`)."""
+        from qblock.backends.local_search import swap_descent
+
+        return swap_descent(self._H, self._linear, X)[0]
+
+    def topk_neighbours(self, X: np.ndarray, k: int) -> np.ndarray:
+        """The ``k`` best of a pool grown from ``X`` until closed under swaps (:func:`~qblock.backends.local_search.topk_closure`)."""
+        from qblock.backends.local_search import topk_closure
+
+        return topk_closure(self._H, self._linear, X, k)
+
     def _require_m(self) -> int:
         if self._num_remove is None:
             raise ValueError("num_remove is not set; use problem.with_num_remove(M) (CLI: --remove M)")

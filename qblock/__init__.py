@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 
 from qblock.problems.block_removal import BlockRemovalProblem
 from qblock.problems.synthetic import random_problem
-from qblock.solve import solve
+from qblock._solve import INFO_KEYS, solve
 
-__all__ = ["BlockRemovalProblem", "random_problem", "solve", "__version__"]
+__all__ = ["BlockRemovalProblem", "INFO_KEYS", "random_problem", "solve", "__version__"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ENERGY_MODELS"]
+__all__ = ["ENERGY_MODELS", "SCORED_ENERGY_MODELS"]
 
 #: energy model name -> one-line description
 ENERGY_MODELS = {
@@ -12,3 +12,7 @@ ENERGY_MODELS = {
     "measured": "measured single removals and pairs inside a pool of the most removable blocks (forward-only, "
                 "about N + P^2/2 passes; qblock.select.measured_problem)",
 }
+
+#: the energy models ``qblock validate`` / ``run --energies`` can score candidates with (``measured`` is
+#: built by the selection itself, not scored)
+SCORED_ENERGY_MODELS = ("fisher", "fisher+grad", "pairwise")

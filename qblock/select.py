@@ -50,7 +50,8 @@ import numpy as np
 
 from qblock.problems.block_removal import BlockRemovalProblem
 
-__all__ = ["LossOracle", "measure", "measured_problem", "refine", "Refinement", "surrogate_problem", "confirm"]
+__all__ = ["LossOracle", "measure", "measured_problem", "refine", "Refinement", "surrogate_problem", "confirm",
+           "greedy_chain"]
 
 
 class LossOracle(Protocol):
@@ -236,7 +237,7 @@ class Refinement:
         best_loss: its calibration loss.
         history: every measurement of size M, in order: ``{"removed", "loss", "round", "source"}``
             (``source``: ``"solver"`` for a backend proposal, ``"neighbour"`` for a swap neighbour of a
-            best measured set, ranked by the surrogate).
+            best measured set, ranked by the surrogate, ``"start"`` for a given starting set).
         surrogate: the final surrogate QUBO (prior + correction fitted to every measurement).
         tokens: forward tokens this refinement spent (the prior's not included).
         backend: the solver backend used.
@@ -277,7 +278,7 @@ class Refinement:
 def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, backend: str = "exact",
            budget_tokens: int, batch: int = 4, seed: int = 0, backend_params: dict[str, Any] | None = None,
            known: dict[tuple[int, ...], float] | None = None, local: int = 50,
-           progress: Any = None) -> Refinement:
+           starts: Sequence[Iterable[int]] = (), progress: Any = None) -> Refinement:
     """Surrogate refinement for one M: fit, solve with ``backend``, measure the best unseen, repeat.
 
     Args:
@@ -295,6 +296,8 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
         local: percent of each round (after the first) given to the surrogate's best unseen one-swap
             neighbours of the best measured sets (a trust region around the incumbent); the rest are the
             backend's proposals. ``0``: backend proposals only (neighbours only replace repeats).
+        starts: sets of size M measured in the first round before any proposal (e.g. from
+            :func:`greedy_chain`); the surrogate is then fitted to them and searches around them too.
         progress: a callable ``progress(tokens_spent, budget)`` or None.
 
     Returns:
@@ -314,6 +317,7 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
     total = math.comb(n, M)
     t0, rounds, repeats = oracle.tokens, 0, 0
     per_eval = None  # tokens of one evaluation, learnt from the first
+    first = list(dict.fromkeys(_key(s) for s in starts if len(_key(s)) == M))
     sur = prior.with_num_remove(M)
     while True:
         sur = surrogate_problem(prior, list(seen), list(seen.values()), base, M)
@@ -334,7 +338,8 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
         # the surrogate's global proposals, and (trust-region style) its best unseen swap neighbours of the
         # best measured sets; neighbours also stand in for proposals the solver repeats
         n_local = min(want - 1, want * local // 100) if rounds > 0 else 0
-        picks = [(p, "solver") for p in fresh[: want - n_local]]
+        picks = [(p, "start") for p in first if p not in seen][:want] if rounds == 0 else []
+        picks += [(p, "solver") for p in fresh if p not in first][: want - n_local - len(picks)]
         picks += [(p, "neighbour") for p in _neighbours(sur, seen, M, want - len(picks),
                                                        exclude=[p for p, _ in picks])]
         if not picks:
@@ -411,3 +416,50 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6) -> Refinem
         refinement.finalists[key] = v
     refinement.confirm_tokens += oracle.tokens - t0
     return refinement
+
+
+def greedy_chain(oracle: LossOracle, num_blocks: int, max_remove: int, *,
+                 singles: dict[int, float] | None = None, progress: Any = None) -> dict[int, tuple[int, ...]]:
+    """Starting sets for the loop: remove blocks one at a time, each step the one of least measured loss.
+
+    This is SLEB's search order; run on a *cheap* oracle (a few calibration samples) it costs a fraction
+    of SLEB and only screens: its sets are measured again by the loop and must win there. It finds sets
+    the QUBO cannot propose, where a block that is costly alone becomes cheap once others are gone (the
+    loss is not quadratic in the removal set).
+
+    Args:
+        oracle: the screening oracle.
+        num_blocks: N.
+        max_remove: the largest M needed.
+        singles: ``{block: loss}`` of single removals already measured (on any oracle) to take the first
+            step from; measured with ``oracle`` when None.
+        progress: a callable ``progress(step, max_remove)`` or None.
+
+    Returns:
+        ``{m: removal set of size m}`` for ``m = 1 .. max_remove``.
+
+    Example:
+        >>> class Toy:  # block 0 is costly alone but cheap once two others are removed
+        ...     tokens = 0
+        ...     def loss(self, removed):
+        ...         s = set(removed)
+        ...         return len(s) + (0.0 if len(s - {0}) >= 2 else 5.0) * (0 in s) + 0.1 * sum(s)
+        >>> greedy_chain(Toy(), 5, 3)
+        {1: (1,), 2: (1, 2), 3: (0, 1, 2)}
+    """
+    n, top = int(num_blocks), int(max_remove)
+    if not 0 <= top <= n:
+        raise ValueError(f"max_remove must be between 0 and N = {n}, got {max_remove}")
+    chain: dict[int, tuple[int, ...]] = {}
+    current: tuple[int, ...] = ()
+    for m in range(1, top + 1):
+        if m == 1 and singles:
+            losses = {(i,): float(v) for i, v in singles.items()}
+        else:
+            nxt = [_key(current + (j,)) for j in range(n) if j not in current]
+            losses = dict(zip(nxt, measure(oracle, nxt)))  # one batch: in parallel on a Ray executor
+        current = min(losses, key=lambda k: (losses[k], k))
+        chain[m] = current
+        if progress is not None:
+            progress(m, top)
+    return chain

@@ -48,8 +48,6 @@ __all__ = [
 
 REMOVED = "#d62728"
 KEPT = "#4a78b5"
-#: above this many feasible states ``choose_removal(backend="auto")`` uses swap instead of exact
-EXACT_STATES_LIMIT = 20_000_000
 
 
 def _pyplot():
@@ -98,7 +96,9 @@ def choose_removal(problem: BlockRemovalProblem, backend: str = "auto", seed: in
     import qblock
 
     if backend == "auto":
-        backend = "exact" if problem.num_states <= EXACT_STATES_LIMIT else "swap"
+        from qblock.backends.exact import auto_backend
+
+        backend = auto_backend(problem.num_blocks, problem.num_remove)
     ss = qblock.solve(problem, backend=backend, num_solutions=1, seed=seed)
     if not len(ss):
         raise ValueError(f"backend {backend!r} returned no feasible state")

@@ -65,7 +65,7 @@ def test_tabu_timeout_must_be_positive_milliseconds(value, p10):
 def test_penalty_pipeline_itself_refuses_an_empty_scan(p10):
     from dwave.samplers import SteepestDescentSolver
 
-    from qblock.solve import penalty_pipeline
+    from qblock._solve import penalty_pipeline
 
     with pytest.raises(ValueError, match="at least one fraction"):
         penalty_pipeline(p10, SteepestDescentSolver(), num_solutions=3, seed=0, penalty_scan=())
@@ -269,7 +269,7 @@ def test_ctrl_c_stops_a_sampler_that_polls_between_reads(p10):
 
     import dimod
 
-    from qblock.solve import penalty_pipeline
+    from qblock._solve import penalty_pipeline
 
     class PollingSampler(dimod.Sampler):
         parameters = {"num_reads": [], "interrupt_function": []}

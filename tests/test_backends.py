@@ -46,6 +46,13 @@ def test_registry_lists_builtin_backends_and_reasons():
         backends.get_spec("nope")
 
 
+def test_solve_is_the_function_and_info_keys_are_public():
+    # the solve module is private (qblock._solve), so the function qblock.solve hides nothing
+    assert callable(qblock.solve) and qblock.solve.__module__ == "qblock._solve"
+    ss = qblock.solve(qblock.random_problem(8, 2, seed=0), "exact", num_solutions=2)
+    assert set(qblock.INFO_KEYS) <= set(ss.info)
+
+
 def test_backends_are_dimod_samplers():
     assert isinstance(ExactTopKSampler(), dimod.Sampler)
     assert isinstance(SwapAnnealingSampler(), dimod.Sampler)
@@ -125,7 +132,7 @@ def test_exact_sampler_on_plain_bqm_with_string_labels():
 def test_penalty_info_and_scan():
     p = qblock.random_problem(20, 5, seed=4)
     ss = qblock.solve(p, "sa", seed=1, num_reads=8)
-    from qblock.solve import DEFAULT_PENALTY_SCAN
+    from qblock._solve import DEFAULT_PENALTY_SCAN
 
     assert ss.info["num_reads"] == 8 * len(DEFAULT_PENALTY_SCAN)
     assert 0 <= ss.info["num_infeasible"] <= ss.info["num_reads"]

@@ -69,7 +69,9 @@ class FakeLeapHybridCQMSampler:
         good = TabuSampler().sample(bqm, num_reads=8, timeout=30, seed=99)
         rng = np.random.default_rng(5)
         bad = rng.integers(0, 2, (4, len(cqm.variables)))  # some infeasible noise, like a real answer
-        samples = [dict(s) for s in good.samples()] + [dict(zip(cqm.variables, row)) for row in bad]
+        # cqm_to_bqm adds slack variables for inequalities (rank problems); answers hold the CQM's own
+        samples = [{v: s[v] for v in cqm.variables} for s in good.samples()] + \
+            [dict(zip(cqm.variables, row)) for row in bad]
         ss = dimod.SampleSet.from_samples_cqm(samples, cqm)
         ss.info.update(problem_id="fake-cqm", timing={"run_time": int((time_limit or 5) * 1e6)})
         return ss
@@ -250,7 +252,7 @@ def test_hybrid_saves_every_submission():
 
 
 def test_cqm_fake_conformance_and_infeasible_count():
-    check_backend("leap-cqm", sampler_factory=FakeLeapHybridCQMSampler)
+    check_backend("leap-cqm", problems=conformance_problems(), sampler_factory=FakeLeapHybridCQMSampler)
     p = qblock.random_problem(10, 4, seed=3)
     ss = qblock.solve(p, "leap-cqm", num_solutions=5, seed=0, sampler_factory=FakeLeapHybridCQMSampler)
     run = Path(ss.info["run_dir"])

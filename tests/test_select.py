@@ -269,3 +269,62 @@ def test_select_removals_confirms_on_more_samples_and_accounts_for_it():
         assert ref.confirm_tokens == 3 * 6 * 12
         assert ref.recommended[1] == min(ref.finalists.values())
     assert checker.tokens == 6 * 12 * (1 + 3 + 3)
+
+
+class _Masked(Oracle):
+    """Block 0 is costly alone and cheap once three others are gone: no QUBO over singles and pairs sees it."""
+
+    def true_loss(self, removed) -> float:
+        s = set(int(i) for i in removed)
+        base = super().true_loss(s - {0})
+        return base + ((0.01 if len(s - {0}) >= 3 else 5.0) if 0 in s else 0.0)
+
+
+def test_greedy_chain_steps_by_least_measured_loss_and_finds_what_the_qubo_cannot():
+    from qblock.select import greedy_chain
+
+    oracle = _Masked(10, seed=2)
+    chain = greedy_chain(oracle, 10, 5)
+    assert sorted(chain) == [1, 2, 3, 4, 5]
+    for m in range(2, 6):  # each step adds one block, the one of least loss given the previous step
+        prev, cur = set(chain[m - 1]), set(chain[m])
+        assert prev < cur and len(cur) == m
+        best = min((j for j in range(10) if j not in prev), key=lambda j: oracle.true_loss(prev | {j}))
+        assert cur - prev == {best}
+    assert 0 in chain[5]
+    assert len(oracle.calls) == sum(10 - k for k in range(5))
+    with pytest.raises(ValueError, match="max_remove"):
+        greedy_chain(oracle, 10, 11)
+
+
+def test_given_singles_spare_the_first_step_and_starts_are_measured_first():
+    from qblock.select import greedy_chain
+
+    oracle = _Masked(10, seed=2)
+    singles = {i: oracle.true_loss((i,)) for i in range(10)}
+    chain = greedy_chain(oracle, 10, 4, singles=singles)
+    assert len(oracle.calls) == sum(10 - k for k in range(1, 4))
+    prior = measured_problem(oracle, 10, pool_size=5)
+    res = refine(oracle, prior, 4, budget_tokens=6 * 64, batch=3, starts=[chain[4], (1, 2)])
+    first = res.history[0]
+    assert first["source"] == "start" and tuple(first["removed"]) == chain[4]
+    assert all(h["source"] != "start" for h in res.history[1:])  # the wrong-sized start is ignored
+    assert res.best_loss <= oracle.true_loss(chain[4])
+
+
+def test_select_removals_screens_with_a_chain_and_counts_its_tokens():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qblock.llm.measured import select_removals
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=2)).eval()
+    samples = [torch.randint(0, 40, (12,)) for _ in range(3)]
+    sel = select_removals(model, samples, [2, 3], pool_size=4, evaluations_per_m=4, screen_samples=1)
+    chain_passes = (6 - 1) + (6 - 2)  # steps 2 and 3 (step 1 reuses the measured singles)
+    screen_tokens = (1 + chain_passes) * 12  # its own full-model pass is recorded first
+    assert sel["shared_tokens"] == sel["prior"].metadata["selection"]["forward_tokens"] + screen_tokens
+    ref = sel["refinements"][3]  # (at M = 2 the chain's pair may be one the pool measured already)
+    assert ref.history[0]["source"] == "start" and len(ref.history[0]["removed"]) == 3

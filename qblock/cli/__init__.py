@@ -14,7 +14,7 @@ __all__ = ["main", "CliError"]
 #: sub-command modules, in help order (a module that is not present is skipped)
 SUBCOMMANDS = (
     "run", "extract", "solve", "validate", "prune", "heal", "compare", "show",
-    "backends_cmd", "random_problem", "data",
+    "backends_cmd", "random_problem", "data", "svd",
 )
 
 

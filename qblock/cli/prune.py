@@ -95,37 +95,21 @@ def check_removed(removed: list[int], n: int | None, where: str) -> list[int]:
 
 
 def removed_from_solutions(path: str, rank: int) -> tuple[list[int], int | None]:
-    """``(removed, num_blocks)`` of solution ``rank`` in a ``qblock solve --json`` file.
+    """``(removed, num_blocks)`` of the solution with rank ``rank`` in a ``qblock solve --json`` file.
 
     Everything that can be checked without the model is checked here (so before it is loaded):
-    the file's shape, whole-number indices, no repeats, none negative.
+    the file's shape (:func:`qblock._solutions.read_solutions_file`), whole-number indices, no
+    repeats, none negative.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise CliError(f"solutions file not found: {path}")
+    from qblock._solutions import SolutionsFileError, read_solutions_file
+
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-        sols = data["solutions"]
-        if not isinstance(sols, list):
-            raise TypeError
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise CliError(f"{path} is not a solutions file from `qblock solve --json`") from None
-    if not 1 <= rank <= len(sols):
-        raise CliError(f"--rank {rank}: {path} holds {len(sols)} solution(s)")
-    sol = sols[rank - 1]
-    removed = sol.get("removed") if isinstance(sol, dict) else None
-    where = f"{path} solution {rank}"
-    if not isinstance(removed, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in removed):
-        raise CliError(f'{where}: "removed" must be a list of whole block numbers, got {_short(removed)}')
-    num_blocks = data.get("num_blocks")
-    if not isinstance(num_blocks, int) or isinstance(num_blocks, bool):
-        num_blocks = None
-    return check_removed(removed, None, where), num_blocks
-
-
-def _short(value) -> str:
-    s = json.dumps(value)
-    return s if len(s) <= 60 else s[:57] + "..."
+        sols = read_solutions_file(path)
+    except SolutionsFileError as exc:
+        raise CliError(str(exc)) from None
+    if not 1 <= rank <= len(sols.removed):
+        raise CliError(f"--rank {rank}: {path} holds {len(sols.removed)} solution(s)")
+    return check_removed(sols.removed[rank - 1], None, f"{path} solution {rank}"), sols.num_blocks
 
 
 def removed_from_recommended(report_dir: str, m: int | None) -> tuple[list[int], Any]:

@@ -15,6 +15,8 @@ import sys
 import time
 
 from qblock.cli import CliError
+from qblock._energies import ENERGY_MODELS, SCORED_ENERGY_MODELS
+from qblock.backends.exact import ENUMERATION_LIMIT
 from qblock.cli._common import check_executor, check_output, open_executor
 
 #: settings of a full run and of ``--quick`` (chosen to finish in under 10 minutes on 2 CPU cores,
@@ -67,13 +69,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="calibration and held-out text (.txt/.jsonl; disjoint passages); default LAMBADA passages")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples for the intervals (preset)")
-    p.add_argument("--energy", default="fisher", help="energy model to solve: fisher or fisher+grad (default fisher)")
+    p.add_argument("--energy", default="fisher", choices=tuple(ENERGY_MODELS),
+                   help="energy model to solve: " + ", ".join(ENERGY_MODELS) + " (default fisher; see qblock extract)")
     p.add_argument("--gate", default="layer", choices=("layer", "branch"),
                    help="gate mode of the extraction: layer (default, any block) or branch (the paper's)")
     p.add_argument("--energies", default="auto", help="energy models to compare (see qblock validate)")
     p.add_argument("--backend", default="auto",
-                   help="solver backend for the top-k; 'auto' (default): exact (certified top-k) when C(N, M) <= 1e8, "
-                        "else swap")
+                   help="solver backend for the top-k; 'auto' (default): exact (certified top-k) when C(N, M) <= "
+                        f"{ENUMERATION_LIMIT:,}, else swap")
     p.add_argument("--seed", type=int, default=0, help="data, solver and bootstrap seed (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     p.add_argument("--threads", default="auto",
@@ -148,8 +151,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--seq-len must be at least 2")
     baselines = parse_list(args.baselines, BASELINE_METHODS, "--baselines", BASELINE_METHODS)
     tasks = parse_list(cfg["tasks"], tuple(BENCHMARKS), "--tasks")
-    energies = args.energies if args.energies == "auto" else parse_list(
-        args.energies, ("fisher", "fisher+grad", "pairwise"), "--energies")  # the scorable subset of ENERGY_MODELS
+    energies = args.energies if args.energies == "auto" else parse_list(args.energies, SCORED_ENERGY_MODELS, "--energies")
     from qblock.validate.heal import heal_after_validation, heal_options, print_heal_summary
 
     heal_opts = heal_options(args)

@@ -26,29 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def solutions_payload(problem, ss) -> dict:
-    """JSON-ready description of a result (read back by ``qblock validate --solutions``)."""
-    sols = []
-    for rank, (sample, energy, occ) in enumerate(ss.data(["sample", "energy", "num_occurrences"]), start=1):
-        removed = problem.removed_blocks(sample)
-        sols.append({
-            "rank": rank,
-            "energy": float(energy),
-            "removed": removed,
-            "removed_labels": [problem.labels[i] for i in removed],
-            "num_occurrences": int(occ),
-        })
-    info = {k: v for k, v in ss.info.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
-    return {
-        "num_blocks": problem.num_blocks,
-        "num_remove": problem.num_remove,
-        "labels": list(problem.labels),
-        "metadata": problem.metadata,
-        "info": info,
-        "solutions": sols,
-    }
-
-
 def format_table(problem, ss, limit: int | None = None) -> str:
     rows = [("rank", "energy", "removed blocks")]
     for rank, (sample, energy) in enumerate(ss.data(["sample", "energy"]), start=1):
@@ -80,6 +57,7 @@ def certification_line(info: dict) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import qblock
     from qblock import backends
+    from qblock._solutions import solutions_payload
     from qblock.cli._common import check_output, check_seed, load_problem, parse_params, write_json_atomic
 
     if args.top < 1:

@@ -7,6 +7,8 @@ import argparse
 import sys
 
 from qblock.cli import CliError
+from qblock._energies import SCORED_ENERGY_MODELS
+from qblock.backends.exact import ENUMERATION_LIMIT
 from qblock.cli._common import check_executor, check_output, open_executor
 
 
@@ -30,8 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="blocks to remove, one value or a comma list, e.g. 3,6,9 (default: the problem's M)")
     p.add_argument("--top", "-k", type=int, default=10, help="lowest-energy states per M (default 10)")
     p.add_argument("--backend", default="auto",
-                   help="solver backend for the top-k; 'auto' (default): exact (certified top-k) when C(N, M) <= 1e8, "
-                        "else swap")
+                   help="solver backend for the top-k; 'auto' (default): exact (certified top-k) when C(N, M) <= "
+                        f"{ENUMERATION_LIMIT:,}, else swap")
     p.add_argument("--solutions", default=None, metavar="FILE.json",
                    help="evaluate these states (qblock solve --json output) instead of solving")
     p.add_argument("--seed", type=int, default=0, help="solver, random-set and bootstrap seed (default 0)")
@@ -57,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="QUBO states per M (best by held-out loss) that get the benchmarks (default 2)")
     p.add_argument("--energies", default="auto",
                    help="energy models to compare: 'auto' (fisher, fisher+grad when A is stored; pairwise for "
-                        "N <= 12), 'none', or a comma list of fisher,fisher+grad,pairwise")
+                        "N <= 12), 'none', or a comma list of " + ",".join(SCORED_ENERGY_MODELS))
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (default 8)")
     p.add_argument("--threads", default="auto",
@@ -225,8 +227,7 @@ def run(args: argparse.Namespace) -> int:
     from qblock.llm.data import BENCHMARKS
 
     tasks = parse_list(args.tasks, tuple(BENCHMARKS), "--tasks")
-    energies = args.energies if args.energies == "auto" else parse_list(
-        args.energies, ("fisher", "fisher+grad", "pairwise"), "--energies")  # the scorable subset of ENERGY_MODELS
+    energies = args.energies if args.energies == "auto" else parse_list(args.energies, SCORED_ENERGY_MODELS, "--energies")
 
     recorded = problem.metadata.get("model")
     model_spec = args.model or (recorded.get("spec") if isinstance(recorded, dict) else None)

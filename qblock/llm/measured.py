@@ -133,7 +133,7 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
                     pool_size: int | None = None, evaluations_per_m: int = 24, batch: int = 4,
                     backend: str = "exact", backend_params: dict[str, Any] | None = None, seed: int = 0,
                     batch_size: int = 8, confirm_samples: Sequence[Any] | None = None, confirm_top: int = 6,
-                    progress: bool = False, executor: Any = None) -> dict[str, Any]:
+                    screen_samples: int = 0, progress: bool = False, executor: Any = None) -> dict[str, Any]:
     """qblock's recommended removal sets: the measured QUBO, refined for each M with ``backend`` in the loop.
 
     Args:
@@ -151,6 +151,9 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
             sets of each M are measured again, the lowest recommended (:func:`qblock.select.confirm`);
             ``None``: no confirmation.
         confirm_top: finalists per M.
+        screen_samples: if positive, a greedy removal chain (:func:`qblock.select.greedy_chain`) on the
+            first ``screen_samples`` samples proposes one starting set per M for the loop (its tokens
+            count as shared); ``0``: none.
         progress: a progress bar over evaluations.
         executor: where each batch of measurements runs (:mod:`qblock.executor`; Ray: model actors,
             the same losses and token counts).
@@ -164,7 +167,7 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     import time
 
     from qblock.llm.blocks import find_blocks
-    from qblock.select import confirm, measured_problem, refine
+    from qblock.select import confirm, greedy_chain, measured_problem, refine
 
     t0 = time.perf_counter()
     n = len(find_blocks(model))
@@ -178,11 +181,18 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         if checker is not None:
             checker.loss(())  # its recorded full-model pass serves every M
             shared += checker.tokens
+        chain = {}
+        if int(screen_samples) > 0 and num_removes:
+            screen = CalibrationLoss(model, list(samples)[: int(screen_samples)], gate=gate, batch_size=batch_size,
+                                     executor=executor)
+            singles = {i: float(v) for i, v in enumerate(prior.arrays["single_losses"])}
+            chain = greedy_chain(_Bar(screen, False, bar.bar), n, max(int(m) for m in num_removes), singles=singles)
+            shared += screen.tokens
         refinements = {}
         for m in sorted({int(m) for m in num_removes}):
             refinements[m] = refine(bar, prior, m, backend=backend, backend_params=backend_params, seed=seed,
                                     budget_tokens=int(evaluations_per_m) * oracle.tokens_per_pass, batch=batch,
-                                    known=oracle.measured())
+                                    known=oracle.measured(), starts=[chain[m]] if m in chain else ())
             if checker is not None:
                 confirm(_Bar(checker, False, bar.bar), refinements[m], top=confirm_top)
     finally:

@@ -62,7 +62,8 @@ class ValidationSettings:
         num_removes: the values of M.
         top_k: lowest-energy states per M.
         backend: solver backend for the top-k (ignored for an M given in ``solutions``); ``"auto"``:
-            ``exact`` (certified top-k by branch-and-bound) when ``C(N, M) <= 1e8``, else ``swap``.
+            ``exact`` (certified top-k) when ``C(N, M) <= 6e7``
+            (:func:`qblock.backends.exact.auto_backend`), else ``swap``.
         backend_params: extra keyword arguments for :func:`qblock.solve`.
         solve_seed: solver seed.
         num_random: random removal sets per M.
@@ -178,27 +179,25 @@ def _log(msg: str, progress: bool) -> None:
 
 # ------------------------------------------------------------------------------------------- inputs
 def read_solutions(path: str | Path) -> tuple[int | None, list[list[int]]]:
-    """``(num_remove, [removed, ...])`` from a ``qblock solve --json`` file, in rank order."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValidationError(f"solutions file not found: {p}")
+    """``(num_remove, [removed, ...])`` from a ``qblock solve --json`` file, in rank order (each set sorted).
+
+    The file is read by :func:`qblock._solutions.read_solutions_file` (the one reader of the format);
+    here the states must all remove ``num_remove`` blocks.
+    """
+    from qblock._solutions import SolutionsFileError, read_solutions_file
+
     try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValidationError(f"{p} is not JSON: {exc.msg}") from None
-    sols = data.get("solutions") if isinstance(data, dict) else None
-    if not isinstance(sols, list) or not sols:
-        raise ValidationError(f'{p} has no "solutions" list (expected the output of qblock solve --json)')
-    try:
-        sols = sorted(sols, key=lambda s: (int(s.get("rank", 0)), float(s.get("energy", 0.0))))
-        sets = [sorted(int(i) for i in s["removed"]) for s in sols]
-    except (KeyError, TypeError, ValueError):
-        raise ValidationError(f'{p}: every solution needs a "removed" list of block indices') from None
+        sols = read_solutions_file(path)
+    except SolutionsFileError as exc:
+        raise ValidationError(str(exc)) from None
+    p = sols.path
+    if not sols.removed:
+        raise ValidationError(f'{p} has no solutions (expected the output of qblock solve --json)')
+    sets = [sorted(s) for s in sols.removed]
     sizes = {len(s) for s in sets}
     if len(sizes) != 1:
         raise ValidationError(f"{p}: solutions remove different numbers of blocks {sorted(sizes)}")
-    m = data.get("num_remove")
-    m = int(m) if m is not None else sizes.pop()
+    m = sols.num_remove if sols.num_remove is not None else sizes.pop()
     if any(len(s) != m for s in sets):
         raise ValidationError(f"{p}: num_remove is {m} but the solutions remove {sorted({len(s) for s in sets})}")
     return m, sets
@@ -428,7 +427,9 @@ def _qubo_states(problem, m: int, settings: ValidationSettings, solutions: Mappi
 
     backend = settings.backend
     if backend == "auto":
-        backend = "exact" if math.comb(problem.num_blocks, m) <= 10**8 else "swap"
+        from qblock.backends.exact import auto_backend
+
+        backend = auto_backend(problem.num_blocks, m)
     t0 = time.perf_counter()
     ss = qblock.solve(problem.with_num_remove(m), backend=backend, num_solutions=settings.top_k,
                       seed=settings.solve_seed, **settings.backend_params)

@@ -73,15 +73,13 @@ def solve(
     from qblock import backends
     from qblock.backends import _limits
 
-    if not isinstance(problem, BlockRemovalProblem):
-        raise TypeError(f"problem must be a BlockRemovalProblem, got {type(problem).__name__}")
-    m = problem._require_m()
     spec = backends.get_spec(backend)
+    m = _check_problem(problem, backend, spec)
     params = backends.validate_params(backend, params)
     seed = _check_seed(seed)
     requested = _check_num_solutions(num_solutions)
     num_solutions = min(requested, problem.num_states)  # there are no more distinct feasible states
-    _limits.check(backend, problem.num_blocks, m, num_solutions, params, spec.kind, requested=requested)
+    _limits.check(backend, problem.num_blocks, m or 0, num_solutions, params, spec.kind, requested=requested)
     if seed is None and spec.stochastic:
         seed = int(np.random.SeedSequence().entropy % (2**31))
     t0 = time.perf_counter()
@@ -94,6 +92,23 @@ def solve(
     for key in INFO_KEYS:
         result.info.setdefault(key, None)
     return result
+
+
+def _check_problem(problem: Any, backend: str, spec: Any) -> int | None:
+    """The problem's ``M`` (``None`` for problems without one); a clear error if ``backend`` does not take it.
+
+    A problem declares its kind (``problem.kind``: ``"block_removal"``, ``"rank_selection"``); a backend
+    lists the kinds it accepts (:attr:`qblock.backends.BackendSpec.problems`).
+    """
+    from qblock import backends
+
+    kind = getattr(problem, "kind", None)
+    if kind is None or not hasattr(problem, "sampleset_from_states"):
+        raise TypeError(f"problem must be a BlockRemovalProblem or RankSelectionProblem, got {type(problem).__name__}")
+    if not spec.accepts(kind):
+        takers = [n for n in backends.names() if backends.get_spec(n).accepts(kind)]
+        raise ValueError(f"backend {backend!r} does not solve {kind} problems; use one of: {', '.join(takers)}")
+    return problem._require_m() if isinstance(problem, BlockRemovalProblem) else None
 
 
 def _check_num_solutions(num_solutions: Any) -> int:
@@ -116,7 +131,7 @@ def _dispatch(problem: BlockRemovalProblem, backend: str, spec: Any, m: int, num
     """Run the backend by its kind (runner, constrained, penalty or CQM) and return feasible states."""
     from qblock import backends
 
-    runner = backends.get_runner(backend)
+    runner = backends.get_runner(backend, problem.kind)
     if runner is not None:
         sampler = None if spec.check else backends.get_sampler(backend)
         result = runner(problem, sampler, num_solutions=num_solutions, seed=seed, **params)
@@ -172,14 +187,12 @@ def penalty_pipeline(
     """Run a BQM sampler on the PyQUBO penalised model over a scan of penalty strengths.
 
     Each strength comes from feeding the compiled model's ``Placeholder``; the raw reads are counted
-    (feasible or not), infeasible reads are repaired by greedy add/drop, every read is polished by
-    1-in/1-out swap descent, and the best distinct states are grown into a top-k closed under swaps
-    (so the top-k holds the low excited states too, not only the minima the reads ended in).
+    (feasible or not), infeasible reads are repaired (``problem.repair_states``: greedy add/drop), every
+    read is polished (``problem.polish_states``: 1-in/1-out swap descent for blocks, feasible
+    add/drop/exchange descent for ranks), and the best distinct states are grown into a top-k closed
+    under those moves (``problem.topk_neighbours``), so the top-k holds the low excited states too.
+    The same code serves every problem kind: only these problem methods differ.
     """
-    from qblock.backends.local_search import repair as repair_fn
-    from qblock.backends.local_search import swap_descent
-
-    m = problem._require_m()
     safe = problem.safe_penalty()
     if penalty is not None:
         strengths = [float(penalty)]
@@ -207,15 +220,15 @@ def penalty_pipeline(
             raw = sampler.sample(bqm, **kwargs)
         X = problem.states_from_sampleset(raw)
         X = np.repeat(X, np.asarray(raw.record.num_occurrences), axis=0)
-        feasible = X.sum(axis=1) == m
+        feasible = problem.feasible_mask(X)
         num_reads += X.shape[0]
         num_infeasible += int((~feasible).sum())
         if repair:
-            X = repair_fn(problem.H, problem.linear, X, m)
+            X = problem.repair_states(X)
         else:
             X = X[feasible]
         if polish and X.shape[0]:
-            X, _ = swap_descent(problem.H, problem.linear, np.unique(X, axis=0))
+            X = problem.polish_states(np.unique(X, axis=0))
         if X.shape[0]:
             e = problem.energies(X).min()
             per_strength.append({"penalty": lam, "best_energy": float(e), "feasible_before_repair": int(feasible.sum())})
@@ -261,7 +274,5 @@ def _ctrl_c_between_reads() -> Iterator[Callable[[], bool]]:
 
 
 def enrich_with_neighbours(problem: BlockRemovalProblem, X: np.ndarray, num_solutions: int) -> np.ndarray:
-    """Add low excited states: grow the reads into a top-k closed under 1-in/1-out swaps."""
-    from qblock.backends.local_search import topk_closure
-
-    return np.concatenate([X, topk_closure(problem.H, problem.linear, X, num_solutions)])
+    """Add low excited states: grow the reads into a top-k closed under the problem's moves."""
+    return np.concatenate([X, problem.topk_neighbours(X, num_solutions)])

@@ -1,0 +1,160 @@
+"""SVD compression on tiny models: PivGa factors, export and the factorised loader, allocations, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from qblock.cli import main  # noqa: E402
+from qblock.svd import allocate, factorise  # noqa: E402
+from qblock.svd.allocate import budget_of, gate_gradients, stored, uniform_ranks  # noqa: E402
+from qblock.svd.export import export, load_lowrank  # noqa: E402
+from qblock.svd.factors import Factorisation, find_linears, pivga, pivga_weight  # noqa: E402
+
+
+def tiny_model(seed=0, layers=2):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=40, num_hidden_layers=layers,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def calib(n=6, length=14, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 48, (length,), generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("m,n,r", [(10, 6, 3), (6, 10, 6), (7, 7, 0), (12, 5, 5), (9, 4, 1)])
+def test_pivga_is_lossless_and_stores_r_m_plus_n_minus_r2(m, n, r):
+    g = torch.Generator().manual_seed(m * n + r)
+    A, B = torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(r, n, generator=g, dtype=torch.float64)
+    P, C, Bp = pivga(A, B)
+    assert C.shape == (m - r, r) and Bp.shape == (r, n) and P.numel() == r
+    assert C.numel() + Bp.numel() == r * (m + n) - r * r
+    assert torch.allclose(pivga_weight(P, C, Bp, m), A @ B, atol=1e-10)
+
+
+def test_whitened_truncation_has_lower_calibration_output_error_than_plain():
+    """Eckart-Young on W S: the whitened rank-r weight minimises the output error under the (damped) moment."""
+    model = tiny_model()
+    samples = calib()
+    plain, white = factorise(model, whiten=False), factorise(model, samples, whiten=True)
+    from qblock.svd.factors import input_moments
+
+    moments = input_moments(model, samples)
+    for fp, fw in zip(plain, white):
+        C = moments[fp.name]
+        C = C + 1e-4 * float(C.diagonal().mean()) * torch.eye(C.shape[0], dtype=C.dtype)  # the damped moment
+        r = max(1, fp.rank // 2)
+        for f, other in ((fw, fp),):
+            W = f.weight()
+            assert torch.allclose(W, other.weight(), atol=1e-8)  # both exact at full rank
+            err = lambda Wr: float(torch.trace((W - Wr) @ C @ (W - Wr).T))  # noqa: E731
+            assert err(fw.truncated(r)) <= err(fp.truncated(r)) * (1 + 1e-6) + 1e-12
+
+
+def test_export_dense_and_lowrank_give_the_same_logits(tmp_path):
+    model = tiny_model(1)
+    samples = calib()
+    fs = factorise(model, samples, whiten=True)
+    ranks, info = allocate(model, fs, 0.5, "global-threshold")
+    out = export(model, None, fs, ranks, tmp_path / "m", info)
+    dense = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    low = load_lowrank(out)
+    ids = torch.randint(0, 48, (3, 11))
+    with torch.no_grad():
+        a, b = dense(ids).logits, low(ids).logits
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    rec = json.loads((out / "svd.json").read_text())
+    expect = sum(r * (m + n) - r * r for r, (m, n) in zip(ranks, (f.shape for f in fs)))
+    assert rec["stored_factor_numbers"] == rec["parameters_after"] == expect <= budget_of(fs, 0.5)
+    assert rec["parameters_before"] == sum(m.weight.numel() for _, m in find_linears(model))
+    lowrank_numbers = sum(p.numel() for n, p in low.named_parameters() if n.endswith((".C", ".B")))
+    assert lowrank_numbers == expect
+
+
+@pytest.mark.parametrize("method", ["uniform", "global-threshold", "fermigrad", "exact", "swap", "sa"])
+@pytest.mark.parametrize("basis", ["plain", "whitened"])
+def test_every_method_keeps_the_budget(method, basis):
+    model = tiny_model(2)
+    samples = calib(4)
+    fs = factorise(model, samples, whiten=basis == "whitened")
+    for ratio in (0.3, 0.7):
+        ranks, info = allocate(model, fs, ratio, method, calibration=samples, group_size=4,
+                               fermigrad={"steps": 3}, backend_params={"num_reads": 4} if method == "sa" else None)
+        assert sum(stored(fs, ranks)) == info["stored"] <= budget_of(fs, ratio)
+        assert all(0 <= r <= f.rank for r, f in zip(ranks, fs))
+
+
+def test_uniform_at_ratio_one_keeps_everything_and_fermigrad_is_seeded():
+    model = tiny_model(3)
+    fs = factorise(model, whiten=False)
+    assert uniform_ranks(fs, 1.0) == [f.rank for f in fs]
+    samples = calib(4)
+    a = allocate(model, fs, 0.5, "fermigrad", calibration=samples, seed=4, fermigrad={"steps": 4})
+    b = allocate(model, fs, 0.5, "fermigrad", calibration=samples, seed=4, fermigrad={"steps": 4})
+    assert a[0] == b[0] and a[1]["fermigrad"]["losses"] == b[1]["fermigrad"]["losses"]
+
+
+def test_group_gate_gradients_match_autograd_on_explicit_gates():
+    model = tiny_model(4, layers=1)
+    samples = calib(2)
+    fs = factorise(model, samples, whiten=True)
+    c = 3
+    A = gate_gradients(model, fs, samples, c)
+    ids = samples[0].reshape(1, -1)
+    gates = [torch.ones(-(-f.rank // c), dtype=torch.float64, requires_grad=True) for f in fs]
+    weights = {f.name + ".weight": f.weight(g.repeat_interleave(c)[: f.rank]).float() for f, g in zip(fs, gates)}
+    loss = torch.func.functional_call(model, weights, args=(), kwargs={"input_ids": ids, "labels": ids}).loss
+    grads = torch.autograd.grad(loss, gates)
+    np.testing.assert_allclose(A[0], torch.cat(grads).numpy(), rtol=1e-3, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tests.test_extract_pipeline import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("svd")
+    tiny_model(5).save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    paras = [" ".join(f"w{k}" for k in rng.integers(0, 46, size=rng.integers(5, 30))) for _ in range(100)]
+    (root / "calib.txt").write_text("\n\n".join(paras) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("method", ["uniform", "exact"])
+def test_cli_svd_writes_a_loadable_directory(tiny_dir, tmp_path, method):
+    out = tmp_path / "out"
+    code = main(["svd", "--model", str(tiny_dir / "model"), "--calibration", str(tiny_dir / "calib.txt"),
+                 "--samples", "4", "--seq-len", "12", "--ratio", "0.6", "--method", method, "--group-size", "4",
+                 "--out", str(out), "-q"])
+    assert code == 0
+    rec = json.loads((out / "svd.json").read_text())
+    assert rec["method"] == method and rec["basis"] == "whitened" and rec["parameters_after"] <= rec["budget"]
+    transformers.AutoModelForCausalLM.from_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(out)
+    assert load_lowrank(out) is not None
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--ratio", "1.5", "--method", "uniform"], "--ratio must be in (0, 1]"),
+    (["--ratio", "0.5", "--method", "qaoa"], "does not solve rank-selection"),
+    (["--ratio", "0.5", "--method", "nope"], "--method 'nope' is unknown"),
+])
+def test_cli_svd_errors_are_one_line(tiny_dir, tmp_path, capsys, argv, needle):
+    code = main(["svd", "--model", str(tiny_dir / "model"), "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and "\n" not in err
+
+
+@pytest.mark.parametrize("name", ["qblock.svd", "qblock.svd.factors", "qblock.svd.allocate"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    failures, _ = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert failures == 0
