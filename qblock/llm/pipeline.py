@@ -227,7 +227,11 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
 
     if energy not in ENERGY_MODELS:
         raise ExtractError(f"unknown energy model {energy!r}; choose one of {', '.join(ENERGY_MODELS)}")
-    quiet = not progress
+    from qblock.llm.distributed import world
+
+    rank, size = world()
+    quiet = not progress or rank != 0  # under torchrun only rank 0 talks and writes
+    progress = progress and rank == 0
     t_start = time.perf_counter()
     out_path = _npz_path(out)
     ppath = partial_path(out_path) if out_path is not None else None
@@ -269,7 +273,9 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
     rows = None
     resumed_from = 0
     reused = False
-    if out_path is not None and restart:
+    if energy in ("pairwise", "measured") and size > 1:
+        raise ExtractError(f"energy {energy} runs in one process; start it without torchrun")
+    if out_path is not None and restart and rank == 0:
         for f in (ppath, out_path):
             if f.exists():
                 _log(f"--restart: removing {f}", quiet)
@@ -278,9 +284,9 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
         return _measured(energy, model, calib, manifest, model_info, data_prov, out_path, num_remove, gate,
                          granularity, batch_size, seed, seq_len, progress, t_start)
 
-    if out_path is not None and out_path.exists() and not restart:
+    if out_path is not None and out_path.exists() and not restart and rank == 0:
         rows, reused = _reuse_output(out_path, manifest), True
-    if rows is None and ppath is not None and ppath.exists():
+    if rows is None and ppath is not None and ppath.exists() and rank == 0:
         rows, saved = _load_partial(ppath)
         diffs = _differences(manifest, saved)
         if diffs:
@@ -293,7 +299,12 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
         _log(f"resuming from {ppath.name}: {resumed_from}/{num_samples} samples already done", quiet)
         reused = False
 
-    if rows is None or len(rows) < num_samples:
+    if size > 1:  # every rank takes part, even when rank 0 already holds every row (it broadcasts how many)
+        A = _distributed_rows(model, calib, rows, manifest, ppath, gate, granularity, batch_size, checkpoint_every,
+                              progress, device)
+        if A is None:
+            return None  # not rank 0: rank 0 writes the output
+    elif rows is None or len(rows) < num_samples:
         def on_checkpoint(r):
             if ppath is not None:
                 _save_partial(ppath, r, manifest)
@@ -351,6 +362,20 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
         _log(f"wrote {out_path}: {problem.num_blocks} variables, {A.shape[0]} samples x {seq_len} tokens, "
              f"energy {energy}, {seconds:.1f} s", quiet)
     return problem
+
+
+def _distributed_rows(model, calib, rows, manifest, ppath, gate, granularity, batch_size, checkpoint_every,
+                      progress, device):
+    """Rows of ``A`` over the torchrun ranks (:mod:`qblock.llm.distributed`); rank 0 checkpoints."""
+    from qblock.llm.distributed import compute_rows_distributed
+
+    def on_checkpoint(r):
+        if ppath is not None:
+            _save_partial(ppath, r, manifest)
+
+    return compute_rows_distributed(model, calib, rows, gate=gate, granularity=granularity, batch_size=batch_size,
+                                    checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint,
+                                    progress=progress, device=device)
 
 
 def _check_files(out_path: Path | None, ppath: Path | None) -> None:
@@ -437,13 +462,20 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
         model, tokenizer: an already loaded model and tokenizer (``model_spec`` is then only recorded).
 
     Returns:
-        the :class:`qblock.BlockRemovalProblem` (also written to ``out``).
+        the :class:`qblock.BlockRemovalProblem` (also written to ``out``). Under ``torchrun`` with several
+        processes the samples are split over them (:mod:`qblock.llm.distributed`, the same ``A``); rank 0
+        returns the problem and the other ranks None.
 
     Raises:
         ExtractError: settings differ from an existing checkpoint/output (see the message).
     """
     out_path = _npz_path(out)
-    with _output_lock(out_path):
+    from qblock.llm.distributed import init, world
+
+    rank = 0
+    if world()[1] > 1:  # under torchrun: join the group (qblock.llm.distributed); only rank 0 locks and writes
+        rank, _, device = init(device)
+    with _output_lock(out_path if rank == 0 else None):
         return _extract_problem(
             model_spec=model_spec, num_samples=num_samples, seq_len=seq_len, energy=energy, gate=gate,
             granularity=granularity, batch_size=batch_size, seed=seed, out=out_path,
