@@ -193,3 +193,29 @@ def test_sleb_on_ray_equals_local(ray_executor):
     assert [(r.removed, r.forward_passes, r.extra["calib_loss"]) for r in a] == \
            [(r.removed, r.forward_passes, r.extra["calib_loss"]) for r in b]
     assert np.isfinite(b[-1].extra["calib_loss"])
+
+
+@pytest.mark.cluster
+def test_ctrl_c_stops_a_ray_compare_cleanly(tmp_path):
+    """SIGINT mid-study: exit 130 promptly with the one-line message (tasks cancelled, Ray stopped)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    pytest.importorskip("ray")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "qblock", "compare", "--blocks", "60", "--backends", "swap,sa,tabu",
+                          "--repeats", "20", "--executor", "ray", "--out", str(tmp_path / "o")], cwd=root, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(25)  # Ray started (about 12 s here) and runs going (61 runs of about a second each)
+    assert p.poll() is None, "the study finished before it could be interrupted"
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-2000:]
+    assert time.time() - t0 < 30 and "qblock: interrupted" in err
+    assert not (tmp_path / "o" / "compare.json").exists()
