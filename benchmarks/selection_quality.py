@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--select-backend", default="exact")
     ap.add_argument("--select-confirm", type=int, default=6, help="finalists per M re-measured on the calibration set")
     ap.add_argument("--select-confirm-samples", type=int, default=32, help="calibration samples of the confirmation")
+    ap.add_argument("--select-screen", type=int, default=2, help="calibration samples of the greedy chain (0: none)")
     ap.add_argument("--select-heldout", type=int, default=None,
                     help="measured sets per M also evaluated on held-out data (default all; fewer is faster, but "
                          "the correlations then cover fewer sets)")
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
         greedy_samples=args.greedy_samples, energy_models=["fisher+grad"], n_boot=1000, stats_seed=args.seed,
         select_samples=args.select_samples, select_evaluations=args.select_evaluations,
         select_backend=args.select_backend, select_confirm=args.select_confirm,
-        select_confirm_samples=args.select_confirm_samples, select_heldout=args.select_heldout or 10**6, progress=True)
+        select_confirm_samples=args.select_confirm_samples, select_screen=args.select_screen, select_heldout=args.select_heldout or 10**6, progress=True)
     work = Path(tempfile.mkdtemp(prefix="qblock-selq-"))
     res = validate(problem, model, tok, calib, evals, settings, work, title=f"selection quality: {args.model}")
     rows = res["rows"]

@@ -98,6 +98,9 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
                         "(default 6; 0 for none)")
     g.add_argument("--select-confirm-samples", type=int, default=32, metavar="N",
                    help="calibration samples of that confirmation (default 32, at most the calibration set)")
+    g.add_argument("--select-screen", type=int, default=2, metavar="N",
+                   help="calibration samples of a cheap greedy removal chain that gives the loop one starting set "
+                        "per M (default 2; 0 for none)")
 
 
 def add_eval_dtype_option(p: argparse.ArgumentParser) -> None:
@@ -128,7 +131,8 @@ def selection_settings(args: argparse.Namespace) -> dict:
     """The :class:`ValidationSettings` fields of the selection options, checked."""
     for flag, v, low in (("--select-samples", args.select_samples, 1), ("--select-evaluations", args.select_evaluations, 0),
                          ("--select-pool", args.select_pool, 0), ("--select-confirm", args.select_confirm, 0),
-                         ("--select-confirm-samples", args.select_confirm_samples, 1)):
+                         ("--select-confirm-samples", args.select_confirm_samples, 1),
+                         ("--select-screen", args.select_screen, 0)):
         if v is not None and v < low:
             raise CliError(f"{flag} must be at least {low}, got {v}")
     from qblock import backends
@@ -138,7 +142,8 @@ def selection_settings(args: argparse.Namespace) -> dict:
                        f"{', '.join(backends.names())}")
     return {"select": args.select, "select_samples": args.select_samples, "select_evaluations": args.select_evaluations,
             "select_pool": args.select_pool, "select_backend": args.select_backend,
-            "select_confirm": args.select_confirm, "select_confirm_samples": args.select_confirm_samples}
+            "select_confirm": args.select_confirm, "select_confirm_samples": args.select_confirm_samples,
+            "select_screen": args.select_screen}
 
 
 def parse_ms(value: str | None) -> list[int] | None:

@@ -93,6 +93,8 @@ class ValidationSettings:
             :func:`qblock.select.confirm`).
         select_confirm_samples: calibration samples of the confirmation (the first ones; ``None`` for
             all); no confirmation when they are no more than ``select_samples``.
+        select_screen: calibration samples (the first ones) of a greedy removal chain that proposes one
+            starting set per M to the loop (:func:`qblock.select.greedy_chain`); ``0``: none.
         select_heldout: measured sets per M (lowest calibration loss first, the recommended one
             included) also evaluated on held-out data, for the correlations.
         n_boot: bootstrap resamples for the correlation intervals.
@@ -125,6 +127,7 @@ class ValidationSettings:
     select_backend: str = "exact"
     select_confirm: int = 6
     select_confirm_samples: int | None = 32
+    select_screen: int = 2
     select_heldout: int = 5
     n_boot: int = 2000
     stats_seed: int = 0
@@ -346,6 +349,7 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
     checks = checks if settings.select_confirm > 0 and len(checks) > len(samples) else None
     _log(f"qblock selection: measured QUBO on {len(samples)} calibration samples, refined per M with "
          f"{settings.select_backend} ({settings.select_evaluations} evaluations per M)"
+         + (f", started from a greedy chain on {settings.select_screen} samples" if settings.select_screen else "")
          + (f", best {settings.select_confirm} confirmed on {len(checks)} samples" if checks else ""),
          settings.progress)
     t0 = time.perf_counter()
@@ -354,13 +358,14 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
                               evaluations_per_m=settings.select_evaluations, batch=settings.select_batch,
                               backend=settings.select_backend, seed=settings.solve_seed,
                               batch_size=settings.batch_size, confirm_samples=checks,
-                              confirm_top=settings.select_confirm, progress=settings.progress,
-                              executor=executor)
+                              confirm_top=settings.select_confirm, screen_samples=settings.select_screen,
+                              progress=settings.progress, executor=executor)
     except ValueError as exc:
         raise ValidationError(f"qblock selection: {exc}") from None
     timings["selection"] = time.perf_counter() - t0
     sel["num_samples"] = len(samples)
     sel["confirm_samples"] = len(checks) if checks else 0
+    sel["screen_samples"] = min(int(settings.select_screen), len(samples))
     return sel
 
 
@@ -383,7 +388,8 @@ def _selection_rows(sel: Mapping[str, Any], settings: ValidationSettings) -> lis
                 "cost_seconds": sel["seconds"], "cost_backward_tokens": 0,
                 "cost_forward_tokens": sel["shared_tokens"] + ref.tokens + ref.confirm_tokens}
         note = (f"measured QUBO (pairs in a pool of {len(prior.metadata['selection']['pool'])}) refined with "
-                f"{ref.backend} in the loop" + (f"; best {len(fin)} confirmed on {sel['confirm_samples']} "
+                f"{ref.backend} in the loop" + (f", started from a greedy chain on {sel['screen_samples']} samples"
+                                                 if sel.get("screen_samples") else "") + (f"; best {len(fin)} confirmed on {sel['confirm_samples']} "
                                                  "calibration samples" if fin else ""))
         for rank, key in enumerate(order[: max(1, settings.select_heldout)], start=1):
             rows.append({"num_remove": m, "method": SELECT_METHOD if rank == 1 else MEASURED_METHOD,
@@ -406,7 +412,7 @@ def _selection_summary(sel: Mapping[str, Any], n: int, ms: Sequence[int]) -> dic
     return {
         "pool": meta["pool"], "shared_tokens": sel["shared_tokens"], "tokens_per_evaluation": sel["tokens_per_evaluation"],
         "num_samples": sel["num_samples"], "seconds": sel["seconds"], "coupling_rule": meta["coupling_rule"],
-        "confirm_samples": sel.get("confirm_samples", 0),
+        "confirm_samples": sel.get("confirm_samples", 0), "screen_samples": sel.get("screen_samples", 0),
         "per_m": {str(m): {"backend": r.backend, "rounds": r.rounds, "evaluations": len(r.history),
                            "tokens": r.tokens, "solver_repeats": r.repeats, "finalists": len(r.finalists),
                            "confirm_tokens": r.confirm_tokens,
