@@ -27,60 +27,14 @@ Example:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from qblock._lazy import INSTALL_HINTS, is_installed
 from qblock.backends._params import Param, validate
+from qblock.backends._spec import _BOTH, _REGISTRY, PENALTY_PARAMS, BackendSpec, register
 
 __all__ = ["BackendSpec", "Param", "register", "names", "get_spec", "get_sampler", "available", "describe",
            "validate_params", "PENALTY_PARAMS"]
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    """How to build one backend."""
-
-    name: str
-    target: str  # "module:attribute" of the sampler class (or factory)
-    kind: str  # "constrained" | "penalty" | "cqm"
-    description: str
-    requires: tuple[str, ...] = ()
-    extra: str | None = None
-    runner: str | None = None  # optional "module:function" that replaces the default solve path
-    check: str | None = None  # optional "module:function" -> (ok, reason) for run-time conditions (tokens)
-    defaults: dict[str, Any] = field(default_factory=dict)
-    stochastic: bool = True
-    #: every keyword the backend takes (besides ``num_solutions`` and ``seed``); others are rejected
-    params: dict[str, Param] = field(default_factory=dict)
-    #: the problem kinds it solves (``problem.kind``); :func:`qblock.solve` refuses others in one line
-    problems: tuple[str, ...] = ("block_removal",)
-    #: ``{problem kind: "module:function"}``: a runner for that kind replacing the default path
-    problem_runners: dict[str, str] = field(default_factory=dict)
-
-    def accepts(self, kind: str) -> bool:
-        """Whether this backend solves problems of ``kind``.
-
-        Example:
-            >>> get_spec("sa").accepts("rank_selection"), get_spec("qaoa").accepts("rank_selection")
-            (True, False)
-        """
-        return kind in self.problems
-
-
-_REGISTRY: dict[str, BackendSpec] = {}
-
-
-def register(spec: BackendSpec, *, replace: bool = False) -> None:
-    """Add a backend to the registry.
-
-    ``spec.params`` must list every keyword the backend takes: :func:`qblock.solve` rejects any other.
-    """
-    if spec.kind not in ("constrained", "penalty", "cqm"):
-        raise ValueError(f"unknown backend kind {spec.kind!r}")
-    if spec.name in _REGISTRY and not replace:
-        raise ValueError(f"backend {spec.name!r} is already registered")
-    _REGISTRY[spec.name] = spec
 
 
 def names() -> list[str]:
@@ -188,19 +142,10 @@ def describe() -> str:
 
 
 # ---------------------------------------------------------------------------- built-in backends
-#: what :func:`qblock.solve`'s penalty pipeline takes, for every backend of kind "penalty"
-PENALTY_PARAMS: dict[str, Param] = {
-    "penalty": Param("float", low=0, none=True, doc="one penalty strength instead of the scan"),
-    "penalty_scan": Param("floats", low=0, low_open=True, none=True,
-                          doc="fractions of the safe penalty strength, e.g. [0.02, 1.0]"),
-    "repair": Param("bool", doc="make infeasible reads feasible by greedy add/drop"),
-    "polish": Param("bool", doc="finish every read with swap descent"),
-}
 _READS = Param("int", low=1, doc="independent reads per penalty strength")
 
 _B = "qblock.backends"
 #: the problem kinds every backend with a generic path (or a runner per kind) takes
-_BOTH = ("block_removal", "rank_selection")
 register(BackendSpec("exact", f"{_B}.exact:ExactTopKSampler", "constrained",
                      "certified top-k: enumerates the C(N,M) feasible states (branch-and-bound when too many)",
                      stochastic=False, problems=_BOTH, problem_runners={"rank_selection": f"{_B}.knapsack:run_exact"},

@@ -5,7 +5,8 @@ The cloud backends have a ``check`` (a configured Leap token, no network call), 
 bounded network timeouts (:mod:`qblock.backends.leap`).
 """
 
-from qblock.backends import _BOTH, PENALTY_PARAMS, BackendSpec, Param, register
+from qblock.backends._params import Param
+from qblock.backends._spec import _BOTH, PENALTY_PARAMS, BackendSpec, register
 
 _B = "qblock.backends"
 

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from qblock._threads import single_blas_thread
-from qblock.backends.exact import _combos, _TopK
+from qblock.backends._topk import _combos, _TopK
 
 __all__ = ["topk", "qcr_diagonal", "convexify", "convexify_nonneg", "LEVEL_CACHE_BYTES"]
 
@@ -514,6 +514,55 @@ def topk(
     """
     t0 = time.perf_counter()
     deadline = None if time_limit is None else t0 + float(time_limit)
+    Q, c, M = _checked_input(H, linear, num_remove, k)
+    n = Q.shape[0]
+    total = math.comb(n, M)
+    k = min(int(k), total)
+    stats = _initial_stats(bound, total)
+
+    with single_blas_thread():
+        if M == 0 or M == n:
+            x = np.full((1, n), 1 if M else 0, dtype=np.int8)
+            e = float(x[0] @ Q @ x[0] + c @ x[0])
+            stats.update(certified=True, gap=0.0, root_bound=e, time=time.perf_counter() - t0, bound="trivial")
+            return x, np.array([e]), stats
+
+        # valid for every state: the bound of the open nodes until the root relaxation is solved
+        simple_bound = _simple_bound(Q, c, M)
+        u, Nn, lam, stats["admm_iterations"] = _convexify(Q, c, M, bound, qcr_iters, nonneg=bound == "dnn",
+                                                          deadline=deadline)
+        Qc = Q - Nn  # the matrix the relaxations use (Q itself unless bound="dnn")
+        stats["min_eig_on_complement"] = lam
+        t1 = time.perf_counter()
+        thr0, n_init, X_heur, E_heur = _initial_threshold(Q, c, M, k, seed, starts, deadline=deadline)
+        stats["initial_threshold"] = thr0
+        t2 = time.perf_counter()
+        stats["time_convexify"], stats["time_heuristic"] = t1 - t0, t2 - t1
+        perm = _root_order(Qc, c, u, M, order)
+        search = _Search(Q, Qc, c, u, M, k, perm, thr0, stats, deadline=deadline, bound=bound, qcr_iters=qcr_iters,
+                         refresh=refresh, tighten=tighten, leaf_states=leaf_states, max_qp_iter=max_qp_iter)
+        search.run(simple_bound, batch_size=batch_size, max_open=max_open, progress=progress)
+
+    X, e = search.result(Q, c, X_heur, E_heur)
+    stats.update(time=time.perf_counter() - t0, order=order, initial_states=n_init)
+    return X, e, stats
+
+
+def _initial_stats(bound: str, total: int) -> dict[str, Any]:
+    return {
+        "bound": f"{bound}-qp",
+        "bound_detail": ("convex QP relaxation over {0<=y<=1, sum y = r} after moving the diagonal "
+                         + {"qcr": "(QCR: dual of the Shor SDP)", "eig": "(uniform eigenvalue shift)",
+                            "dnn": "and dropping x^T N x >= 0 (u, N >= 0: duals of the doubly non-negative SDP)"
+                            }.get(bound, bound)
+                         + ", convex on sum(w)=0 by an exact eigenvalue check; valid for any H and linear term"),
+        "nodes": 0, "leaves": 0, "qp_iterations": 0, "num_feasible_states": total, "time_limit_reached": False,
+    }
+
+
+def _checked_input(H: np.ndarray, linear: np.ndarray | None, num_remove: int,
+                   k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(Q, c, M)``: the couplings with a zero diagonal, the linear term with ``H``'s diagonal, and ``M``."""
     H = np.asarray(H, dtype=np.float64)
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be square, got shape {H.shape}")
@@ -529,222 +578,231 @@ def topk(
     if not (np.all(np.isfinite(H)) and np.all(np.isfinite(lin))):
         raise ValueError("H and linear must be finite")
     H = 0.5 * (H + H.T)
-    c = lin + np.diag(H)
-    Q = H - np.diag(np.diag(H))
-    total = math.comb(n, M)
-    k = min(int(k), total)
-    top = _TopKLex(k)
-    stats: dict[str, Any] = {
-        "bound": f"{bound}-qp",
-        "bound_detail": ("convex QP relaxation over {0<=y<=1, sum y = r} after moving the diagonal "
-                         + {"qcr": "(QCR: dual of the Shor SDP)", "eig": "(uniform eigenvalue shift)",
-                            "dnn": "and dropping x^T N x >= 0 (u, N >= 0: duals of the doubly non-negative SDP)"
-                            }.get(bound, bound)
-                         + ", convex on sum(w)=0 by an exact eigenvalue check; valid for any H and linear term"),
-        "nodes": 0, "leaves": 0, "qp_iterations": 0, "num_feasible_states": total, "time_limit_reached": False,
-    }
+    return H - np.diag(np.diag(H)), lin + np.diag(H), M
 
-    with single_blas_thread():
-        if M == 0 or M == n:
-            x = np.full((1, n), 1 if M else 0, dtype=np.int8)
-            e = float(x[0] @ Q @ x[0] + c @ x[0])
-            stats.update(certified=True, gap=0.0, root_bound=e, time=time.perf_counter() - t0, bound="trivial")
-            return x, np.array([e]), stats
 
-        scale = max(float(np.abs(Q).max(initial=0.0)), float(np.abs(c).max(initial=0.0)), 1e-300)
-        # valid for every state: the bound of the open nodes until the root relaxation is solved
-        simple_bound = _simple_bound(Q, c, M)
-        u, Nn, lam, stats["admm_iterations"] = _convexify(Q, c, M, bound, qcr_iters, nonneg=bound == "dnn",
-                                                          deadline=deadline)
-        Qc = Q - Nn  # the matrix the relaxations use (Q itself unless bound="dnn")
-        stats["min_eig_on_complement"] = lam
-        t1 = time.perf_counter()
-        thr0, n_init, X_heur, E_heur = _initial_threshold(Q, c, M, k, seed, starts, deadline=deadline)
-        stats["initial_threshold"] = thr0
-        t2 = time.perf_counter()
-        stats["time_convexify"], stats["time_heuristic"] = t1 - t0, t2 - t1
-        perm = _root_order(Qc, c, u, M, order)
-        Qp, cp, up = Q[np.ix_(perm, perm)], c[perm], u[perm]
+def _best_seen(Q: np.ndarray, c: np.ndarray, k: int, Xs: list, Es: list) -> tuple[np.ndarray, np.ndarray]:
+    """Stopped early: the k best states known, found by the search or by the local search (uncertified)."""
+    X_all = np.unique(np.concatenate(Xs), axis=0).astype(np.int8)
+    Xf = X_all.astype(np.float64)
+    e_all = np.einsum("ij,ij->i", Xf @ Q, Xf) + Xf @ c  # exact energies (the local search's are incremental)
+    best = np.lexsort(tuple(X_all[:, ::-1].T) + (e_all,))[:k]
+    return X_all[best], e_all[best]
+
+
+class _Search:
+    """The state of one branch-and-bound over the variables in order ``perm``.
+
+    A node is a prefix ``P`` (int8, depth ``d``), its field ``G = Qp @ x_fixed``, the energy ``E`` of the
+    fixed part, the picks left ``r``, a warm start ``Y`` of its relaxation and its parent's bound. Open
+    nodes are kept by depth; :meth:`run` takes one batch per step, enumerates small subtrees
+    (:meth:`_leaves`), bounds the rest by the convex QP relaxation and branches on variable ``d``
+    (:meth:`_branch`). ``top`` holds the k best states found.
+    """
+
+    def __init__(self, Q: np.ndarray, Qc: np.ndarray, c: np.ndarray, u: np.ndarray, M: int, k: int,
+                 perm: np.ndarray, thr0: float, stats: dict[str, Any], *, deadline: float | None, bound: str,
+                 qcr_iters: int, refresh: int, tighten: bool, leaf_states: int, max_qp_iter: int) -> None:
+        self.n, self.M, self.k = Q.shape[0], M, k
+        self.perm, self.thr0, self.stats, self.deadline = perm, thr0, stats, deadline
+        self.bound, self.qcr_iters, self.refresh, self.tighten = bound, qcr_iters, refresh, tighten
+        self.leaf_states, self.max_qp_iter = leaf_states, max_qp_iter
+        self.Qp, self.cp, up = Q[np.ix_(perm, perm)], c[perm], u[perm]
         Qcp = Qc[np.ix_(perm, perm)]
+        scale = max(float(np.abs(Q).max(initial=0.0)), float(np.abs(c).max(initial=0.0)), 1e-300)
         # tolerance: bounds and energies are sums of O(n^2) terms of size <= scale
-        tol = 1e-9 * scale * (1.0 + M) ** 2
-        margin = 1e-9 * max(float(np.abs(Q).max(initial=0.0)), 1e-300)
-
+        self.tol = 1e-9 * scale * (1.0 + M) ** 2
+        self.margin = 1e-9 * max(float(np.abs(Q).max(initial=0.0)), 1e-300)
+        self.top = _TopKLex(k)
         # per-depth matrices, cached up to LEVEL_CACHE_BYTES (all depths together are ~8 N^3 / 3 bytes)
-        levels: dict[int, _Level] = {}
-
+        self.levels: dict[int, _Level] = {}
         # depth -> (diagonal, non-negative part N) of the suffix from that depth
-        base: dict[int, tuple[np.ndarray, np.ndarray]] = {0: (up, Qp - Qcp)}
+        self.base: dict[int, tuple[np.ndarray, np.ndarray]] = {0: (up, self.Qp - Qcp)}
+        self.leaf_tables: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.root_bound: float | None = None
+        self.open_min = math.inf
+        self.stopped = False
 
-        def level(d: int, G: np.ndarray, r: np.ndarray) -> _Level:
-            if d not in levels:
-                m_d = n - d
-                Qd = Qp[d:, d:]
-                if refresh and d % refresh == 0 and d > 0 and 0 < int(np.median(r)) < m_d and m_d > 8:
-                    # re-optimise the diagonal for this subtree (its own linear term and picks left)
-                    c_avg = cp[d:] + 2.0 * G[:, d:].mean(axis=0)
-                    ub, Nb, _, _ = _convexify(Qd, c_avg, int(np.median(r)), bound, qcr_iters,
-                                              nonneg=bound == "dnn", deadline=deadline)
-                    base[d] = (ub, Nb)
-                d0 = max(k for k in base if k <= d)
-                ud = np.array(base[d0][0][d - d0 :])
-                Ad = Qd - base[d0][1][d - d0 :, d - d0 :] + np.diag(ud)
-                if m_d > 2:
-                    lam_d = _min_eig_on_complement(Ad, _complement_basis(m_d))
-                    # lower the diagonal to the edge of convexity on 1^perp (tighter bounds), or
-                    # raise it if rounding left the restriction slightly non-convex
-                    shift = lam_d - margin if (tighten or lam_d < margin) else 0.0
-                    ud = ud - shift
-                    Ad[np.diag_indices(m_d)] -= shift
-                Ld = 2.0 * max(float(np.linalg.eigvalsh(Ad)[-1]), 1e-300)
-                lv = _Level(Ad, Ld)
-                lv.u = ud
-                while levels and sum(v.A.nbytes for v in levels.values()) + Ad.nbytes > LEVEL_CACHE_BYTES:
-                    del levels[next(iter(levels))]  # the oldest: breadth-first search moves on from it
-                levels[d] = lv
-                return lv
-            return levels[d]
+    def result(self, Q: np.ndarray, c: np.ndarray, X_heur: np.ndarray,
+               E_heur: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(X, energies)`` of the search, and ``certified``, ``gap``, ``root_bound`` in ``stats``.
 
-        leaf_tables: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        Stopped early, the result is the best states known (of the search and of the local search that
+        seeded it), uncertified, with the gap to the lowest bound of the nodes left open.
+        """
+        k, top = self.k, self.top
+        if self.stopped:
+            X, e = _best_seen(Q, c, k, [X_heur] + ([] if top.X is None else [top.X]),
+                              [E_heur] + ([] if top.X is None else [top.energy]))
+            self.stats["time_limit_reached"] = True
+        elif top.X is None:  # pragma: no cover - a finished search always reaches the k best
+            X, e = np.zeros((0, self.n), dtype=np.int8), np.zeros(0)
+        else:
+            X, e = top.X, top.energy
+        certified = (not self.stopped) and X.shape[0] == k
+        kth = float(e[-1]) if X.shape[0] == k else math.inf
+        open_min = self.open_min
+        gap = 0.0 if certified else (max(0.0, kth - open_min) if math.isfinite(kth) and math.isfinite(open_min)
+                                     else math.inf)
+        self.stats.update(certified=bool(certified), gap=float(gap), root_bound=self.root_bound)
+        return X, e
 
-        def leaf_table(d: int, r: int) -> tuple[np.ndarray, np.ndarray]:
-            if (d, r) not in leaf_tables:
-                S = _combos(n - d, r)
-                Ind = np.zeros((S.shape[0], n - d))
-                if r:
-                    np.put_along_axis(Ind, S, 1.0, axis=1)
-                pair = np.einsum("ij,ij->i", Ind @ Qp[d:, d:], Ind)
-                leaf_tables[(d, r)] = (Ind, pair)
-            return leaf_tables[(d, r)]
+    def level(self, d: int, G: np.ndarray, r: np.ndarray) -> _Level:
+        """The relaxation matrix of depth ``d`` (built on first use, re-convexified every ``refresh`` depths)."""
+        if d in self.levels:
+            return self.levels[d]
+        n, base = self.n, self.base
+        m_d = n - d
+        Qd = self.Qp[d:, d:]
+        if self.refresh and d % self.refresh == 0 and d > 0 and 0 < int(np.median(r)) < m_d and m_d > 8:
+            # re-optimise the diagonal for this subtree (its own linear term and picks left)
+            c_avg = self.cp[d:] + 2.0 * G[:, d:].mean(axis=0)
+            ub, Nb, _, _ = _convexify(Qd, c_avg, int(np.median(r)), self.bound, self.qcr_iters,
+                                      nonneg=self.bound == "dnn", deadline=self.deadline)
+            base[d] = (ub, Nb)
+        d0 = max(k for k in base if k <= d)
+        ud = np.array(base[d0][0][d - d0 :])
+        Ad = Qd - base[d0][1][d - d0 :, d - d0 :] + np.diag(ud)
+        if m_d > 2:
+            lam_d = _min_eig_on_complement(Ad, _complement_basis(m_d))
+            # lower the diagonal to the edge of convexity on 1^perp (tighter bounds), or
+            # raise it if rounding left the restriction slightly non-convex
+            shift = lam_d - self.margin if (self.tighten or lam_d < self.margin) else 0.0
+            ud = ud - shift
+            Ad[np.diag_indices(m_d)] -= shift
+        Ld = 2.0 * max(float(np.linalg.eigvalsh(Ad)[-1]), 1e-300)
+        lv = _Level(Ad, Ld)
+        lv.u = ud
+        while self.levels and sum(v.A.nbytes for v in self.levels.values()) + Ad.nbytes > LEVEL_CACHE_BYTES:
+            del self.levels[next(iter(self.levels))]  # the oldest: breadth-first search moves on from it
+        self.levels[d] = lv
+        return lv
 
-        def threshold() -> float:
-            return min(top.threshold, thr0)
+    def leaf_table(self, d: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every completion of ``r`` picks among the variables from depth ``d`` on, and its pair energy."""
+        if (d, r) not in self.leaf_tables:
+            S = _combos(self.n - d, r)
+            Ind = np.zeros((S.shape[0], self.n - d))
+            if r:
+                np.put_along_axis(Ind, S, 1.0, axis=1)
+            pair = np.einsum("ij,ij->i", Ind @ self.Qp[d:, d:], Ind)
+            self.leaf_tables[(d, r)] = (Ind, pair)
+        return self.leaf_tables[(d, r)]
 
-        def offer(Xp_rows: np.ndarray, energies: np.ndarray) -> None:
-            def make(idx):
-                X = np.zeros((idx.size, n), dtype=np.int8)
-                X[:, perm] = Xp_rows[idx]
-                return X
+    def threshold(self) -> float:
+        return min(self.top.threshold, self.thr0)
 
-            top.offer(energies, make)
+    def offer(self, Xp_rows: np.ndarray, energies: np.ndarray) -> None:
+        def make(idx):
+            X = np.zeros((idx.size, self.n), dtype=np.int8)
+            X[:, self.perm] = Xp_rows[idx]
+            return X
 
-        # a node: prefix (int8, depth d), field G = Qp @ x_fixed, energy E of the fixed part, picks left r
+        self.top.offer(energies, make)
+
+    def run(self, simple_bound: float, *, batch_size: int, max_open: int, progress: bool) -> None:
+        """Search until no open node can hold one of the k best, or the deadline passes (``stopped``)."""
+        n, M = self.n, self.M
         # open nodes by depth; breadth-first (one batch per depth: few, large matrix products) while
         # the number of open nodes stays below max_open, deepest-first beyond (bounded memory)
         pools: dict[int, list] = {0: [(np.zeros((1, 0), dtype=np.int8), np.zeros((1, n)), np.zeros(1), np.array([M]),
                                        np.full((1, n), M / n), np.full(1, simple_bound))]}
         n_open = 1
-        root_bound = None
-        open_min = math.inf
-        stopped = False
         bar = None
         if progress:  # tqdm is a core dependency
             from tqdm.auto import tqdm
 
             bar = tqdm(desc="bnb nodes", unit="node", leave=False)
         while pools:
-            if deadline is not None and time.perf_counter() > deadline:
-                stopped = True
-                open_min = min(float(np.min(b[5])) for lst in pools.values() for b in lst)
+            if self.deadline is not None and time.perf_counter() > self.deadline:
+                self.stopped = True
+                self.open_min = min(float(np.min(b[5])) for lst in pools.values() for b in lst)
                 break
             d = min(pools) if n_open <= max_open else max(pools)
             parts = pools.pop(d)
-            P, G, E, r, Y, pb = (np.concatenate([b[i] for b in parts]) for i in range(6))
-            if P.shape[0] > batch_size:
-                pools[d] = [tuple(a[batch_size:] for a in (P, G, E, r, Y, pb))]
-                P, G, E, r, Y, pb = (a[:batch_size] for a in (P, G, E, r, Y, pb))
-            n_open -= P.shape[0]
-            m = n - d
-            stats["nodes"] += P.shape[0]
+            nodes = tuple(np.concatenate([b[i] for b in parts]) for i in range(6))
+            if nodes[0].shape[0] > batch_size:
+                pools[d] = [tuple(a[batch_size:] for a in nodes)]
+                nodes = tuple(a[:batch_size] for a in nodes)
+            n_open -= nodes[0].shape[0]
+            self.stats["nodes"] += nodes[0].shape[0]
             if bar:
-                bar.update(P.shape[0])
-            thr = threshold()
-            # drop nodes whose parent bound already exceeds a threshold that improved meanwhile
-            keep = pb <= thr + tol
-            if not keep.all():
-                P, G, E, r, Y, pb = P[keep], G[keep], E[keep], r[keep], Y[keep], pb[keep]
-            if P.shape[0] == 0:
-                continue
-            # complete or tiny subtrees: enumerate them in one product
-            ncomp = np.array([math.comb(m, int(ri)) for ri in r]) if m > 0 else np.ones(r.size, dtype=np.int64)
-            small = ncomp <= leaf_states
-            if small.any():
-                for ri in np.unique(r[small]):
-                    sel = np.flatnonzero(small & (r == ri))
-                    Ind, pair = leaf_table(d, int(ri))
-                    lvec = cp[None, d:] + 2.0 * G[sel, d:]
-                    En = E[sel, None] + lvec @ Ind.T + pair[None, :]
-                    stats["leaves"] += En.size
-                    nsuf = Ind.shape[0]
-                    Xrows_pref = P[sel]
-
-                    def rows(idx, Xrows_pref=Xrows_pref, Ind=Ind, nsuf=nsuf):
-                        pi, si = np.divmod(idx, nsuf)
-                        return np.concatenate([Xrows_pref[pi], Ind[si].astype(np.int8)], axis=1)
-
-                    flat = En.ravel()
-                    thr = threshold()
-                    cand = np.flatnonzero(flat <= thr + tol)
-                    if cand.size:
-                        offer(rows(cand), flat[cand])
-                big = ~small
-                P, G, E, r, Y, pb = P[big], G[big], E[big], r[big], Y[big], pb[big]
-                if P.shape[0] == 0:
-                    continue
-            lv = level(d, G, r)
-            thr = threshold()
-            lin_nodes = cp[None, d:] + 2.0 * G[:, d:] - lv.u[None, :]
-            bnd, Y, its = _qp_bounds(lv.A, lv.L, lin_nodes, E, r, Y[:, -m:], thr, tol, max_qp_iter)
-            stats["qp_iterations"] += its
-            if root_bound is None:
-                root_bound = float(bnd[0])
-            alive = bnd <= thr + tol
-            if not alive.any():
-                continue
-            P, G, E, r, Y, bnd = P[alive], G[alive], E[alive], r[alive], Y[alive], bnd[alive]
-            # children: x_d = 1 (if picks remain) and x_d = 0 (if enough variables remain)
-            one = r >= 1
-            zero = r <= m - 1
-            kids = []
-            if zero.any():
-                s = zero
-                kids.append((np.concatenate([P[s], np.zeros((s.sum(), 1), np.int8)], axis=1), G[s], E[s], r[s],
-                             Y[s, 1:], bnd[s], Y[s, 0]))
-            if one.any():
-                s = one
-                E1 = E[s] + cp[d] + 2.0 * G[s, d]
-                G1 = G[s] + Qp[d][None, :]
-                kids.append((np.concatenate([P[s], np.ones((s.sum(), 1), np.int8)], axis=1), G1, E1, r[s] - 1,
-                             Y[s, 1:], bnd[s], 1.0 - Y[s, 0]))
-            for Pk, Gk, Ek, rk, Yk, bk, _ in kids:
-                pools.setdefault(d + 1, []).append((Pk, Gk, Ek, rk, Yk, bk))
-                n_open += Pk.shape[0]
+                bar.update(nodes[0].shape[0])
+            for kid in self._expand(d, nodes):
+                pools.setdefault(d + 1, []).append(kid)
+                n_open += kid[0].shape[0]
         if bar:
             bar.close()
 
-    if stopped:
-        # stopped early: the best states known, found by the search or by the local search (uncertified)
-        Xs = [X_heur] + ([] if top.X is None else [top.X])
-        Es = [E_heur] + ([] if top.X is None else [top.energy])
-        X_all = np.unique(np.concatenate(Xs), axis=0).astype(np.int8)
-        Xf = X_all.astype(np.float64)
-        e_all = np.einsum("ij,ij->i", Xf @ Q, Xf) + Xf @ c  # exact energies (the local search's are incremental)
-        best = np.lexsort(tuple(X_all[:, ::-1].T) + (e_all,))[:k]
-        X, e = X_all[best], e_all[best]
-        stats["time_limit_reached"] = True
-    elif top.X is None:  # pragma: no cover - a finished search always reaches the k best
-        X, e = np.zeros((0, n), dtype=np.int8), np.zeros(0)
-    else:
-        X, e = top.X, top.energy
-    certified = (not stopped) and X.shape[0] == k
-    kth = float(e[-1]) if X.shape[0] == k else math.inf
-    gap = 0.0 if certified else (max(0.0, kth - open_min) if math.isfinite(kth) and math.isfinite(open_min) else math.inf)
-    stats.update(
-        certified=bool(certified),
-        gap=float(gap),
-        root_bound=root_bound,
-        time=time.perf_counter() - t0,
-        order=order,
-        initial_states=n_init,
-    )
-    return X, e, stats
+    def _expand(self, d: int, nodes: tuple) -> list[tuple]:
+        """The children of a batch of depth-``d`` nodes that may still hold one of the k best."""
+        P, G, E, r, Y, pb = nodes
+        thr = self.threshold()
+        # drop nodes whose parent bound already exceeds a threshold that improved meanwhile
+        keep = pb <= thr + self.tol
+        if not keep.all():
+            P, G, E, r, Y, pb = P[keep], G[keep], E[keep], r[keep], Y[keep], pb[keep]
+        if P.shape[0] == 0:
+            return []
+        m = self.n - d
+        # complete or tiny subtrees: enumerate them in one product
+        ncomp = np.array([math.comb(m, int(ri)) for ri in r]) if m > 0 else np.ones(r.size, dtype=np.int64)
+        small = ncomp <= self.leaf_states
+        if small.any():
+            self._leaves(d, P, G, E, r, small)
+            big = ~small
+            P, G, E, r, Y, pb = P[big], G[big], E[big], r[big], Y[big], pb[big]
+            if P.shape[0] == 0:
+                return []
+        return self._branch(d, P, G, E, r, Y)
+
+    def _leaves(self, d: int, P, G, E, r, small) -> None:
+        """Enumerate the subtrees ``small`` at depth ``d`` and offer their states to the top-k."""
+        for ri in np.unique(r[small]):
+            sel = np.flatnonzero(small & (r == ri))
+            Ind, pair = self.leaf_table(d, int(ri))
+            lvec = self.cp[None, d:] + 2.0 * G[sel, d:]
+            En = E[sel, None] + lvec @ Ind.T + pair[None, :]
+            self.stats["leaves"] += En.size
+            nsuf = Ind.shape[0]
+            Xrows_pref = P[sel]
+
+            def rows(idx, Xrows_pref=Xrows_pref, Ind=Ind, nsuf=nsuf):
+                pi, si = np.divmod(idx, nsuf)
+                return np.concatenate([Xrows_pref[pi], Ind[si].astype(np.int8)], axis=1)
+
+            flat = En.ravel()
+            thr = self.threshold()
+            cand = np.flatnonzero(flat <= thr + self.tol)
+            if cand.size:
+                self.offer(rows(cand), flat[cand])
+
+    def _branch(self, d: int, P, G, E, r, Y) -> list[tuple]:
+        """Bound the nodes by their relaxation and split the survivors on variable ``d``."""
+        m = self.n - d
+        lv = self.level(d, G, r)
+        thr = self.threshold()
+        lin_nodes = self.cp[None, d:] + 2.0 * G[:, d:] - lv.u[None, :]
+        bnd, Y, its = _qp_bounds(lv.A, lv.L, lin_nodes, E, r, Y[:, -m:], thr, self.tol, self.max_qp_iter)
+        self.stats["qp_iterations"] += its
+        if self.root_bound is None:
+            self.root_bound = float(bnd[0])
+        alive = bnd <= thr + self.tol
+        if not alive.any():
+            return []
+        P, G, E, r, Y, bnd = P[alive], G[alive], E[alive], r[alive], Y[alive], bnd[alive]
+        # children: x_d = 1 (if picks remain) and x_d = 0 (if enough variables remain)
+        one = r >= 1
+        zero = r <= m - 1
+        kids = []
+        if zero.any():
+            s = zero
+            kids.append((np.concatenate([P[s], np.zeros((s.sum(), 1), np.int8)], axis=1), G[s], E[s], r[s],
+                         Y[s, 1:], bnd[s]))
+        if one.any():
+            s = one
+            E1 = E[s] + self.cp[d] + 2.0 * G[s, d]
+            G1 = G[s] + self.Qp[d][None, :]
+            kids.append((np.concatenate([P[s], np.ones((s.sum(), 1), np.int8)], axis=1), G1, E1, r[s] - 1,
+                         Y[s, 1:], bnd[s]))
+        return kids

@@ -14,13 +14,14 @@ exact k lowest energies (certified by exhaustion).
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from typing import Any
 
 import dimod
 import numpy as np
+
+from qblock.backends._topk import _combos, _TopK
 
 __all__ = ["ExactTopKSampler", "enumerate_topk", "bqm_to_matrices", "set_energies", "auto_backend", "ENUMERATION_LIMIT"]
 
@@ -84,56 +85,6 @@ def set_energies(H: np.ndarray, d: np.ndarray, C: np.ndarray) -> np.ndarray:
         for b in range(a + 1, C.shape[1]):
             e = e + 2.0 * H[C[:, a], C[:, b]]
     return e
-
-
-def _combos(n: int, r: int, shift: int = 0) -> np.ndarray:
-    if r == 0:
-        return np.zeros((1, 0), dtype=np.intp)
-    count = math.comb(n, r)
-    flat = np.fromiter(itertools.chain.from_iterable(itertools.combinations(range(n), r)), dtype=np.intp, count=count * r)
-    return flat.reshape(count, r) + shift
-
-
-class _TopK:
-    """The k lowest (energy, key) pairs seen so far."""
-
-    #: above this many candidates tied at the k-th energy, keep only k of them (bounds memory on a
-    #: degenerate plateau); ``None`` keeps every tie
-    plateau_cap: int | None = 100_000
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.energy = np.zeros(0)
-        self.states: list[np.ndarray] = []
-        self.X = None
-
-    @property
-    def threshold(self) -> float:
-        return float(self.energy[-1]) if len(self.energy) >= self.k else math.inf
-
-    def offer(self, energies: np.ndarray, make_states) -> None:
-        """``make_states(idx)`` builds the 0/1 rows of candidates ``idx`` (called only for survivors)."""
-        thr = self.threshold
-        idx = np.flatnonzero(energies <= thr) if math.isfinite(thr) else np.arange(energies.size)
-        if idx.size == 0:
-            return
-        if idx.size > self.k:
-            # keep every candidate tied with the k-th energy, so ties resolve lexicographically below
-            kth = np.partition(energies[idx], self.k - 1)[self.k - 1]
-            tied = idx[energies[idx] <= kth]
-            if self.plateau_cap is None or tied.size <= max(self.plateau_cap, 10 * self.k):
-                idx = tied
-            else:  # a degenerate plateau: bound memory, ties then resolve arbitrarily
-                idx = idx[np.argpartition(energies[idx], self.k - 1)[: self.k]]
-        X_new = make_states(idx)
-        e_new = energies[idx]
-        if self.X is None:
-            X_all, e_all = X_new, e_new
-        else:
-            X_all, e_all = np.concatenate([self.X, X_new]), np.concatenate([self.energy, e_new])
-        # deterministic order: energy, then lexicographic state (so ties resolve the same every run)
-        order = np.lexsort(tuple(X_all[:, ::-1].T) + (e_all,))[: self.k]
-        self.X, self.energy = X_all[order], e_all[order]
 
 
 def enumerate_topk(

@@ -343,7 +343,7 @@ class QAOASampler(dimod.Sampler):
         """
         if kwargs:
             raise TypeError(f"unknown parameters for qaoa: {', '.join(sorted(kwargs))}")
-        from scipy.optimize import minimize
+        from scipy.optimize import minimize  # noqa: F401  (scipy missing: fail before any work)
 
         t_start = time.perf_counter()
         variables = list(bqm.variables)
@@ -351,75 +351,133 @@ class QAOASampler(dimod.Sampler):
             variables = sorted(variables)
         except TypeError:
             pass
-        n = len(variables)
-        if n == 0:
-            raise ValueError("the BQM has no variables")
-        # the limit guards dense simulation; a matrix-product-state simulation grows with entanglement instead
-        if n > int(max_qubits) and method != "matrix_product_state":
-            need = statevector_bytes(n)
-            raise QubitLimitError(
-                f"QAOA on {n} qubits exceeds max_qubits={max_qubits}: a statevector of {n} qubits needs "
-                f"16 bytes * 2^{n} = {_human_bytes(need)} (plus 8 bytes * 2^{n} for the cost diagonal); "
-                f"raise max_qubits if the machine has the memory, or use method='matrix_product_state'"
-            )
-        if mixer not in ("xy", "x"):
-            raise ValueError(f"mixer must be 'xy' or 'x', got {mixer!r}")
-        m = None if num_remove is None else int(num_remove)
-        if m is not None and not 0 <= m <= n:
-            raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got {num_remove}")
-        if mixer == "xy" and m is None:
-            raise ValueError("mixer='xy' needs num_remove=M (the Dicke state has M ones)")
-        opt_name = {o.lower(): o for o in OPTIMIZERS}.get(str(optimizer).lower())
-        if opt_name is None:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-        if init not in ("linear_ramp", "random"):
-            raise ValueError(f"init must be 'linear_ramp' or 'random', got {init!r}")
-        reps, shots, maxiter = int(reps), int(shots), int(maxiter)
-        if reps < 1 or shots < 1 or maxiter < 1:
-            raise ValueError("reps, shots and maxiter must be at least 1")
+        m, opt_name, reps, shots, maxiter = _checked_settings(len(variables), num_remove, mixer, optimizer, init,
+                                                              reps, shots, maxiter, max_qubits, method)
         rng = np.random.default_rng(seed)
         sim_seed = int(rng.integers(2**31))
+        # build: the cost diagonal and the circuits, transpiled once
+        run = _QAOARun(bqm, variables, m, mixer=mixer, reps=reps, shots=shots, xy_topology=xy_topology,
+                       method=method, threads=threads, sim_seed=sim_seed)
+        # optimise: the angles, from a linear ramp (or given / random angles) and random restarts
+        starts = _starting_angles(reps, init, initial_point, restarts, ramp_scale, rng)
+        best, history = run.optimise(starts, opt_name, maxiter)
+        # measure: the optimised circuit through Aer's SamplerV2
+        theta = np.asarray(best.x, dtype=float)
+        X, e_shots, feasible = run.measure(theta)
+        info = run.info(theta, best, history, e_shots, feasible, xy_topology=xy_topology, optimizer=opt_name,
+                        init="explicit" if initial_point is not None else init, restarts=int(restarts))
+        info["timing_detail"] = {
+            "diagonal": run.t_diag, "build_transpile": run.t_build, "optimise": run.t_opt, "sample": run.t_sample,
+            "total": time.perf_counter() - t_start,
+        }
+        return run.distinct(X[feasible] if feasible_only else X, variables, num_solutions, info)
 
-        from qiskit.transpiler import generate_preset_pass_manager
-        from qiskit_aer import AerSimulator
-        from qiskit_aer.primitives import SamplerV2
 
+def _checked_settings(n: int, num_remove, mixer: str, optimizer: str, init: str, reps, shots, maxiter,
+                      max_qubits, method: str) -> tuple[int | None, str, int, int, int]:
+    """``(M, optimizer name, reps, shots, maxiter)``, every setting checked before anything is built."""
+    if n == 0:
+        raise ValueError("the BQM has no variables")
+    # the limit guards dense simulation; a matrix-product-state simulation grows with entanglement instead
+    if n > int(max_qubits) and method != "matrix_product_state":
+        need = statevector_bytes(n)
+        raise QubitLimitError(
+            f"QAOA on {n} qubits exceeds max_qubits={max_qubits}: a statevector of {n} qubits needs "
+            f"16 bytes * 2^{n} = {_human_bytes(need)} (plus 8 bytes * 2^{n} for the cost diagonal); "
+            f"raise max_qubits if the machine has the memory, or use method='matrix_product_state'"
+        )
+    if mixer not in ("xy", "x"):
+        raise ValueError(f"mixer must be 'xy' or 'x', got {mixer!r}")
+    m = None if num_remove is None else int(num_remove)
+    if m is not None and not 0 <= m <= n:
+        raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got {num_remove}")
+    if mixer == "xy" and m is None:
+        raise ValueError("mixer='xy' needs num_remove=M (the Dicke state has M ones)")
+    opt_name = {o.lower(): o for o in OPTIMIZERS}.get(str(optimizer).lower())
+    if opt_name is None:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if init not in ("linear_ramp", "random"):
+        raise ValueError(f"init must be 'linear_ramp' or 'random', got {init!r}")
+    reps, shots, maxiter = int(reps), int(shots), int(maxiter)
+    if reps < 1 or shots < 1 or maxiter < 1:
+        raise ValueError("reps, shots and maxiter must be at least 1")
+    return m, opt_name, reps, shots, maxiter
+
+
+def _starting_angles(reps: int, init: str, initial_point, restarts, ramp_scale: float,
+                     rng: np.random.Generator) -> list[np.ndarray]:
+    """The optimiser's starting angles ``[gamma_1..gamma_p, beta_1..beta_p]`` (gamma in units of 1/scale)."""
+
+    def ramp() -> np.ndarray:
+        k = (np.arange(reps) + 0.5) / reps
+        return np.concatenate([k * ramp_scale, (1.0 - k) * ramp_scale])
+
+    def random_start() -> np.ndarray:
+        return np.concatenate([rng.uniform(0, math.pi / 2, reps), rng.uniform(0, math.pi / 2, reps)])
+
+    starts = []
+    if initial_point is not None:
+        x0 = np.asarray(initial_point, dtype=float).reshape(-1)
+        if x0.size != 2 * reps:
+            raise ValueError(f"initial_point needs 2 * reps = {2 * reps} angles, got {x0.size}")
+        starts.append(x0)
+    else:
+        starts.append(ramp() if init == "linear_ramp" else random_start())
+    starts += [random_start() for _ in range(int(restarts))]
+    return starts
+
+
+class _QAOARun:
+    """One QAOA run: the normalised cost (and its exact diagonal for statevector methods), the circuits
+    transpiled once, the simulator; then :meth:`optimise`, :meth:`measure`, :meth:`info`, :meth:`distinct`."""
+
+    def __init__(self, bqm: dimod.BinaryQuadraticModel, variables: list, m: int | None, *, mixer: str, reps: int,
+                 shots: int, xy_topology: str, method: str, threads: int | None, sim_seed: int) -> None:
+        n = len(variables)
+        self.n, self.m, self.mixer, self.reps, self.shots, self.method = n, m, mixer, reps, shots, method
         # ---- cost: qiskit Z-convention coefficients, normalised
         bqm_bin = bqm if bqm.vartype is dimod.BINARY else bqm.change_vartype(dimod.BINARY, inplace=False)
         h, J, _ = ising_from_bqm(bqm_bin, variables)
         lin, (row, col, quad), offset = bqm_bin.to_numpy_vectors(variable_order=variables)
         Q = np.zeros((n, n))
         np.add.at(Q, (row, col), quad)
-        lin = np.asarray(lin, dtype=np.float64)
-        scale = _cost_scale(Q, lin, n, m if mixer == "xy" else None)
-
-        exact_sv = method in _STATEVECTOR_METHODS
+        self.Q, self.lin, self.offset = Q, np.asarray(lin, dtype=np.float64), float(offset)
+        self.scale = _cost_scale(Q, self.lin, n, m if mixer == "xy" else None)
+        self.exact_sv = method in _STATEVECTOR_METHODS
         t0 = time.perf_counter()
-        diag = feas_idx = None
-        e_opt = e_worst = e_mean_uniform = None
-        if exact_sv:
+        self.diag = self.feas_idx = None
+        self.e_opt = self.e_worst = self.e_mean_uniform = None
+        if self.exact_sv:
             bits = _basis_bits(n)
-            diag = _energies(Q, lin, float(offset), bits)
+            self.diag = _energies(Q, self.lin, self.offset, bits)
             if m is not None:
-                feas_idx = np.flatnonzero(bits.sum(axis=1) == m)
-                fe = diag[feas_idx]
+                self.feas_idx = np.flatnonzero(bits.sum(axis=1) == m)
+                fe = self.diag[self.feas_idx]
             else:
-                fe = diag
-            e_opt, e_worst, e_mean_uniform = float(fe.min()), float(fe.max()), float(fe.mean())
+                fe = self.diag
+            self.e_opt, self.e_worst, self.e_mean_uniform = float(fe.min()), float(fe.max()), float(fe.mean())
             del bits
-        t_diag = time.perf_counter() - t0
+        self.t_diag = time.perf_counter() - t0
+        self._build(h, J, xy_topology, threads, sim_seed)
+        self.evaluations = 0
 
-        # ---- circuits: built once, transpiled once by a preset pass manager
+    def _build(self, h: np.ndarray, J: np.ndarray, xy_topology: str, threads: int | None, sim_seed: int) -> None:
+        """The circuits, built once and transpiled once by a preset pass manager, and the simulator."""
+        from qiskit.transpiler import generate_preset_pass_manager
+        from qiskit_aer import AerSimulator
+        from qiskit_aer.primitives import SamplerV2
+
+        n, m, mixer, reps, method, scale = self.n, self.m, self.mixer, self.reps, self.method, self.scale
         t0 = time.perf_counter()
         qc, gammas, betas = build_qaoa_circuit(h / scale, J / scale, reps, mixer=mixer, num_ones=m,
                                                xy_topology=xy_topology)
-        params = list(gammas) + list(betas)
-        threads = (1 if n <= 20 else 0) if threads is None else int(threads)
-        backend = AerSimulator(method=method, seed_simulator=sim_seed, max_parallel_threads=threads)
-        pm = generate_preset_pass_manager(optimization_level=1, backend=backend, seed_transpiler=0)
+        self.params = params = list(gammas) + list(betas)
+        self.threads = threads = (1 if n <= 20 else 0) if threads is None else int(threads)
+        self.backend = AerSimulator(method=method, seed_simulator=sim_seed, max_parallel_threads=threads)
+        pm = generate_preset_pass_manager(optimization_level=1, backend=self.backend, seed_transpiler=0)
         meas = qc.measure_all(inplace=False)
-        t_meas = pm.run(meas)
-        if exact_sv:
+        self.t_meas = pm.run(meas)
+        if self.exact_sv:
             # Optimisation loop: the initial state (Dicke or |+>^n, known exactly) is injected with
             # Aer's set_statevector instead of simulating its preparation gates every evaluation
             # (2-3x faster at N = 14); the sampled circuit below keeps the gate-level preparation.
@@ -434,56 +492,38 @@ class QAOASampler(dimod.Sampler):
             probe.append(SetStatevector(_initial_state(n, m if mixer == "xy" else None)), range(n))
             probe.compose(layers, inplace=True)
             probe.save_probabilities()
-            t_probe = pm.run(probe)
-        t_build = time.perf_counter() - t0
+            self.t_probe = pm.run(probe)
+        self.t_build = time.perf_counter() - t0
         t_core = pm.run(qc)
-        width, depth = t_core.num_qubits, t_core.depth()
-        ops = {k: int(v) for k, v in t_core.count_ops().items()}
-
-        sampler = SamplerV2(default_shots=shots, seed=sim_seed,
-                            options={"backend_options": {"method": method, "max_parallel_threads": threads}})
-        evaluations = 0
-
+        self.width, self.depth = t_core.num_qubits, t_core.depth()
+        self.ops = {k: int(v) for k, v in t_core.count_ops().items()}
+        self.sampler = SamplerV2(default_shots=self.shots, seed=sim_seed,
+                                 options={"backend_options": {"method": method, "max_parallel_threads": threads}})
         # a pub's parameter values follow circuit.parameters (sorted by name: beta before gamma)
         where = {p.name: k for k, p in enumerate(params)}
-        meas_order = np.array([where[p.name] for p in t_meas.parameters])
+        self.meas_order = np.array([where[p.name] for p in self.t_meas.parameters])
 
-        def sample_bits(theta: np.ndarray, nshots: int) -> np.ndarray:
-            values = np.asarray(theta, dtype=float)[meas_order]
-            res = sampler.run([(t_meas, values)], shots=nshots).result()[0]
-            arr = res.data.meas.to_bool_array(order="little")  # column i is qubit i
-            return arr.astype(np.int8)
+    def sample_bits(self, theta: np.ndarray, nshots: int) -> np.ndarray:
+        values = np.asarray(theta, dtype=float)[self.meas_order]
+        res = self.sampler.run([(self.t_meas, values)], shots=nshots).result()[0]
+        arr = res.data.meas.to_bool_array(order="little")  # column i is qubit i
+        return arr.astype(np.int8)
 
-        def probabilities(theta: np.ndarray) -> np.ndarray:
-            binds = {p: [float(v)] for p, v in zip(params, theta)}
-            result = backend.run(t_probe, parameter_binds=[binds]).result()
-            return np.asarray(result.data(0)["probabilities"], dtype=np.float64)
+    def probabilities(self, theta: np.ndarray) -> np.ndarray:
+        binds = {p: [float(v)] for p, v in zip(self.params, theta)}
+        result = self.backend.run(self.t_probe, parameter_binds=[binds]).result()
+        return np.asarray(result.data(0)["probabilities"], dtype=np.float64)
 
-        def cost(theta: np.ndarray) -> float:
-            nonlocal evaluations
-            evaluations += 1
-            if exact_sv:
-                return float(probabilities(theta) @ diag)
-            X = sample_bits(theta, shots)
-            return float(_energies(Q, lin, float(offset), X).mean())
+    def cost(self, theta: np.ndarray) -> float:
+        self.evaluations += 1
+        if self.exact_sv:
+            return float(self.probabilities(theta) @ self.diag)
+        X = self.sample_bits(theta, self.shots)
+        return float(_energies(self.Q, self.lin, self.offset, X).mean())
 
-        # ---- initial angles (gamma in units of 1/scale)
-        def ramp() -> np.ndarray:
-            k = (np.arange(reps) + 0.5) / reps
-            return np.concatenate([k * ramp_scale, (1.0 - k) * ramp_scale])
-
-        def random_start() -> np.ndarray:
-            return np.concatenate([rng.uniform(0, math.pi / 2, reps), rng.uniform(0, math.pi / 2, reps)])
-
-        starts = []
-        if initial_point is not None:
-            x0 = np.asarray(initial_point, dtype=float).reshape(-1)
-            if x0.size != 2 * reps:
-                raise ValueError(f"initial_point needs 2 * reps = {2 * reps} angles, got {x0.size}")
-            starts.append(x0)
-        else:
-            starts.append(ramp() if init == "linear_ramp" else random_start())
-        starts += [random_start() for _ in range(int(restarts))]
+    def optimise(self, starts: list[np.ndarray], opt_name: str, maxiter: int):
+        """``(best scipy result, expectation reached from each start)``."""
+        from scipy.optimize import minimize
 
         t0 = time.perf_counter()
         best = None
@@ -492,75 +532,85 @@ class QAOASampler(dimod.Sampler):
             opts = {"maxiter": maxiter}
             if opt_name == "COBYLA":
                 opts["rhobeg"] = 0.2
-            res = minimize(cost, x0, method=opt_name, options=opts)
+            res = minimize(self.cost, x0, method=opt_name, options=opts)
             history.append(float(res.fun))
             if best is None or res.fun < best.fun:
                 best = res
-        t_opt = time.perf_counter() - t0
+        self.t_opt = time.perf_counter() - t0
+        return best, history
 
-        # ---- final measurement through Aer's SamplerV2
+    def measure(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(shots, their energies, which are feasible)`` of the circuit at angles ``theta``."""
         t0 = time.perf_counter()
-        theta = np.asarray(best.x, dtype=float)
-        X = sample_bits(theta, shots)
-        t_sample = time.perf_counter() - t0
-        e_shots = _energies(Q, lin, float(offset), X)
-        feasible = np.ones(len(X), bool) if m is None else X.sum(axis=1) == m
-        feasible_fraction = float(feasible.mean())
+        X = self.sample_bits(theta, self.shots)
+        self.t_sample = time.perf_counter() - t0
+        e_shots = _energies(self.Q, self.lin, self.offset, X)
+        feasible = np.ones(len(X), bool) if self.m is None else X.sum(axis=1) == self.m
+        return X, e_shots, feasible
 
+    def info(self, theta: np.ndarray, best, history: list[float], e_shots: np.ndarray, feasible: np.ndarray, *,
+             xy_topology: str, optimizer: str, init: str, restarts: int) -> dict[str, Any]:
+        """The SampleSet's ``info``: settings, angles, circuit, and (statevector) how good the state is."""
+        reps, scale = self.reps, self.scale
         info: dict[str, Any] = {
-            "mixer": mixer,
-            "xy_topology": xy_topology if mixer == "xy" else None,
+            "mixer": self.mixer,
+            "xy_topology": xy_topology if self.mixer == "xy" else None,
             "reps": reps,
-            "shots": shots,
-            "optimizer": opt_name,
-            "init": "explicit" if initial_point is not None else init,
-            "restarts": int(restarts),
-            "method": method,
-            "threads": threads,
+            "shots": self.shots,
+            "optimizer": optimizer,
+            "init": init,
+            "restarts": restarts,
+            "method": self.method,
+            "threads": self.threads,
             "optimal_gammas": [float(g) / scale for g in theta[:reps]],
             "optimal_betas": [float(b) for b in theta[reps:]],
             "normalised_gammas": [float(g) for g in theta[:reps]],
             "cost_scale": scale,
             "optimal_expectation": float(best.fun),
             "start_expectations": history,
-            "expectation_mode": ("exact: probabilities of the simulated statevector (initial state injected) "
-                                 "dotted with the cost diagonal") if exact_sv else f"mean energy of {shots} shots",
-            "circuit_evaluations": evaluations,
-            "circuit_width": int(width),
-            "circuit_depth": int(depth),
-            "circuit_ops": ops,
-            "feasible_fraction": feasible_fraction,
+            "expectation_mode": (("exact: probabilities of the simulated statevector (initial state injected) "
+                                  "dotted with the cost diagonal") if self.exact_sv
+                                 else f"mean energy of {self.shots} shots"),
+            "circuit_evaluations": self.evaluations,
+            "circuit_width": int(self.width),
+            "circuit_depth": int(self.depth),
+            "circuit_ops": self.ops,
+            "feasible_fraction": float(feasible.mean()),
             "num_shots_feasible": int(feasible.sum()),
         }
-        if e_opt is not None:
-            span = e_worst - e_opt
-            probs = probabilities(theta)
-            opt_mask = np.abs(diag - e_opt) <= 1e-9 * max(1.0, abs(e_opt))
-            if feas_idx is not None:
-                fmask = np.zeros(diag.size, bool)
-                fmask[feas_idx] = True
-                opt_mask &= fmask
-            fe_shots = e_shots[feasible]
-            info.update({
-                "exact_optimum": e_opt,
-                "optimum_probability": float(probs[opt_mask].sum()),
-                "optimum_frequency": float(np.mean((np.abs(e_shots - e_opt) <= 1e-9 * max(1.0, abs(e_opt))) & feasible)),
-                # baseline: the optimum's probability in the initial state (uniform over what the mixer explores)
-                "uniform_optimum_probability": float(opt_mask.sum() / (len(feas_idx) if mixer == "xy" else diag.size)),
-                "approximation_ratio": float((e_worst - fe_shots.mean()) / span) if span > 0 and fe_shots.size else None,
-                "uniform_approximation_ratio": float((e_worst - e_mean_uniform) / span) if span > 0 else None,
-            })
-        info["timing_detail"] = {
-            "diagonal": t_diag, "build_transpile": t_build, "optimise": t_opt, "sample": t_sample,
-            "total": time.perf_counter() - t_start,
+        if self.e_opt is not None:
+            info.update(self._quality(theta, e_shots, feasible))
+        return info
+
+    def _quality(self, theta: np.ndarray, e_shots: np.ndarray, feasible: np.ndarray) -> dict[str, Any]:
+        """Probability and frequency of the optimum and the approximation ratio (exact diagonal known)."""
+        diag, e_opt, e_worst, feas_idx = self.diag, self.e_opt, self.e_worst, self.feas_idx
+        span = e_worst - e_opt
+        probs = self.probabilities(theta)
+        opt_mask = np.abs(diag - e_opt) <= 1e-9 * max(1.0, abs(e_opt))
+        if feas_idx is not None:
+            fmask = np.zeros(diag.size, bool)
+            fmask[feas_idx] = True
+            opt_mask &= fmask
+        fe_shots = e_shots[feasible]
+        return {
+            "exact_optimum": e_opt,
+            "optimum_probability": float(probs[opt_mask].sum()),
+            "optimum_frequency": float(np.mean((np.abs(e_shots - e_opt) <= 1e-9 * max(1.0, abs(e_opt))) & feasible)),
+            # baseline: the optimum's probability in the initial state (uniform over what the mixer explores)
+            "uniform_optimum_probability": float(opt_mask.sum() / (len(feas_idx) if self.mixer == "xy" else diag.size)),
+            "approximation_ratio": float((e_worst - fe_shots.mean()) / span) if span > 0 and fe_shots.size else None,
+            "uniform_approximation_ratio": float((e_worst - self.e_mean_uniform) / span) if span > 0 else None,
         }
 
-        Xk = X[feasible] if feasible_only else X
+    def distinct(self, Xk: np.ndarray, variables: list, num_solutions: int | None,
+                 info: dict[str, Any]) -> dimod.SampleSet:
+        """The distinct measured states, sorted by energy, counted in ``num_occurrences``."""
         if Xk.shape[0]:
             uniq, counts = np.unique(Xk, axis=0, return_counts=True)
         else:
-            uniq, counts = np.zeros((0, n), dtype=np.int8), np.zeros(0, dtype=int)
-        e = _energies(Q, lin, float(offset), uniq)
+            uniq, counts = np.zeros((0, self.n), dtype=np.int8), np.zeros(0, dtype=int)
+        e = _energies(self.Q, self.lin, self.offset, uniq)
         order = np.lexsort((np.arange(len(e)), e))
         if num_solutions is not None:
             order = order[: int(num_solutions)]

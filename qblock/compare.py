@@ -46,6 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from qblock._provenance import Provenance
 from qblock.problems.block_removal import BlockRemovalProblem
 
 __all__ = [
@@ -88,11 +89,6 @@ COLUMNS = (
 
 
 # ---------------------------------------------------------------------------------------- metrics
-def _model_name(model: Any) -> str | None:
-    """A problem's recorded model as a short name (provenance is a dict; old files hold a string)."""
-    return (model.get("id") or model.get("spec")) if isinstance(model, dict) else model
-
-
 def tts99(t: float, p: float) -> float:
     """Time to solution at 99 % confidence from the time ``t`` of one run and success probability ``p``.
 
@@ -237,7 +233,7 @@ def summarize(study: Mapping[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------- running
 def _problem_record(problem: BlockRemovalProblem, name: str | None) -> dict[str, Any]:
     return {
-        "name": name or problem.metadata.get("name") or _model_name(problem.metadata.get("model"))
+        "name": name or problem.metadata.get("name") or Provenance.of(problem.metadata).model_name
         or problem.metadata.get("source", "problem"),
         "num_blocks": problem.num_blocks,
         "num_remove": problem.num_remove,
@@ -293,19 +289,35 @@ def _job(job: tuple) -> dict[str, Any]:
         return {"failed": _skip_reason(exc)}
 
 
-def _prefetch(executor: Any, problem: BlockRemovalProblem, jobs: Sequence[tuple[str, int, Any, Mapping]],
-              top_k: int, bar: Any) -> dict[tuple[str, int], Any]:
-    """Every run of a study at once on ``executor`` (solver runs as tasks); ``(backend, repeat) -> record``.
+def _runner(executor: Any, problem: BlockRemovalProblem, jobs: Sequence[tuple[str, int, Any, Mapping]],
+            top_k: int, bar: Any):
+    """``run(backend, repeat, seed, params) -> record`` for the study's loop.
 
-    The study then replays the local loop over these records, so skips, time limits and the reference
-    are decided exactly as when the runs happen one after another.
+    Local: each call runs :func:`qblock.solve` here, when the loop asks. Another executor: every run of
+    ``jobs`` is submitted at once (solver runs as tasks, the bar advancing as they finish) and the loop
+    replays these records, so skips, time limits and the reference are decided exactly as when the runs
+    happen one after another.
     """
+    from qblock.executor import is_local
+
+    if is_local(executor):
+        return lambda b, r, s, p: _run_once(problem, b, s, top_k, p)
+
     def done(i: int, rec: Mapping[str, Any]) -> None:
         bar.set_postfix_str(f"{jobs[i][0]} run {jobs[i][1] + 1} done")
         bar.update(1)
 
     recs = executor.map(_job, [(problem, b, s, top_k, dict(p)) for b, _, s, p in jobs], on_result=done)
-    return {(b, r): rec for (b, r, _, _), rec in zip(jobs, recs)}
+    ready = {(b, r): rec for (b, r, _, _), rec in zip(jobs, recs)}
+    bar.update = lambda *a, **k: None  # counted as the runs finished
+
+    def replay(b: str, r: int, s: Any, p: Mapping[str, Any]) -> dict[str, Any]:
+        rec = dict(ready[(b, r)])
+        if "failed" in rec:
+            raise _Failed(rec["failed"])
+        return rec
+
+    return replay
 
 
 def compare_backends(
@@ -346,10 +358,10 @@ def compare_backends(
             given a ``sampler_factory`` (e.g. one returning ``MockDWaveSampler()``) runs without a token.
         name: a name for the problem in tables.
         progress: show a progress bar.
-        executor: where the runs happen (:mod:`qblock.executor`); ``None`` or ``"local"``: one after
-            another here. On Ray every run is a task, all submitted at once; the records (and so every
-            table entry except wall times) are the same as the local executor's. With ``time_limit`` the
-            rule "no new repeat after the limit" is applied to the finished runs in repeat order.
+        executor: where the runs happen (:mod:`qblock.executor`); ``None`` or local: one after another
+            here. On Ray every run is a task, all submitted at once; the records (and so every table entry
+            except wall times) are the same as the local executor's. With ``time_limit`` the rule "no new
+            repeat after the limit" is applied to the finished runs in repeat order.
 
     Returns:
         A JSON-ready study dictionary: ``problem``, ``settings``, ``tolerance``, ``backends``,
@@ -362,6 +374,59 @@ def compare_backends(
         >>> s["reference"]["kind"], len(s["runs"])
         ('certified', 5)
     """
+    from qblock import backends as registry
+
+    backends, params = _checked_settings(problem, backends, repeats, top_k, params)
+    avail = registry.available()
+    seeds = run_seeds(seed, repeats)
+    skipped: dict[str, str] = {}
+    runs: list[dict[str, Any]] = []
+    todo = [b for b in backends if _runnable(avail[b], params.get(b, {}))]
+    for b in backends:
+        if b not in todo:
+            a = avail[b]
+            skipped[b] = "unavailable: " + a["reason"] + (f" ({a['install']})" if a.get("install") else "")
+    steps = sum(1 if not registry.get_spec(b).stochastic else repeats for b in todo)
+    want_ref = exact_reference and "exact" not in backends and avail.get("exact", {}).get("available", False)
+    bar = _progress(steps + int(want_ref), progress, f"compare N={problem.num_blocks} M={problem.num_remove}")
+    exact_limit = time_limit if time_limit is not None else exact_time_limit
+    notes: list[str | None] = []  # about the exact solver: the last one stands
+    jobs = [("exact", -1, None, _exact_params(params, exact_limit))] if want_ref else []
+    for b in todo:
+        b_seeds = seeds if registry.get_spec(b).stochastic else [None]
+        p = _exact_params(params, exact_limit) if b == "exact" else params.get(b, {})
+        jobs += [(b, r, s, p) for r, s in enumerate(b_seeds)]
+    try:
+        run = _runner(executor, problem, jobs, top_k, bar)
+        if want_ref:
+            notes.append(_reference_run(run, _exact_params(params, exact_limit), runs, bar))
+        for b in todo:
+            b_seeds = seeds if registry.get_spec(b).stochastic else [None]
+            p = _exact_params(params, exact_limit) if b == "exact" else params.get(b, {})
+            notes.append(_backend_runs(run, b, b_seeds, p, time_limit, runs, skipped, bar))
+    finally:
+        bar.close()
+    study: dict[str, Any] = {
+        "problem": _problem_record(problem, name),
+        "settings": {"repeats": int(repeats), "seed": seed, "top_k": int(top_k), "time_limit": time_limit,
+                     "params": params, "exact_reference": bool(exact_reference),
+                     "exact_time_limit": exact_time_limit},
+        "tolerance": {"rtol": float(rtol), "atol": float(atol)},
+        "backends": backends,
+        "skipped": skipped,
+        "runs": runs,
+    }
+    study["reference"] = reference_from_runs(runs, top_k)
+    reference_note = next((n for n in reversed(notes) if n), None)
+    if reference_note:
+        study["reference"]["note"] = reference_note
+    study["summary"] = summarize(study)
+    return study
+
+
+def _checked_settings(problem: BlockRemovalProblem, backends: Sequence[str], repeats: int, top_k: int,
+                      params: Mapping[str, Mapping[str, Any]] | None) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The distinct backend names and per-backend parameters of a comparison, checked before any run."""
     from qblock import backends as registry
 
     problem._require_m()
@@ -378,111 +443,72 @@ def compare_backends(
     for b in params:
         if b not in backends and b != "exact":
             raise ValueError(f"--param for backend {b!r}, which is not compared ({', '.join(backends)})")
-    avail = registry.available()
-    seeds = run_seeds(seed, repeats)
-    skipped: dict[str, str] = {}
-    runs: list[dict[str, Any]] = []
+    return backends, params
 
-    def exact_params() -> dict[str, Any]:
-        p = dict(params.get("exact", {}))
-        limit = time_limit if time_limit is not None else exact_time_limit
-        if limit is not None:
-            p.setdefault("time_limit", float(limit))
-        return p
 
-    def runnable(b: str) -> bool:
-        # a cloud backend handed a sampler_factory (e.g. MockDWaveSampler) needs no token
-        return avail[b]["available"] or (not avail[b].get("install") and "sampler_factory" in params.get(b, {}))
+def _runnable(avail: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
+    # a cloud backend handed a sampler_factory (e.g. MockDWaveSampler) needs no token
+    return avail["available"] or (not avail.get("install") and "sampler_factory" in params)
 
-    todo = [b for b in backends if runnable(b)]
-    for b in backends:
-        if not runnable(b):
-            a = avail[b]
-            skipped[b] = "unavailable: " + a["reason"] + (f" ({a['install']})" if a.get("install") else "")
-    steps = sum(1 if not registry.get_spec(b).stochastic else repeats for b in todo)
-    want_ref = exact_reference and "exact" not in backends and avail.get("exact", {}).get("available", False)
-    bar = _progress(steps + int(want_ref), progress, f"compare N={problem.num_blocks} M={problem.num_remove}")
-    reference_note = None
-    from qblock.executor import is_local
 
-    ready: dict[tuple[str, int], Any] | None = None
-    if not is_local(executor):
-        jobs = [("exact", -1, None, exact_params())] if want_ref else []
-        for b in todo:
-            b_seeds = seeds if registry.get_spec(b).stochastic else [None]
-            jobs += [(b, r, s, exact_params() if b == "exact" else params.get(b, {})) for r, s in enumerate(b_seeds)]
-        try:
-            ready = _prefetch(executor, problem, jobs, top_k, bar)
-        except BaseException:
-            bar.close()
-            raise
-        bar.update = lambda *a, **k: None  # counted as the runs finished
+def _exact_params(params: Mapping[str, Mapping[str, Any]], limit: float | None) -> dict[str, Any]:
+    p = dict(params.get("exact", {}))
+    if limit is not None:
+        p.setdefault("time_limit", float(limit))
+    return p
 
-    def run_one(b: str, r: int, s: int | None, p: Mapping[str, Any]) -> dict[str, Any]:
-        if ready is None:
-            return _run_once(problem, b, s, top_k, p)
-        rec = dict(ready[(b, r)])
-        if "failed" in rec:
-            raise _Failed(rec["failed"])
-        return rec
 
+def _reference_run(run, params: Mapping[str, Any], runs: list[dict[str, Any]], bar) -> str | None:
+    """One exact run kept as ``role="reference"``; a note when it is not a certified reference."""
+    bar.set_postfix_str("exact (reference)")
+    note = None
     try:
-        if want_ref:
-            bar.set_postfix_str("exact (reference)")
-            try:
-                rec = run_one("exact", -1, None, exact_params())
-                rec.update(role="reference", repeat=0)
-                runs.append(rec)
-                if not rec["certified_optimal"]:
-                    reference_note = "exact did not finish within the time limit"
-            except Exception as exc:  # noqa: BLE001 - any failure of the reference falls back to best known
-                reference_note = "exact could not run: " + _skip_reason(exc)
-            bar.update(1)
-        for b in todo:
-            spec = registry.get_spec(b)
-            b_seeds = seeds if spec.stochastic else [None]
-            used = 0.0
-            for r, s in enumerate(b_seeds):
-                if time_limit is not None and r > 0 and used >= time_limit:
-                    for rec in runs:
-                        if rec["backend"] == b and rec.get("role") == "compared":
-                            rec["stopped_early"] = True
-                    bar.update(len(b_seeds) - r)
-                    break
-                bar.set_postfix_str(f"{b} run {r + 1}/{len(b_seeds)}")
-                p = exact_params() if b == "exact" else params.get(b, {})
-                try:
-                    rec = run_one(b, r, s, p)
-                except Exception as exc:  # noqa: BLE001 - e.g. qaoa above its qubit limit, exact too large
-                    skipped[b] = _skip_reason(exc)
-                    runs[:] = [x for x in runs if not (x["backend"] == b and x.get("role") == "compared")]
-                    if b == "exact":
-                        reference_note = "exact could not run: " + _skip_reason(exc)
-                    bar.update(len(b_seeds) - r)
-                    break
-                rec.update(role="compared", repeat=r)
-                runs.append(rec)
-                used += rec["wall_time"]
-                if b == "exact" and not rec["certified_optimal"]:
-                    reference_note = "exact did not finish within the time limit"
-                bar.update(1)
-    finally:
-        bar.close()
-    study: dict[str, Any] = {
-        "problem": _problem_record(problem, name),
-        "settings": {"repeats": int(repeats), "seed": seed, "top_k": int(top_k), "time_limit": time_limit,
-                     "params": params, "exact_reference": bool(exact_reference),
-                     "exact_time_limit": exact_time_limit},
-        "tolerance": {"rtol": float(rtol), "atol": float(atol)},
-        "backends": backends,
-        "skipped": skipped,
-        "runs": runs,
-    }
-    study["reference"] = reference_from_runs(runs, top_k)
-    if reference_note:
-        study["reference"]["note"] = reference_note
-    study["summary"] = summarize(study)
-    return study
+        rec = run("exact", -1, None, params)
+        rec.update(role="reference", repeat=0)
+        runs.append(rec)
+        if not rec["certified_optimal"]:
+            note = "exact did not finish within the time limit"
+    except Exception as exc:  # noqa: BLE001 - any failure of the reference falls back to best known
+        note = "exact could not run: " + _skip_reason(exc)
+    bar.update(1)
+    return note
+
+
+def _backend_runs(run, b: str, seeds: Sequence[int | None], params: Mapping[str, Any],
+                  time_limit: float | None, runs: list[dict[str, Any]], skipped: dict[str, str], bar) -> str | None:
+    """The repeats of one compared backend, appended to ``runs``; a note about ``exact`` if there is one.
+
+    ``run(backend, repeat, seed, params)`` gives a run's record (see :func:`_runner`).
+
+    No new repeat starts once the backend has used ``time_limit`` seconds (its runs are marked
+    ``stopped_early``); a failing run skips the backend (its earlier runs are dropped, the reason kept).
+    """
+    note = None
+    used = 0.0
+    for r, s in enumerate(seeds):
+        if time_limit is not None and r > 0 and used >= time_limit:
+            for rec in runs:
+                if rec["backend"] == b and rec.get("role") == "compared":
+                    rec["stopped_early"] = True
+            bar.update(len(seeds) - r)
+            break
+        bar.set_postfix_str(f"{b} run {r + 1}/{len(seeds)}")
+        try:
+            rec = run(b, r, s, params)
+        except Exception as exc:  # noqa: BLE001 - e.g. qaoa above its qubit limit, exact too large
+            skipped[b] = _skip_reason(exc)
+            runs[:] = [x for x in runs if not (x["backend"] == b and x.get("role") == "compared")]
+            if b == "exact":
+                note = "exact could not run: " + _skip_reason(exc)
+            bar.update(len(seeds) - r)
+            break
+        rec.update(role="compared", repeat=r)
+        runs.append(rec)
+        used += rec["wall_time"]
+        if b == "exact" and not rec["certified_optimal"]:
+            note = "exact did not finish within the time limit"
+        bar.update(1)
+    return note
 
 
 def _progress(total: int, enabled: bool, desc: str):

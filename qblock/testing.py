@@ -116,16 +116,23 @@ def check_backend(
 ) -> None:
     """Run the whole conformance suite for one backend.
 
-    Checks: a SampleSet over the right variables; energies equal ``problem.energy``; all states
-    feasible, distinct and sorted; the same seed gives the same result; the shared ``info`` keys; and
-    (with ``check_optimum``) the best state equals brute force on these small instances. Without
+    Checks: the backend's sampler follows dimod's sampler API (:func:`dimod.testing.assert_sampler_api`:
+    ``parameters``, ``properties``, the ``sample*`` methods; cloud backends, whose runners build their
+    sampler, are checked by their own tests); a SampleSet over the right variables; energies equal
+    ``problem.energy``; all states feasible, distinct and sorted; the same seed gives the same result;
+    the shared ``info`` keys; and (with ``check_optimum``) the best state equals brute force on these
+    small instances. Without
     ``problems`` it runs over the standard instances of every problem kind the backend accepts.
     """
     import qblock
     from qblock import backends
 
+    spec = backends.get_spec(backend)
+    if spec.check is None:
+        import dimod.testing
+
+        dimod.testing.assert_sampler_api(backends.get_sampler(backend))
     if problems is None:
-        spec = backends.get_spec(backend)
         problems = conformance_problems() + (rank_conformance_problems() if spec.accepts("rank_selection") else [])
     for p in problems:
         ss = qblock.solve(p, backend, num_solutions=num_solutions, seed=seed, **params)

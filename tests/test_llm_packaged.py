@@ -254,7 +254,8 @@ def test_gemma3_structure_masks_extracts_and_prunes(tmp_path):
 # ---------------------------------------------------------------------------------------- the real model
 @pytest.mark.real_model
 def test_real_gemma3_270m():
-    from qblock.llm.blocks import find_blocks, mask_blocks
+    from qblock.llm.blocks import find_blocks
+    from qblock.llm.gates import mask_blocks
     from qblock.llm.data import calibration_and_eval
     from qblock.llm.models import load_model
     from qblock.validate.evaluate import heldout_loss

@@ -188,7 +188,7 @@ def test_measured_energy_on_a_tiny_model_equals_direct_masked_losses():
     transformers = pytest.importorskip("transformers")
     from qblock.llm.energy import extract
     from qblock.validate.evaluate import heldout_loss
-    from qblock.llm.blocks import mask_blocks
+    from qblock.llm.gates import mask_blocks
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(

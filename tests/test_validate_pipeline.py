@@ -377,9 +377,18 @@ def test_cli_validate_errors(tiny_dir, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model").eval()
     made = extract(model, [torch.arange(1, 12)], progress=False)
     assert isinstance(made.metadata["model"], dict)
+    from qblock._provenance import Provenance, tokens_sha256
+
+    assert Provenance.of(made.metadata).tokens_sha256 == tokens_sha256([torch.arange(1, 12)])
     made.save(tmp_path / "made.npz")
     capsys.readouterr()  # the model's own loading bar
     assert main(["validate", str(tmp_path / "made.npz"), "-M", "2", "--quiet", "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --model" in err and len(err.strip().splitlines()) == 1
+    # a file written before the record was one shape (model as a plain string): the same line
+    old = qblock.BlockRemovalProblem(made.H, 2, metadata={**made.metadata, "model": "llama"})
+    old.save(tmp_path / "old.npz")
+    assert main(["validate", str(tmp_path / "old.npz"), "--quiet", "--out", str(tmp_path / "o3")]) == 2
     err = capsys.readouterr().err
     assert "pass --model" in err and len(err.strip().splitlines()) == 1
 
@@ -450,7 +459,7 @@ def test_cli_run_end_to_end_and_cached(tiny_dir, tmp_path, monkeypatch, capsys):
 def test_prefix_cache_equals_plain_masked_passes(family):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from qblock.llm.blocks import mask_blocks
+    from qblock.llm.gates import mask_blocks
     from qblock.validate.evaluate import PrefixCache
 
     torch.manual_seed(0)
@@ -506,7 +515,7 @@ def test_prefix_cache_with_branch_gates_on_a_fresh_model():
     # run into the cache's recording hooks (it did: IndexError on a branch-gate problem)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qblock.llm.blocks import mask_blocks
+    from qblock.llm.gates import mask_blocks
     from qblock.validate.evaluate import PrefixCache
 
     torch.manual_seed(1)

@@ -184,9 +184,14 @@ def run(args: argparse.Namespace) -> int:
         check_removed(recommended, None, args.recommended)
     if args.solutions:
         removed, solved_blocks = removed_from_solutions(args.solutions, args.rank)
-    spec = args.model or (recorded.get("spec") if isinstance(recorded, dict) else recorded) or "default"
-    if spec == "<object>":
-        raise CliError(f"{args.recommended} does not record a loadable model; pass --model")
+    spec = args.model
+    if spec is None and recorded is not None:
+        from qblock._provenance import Provenance
+
+        spec = Provenance.of({"model": recorded}).model_spec
+        if spec is None:
+            raise CliError(f"{args.recommended} does not record a loadable model; pass --model")
+    spec = spec or "default"
     model, tok = _load(spec, args.quiet)
     labels = [name for name, _ in find_blocks(model)]
     if recommended is not None:

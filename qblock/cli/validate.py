@@ -234,9 +234,10 @@ def run(args: argparse.Namespace) -> int:
     tasks = parse_list(args.tasks, tuple(BENCHMARKS), "--tasks")
     energies = args.energies if args.energies == "auto" else parse_list(args.energies, SCORED_ENERGY_MODELS, "--energies")
 
-    recorded = problem.metadata.get("model")
-    model_spec = args.model or (recorded.get("spec") if isinstance(recorded, dict) else None)
-    if not model_spec or model_spec == "<object>":
+    from qblock._provenance import Provenance
+
+    model_spec = args.model or Provenance.of(problem.metadata).model_spec
+    if not model_spec:
         raise CliError("the problem file does not record its model; pass --model")
     from qblock.llm.cache import CacheError
     from qblock.llm.data import DataError

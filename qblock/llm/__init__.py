@@ -32,8 +32,8 @@ from qblock._lazy import require
 
 require("torch", "llm")
 
-from qblock.llm.blocks import block_labels, find_blocks, mask_blocks  # noqa: E402
-from qblock.llm.gates import gate_sites, gated  # noqa: E402
+from qblock.llm.blocks import find_blocks  # noqa: E402
+from qblock.llm.gates import block_labels, gate_sites, gated, mask_blocks  # noqa: E402
 
 __all__ = [
     "find_blocks",

@@ -1,4 +1,4 @@
-"""Find the decoder blocks of a causal LM by structure, and remove blocks reversibly.
+"""Find the decoder blocks of a causal LM by structure; the plumbing of reversible forward patches.
 
 The block list is located without looking at the model's name or class: it is the outermost
 ``nn.ModuleList`` whose entries all share one class and hold parameters, and among such lists the one
@@ -13,25 +13,17 @@ Example:
     >>> model = LlamaForCausalLM(cfg).eval()
     >>> [name for name, _ in find_blocks(model)]
     ['model.layers.0', 'model.layers.1', 'model.layers.2']
-    >>> ids = torch.tensor([[1, 2, 3]])
-    >>> with mask_blocks(model, [1]):
-    ...     out = model(ids, use_cache=False).logits
-    >>> out.shape
-    torch.Size([1, 3, 64])
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from qblock._lazy import require
 
-__all__ = ["find_blocks", "block_labels", "mask_blocks", "hidden_from_call", "GATE_MODES", "GRANULARITIES"]
-
-GATE_MODES = ("layer", "branch")
-GRANULARITIES = ("block", "sublayer")
+__all__ = ["find_blocks", "hidden_from_call", "first_tensor", "replace_first", "patched_forwards"]
 
 # block class -> ("tensor", 0) or ("tuple", length): what a block returns, learnt from a real call
 _OUTPUT_KIND: "weakref.WeakKeyDictionary[type, tuple[str, int]]" = weakref.WeakKeyDictionary()
@@ -113,31 +105,6 @@ def _block_stack(model):
     return name, stack
 
 
-def block_labels(model, granularity: str = "block", gate: str = "branch") -> list[str]:
-    """Labels of the gate variables: block names, or ``<block>.attn`` / ``<block>.mlp`` per branch.
-
-    Args:
-        model: the model.
-        granularity: ``"block"`` (one variable per block) or ``"sublayer"`` (one per residual branch;
-            found by a short probe forward pass, see :func:`qblock.llm.gates.branch_sites`).
-        gate: only used for ``"sublayer"``; sublayer variables exist in branch mode only.
-
-    Example:
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))
-        >>> block_labels(m, "sublayer")
-        ['model.layers.0.attn', 'model.layers.0.mlp', 'model.layers.1.attn', 'model.layers.1.mlp']
-    """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if granularity == "block":
-        return [name for name, _ in find_blocks(model)]
-    from qblock.llm.gates import gate_sites
-
-    return [site.label for site in gate_sites(model, gate="branch", granularity="sublayer")]
-
-
 def hidden_from_call(args: tuple, kwargs: dict):
     """The hidden-state tensor a block was called with (first positional tensor or ``hidden_states``)."""
     torch = require("torch", "llm")
@@ -199,68 +166,32 @@ def _passthrough_forward(block, original_forward):
 
 
 @contextlib.contextmanager
-def mask_blocks(model, removed: Iterable[int], gate: str = "layer", granularity: str = "block") -> Iterator[list[int]]:
-    """Temporarily remove blocks (``a_i = 0``) for forward passes; nothing is deleted.
+def patched_forwards(patches: Iterable[tuple[Any, Callable]]) -> Iterator[None]:
+    """Replace modules' ``forward`` for the duration, and put every one back on exit, also on error.
 
-    In ``layer`` mode a removed block becomes a pass-through (its output is its input) and is not
-    computed at all. In ``branch`` mode the residual branches of the removed blocks (or, with
-    ``granularity="sublayer"``, the removed branches) are gated to zero. Everything is restored on exit,
-    also on error. Use ``use_cache=False`` in forward passes made under the mask.
-
-    Args:
-        model: the model.
-        removed: indices of the gate variables to remove (block indices, or branch indices in
-            ``sublayer`` granularity).
-        gate: ``"layer"`` or ``"branch"``.
-        granularity: ``"block"`` or ``"sublayer"`` (branch mode only).
-
-    Yields:
-        The sorted list of removed indices.
+    ``patches`` yields ``(module, new_forward)`` pairs, consumed one at a time (so a new forward may
+    wrap the module's current one). A module whose ``forward`` was its own attribute gets it back;
+    otherwise the attribute is deleted and the class's method shows again. The one home of this
+    restore rule: block masking (:func:`qblock.llm.gates.mask_blocks`) and the replayed prefix of
+    :class:`qblock.validate.evaluate.PrefixCache` both use it.
 
     Example:
         >>> import torch
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2)).eval()
-        >>> with mask_blocks(m, [0, 2]) as idx:
-        ...     _ = m(torch.tensor([[1, 2]]), use_cache=False)
-        >>> idx
-        [0, 2]
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> with patched_forwards([(lin, lambda x: x)]):
+        ...     same = bool(torch.equal(lin(torch.ones(2)), torch.ones(2)))
+        >>> same, "forward" in lin.__dict__
+        (True, False)
     """
-    if gate not in GATE_MODES:
-        raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
-    removed = sorted({int(i) for i in removed})
-    if gate == "branch" or granularity != "block":
-        from qblock.llm.gates import gate_sites, gated
-
-        torch = require("torch", "llm")
-        n = len(gate_sites(model, gate=gate, granularity=granularity))
-        bad = [i for i in removed if not 0 <= i < n]
-        if bad:
-            raise IndexError(f"indices {bad} out of range for {n} gate variables")
-        a = torch.ones(n)
-        a[removed] = 0.0
-        with gated(model, a, gate=gate, granularity=granularity):
-            yield removed
-        return
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    blocks = find_blocks(model)
-    bad = [i for i in removed if not 0 <= i < len(blocks)]
-    if bad:
-        raise IndexError(f"block indices {bad} out of range for a model with {len(blocks)} blocks")
     saved: list[tuple[Any, bool, Any]] = []
     try:
-        for i in removed:
-            block = blocks[i][1]
-            had_own = "forward" in block.__dict__
-            previous = block.__dict__.get("forward")
-            saved.append((block, had_own, previous))
-            block.forward = _passthrough_forward(block, block.forward)
-        yield removed
+        for module, forward in patches:
+            saved.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
+            module.forward = forward
+        yield
     finally:
-        for block, had_own, previous in reversed(saved):
+        for module, had_own, previous in reversed(saved):
             if had_own:
-                block.forward = previous
+                module.forward = previous
             else:
-                del block.forward
+                del module.forward

@@ -168,7 +168,7 @@ def subset_losses(
 
     from qblock._lazy import require
 
-    from qblock.llm.blocks import mask_blocks
+    from qblock.llm.gates import mask_blocks
     from qblock.llm.gradients import _pad_id, as_token_tensors, batches_by_length, pad_batch, sample_losses, scoring_mode
 
     torch = require("torch", "llm")
@@ -316,6 +316,7 @@ def extract(
         >>> p.labels, p.metadata["num_tokens"]
         (('transformer.h.0', 'transformer.h.1', 'transformer.h.2'), 7)
     """
+    from qblock._provenance import OBJECT_SPEC, Provenance, tokens_sha256
     from qblock.llm.blocks import find_blocks
     from qblock.llm.gates import gate_sites
     from qblock.llm.gradients import as_token_tensors, gate_gradients
@@ -324,17 +325,11 @@ def extract(
         raise ValueError(f"unknown energy model {energy!r}; choose one of {list(ENERGY_MODELS)}")
     samples = as_token_tensors(samples)
     labels = [s.label for s in gate_sites(model, gate=gate, granularity=granularity)]
-    ours = {
-        # the same provenance shape as qblock.llm.pipeline: a dict (an in-memory model has no loadable spec)
-        "model": {"id": _model_id(model), "spec": "<object>"},
-        "gate": gate,
-        "granularity": granularity,
-        "energy": energy,
-        "num_samples": len(samples),
-        "num_tokens": int(sum(int(s.numel()) for s in samples)),
-        "num_blocks": len(find_blocks(model)),
-    }
-    md = _meta(metadata, **ours)
+    # the one provenance record of qblock.llm.pipeline too (an in-memory model has no loadable spec)
+    prov = Provenance(model={"id": _model_id(model), "spec": OBJECT_SPEC}, gate=gate, granularity=granularity,
+                      num_samples=len(samples), num_tokens=int(sum(int(s.numel()) for s in samples)),
+                      tokens_sha256=tokens_sha256(samples), num_blocks=len(find_blocks(model)))
+    md = _meta(metadata, **prov.metadata(), energy=energy)
     if energy == "pairwise":
         return pairwise_problem(model, samples, num_remove, gate, granularity, batch_size, labels, md, progress)
     if energy == "measured":

@@ -33,12 +33,17 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from qblock._lazy import require
-from qblock.llm.blocks import GATE_MODES, GRANULARITIES, find_blocks, first_tensor, hidden_from_call, replace_first
+from qblock.llm.blocks import (_passthrough_forward, find_blocks, first_tensor, hidden_from_call, patched_forwards,
+                               replace_first)
 
-__all__ = ["gated", "gate_sites", "GateSite", "num_gates"]
+__all__ = ["gated", "gate_sites", "GateSite", "num_gates", "mask_blocks", "block_labels", "GATE_MODES",
+           "GRANULARITIES"]
+
+GATE_MODES = ("layer", "branch")
+GRANULARITIES = ("block", "sublayer")
 
 # model -> per block: list of (child name, kind) branch ends, kind "attn" or "mlp"
 _BRANCH_PLANS: "weakref.WeakKeyDictionary[Any, list[list[tuple[str, str]]]]" = weakref.WeakKeyDictionary()
@@ -336,3 +341,80 @@ def gated(model, gates, gate: str = "layer", granularity: str = "block") -> Iter
     finally:
         for h in handles:
             h.remove()
+
+
+def block_labels(model, granularity: str = "block", gate: str = "branch") -> list[str]:
+    """Labels of the gate variables: block names, or ``<block>.attn`` / ``<block>.mlp`` per branch.
+
+    Args:
+        model: the model.
+        granularity: ``"block"`` (one variable per block) or ``"sublayer"`` (one per residual branch;
+            found by a short probe forward pass, see :func:`qblock.llm.gates.branch_sites`).
+        gate: only used for ``"sublayer"``; sublayer variables exist in branch mode only.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))
+        >>> block_labels(m, "sublayer")
+        ['model.layers.0.attn', 'model.layers.0.mlp', 'model.layers.1.attn', 'model.layers.1.mlp']
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "block":
+        return [name for name, _ in find_blocks(model)]
+    return [site.label for site in gate_sites(model, gate="branch", granularity="sublayer")]
+
+
+@contextlib.contextmanager
+def mask_blocks(model, removed: Iterable[int], gate: str = "layer", granularity: str = "block") -> Iterator[list[int]]:
+    """Temporarily remove blocks (``a_i = 0``) for forward passes; nothing is deleted.
+
+    In ``layer`` mode a removed block becomes a pass-through (its output is its input) and is not
+    computed at all. In ``branch`` mode the residual branches of the removed blocks (or, with
+    ``granularity="sublayer"``, the removed branches) are gated to zero. Everything is restored on exit,
+    also on error. Use ``use_cache=False`` in forward passes made under the mask.
+
+    Args:
+        model: the model.
+        removed: indices of the gate variables to remove (block indices, or branch indices in
+            ``sublayer`` granularity).
+        gate: ``"layer"`` or ``"branch"``.
+        granularity: ``"block"`` or ``"sublayer"`` (branch mode only).
+
+    Yields:
+        The sorted list of removed indices.
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2)).eval()
+        >>> with mask_blocks(m, [0, 2]) as idx:
+        ...     _ = m(torch.tensor([[1, 2]]), use_cache=False)
+        >>> idx
+        [0, 2]
+    """
+    if gate not in GATE_MODES:
+        raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+    removed = sorted({int(i) for i in removed})
+    if gate == "branch" or granularity != "block":
+        torch = require("torch", "llm")
+        n = len(gate_sites(model, gate=gate, granularity=granularity))
+        bad = [i for i in removed if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"indices {bad} out of range for {n} gate variables")
+        a = torch.ones(n)
+        a[removed] = 0.0
+        with gated(model, a, gate=gate, granularity=granularity):
+            yield removed
+        return
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    blocks = find_blocks(model)
+    bad = [i for i in removed if not 0 <= i < len(blocks)]
+    if bad:
+        raise IndexError(f"block indices {bad} out of range for a model with {len(blocks)} blocks")
+    patches = ((blocks[i][1], _passthrough_forward(blocks[i][1], blocks[i][1].forward)) for i in removed)
+    with patched_forwards(patches):
+        yield removed

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from qblock.llm import cache
+from qblock.llm._hf import (ModelLoadError, _finish, _load_dir, _no_bars, _resolve_dtype,  # noqa: F401
+                             _torch, _transformers)
 
 __all__ = [
     "DEFAULT_MODEL_ID",
@@ -58,10 +59,6 @@ DEFAULT_MODEL_ALIASES = ("default", "smollm2-135m", "smollm2-135m-instruct", DEF
 #: Bump when the conversion changes, so stale converted directories are rebuilt.
 _CONVERSION_VERSION = 1
 _MARKER = "qblock_conversion.json"
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded (one-line message saying why and what to do)."""
 
 
 def _log(msg: str) -> None:
@@ -172,22 +169,6 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
     return target
 
 
-def _torch():
-    from qblock._lazy import require
-
-    return require("torch", "llm")
-
-
-def _transformers():
-    from qblock._lazy import require
-
-    require("gguf", "llm")
-    tf = require("transformers", "llm")
-    # keep transformers' own download/conversion bars and warnings for long steps, not chatter
-    tf.logging.set_verbosity_error()
-    return tf
-
-
 def eval_dtype(choice: str = "auto", device: Any = None) -> str:
     """The dtype for forward-only evaluation: ``"fp32"``, ``"bf16"``, or ``"auto"`` (bf16 where it runs natively).
 
@@ -214,19 +195,6 @@ def eval_dtype(choice: str = "auto", device: Any = None) -> str:
     except (AttributeError, RuntimeError):  # a torch build without oneDNN: emulated bf16 is slow
         native = False
     return "bf16" if native else "fp32"
-
-
-def _resolve_dtype(dtype: Any):
-    torch = _torch()
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str):
-        names = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-                 "fp16": "float16", "float16": "float16"}
-        if dtype.lower() not in names:
-            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-        return getattr(torch, names[dtype.lower()])
-    return dtype
 
 
 _DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -289,15 +257,6 @@ def _single_device(device):
     return device
 
 
-def _finish(model, tok, device):
-    if device is not None:
-        model.to(device)
-    model.eval()
-    if tok.pad_token_id is None and tok.eos_token_id is not None:
-        tok.pad_token = tok.eos_token  # padding is masked out anyway; any id will do
-    return model, tok
-
-
 def load_default_model(dtype: Any = None, device: Any = None, quiet: bool = False):
     """The default model (SmolLM2-135M-Instruct) and its tokenizer, offline once cached.
 
@@ -316,29 +275,6 @@ def load_default_model(dtype: Any = None, device: Any = None, quiet: bool = Fals
     """
     d = convert_default_model(quiet=quiet)
     return _load_dir(d, dtype, device)
-
-
-def _load_dir(d: Path, dtype: Any, device: Any):
-    torch_dtype = _resolve_dtype(dtype)
-    tf = _transformers()
-    with _no_bars(tf, True):  # loading a converted directory takes under a second
-        model = tf.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch_dtype, local_files_only=True)
-    tok = tf.AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-    return _finish(model, tok, device)
-
-
-@contextlib.contextmanager
-def _no_bars(tf, disable: bool):
-    """Switch transformers' own progress bars off for the duration (restored after)."""
-    logging = tf.utils.logging
-    was = logging.is_progress_bar_enabled()
-    if disable and was:
-        logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if disable and was:
-            logging.enable_progress_bar()
 
 
 def _is_default(spec: str) -> bool:

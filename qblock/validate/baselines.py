@@ -117,7 +117,8 @@ def block_statistics(model, samples: Sequence[Any], *, removed: Iterable[int] = 
 
     Sums are accumulated in float64; padding tokens are excluded.
     """
-    from qblock.llm.blocks import find_blocks, first_tensor, hidden_from_call, mask_blocks
+    from qblock.llm.blocks import find_blocks, first_tensor, hidden_from_call
+    from qblock.llm.gates import mask_blocks
     from qblock.validate.evaluate import _batches, _pad, model_device
 
     torch = _torch()

@@ -1,6 +1,6 @@
 """Evaluate removal candidates on one loaded model, without reloading it.
 
-A candidate (a set of removed blocks) is applied with :func:`qblock.llm.blocks.mask_blocks`, a
+A candidate (a set of removed blocks) is applied with :func:`qblock.llm.gates.mask_blocks`, a
 reversible context manager that turns the blocks into pass-throughs, so hundreds of candidates can be
 scored on the same model object.
 
@@ -270,7 +270,7 @@ class PrefixCache:
         batch_size: as :func:`heldout_loss`.
         max_bytes: the stored outputs' budget; above it, nothing is stored and every candidate is
             computed in full (the results are the same, only slower).
-        gate: gate mode of :func:`qblock.llm.blocks.mask_blocks`.
+        gate: gate mode of :func:`qblock.llm.gates.mask_blocks`.
 
     Example:
         >>> import torch
@@ -280,7 +280,7 @@ class PrefixCache:
         ...     num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2)).eval()
         >>> xs = [torch.randint(0, 50, (10,)) for _ in range(3)]
         >>> pc = PrefixCache(m, xs)
-        >>> from qblock.llm.blocks import mask_blocks
+        >>> from qblock.llm.gates import mask_blocks
         >>> with mask_blocks(m, [2]):
         ...     plain = heldout_loss(m, xs)[0]
         >>> abs(pc.loss([2])[0] - plain) < 1e-6
@@ -289,7 +289,8 @@ class PrefixCache:
 
     def __init__(self, model, samples: Sequence[Any], base: Iterable[int] = (), *, batch_size: int = 8,
                  max_bytes: float = 2e9, gate: str = "layer", progress: bool = False) -> None:
-        from qblock.llm.blocks import find_blocks, mask_blocks
+        from qblock.llm.blocks import find_blocks
+        from qblock.llm.gates import mask_blocks
 
         torch = _torch()
         self.model = model
@@ -333,26 +334,16 @@ class PrefixCache:
             for h in handles:
                 h.remove()
 
-    @contextlib.contextmanager
     def _replay(self, k: int, upto: int):
-        saved = []
-        try:
-            for j in range(upto):
-                blk = self.blocks[j]
-                saved.append((blk, "forward" in blk.__dict__, blk.__dict__.get("forward")))
-                out = self._outputs[k][j]
-                blk.forward = (lambda o: (lambda *a, **kw: o))(out)
-            yield
-        finally:
-            for blk, had, prev in reversed(saved):
-                if had:
-                    blk.forward = prev
-                else:
-                    del blk.forward
+        """Blocks ``0 .. upto-1`` return their recorded output of batch ``k`` at once."""
+        from qblock.llm.blocks import patched_forwards
+
+        return patched_forwards((self.blocks[j], (lambda o: (lambda *a, **kw: o))(self._outputs[k][j]))
+                                for j in range(upto))
 
     def loss(self, removed: Iterable[int]) -> tuple[float, int]:
         """``(mean_nll, tokens)`` of the model that removes ``removed`` (computed from the first differing block)."""
-        from qblock.llm.blocks import mask_blocks
+        from qblock.llm.gates import mask_blocks
 
         key = tuple(sorted({int(i) for i in removed}))
         diff = set(key) ^ set(self.base)
@@ -405,7 +396,7 @@ class CandidateEvaluator:
             removed: block indices to remove.
             tasks: ``True`` for every loaded benchmark, a list of names for some, ``False`` for none.
         """
-        from qblock.llm.blocks import mask_blocks
+        from qblock.llm.gates import mask_blocks
 
         key = tuple(sorted({int(i) for i in removed}))
         names = list(self.benchmarks) if tasks is True else list(tasks or [])

@@ -97,7 +97,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str] | Mapping[str, Sequence[M
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from qblock.llm.blocks import mask_blocks
+    from qblock.llm.gates import mask_blocks
 
     if isinstance(tasks, Mapping):
         item_sets = {str(k): list(v) for k, v in tasks.items()}

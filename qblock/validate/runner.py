@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from qblock._io import json_default as _json_default
+from qblock._provenance import Provenance, tokens_sha256
 from qblock.validate.baselines import BASELINE_METHODS
 from qblock.validate.stats import (MEASURED_METHOD, QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD, SELECT_METHOD,
                                    is_baseline, summarize)
@@ -250,12 +251,9 @@ def data_for_problem(problem, tokenizer, *, num_eval: int | None = None, eval_se
                                                      num_eval=reserved, seq_len=seq_len, seed=seed)
     except qdata.DataError as exc:
         raise ValidationError(str(exc)) from None
-    want = manifest.get("tokens_sha256")
+    want = Provenance.of(meta).tokens_sha256
     if want:
-        from qblock.llm.pipeline import _tokens_sha256
-
-        got = _tokens_sha256(calib)
-        if got != want:
+        if tokens_sha256(calib) != want:
             raise ValidationError("re-made calibration samples differ from the extraction's (token hash mismatch): "
                                   "use the same model/tokenizer and calibration text as the extraction")
     provenance: dict[str, Any] = {"calibration": {k: v for k, v in prov.items() if k != "evaluation"}}
@@ -469,11 +467,6 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
     Returns:
         ``{"rows", "summary", "paths", "timings", "notes"}``.
     """
-    from qblock.validate import plots, report
-    from qblock.validate.baselines import random_sets, run_baselines
-    from qblock.validate.evaluate import CandidateEvaluator
-
-    solutions = dict(solutions or {})
     t_all = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -486,54 +479,114 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
             raise ValidationError(f"M must satisfy 1 <= M < N = {n}, got {m}")
     model.eval()
     meta = problem.metadata or {}
-    n_calib = int(meta.get("num_samples") or len(calib))
     gate = meta.get("gate", "layer")
     if meta.get("granularity", "block") != "block":
         raise ValidationError("validation evaluates block removal; this problem has one variable per branch "
                               f"(granularity {meta.get('granularity')!r})")
+    if settings.harness not in ("native", "lm-eval"):
+        raise ValidationError(f"harness must be 'native' or 'lm-eval', got {settings.harness!r}")
 
-    # 1. candidates ----------------------------------------------------------------------------
-    rows: list[dict[str, Any]] = []
+    # 1. candidates: the QUBO's top-k, the baselines, qblock's selection, random sets, the full model
     solved: dict[int, dict[str, Any]] = {}
+    rows = _qubo_rows(problem, ms, calib, settings, dict(solutions or {}), timings, solved)
+    baseline_details = _baseline_rows(model, calib, ms, settings, timings, rows, executor)
+    selection = _select(model, calib, ms, settings, gate, timings, executor) if settings.select else None
+    if selection is not None:
+        rows += _selection_rows(selection, settings)
+    rows += _random_and_reference_rows(n, ms, settings)
+    # 2. energies of every candidate under the problem's and the other energy models
+    others = _energy_columns(problem, model, calib, settings, notes, rows, selection)
+    # 3. held-out loss of every distinct set
+    evaluator, benchmarks = _heldout_losses(model, tokenizer, evals, settings, gate, rows, timings, executor)
+    # 4. benchmarks on the full model, the best QUBO states and the baselines
+    if benchmarks:
+        _benchmark_rows(model, tokenizer, evaluator, benchmarks, ms, settings, gate, rows, timings)
+    # 5. statistics, files
+    rows.sort(key=lambda r: (r["num_remove"], _method_order(r["method"]), r.get("rank") or 0, r.get("seed") or 0))
+    summary = summarize(rows, n_boot=settings.n_boot, seed=settings.stats_seed)
+    paths, plot_paths = _write_tables_and_plots(rows, ms, others, out)
+    timings["total_validate"] = time.perf_counter() - t_all
+    settings_view = dict(report_settings or {})
+    settings_view.update(_settings_view(problem, ms, settings, solved, selection, others, benchmarks, calib, evals))
+    full = {
+        "settings": _jsonable(asdict(settings)),
+        "report_settings": _jsonable(settings_view),
+        "problem": {"num_blocks": n, "labels": list(problem.labels), "energy": meta.get("energy"),
+                    "model": meta.get("model"), "num_samples": meta.get("num_samples"), "seq_len": meta.get("seq_len")},
+        "recommended": summary["recommended"],
+        "summary": summary,
+        "selection": _selection_summary(selection, n, ms) if selection is not None else None,
+        "solver": {str(m): v for m, v in solved.items()},
+        "timings_seconds": timings,
+        "baseline_details": _jsonable(baseline_details),
+        "notes": notes,
+        "files": {"table": paths, "plots": plot_paths, "report": str(out / "report.md")},
+    }
+    _write_report_and_summary(rows, summary, title, settings_view, plot_paths, notes, full, out)
+    paths.update(report=str(out / "report.md"), summary=str(out / "summary.json"))
+    return {"rows": rows, "summary": summary, "paths": paths, "plots": plot_paths, "timings": timings, "notes": notes}
+
+
+def _qubo_rows(problem, ms: Sequence[int], calib: Sequence[Any], settings: ValidationSettings,
+               solutions: Mapping[int, list[list[int]]], timings: dict[str, float],
+               solved: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Step 1a: the K lowest-energy states per M (solved, or from a solutions file), costed as one
+    extraction; how each M's states were found goes into ``solved``."""
+    meta = problem.metadata or {}
+    n_calib = int(meta.get("num_samples") or len(calib))
+    rows = []
     for m in ms:
         for rank, removed in enumerate(_qubo_states(problem, m, settings, solutions, timings, solved), start=1):
             rows.append({"num_remove": m, "method": QUBO_METHOD, "rank": rank, "removed": sorted(removed),
                          "cost_forward_passes": 1, "cost_backward_passes": 1, "cost_calib_samples": n_calib,
                          "cost_seconds": (meta.get("extraction") or {}).get("seconds_this_run"),
                          "cost_forward_tokens": _tokens(calib), "cost_backward_tokens": _tokens(calib)})
-    baseline_details = []
-    tokens = {"calib": _tokens(calib)}
-    if settings.baselines:
-        if not calib:
-            raise ValidationError("baselines need calibration samples")
-        greedy = list(calib[: settings.greedy_samples]) if settings.greedy_samples else list(calib)
-        tokens["greedy"] = _tokens(greedy)
-        t0 = time.perf_counter()
-        _log(f"baselines {', '.join(settings.baselines)} for M = {ms} ({len(calib)} calibration samples, "
-             f"greedy methods on {len(greedy)})", settings.progress)
-        res = run_baselines(model, calib, ms, methods=settings.baselines, greedy_samples=greedy,
-                            batch_size=settings.batch_size, progress=settings.progress, pool=executor)
-        timings["baselines"] = time.perf_counter() - t0
-        for r in res:
-            per_pass = tokens["greedy"] if r.method in ("sleb", "shortgpt_iterative") else tokens["calib"]
-            rows.append({"num_remove": r.num_remove, "method": r.method, "removed": sorted(r.removed),
-                         "cost_forward_passes": r.forward_passes, "cost_backward_passes": 0,
-                         "cost_calib_samples": r.calib_samples, "cost_seconds": r.seconds,
-                         "cost_forward_tokens": r.forward_passes * per_pass, "cost_backward_tokens": 0})
-            baseline_details.append(r.to_dict())
-    selection = _select(model, calib, ms, settings, gate, timings, executor) if settings.select else None
-    if selection is not None:
-        rows += _selection_rows(selection, settings)
-    for m in ms:
-        for r in random_sets(n, m, settings.num_random, seed=settings.random_seed):
-            rows.append({"num_remove": m, "method": RANDOM_METHOD, "seed": r.seed, "removed": r.removed,
-                         "cost_forward_passes": 0, "cost_backward_passes": 0, "cost_calib_samples": 0,
-                         "cost_seconds": 0.0, "cost_forward_tokens": 0, "cost_backward_tokens": 0})
-    rows.append({"num_remove": 0, "method": REFERENCE_METHOD, "removed": [], "cost_forward_passes": 0,
-                 "cost_backward_passes": 0, "cost_calib_samples": 0, "cost_seconds": 0.0,
-                 "cost_forward_tokens": 0, "cost_backward_tokens": 0})
+    return rows
 
-    # 2. energies --------------------------------------------------------------------------------
+
+def _baseline_rows(model, calib: Sequence[Any], ms: Sequence[int], settings: ValidationSettings,
+                   timings: dict[str, float], rows: list[dict[str, Any]], executor: Any = None) -> list[dict[str, Any]]:
+    """Step 1b: every baseline's set per M, appended to ``rows`` with its cost; returns the baselines' details."""
+    from qblock.validate.baselines import run_baselines
+
+    details: list[dict[str, Any]] = []
+    if not settings.baselines:
+        return details
+    if not calib:
+        raise ValidationError("baselines need calibration samples")
+    greedy = list(calib[: settings.greedy_samples]) if settings.greedy_samples else list(calib)
+    tokens = {"calib": _tokens(calib), "greedy": _tokens(greedy)}
+    t0 = time.perf_counter()
+    _log(f"baselines {', '.join(settings.baselines)} for M = {ms} ({len(calib)} calibration samples, "
+         f"greedy methods on {len(greedy)})", settings.progress)
+    res = run_baselines(model, calib, ms, methods=settings.baselines, greedy_samples=greedy,
+                        batch_size=settings.batch_size, progress=settings.progress, pool=executor)
+    timings["baselines"] = time.perf_counter() - t0
+    for r in res:
+        per_pass = tokens["greedy"] if r.method in ("sleb", "shortgpt_iterative") else tokens["calib"]
+        rows.append({"num_remove": r.num_remove, "method": r.method, "removed": sorted(r.removed),
+                     "cost_forward_passes": r.forward_passes, "cost_backward_passes": 0,
+                     "cost_calib_samples": r.calib_samples, "cost_seconds": r.seconds,
+                     "cost_forward_tokens": r.forward_passes * per_pass, "cost_backward_tokens": 0})
+        details.append(r.to_dict())
+    return details
+
+
+def _random_and_reference_rows(n: int, ms: Sequence[int], settings: ValidationSettings) -> list[dict[str, Any]]:
+    """Step 1c: R seeded random sets per M and the full model (nothing removed), at no cost."""
+    from qblock.validate.baselines import random_sets
+
+    free = {"cost_forward_passes": 0, "cost_backward_passes": 0, "cost_calib_samples": 0, "cost_seconds": 0.0,
+            "cost_forward_tokens": 0, "cost_backward_tokens": 0}
+    rows = [{"num_remove": m, "method": RANDOM_METHOD, "seed": r.seed, "removed": r.removed, **free}
+            for m in ms for r in random_sets(n, m, settings.num_random, seed=settings.random_seed)]
+    rows.append({"num_remove": 0, "method": REFERENCE_METHOD, "removed": [], **free})
+    return rows
+
+
+def _energy_columns(problem, model, calib: Sequence[Any], settings: ValidationSettings, notes: list[str],
+                    rows: list[dict[str, Any]], selection: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Step 2: every row's energy under the problem and the other energy models (returned by name)."""
     others = _energy_problems(problem, model, calib, settings, notes)
     for r in rows:
         r["energy"] = problem.energy_of(r["removed"])
@@ -544,11 +597,23 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         for r in rows:  # reported, not used to choose: the baselines' sets on the same calibration tokens
             if is_baseline(r["method"]) and "calib_loss" not in r:
                 r["calib_loss"] = selection["oracle"].loss(r["removed"])
+    return others
 
-    # 3. held-out loss of every distinct set -------------------------------------------------------
+
+def _progress_iter(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="model")
+
+
+def _heldout_losses(model, tokenizer, evals: Sequence[Any], settings: ValidationSettings, gate: str,
+                    rows: list[dict[str, Any]], timings: dict[str, float], executor: Any = None):
+    """Step 3: the held-out loss of every distinct candidate, into its rows; ``(evaluator, benchmarks)``."""
+    from qblock.validate.evaluate import CandidateEvaluator
+
     benchmarks = {}
-    if settings.harness not in ("native", "lm-eval"):
-        raise ValidationError(f"harness must be 'native' or 'lm-eval', got {settings.harness!r}")
     if settings.tasks:
         from qblock.llm.data import load_benchmark
 
@@ -564,7 +629,7 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(distinct), desc="evaluating candidates", unit="model")
-    try:
+    try:  # on a Ray executor the candidates spread over model actors; the bar advances as each finishes
         evaluator.evaluate_many(distinct, executor=executor, on_result=lambda *_: bar.update(1) if bar else None)
     finally:
         if bar is not None:
@@ -573,42 +638,44 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
     for r in rows:
         r.update(evaluator.evaluate(r["removed"]))
         r.pop("eval_seconds", None)
+    return evaluator, benchmarks
 
-    # 4. benchmarks on the full model, the best QUBO states and the baselines ---------------------
-    if benchmarks:
-        chosen: list[tuple[int, ...]] = [()]
-        for m in ms:
-            q = sorted((r for r in rows if r["num_remove"] == m and r["method"] == QUBO_METHOD),
-                       key=lambda r: r["heldout_loss"])
-            chosen += [tuple(r["removed"]) for r in q[: settings.bench_top]]
-            chosen += [tuple(r["removed"]) for r in rows if r["num_remove"] == m and is_baseline(r["method"])]
-        chosen = list(dict.fromkeys(chosen))
-        t0 = time.perf_counter()
-        _log(f"benchmarks {', '.join(benchmarks)} ({', '.join(str(len(v)) for v in benchmarks.values())} items) "
-             f"on {len(chosen)} models", settings.progress)
-        it2 = chosen
-        if settings.progress:
-            from tqdm.auto import tqdm
 
-            it2 = tqdm(chosen, desc="benchmarks", unit="model")
-        for key in it2:
-            if settings.harness == "lm-eval":
-                from qblock.validate.lmeval import run_lm_eval
+def _benchmark_rows(model, tokenizer, evaluator, benchmarks: Mapping[str, Any], ms: Sequence[int],
+                    settings: ValidationSettings, gate: str, rows: list[dict[str, Any]],
+                    timings: dict[str, float]) -> None:
+    """Step 4: benchmark accuracies of the full model, the best QUBO states per M and the baselines."""
+    chosen: list[tuple[int, ...]] = [()]
+    for m in ms:
+        q = sorted((r for r in rows if r["num_remove"] == m and r["method"] == QUBO_METHOD),
+                   key=lambda r: r["heldout_loss"])
+        chosen += [tuple(r["removed"]) for r in q[: settings.bench_top]]
+        chosen += [tuple(r["removed"]) for r in rows if r["num_remove"] == m and is_baseline(r["method"])]
+    chosen = list(dict.fromkeys(chosen))
+    t0 = time.perf_counter()
+    _log(f"benchmarks {', '.join(benchmarks)} ({', '.join(str(len(v)) for v in benchmarks.values())} items) "
+         f"on {len(chosen)} models", settings.progress)
+    for key in _progress_iter(chosen, settings.progress, "benchmarks"):
+        if settings.harness == "lm-eval":
+            from qblock.validate.lmeval import run_lm_eval
 
-                h = run_lm_eval(model, tokenizer, benchmarks, removed=key, batch_size=settings.batch_size, gate=gate)
-                res = {}
-                for t, v in h.items():
-                    res[f"acc_{t}"], res[f"acc_norm_{t}"] = v["acc"], v["acc_norm"]
-            else:
-                res = evaluator.evaluate(key, tasks=True)
-            for r in rows:
-                if tuple(r["removed"]) == key:
-                    r.update({k: v for k, v in res.items() if k.startswith("acc_")})
-        timings["benchmarks"] = time.perf_counter() - t0
+            h = run_lm_eval(model, tokenizer, benchmarks, removed=key, batch_size=settings.batch_size, gate=gate)
+            res = {}
+            for t, v in h.items():
+                res[f"acc_{t}"], res[f"acc_norm_{t}"] = v["acc"], v["acc_norm"]
+        else:
+            res = evaluator.evaluate(key, tasks=True)
+        for r in rows:
+            if tuple(r["removed"]) == key:
+                r.update({k: v for k, v in res.items() if k.startswith("acc_")})
+    timings["benchmarks"] = time.perf_counter() - t0
 
-    # 5. statistics, files -----------------------------------------------------------------------
-    rows.sort(key=lambda r: (r["num_remove"], _method_order(r["method"]), r.get("rank") or 0, r.get("seed") or 0))
-    summary = summarize(rows, n_boot=settings.n_boot, seed=settings.stats_seed)
+
+def _write_tables_and_plots(rows: list[dict[str, Any]], ms: Sequence[int], others: Mapping[str, Any],
+                            out: Path) -> tuple[dict[str, str], list]:
+    """Step 5a: the candidate table (JSON/CSV/markdown) and the plots."""
+    from qblock.validate import plots, report
+
     paths = {k: str(v) for k, v in report.write_table(rows, out).items()}
     plot_paths = plots.plot_energy_vs_loss(rows, out)
     lvm = plots.plot_loss_vs_m(rows, out) if len(ms) > 1 else None
@@ -617,10 +684,16 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         col = energy_column(name)
         sub = out / "energy_models"
         plot_paths += plots.plot_energy_vs_loss([dict(r, energy=r[col]) for r in rows], sub / name.replace("+", "_"))
-    timings["total_validate"] = time.perf_counter() - t_all
-    settings_view = dict(report_settings or {})
-    settings_view.update({
-        "blocks N": n, "M": ", ".join(map(str, ms)),
+    return paths, plot_paths
+
+
+def _settings_view(problem, ms: Sequence[int], settings: ValidationSettings, solved: Mapping[int, Any],
+                   selection: Mapping[str, Any] | None, others: Mapping[str, Any], benchmarks: Mapping[str, Any],
+                   calib: Sequence[Any], evals: Sequence[Any]) -> dict[str, Any]:
+    """Step 5b: the report's settings section (what was compared, on what)."""
+    meta = problem.metadata or {}
+    return {
+        "blocks N": problem.num_blocks, "M": ", ".join(map(str, ms)),
         "QUBO candidates": f"top-{settings.top_k} per M: " + "; ".join(
             f"M={m} {v['backend']}" + (" (certified lowest)" if v.get("certified_optimal") else "")
             for m, v in sorted(solved.items())),
@@ -638,29 +711,19 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         "energy models compared": ", ".join(["problem (" + str(meta.get("energy", "?")) + ")"] + list(others)),
         "benchmarks": (", ".join(f"{t} ({len(v)} items)" for t, v in benchmarks.items()) +
                        f", zero-shot log-likelihood scoring by {settings.harness}" if benchmarks else "none"),
-    })
+    }
+
+
+def _write_report_and_summary(rows, summary, title: str, settings_view: Mapping[str, Any], plot_paths: list,
+                              notes: list[str], full: Mapping[str, Any], out: Path) -> None:
+    """Step 5c: report.md and summary.json, each written atomically."""
+    from qblock._io import atomic_write_bytes
+    from qblock.validate import report
+
     md = report.render_report(rows, summary, title=title, settings=settings_view,
                               plots=[str(Path(p).relative_to(out)) for p in plot_paths], notes=notes)
-    from qblock._io import atomic_write_bytes
-
     atomic_write_bytes(out / "report.md", md.encode())
-    full = {
-        "settings": _jsonable(asdict(settings)),
-        "report_settings": _jsonable(settings_view),
-        "problem": {"num_blocks": n, "labels": list(problem.labels), "energy": meta.get("energy"),
-                    "model": meta.get("model"), "num_samples": meta.get("num_samples"), "seq_len": meta.get("seq_len")},
-        "recommended": summary["recommended"],
-        "summary": summary,
-        "selection": _selection_summary(selection, n, ms) if selection is not None else None,
-        "solver": {str(m): v for m, v in solved.items()},
-        "timings_seconds": timings,
-        "baseline_details": _jsonable(baseline_details),
-        "notes": notes,
-        "files": {"table": paths, "plots": plot_paths, "report": str(out / "report.md")},
-    }
     atomic_write_bytes(out / "summary.json", (json.dumps(full, indent=1, default=_json_default) + "\n").encode())
-    paths.update(report=str(out / "report.md"), summary=str(out / "summary.json"))
-    return {"rows": rows, "summary": summary, "paths": paths, "plots": plot_paths, "timings": timings, "notes": notes}
 
 
 _ORDER = {SELECT_METHOD: -0.5, QUBO_METHOD: 0, **{m: k + 1 for k, m in enumerate(BASELINE_METHODS)},
