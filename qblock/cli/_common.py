@@ -75,10 +75,12 @@ def check_output(
         CliError: with one line saying what is wrong and what to do.
 
     Example:
-        >>> check_output("p.npz", "--json", inputs=["./p.npz"])
+        >>> import os, tempfile
+        >>> d = tempfile.mkdtemp(); p = os.path.join(d, "p.npz"); open(p, "w").close()
+        >>> check_output(p, "--json", inputs=[os.path.join(d, ".", "p.npz")])
         Traceback (most recent call last):
         ...
-        qblock.cli.CliError: --json p.npz would overwrite the input ./p.npz (choose another file)
+        qblock.cli.CliError: --json .../p.npz would overwrite the input .../p.npz (choose another file)
     """
     from qblock._io import file_in_the_way
 

@@ -41,9 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample (default 128)")
     p.add_argument("--group-size", type=int, default=32, help="singular values per QUBO variable (default 32)")
-    p.add_argument("--energy", default="fisher+grad", choices=("fisher", "fisher+grad"), help="QUBO energy")
-    p.add_argument("--couplings", default="matrix", choices=("full", "matrix", "diagonal"),
-                   help="QUBO couplings kept (matrix: within one matrix; exact then solves any size)")
+    p.add_argument("--energy", default="fisher", choices=("fisher", "fisher+grad"), help="QUBO energy (default fisher)")
+    p.add_argument("--couplings", default="diagonal", choices=("full", "matrix", "diagonal"),
+                   help="QUBO couplings kept (default diagonal; with diagonal or matrix, exact solves any size)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="a parameter of the backend or of FermiGrad (steps, lr, t_start, t_end, batch); repeatable")
     p.add_argument("--seed", type=int, default=0, help="data and solver seed (default 0)")

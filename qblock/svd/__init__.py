@@ -42,7 +42,7 @@ METHODS = ("uniform", "global-threshold", "fermigrad")
 
 
 def allocate(model, fs: Sequence[Factorisation], ratio: float, method: str, *, calibration: Sequence[Any] = (),
-             group_size: int = 32, energy: str = "fisher+grad", couplings: str = "matrix", gradients: Any = None,
+             group_size: int = 32, energy: str = "fisher", couplings: str = "diagonal", gradients: Any = None,
              seed: int = 0, progress: bool = False, fermigrad: dict | None = None,
              backend_params: dict | None = None) -> tuple[list[int], dict[str, Any]]:
     """Ranks for every matrix of ``fs`` within the budget of ``ratio``, by ``method``.
@@ -56,6 +56,9 @@ def allocate(model, fs: Sequence[Factorisation], ratio: float, method: str, *, c
         group_size: singular values per QUBO variable.
         energy, couplings: the QUBO's energy (``fisher``/``fisher+grad``) and which couplings it keeps
             (``full``, ``matrix``, ``diagonal``; see :func:`~qblock.problems.rank_selection.from_gate_gradients`).
+            Default ``fisher`` / ``diagonal``: on SmolLM2-135M (plain SVD, 80 % kept, 4 gradient samples) the
+            exact optimum of the diagonal Fisher QUBO had held-out loss 5.41, of the within-matrix one 6.16
+            (it emptied three matrices: cancelling first-order terms make large removals look free).
         gradients: precomputed group gate gradients (:func:`~qblock.svd.allocate.gate_gradients`) to reuse.
         seed: seed of FermiGrad and of stochastic backends.
         fermigrad: keyword arguments of :func:`qblock.svd.fermigrad.fermigrad`.

@@ -135,7 +135,7 @@ def gate_gradients(model, fs: Sequence[Factorisation], samples: Sequence[Any], g
 
 
 def rank_problem(fs: Sequence[Factorisation], A: np.ndarray, ratio: float, group_size: int, *,
-                 energy: str = "fisher+grad", couplings: str = "matrix", metadata: dict | None = None):
+                 energy: str = "fisher", couplings: str = "diagonal", metadata: dict | None = None):
     """The rank-selection QUBO for these factorisations and gate gradients (prefix rule on)."""
     from qblock.problems.rank_selection import from_gate_gradients
 
