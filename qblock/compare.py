@@ -267,7 +267,57 @@ def _run_once(problem: BlockRemovalProblem, backend: str, seed: int | None, top_
 
 
 def _skip_reason(exc: BaseException) -> str:
+    if isinstance(exc, _Failed):
+        return exc.reason
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+
+
+class _Failed(Exception):
+    """A run that raised on a worker, with the reason as the local run would have recorded it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _job(job: tuple) -> dict[str, Any]:
+    """One solver run on a worker: the record, or ``{"failed": reason}`` (as a skip would record it)."""
+    problem, backend, seed, top_k, params = job
+    try:
+        return _run_once(problem, backend, seed, top_k, params)
+    except Exception as exc:  # noqa: BLE001 - recorded as the local loop records it
+        return {"failed": _skip_reason(exc)}
+
+
+def _runner(executor: Any, problem: BlockRemovalProblem, jobs: Sequence[tuple[str, int, Any, Mapping]],
+            top_k: int, bar: Any):
+    """``run(backend, repeat, seed, params) -> record`` for the study's loop.
+
+    Local: each call runs :func:`qblock.solve` here, when the loop asks. Another executor: every run of
+    ``jobs`` is submitted at once (solver runs as tasks, the bar advancing as they finish) and the loop
+    replays these records, so skips, time limits and the reference are decided exactly as when the runs
+    happen one after another.
+    """
+    from qblock.executor import is_local
+
+    if is_local(executor):
+        return lambda b, r, s, p: _run_once(problem, b, s, top_k, p)
+
+    def done(i: int, rec: Mapping[str, Any]) -> None:
+        bar.set_postfix_str(f"{jobs[i][0]} run {jobs[i][1] + 1} done")
+        bar.update(1)
+
+    recs = executor.map(_job, [(problem, b, s, top_k, dict(p)) for b, _, s, p in jobs], on_result=done)
+    ready = {(b, r): rec for (b, r, _, _), rec in zip(jobs, recs)}
+    bar.update = lambda *a, **k: None  # counted as the runs finished
+
+    def replay(b: str, r: int, s: Any, p: Mapping[str, Any]) -> dict[str, Any]:
+        rec = dict(ready[(b, r)])
+        if "failed" in rec:
+            raise _Failed(rec["failed"])
+        return rec
+
+    return replay
 
 
 def compare_backends(
@@ -285,6 +335,7 @@ def compare_backends(
     params: Mapping[str, Mapping[str, Any]] | None = None,
     name: str | None = None,
     progress: bool = True,
+    executor: Any = None,
 ) -> dict[str, Any]:
     """Run each backend ``repeats`` times (distinct seeds) on ``problem`` and record every run.
 
@@ -307,6 +358,10 @@ def compare_backends(
             given a ``sampler_factory`` (e.g. one returning ``MockDWaveSampler()``) runs without a token.
         name: a name for the problem in tables.
         progress: show a progress bar.
+        executor: where the runs happen (:mod:`qblock.executor`); ``None`` or local: one after another
+            here. On Ray every run is a task, all submitted at once; the records (and so every table entry
+            except wall times) are the same as the local executor's. With ``time_limit`` the rule "no new
+            repeat after the limit" is applied to the finished runs in repeat order.
 
     Returns:
         A JSON-ready study dictionary: ``problem``, ``settings``, ``tolerance``, ``backends``,
@@ -336,13 +391,19 @@ def compare_backends(
     bar = _progress(steps + int(want_ref), progress, f"compare N={problem.num_blocks} M={problem.num_remove}")
     exact_limit = time_limit if time_limit is not None else exact_time_limit
     notes: list[str | None] = []  # about the exact solver: the last one stands
+    jobs = [("exact", -1, None, _exact_params(params, exact_limit))] if want_ref else []
+    for b in todo:
+        b_seeds = seeds if registry.get_spec(b).stochastic else [None]
+        p = _exact_params(params, exact_limit) if b == "exact" else params.get(b, {})
+        jobs += [(b, r, s, p) for r, s in enumerate(b_seeds)]
     try:
+        run = _runner(executor, problem, jobs, top_k, bar)
         if want_ref:
-            notes.append(_reference_run(problem, top_k, _exact_params(params, exact_limit), runs, bar))
+            notes.append(_reference_run(run, _exact_params(params, exact_limit), runs, bar))
         for b in todo:
             b_seeds = seeds if registry.get_spec(b).stochastic else [None]
             p = _exact_params(params, exact_limit) if b == "exact" else params.get(b, {})
-            notes.append(_backend_runs(problem, b, b_seeds, top_k, p, time_limit, runs, skipped, bar))
+            notes.append(_backend_runs(run, b, b_seeds, p, time_limit, runs, skipped, bar))
     finally:
         bar.close()
     study: dict[str, Any] = {
@@ -397,12 +458,12 @@ def _exact_params(params: Mapping[str, Mapping[str, Any]], limit: float | None) 
     return p
 
 
-def _reference_run(problem, top_k: int, params: Mapping[str, Any], runs: list[dict[str, Any]], bar) -> str | None:
+def _reference_run(run, params: Mapping[str, Any], runs: list[dict[str, Any]], bar) -> str | None:
     """One exact run kept as ``role="reference"``; a note when it is not a certified reference."""
     bar.set_postfix_str("exact (reference)")
     note = None
     try:
-        rec = _run_once(problem, "exact", None, top_k, params)
+        rec = run("exact", -1, None, params)
         rec.update(role="reference", repeat=0)
         runs.append(rec)
         if not rec["certified_optimal"]:
@@ -413,9 +474,11 @@ def _reference_run(problem, top_k: int, params: Mapping[str, Any], runs: list[di
     return note
 
 
-def _backend_runs(problem, b: str, seeds: Sequence[int | None], top_k: int, params: Mapping[str, Any],
+def _backend_runs(run, b: str, seeds: Sequence[int | None], params: Mapping[str, Any],
                   time_limit: float | None, runs: list[dict[str, Any]], skipped: dict[str, str], bar) -> str | None:
     """The repeats of one compared backend, appended to ``runs``; a note about ``exact`` if there is one.
+
+    ``run(backend, repeat, seed, params)`` gives a run's record (see :func:`_runner`).
 
     No new repeat starts once the backend has used ``time_limit`` seconds (its runs are marked
     ``stopped_early``); a failing run skips the backend (its earlier runs are dropped, the reason kept).
@@ -431,7 +494,7 @@ def _backend_runs(problem, b: str, seeds: Sequence[int | None], top_k: int, para
             break
         bar.set_postfix_str(f"{b} run {r + 1}/{len(seeds)}")
         try:
-            rec = _run_once(problem, b, s, top_k, params)
+            rec = run(b, r, s, params)
         except Exception as exc:  # noqa: BLE001 - e.g. qaoa above its qubit limit, exact too large
             skipped[b] = _skip_reason(exc)
             runs[:] = [x for x in runs if not (x["backend"] == b and x.get("role") == "compared")]
@@ -489,9 +552,12 @@ def compare_problems(
     *,
     names: Sequence[str] | None = None,
     progress: bool = True,
+    executor: Any = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """A comparison over several problems (a scaling sweep); one study per problem.
+
+    ``executor`` (:mod:`qblock.executor`) runs each study's solver runs (see :func:`compare_backends`).
 
     Returns:
         ``{"format": "qblock.compare", "format_version", "qblock_version", "created", "environment",
@@ -507,7 +573,8 @@ def compare_problems(
     studies = []
     for i, p in enumerate(problems):
         nm = names[i] if names else None
-        studies.append(compare_backends(p, backends, repeats, seed, name=nm, progress=progress, **kwargs))
+        studies.append(compare_backends(p, backends, repeats, seed, name=nm, progress=progress, executor=executor,
+                                        **kwargs))
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -50,7 +50,8 @@ import numpy as np
 
 from qblock.problems.block_removal import BlockRemovalProblem
 
-__all__ = ["LossOracle", "measured_problem", "refine", "Refinement", "surrogate_problem", "confirm", "greedy_chain"]
+__all__ = ["LossOracle", "measure", "measured_problem", "refine", "Refinement", "surrogate_problem", "confirm",
+           "greedy_chain"]
 
 
 class LossOracle(Protocol):
@@ -64,6 +65,23 @@ class LossOracle(Protocol):
 
 def _key(removed: Iterable[int]) -> tuple[int, ...]:
     return tuple(sorted({int(i) for i in removed}))
+
+
+def measure(oracle: LossOracle, sets: Sequence[Iterable[int]]) -> list[float]:
+    """The losses of ``sets`` in one batch: ``oracle.loss_many`` where the oracle has it (it may run them in
+    parallel, see :mod:`qblock.executor`), else one :meth:`loss` after another. The values are the same.
+
+    Example:
+        >>> class Sum:
+        ...     tokens = 0
+        ...     def loss(self, removed): return float(sum(removed))
+        >>> measure(Sum(), [(1, 2), (3,)])
+        [3.0, 3.0]
+    """
+    many = getattr(oracle, "loss_many", None)
+    if many is not None:
+        return [float(v) for v in many(list(sets))]
+    return [float(oracle.loss(s)) for s in sets]
 
 
 # ------------------------------------------------------------------------------ the measured QUBO
@@ -99,7 +117,7 @@ def measured_problem(oracle: LossOracle, num_blocks: int, *, pool_size: int | No
         raise ValueError(f"pool_size must be between 0 and N = {n}, got {pool_size}")
     tok0 = oracle.tokens
     L0 = float(oracle.loss(()))
-    single = np.array([oracle.loss((i,)) for i in range(n)], dtype=np.float64)
+    single = np.array(measure(oracle, [(i,) for i in range(n)]), dtype=np.float64)
     pool = sorted(np.argsort(single - L0, kind="stable")[:P].tolist())
     po = pair_oracle or oracle
     ptok0 = po.tokens if po is not oracle else None
@@ -108,12 +126,12 @@ def measured_problem(oracle: LossOracle, num_blocks: int, *, pool_size: int | No
     else:
         pL0 = float(po.loss(()))
         psingle = single.copy()
-        for i in pool:
-            psingle[i] = po.loss((i,))
+        psingle[pool] = measure(po, [(i,) for i in pool])
     pairs = np.full((n, n), np.nan)
     J = np.zeros((n, n))
-    for i, j in itertools.combinations(pool, 2):
-        pairs[i, j] = pairs[j, i] = po.loss((i, j))
+    combos = list(itertools.combinations(pool, 2))
+    for (i, j), v in zip(combos, measure(po, combos)):
+        pairs[i, j] = pairs[j, i] = v
         J[i, j] = J[j, i] = pairs[i, j] - psingle[i] - psingle[j] + pL0
     measured = ~np.isnan(pairs)
     J = _impute_couplings(J, measured)
@@ -326,10 +344,10 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
                                                        exclude=[p for p, _ in picks])]
         if not picks:
             break
-        for p, source in picks:
-            before = oracle.tokens
-            loss = float(oracle.loss(p))
-            per_eval = per_eval or max(1, oracle.tokens - before)
+        before = oracle.tokens
+        losses = measure(oracle, [p for p, _ in picks])  # one batch: in parallel on a Ray executor
+        per_eval = per_eval or max(1, (oracle.tokens - before) // len(picks))
+        for (p, source), loss in zip(picks, losses):
             seen[p] = loss
             history.append({"removed": list(p), "loss": loss, "round": rounds, "source": source})
         rounds += 1
@@ -393,8 +411,9 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6) -> Refinem
     if int(top) < 0:
         raise ValueError(f"top must be non-negative, got {top}")
     t0 = oracle.tokens
-    for key, _ in refinement.ranked()[: int(top)]:
-        refinement.finalists[key] = float(oracle.loss(key))
+    keys = [key for key, _ in refinement.ranked()[: int(top)]]
+    for key, v in zip(keys, measure(oracle, keys)):
+        refinement.finalists[key] = v
     refinement.confirm_tokens += oracle.tokens - t0
     return refinement
 
@@ -437,7 +456,8 @@ def greedy_chain(oracle: LossOracle, num_blocks: int, max_remove: int, *,
         if m == 1 and singles:
             losses = {(i,): float(v) for i, v in singles.items()}
         else:
-            losses = {_key(current + (j,)): float(oracle.loss(current + (j,))) for j in range(n) if j not in current}
+            nxt = [_key(current + (j,)) for j in range(n) if j not in current]
+            losses = dict(zip(nxt, measure(oracle, nxt)))  # one batch: in parallel on a Ray executor
         current = min(losses, key=lambda k: (losses[k], k))
         chain[m] = current
         if progress is not None:

@@ -20,13 +20,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def load_problem(path: str, remove: int | None = None):
-    """Load a problem file, optionally setting the number of blocks to remove."""
-    from qblock.problems.block_removal import BlockRemovalProblem
+    """Load a problem file of either kind, optionally setting the number of blocks to remove."""
+    from qblock.problems.rank_selection import load_problem as load_any
 
     p = Path(path)
     if not p.exists():
         raise CliError(f"problem file not found: {path}")
-    problem = BlockRemovalProblem.load(p)
+    problem = load_any(p)
+    if problem.kind == "rank_selection":
+        if remove is not None:
+            raise CliError(f"{path} is a rank-selection problem (a parameter budget); --remove is for block removal")
+        return problem
     if remove is not None:
         problem = problem.with_num_remove(remove)
     elif problem.num_remove is None:
@@ -143,3 +147,52 @@ def check_seed(seed: int | None, flag: str = "--seed") -> int | None:
     if seed is not None and seed < 0:
         raise CliError(f"{flag} must be a non-negative integer, got {seed} (e.g. {flag} 0)")
     return seed
+
+
+def add_executor_option(p) -> None:
+    """``--executor local|ray|ray:ADDRESS``, the same for every sub-command that can spread its work."""
+    p.add_argument("--executor", default="local", metavar="local|ray[:ADDRESS]",
+                   help="where independent work runs: local (default, this process), ray (a local Ray instance "
+                        "on all cores) or ray:ADDRESS (a running cluster, e.g. ray:auto or ray:HEAD:6379); "
+                        "needs pip install 'qblock[ray]'")
+
+
+def check_executor(args) -> None:
+    """Refuse a bad ``--executor`` (or Ray not installed) before any slow work; see :func:`open_executor`."""
+    from qblock import executor as qex
+
+    try:
+        if qex.parse_spec(getattr(args, "executor", None))[0] == "ray":
+            qex._ray()
+    except qex.ExecutorError as exc:
+        raise CliError(f"--executor: {exc}") from None
+
+
+def open_executor(args, quiet: bool = False):
+    """The executor ``args.executor`` names, as a context manager; a bad value or missing Ray is a
+    :class:`CliError` (one line naming the install command), checked before any other work.
+
+    Example:
+        >>> import argparse
+        >>> with open_executor(argparse.Namespace(executor="local")) as ex:
+        ...     ex.name
+        'local'
+        >>> open_executor(argparse.Namespace(executor="dask"))
+        Traceback (most recent call last):
+        ...
+        qblock.cli.CliError: --executor: unknown executor 'dask': use local, ray or ray:ADDRESS
+    """
+    import sys
+
+    from qblock import executor as qex
+
+    spec = getattr(args, "executor", None) or "local"
+    try:
+        kind, _ = qex.parse_spec(spec)
+        if kind == "ray":
+            qex._ray()  # fail now, with the install command, not after loading a model
+            if not quiet:
+                print(f"qblock: starting executor {qex.describe(spec)}", file=sys.stderr, flush=True)
+        return qex.open_executor(spec)
+    except qex.ExecutorError as exc:
+        raise CliError(f"--executor: {exc}") from None

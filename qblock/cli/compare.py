@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from-json", default=None, metavar="COMPARE.json",
                    help="run nothing: re-draw the table and plots from a saved compare.json")
     p.add_argument("--quiet", "-q", action="store_true", help="no table, no progress bar")
+    from qblock.cli._common import add_executor_option
+
+    add_executor_option(p)
     p.set_defaults(func=run)
 
 
@@ -133,12 +136,16 @@ def run(args: argparse.Namespace) -> int:
             for m in removes or [None]:
                 problems.append(load_problem(path, m))
                 names.append(path)
-    result = cmp.compare_problems(
-        problems, backends, args.repeats, args.seed, names=names, progress=not args.quiet,
-        top_k=args.top, time_limit=args.time_limit, exact_reference=not args.no_exact_reference,
-        exact_time_limit=args.exact_time_limit,
-        rtol=args.rtol, atol=args.atol, params=_params(args.param),
-    )
+    from qblock.cli._common import open_executor
+
+    params = _params(args.param)
+    with open_executor(args, quiet=args.quiet) as executor:
+        result = cmp.compare_problems(
+            problems, backends, args.repeats, args.seed, names=names, progress=not args.quiet,
+            top_k=args.top, time_limit=args.time_limit, exact_reference=not args.no_exact_reference,
+            exact_time_limit=args.exact_time_limit,
+            rtol=args.rtol, atol=args.atol, params=params, executor=executor,
+        )
     paths = cmp.write_outputs(result, args.out)
     if not args.quiet:
         print(cmp.format_markdown(result))

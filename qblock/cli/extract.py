@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except (CacheError, DataError, ExtractError) as exc:
         raise CliError(str(exc)) from None
+    if problem is None:  # a torchrun rank other than 0: rank 0 wrote the output
+        return 0
     if not args.quiet:
         m = problem.metadata
         print(f"{args.out}: {problem.num_blocks} variables ({m['gate']}/{m['granularity']}), "

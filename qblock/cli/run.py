@@ -17,7 +17,7 @@ import time
 from qblock.cli import CliError
 from qblock._energies import ENERGY_MODELS, SCORED_ENERGY_MODELS
 from qblock.backends.exact import ENUMERATION_LIMIT
-from qblock.cli._common import check_output
+from qblock.cli._common import check_executor, check_output, open_executor
 
 #: settings of a full run and of ``--quick`` (chosen to finish in under 10 minutes on 2 CPU cores,
 #: extraction included, with the default model already cached)
@@ -92,6 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from qblock.validate.heal import add_heal_options
 
     add_heal_options(p)
+    from qblock.cli._common import add_executor_option
+
+    add_executor_option(p)
     p.set_defaults(func=run)
 
 
@@ -133,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from qblock.validate.runner import (ValidationError, ValidationSettings, data_for_problem, print_summary,
                                         validate)
 
+    check_executor(args)
     t_start = time.perf_counter()
     cfg = _resolve(args)
     cfg["seed"] = args.seed
@@ -209,15 +213,18 @@ def run(args: argparse.Namespace) -> int:
             "greedy baselines (SLEB, iterative ShortGPT) are run once for the largest M; their first M steps are the "
             "result for a smaller M, and the cost listed is that of those steps",
         ]
-        result = validate(problem, model, tok, calib, evals, settings, out,
-                          report_settings={"model": f"{prov.get('id')} ({prov.get('source')})",
-                                           "torch threads": threads, "evaluation dtype": dtype,
-                                           "mode": "quick" if args.quick else "full",
-                                           "energy (solved)": problem.metadata.get("energy"),
-                                           "calibration": f"{cfg['samples']} samples x {cfg['seq_len']} tokens",
-                                           "held-out data": f"{len(evals)} samples x {cfg['seq_len']} tokens, "
-                                                            "passages disjoint from calibration"},
-                          title=f"qblock run: which blocks of {prov.get('id')} to remove", notes=notes)
+        with open_executor(args, quiet=args.quiet) as executor:
+            result = validate(problem, model, tok, calib, evals, settings, out,
+                              report_settings={"model": f"{prov.get('id')} ({prov.get('source')})",
+                                               "torch threads": threads, "evaluation dtype": dtype,
+                                               "mode": "quick" if args.quick else "full",
+                                               "energy (solved)": problem.metadata.get("energy"),
+                                               "calibration": f"{cfg['samples']} samples x {cfg['seq_len']} tokens",
+                                               "held-out data": f"{len(evals)} samples x {cfg['seq_len']} tokens, "
+                                                                "passages disjoint from calibration",
+                                               "executor": args.executor},
+                              title=f"qblock run: which blocks of {prov.get('id')} to remove", notes=notes,
+                              executor=executor)
         if heal_opts:
             heal_after_validation(result, model, tok, evals, dprov, out, heal_opts, n_boot=cfg["bootstrap"],
                                   seed=args.seed, batch_size=args.batch_size, progress=progress)

@@ -9,7 +9,7 @@ import sys
 from qblock.cli import CliError
 from qblock._energies import SCORED_ENERGY_MODELS
 from qblock.backends.exact import ENUMERATION_LIMIT
-from qblock.cli._common import check_output
+from qblock.cli._common import check_executor, check_output, open_executor
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,6 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from qblock.validate.heal import add_heal_options
 
     add_heal_options(p)
+    from qblock.cli._common import add_executor_option
+
+    add_executor_option(p)
     p.set_defaults(func=run)
 
 
@@ -196,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"problem file not found: {args.problem}")
     check_output(args.out, "--out", inputs=[args.problem, args.solutions, args.calibration, args.eval_text],
                  folder=True, writes=("candidates.*", "summary.json", "report.md", "*.png"))
+    check_executor(args)
     problem = BlockRemovalProblem.load(args.problem)
     ms = parse_ms(args.remove)
     solutions = {}
@@ -259,9 +263,12 @@ def run(args: argparse.Namespace) -> int:
             task_limit=args.task_limit or None, bench_top=args.bench_top, harness=args.harness, energy_models=energies,
             n_boot=args.bootstrap, stats_seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
             **selection_settings(args))
-        result = validate(problem, model, tok, calib, evals, settings, args.out, solutions=solutions,
-                          report_settings={"problem": args.problem, "model": model_spec, "torch threads": threads,
-                                           "evaluation dtype": dtype, "held-out data": _describe_eval(prov)})
+        with open_executor(args, quiet=args.quiet) as executor:
+            result = validate(problem, model, tok, calib, evals, settings, args.out, solutions=solutions,
+                              report_settings={"problem": args.problem, "model": model_spec, "torch threads": threads,
+                                               "evaluation dtype": dtype, "held-out data": _describe_eval(prov),
+                                               "executor": args.executor},
+                              executor=executor)
         if heal_opts:
             heal_after_validation(result, model, tok, evals, prov, args.out, heal_opts, n_boot=args.bootstrap,
                                   seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)

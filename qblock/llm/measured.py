@@ -20,9 +20,22 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import functools
+import uuid
+from typing import Any, Callable, Iterable, Sequence
 
 __all__ = ["CalibrationLoss"]
+
+
+def _remote_prefix(model, *, samples, gate, batch_size, max_bytes):
+    """A model actor's own recorded full-model pass (the same one :class:`CalibrationLoss` records)."""
+    from qblock.validate.evaluate import PrefixCache
+
+    return PrefixCache(model, samples, (), batch_size=batch_size, gate=gate, max_bytes=max_bytes)
+
+
+def _remote_calib_loss(prefix, key: tuple[int, ...]) -> float:
+    return float(prefix.loss(key)[0])
 
 
 class CalibrationLoss:
@@ -34,6 +47,7 @@ class CalibrationLoss:
         gate: ``"layer"`` or ``"branch"`` masking, as the problem's gates.
         batch_size: forward batch size.
         max_bytes: memory budget of the prefix cache (above it, passes are computed in full).
+        executor: where :meth:`loss_many` measures (:mod:`qblock.executor`; ``None``: here).
 
     Attributes:
         tokens: forward tokens spent so far (each evaluation counts every sample token once).
@@ -41,7 +55,7 @@ class CalibrationLoss:
     """
 
     def __init__(self, model, samples: Sequence[Any], *, gate: str = "layer", batch_size: int = 8,
-                 max_bytes: float = 2e9) -> None:
+                 max_bytes: float = 2e9, executor: Any = None) -> None:
         if not samples:
             raise ValueError("CalibrationLoss needs at least one calibration sample")
         self._args = (model, list(samples), gate, int(batch_size), max_bytes)
@@ -51,6 +65,9 @@ class CalibrationLoss:
         self._cache: dict[tuple[int, ...], float] = {}
         self.tokens = 0
         self.evaluations = 0
+        self.executor = executor
+        self._workers = None  # model actors, bound on first remote use
+        self._key = f"calib:{uuid.uuid4().hex}"
 
     def _record(self) -> None:
         from qblock.validate.evaluate import PrefixCache
@@ -72,6 +89,41 @@ class CalibrationLoss:
             self.evaluations += 1
         return self._cache[key]
 
+    def loss_many(self, sets: Iterable[Iterable[int]], *,
+                  on_result: Callable[[int, float], None] | None = None) -> list[float]:
+        """The losses of many sets; the uncached ones run on :attr:`executor` (model actors on Ray).
+
+        Tokens and evaluations are counted as by :meth:`loss` (one pass per distinct new set), and the
+        values are the same whichever executor measured them. ``on_result(k, loss)`` is called as the
+        k-th new set finishes.
+        """
+        from qblock.executor import is_local
+
+        if self._prefix is None:
+            self._record()
+        keys = [tuple(sorted({int(i) for i in s})) for s in sets]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._cache]
+        if is_local(self.executor):
+            for j, k in enumerate(todo):
+                v = self.loss(k)
+                if on_result is not None:
+                    on_result(j, v)
+        elif todo:
+            model, samples, gate, batch_size, max_bytes = self._args
+            self._workers = self.executor.bind_model(model)  # the executor shares one set of actors per model
+            setup = functools.partial(_remote_prefix, samples=samples, gate=gate, batch_size=batch_size,
+                                      max_bytes=max_bytes)
+
+            def done(j: int, v: float) -> None:
+                self._cache[todo[j]] = float(v)
+                self.tokens += self.tokens_per_pass
+                self.evaluations += 1
+                if on_result is not None:
+                    on_result(j, float(v))
+
+            self._workers.map(_remote_calib_loss, todo, setup=setup, key=self._key, on_result=done)
+        return [self._cache[k] for k in keys]
+
     def measured(self) -> dict[tuple[int, ...], float]:
         """Every set measured so far and its loss."""
         return dict(self._cache)
@@ -81,7 +133,7 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
                     pool_size: int | None = None, evaluations_per_m: int = 24, batch: int = 4,
                     backend: str = "exact", backend_params: dict[str, Any] | None = None, seed: int = 0,
                     batch_size: int = 8, confirm_samples: Sequence[Any] | None = None, confirm_top: int = 6,
-                    screen_samples: int = 0, progress: bool = False) -> dict[str, Any]:
+                    screen_samples: int = 0, progress: bool = False, executor: Any = None) -> dict[str, Any]:
     """qblock's recommended removal sets: the measured QUBO, refined for each M with ``backend`` in the loop.
 
     Args:
@@ -103,6 +155,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
             first ``screen_samples`` samples proposes one starting set per M for the loop (its tokens
             count as shared); ``0``: none.
         progress: a progress bar over evaluations.
+        executor: where each batch of measurements runs (:mod:`qblock.executor`; Ray: model actors,
+            the same losses and token counts).
 
     Returns:
         ``{"prior": BlockRemovalProblem, "refinements": {M: Refinement}, "shared_tokens": int,
@@ -117,8 +171,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
 
     t0 = time.perf_counter()
     n = len(find_blocks(model))
-    oracle = CalibrationLoss(model, samples, gate=gate, batch_size=batch_size)
-    checker = (CalibrationLoss(model, confirm_samples, gate=gate, batch_size=batch_size)
+    oracle = CalibrationLoss(model, samples, gate=gate, batch_size=batch_size, executor=executor)
+    checker = (CalibrationLoss(model, confirm_samples, gate=gate, batch_size=batch_size, executor=executor)
                if confirm_samples and int(confirm_top) > 0 else None)
     bar = _Bar(oracle, progress)
     try:
@@ -129,7 +183,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
             shared += checker.tokens
         chain = {}
         if int(screen_samples) > 0 and num_removes:
-            screen = CalibrationLoss(model, list(samples)[: int(screen_samples)], gate=gate, batch_size=batch_size)
+            screen = CalibrationLoss(model, list(samples)[: int(screen_samples)], gate=gate, batch_size=batch_size,
+                                     executor=executor)
             singles = {i: float(v) for i, v in enumerate(prior.arrays["single_losses"])}
             chain = greedy_chain(_Bar(screen, False, bar.bar), n, max(int(m) for m in num_removes), singles=singles)
             shared += screen.tokens
@@ -169,6 +224,13 @@ class _Bar:
         if self.bar is not None and self.oracle.evaluations > before:
             self.bar.update(1)
         return out
+
+    def loss_many(self, sets: Iterable[Iterable[int]]) -> list[float]:
+        def tick(k: int, v: float) -> None:
+            if self.bar is not None:
+                self.bar.update(1)
+
+        return self.oracle.loss_many(sets, on_result=tick)
 
     def close(self) -> None:
         if self._own and self.bar is not None:

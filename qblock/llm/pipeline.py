@@ -256,15 +256,22 @@ class _Run:
 def _extract_problem(s: ExtractionSettings, model=None, tokenizer=None):
     """The body of :func:`extract_problem` (runs under the output lock): prepare, then measure or
     compute ``A`` (resuming), then build and save the problem."""
+    from qblock.llm.distributed import world
+
+    rank, size = world()  # under torchrun only rank 0 talks, reads and writes files (qblock.llm.distributed)
+    if s.energy in ("pairwise", "measured") and size > 1:
+        raise ExtractError(f"energy {s.energy} runs in one process; start it without torchrun")
     run = _prepare(s, model, tokenizer)
-    if s.out is not None and s.restart:
+    if s.out is not None and s.restart and rank == 0:
         for f in (s.partial, s.out):
             if f.exists():
                 _log(f"--restart: removing {f}", s.quiet)
                 f.unlink()
     if s.energy in ("pairwise", "measured"):
         return _measured(s, run)
-    A, resumed_from = _gradient_rows(s, run)
+    A, resumed_from = _gradient_rows(s, run, rank, size)
+    if A is None:
+        return None  # a rank other than 0: rank 0 writes the output
     return _gradient_problem(s, run, A, resumed_from)
 
 
@@ -316,16 +323,17 @@ def _prepare(s: ExtractionSettings, model, tokenizer) -> _Run:
     return _Run(model, calib, model_info, data_prov, list(labels), manifest, t_start)
 
 
-def _gradient_rows(s: ExtractionSettings, run: _Run) -> tuple[np.ndarray, int]:
+def _gradient_rows(s: ExtractionSettings, run: _Run, rank: int = 0, size: int = 1) -> tuple[np.ndarray | None, int]:
     """``(A, resumed_from)``: ``A`` reused from a finished output with the same settings, or computed,
-    continuing a checkpoint of the same settings."""
+    continuing a checkpoint of the same settings. Under torchrun (``size > 1``) rank 0 reads the files,
+    every rank computes its share and rank 0 gets ``A`` (the others None)."""
     out_path, ppath, manifest, quiet = s.out, s.partial, run.manifest, s.quiet
     rows = None
     resumed_from = 0
     reused = False
-    if out_path is not None and out_path.exists() and not s.restart:
+    if out_path is not None and out_path.exists() and not s.restart and rank == 0:
         rows, reused = _reuse_output(out_path, manifest), True
-    if rows is None and ppath is not None and ppath.exists():
+    if rows is None and ppath is not None and ppath.exists() and rank == 0:
         rows, saved = _load_partial(ppath)
         diffs = _differences(manifest, saved)
         if diffs:
@@ -338,6 +346,8 @@ def _gradient_rows(s: ExtractionSettings, run: _Run) -> tuple[np.ndarray, int]:
         _log(f"resuming from {ppath.name}: {resumed_from}/{s.num_samples} samples already done", quiet)
         reused = False
 
+    if size > 1:  # every rank takes part, even when rank 0 already holds every row (it broadcasts how many)
+        return _distributed_rows(s, run, rows), resumed_from
     if rows is not None and len(rows) >= s.num_samples:
         if reused:
             _log(f"{out_path} already holds A for these settings; rebuilding the problem without recomputing",
@@ -363,6 +373,19 @@ def _gradient_rows(s: ExtractionSettings, run: _Run) -> tuple[np.ndarray, int]:
                  "run the same command again to resume", quiet)
         raise
     return A, resumed_from
+
+
+def _distributed_rows(s: ExtractionSettings, run: _Run, rows: np.ndarray | None) -> np.ndarray | None:
+    """Rows of ``A`` over the torchrun ranks (:mod:`qblock.llm.distributed`); rank 0 checkpoints."""
+    from qblock.llm.distributed import compute_rows_distributed
+
+    def on_checkpoint(r):
+        if s.partial is not None:
+            _save_partial(s.partial, r, run.manifest)
+
+    return compute_rows_distributed(run.model, run.calib, rows, gate=s.gate, granularity=s.granularity,
+                                    batch_size=s.batch_size, checkpoint_every=s.checkpoint_every,
+                                    on_checkpoint=on_checkpoint, progress=s.progress, device=s.device)
 
 
 def _gradient_problem(s: ExtractionSettings, run: _Run, A: np.ndarray, resumed_from: int):
@@ -482,17 +505,24 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
         model, tokenizer: an already loaded model and tokenizer (``model_spec`` is then only recorded).
 
     Returns:
-        the :class:`qblock.BlockRemovalProblem` (also written to ``out``).
+        the :class:`qblock.BlockRemovalProblem` (also written to ``out``). Under ``torchrun`` with several
+        processes the samples are split over them (:mod:`qblock.llm.distributed`, the same ``A``); rank 0
+        returns the problem and the other ranks None.
 
     Raises:
         ExtractError: settings differ from an existing checkpoint/output (see the message).
     """
+    from qblock.llm.distributed import init, world
+
+    rank = 0
+    if world()[1] > 1:  # under torchrun: join the group; only rank 0 talks, locks and writes the output
+        rank, _, device = init(device)
     settings = ExtractionSettings(
         model_spec=model_spec, num_samples=num_samples, seq_len=seq_len, energy=energy, gate=gate,
         granularity=granularity, batch_size=batch_size, seed=seed, out=_npz_path(out),
-        checkpoint_every=checkpoint_every, calibration=calibration, keep_A=keep_A, progress=progress,
+        checkpoint_every=checkpoint_every, calibration=calibration, keep_A=keep_A, progress=progress and rank == 0,
         num_remove=num_remove, restart=restart, num_eval=num_eval, dtype=dtype, device=device)
-    with _output_lock(settings.out):
+    with _output_lock(settings.out if rank == 0 else None):
         return _extract_problem(settings, model=model, tokenizer=tokenizer)
 
 

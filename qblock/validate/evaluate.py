@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -426,3 +427,60 @@ class CandidateEvaluator:
             out[f"acc_{t}"] = r["acc"]
             out[f"acc_norm_{t}"] = r["acc_norm"]
         return out
+
+    def evaluate_many(self, sets: Iterable[Iterable[int]], *, executor: Any = None,
+                      on_result: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Held-out loss of many removal sets (no benchmarks), each distinct set measured once.
+
+        Args:
+            sets: removal sets.
+            executor: :mod:`qblock.executor` (``None``/local: one after another here; Ray: the sets not
+                cached yet are spread over model actors, each with its own replica and prefix cache, and
+                give the same numbers).
+            on_result: ``on_result(k, result)`` as each distinct uncached set (k-th) is measured.
+
+        Returns:
+            One :meth:`evaluate` dictionary per set, in order.
+
+        Example:
+            >>> import torch
+            >>> from transformers import LlamaConfig, LlamaForCausalLM
+            >>> torch.manual_seed(0) and None
+            >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+            ...     num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2)).eval()
+            >>> ev = CandidateEvaluator(m, [torch.randint(0, 50, (12,)) for _ in range(3)])
+            >>> [r["heldout_loss"] == ev.evaluate(s)["heldout_loss"] for s, r in zip([[0], [1]], ev.evaluate_many([[0], [1]]))]
+            [True, True]
+        """
+        from qblock.executor import is_local
+
+        keys = [tuple(sorted({int(i) for i in s})) for s in sets]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._loss_cache]
+        if is_local(executor):
+            for j, k in enumerate(todo):
+                r = self.evaluate(k)
+                if on_result is not None:
+                    on_result(j, r)
+        else:
+            workers, skey = executor.bind_model(self.model), f"heldout:{id(self)}"
+            self._workers = (executor, workers, skey)
+            setup = functools.partial(_remote_evaluator, samples=self.eval_samples, batch_size=self.batch_size,
+                                      gate=self.gate)
+
+            def done(j: int, r: dict[str, Any]) -> None:
+                self._loss_cache[todo[j]] = r
+                self.num_evaluations += 1
+                if on_result is not None:
+                    on_result(j, r)
+
+            workers.map(_remote_loss, todo, setup=setup, key=skey, on_result=done)
+        return [dict(self._loss_cache[k]) for k in keys]
+
+
+def _remote_evaluator(model, *, samples, batch_size, gate) -> CandidateEvaluator:
+    """The evaluator a model actor builds once (its own prefix cache of the full model)."""
+    return CandidateEvaluator(model, samples, batch_size=batch_size, gate=gate)
+
+
+def _remote_loss(evaluator: CandidateEvaluator, key: tuple[int, ...]) -> dict[str, Any]:
+    return evaluator.evaluate(key)

@@ -335,7 +335,7 @@ def sleb_passes(num_blocks: int, m: int) -> int:
 
 
 def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: ValidationSettings, gate: str,
-            timings: dict[str, float]) -> dict[str, Any]:
+            timings: dict[str, float], executor: Any = None) -> dict[str, Any]:
     """qblock's selection on the first ``select_samples`` calibration samples (never held-out data)."""
     from qblock.llm.measured import select_removals
 
@@ -357,7 +357,7 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
                               backend=settings.select_backend, seed=settings.solve_seed,
                               batch_size=settings.batch_size, confirm_samples=checks,
                               confirm_top=settings.select_confirm, screen_samples=settings.select_screen,
-                              progress=settings.progress)
+                              progress=settings.progress, executor=executor)
     except ValueError as exc:
         raise ValidationError(f"qblock selection: {exc}") from None
     timings["selection"] = time.perf_counter() - t0
@@ -446,7 +446,7 @@ def _qubo_states(problem, m: int, settings: ValidationSettings, solutions: Mappi
 def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[Any], settings: ValidationSettings,
              out_dir: str | Path, *, solutions: Mapping[int, list[list[int]]] | None = None,
              report_settings: Mapping[str, Any] | None = None, title: str = "qblock validation",
-             notes: Sequence[str] = ()) -> dict[str, Any]:
+             notes: Sequence[str] = (), executor: Any = None) -> dict[str, Any]:
     """Evaluate QUBO top-k, random sets and baselines for every M; write the table, report and plots.
 
     Args:
@@ -460,6 +460,9 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         report_settings: extra key/values listed in the report's settings section.
         title: report title.
         notes: extra lines for the report's notes.
+        executor: where the model-bound work runs (:mod:`qblock.executor`): held-out losses of the
+            candidates, SLEB's candidate passes and qblock's selection measurements. ``None``: here; Ray:
+            model actors with one replica each, the same table.
 
     Returns:
         ``{"rows", "summary", "paths", "timings", "notes"}``.
@@ -486,15 +489,15 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
     # 1. candidates: the QUBO's top-k, the baselines, qblock's selection, random sets, the full model
     solved: dict[int, dict[str, Any]] = {}
     rows = _qubo_rows(problem, ms, calib, settings, dict(solutions or {}), timings, solved)
-    baseline_details = _baseline_rows(model, calib, ms, settings, timings, rows)
-    selection = _select(model, calib, ms, settings, gate, timings) if settings.select else None
+    baseline_details = _baseline_rows(model, calib, ms, settings, timings, rows, executor)
+    selection = _select(model, calib, ms, settings, gate, timings, executor) if settings.select else None
     if selection is not None:
         rows += _selection_rows(selection, settings)
     rows += _random_and_reference_rows(n, ms, settings)
     # 2. energies of every candidate under the problem's and the other energy models
     others = _energy_columns(problem, model, calib, settings, notes, rows, selection)
     # 3. held-out loss of every distinct set
-    evaluator, benchmarks = _heldout_losses(model, tokenizer, evals, settings, gate, rows, timings)
+    evaluator, benchmarks = _heldout_losses(model, tokenizer, evals, settings, gate, rows, timings, executor)
     # 4. benchmarks on the full model, the best QUBO states and the baselines
     if benchmarks:
         _benchmark_rows(model, tokenizer, evaluator, benchmarks, ms, settings, gate, rows, timings)
@@ -542,7 +545,7 @@ def _qubo_rows(problem, ms: Sequence[int], calib: Sequence[Any], settings: Valid
 
 
 def _baseline_rows(model, calib: Sequence[Any], ms: Sequence[int], settings: ValidationSettings,
-                   timings: dict[str, float], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                   timings: dict[str, float], rows: list[dict[str, Any]], executor: Any = None) -> list[dict[str, Any]]:
     """Step 1b: every baseline's set per M, appended to ``rows`` with its cost; returns the baselines' details."""
     from qblock.validate.baselines import run_baselines
 
@@ -557,7 +560,7 @@ def _baseline_rows(model, calib: Sequence[Any], ms: Sequence[int], settings: Val
     _log(f"baselines {', '.join(settings.baselines)} for M = {ms} ({len(calib)} calibration samples, "
          f"greedy methods on {len(greedy)})", settings.progress)
     res = run_baselines(model, calib, ms, methods=settings.baselines, greedy_samples=greedy,
-                        batch_size=settings.batch_size, progress=settings.progress)
+                        batch_size=settings.batch_size, progress=settings.progress, pool=executor)
     timings["baselines"] = time.perf_counter() - t0
     for r in res:
         per_pass = tokens["greedy"] if r.method in ("sleb", "shortgpt_iterative") else tokens["calib"]
@@ -606,7 +609,7 @@ def _progress_iter(items: list, enabled: bool, desc: str):
 
 
 def _heldout_losses(model, tokenizer, evals: Sequence[Any], settings: ValidationSettings, gate: str,
-                    rows: list[dict[str, Any]], timings: dict[str, float]):
+                    rows: list[dict[str, Any]], timings: dict[str, float], executor: Any = None):
     """Step 3: the held-out loss of every distinct candidate, into its rows; ``(evaluator, benchmarks)``."""
     from qblock.validate.evaluate import CandidateEvaluator
 
@@ -621,8 +624,16 @@ def _heldout_losses(model, tokenizer, evals: Sequence[Any], settings: Validation
     distinct = list(dict.fromkeys(tuple(r["removed"]) for r in rows))
     t0 = time.perf_counter()
     _log(f"held-out loss of {len(distinct)} distinct candidates on {len(evals)} samples", settings.progress)
-    for key in _progress_iter(distinct, settings.progress, "evaluating candidates"):
-        evaluator.evaluate(key)
+    bar = None
+    if settings.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(distinct), desc="evaluating candidates", unit="model")
+    try:  # on a Ray executor the candidates spread over model actors; the bar advances as each finishes
+        evaluator.evaluate_many(distinct, executor=executor, on_result=lambda *_: bar.update(1) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
     timings["heldout_eval"] = time.perf_counter() - t0
     for r in rows:
         r.update(evaluator.evaluate(r["removed"]))
