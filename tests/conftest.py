@@ -76,6 +76,17 @@ def random_samples(n: int, lo: int = 3, hi: int = 20, seed: int = 0):
     return [torch.randint(0, VOCAB, (int(k),), generator=g) for k in lengths]
 
 
+def small_llama(layers: int, vocab_size: int = 40, seed: int = 0):
+    """A random Llama of hidden size 16 (two heads), seeded, in eval mode: the smallest the tests use."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2)).eval()
+
+
 # ------------------------------------------------------------------------------ a tiny saved model
 def word_tokenizer():
     """A word-level tokenizer over ``w0 .. w61`` (ids 2..63; 0 unknown, 1 end of text), built offline."""

@@ -22,7 +22,7 @@ from qblock.validate.evaluate import CandidateEvaluator, heldout_loss, multiple_
 
 from conftest import TASK_BLOCKS as N_BLOCKS, TASK_EOS as EOS, TASK_IDENTITY as IDENTITY, TASK_VOCAB as V  # noqa: E402
 from conftest import task_passage as _passage, task_stream as _stream, task_tokenizer as _word_tokenizer  # noqa: E402
-from conftest import trained_task_model as _trained_model  # noqa: E402
+from conftest import small_llama, trained_task_model as _trained_model  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -456,14 +456,10 @@ def test_cli_validate_eval_text_and_guards(tiny_dir, tmp_path, capsys):
 def test_prefix_cache_with_branch_gates_on_a_fresh_model():
     # branch gates discover their plan with a probe forward on first use; that probe must not
     # run into the cache's recording hooks (it did: IndexError on a branch-gate problem)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from qblock.llm.gates import mask_blocks
     from qblock.validate.evaluate import PrefixCache
 
-    torch.manual_seed(1)
-    m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
-                                     num_attention_heads=2, num_key_value_heads=2)).eval()
+    m = small_llama(4, vocab_size=50, seed=1)
     xs = [torch.randint(0, 50, (n,)) for n in (10, 7, 10)]
     pc = PrefixCache(m, xs, (), batch_size=2, gate="branch")
     for removed in ((), (1,), (0, 3)):
