@@ -55,6 +55,8 @@ class Solutions:
 
 def solutions_payload(problem, ss) -> dict:
     """JSON-ready description of a result (read back by :func:`read_solutions_file`)."""
+    if problem.kind == "rank_selection":
+        return _rank_payload(problem, ss)
     sols = []
     for rank, (sample, energy, occ) in enumerate(ss.data(["sample", "energy", "num_occurrences"]), start=1):
         removed = problem.removed_blocks(sample)
@@ -74,6 +76,19 @@ def solutions_payload(problem, ss) -> dict:
         "info": info,
         "solutions": sols,
     }
+
+
+def _rank_payload(problem, ss) -> dict:
+    """JSON-ready description of a rank-selection result: kept groups, groups per matrix, cost."""
+    sols = []
+    for rank, (sample, energy) in enumerate(ss.data(["sample", "energy"]), start=1):
+        y = [int(sample[i]) for i in range(problem.num_variables)]
+        sols.append({"rank": rank, "energy": float(energy), "kept": [i for i, v in enumerate(y) if v],
+                     "groups_per_matrix": problem.ranks_of(y), "cost": int(problem.total_costs(y)[0])})
+    info = {k: v for k, v in ss.info.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
+    return {"problem_kind": problem.kind, "num_variables": problem.num_variables, "budget": problem.budget,
+            "matrix_names": list(problem.matrix_names), "metadata": problem.metadata, "info": info,
+            "solutions": sols}
 
 
 def _whole(value: Any) -> bool:

@@ -223,3 +223,18 @@ def test_repair_and_descent_give_feasible_states():
     assert np.all(p.feasible_mask(R))
     D, _ = knapsack.descent(p, R)
     assert np.all(p.feasible_mask(D)) and np.all(p.energies(D) <= p.energies(R) + 1e-12)
+
+
+def test_cli_solve_reads_a_rank_problem_file(tmp_path, capsys):
+    import json
+
+    from qblock.cli import main
+
+    f = _problem(seed=8).save(tmp_path / "r.npz")
+    assert main(["solve", str(f), "--backend", "exact", "--top", "3", "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "budget=" in out and "groups kept per matrix" in out
+    sols = json.loads((tmp_path / "s.json").read_text())
+    assert sols["problem_kind"] == "rank_selection" and len(sols["solutions"]) == 3
+    assert main(["solve", str(f), "--remove", "2"]) == 2
+    assert "--remove is for block removal" in capsys.readouterr().err

@@ -20,13 +20,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def load_problem(path: str, remove: int | None = None):
-    """Load a problem file, optionally setting the number of blocks to remove."""
-    from qblock.problems.block_removal import BlockRemovalProblem
+    """Load a problem file of either kind, optionally setting the number of blocks to remove."""
+    from qblock.problems.rank_selection import load_problem as load_any
 
     p = Path(path)
     if not p.exists():
         raise CliError(f"problem file not found: {path}")
-    problem = BlockRemovalProblem.load(p)
+    problem = load_any(p)
+    if problem.kind == "rank_selection":
+        if remove is not None:
+            raise CliError(f"{path} is a rank-selection problem (a parameter budget); --remove is for block removal")
+        return problem
     if remove is not None:
         problem = problem.with_num_remove(remove)
     elif problem.num_remove is None:

@@ -26,12 +26,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _describe(problem, sample) -> str:
+    """Removed blocks, or for a rank-selection problem the groups kept per matrix and the cost."""
+    if problem.kind == "rank_selection":
+        y = [sample[i] for i in range(problem.num_variables)]
+        return f"groups kept per matrix {problem.ranks_of(y)}, cost {int(problem.total_costs(y)[0]):,}"
+    return " ".join(str(i) for i in problem.removed_blocks(sample))
+
+
 def format_table(problem, ss, limit: int | None = None) -> str:
-    rows = [("rank", "energy", "removed blocks")]
+    rows = [("rank", "energy", "removed blocks" if problem.kind == "block_removal" else "state")]
     for rank, (sample, energy) in enumerate(ss.data(["sample", "energy"]), start=1):
         if limit and rank > limit:
             break
-        rows.append((str(rank), f"{energy:.6g}", " ".join(str(i) for i in problem.removed_blocks(sample))))
+        rows.append((str(rank), f"{energy:.6g}", _describe(problem, sample)))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     return "\n".join(f"{a:>{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
@@ -81,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     uncertified = certification_line(ss.info)
     if not args.quiet:
         info = ss.info
-        head = (f"{args.problem}: N={problem.num_blocks}, remove M={problem.num_remove}, backend={args.backend}, "
+        what = f"remove M={problem.num_remove}" if problem.kind == "block_removal" else f"budget={problem.budget:,}"
+        head = (f"{args.problem}: N={problem.num_blocks}, {what}, backend={args.backend}, "
                 f"{len(ss)} solutions in {info['timing']:.2f} s")
         if info.get("certified_optimal"):
             head += " (certified optimal)"
