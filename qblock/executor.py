@@ -205,7 +205,11 @@ class RayExecutor(Executor):
 
     # -- tasks
     def map(self, fn, items, *, on_result=None):
+        """Solver runs as tasks (one CPU each). Model actors bound earlier are stopped first: they hold
+        CPUs the tasks need (the next model-bound call starts them again)."""
         ray = _ray()
+        for w in self._bound:
+            w.close()
         task = ray.remote(_call).options(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)
         fn_ref = ray.put(fn)
         items = list(items)

@@ -219,3 +219,13 @@ def test_ctrl_c_stops_a_ray_compare_cleanly(tmp_path):
     assert p.returncode == 130, err[-2000:]
     assert time.time() - t0 < 30 and "qblock: interrupted" in err
     assert not (tmp_path / "o" / "compare.json").exists()
+
+
+@pytest.mark.cluster
+def test_tasks_after_model_actors_do_not_wait_for_their_cpus(ray_executor):
+    import operator
+
+    w = ray_executor.bind_model(5)  # any picklable object serves as the "model"
+    assert w.map(operator.add, [1, 2]) == [6, 7]
+    assert ray_executor.map(abs, [-1, -2, 3]) == [1, 2, 3]  # would hang if the actors kept both CPUs
+    assert w.map(operator.mul, [3]) == [15]  # the actors start again
