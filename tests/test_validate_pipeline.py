@@ -489,7 +489,7 @@ def test_eval_dtype_casts_only_forward_work_and_refuses_bf16_healing():
     import argparse
 
     from qblock.cli import CliError
-    from qblock.cli.validate import apply_eval_dtype
+    from qblock.cli._common import apply_eval_dtype
     from qblock.llm.models import ModelLoadError, eval_dtype
 
     model = torch.nn.Linear(2, 2)
