@@ -70,6 +70,20 @@ def test_ray_missing_is_one_line_naming_the_install(monkeypatch, capsys):
     assert len(err) == 1 and "qblock[ray]" in err[0], err
 
 
+@pytest.mark.parametrize("spec, words", [("dask", "unknown executor 'dask'"),
+                                         ("ray:127.0.0.1:1", "no Ray cluster answers at 127.0.0.1:1")])
+def test_bad_executor_is_one_line_before_any_work(spec, words, capsys, tmp_path):
+    from qblock.cli import main
+
+    if spec.startswith("ray"):
+        pytest.importorskip("ray")
+    assert main(["compare", "--blocks", "8", "--backends", "swap", "--repeats", "1", "--executor", spec, "-q",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "o" / "compare.json").exists()
+
+
 def test_compare_with_the_local_executor_equals_the_default():
     p = qblock.random_problem(10, 3, seed=4)
     a = compare_backends(p, ["swap", "tabu"], repeats=2, seed=3, progress=False)
