@@ -243,3 +243,27 @@ def test_tasks_after_model_actors_do_not_wait_for_their_cpus(ray_executor):
     assert w.map(operator.add, [1, 2]) == [6, 7]
     assert ray_executor.map(abs, [-1, -2, 3]) == [1, 2, 3]  # would hang if the actors kept both CPUs
     assert w.map(operator.mul, [3]) == [15]  # the actors start again
+
+
+def _die_once(path: str) -> str:
+    """Kill the worker process running it the first time (a machine that goes away), succeed after."""
+    import os
+    from pathlib import Path
+
+    marker = Path(path)
+    if not marker.exists():
+        marker.write_text("died once")
+        os._exit(1)
+    return "ran again"
+
+
+@pytest.mark.cluster
+def test_a_task_whose_worker_dies_is_run_again_once(ray_executor, tmp_path):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    seen = []
+    out = ray_executor.map(_die_once, [str(tmp_path / "m0"), str(tmp_path / "m1")],
+                           on_result=lambda i, r: seen.append(i))
+    assert out == ["ran again", "ran again"]
+    assert sorted(seen) == [0, 1]  # each result reported once
