@@ -230,6 +230,7 @@ class ExtractionSettings:
     num_eval: int = 64
     dtype: Any = None
     device: Any = None
+    executor: Any = None
 
     @property
     def quiet(self) -> bool:
@@ -474,7 +475,7 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
                     checkpoint_every: int | None = None, calibration: str | os.PathLike | None = None,
                     keep_A: bool = True, progress: bool = True, num_remove: int | None = None,
                     restart: bool = False, num_eval: int = 64, dtype: Any = None, device: Any = None,
-                    model=None, tokenizer=None):
+                    model=None, tokenizer=None, executor=None):
     """Compute ``A`` on calibration text, build the problem, and save it (resumably).
 
     Args:
@@ -503,6 +504,9 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
         dtype: model dtype (default fp32).
         device: device for the model (default CPU).
         model, tokenizer: an already loaded model and tokenizer (``model_spec`` is then only recorded).
+        executor: where the ``measured`` energy's removal sets are measured (:mod:`qblock.executor`;
+            Ray: model actors, the same numbers); the gradient energies split over processes with
+            ``torchrun`` instead (:mod:`qblock.llm.distributed`).
 
     Returns:
         the :class:`qblock.BlockRemovalProblem` (also written to ``out``). Under ``torchrun`` with several
@@ -521,7 +525,7 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
         model_spec=model_spec, num_samples=num_samples, seq_len=seq_len, energy=energy, gate=gate,
         granularity=granularity, batch_size=batch_size, seed=seed, out=_npz_path(out),
         checkpoint_every=checkpoint_every, calibration=calibration, keep_A=keep_A, progress=progress and rank == 0,
-        num_remove=num_remove, restart=restart, num_eval=num_eval, dtype=dtype, device=device)
+        num_remove=num_remove, restart=restart, num_eval=num_eval, dtype=dtype, device=device, executor=executor)
     with _output_lock(settings.out if rank == 0 else None):
         return _extract_problem(settings, model=model, tokenizer=tokenizer)
 
@@ -554,7 +558,8 @@ def _measured(s: ExtractionSettings, run: _Run):
                                    metadata=metadata, progress=s.progress)
     else:
         problem = measured_energy_problem(run.model, run.calib, s.num_remove, gate=s.gate, batch_size=s.batch_size,
-                                          labels=run.labels, metadata=metadata, progress=s.progress)
+                                          labels=run.labels, metadata=metadata, progress=s.progress,
+                                          executor=s.executor)
     problem.metadata["extraction"] = {"seconds_this_run": round(time.perf_counter() - run.t_start, 3)}
     if s.out is not None:
         problem.save(s.out)
