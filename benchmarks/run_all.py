@@ -34,6 +34,7 @@ KNOWN: dict[str, tuple[list[str], list[str], str]] = {
                       ["--random-weights", "--samples", "4", "--seq-len", "32", "--batch-size", "4"], "json"),
     "qaoa_timing": (["--sizes", "8", "10", "12"], ["--sizes", "8", "10"], "stem"),
     "penalty_scan": (["--blocks", "32,64", "--seeds", "1"], ["--blocks", "32", "--seeds", "1"], "json"),
+    "executor_compare": ([], ["--blocks", "24", "--repeats", "2"], "stem"),
 }
 
 

@@ -188,6 +188,8 @@ class RayExecutor(Executor):
                                   "configure_logging": False}
             if address is None:
                 kw["num_cpus"] = int(num_cpus or os.cpu_count() or 1)
+            else:
+                _check_reachable(address)  # Ray itself retries an unreachable address for minutes
             try:
                 ray.init(address=address, **kw)
             except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -205,7 +207,11 @@ class RayExecutor(Executor):
 
     # -- tasks
     def map(self, fn, items, *, on_result=None):
+        """Solver runs as tasks (one CPU each). Model actors bound earlier are stopped first: they hold
+        CPUs the tasks need (the next model-bound call starts them again)."""
         ray = _ray()
+        for w in self._bound:
+            w.close()
         task = ray.remote(_call).options(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)
         fn_ref = ray.put(fn)
         items = list(items)
@@ -234,6 +240,30 @@ class RayExecutor(Executor):
         if self._started and ray.is_initialized():
             ray.shutdown()
             self._started = False
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with what to do, when ``HOST:PORT`` (or ``ray://HOST:PORT``) does not answer.
+
+    Example:
+        >>> _check_reachable("127.0.0.1:1")
+        Traceback (most recent call last):
+        ...
+        qblock.executor.ExecutorError: no Ray cluster answers at 127.0.0.1:1 (connection refused); start one with `ray start --head` there or fix the address
+    """
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and other forms: Ray resolves them itself
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = "connection refused" if isinstance(exc, ConnectionRefusedError) else (exc.strerror or str(exc))
+        raise ExecutorError(f"no Ray cluster answers at {address} ({why}); start one with `ray start --head` "
+                            "there or fix the address") from None
 
 
 def _call(fn, x):

@@ -86,3 +86,24 @@ def test_distributed_run_resumes_a_single_process_checkpoint(tiny, tmp_path):
     q = BlockRemovalProblem.load(out)
     assert q.metadata["extraction"]["resumed_from"] == 6
     np.testing.assert_array_equal(q.arrays["A"], a)
+
+
+@pytest.mark.cluster
+def test_measured_energy_on_ray_equals_local(tiny, tmp_path):
+    pytest.importorskip("ray")
+    one = _extract(tiny, tmp_path / "local.npz", 1, "--energy", "measured")
+    assert one.returncode == 0, one.stderr[-3000:]
+    ray_ = _extract(tiny, tmp_path / "ray.npz", 1, "--energy", "measured", "--executor", "ray")
+    assert ray_.returncode == 0, ray_.stderr[-3000:]
+    a, b = (BlockRemovalProblem.load(tmp_path / f) for f in ("local.npz", "ray.npz"))
+    np.testing.assert_array_equal(a.H, b.H)
+    np.testing.assert_array_equal(a.linear, b.linear)
+    assert a.metadata["selection"] == b.metadata["selection"]
+
+
+def test_extract_executor_only_for_the_measured_energy(tmp_path, capsys):
+    from qblock.cli import main
+
+    assert main(["extract", "--model", "default", "--out", str(tmp_path / "p.npz"), "--executor", "ray", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--executor applies to --energy measured" in err[0] and "torchrun" in err[0], err

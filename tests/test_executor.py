@@ -70,6 +70,20 @@ def test_ray_missing_is_one_line_naming_the_install(monkeypatch, capsys):
     assert len(err) == 1 and "qblock[ray]" in err[0], err
 
 
+@pytest.mark.parametrize("spec, words", [("dask", "unknown executor 'dask'"),
+                                         ("ray:127.0.0.1:1", "no Ray cluster answers at 127.0.0.1:1")])
+def test_bad_executor_is_one_line_before_any_work(spec, words, capsys, tmp_path):
+    from qblock.cli import main
+
+    if spec.startswith("ray"):
+        pytest.importorskip("ray")
+    assert main(["compare", "--blocks", "8", "--backends", "swap", "--repeats", "1", "--executor", spec, "-q",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "o" / "compare.json").exists()
+
+
 def test_compare_with_the_local_executor_equals_the_default():
     p = qblock.random_problem(10, 3, seed=4)
     a = compare_backends(p, ["swap", "tabu"], repeats=2, seed=3, progress=False)
@@ -219,3 +233,37 @@ def test_ctrl_c_stops_a_ray_compare_cleanly(tmp_path):
     assert p.returncode == 130, err[-2000:]
     assert time.time() - t0 < 30 and "qblock: interrupted" in err
     assert not (tmp_path / "o" / "compare.json").exists()
+
+
+@pytest.mark.cluster
+def test_tasks_after_model_actors_do_not_wait_for_their_cpus(ray_executor):
+    import operator
+
+    w = ray_executor.bind_model(5)  # any picklable object serves as the "model"
+    assert w.map(operator.add, [1, 2]) == [6, 7]
+    assert ray_executor.map(abs, [-1, -2, 3]) == [1, 2, 3]  # would hang if the actors kept both CPUs
+    assert w.map(operator.mul, [3]) == [15]  # the actors start again
+
+
+def _die_once(path: str) -> str:
+    """Kill the worker process running it the first time (a machine that goes away), succeed after."""
+    import os
+    from pathlib import Path
+
+    marker = Path(path)
+    if not marker.exists():
+        marker.write_text("died once")
+        os._exit(1)
+    return "ran again"
+
+
+@pytest.mark.cluster
+def test_a_task_whose_worker_dies_is_run_again_once(ray_executor, tmp_path):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    seen = []
+    out = ray_executor.map(_die_once, [str(tmp_path / "m0"), str(tmp_path / "m1")],
+                           on_result=lambda i, r: seen.append(i))
+    assert out == ["ran again", "ran again"]
+    assert sorted(seen) == [0, 1]  # each result reported once

@@ -12,25 +12,14 @@ from qblock.cli import main  # noqa: E402
 from qblock.llm import gradients, pipeline  # noqa: E402
 from qblock.problems.block_removal import BlockRemovalProblem  # noqa: E402
 
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
-
-    vocab = {"[UNK]": 0, "[EOS]": 1, **{f"w{i}": i + 2 for i in range(62)}}
-    t = Tokenizer(tmodels.WordLevel(vocab, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", eos_token="[EOS]")
+from conftest import save_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(model directory, calibration file) for a 4-block Llama."""
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
+    save_tiny_llama(root / "model", layers=4, max_position_embeddings=64)
     rng = np.random.default_rng(0)
     paras = [" ".join(f"w{k}" for k in rng.integers(0, 62, size=rng.integers(5, 30))) for _ in range(200)]
     (root / "calib.txt").write_text("\n\n".join(paras) + "\n")

@@ -22,10 +22,9 @@ from qblock.cli import main  # noqa: E402
 from qblock.llm import heal as H  # noqa: E402
 from qblock.llm.export import remove_blocks, save_pruned  # noqa: E402
 
-try:
-    from tests.test_validate_pipeline import EOS, V, _passage, _stream, _trained_model, _word_tokenizer
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from test_validate_pipeline import EOS, V, _passage, _stream, _trained_model, _word_tokenizer
+from conftest import TASK_EOS as EOS, TASK_VOCAB as V  # noqa: E402
+from conftest import task_passage as _passage, task_stream as _stream, task_tokenizer as _word_tokenizer  # noqa: E402
+from conftest import trained_task_model as _trained_model  # noqa: E402
 
 REMOVED = [1, 2]
 

@@ -1,6 +1,6 @@
 """Blocks found by structure, reversible masking and gating on tiny models of nine families.
 
-Also holds ``tiny_model``, the tiny-config model factory the other ``test_llm_*`` files import.
+The tiny models come from ``tiny_model`` in ``conftest.py`` (shared by every test that needs one).
 """
 
 import doctest
@@ -13,54 +13,7 @@ tf = pytest.importorskip("transformers")
 
 from qblock.llm import block_labels, find_blocks, gate_sites, gated, mask_blocks  # noqa: E402
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "gpt2", "opt", "qwen3_moe", "mixtral"]
-VOCAB = 97
-
-
-def tiny_model(arch: str, layers: int = 4, seed: int = 0, **overrides):
-    """A randomly initialised tiny causal LM of the given family (no download), in eval mode."""
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )
-    common.update(overrides)
-    if arch == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
-    elif arch == "qwen2":
-        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
-    elif arch == "qwen3":
-        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=8, **common))
-    elif arch == "mistral":
-        model = tf.MistralForCausalLM(tf.MistralConfig(**common))
-    elif arch == "gemma3":
-        # sliding_window smaller than the test sequences, so local and global layers really differ
-        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(head_dim=8, sliding_window=4, sliding_window_pattern=2, **common))
-    elif arch == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(
-            vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
-            bos_token_id=1, eos_token_id=2,
-        ))
-    elif arch == "opt":
-        model = tf.OPTForCausalLM(tf.OPTConfig(
-            vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=layers, num_attention_heads=4,
-            max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=2,
-            **{k: v for k, v in overrides.items() if k == "do_layer_norm_before"},
-        ))
-    elif arch == "qwen3_moe":
-        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
-            head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, **common))
-    elif arch == "mixtral":
-        model = tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common))
-    else:
-        raise ValueError(arch)
-    return model.eval()
-
-
-def random_samples(n: int, lo: int = 3, hi: int = 20, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(lo, hi, (n,), generator=g)
-    return [torch.randint(0, VOCAB, (int(k),), generator=g) for k in lengths]
+from conftest import ARCHS, VOCAB, random_samples, tiny_model  # noqa: E402,F401  (the shared tiny-model factory)
 
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 3, 2, 8], [4, 4, 6, 1, 0, 9, 12, 30]])

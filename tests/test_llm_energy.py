@@ -13,10 +13,7 @@ from qblock.llm import ENERGY_MODELS, build_problem, extract, gated, mask_blocks
 from qblock.llm.energy import fisher_grad_problem, fisher_problem, pairwise_problem, subset_losses  # noqa: E402
 from qblock.llm.gradients import as_token_tensors, sample_losses  # noqa: E402
 
-try:
-    from tests.test_llm_blocks import random_samples, tiny_model
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from test_llm_blocks import random_samples, tiny_model
+from conftest import random_samples, tiny_model  # noqa: E402
 
 
 def all_states(n):

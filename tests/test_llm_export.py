@@ -11,10 +11,7 @@ transformers = pytest.importorskip("transformers")
 from qblock.llm import find_blocks, gated, mask_blocks, remove_blocks  # noqa: E402
 from qblock.llm.export import save_pruned  # noqa: E402
 
-try:
-    from tests.test_llm_blocks import VOCAB, tiny_model
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from test_llm_blocks import VOCAB, tiny_model
+from conftest import VOCAB, tiny_model  # noqa: E402
 
 IDS = torch.tensor([[3, 9, 27, 81, 5, 15, 45, 37, 14, 42, 29, 87], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
 

@@ -10,10 +10,7 @@ torch = pytest.importorskip("torch")
 from qblock.llm import gated  # noqa: E402
 from qblock.llm.gradients import batches_by_length, gate_gradients, gate_gradients_reference, sample_losses  # noqa: E402
 
-try:
-    from tests.test_llm_blocks import random_samples, tiny_model
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from test_llm_blocks import random_samples, tiny_model
+from conftest import random_samples, tiny_model  # noqa: E402
 
 
 def assert_rel_close(A, R, rtol=1e-5):

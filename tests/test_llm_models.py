@@ -18,23 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from qblock.llm import cache, models  # noqa: E402
 
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
-
-    vocab = {"[UNK]": 0, "[EOS]": 1, **{f"w{i}": i + 2 for i in range(62)}}
-    t = Tokenizer(tmodels.WordLevel(vocab, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", eos_token="[EOS]")
-
-
-def save_tiny_model(path, layers=3, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+from conftest import save_tiny_llama as save_tiny_model  # noqa: E402
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import qblock
+from conftest import small_llama
 from qblock.select import measured_problem, refine, surrogate_problem
 
 
@@ -190,10 +191,7 @@ def test_measured_energy_on_a_tiny_model_equals_direct_masked_losses():
     from qblock.validate.evaluate import heldout_loss
     from qblock.llm.gates import mask_blocks
 
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=5, num_attention_heads=2,
-        num_key_value_heads=2)).eval()
+    model = small_llama(5, vocab_size=40)
     samples = [torch.randint(0, 40, (12,)) for _ in range(3)]
     p = extract(model, samples, energy="measured", progress=False)
     pool = p.metadata["selection"]["pool"]
@@ -252,10 +250,7 @@ def test_select_removals_confirms_on_more_samples_and_accounts_for_it():
     transformers = pytest.importorskip("transformers")
     from qblock.llm.measured import CalibrationLoss, select_removals
 
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=6, num_attention_heads=2,
-        num_key_value_heads=2)).eval()
+    model = small_llama(6, vocab_size=40)
     samples = [torch.randint(0, 40, (12,)) for _ in range(6)]
     sel = select_removals(model, samples[:2], [2, 3], pool_size=4, evaluations_per_m=6, confirm_samples=samples,
                           confirm_top=3)
@@ -317,10 +312,7 @@ def test_select_removals_screens_with_a_chain_and_counts_its_tokens():
     transformers = pytest.importorskip("transformers")
     from qblock.llm.measured import select_removals
 
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=6, num_attention_heads=2,
-        num_key_value_heads=2)).eval()
+    model = small_llama(6, vocab_size=40)
     samples = [torch.randint(0, 40, (12,)) for _ in range(3)]
     sel = select_removals(model, samples, [2, 3], pool_size=4, evaluations_per_m=4, screen_samples=1)
     chain_passes = (6 - 1) + (6 - 2)  # steps 2 and 3 (step 1 reuses the measured singles)

@@ -115,7 +115,7 @@ def test_group_gate_gradients_match_autograd_on_explicit_gates():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from tests.test_extract_pipeline import tiny_tokenizer
+    from conftest import word_tokenizer as tiny_tokenizer
 
     root = tmp_path_factory.mktemp("svd")
     tiny_model(5).save_pretrained(root / "model")

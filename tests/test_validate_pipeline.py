@@ -20,53 +20,9 @@ import qblock  # noqa: E402
 from qblock.validate import baselines as B  # noqa: E402
 from qblock.validate.evaluate import CandidateEvaluator, heldout_loss, multiple_choice  # noqa: E402
 
-V, EOS = 40, 40
-IDENTITY = (3, 4, 5)
-N_BLOCKS = 8
-
-
-def _passage(rng) -> list[int]:
-    # x_{t+1} = (x_t + x_{t-1}) mod V: needs attention to the previous token
-    x = [int(rng.integers(V)), int(rng.integers(V))]
-    while len(x) < int(rng.integers(16, 40)):
-        x.append((x[-1] + x[-2]) % V)
-    return x
-
-
-def _stream(rng, n_tok: int) -> list[int]:
-    s: list[int] = []
-    while len(s) < n_tok:
-        if s:
-            s.append(EOS)
-        s += _passage(rng)
-    return s[:n_tok]
-
-
-def _trained_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    cfg = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=N_BLOCKS,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS)
-    model = LlamaForCausalLM(cfg)
-    for i in IDENTITY:
-        layer = model.model.layers[i]
-        for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
-            torch.nn.init.zeros_(w)
-            w.requires_grad_(False)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(150):
-        ids = torch.tensor([_stream(rng, 32) for _ in range(16)])
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+from conftest import TASK_BLOCKS as N_BLOCKS, TASK_EOS as EOS, TASK_IDENTITY as IDENTITY, TASK_VOCAB as V  # noqa: E402
+from conftest import task_passage as _passage, task_stream as _stream, task_tokenizer as _word_tokenizer  # noqa: E402
+from conftest import small_llama, trained_task_model as _trained_model  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -259,19 +215,6 @@ def test_validate_end_to_end_and_recompute_from_table(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def _word_tokenizer():
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(V)}
-    vocab.update({"<eos>": EOS, "<unk>": EOS + 1})
-    tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tiny, tmp_path_factory):
     model, _, _ = tiny
@@ -513,14 +456,10 @@ def test_cli_validate_eval_text_and_guards(tiny_dir, tmp_path, capsys):
 def test_prefix_cache_with_branch_gates_on_a_fresh_model():
     # branch gates discover their plan with a probe forward on first use; that probe must not
     # run into the cache's recording hooks (it did: IndexError on a branch-gate problem)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from qblock.llm.gates import mask_blocks
     from qblock.validate.evaluate import PrefixCache
 
-    torch.manual_seed(1)
-    m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
-                                     num_attention_heads=2, num_key_value_heads=2)).eval()
+    m = small_llama(4, vocab_size=50, seed=1)
     xs = [torch.randint(0, 50, (n,)) for n in (10, 7, 10)]
     pc = PrefixCache(m, xs, (), batch_size=2, gate="branch")
     for removed in ((), (1,), (0, 3)):
@@ -550,7 +489,7 @@ def test_eval_dtype_casts_only_forward_work_and_refuses_bf16_healing():
     import argparse
 
     from qblock.cli import CliError
-    from qblock.cli.validate import apply_eval_dtype
+    from qblock.cli._common import apply_eval_dtype
     from qblock.llm.models import ModelLoadError, eval_dtype
 
     model = torch.nn.Linear(2, 2)

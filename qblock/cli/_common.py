@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import json
 import os
@@ -196,3 +197,128 @@ def open_executor(args, quiet: bool = False):
         return qex.open_executor(spec)
     except qex.ExecutorError as exc:
         raise CliError(f"--executor: {exc}") from None
+
+
+# ---------------------------------------------------------------------- options of `run` and `validate`
+def add_evaluation_options(p: argparse.ArgumentParser) -> None:
+    """The options ``qblock run`` and ``qblock validate`` share word for word: solver, benchmark harness,
+    torch threads and device."""
+    from qblock.backends.exact import ENUMERATION_LIMIT
+
+    p.add_argument("--backend", default="auto",
+                   help="solver backend for the top-k; 'auto' (default): exact (certified top-k) when C(N, M) <= "
+                        f"{ENUMERATION_LIMIT:,}, else swap")
+    p.add_argument("--harness", default="native", choices=("native", "lm-eval"),
+                   help="benchmark scoring: qblock's own log-likelihood scoring (default) or lm-evaluation-harness "
+                        "(pip install 'qblock[eval]') through generated local task files")
+    p.add_argument("--threads", default="auto",
+                   help="torch CPU threads: a number, or 'auto' (default): torch's choice (one per core), but 1 when "
+                        "the machine is already busy (1-minute load average >= number of cores), where threads "
+                        "waiting on each other made forward passes up to 8x slower")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default cpu), or auto to spread a large model over all GPUs (device_map)")
+
+
+def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, evaluations: int = 24) -> None:
+    """Options of qblock's selection (the measured QUBO refined per M), shared by ``validate`` and ``run``."""
+    g = p.add_argument_group("qblock selection (the recommended set per M; calibration data only)")
+    g.add_argument("--no-select", dest="select", action="store_false",
+                   help="skip the selection (no recommended sets; only the QUBO states and baselines)")
+    g.add_argument("--select-samples", type=int, default=samples, metavar="N",
+                   help=f"calibration samples its measurements use (default {samples})")
+    g.add_argument("--select-evaluations", type=int, default=evaluations, metavar="E",
+                   help=f"refinement budget per M in evaluations of those samples (default {evaluations})")
+    g.add_argument("--select-pool", type=int, default=None, metavar="P",
+                   help="blocks whose pairwise removals are measured (default max(8, N/2))")
+    g.add_argument("--select-backend", default="exact",
+                   help="solver in the refinement loop: any backend name (default exact)")
+    g.add_argument("--select-confirm", type=int, default=6, metavar="K",
+                   help="best sets per M measured again on more calibration samples, the lowest recommended "
+                        "(default 6; 0 for none)")
+    g.add_argument("--select-confirm-samples", type=int, default=32, metavar="N",
+                   help="calibration samples of that confirmation (default 32, at most the calibration set)")
+    g.add_argument("--select-screen", type=int, default=2, metavar="N",
+                   help="calibration samples of a cheap greedy removal chain that gives the loop one starting set "
+                        "per M (default 2; 0 for none)")
+
+
+def add_eval_dtype_option(p: argparse.ArgumentParser) -> None:
+    """``--eval-dtype``, shared by ``validate`` and ``run``."""
+    p.add_argument("--eval-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="dtype of the forward-only evaluations (selection, baselines, held-out loss): auto = bf16 "
+                        "where the CPU/GPU runs it natively (about 3x faster on such CPUs), else fp32; extraction "
+                        "and healing always run in fp32 (default auto)")
+
+
+def apply_eval_dtype(model, args: argparse.Namespace, healing: bool) -> str:
+    """Cast ``model`` to the evaluation dtype (after any gradient work); fp32 when healing follows."""
+    from qblock.llm.models import eval_dtype
+
+    if healing:
+        if args.eval_dtype == "bf16":
+            raise CliError("healing trains in fp32: drop --eval-dtype bf16 (or the --heal options)")
+        return "fp32"
+    name = eval_dtype(args.eval_dtype, getattr(args, "device", None))
+    if name == "bf16":
+        import torch
+
+        model.to(torch.bfloat16)
+    return name
+
+
+def selection_settings(args: argparse.Namespace) -> dict:
+    """The :class:`ValidationSettings` fields of the selection options, checked."""
+    for flag, v, low in (("--select-samples", args.select_samples, 1), ("--select-evaluations", args.select_evaluations, 0),
+                         ("--select-pool", args.select_pool, 0), ("--select-confirm", args.select_confirm, 0),
+                         ("--select-confirm-samples", args.select_confirm_samples, 1),
+                         ("--select-screen", args.select_screen, 0)):
+        if v is not None and v < low:
+            raise CliError(f"{flag} must be at least {low}, got {v}")
+    from qblock import backends
+
+    if args.select_backend not in backends.names():
+        raise CliError(f"--select-backend {args.select_backend!r} is not a backend; choose from "
+                       f"{', '.join(backends.names())}")
+    return {"select": args.select, "select_samples": args.select_samples, "select_evaluations": args.select_evaluations,
+            "select_pool": args.select_pool, "select_backend": args.select_backend,
+            "select_confirm": args.select_confirm, "select_confirm_samples": args.select_confirm_samples,
+            "select_screen": args.select_screen}
+
+
+def parse_ms(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        ms = [int(v) for v in str(value).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise CliError(f"--remove expects integers like 6 or 3,6,9, got {value!r}") from None
+    if not ms:
+        raise CliError("--remove is empty")
+    return ms
+
+
+def parse_list(value: str, allowed: tuple[str, ...] | None, flag: str, all_value: tuple[str, ...] = ()) -> list[str]:
+    value = (value or "").strip()
+    if value in ("", "none"):
+        return []
+    if value == "all":
+        return list(all_value)
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if allowed is not None:
+        bad = [v for v in items if v not in allowed]
+        if bad:
+            raise CliError(f"{flag}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def setup_torch(args: argparse.Namespace) -> int:
+    """Check the llm extra is installed and set torch's threads (``--threads``); shared with ``qblock run``."""
+    from qblock._lazy import require
+
+    require("torch", "llm")
+    require("scipy", "llm")
+    from qblock.validate.runner import apply_threads
+
+    try:
+        return apply_threads(args.threads, quiet=args.quiet)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None

@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="model dtype (default float32; bf16 is very slow on most CPUs)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default cpu), or auto to spread a large model over all GPUs (device_map)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    from qblock.cli._common import add_executor_option
+
+    add_executor_option(p)
     p.set_defaults(func=run)
 
 
@@ -69,14 +72,22 @@ def run(args: argparse.Namespace) -> int:
     if args.granularity == "sublayer" and args.gate != "branch":
         raise CliError("--granularity sublayer needs --gate branch (one gate per residual branch)")
     check_output(args.out, "--out", inputs=[args.calibration])
+    from qblock.cli._common import check_executor, open_executor
+
+    if args.executor != "local" and args.energy != "measured":
+        raise CliError(f"--executor applies to --energy measured; the {args.energy} energy's gradients split over "
+                       "processes with torchrun instead (README: Beyond one machine)")
+    check_executor(args)
     try:
-        problem = extract_problem(
-            model_spec=args.model, num_samples=args.samples, seq_len=args.seq_len, energy=args.energy,
-            gate=args.gate, granularity=args.granularity, batch_size=args.batch_size, seed=args.seed,
-            out=args.out, checkpoint_every=args.checkpoint_every, calibration=args.calibration,
-            keep_A=not args.no_keep_a, progress=not args.quiet, num_remove=args.remove,
-            restart=args.restart, num_eval=args.eval_samples, dtype=args.dtype, device=args.device,
-        )
+        with open_executor(args, quiet=args.quiet) as executor:
+            problem = extract_problem(
+                model_spec=args.model, num_samples=args.samples, seq_len=args.seq_len, energy=args.energy,
+                gate=args.gate, granularity=args.granularity, batch_size=args.batch_size, seed=args.seed,
+                out=args.out, checkpoint_every=args.checkpoint_every, calibration=args.calibration,
+                keep_A=not args.no_keep_a, progress=not args.quiet, num_remove=args.remove,
+                restart=args.restart, num_eval=args.eval_samples, dtype=args.dtype, device=args.device,
+                executor=executor,
+            )
     except (CacheError, DataError, ExtractError) as exc:
         raise CliError(str(exc)) from None
     if problem is None:  # a torchrun rank other than 0: rank 0 wrote the output

@@ -16,7 +16,6 @@ import time
 
 from qblock.cli import CliError
 from qblock._energies import ENERGY_MODELS, SCORED_ENERGY_MODELS
-from qblock.backends.exact import ENUMERATION_LIMIT
 from qblock.cli._common import check_executor, check_output, open_executor
 
 #: settings of a full run and of ``--quick`` (chosen to finish in under 10 minutes on 2 CPU cores,
@@ -33,7 +32,7 @@ DEFAULT_M = "3,6,9"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from qblock.cli.validate import add_eval_dtype_option, add_selection_options
+    from qblock.cli._common import add_eval_dtype_option, add_evaluation_options, add_selection_options
 
     p = sub.add_parser(
         "run",
@@ -62,9 +61,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="calibration samples for SLEB / iterative ShortGPT (preset)")
     p.add_argument("--baselines", default="all", help="'all', 'none' or a comma list (default all)")
     p.add_argument("--tasks", default=None, help="benchmarks, comma list, or 'none' (preset)")
-    p.add_argument("--harness", default="native", choices=("native", "lm-eval"),
-                   help="benchmark scoring: qblock's own log-likelihood scoring (default) or lm-evaluation-harness "
-                        "(pip install 'qblock[eval]') through generated local task files")
     p.add_argument("--task-limit", type=int, default=None, help="items per benchmark (preset)")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="calibration and held-out text (.txt/.jsonl; disjoint passages); default LAMBADA passages")
@@ -74,19 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gate", default="layer", choices=("layer", "branch"),
                    help="gate mode of the extraction: layer (default, any block) or branch (the paper's)")
     p.add_argument("--energies", default="auto", help="energy models to compare (see qblock validate)")
-    p.add_argument("--backend", default="auto",
-                   help="solver backend for the top-k; 'auto' (default): exact (certified top-k) when C(N, M) <= "
-                        f"{ENUMERATION_LIMIT:,}, else swap")
     p.add_argument("--seed", type=int, default=0, help="data, solver and bootstrap seed (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
-    p.add_argument("--threads", default="auto",
-                   help="torch CPU threads: a number, or 'auto' (default): torch's choice (one per core), but 1 when "
-                        "the machine is already busy (1-minute load average >= number of cores), where threads "
-                        "waiting on each other made forward passes up to 8x slower")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default cpu), or auto to spread a large model over all GPUs (device_map)")
     p.add_argument("--restart", action="store_true", help="recompute the cached extraction")
     p.add_argument("--out", "-o", default=None, help="report directory (default ./qblock-report[-quick])")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    add_evaluation_options(p)
     add_selection_options(p, samples=None, evaluations=None)
     add_eval_dtype_option(p)
     from qblock.validate.heal import add_heal_options
@@ -125,7 +114,7 @@ def problem_cache_path(prov: dict, cfg: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    from qblock.cli.validate import apply_eval_dtype, parse_list, parse_ms, selection_settings, setup_torch
+    from qblock.cli._common import apply_eval_dtype, parse_list, parse_ms, selection_settings, setup_torch
 
     threads = setup_torch(args)
     from qblock.llm.cache import CacheError

@@ -94,7 +94,7 @@ def compute_rows_distributed(model, samples: Sequence, rows: np.ndarray | None =
     interrupted); the other ranks return None. With one process it is ``compute_rows``.
     """
     from qblock.llm.gradients import gate_gradients
-    from qblock.llm.pipeline import DEFAULT_CHECKPOINT_EVERY, ExtractError, compute_rows
+    from qblock.llm._rows import DEFAULT_CHECKPOINT_EVERY, ExtractError, compute_rows
 
     rank, size = world()
     if size == 1:

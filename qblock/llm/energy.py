@@ -241,17 +241,19 @@ def pairwise_problem(
 
 def measured_energy_problem(model, samples: Sequence[Any], num_remove: int | None = None, *, gate: str = "layer",
                             pool_size: int | None = None, batch_size: int = 8, labels: Sequence[str] | None = None,
-                            metadata: Mapping[str, Any] | None = None, progress: bool = True) -> BlockRemovalProblem:
+                            metadata: Mapping[str, Any] | None = None, progress: bool = True,
+                            executor: Any = None) -> BlockRemovalProblem:
     """The measured QUBO of :func:`qblock.select.measured_problem` on a real model (block granularity).
 
     Single removals of every block and pairs inside a pool of the most removable ones, measured on
     ``samples`` with a prefix cache; a QUBO any backend can solve (and :func:`qblock.select.refine` can
-    refine for one M).
+    refine for one M). ``executor`` (:mod:`qblock.executor`) measures the singles and the pairs in
+    parallel (Ray: model actors; the same numbers).
     """
     from qblock.llm.measured import CalibrationLoss, _Bar
     from qblock.select import measured_problem
 
-    oracle = CalibrationLoss(model, samples, gate=gate, batch_size=batch_size)
+    oracle = CalibrationLoss(model, samples, gate=gate, batch_size=batch_size, executor=executor)
     bar = _Bar(oracle, progress)
     try:
         p = measured_problem(bar, len(labels) if labels else _num_blocks(model), pool_size=pool_size,

@@ -32,25 +32,20 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from qblock._provenance import OBJECT_SPEC, Provenance, tokens_sha256
+from qblock.llm._rows import DEFAULT_CHECKPOINT_EVERY, ExtractError, compute_rows  # noqa: F401  (public here)
 
 __all__ = ["ExtractError", "ExtractionSettings", "extract_problem", "partial_path", "compute_rows",
            "DEFAULT_CHECKPOINT_EVERY"]
 
-#: default checkpoint interval, in samples (rounded up to a whole number of batches)
-DEFAULT_CHECKPOINT_EVERY = 32
 _PARTIAL_FORMAT = "qblock.extract.partial"
 # settings that change A: a checkpoint or finished output is only reused when all of them agree
 _A_KEYS = ("model", "dtype", "gate", "granularity", "num_samples", "seq_len", "seed", "num_eval",
            "data_source", "tokens_sha256", "labels")
-
-
-class ExtractError(ValueError):
-    """A resumable-extraction problem the user must resolve (one-line message)."""
 
 
 # what reading a damaged, truncated or foreign .npz raises (np.load falls back to unpickling a
@@ -140,73 +135,6 @@ def _output_lock(out_path: Path | None):
         release()
 
 
-def compute_rows(model, samples: Sequence, rows: np.ndarray | None = None, *, gate: str = "layer",
-                 granularity: str = "block", batch_size: int = 8, checkpoint_every: int | None = None,
-                 on_checkpoint=None, progress: bool = True, device: Any = None) -> np.ndarray:
-    """Rows of ``A`` for ``samples``, continuing after the rows already in ``rows``.
-
-    Batches start at multiples of ``batch_size`` from the first sample, whatever was done before, so
-    a resumed computation runs exactly the batches of an uninterrupted one. ``on_checkpoint(rows)`` is
-    called with all finished rows every ``checkpoint_every`` samples and, if the loop is interrupted
-    (``KeyboardInterrupt`` or any error), once more before the exception propagates.
-
-    Example:
-        >>> import torch, numpy as np
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> torch.manual_seed(0) and None
-        >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2)).eval()
-        >>> s = [torch.randint(0, 32, (8,)) for _ in range(5)]
-        >>> full = compute_rows(m, s, batch_size=2, progress=False)
-        >>> part = compute_rows(m, s[:2], batch_size=2, progress=False)
-        >>> bool(np.allclose(compute_rows(m, s, part, batch_size=2, progress=False), full))
-        True
-    """
-    from qblock.llm.gradients import gate_gradients
-
-    m = len(samples)
-    done_rows = [] if rows is None or len(rows) == 0 else [np.asarray(rows, dtype=np.float64)]
-    done = 0 if rows is None else int(len(rows))
-    if batch_size < 1:
-        raise ExtractError(f"batch_size must be >= 1, got {batch_size}")
-    if done > m:
-        raise ExtractError(f"{done} rows already computed but only {m} samples")
-    every = checkpoint_every or DEFAULT_CHECKPOINT_EVERY
-    every = max(batch_size, -(-every // batch_size) * batch_size)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        tokens = int(sum(len(s) for s in samples[:1])) if m else 0
-        bar = tqdm(total=m, initial=done, unit="sample", desc=f"gate gradients ({tokens} tok/sample)",
-                   dynamic_ncols=True, smoothing=0.1)
-    last_ckpt = done
-    try:
-        start = done
-        while start < m:
-            stop = min(m, (start // batch_size + 1) * batch_size)
-            A = gate_gradients(model, list(samples[start:stop]), gate=gate, granularity=granularity,
-                               batch_size=batch_size, device=device, progress=False)
-            done_rows.append(np.asarray(A, dtype=np.float64))
-            done = stop
-            start = stop
-            if bar is not None:
-                bar.update(stop - bar.n)
-            if on_checkpoint is not None and (done - last_ckpt >= every or done == m):
-                on_checkpoint(np.concatenate(done_rows, axis=0))
-                last_ckpt = done
-    except BaseException:
-        if on_checkpoint is not None and done > last_ckpt:
-            on_checkpoint(np.concatenate(done_rows, axis=0))
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if not done_rows:
-        raise ExtractError("no samples to compute")
-    return np.concatenate(done_rows, axis=0)
-
-
 @dataclass(frozen=True)
 class ExtractionSettings:
     """Everything :func:`extract_problem` is asked to do, in one place (its arguments but the model
@@ -230,6 +158,7 @@ class ExtractionSettings:
     num_eval: int = 64
     dtype: Any = None
     device: Any = None
+    executor: Any = None
 
     @property
     def quiet(self) -> bool:
@@ -474,7 +403,7 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
                     checkpoint_every: int | None = None, calibration: str | os.PathLike | None = None,
                     keep_A: bool = True, progress: bool = True, num_remove: int | None = None,
                     restart: bool = False, num_eval: int = 64, dtype: Any = None, device: Any = None,
-                    model=None, tokenizer=None):
+                    model=None, tokenizer=None, executor=None):
     """Compute ``A`` on calibration text, build the problem, and save it (resumably).
 
     Args:
@@ -503,6 +432,9 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
         dtype: model dtype (default fp32).
         device: device for the model (default CPU).
         model, tokenizer: an already loaded model and tokenizer (``model_spec`` is then only recorded).
+        executor: where the ``measured`` energy's removal sets are measured (:mod:`qblock.executor`;
+            Ray: model actors, the same numbers); the gradient energies split over processes with
+            ``torchrun`` instead (:mod:`qblock.llm.distributed`).
 
     Returns:
         the :class:`qblock.BlockRemovalProblem` (also written to ``out``). Under ``torchrun`` with several
@@ -521,7 +453,7 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
         model_spec=model_spec, num_samples=num_samples, seq_len=seq_len, energy=energy, gate=gate,
         granularity=granularity, batch_size=batch_size, seed=seed, out=_npz_path(out),
         checkpoint_every=checkpoint_every, calibration=calibration, keep_A=keep_A, progress=progress and rank == 0,
-        num_remove=num_remove, restart=restart, num_eval=num_eval, dtype=dtype, device=device)
+        num_remove=num_remove, restart=restart, num_eval=num_eval, dtype=dtype, device=device, executor=executor)
     with _output_lock(settings.out if rank == 0 else None):
         return _extract_problem(settings, model=model, tokenizer=tokenizer)
 
@@ -554,7 +486,8 @@ def _measured(s: ExtractionSettings, run: _Run):
                                    metadata=metadata, progress=s.progress)
     else:
         problem = measured_energy_problem(run.model, run.calib, s.num_remove, gate=s.gate, batch_size=s.batch_size,
-                                          labels=run.labels, metadata=metadata, progress=s.progress)
+                                          labels=run.labels, metadata=metadata, progress=s.progress,
+                                          executor=s.executor)
     problem.metadata["extraction"] = {"seconds_this_run": round(time.perf_counter() - run.t_start, 3)}
     if s.out is not None:
         problem.save(s.out)

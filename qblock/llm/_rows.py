@@ -1,0 +1,88 @@
+"""Rows of the gate-gradient matrix ``A``, batch by batch and resumable: :func:`compute_rows`.
+
+The one computation under :func:`qblock.llm.extract_problem` (:mod:`qblock.llm.pipeline`, which
+re-exports these names) and its torchrun variant (:mod:`qblock.llm.distributed`); kept apart so that
+neither imports the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["ExtractError", "compute_rows", "DEFAULT_CHECKPOINT_EVERY"]
+
+#: default checkpoint interval, in samples (rounded up to a whole number of batches)
+DEFAULT_CHECKPOINT_EVERY = 32
+
+
+class ExtractError(ValueError):
+    """A resumable-extraction problem the user must resolve (one-line message)."""
+
+
+def compute_rows(model, samples: Sequence, rows: np.ndarray | None = None, *, gate: str = "layer",
+                 granularity: str = "block", batch_size: int = 8, checkpoint_every: int | None = None,
+                 on_checkpoint=None, progress: bool = True, device: Any = None) -> np.ndarray:
+    """Rows of ``A`` for ``samples``, continuing after the rows already in ``rows``.
+
+    Batches start at multiples of ``batch_size`` from the first sample, whatever was done before, so
+    a resumed computation runs exactly the batches of an uninterrupted one. ``on_checkpoint(rows)`` is
+    called with all finished rows every ``checkpoint_every`` samples and, if the loop is interrupted
+    (``KeyboardInterrupt`` or any error), once more before the exception propagates.
+
+    Example:
+        >>> import torch, numpy as np
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> torch.manual_seed(0) and None
+        >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2)).eval()
+        >>> s = [torch.randint(0, 32, (8,)) for _ in range(5)]
+        >>> full = compute_rows(m, s, batch_size=2, progress=False)
+        >>> part = compute_rows(m, s[:2], batch_size=2, progress=False)
+        >>> bool(np.allclose(compute_rows(m, s, part, batch_size=2, progress=False), full))
+        True
+    """
+    from qblock.llm.gradients import gate_gradients
+
+    m = len(samples)
+    done_rows = [] if rows is None or len(rows) == 0 else [np.asarray(rows, dtype=np.float64)]
+    done = 0 if rows is None else int(len(rows))
+    if batch_size < 1:
+        raise ExtractError(f"batch_size must be >= 1, got {batch_size}")
+    if done > m:
+        raise ExtractError(f"{done} rows already computed but only {m} samples")
+    every = checkpoint_every or DEFAULT_CHECKPOINT_EVERY
+    every = max(batch_size, -(-every // batch_size) * batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        tokens = int(sum(len(s) for s in samples[:1])) if m else 0
+        bar = tqdm(total=m, initial=done, unit="sample", desc=f"gate gradients ({tokens} tok/sample)",
+                   dynamic_ncols=True, smoothing=0.1)
+    last_ckpt = done
+    try:
+        start = done
+        while start < m:
+            stop = min(m, (start // batch_size + 1) * batch_size)
+            A = gate_gradients(model, list(samples[start:stop]), gate=gate, granularity=granularity,
+                               batch_size=batch_size, device=device, progress=False)
+            done_rows.append(np.asarray(A, dtype=np.float64))
+            done = stop
+            start = stop
+            if bar is not None:
+                bar.update(stop - bar.n)
+            if on_checkpoint is not None and (done - last_ckpt >= every or done == m):
+                on_checkpoint(np.concatenate(done_rows, axis=0))
+                last_ckpt = done
+    except BaseException:
+        if on_checkpoint is not None and done > last_ckpt:
+            on_checkpoint(np.concatenate(done_rows, axis=0))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if not done_rows:
+        raise ExtractError("no samples to compute")
+    return np.concatenate(done_rows, axis=0)
