@@ -228,6 +228,14 @@ def test_qpu_mock_conformance():
                   num_reads=20)
 
 
+def test_qpu_mock_conformance_on_rank_problems(tmp_path):
+    """The rank-selection problem's penalised BQM (groups + slack bits) through the QPU path, mocked."""
+    from qblock.testing import rank_conformance_problems
+
+    check_backend("dwave-qpu", problems=rank_conformance_problems(), sampler_factory=mock_qpu_factory,
+                  num_reads=20, save_dir=str(tmp_path))
+
+
 # ---------------------------------------------------------------------------- hybrid samplers (fakes)
 def test_hybrid_fake_conformance_and_time_limit():
     FakeLeapHybridSampler.instances.clear()

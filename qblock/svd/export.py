@@ -137,7 +137,7 @@ def load_lowrank(path: str | Path, dtype: Any = None):
     path = Path(path)
     if not (path / LOWRANK_FILE).exists():
         raise FileNotFoundError(f"{path} has no {LOWRANK_FILE}; write one with `qblock svd --out DIR`")
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     tensors = load_file(str(path / LOWRANK_FILE))
     names = sorted({k.rsplit(".", 1)[0] for k in tensors})
     layer = _layer_class()
