@@ -11,7 +11,7 @@ per M: qblock now, qblock in the study, the best baseline, SLEB, with the tokens
     python benchmarks/selection_recheck.py --study benchmarks/results/selection_quality_gemma3-270m.json
 
 Writes ``<study stem>_recheck.{json,md}`` next to the study (or ``--out STEM``). It takes the
-selection's time plus one held-out pass per distinct set (about 35 minutes for Gemma-3-270M on one
+selection's time plus one held-out pass per distinct set (about an hour for Gemma-3-270M on one
 loaded CPU core, where the LM head over a 262k vocabulary dominates every pass).
 """
 
