@@ -18,8 +18,8 @@ from qblock.cli import CliError
 from qblock._energies import ENERGY_MODELS, SCORED_ENERGY_MODELS
 from qblock.cli._common import check_executor, check_output, open_executor
 
-#: settings of a full run and of ``--quick`` (chosen to finish in under 10 minutes on 2 CPU cores,
-#: extraction included, with the default model already cached)
+#: settings of a full run and of ``--quick`` (``--quick`` took 9.8 minutes on 2 quiet CPU cores with the
+#: model and extraction cached, 14.9 loaded: see README)
 PRESETS = {
     "full": {"samples": 128, "seq_len": 256, "eval_samples": 32, "top": 10, "random": 5, "greedy_samples": 8,
              "tasks": "arc_easy,piqa,hellaswag", "task_limit": 100, "bench_top": 1, "bootstrap": 2000,
@@ -41,9 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "End to end on MODEL (default SmolLM2-135M-Instruct, offline once cached): extract the block-removal "
             "problem (cached), solve it for each M, evaluate the top-k states, random sets and every baseline "
             "(ShortGPT, iterative ShortGPT, angular distance, SLEB, norm ratio) on held-out text, print a summary "
-            "and write a report directory. 'qblock run --quick' took 2.8 minutes on 2 quiet CPU cores from an empty "
-            "cache, extraction included (6.4 to 9 minutes on cores shared with other jobs; a full run takes hours on "
-            "such a machine; --device cuda where there is a GPU). "
+            "and write a report directory. 'qblock run --quick' took 9.8 minutes on 2 quiet CPU cores with the model "
+            "and its extraction cached (14.9 minutes on cores shared with other jobs, extraction included; a full run "
+            "takes hours on such a machine; --device cuda where there is a GPU). "
             f"Full settings: {PRESETS['full']}; quick: {PRESETS['quick']}."
         ),
     )
