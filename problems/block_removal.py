@@ -29,6 +29,7 @@ import dimod
 import numpy as np
 
 from qblock._io import atomic_write_bytes
+from qblock.problems._states import binary_states, quadratic_energies
 
 __all__ = ["BlockRemovalProblem", "FORMAT_VERSION"]
 
@@ -279,19 +280,12 @@ class BlockRemovalProblem:
 
     # ------------------------------------------------------------------ energies
     def _as_states(self, X: Any) -> np.ndarray:
-        X = np.asarray(X)
-        if X.ndim == 1:
-            X = X[None, :]
-        if X.ndim != 2 or X.shape[1] != self.num_blocks:
-            raise ValueError(f"states must have {self.num_blocks} columns, got shape {X.shape}")
-        if not np.all((X == 0) | (X == 1)):
-            raise ValueError("states must be binary (0/1)")
-        return X.astype(np.float64)
+        return binary_states(X, self.num_blocks)
 
     def energies(self, X: Any) -> np.ndarray:
         """Objective (no penalty) of each row of ``X`` (shape ``(k, N)``), vectorised."""
         Xf = self._as_states(X)
-        return np.einsum("ki,ij,kj->k", Xf, self._H, Xf) + Xf @ self._linear + self._offset
+        return quadratic_energies(Xf, self._H, self._linear, self._offset)
 
     def energy(self, x: Any) -> float:
         """Objective (no penalty) of one removal vector ``x``."""

@@ -53,6 +53,7 @@ import dimod
 import numpy as np
 
 from qblock._io import atomic_write_bytes
+from qblock.problems._states import binary_states, quadratic_energies
 from qblock.problems.block_removal import BlockRemovalProblem, _as_real, _read_npz
 
 __all__ = ["RankSelectionProblem", "group_costs", "load_problem", "KIND", "FORMAT_VERSION"]
@@ -248,19 +249,12 @@ class RankSelectionProblem:
 
     # ------------------------------------------------------------------ energies and feasibility
     def _as_states(self, X: Any) -> np.ndarray:
-        X = np.asarray(X)
-        if X.ndim == 1:
-            X = X[None, :]
-        if X.ndim != 2 or X.shape[1] != self.num_variables:
-            raise ValueError(f"states must have {self.num_variables} columns, got shape {X.shape}")
-        if not np.all((X == 0) | (X == 1)):
-            raise ValueError("states must be binary (0/1)")
-        return X.astype(np.float64)
+        return binary_states(X, self.num_variables)
 
     def energies(self, X: Any) -> np.ndarray:
         """Objective (no penalty) of each row of ``X``, vectorised."""
         Xf = self._as_states(X)
-        return np.einsum("ki,ij,kj->k", Xf, self._H, Xf) + Xf @ self._linear + self._offset
+        return quadratic_energies(Xf, self._H, self._linear, self._offset)
 
     def energy(self, y: Any) -> float:
         return float(self.energies(y)[0])
