@@ -313,3 +313,28 @@ def test_llm_commands_share_the_output_rule(pfile, capsys, argv, needle):
     err = capsys.readouterr().err.strip().splitlines()  # validate/run may first note the thread count
     assert code != 0 and err[-1].startswith("qblock: error: ") and needle in err[-1], err
     assert pfile.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+@pytest.mark.parametrize("option, value, needle", [
+    ("--select-screen", "-1", "--select-screen must be at least 0, got -1"),
+    ("--select-samples", "0", "--select-samples must be at least 1, got 0"),
+    ("--select-confirm", "-1", "--select-confirm must be at least 0, got -1"),
+    ("--select-confirm-samples", "0", "--select-confirm-samples must be at least 1, got 0"),
+    ("--select-pool", "-1", "--select-pool must be at least 0, got -1"),
+    ("--select-backend", "nope", "--select-backend 'nope' is not a backend"),
+])
+def test_selection_options_are_checked_before_any_work(pfile, tmp_path, capsys, monkeypatch, command, option, value,
+                                                       needle):
+    from qblock.llm import models, pipeline
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a bad option must be refused before the model is loaded or a problem extracted")
+
+    monkeypatch.setattr(models, "load_model", must_not_run)
+    monkeypatch.setattr(pipeline, "extract_problem", must_not_run)
+    monkeypatch.setattr(BlockRemovalProblem, "load", must_not_run)
+    head = ["run", "--quick", "--model", str(tmp_path / "no-such-model")] if command == "run" else ["validate", pfile]
+    code, err = cli(capsys, *head, "--out", tmp_path / "out", option, value)
+    assert code == 2 and err[-1].startswith("qblock: error: ") and needle in err[-1], err
+    assert not (tmp_path / "out").exists()

@@ -265,8 +265,18 @@ def apply_eval_dtype(model, args: argparse.Namespace, healing: bool) -> str:
     return name
 
 
-def selection_settings(args: argparse.Namespace) -> dict:
-    """The :class:`ValidationSettings` fields of the selection options, checked."""
+def check_selection_options(args: argparse.Namespace) -> None:
+    """Refuse out-of-range ``--select-*`` values and an unknown ``--select-backend`` in one line each;
+    ``run`` and ``validate`` call it before loading a model or touching a problem file.
+
+    Example:
+        >>> import argparse
+        >>> p = argparse.ArgumentParser(); add_selection_options(p)
+        >>> check_selection_options(p.parse_args(["--select-screen", "-1"]))
+        Traceback (most recent call last):
+        ...
+        qblock.cli.CliError: --select-screen must be at least 0, got -1
+    """
     for flag, v, low in (("--select-samples", args.select_samples, 1), ("--select-evaluations", args.select_evaluations, 0),
                          ("--select-pool", args.select_pool, 0), ("--select-confirm", args.select_confirm, 0),
                          ("--select-confirm-samples", args.select_confirm_samples, 1),
@@ -278,6 +288,11 @@ def selection_settings(args: argparse.Namespace) -> dict:
     if args.select_backend not in backends.names():
         raise CliError(f"--select-backend {args.select_backend!r} is not a backend; choose from "
                        f"{', '.join(backends.names())}")
+
+
+def selection_settings(args: argparse.Namespace) -> dict:
+    """The :class:`ValidationSettings` fields of the selection options, checked."""
+    check_selection_options(args)
     return {"select": args.select, "select_samples": args.select_samples, "select_evaluations": args.select_evaluations,
             "select_pool": args.select_pool, "select_backend": args.select_backend,
             "select_confirm": args.select_confirm, "select_confirm_samples": args.select_confirm_samples,

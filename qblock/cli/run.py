@@ -16,7 +16,7 @@ import time
 
 from qblock.cli import CliError
 from qblock._energies import ENERGY_MODELS, SCORED_ENERGY_MODELS
-from qblock.cli._common import check_executor, check_output, open_executor
+from qblock.cli._common import check_executor, check_output, check_selection_options, open_executor
 
 #: settings of a full run and of ``--quick`` (``--quick`` took 9.8 minutes on 2 quiet CPU cores with the
 #: model and extraction cached, 14.9 loaded: see README)
@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = _resolve(args)
     cfg["seed"] = args.seed
     args.select_samples, args.select_evaluations = cfg["select_samples"], cfg["select_evaluations"]
+    check_selection_options(args)  # before the model is loaded or the cached problem rewritten
     cfg["gate"] = args.gate
     ms = parse_ms(args.remove)
     for k in ("samples", "eval_samples", "top", "batch_size"):

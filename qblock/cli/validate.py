@@ -9,8 +9,8 @@ import sys
 from qblock.cli import CliError
 from qblock._energies import SCORED_ENERGY_MODELS
 from qblock.cli._common import (add_eval_dtype_option, add_evaluation_options, add_selection_options,  # noqa: F401
-                                apply_eval_dtype, check_executor, check_output, open_executor, parse_list,
-                                parse_ms, selection_settings, setup_torch)
+                                apply_eval_dtype, check_executor, check_output, check_selection_options, open_executor,
+                                parse_list, parse_ms, selection_settings, setup_torch)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, "--out", inputs=[args.problem, args.solutions, args.calibration, args.eval_text],
                  folder=True, writes=("candidates.*", "summary.json", "report.md", "*.png"))
     check_executor(args)
+    check_selection_options(args)  # before the problem or the model is loaded
     problem = BlockRemovalProblem.load(args.problem)
     ms = parse_ms(args.remove)
     solutions = {}
