@@ -8,11 +8,10 @@ summary table and write a report directory (candidates table, summary.json, repo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import re
 import sys
 import time
+from dataclasses import replace
 
 from qblock.cli import CliError
 from qblock._energies import ENERGY_MODELS, SCORED_ENERGY_MODELS
@@ -96,23 +95,6 @@ def _resolve(args) -> dict:
     return preset
 
 
-def problem_cache_path(prov: dict, cfg: dict):
-    """Where the extracted problem of these settings is cached: ``<cache>/problems/<model>-<m>x<len>-<hash>.npz``.
-
-    The hash covers the model's source and every setting that changes ``A``; the extraction itself
-    also checks the settings recorded in the file before reusing it.
-    """
-    from qblock.llm.cache import cache_dir
-
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(prov.get("id") or "model").split("/")[-1])[:60]
-    key = json.dumps({"model": prov.get("source") or prov.get("id"), "samples": cfg["samples"],
-                      **({"calibration": cfg["calibration"]} if cfg.get("calibration") else {}),
-                      **({"gate": cfg["gate"]} if cfg.get("gate", "layer") != "layer" else {}),
-                      "seq_len": cfg["seq_len"], "eval": cfg["eval_samples"], "seed": cfg["seed"]}, sort_keys=True)
-    h = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return cache_dir() / "problems" / f"{slug}-{cfg['samples']}x{cfg['seq_len']}-{h}.npz"
-
-
 def run(args: argparse.Namespace) -> int:
     from qblock.cli._common import apply_eval_dtype, parse_list, parse_ms, selection_settings, setup_torch
 
@@ -120,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from qblock.llm.cache import CacheError
     from qblock.llm.data import BENCHMARKS, DataError
     from qblock.llm.models import ModelLoadError, load_model, model_provenance
-    from qblock.llm.pipeline import ExtractError, extract_problem
+    from qblock.llm.pipeline import ExtractError, ExtractionSettings
     from qblock.validate.baselines import BASELINE_METHODS
     from qblock.validate.runner import (ValidationError, ValidationSettings, data_for_problem, print_summary,
                                         validate)
@@ -168,17 +150,16 @@ def run(args: argparse.Namespace) -> int:
         if not Path(args.calibration).is_file():
             raise CliError(f"calibration file not found: {args.calibration}")
         cfg["calibration"] = str(Path(args.calibration).resolve())
-    ppath = problem_cache_path(prov, cfg)
+    extraction = ExtractionSettings(
+        model_spec=args.model, num_samples=cfg["samples"], seq_len=cfg["seq_len"], energy=args.energy, gate=args.gate,
+        batch_size=args.batch_size, seed=args.seed, progress=progress, restart=args.restart,
+        num_eval=cfg["eval_samples"], device=args.device, calibration=cfg.get("calibration"))
+    ppath = extraction.cache_path(prov)
     cached = ppath.exists() and not args.restart
     log(("reusing cached extraction " if cached else "extracting the problem into ") + str(ppath))
     t0 = time.perf_counter()
     try:
-        problem = extract_problem(
-            model_spec=args.model, num_samples=cfg["samples"], seq_len=cfg["seq_len"], energy=args.energy,
-            gate=args.gate,
-            batch_size=args.batch_size, seed=args.seed, out=ppath, progress=progress, restart=args.restart,
-            num_eval=cfg["eval_samples"], device=args.device, model=model, tokenizer=tok,
-            calibration=cfg.get("calibration"))
+        problem = replace(extraction, out=ppath).extract(model=model, tokenizer=tok)
     except (CacheError, DataError, ExtractError) as exc:
         raise CliError(str(exc)) from None
     timings["extract"] = time.perf_counter() - t0

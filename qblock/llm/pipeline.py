@@ -168,6 +168,45 @@ class ExtractionSettings:
     def partial(self) -> Path | None:
         return partial_path(self.out) if self.out is not None else None
 
+    def cache_path(self, model_info: dict[str, Any] | None = None) -> Path:
+        """Where the problem of these settings is cached: ``<cache>/problems/<model>-<m>x<len>-<hash>.npz``.
+
+        The one cache key of an extraction: the hash covers the model's source (``model_info``, the
+        :func:`qblock.llm.models.model_provenance` of ``model_spec`` when not given) and every setting
+        that changes ``A``; reusing the file still checks the settings recorded in it
+        (:func:`extract_problem`), so a stale or foreign file is refused, never silently reused.
+
+        Example:
+            >>> s = ExtractionSettings(num_samples=8, seq_len=16, num_eval=4)
+            >>> s.cache_path({"id": "org/tiny", "source": "/m/tiny"}).name
+            'tiny-8x16-57d1c3a2dc.npz'
+        """
+        import hashlib
+        import re
+
+        from qblock.llm.cache import cache_dir
+
+        if model_info is None:
+            from qblock.llm.models import model_provenance
+
+            model_info = model_provenance(self.model_spec)
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(model_info.get("id") or "model").split("/")[-1])[:60]
+        calibration = str(Path(self.calibration).resolve()) if self.calibration else None
+        # the key's fields and spelling are those of the first cached files (still valid after an update)
+        key = json.dumps({"model": model_info.get("source") or model_info.get("id"), "samples": self.num_samples,
+                          **({"calibration": calibration} if calibration else {}),
+                          **({"gate": self.gate} if self.gate != "layer" else {}),
+                          "seq_len": self.seq_len, "eval": self.num_eval, "seed": self.seed}, sort_keys=True)
+        h = hashlib.sha256(key.encode()).hexdigest()[:10]
+        return cache_dir() / "problems" / f"{slug}-{self.num_samples}x{self.seq_len}-{h}.npz"
+
+    def extract(self, model=None, tokenizer=None):
+        """:func:`extract_problem` with these settings (``model``/``tokenizer``: already loaded ones)."""
+        from dataclasses import fields
+
+        return extract_problem(**{f.name: getattr(self, f.name) for f in fields(self)}, model=model,
+                               tokenizer=tokenizer)
+
 
 @dataclass
 class _Run:
