@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -375,7 +376,15 @@ def test_cli_run_end_to_end_and_cached(tiny_dir, tmp_path, monkeypatch, capsys):
             "--samples", "8", "--seq-len", "24", "--eval-samples", "6", "--remove", "2,3", "--top", "3",
             "--random", "2", "--greedy-samples", "4", "--tasks", "none", "--backend", "exact"]
     out = tmp_path / "report"
+    from qblock import _io
+
+    writes, write = [], _io.atomic_write_bytes
+    monkeypatch.setattr(_io, "atomic_write_bytes", lambda path, data: (writes.append(Path(path).name), write(path, data))[1])
     assert main(args + ["--out", str(out)]) == 0
+    assert writes.count("summary.json") == 1  # written once, with the whole job's timings
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"recommended", "summary", "timings_seconds"} <= set(summary)
+    assert {"load_model", "extract", "total_validate", "total"} <= set(summary["timings_seconds"])
     printed = capsys.readouterr()
     assert "M = 2" in printed.out and "M = 3" in printed.out and "Spearman" in printed.out
     assert "extracting the problem" in printed.err

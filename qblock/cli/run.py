@@ -8,7 +8,6 @@ summary table and write a report directory (candidates table, summary.json, repo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -105,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from qblock.llm.pipeline import ExtractError, ExtractionSettings
     from qblock.validate.baselines import BASELINE_METHODS
     from qblock.validate.runner import (ValidationError, ValidationSettings, data_for_problem, print_summary,
-                                        validate)
+                                        validate, write_summary_json)
 
     check_executor(args)
     t_start = time.perf_counter()
@@ -195,16 +194,18 @@ def run(args: argparse.Namespace) -> int:
                                                                 "passages disjoint from calibration",
                                                "executor": args.executor},
                               title=f"qblock run: which blocks of {prov.get('id')} to remove", notes=notes,
-                              executor=executor)
+                              executor=executor, write_summary=False)
         if heal_opts:
             heal_after_validation(result, model, tok, evals, dprov, out, heal_opts, n_boot=cfg["bootstrap"],
-                                  seed=args.seed, batch_size=args.batch_size, progress=progress)
+                                  seed=args.seed, batch_size=args.batch_size, progress=progress, write_summary=False)
     except (ValidationError, DataError, CacheError) as exc:
         raise CliError(str(exc)) from None
     timings.update(result["timings"])
     total = time.perf_counter() - t_start
     timings["total"] = total
-    _add_timings(out, timings)
+    # summary.json is written once, with the whole job's phase timings (and the healing, if any)
+    result["summary_json"]["timings_seconds"] = {k: round(float(v), 3) for k, v in timings.items()}
+    write_summary_json(out, result["summary_json"])
     if progress:
         print_summary(result)
         print_heal_summary(result)
@@ -213,14 +214,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"report: {out}/report.md (tables: candidates.csv/.json/.md, summary.json, plots)")
     return 0
 
-
-def _add_timings(out, timings) -> None:
-    """Record the whole job's phase timings in summary.json."""
-    from pathlib import Path
-
-    from qblock._io import atomic_write_bytes
-
-    p = Path(out) / "summary.json"
-    data = json.loads(p.read_text())
-    data["timings_seconds"] = {k: round(float(v), 3) for k, v in timings.items()}
-    atomic_write_bytes(p, (json.dumps(data, indent=1) + "\n").encode())

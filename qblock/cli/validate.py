@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from qblock.problems.block_removal import BlockRemovalProblem
     from qblock.validate.baselines import BASELINE_METHODS
     from qblock.validate.runner import (ValidationError, ValidationSettings, data_for_problem, print_summary,
-                                        read_solutions, validate)
+                                        read_solutions, validate, write_summary_json)
 
     if not Path(args.problem).is_file():
         raise CliError(f"problem file not found: {args.problem}")
@@ -154,10 +154,12 @@ def run(args: argparse.Namespace) -> int:
                               report_settings={"problem": args.problem, "model": model_spec, "torch threads": threads,
                                                "evaluation dtype": dtype, "held-out data": _describe_eval(prov),
                                                "executor": args.executor},
-                              executor=executor)
+                              executor=executor, write_summary=False)
         if heal_opts:
             heal_after_validation(result, model, tok, evals, prov, args.out, heal_opts, n_boot=args.bootstrap,
-                                  seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+                                  seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+                                  write_summary=False)
+        write_summary_json(args.out, result["summary_json"])  # once, with the healing entry if any
     except (ValidationError, DataError, CacheError) as exc:
         raise CliError(str(exc)) from None
     if not args.quiet:

@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -124,7 +123,7 @@ def _finite(v: Any) -> bool:
 
 def heal_after_validation(result: dict[str, Any], model, tokenizer, evals: Sequence[Any], data_provenance: Mapping,
                           out_dir: str | Path, options: Mapping[str, Any], *, n_boot: int = 2000, seed: int = 0,
-                          batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+                          batch_size: int = 8, progress: bool = True, write_summary: bool = True) -> dict[str, Any]:
     """Heal the chosen candidates of a finished validation and add the "after" columns, section and summary.
 
     Args:
@@ -138,9 +137,12 @@ def heal_after_validation(result: dict[str, Any], model, tokenizer, evals: Seque
         n_boot, seed: bootstrap of the correlation intervals.
         batch_size: evaluation batch size.
         progress: messages and a bar on stderr.
+        write_summary: rewrite ``summary.json`` with the healing entry now; ``False`` only adds it to
+            ``result["summary_json"]``, for a caller that writes the file once at the end
+            (:func:`qblock.validate.runner.write_summary_json`).
 
     Returns:
-        The ``"healing"`` summary (also in ``result["healing"]`` and ``summary.json``).
+        The ``"healing"`` summary (also in ``result["healing"]`` and ``result["summary_json"]``).
     """
     from qblock.llm.export import remove_blocks
     from qblock.llm.heal import HealError, HealSettings, heal, heal_data
@@ -200,7 +202,7 @@ def heal_after_validation(result: dict[str, Any], model, tokenizer, evals: Seque
                            "train_samples": dprov["train"]["num_samples"],
                            "excluded_heldout_passages": len(exclude)}
     summary["seconds"] = time.perf_counter() - t0
-    _write(result, rows, summary, Path(out_dir))
+    _write(result, rows, summary, Path(out_dir), write_summary)
     result["healing"] = summary
     result.setdefault("timings", {})["healing"] = summary["seconds"]
     return summary
@@ -279,9 +281,11 @@ def render_heal_section(rows: Sequence[Mapping[str, Any]], summary: Mapping[str,
     return "\n".join(out)
 
 
-def _write(result: Mapping[str, Any], rows, summary: Mapping[str, Any], out: Path) -> None:
-    from qblock._io import atomic_write_bytes, json_default
+def _write(result: Mapping[str, Any], rows, summary: Mapping[str, Any], out: Path, write_summary: bool) -> None:
+    """The healed columns into the table, the section into report.md and the entry into the summary."""
+    from qblock._io import atomic_write_bytes
     from qblock.validate import report
+    from qblock.validate.runner import write_summary_json
 
     paths = report.write_table(rows, out)
     md_path = out / "report.md"
@@ -292,12 +296,12 @@ def _write(result: Mapping[str, Any], rows, summary: Mapping[str, Any], out: Pat
         rest = tail.split("\n## ", 1)
         md = head + ("## " + rest[1] if len(rest) > 1 else "")
     atomic_write_bytes(md_path, (md.rstrip("\n") + "\n\n" + render_heal_section(rows, summary)).encode())
-    sp = out / "summary.json"
-    if sp.is_file():
-        data = json.loads(sp.read_text())
+    data = result.get("summary_json")
+    if data is not None:  # what validate() returned; the file is written from it, never read back
         data["healing"] = summary
         data.setdefault("files", {}).setdefault("table", {}).update({k: str(v) for k, v in paths.items()})
-        atomic_write_bytes(sp, (json.dumps(data, indent=1, default=json_default) + "\n").encode())
+        if write_summary:
+            write_summary_json(out, data)
 
 
 def print_heal_summary(result: Mapping[str, Any], file=None) -> None:

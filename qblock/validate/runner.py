@@ -48,7 +48,7 @@ from qblock.validate.stats import (MEASURED_METHOD, QUBO_METHOD, RANDOM_METHOD, 
                                    is_baseline, summarize)
 
 __all__ = ["ValidationSettings", "validate", "data_for_problem", "read_solutions", "energy_column", "apply_threads",
-           "print_summary", "ValidationError"]
+           "print_summary", "ValidationError", "write_summary_json"]
 
 
 class ValidationError(ValueError):
@@ -446,7 +446,7 @@ def _qubo_states(problem, m: int, settings: ValidationSettings, solutions: Mappi
 def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[Any], settings: ValidationSettings,
              out_dir: str | Path, *, solutions: Mapping[int, list[list[int]]] | None = None,
              report_settings: Mapping[str, Any] | None = None, title: str = "qblock validation",
-             notes: Sequence[str] = (), executor: Any = None) -> dict[str, Any]:
+             notes: Sequence[str] = (), executor: Any = None, write_summary: bool = True) -> dict[str, Any]:
     """Evaluate QUBO top-k, random sets and baselines for every M; write the table, report and plots.
 
     Args:
@@ -463,9 +463,13 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         executor: where the model-bound work runs (:mod:`qblock.executor`): held-out losses of the
             candidates, SLEB's candidate passes and qblock's selection measurements. ``None``: here; Ray:
             model actors with one replica each, the same table.
+        write_summary: write ``summary.json`` now; ``False`` leaves it to a caller that adds to
+            ``result["summary_json"]`` first (healing, the whole job's timings) and then writes the
+            file once with :func:`write_summary_json`.
 
     Returns:
-        ``{"rows", "summary", "paths", "timings", "notes"}``.
+        ``{"rows", "summary", "paths", "timings", "notes", "summary_json"}`` (the last: what
+        ``summary.json`` holds).
     """
     t_all = time.perf_counter()
     out = Path(out_dir)
@@ -517,14 +521,17 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
         "summary": summary,
         "selection": _selection_summary(selection, n, ms) if selection is not None else None,
         "solver": {str(m): v for m, v in solved.items()},
-        "timings_seconds": timings,
+        "timings_seconds": dict(timings),
         "baseline_details": _jsonable(baseline_details),
         "notes": notes,
-        "files": {"table": paths, "plots": plot_paths, "report": str(out / "report.md")},
+        "files": {"table": dict(paths), "plots": plot_paths, "report": str(out / "report.md")},
     }
-    _write_report_and_summary(rows, summary, title, settings_view, plot_paths, notes, full, out)
+    _write_report(rows, summary, title, settings_view, plot_paths, notes, out)
+    if write_summary:
+        write_summary_json(out, full)
     paths.update(report=str(out / "report.md"), summary=str(out / "summary.json"))
-    return {"rows": rows, "summary": summary, "paths": paths, "plots": plot_paths, "timings": timings, "notes": notes}
+    return {"rows": rows, "summary": summary, "paths": paths, "plots": plot_paths, "timings": timings, "notes": notes,
+            "summary_json": full}
 
 
 def _qubo_rows(problem, ms: Sequence[int], calib: Sequence[Any], settings: ValidationSettings,
@@ -714,16 +721,31 @@ def _settings_view(problem, ms: Sequence[int], settings: ValidationSettings, sol
     }
 
 
-def _write_report_and_summary(rows, summary, title: str, settings_view: Mapping[str, Any], plot_paths: list,
-                              notes: list[str], full: Mapping[str, Any], out: Path) -> None:
-    """Step 5c: report.md and summary.json, each written atomically."""
+def _write_report(rows, summary, title: str, settings_view: Mapping[str, Any], plot_paths: list,
+                  notes: list[str], out: Path) -> None:
+    """Step 5c: report.md, written atomically."""
     from qblock._io import atomic_write_bytes
     from qblock.validate import report
 
     md = report.render_report(rows, summary, title=title, settings=settings_view,
                               plots=[str(Path(p).relative_to(out)) for p in plot_paths], notes=notes)
     atomic_write_bytes(out / "report.md", md.encode())
-    atomic_write_bytes(out / "summary.json", (json.dumps(full, indent=1, default=_json_default) + "\n").encode())
+
+
+def write_summary_json(out_dir: str | Path, data: Mapping[str, Any]) -> Path:
+    """Write ``summary.json`` (atomically): the one writer of the file, called once per run.
+
+    Args:
+        out_dir: the report folder.
+        data: what :func:`validate` returned as ``result["summary_json"]``, with anything added since.
+
+    Returns:
+        The path written.
+    """
+    from qblock._io import atomic_write_bytes
+
+    return atomic_write_bytes(Path(out_dir) / "summary.json",
+                              (json.dumps(data, indent=1, default=_json_default) + "\n").encode())
 
 
 _ORDER = {SELECT_METHOD: -0.5, QUBO_METHOD: 0, **{m: k + 1 for k, m in enumerate(BASELINE_METHODS)},
