@@ -23,7 +23,7 @@ import numpy as np
 
 from qblock.backends._topk import _combos, _TopK
 
-__all__ = ["ExactTopKSampler", "enumerate_topk", "bqm_to_matrices", "set_energies", "auto_backend", "ENUMERATION_LIMIT"]
+__all__ = ["ExactTopKSampler", "MatrixSampler", "enumerate_topk", "bqm_to_matrices", "set_energies", "auto_backend", "ENUMERATION_LIMIT"]
 
 #: Above this many feasible states ``strategy="auto"`` switches from enumeration to branch-and-bound,
 #: and every ``backend="auto"`` (validate, run, viz, benchmarks) switches from ``exact`` to ``swap``.
@@ -199,7 +199,29 @@ def enumerate_topk(
     return top.X, top.energy, visited
 
 
-class ExactTopKSampler(dimod.Sampler):
+class MatrixSampler(dimod.Sampler):
+    """A constrained sampler that computes on matrices: subclasses write :meth:`sample_matrices`.
+
+    ``sample(bqm)`` (the dimod API) reads the matrices once with :func:`bqm_to_matrices` and wraps
+    the states in a SampleSet; :func:`qblock.solve` calls :meth:`sample_matrices` with the problem's
+    own matrices (``problem.objective_matrices()``, the same floats), so solving a problem neither
+    builds a BQM nor reads one back.
+    """
+
+    def sample(self, bqm: dimod.BinaryQuadraticModel, **kwargs: Any) -> dimod.SampleSet:
+        """The states :meth:`sample_matrices` finds for ``bqm``, over its variables (see there for the parameters)."""
+        H, lin, offset, variables = bqm_to_matrices(bqm)
+        X, energies, info = self.sample_matrices(H, lin, offset, **kwargs)
+        return dimod.SampleSet.from_samples((X, variables), vartype=dimod.BINARY, energy=energies, info=info,
+                                            sort_labels=False)
+
+    def sample_matrices(self, H: np.ndarray, linear: np.ndarray, offset: float,
+                        **kwargs: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """``(states, energies, info)`` for ``E(x) = x^T H x + linear^T x + offset`` (``H`` with a zero diagonal)."""
+        raise NotImplementedError
+
+
+class ExactTopKSampler(MatrixSampler):
     """Certified k lowest-energy states with exactly ``num_remove`` ones, as a dimod sampler.
 
     Takes the *unpenalised* objective BQM; the constraint is never relaxed, so no penalty is needed.
@@ -218,9 +240,11 @@ class ExactTopKSampler(dimod.Sampler):
     parameters = {"num_remove": [], "num_solutions": [], "strategy": [], "progress": [], "time_limit": []}
     properties: dict[str, Any] = {}
 
-    def sample(
+    def sample_matrices(
         self,
-        bqm: dimod.BinaryQuadraticModel,
+        H: np.ndarray,
+        linear: np.ndarray,
+        offset: float,
         *,
         num_remove: int,
         num_solutions: int = 20,
@@ -228,11 +252,11 @@ class ExactTopKSampler(dimod.Sampler):
         progress: bool = False,
         time_limit: float | None = None,
         **kwargs: Any,
-    ) -> dimod.SampleSet:
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """The ``num_solutions`` lowest-energy states with exactly ``num_remove`` ones.
 
         Args:
-            bqm: the unpenalised objective (BINARY or SPIN).
+            H, linear, offset: the unpenalised objective (:func:`bqm_to_matrices`; ``sample`` takes its BQM).
             num_remove: M.
             num_solutions: k (fewer if there are fewer feasible states).
             strategy: ``"auto"``, ``"enumerate"`` or ``"bnb"``.
@@ -250,8 +274,8 @@ class ExactTopKSampler(dimod.Sampler):
             raise TypeError(f"unknown parameters for exact: {', '.join(kwargs)}")
         t0 = time.perf_counter()
         deadline = None if time_limit is None else t0 + float(time_limit)
-        H, lin, offset, variables = bqm_to_matrices(bqm)
-        n = len(variables)
+        lin = linear
+        n = H.shape[0]
         if not 0 <= num_remove <= n:
             raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got {num_remove}")
         total = math.comb(n, num_remove)
@@ -277,9 +301,7 @@ class ExactTopKSampler(dimod.Sampler):
             raise ValueError(f"unknown strategy {strategy!r}; use 'auto', 'enumerate' or 'bnb'")
         info["certified_optimal"] = bool(info["certified"])
         info["timing"] = time.perf_counter() - t0
-        return dimod.SampleSet.from_samples(
-            (X, variables), vartype=dimod.BINARY, energy=e + offset, info=info, sort_labels=False
-        )
+        return X, e + offset, info
 
 
 def _best_known(H: np.ndarray, lin: np.ndarray, m: int, k: int, X: np.ndarray,

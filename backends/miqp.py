@@ -28,6 +28,7 @@ import dimod
 import numpy as np
 
 from qblock._lazy import require
+from qblock.backends.exact import MatrixSampler
 
 __all__ = ["topk_gurobi", "topk_scip", "GurobiTopKSampler", "SCIPTopKSampler"]
 
@@ -263,7 +264,7 @@ def _fill_uncertified(H: np.ndarray, lin: np.ndarray, M: int, k: int, X: np.ndar
     return Xs[:k], es[:k], gap
 
 
-class _MIQPSampler(dimod.Sampler):
+class _MIQPSampler(MatrixSampler):
     """Common dimod wrapper: objective BQM + ``num_remove`` -> certified top-k (when the solver finishes)."""
 
     _solver = staticmethod(topk_scip)
@@ -271,17 +272,15 @@ class _MIQPSampler(dimod.Sampler):
     parameters = {"num_remove": [], "num_solutions": [], "time_limit": [], "threads": [], "verbose": []}
     properties: dict[str, Any] = {}
 
-    def sample(self, bqm: dimod.BinaryQuadraticModel, *, num_remove: int, num_solutions: int = 20,
-               time_limit: float | None = None, threads: int | None = None, verbose: bool = False,
-               **kwargs: Any) -> dimod.SampleSet:
+    def sample_matrices(self, H: np.ndarray, lin: np.ndarray, offset: float, *, num_remove: int,
+                        num_solutions: int = 20, time_limit: float | None = None, threads: int | None = None,
+                        verbose: bool = False, **kwargs: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """The certified top-k of ``x^T H x + lin^T x + offset`` with ``num_remove`` ones (``sample`` takes its BQM)."""
         if kwargs:
             raise TypeError(f"unknown parameters for {self._name}: {', '.join(kwargs)}")
-        from qblock.backends.exact import bqm_to_matrices
-
         t0 = time.perf_counter()
-        H, lin, offset, variables = bqm_to_matrices(bqm)
         X, e, stats = type(self)._solver(H, lin, num_remove, num_solutions, time_limit, threads=threads, verbose=verbose)
-        k = min(int(num_solutions), math.comb(len(variables), int(num_remove)))
+        k = min(int(num_solutions), math.comb(H.shape[0], int(num_remove)))
         if not stats["certified"] and X.shape[0] < k:
             # out of time before k states were found: never return an empty or short list silently
             X, e, stats["gap"] = _fill_uncertified(H, lin, int(num_remove), k, X, e, stats.get("lower_bound", -math.inf))
@@ -291,8 +290,7 @@ class _MIQPSampler(dimod.Sampler):
             info["lower_bound"] = None
         info["certified_optimal"] = bool(stats["certified"])
         info["timing"] = time.perf_counter() - t0
-        return dimod.SampleSet.from_samples((X, variables), vartype=dimod.BINARY, energy=e + offset, info=info,
-                                            sort_labels=False)
+        return X, e + offset, info
 
 
 class SCIPTopKSampler(_MIQPSampler):

@@ -10,10 +10,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import dimod
 import numpy as np
 
-from qblock.backends.exact import bqm_to_matrices
+from qblock.backends.exact import MatrixSampler
 from qblock.backends.local_search import swap_descent, topk_closure
 
 __all__ = ["SwapAnnealingSampler", "default_beta_range"]
@@ -46,7 +45,7 @@ def default_beta_range(H: np.ndarray, linear: np.ndarray, num_remove: int, rng: 
     return float(hot), float(max(cold, hot * 10))
 
 
-class SwapAnnealingSampler(dimod.Sampler):
+class SwapAnnealingSampler(MatrixSampler):
     """Annealer whose moves swap a removed and a kept block, so every state has exactly M ones.
 
     Takes the *unpenalised* objective BQM and ``num_remove``. Returns the best state each read
@@ -72,9 +71,11 @@ class SwapAnnealingSampler(dimod.Sampler):
     }
     properties: dict[str, Any] = {}
 
-    def sample(
+    def sample_matrices(
         self,
-        bqm: dimod.BinaryQuadraticModel,
+        H: np.ndarray,
+        lin: np.ndarray,
+        offset: float,
         *,
         num_remove: int,
         num_solutions: int = 20,
@@ -84,11 +85,11 @@ class SwapAnnealingSampler(dimod.Sampler):
         seed: int | None = None,
         polish: bool = True,
         **kwargs: Any,
-    ) -> dimod.SampleSet:
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Sample. One sweep is ``N`` proposed swaps per read.
 
         Args:
-            bqm: unpenalised objective.
+            H, lin, offset: the unpenalised objective (``sample`` takes its BQM).
             num_remove: M.
             num_solutions: how many distinct states to return at most.
             num_reads: independent chains (run in parallel).
@@ -102,8 +103,7 @@ class SwapAnnealingSampler(dimod.Sampler):
         if num_reads < 1 or num_sweeps < 0:
             raise ValueError("num_reads must be >= 1 and num_sweeps >= 0")
         t0 = time.perf_counter()
-        H, lin, offset, variables = bqm_to_matrices(bqm)
-        n, m = len(variables), int(num_remove)
+        n, m = H.shape[0], int(num_remove)
         if not 0 <= m <= n:
             raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got {num_remove}")
         rng = np.random.default_rng(seed)
@@ -171,6 +171,4 @@ class SwapAnnealingSampler(dimod.Sampler):
             "polish_moves": int(moves),
             "timing": time.perf_counter() - t0,
         }
-        return dimod.SampleSet.from_samples(
-            (uniq[order], variables), vartype=dimod.BINARY, energy=e[order], info=info, sort_labels=False
-        )
+        return uniq[order], e[order], info

@@ -374,6 +374,25 @@ class BlockRemovalProblem:
         """The unpenalised objective as a BQM over the integer variables ``0 .. N-1`` (block order)."""
         return self.to_bqm(penalty=0.0)
 
+    def objective_matrices(self) -> tuple[np.ndarray, np.ndarray, float, list[int]]:
+        """The unpenalised objective as ``(H0, d, offset, variables)``: ``E(x) = x^T H0 x + d^T x + offset``
+        with ``H0`` symmetric with a zero diagonal and ``d = diag(H) + h``.
+
+        Exactly what :func:`qblock.backends.exact.bqm_to_matrices` reads back from :meth:`objective_bqm`
+        (the same floats), without building the BQM: the constrained backends' direct input.
+
+        Example:
+            >>> import numpy as np
+            >>> from qblock.backends.exact import bqm_to_matrices
+            >>> p = BlockRemovalProblem(np.array([[1.0, 0.5], [0.5, 2.0]]), 1, linear=[0.1, 0.0])
+            >>> H0, d, c, v = p.objective_matrices()
+            >>> H1, d1, c1, v1 = bqm_to_matrices(p.objective_bqm())
+            >>> bool((H0 == H1).all() and (d == d1).all()), c == c1, v == v1
+            (True, True, True)
+        """
+        upper = np.triu(self._H, 1)  # the BQM keeps the upper triangle: the same couplings
+        return upper + upper.T, np.diag(self._H) + self._linear, float(self._offset), list(range(self.num_blocks))
+
     def to_bqm(self, penalty: float | None = None) -> dimod.BinaryQuadraticModel:
         """Penalised QUBO as a :class:`dimod.BinaryQuadraticModel` over variables ``0 .. N-1``.
 

@@ -136,13 +136,8 @@ def _dispatch(problem: BlockRemovalProblem, backend: str, spec: Any, m: int, num
         sampler = None if spec.check else backends.get_sampler(backend)
         result = runner(problem, sampler, num_solutions=num_solutions, seed=seed, **params)
     elif spec.kind == "constrained":
-        sampler = backends.get_sampler(backend)
-        raw = sampler.sample(
-            problem.objective_bqm(), num_remove=m, num_solutions=num_solutions,
-            **({"seed": seed} if spec.stochastic else {}), **params,
-        )
-        result = finish(problem, problem.states_from_sampleset(raw), raw.info, num_solutions,
-                        num_reads=int(raw.info.get("num_reads", len(raw))), num_infeasible=0, penalty=None)
+        result = _constrained(problem, backends.get_sampler(backend), m, num_solutions,
+                              {**({"seed": seed} if spec.stochastic else {}), **params})
     elif spec.kind == "penalty":
         sampler = backends.get_sampler(backend)
         result = penalty_pipeline(problem, sampler, num_solutions=num_solutions, seed=seed, **params)
@@ -152,6 +147,20 @@ def _dispatch(problem: BlockRemovalProblem, backend: str, spec: Any, m: int, num
         result = finish(problem, problem.states_from_sampleset(raw), raw.info, num_solutions,
                         num_reads=len(raw), num_infeasible=int((~raw.record.is_feasible).sum()), penalty=None)
     return result
+
+
+def _constrained(problem: BlockRemovalProblem, sampler: dimod.Sampler, m: int, num_solutions: int,
+                 params: dict[str, Any]) -> dimod.SampleSet:
+    """A constrained backend's feasible states: on the problem's own matrices when the sampler takes
+    them (:class:`qblock.backends.exact.MatrixSampler`: no BQM built and read back), else on its BQM."""
+    if hasattr(sampler, "sample_matrices") and hasattr(problem, "objective_matrices"):
+        H, linear, offset, _ = problem.objective_matrices()
+        X, _, info = sampler.sample_matrices(H, linear, offset, num_remove=m, num_solutions=num_solutions, **params)
+    else:
+        raw = sampler.sample(problem.objective_bqm(), num_remove=m, num_solutions=num_solutions, **params)
+        X, info = problem.states_from_sampleset(raw), raw.info
+    return finish(problem, X, info, num_solutions, num_reads=int(info.get("num_reads", len(X))), num_infeasible=0,
+                  penalty=None)
 
 
 def finish(
