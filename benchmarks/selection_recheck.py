@@ -31,7 +31,13 @@ def main(argv=None) -> int:
     ap.add_argument("--study", required=True, help="a selection_quality_<model>.json")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="output stem (default: the study's stem + _recheck)")
+    ap.add_argument("--confirm-samples", type=int, default=None, metavar="N",
+                    help="calibration samples of the confirmation stage (default: the validator's default, at most "
+                         "the study's calibration set); more than the study's extends its calibration data from the "
+                         "same seeded stream (held-out samples do not depend on it)")
     args = ap.parse_args(argv)
+    if args.confirm_samples is not None and args.confirm_samples < 1:
+        ap.error(f"--confirm-samples must be at least 1, got {args.confirm_samples}")
 
     import torch
 
@@ -46,10 +52,12 @@ def main(argv=None) -> int:
     st, ms = study["settings"], [int(m) for m in study["M"]]
     d = ValidationSettings(num_removes=ms)
     model, tok = load_model(st["model"], quiet=True, dtype=st["dtype"])
-    calib, evals, _ = calibration_and_eval(tok, None, num_calib=st["calib_samples"], num_eval=st["eval_samples"],
-                                           seq_len=st["seq_len"], seed=st["seed"])
+    n_confirm = d.select_confirm_samples if args.confirm_samples is None else args.confirm_samples
+    calib, evals, _ = calibration_and_eval(tok, None, num_calib=max(st["calib_samples"], n_confirm),
+                                           num_eval=st["eval_samples"], seq_len=st["seq_len"], seed=st["seed"])
+    checks = calib[:n_confirm] if args.confirm_samples is not None else calib[: min(n_confirm, st["calib_samples"])]
+    calib = calib[: st["calib_samples"]]
     t0 = time.perf_counter()
-    checks = calib[: d.select_confirm_samples]
     sel = select_removals(model, calib[: d.select_samples], ms, pool_size=d.select_pool,
                           evaluations_per_m=d.select_evaluations, batch=d.select_batch, backend=d.select_backend,
                           seed=d.solve_seed, batch_size=d.batch_size, confirm_samples=checks,

@@ -137,11 +137,13 @@ class ValidationSettings:
 
 
 def apply_threads(threads: str | int | None = "auto", quiet: bool = True) -> int:
-    """Set torch's CPU thread count: a number, or ``"auto"``: torch's default unless the machine is
-    already busy (1-minute load average at least the number of cores), then 1.
+    """Set torch's CPU thread count: a number, or ``"auto"``: every core on an idle machine (1-minute load
+    average under 0.5), else the cores the load leaves free, at least 1.
 
-    On a shared 2-core machine (load average 7) a 2x128-token forward of the default model took
-    35 s with 2 threads and 4.6 s with 1: intra-op threads wait on each other when one is descheduled.
+    Intra-op threads wait on each other when one is descheduled, so a thread more than the free cores
+    costs far more than it gains: on a shared 2-core machine (load average 7) a 2x128-token forward of
+    the default model took 35 s with 2 threads and 4.6 s with 1, and with one other job running the quick
+    run's calibration-loss evaluations took 2-5 s each with 2 threads (about 0.7 s with 1 on an idle core).
 
     Returns:
         the thread count in use.
@@ -156,9 +158,10 @@ def apply_threads(threads: str | int | None = "auto", quiet: bool = True) -> int
             load = os.getloadavg()[0]
         except (AttributeError, OSError):  # pragma: no cover - not on every platform
             load = 0.0
-        if cores > 1 and load >= cores:
-            torch.set_num_threads(1)
-            _log(f"machine busy (load average {load:.1f} on {cores} cores): using 1 torch thread "
+        n = auto_threads(cores, load)
+        if n < torch.get_num_threads():
+            torch.set_num_threads(n)
+            _log(f"machine busy (load average {load:.1f} on {cores} cores): using {n} torch thread(s) "
                  "(--threads N to override)", not quiet)
         return torch.get_num_threads()
     try:
@@ -169,6 +172,18 @@ def apply_threads(threads: str | int | None = "auto", quiet: bool = True) -> int
         raise ValueError(f"--threads must be at least 1, got {n}")
     torch.set_num_threads(n)
     return n
+
+
+def auto_threads(cores: int, load: float) -> int:
+    """Threads for ``--threads auto``: all ``cores`` if ``load < 0.5``, else ``cores - ceil(load)``, at least 1.
+
+    Example:
+        >>> auto_threads(2, 0.1), auto_threads(2, 0.7), auto_threads(16, 3.2), auto_threads(4, 9.0)
+        (2, 1, 12, 1)
+    """
+    if load < 0.5:
+        return max(1, int(cores))
+    return max(1, int(cores) - math.ceil(load))
 
 
 def energy_column(name: str) -> str:
