@@ -41,6 +41,8 @@ from typing import Any
 import dimod
 import numpy as np
 
+from qblock.backends.local_search import expand_topk
+
 __all__ = ["EXACT_ENUMERATION_LIMIT", "greedy_fill", "repair", "descent", "topk_closure", "moves",
            "separable", "pareto_optimum", "run_exact", "run_swap"]
 
@@ -173,30 +175,13 @@ def topk_closure(p, X: np.ndarray, k: int, max_rounds: int = 50) -> np.ndarray:
     X = np.unique(X[p.feasible_mask(X)], axis=0)
     if not X.shape[0]:
         return X
-    E = p.energies(X)
-    order = np.lexsort(tuple(X[:, ::-1].T) + (E,))[:k]
-    X, E = X[order], E[order]
-    expanded: set[bytes] = set()
-    for _ in range(max_rounds):
-        todo = [i for i in range(X.shape[0]) if X[i].tobytes() not in expanded]
-        if not todo:
-            break
-        threshold = E[-1] if X.shape[0] >= k else np.inf
-        new_X, new_E = [X], [E]
-        for i in todo:
-            expanded.add(X[i].tobytes())
-            a, b, de = moves(p, X[i])
-            ne = E[i] + de
-            keep = np.flatnonzero(ne < threshold)
-            if keep.size > k:
-                keep = keep[np.argpartition(ne[keep], k - 1)[:k]]
-            new_X.append(np.array([_apply(X[i], a[t], b[t]) for t in keep], dtype=np.int8).reshape(-1, p.num_variables))
-            new_E.append(ne[keep])
-        X, idx = np.unique(np.concatenate(new_X), axis=0, return_index=True)
-        E = np.concatenate(new_E)[idx]
-        order = np.lexsort(tuple(X[:, ::-1].T) + (E,))[:k]
-        X, E = X[order], E[order]
-    return X
+    n = p.num_variables
+
+    def knapsack_moves(y: np.ndarray, e: float):
+        a, b, de = moves(p, y)
+        return e + de, lambda keep: np.array([_apply(y, a[t], b[t]) for t in keep], dtype=np.int8).reshape(-1, n)
+
+    return expand_topk(X, p.energies(X), k, knapsack_moves, max_rounds)[0]
 
 
 # ---------------------------------------------------------------------------- exact

@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = [
     "greedy_state", "repair", "swap_descent", "swap_neighbours", "add_deltas", "drop_deltas",
-    "neighbour_energies", "topk_closure", "closure", "DESCENT_CHUNK_ENTRIES",
+    "neighbour_energies", "topk_closure", "closure", "expand_topk", "DESCENT_CHUNK_ENTRIES",
 ]
 
 
@@ -190,21 +190,54 @@ def closure(H: np.ndarray, linear: np.ndarray, X: np.ndarray, k: int, max_rounds
             *, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """:func:`topk_closure` with the energies and the number of distinct states looked at.
 
-    The pool never holds more than ``k`` states plus ``k`` new ones per expanded state: a state
-    that falls below the k-th place can never come back (the k-th energy only decreases), and of
-    one state's ``M (N - M)`` neighbours at most ``k`` can enter, so only those are built.
-
     Returns:
         ``(states, energies, states_seen)``: at most ``k`` states in (energy, state) order, and how
         many states' energies were looked at (the starting ones and every neighbour evaluated).
     """
-    import time
-
     X = np.unique(np.asarray(X, dtype=np.int8), axis=0)
     if X.shape[0] == 0:
         return X, np.zeros(0), 0
     Xf = X.astype(np.float64)
     E = np.einsum("ri,ij,rj->r", Xf, H, Xf) + Xf @ linear
+
+    def swaps(x: np.ndarray, e: float):
+        ne, pairs = neighbour_energies(H, linear, x, e)
+
+        def make(keep: np.ndarray) -> np.ndarray:
+            Y = np.repeat(x[None, :], keep.size, axis=0)
+            rows = np.arange(keep.size)
+            Y[rows, pairs[keep, 0]] = 1
+            Y[rows, pairs[keep, 1]] = 0
+            return Y
+
+        return ne, make
+
+    return expand_topk(X, E, k, swaps, max_rounds, deadline=deadline)
+
+
+def expand_topk(X: np.ndarray, E: np.ndarray, k: int, neighbours, max_rounds: int = 50,
+                *, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Grow the distinct states ``X`` (energies ``E``) until their ``k`` best are closed under a move set.
+
+    The one top-k closure loop, for the swap moves of block removal (:func:`closure`) and the
+    knapsack moves of rank selection (:func:`qblock.backends.knapsack.topk_closure`). The pool never
+    holds more than ``k`` states plus ``k`` new ones per expanded state: a state that falls below the
+    k-th place can never come back (the k-th energy only decreases), and of one state's neighbours at
+    most ``k`` can enter, so only those are built.
+
+    Args:
+        X, E: distinct starting states and their energies.
+        k: how many states to keep.
+        neighbours: ``neighbours(x, e) -> (ne, make)``: the energies of every neighbour of ``x``
+            (energy ``e``) and ``make(idx)``, the rows of the neighbours at ``idx``.
+        max_rounds: expansion rounds at most.
+        deadline: ``time.perf_counter()`` value after which no new round starts.
+
+    Returns:
+        ``(states, energies, states_seen)`` in (energy, state) order.
+    """
+    import time
+
     order = _order(X, E)[:k]
     X, E = X[order], E[order]
     seen = X.shape[0]
@@ -219,16 +252,12 @@ def closure(H: np.ndarray, linear: np.ndarray, X: np.ndarray, k: int, max_rounds
         new_X, new_E = [X], [E]
         for i in todo:
             expanded.add(X[i].tobytes())
-            ne, pairs = neighbour_energies(H, linear, X[i], float(E[i]))
+            ne, make = neighbours(X[i], float(E[i]))
             seen += ne.size
             keep = np.flatnonzero(ne < threshold) if np.isfinite(threshold) else np.arange(ne.size)
             if keep.size > k:
                 keep = keep[np.argpartition(ne[keep], k - 1)[:k]]
-            Y = np.repeat(X[i][None, :], keep.size, axis=0)
-            rows = np.arange(keep.size)
-            Y[rows, pairs[keep, 0]] = 1
-            Y[rows, pairs[keep, 1]] = 0
-            new_X.append(Y)
+            new_X.append(make(keep))
             new_E.append(ne[keep])
         X, idx = np.unique(np.concatenate(new_X), axis=0, return_index=True)
         E = np.concatenate(new_E)[idx]

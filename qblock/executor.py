@@ -273,17 +273,26 @@ def _call(fn, x):
 def _collect(ray, refs: dict, n: int, on_result: OnResult | None) -> list[Any]:
     """Results of ``refs`` (ref -> index) in index order, each index once; Ctrl-C cancels the rest."""
     out: list[Any] = [None] * n
+
+    def take(ref: Any, i: int) -> None:
+        out[i] = ray.get(ref)
+        if on_result is not None:
+            on_result(i, out[i])
+
+    _drain(ray, refs, take)
+    return out
+
+
+def _drain(ray, refs: dict, take: Callable[[Any, Any], None]) -> None:
+    """Hand each finished ref of ``refs`` (ref -> key) to ``take(ref, key)`` as it finishes, until none
+    is in flight (``take`` may submit more); any exception, Ctrl-C included, cancels the rest first."""
     try:
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
-            i = refs.pop(ready[0])
-            out[i] = ray.get(ready[0])
-            if on_result is not None:
-                on_result(i, out[i])
+            take(ready[0], refs.pop(ready[0]))
     except BaseException:
         _cancel(ray, refs)
         raise
-    return out
 
 
 def _cancel(ray, refs: Iterable[Any]) -> None:
@@ -343,29 +352,27 @@ class _RayModel(ModelWorkers):
         for a in range(len(self.actors)):
             if pending:
                 submit(pending.popleft(), a)
-        try:
-            while refs:
-                ready, _ = ray.wait(list(refs), num_returns=1)
-                i, a = refs.pop(ready[0])
-                try:
-                    out[i] = ray.get(ready[0])
-                except ray.exceptions.RayActorError:
-                    # the actor died for good (Ray's own restarts exhausted or disabled): replace it and
-                    # run the item again; each index is stored once, so nothing is counted twice
-                    retries[i] += 1
-                    if retries[i] > self.ex.max_retries:
-                        raise ExecutorError(f"item {i} failed {retries[i]} times: its model actor keeps dying") from None
-                    self.resubmitted += 1
-                    self.actors[a] = self._new_actor()
-                    submit(i, a)
-                    continue
-                if pending:  # the actor that finished takes the next item (dynamic load balancing)
-                    submit(pending.popleft(), a)
-                if on_result is not None:
-                    on_result(i, out[i])
-        except BaseException:
-            _cancel(ray, refs)
-            raise
+
+        def take(ref: Any, slot: tuple[int, int]) -> None:
+            i, a = slot
+            try:
+                out[i] = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                # the actor died for good (Ray's own restarts exhausted or disabled): replace it and
+                # run the item again; each index is stored once, so nothing is counted twice
+                retries[i] += 1
+                if retries[i] > self.ex.max_retries:
+                    raise ExecutorError(f"item {i} failed {retries[i]} times: its model actor keeps dying") from None
+                self.resubmitted += 1
+                self.actors[a] = self._new_actor()
+                submit(i, a)
+                return
+            if pending:  # the actor that finished takes the next item (dynamic load balancing)
+                submit(pending.popleft(), a)
+            if on_result is not None:
+                on_result(i, out[i])
+
+        _drain(ray, refs, take)
         return out
 
     def close(self) -> None:

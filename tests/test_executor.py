@@ -84,6 +84,38 @@ def test_bad_executor_is_one_line_before_any_work(spec, words, capsys, tmp_path)
     assert not (tmp_path / "o" / "compare.json").exists()
 
 
+class _FakeRay:
+    """What ``_collect`` uses of Ray: refs finish in the order given, ``get`` may fail, ``cancel`` is recorded."""
+
+    def __init__(self, order, fail=None):
+        self.order, self.fail, self.cancelled = list(order), fail, []
+
+    def wait(self, refs, num_returns=1):
+        ref = next(r for r in self.order if r in refs)
+        return [ref], [r for r in refs if r != ref]
+
+    def get(self, ref):
+        if ref == self.fail:
+            raise KeyboardInterrupt
+        return ref.upper()
+
+    def cancel(self, ref, force=False):
+        self.cancelled.append(ref)
+
+
+def test_collect_keeps_index_order_and_cancels_the_rest_on_an_error():
+    from qblock.executor import _collect
+
+    seen = []
+    ray = _FakeRay(["c", "a", "b"])
+    assert _collect(ray, {"a": 0, "b": 1, "c": 2}, 3, lambda i, v: seen.append((i, v))) == ["A", "B", "C"]
+    assert seen == [(2, "C"), (0, "A"), (1, "B")] and ray.cancelled == []
+    ray = _FakeRay(["c", "a", "b"], fail="a")
+    with pytest.raises(KeyboardInterrupt):
+        _collect(ray, {"a": 0, "b": 1, "c": 2}, 3, None)
+    assert ray.cancelled == ["b"]
+
+
 def test_compare_with_the_local_executor_equals_the_default():
     p = qblock.random_problem(10, 3, seed=4)
     a = compare_backends(p, ["swap", "tabu"], repeats=2, seed=3, progress=False)

@@ -21,6 +21,53 @@ class ExtractError(ValueError):
     """A resumable-extraction problem the user must resolve (one-line message)."""
 
 
+class RowProgress:
+    """The finished rows of ``A``, their progress bar and checkpoints, for :func:`compute_rows` and its
+    torchrun variant: ``on_checkpoint(rows)`` every ``every`` samples and at the end, and once more
+    when the ``with`` block stops on an exception (Ctrl-C included); the bar is closed either way.
+
+    Args:
+        rows: rows already computed (from a checkpoint) or None.
+        total: how many rows the computation makes in all.
+        every: checkpoint interval in samples.
+        on_checkpoint: called with all finished rows, or None.
+        bar: a tqdm bar, or None.
+    """
+
+    def __init__(self, rows: np.ndarray | None, total: int, every: int, on_checkpoint=None, bar=None):
+        self.parts = [] if rows is None or len(rows) == 0 else [np.asarray(rows, dtype=np.float64)]
+        self.done = self.last = 0 if rows is None else int(len(rows))
+        self.total, self.every, self.on_checkpoint, self.bar = total, every, on_checkpoint, bar
+
+    def add(self, *blocks: np.ndarray) -> None:
+        """Append finished blocks of rows (one step: one batch, or one round of batches over the ranks)."""
+        for block in blocks:
+            self.parts.append(np.asarray(block, dtype=np.float64))
+            self.done += len(block)
+        if self.bar is not None:
+            self.bar.update(self.done - self.bar.n)
+        if self.on_checkpoint is not None and (self.done - self.last >= self.every or self.done == self.total):
+            self.on_checkpoint(self.rows())
+            self.last = self.done
+
+    def rows(self) -> np.ndarray:
+        if not self.parts:
+            raise ExtractError("no samples to compute")
+        return np.concatenate(self.parts, axis=0)
+
+    def __enter__(self) -> "RowProgress":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is not None and self.on_checkpoint is not None and self.done > self.last:
+                self.on_checkpoint(self.rows())  # keep what was computed before the interruption
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        return False
+
+
 def compute_rows(model, samples: Sequence, rows: np.ndarray | None = None, *, gate: str = "layer",
                  granularity: str = "block", batch_size: int = 8, checkpoint_every: int | None = None,
                  on_checkpoint=None, progress: bool = True, device: Any = None) -> np.ndarray:
@@ -46,7 +93,6 @@ def compute_rows(model, samples: Sequence, rows: np.ndarray | None = None, *, ga
     from qblock.llm.gradients import gate_gradients
 
     m = len(samples)
-    done_rows = [] if rows is None or len(rows) == 0 else [np.asarray(rows, dtype=np.float64)]
     done = 0 if rows is None else int(len(rows))
     if batch_size < 1:
         raise ExtractError(f"batch_size must be >= 1, got {batch_size}")
@@ -61,28 +107,11 @@ def compute_rows(model, samples: Sequence, rows: np.ndarray | None = None, *, ga
         tokens = int(sum(len(s) for s in samples[:1])) if m else 0
         bar = tqdm(total=m, initial=done, unit="sample", desc=f"gate gradients ({tokens} tok/sample)",
                    dynamic_ncols=True, smoothing=0.1)
-    last_ckpt = done
-    try:
+    with RowProgress(rows, m, every, on_checkpoint, bar) as state:
         start = done
         while start < m:
             stop = min(m, (start // batch_size + 1) * batch_size)
-            A = gate_gradients(model, list(samples[start:stop]), gate=gate, granularity=granularity,
-                               batch_size=batch_size, device=device, progress=False)
-            done_rows.append(np.asarray(A, dtype=np.float64))
-            done = stop
+            state.add(gate_gradients(model, list(samples[start:stop]), gate=gate, granularity=granularity,
+                                     batch_size=batch_size, device=device, progress=False))
             start = stop
-            if bar is not None:
-                bar.update(stop - bar.n)
-            if on_checkpoint is not None and (done - last_ckpt >= every or done == m):
-                on_checkpoint(np.concatenate(done_rows, axis=0))
-                last_ckpt = done
-    except BaseException:
-        if on_checkpoint is not None and done > last_ckpt:
-            on_checkpoint(np.concatenate(done_rows, axis=0))
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if not done_rows:
-        raise ExtractError("no samples to compute")
-    return np.concatenate(done_rows, axis=0)
+    return state.rows()

@@ -94,7 +94,7 @@ def compute_rows_distributed(model, samples: Sequence, rows: np.ndarray | None =
     interrupted); the other ranks return None. With one process it is ``compute_rows``.
     """
     from qblock.llm.gradients import gate_gradients
-    from qblock.llm._rows import DEFAULT_CHECKPOINT_EVERY, ExtractError, compute_rows
+    from qblock.llm._rows import DEFAULT_CHECKPOINT_EVERY, ExtractError, RowProgress, compute_rows
 
     rank, size = world()
     if size == 1:
@@ -107,13 +107,12 @@ def compute_rows_distributed(model, samples: Sequence, rows: np.ndarray | None =
     done = _broadcast(0 if rows is None else int(len(rows)), rank)
     if done > m:
         raise ExtractError(f"{done} rows already computed but only {m} samples")
-    parts = [np.asarray(rows, dtype=np.float64)] if rank == 0 and rows is not None and len(rows) else []
     starts = list(range(done, m, batch_size)) if done % batch_size == 0 else \
         [done] + list(range((done // batch_size + 1) * batch_size, m, batch_size))
     every = max(batch_size, checkpoint_every or DEFAULT_CHECKPOINT_EVERY)
-    last_ckpt = done
     bar = _bar(m, done, samples, progress and rank == 0)
-    try:
+    # rank 0 holds the rows and checkpoints them; the other ranks only compute their batches
+    with RowProgress(rows if rank == 0 else None, m, every, on_checkpoint if rank == 0 else None, bar) as state:
         for r0 in range(0, len(starts), size):
             mine = starts[r0 + rank] if r0 + rank < len(starts) else None
             result = None
@@ -124,26 +123,8 @@ def compute_rows_distributed(model, samples: Sequence, rows: np.ndarray | None =
                 result = (mine, np.asarray(A, dtype=np.float64))
             got = _gather(result, rank, size)
             if rank == 0:
-                for _, block in sorted(g for g in got if g is not None):
-                    parts.append(block)
-                done = sum(len(p) for p in parts)
-                if bar is not None:
-                    bar.update(done - bar.n)
-                if on_checkpoint is not None and (done - last_ckpt >= every or done == m):
-                    on_checkpoint(np.concatenate(parts, axis=0))
-                    last_ckpt = done
-    except BaseException:
-        if rank == 0 and on_checkpoint is not None and parts and done > last_ckpt:
-            on_checkpoint(np.concatenate(parts, axis=0))
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if rank != 0:
-        return None
-    if not parts:
-        raise ExtractError("no samples to compute")
-    return np.concatenate(parts, axis=0)
+                state.add(*(block for _, block in sorted(g for g in got if g is not None)))
+    return state.rows() if rank == 0 else None
 
 
 def _bar(m: int, done: int, samples: Sequence, enabled: bool):
