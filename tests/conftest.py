@@ -5,6 +5,15 @@ transformers when called, so the core suite runs without the llm extra.
 """
 
 import os
+import sys
+from pathlib import Path
+
+#: the repository root (tests live in folders that mirror the package: tests/qblock/llm/... for qblock/llm/...)
+ROOT = Path(__file__).resolve().parents[1]
+# the root ahead of tests/ on sys.path, so the folder tests/qblock/ can never stand in for the package
+# (a plain `pytest` puts tests/ first and leaves the root out)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

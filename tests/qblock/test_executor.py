@@ -251,7 +251,7 @@ def test_ctrl_c_stops_a_ray_compare_cleanly(tmp_path):
     from pathlib import Path
 
     pytest.importorskip("ray")
-    root = Path(__file__).resolve().parents[1]
+    from conftest import ROOT as root
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, "-m", "qblock", "compare", "--blocks", "60", "--backends", "swap,sa,tabu",
                           "--repeats", "20", "--executor", "ray", "--out", str(tmp_path / "o")], cwd=root, env=env,

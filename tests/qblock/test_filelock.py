@@ -9,9 +9,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from qblock import _filelock
 
@@ -57,7 +57,7 @@ def stress(tmp_path, mechanism, nproc=4, rounds=20, extra_path=None):
     import fcntl
 
     env = dict(os.environ)
-    paths = [str(Path(__file__).resolve().parents[1])] + ([str(extra_path)] if extra_path else [])
+    paths = [str(ROOT)] + ([str(extra_path)] if extra_path else [])
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
     gates = [os.open(tmp_path / f"gate{k}", os.O_RDWR | os.O_CREAT) for k in (0, 1)]
     for g in gates:
@@ -98,7 +98,7 @@ def test_lock_file_without_pid_of_a_live_owner_is_respected(tmp_path, mechanism)
         [sys.executable, "-c", f"import sys, pathlib, qblock._filelock as f; r = f.{fn}(pathlib.Path({str(lock)!r})); "
                                "print('held', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert holder.stdout.readline().strip() == "held"
         lock.write_text("")  # flock: only the OS lock counts; pid file: a pid-less file is never stale

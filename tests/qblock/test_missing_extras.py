@@ -7,13 +7,12 @@ ImportError as if the package were absent); the core's own dependencies stay imp
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from qblock._lazy import MODULE_EXTRAS, MissingDependencyError, as_missing_dependency
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402  (the repository root)
 
 CORE_ONLY = (
     "import sys\n"

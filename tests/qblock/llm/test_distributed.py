@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from qblock.problems.block_removal import BlockRemovalProblem  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402  (the repository root)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ The default run is quick and deterministic (``derandomize``). ``QBLOCK_FUZZ_EXAM
 examples per property and makes the search random (``--hypothesis-seed`` fixes it). The long search
 (issue 10: ten minutes without a traceback) reruns this module with fresh seeds until the time is up:
 
-    python -m pytest -m slow -s -p no:cacheprovider tests/test_fuzz_inputs.py   # QBLOCK_FUZZ_SECONDS=600
+    python -m pytest -m slow -s -p no:cacheprovider tests/qblock/cli/test_fuzz_inputs.py   # QBLOCK_FUZZ_SECONDS=600
 """
 
 import io
