@@ -218,27 +218,33 @@ def add_evaluation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default cpu), or auto to spread a large model over all GPUs (device_map)")
 
 
-def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, evaluations: int = 24) -> None:
+def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, evaluations: int | None = 24,
+                          confirm_samples: int | None = 32) -> None:
     """Options of qblock's selection (the measured QUBO refined per M), shared by ``validate`` and ``run``."""
     g = p.add_argument_group("qblock selection (the recommended set per M; calibration data only)")
     g.add_argument("--no-select", dest="select", action="store_false",
                    help="skip the selection (no recommended sets; only the QUBO states and baselines)")
     g.add_argument("--select-samples", type=int, default=samples, metavar="N",
-                   help=f"calibration samples its measurements use (default {samples})")
+                   help=f"calibration samples its measurements use (default {_or_preset(samples)})")
     g.add_argument("--select-evaluations", type=int, default=evaluations, metavar="E",
-                   help=f"refinement budget per M in evaluations of those samples (default {evaluations})")
+                   help=f"refinement budget per M in evaluations of those samples (default {_or_preset(evaluations)})")
     g.add_argument("--select-pool", type=int, default=None, metavar="P",
-                   help="blocks whose pairwise removals are measured (default max(8, N/2))")
+                   help="blocks whose pairwise removals are measured (default max(8, N/2); qblock run --quick: 10)")
     g.add_argument("--select-backend", default="exact",
                    help="solver in the refinement loop: any backend name (default exact)")
     g.add_argument("--select-confirm", type=int, default=6, metavar="K",
                    help="best sets per M measured again on more calibration samples, the lowest recommended "
                         "(default 6; 0 for none)")
-    g.add_argument("--select-confirm-samples", type=int, default=32, metavar="N",
-                   help="calibration samples of that confirmation (default 32, at most the calibration set)")
+    g.add_argument("--select-confirm-samples", type=int, default=confirm_samples, metavar="N",
+                   help="calibration samples of that confirmation (at most the calibration set; default "
+                        f"{_or_preset(confirm_samples)})")
     g.add_argument("--select-screen", type=int, default=2, metavar="N",
                    help="calibration samples of a cheap greedy removal chain that gives the loop one starting set "
                         "per M (default 2; 0 for none)")
+
+
+def _or_preset(default: int | None) -> str:
+    return "from the preset" if default is None else str(default)
 
 
 def add_eval_dtype_option(p: argparse.ArgumentParser) -> None:

@@ -16,15 +16,16 @@ from qblock.cli import CliError
 from qblock._energies import ENERGY_MODELS, SCORED_ENERGY_MODELS
 from qblock.cli._common import check_executor, check_output, check_selection_options, open_executor
 
-#: settings of a full run and of ``--quick`` (``--quick`` took 9.8 minutes on 2 quiet CPU cores with the
-#: model and extraction cached, 14.9 loaded: see README)
+#: settings of a full run and of ``--quick`` (timings of ``--quick`` in README's quick start; its selection
+#: measures pairs in a pool of 10 blocks and confirms on 16 samples: the same recommended sets as pool
+#: max(8, N/2) and 32 samples on SmolLM2 at M = 3, 6, 9, for 31 % fewer selection tokens)
 PRESETS = {
     "full": {"samples": 128, "seq_len": 256, "eval_samples": 32, "top": 10, "random": 5, "greedy_samples": 8,
              "tasks": "arc_easy,piqa,hellaswag", "task_limit": 100, "bench_top": 1, "bootstrap": 2000,
-             "select_samples": 16, "select_evaluations": 32},
+             "select_samples": 16, "select_evaluations": 32, "select_pool": None, "select_confirm_samples": 32},
     "quick": {"samples": 32, "seq_len": 128, "eval_samples": 12, "top": 5, "random": 3, "greedy_samples": 2,
               "tasks": "", "task_limit": 50, "bench_top": 1, "bootstrap": 1000,
-              "select_samples": 8, "select_evaluations": 24},
+              "select_samples": 8, "select_evaluations": 24, "select_pool": 10, "select_confirm_samples": 16},
 }
 DEFAULT_M = "3,6,9"
 
@@ -74,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", default=None, help="report directory (default ./qblock-report[-quick])")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     add_evaluation_options(p)
-    add_selection_options(p, samples=None, evaluations=None)
+    add_selection_options(p, samples=None, evaluations=None, confirm_samples=None)
     add_eval_dtype_option(p)
     from qblock.validate.heal import add_heal_options
 
@@ -110,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     cfg = _resolve(args)
     cfg["seed"] = args.seed
-    args.select_samples, args.select_evaluations = cfg["select_samples"], cfg["select_evaluations"]
+    preset_pool = args.select_pool is None  # the preset's pool is capped at the model's blocks below
+    for key in ("select_samples", "select_evaluations", "select_pool", "select_confirm_samples"):
+        setattr(args, key, cfg[key])
     check_selection_options(args)  # before the model is loaded or the cached problem rewritten
     cfg["gate"] = args.gate
     ms = parse_ms(args.remove)
@@ -166,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [m for m in ms if not 1 <= m < n]
     if bad:
         raise CliError(f"--remove values must be between 1 and {n - 1} for this {n}-block model, got {bad}")
+    if preset_pool and args.select_pool is not None:
+        args.select_pool = min(args.select_pool, n)
     dtype = apply_eval_dtype(model, args, healing=bool(heal_opts))  # after extraction: gradients stay fp32
     try:
         calib, evals, dprov = data_for_problem(problem, tok, num_eval=cfg["eval_samples"])
