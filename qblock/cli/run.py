@@ -40,9 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "End to end on MODEL (default SmolLM2-135M-Instruct, offline once cached): extract the block-removal "
             "problem (cached), solve it for each M, evaluate the top-k states, random sets and every baseline "
             "(ShortGPT, iterative ShortGPT, angular distance, SLEB, norm ratio) on held-out text, print a summary "
-            "and write a report directory. 'qblock run --quick' took 9.8 minutes on 2 quiet CPU cores with the model "
-            "and its extraction cached (14.9 minutes on cores shared with other jobs, extraction included; a full run "
-            "takes hours on such a machine; --device cuda where there is a GPU). "
+            "and write a report directory. 'qblock run --quick' took 6.7 minutes on 2 CPU cores with the model and "
+            "its extraction cached, quiet or beside one other job (9.7 minutes on busier cores; a full run takes hours "
+            "on such a machine; --device cuda where there is a GPU). "
             f"Full settings: {PRESETS['full']}; quick: {PRESETS['quick']}."
         ),
     )
