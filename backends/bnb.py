@@ -130,6 +130,35 @@ def _pinv_psd(A: np.ndarray) -> np.ndarray:
     return (V[:, keep] / w[keep]) @ V[:, keep].T
 
 
+def _shor_operators(n: int, M: int):
+    """The constraint operator ``A`` of the Shor SDP and its adjoint, on ``(n+1, n+1)`` matrices ``Y``.
+
+    Constraints, in order: ``Y_00 = 1``; ``Y_ii - Y_0i = 0``; ``sum_j Y_ij - M Y_0i = 0``;
+    ``sum_i Y_0i = M`` (:func:`_gram` is ``A A^T`` in closed form).
+    """
+    n1, m = n + 1, 2 * n + 2
+    ii = np.arange(1, n1)
+
+    def A_op(Y: np.ndarray) -> np.ndarray:
+        out = np.empty(m)
+        out[0] = Y[0, 0]
+        out[1:n1] = Y[ii, ii] - Y[0, 1:]
+        out[n1 : 2 * n + 1] = Y[1:, 1:].sum(axis=1) - M * Y[0, 1:]
+        out[m - 1] = Y[0, 1:].sum()
+        return out
+
+    def At_op(z: np.ndarray) -> np.ndarray:
+        za, zg = z[1:n1], z[n1 : 2 * n + 1]
+        Y = np.empty((n1, n1))
+        Y[0, 0] = z[0]
+        Y[0, 1:] = Y[1:, 0] = -0.5 * za - 0.5 * M * zg + 0.5 * z[m - 1]
+        Y[1:, 1:] = 0.5 * (zg[:, None] + zg[None, :])
+        Y[ii, ii] += za
+        return Y
+
+    return A_op, At_op
+
+
 def _shor_admm(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int, tol: float,
                nonneg: bool, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Dual ADMM (Wen, Goldfarb, Yin) on the Shor SDP; with ``nonneg`` also ``X_ij >= 0`` (i != j).
@@ -150,24 +179,7 @@ def _shor_admm(Q: np.ndarray, c: np.ndarray, M: int, *, iters: int, tol: float,
     C[1:, 1:] = Q / scale
     m = 2 * n + 2
     ii = np.arange(1, n1)
-
-    # constraints, in order: Y_00 = 1; Y_ii - Y_0i = 0; sum_j Y_ij - M Y_0i = 0; sum_i Y_0i = M
-    def A_op(Y: np.ndarray) -> np.ndarray:
-        out = np.empty(m)
-        out[0] = Y[0, 0]
-        out[1:n1] = Y[ii, ii] - Y[0, 1:]
-        out[n1 : 2 * n + 1] = Y[1:, 1:].sum(axis=1) - M * Y[0, 1:]
-        out[m - 1] = Y[0, 1:].sum()
-        return out
-
-    def At_op(z: np.ndarray) -> np.ndarray:
-        za, zg = z[1:n1], z[n1 : 2 * n + 1]
-        Y = np.empty((n1, n1))
-        Y[0, 0] = z[0]
-        Y[0, 1:] = Y[1:, 0] = -0.5 * za - 0.5 * M * zg + 0.5 * z[m - 1]
-        Y[1:, 1:] = 0.5 * (zg[:, None] + zg[None, :])
-        Y[ii, ii] += za
-        return Y
+    A_op, At_op = _shor_operators(n, M)
 
     y = np.zeros(m)
     Z = np.zeros((n1, n1))  # multipliers of X_ij >= 0 (off-diagonal of the X block only)

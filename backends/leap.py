@@ -285,25 +285,10 @@ class _RecordingSampler(dimod.Sampler):
             "parameters": {key: (repr(v) if callable(v) else v) for key, v in kw.items()},
             "sent_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         })
-        t0 = time.perf_counter()
-        try:
-            ss = self.inner.sample(bqm, **kw)
-            ss.resolve()
-        except LeapError:
-            raise
-        except Exception as exc:
-            if _is_network_error(exc) or "token" in str(exc).lower():
-                raise _leap_error(exc, self.backend, "sampling") from exc
-            raise
-        wall = time.perf_counter() - t0
+        ss, wall = _timed_submit(lambda: _resolved(self.inner.sample(bqm, **kw)), self.backend)
         self.store.save_sampleset(f"result-{k}.json", ss)
-        call: dict[str, Any] = {"wall_seconds": wall, "num_samples": len(ss)}
+        call = _call_record(ss.info, wall, len(ss))
         info = ss.info
-        for key in ("problem_id", "problem_label"):
-            if key in info:
-                call[key] = info[key]
-        if "timing" in info:
-            call["timing"] = info["timing"]
         ctx = info.get("embedding_context") or {}
         if "chain_strength" in ctx:
             call["chain_strength"] = float(ctx["chain_strength"])
@@ -319,6 +304,46 @@ class _RecordingSampler(dimod.Sampler):
             call["reads_with_chain_breaks"] = float(occ[cbf > 0].sum() / max(occ.sum(), 1.0))
         self.calls.append(call)
         return ss
+
+
+def _resolved(sampleset: Any) -> Any:
+    sampleset.resolve()  # a cloud SampleSet is a future until resolved
+    return sampleset
+
+
+def _timed_submit(submit: Callable[[], Any], backend: str, client: Any = None) -> tuple[Any, float]:
+    """``submit()`` timed, with cloud and network failures (and token errors) raised as :class:`LeapError`.
+
+    Args:
+        submit: sends the problem and waits for the answer.
+        backend: named in the error.
+        client: a sampler to close afterwards, whatever happened (its close is timed too).
+
+    Returns:
+        ``(answer, wall seconds)``.
+    """
+    t0 = time.perf_counter()
+    try:
+        answer = submit()
+    except LeapError:
+        raise
+    except Exception as exc:
+        if _is_network_error(exc) or "token" in str(exc).lower():
+            raise _leap_error(exc, backend, "sampling") from exc
+        raise
+    finally:
+        if client is not None:
+            _close(client)
+    return answer, time.perf_counter() - t0
+
+
+def _call_record(info: Any, wall: float, num_samples: int) -> dict[str, Any]:
+    """Per-submission statistics kept in ``info['leap']['submissions']``: time, size and Leap's ids."""
+    call: dict[str, Any] = {"wall_seconds": wall, "num_samples": num_samples}
+    for key in ("problem_id", "problem_label", "timing"):
+        if key in info:
+            call[key] = info[key]
+    return call
 
 
 def _is_network_error(exc: BaseException) -> bool:
@@ -348,6 +373,13 @@ def _config_from(params: dict[str, Any]) -> dict[str, Any]:
     keys = ("request_timeout", "http_retry_total", "polling_timeout", "token", "endpoint", "region",
             "solver", "profile", "config_file")
     return client_config(**{k: params.pop(k) for k in keys if k in params})
+
+
+def _sampler_for(backend: str, sampler: Any, sampler_factory: Callable[..., Any] | None,
+                 params: dict[str, Any]) -> Any:
+    """``sampler`` if given, else a new cloud client; the client settings are popped out of ``params`` either way."""
+    config = _config_from(params)
+    return sampler if sampler is not None else make_sampler(backend, sampler_factory=sampler_factory, **config)
 
 
 def _finish_leap(problem, result: dimod.SampleSet, store: RunStore, calls: list[dict[str, Any]]) -> dimod.SampleSet:
@@ -386,8 +418,7 @@ def run_hybrid(
     """
     from qblock._solve import penalty_pipeline
 
-    config = _config_from(params)
-    inner = sampler if sampler is not None else make_sampler("leap-hybrid", sampler_factory=sampler_factory, **config)
+    inner = _sampler_for("leap-hybrid", sampler, sampler_factory, params)
     store = _prepare(problem, "leap-hybrid", save_dir, {"time_limit": time_limit, "penalty": penalty,
                                                         "penalty_scan": penalty_scan, **params})
     fixed: dict[str, Any] = {}
@@ -423,8 +454,7 @@ def run_cqm(
     feasible sample at all are the infeasible ones repaired greedily (``info['repaired']``), so
     that a result always exists.
     """
-    config = _config_from(params)
-    inner = sampler if sampler is not None else make_sampler("leap-cqm", sampler_factory=sampler_factory, **config)
+    inner = _sampler_for("leap-cqm", sampler, sampler_factory, params)
     store = _prepare(problem, "leap-cqm", save_dir, {"time_limit": time_limit, **params})
     cqm = problem.to_cqm()
     store.save_model("model.cqm", cqm)
@@ -433,19 +463,7 @@ def run_cqm(
         kw["time_limit"] = float(time_limit)
     if label is not None:
         kw["label"] = label
-    t0 = time.perf_counter()
-    try:
-        raw = inner.sample_cqm(cqm, **kw)
-        raw.resolve()
-    except LeapError:
-        raise
-    except Exception as exc:
-        if _is_network_error(exc) or "token" in str(exc).lower():
-            raise _leap_error(exc, "leap-cqm", "sampling") from exc
-        raise
-    finally:
-        _close(inner)
-    wall = time.perf_counter() - t0
+    raw, wall = _timed_submit(lambda: _resolved(inner.sample_cqm(cqm, **kw)), "leap-cqm", client=inner)
     store.save_sampleset("result-0.json", raw)
     return _decode_constrained(problem, raw, store, num_solutions, wall, repair, "leap-cqm")
 
@@ -466,12 +484,8 @@ def _decode_constrained(problem, raw, store, num_solutions, wall, repair, backen
     else:
         Xk = problem.repair_states(X)
         info["repaired"] = True
-    call: dict[str, Any] = {"wall_seconds": wall, "num_samples": len(raw)}
-    for key in ("problem_id", "problem_label", "timing"):
-        if key in raw.info:
-            call[key] = raw.info[key]
     result = finish(problem, Xk, info, num_solutions, num_reads=len(X), num_infeasible=int((~ok).sum()), penalty=None)
-    return _finish_leap(problem, result, store, [call])
+    return _finish_leap(problem, result, store, [_call_record(raw.info, wall, len(raw))])
 
 
 def run_qpu(
@@ -509,8 +523,7 @@ def run_qpu(
 
     from qblock._solve import penalty_pipeline
 
-    config = _config_from(params)
-    child = sampler if sampler is not None else make_sampler("dwave-qpu", sampler_factory=sampler_factory, **config)
+    child = _sampler_for("dwave-qpu", sampler, sampler_factory, params)
     store = _prepare(problem, "dwave-qpu", save_dir, {
         "num_reads": num_reads, "chain_strength": chain_strength, "annealing_time": annealing_time,
         "chain_strength_prefactor": chain_strength_prefactor, "penalty": penalty, "penalty_scan": penalty_scan, **params})
@@ -636,27 +649,19 @@ def run_nl(
     """
     from qblock._solve import enrich_with_neighbours, finish
 
-    config = _config_from(params)
     model, order = build_nl_model(problem)
-    inner = sampler if sampler is not None else make_sampler("leap-nl", sampler_factory=sampler_factory, **config)
+    inner = _sampler_for("leap-nl", sampler, sampler_factory, params)
     store = _prepare(problem, "leap-nl", save_dir, {"time_limit": time_limit, "polish": polish, **params})
     store.save_model("model.nl", model)
     kw = dict(params)
     if label is not None:
         kw["label"] = label
-    t0 = time.perf_counter()
-    try:
+
+    def submit():
         future = inner.sample(model, time_limit=time_limit, **kw)
-        res = future.result() if hasattr(future, "result") else future
-    except LeapError:
-        raise
-    except Exception as exc:
-        if _is_network_error(exc) or "token" in str(exc).lower():
-            raise _leap_error(exc, "leap-nl", "sampling") from exc
-        raise
-    finally:
-        _close(inner)
-    wall = time.perf_counter() - t0
+        return future.result() if hasattr(future, "result") else future
+
+    res, wall = _timed_submit(submit, "leap-nl", client=inner)
     resolve = getattr(model.states, "resolve", None)
     if callable(resolve):
         resolve()  # the answer is loaded into model.states by a hook on the future
@@ -670,12 +675,8 @@ def run_nl(
 
         Xp, _ = swap_descent(problem.H, problem.linear, X)
         X = enrich_with_neighbours(problem, np.concatenate([X, Xp]), num_solutions)
-    call = {"wall_seconds": wall, "num_samples": len(objective)}
-    for key in ("problem_id", "problem_label", "timing"):
-        if key in res_info:
-            call[key] = res_info[key]
     result = finish(problem, X, info, num_solutions, num_reads=len(objective), num_infeasible=0, penalty=None)
-    return _finish_leap(problem, result, store, [call])
+    return _finish_leap(problem, result, store, [_call_record(res_info, wall, len(objective))])
 
 
 # ---------------------------------------------------------------------------- dry run

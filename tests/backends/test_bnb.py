@@ -312,22 +312,10 @@ def test_admm_stops_at_its_deadline_and_the_repair_keeps_the_bound_valid():
 
 
 def test_gram_matrix_in_closed_form_matches_the_constraint_operators():
-    # the operators of _shor_admm, applied to every unit vector (how the Gram matrix used to be built)
+    # the operators _shor_admm iterates with, applied to every unit vector (how the Gram matrix used to be built)
     n, M = 6, 2
-    n1, m, ii = n + 1, 2 * n + 2, np.arange(1, n + 1)
-
-    def A_op(Y):
-        return np.concatenate([[Y[0, 0]], Y[ii, ii] - Y[0, 1:], Y[1:, 1:].sum(axis=1) - M * Y[0, 1:], [Y[0, 1:].sum()]])
-
-    def At_op(z):
-        za, zg = z[1:n1], z[n1 : 2 * n + 1]
-        Y = np.empty((n1, n1))
-        Y[0, 0] = z[0]
-        Y[0, 1:] = Y[1:, 0] = -0.5 * za - 0.5 * M * zg + 0.5 * z[m - 1]
-        Y[1:, 1:] = 0.5 * (zg[:, None] + zg[None, :])
-        Y[ii, ii] += za
-        return Y
-
+    m = 2 * n + 2
+    A_op, At_op = bnb._shor_operators(n, M)
     AA = np.stack([A_op(At_op(e)) for e in np.eye(m)], axis=1)
     np.testing.assert_allclose(bnb._gram(n, M), AA, atol=1e-12)
     np.testing.assert_allclose(bnb._pinv_psd(AA), np.linalg.pinv(AA), atol=1e-9)
