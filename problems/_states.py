@@ -1,7 +1,11 @@
-"""Rules shared by every problem class: what a batch of states is, and a quadratic objective over it."""
+"""Rules shared by every problem class: what a batch of states is, a quadratic objective over it, its
+qiskit-optimization form and how a problem file is written."""
 
 from __future__ import annotations
 
+import io
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,3 +36,31 @@ def quadratic_energies(Xf: np.ndarray, H: np.ndarray, linear: np.ndarray, offset
         array([2.5])
     """
     return np.einsum("ki,ij,kj->k", Xf, H, Xf) + Xf @ linear + offset
+
+
+def save_npz(path: str | os.PathLike, payload: dict[str, np.ndarray]) -> Path:
+    """Write ``payload`` as a compressed ``.npz`` atomically (``.npz`` appended where missing); return the path."""
+    from qblock._io import atomic_write_bytes
+
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **payload)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def binary_program(problem: Any, name: str, prefix: str):
+    """A qiskit-optimization ``QuadraticProgram`` with binaries ``<prefix>0..<prefix>{n-1}`` minimising the
+    problem's unpenalised objective (:meth:`objective_bqm`); the caller adds its constraints."""
+    from qblock._lazy import require
+
+    qp_mod = require("qiskit_optimization", "qaoa")
+    bqm = problem.objective_bqm()
+    qp = qp_mod.QuadraticProgram(name)
+    for i in range(problem.num_variables):
+        qp.binary_var(f"{prefix}{i}")
+    qp.minimize(constant=float(bqm.offset), linear={f"{prefix}{i}": float(b) for i, b in bqm.linear.items()},
+                quadratic={(f"{prefix}{u}", f"{prefix}{v}"): float(b) for (u, v), b in bqm.quadratic.items()})
+    return qp

@@ -12,7 +12,6 @@ forms agree). Every conversion can be read back with :meth:`BlockRemovalProblem.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import numbers
@@ -28,8 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import dimod
 import numpy as np
 
-from qblock._io import atomic_write_bytes
-from qblock.problems._states import binary_states, quadratic_energies
+from qblock.problems._states import binary_program, binary_states, quadratic_energies, save_npz
 
 __all__ = ["BlockRemovalProblem", "FORMAT_VERSION"]
 
@@ -455,19 +453,8 @@ class BlockRemovalProblem:
     def to_quadratic_program(self, name: str = "block_removal"):
         """A qiskit-optimization ``QuadraticProgram``: binaries ``x0..x{N-1}``, the objective read
         from the unpenalised BQM (:meth:`objective_bqm`), and the linear equality ``sum x == M``."""
-        from qblock._lazy import require
-
-        qp_mod = require("qiskit_optimization", "qaoa")
+        qp = binary_program(self, name, "x")
         m = self._require_m()
-        bqm = self.objective_bqm()
-        qp = qp_mod.QuadraticProgram(name)
-        for i in range(self.num_blocks):
-            qp.binary_var(f"x{i}")
-        qp.minimize(
-            constant=float(bqm.offset),
-            linear={f"x{i}": float(b) for i, b in bqm.linear.items()},
-            quadratic={(f"x{u}", f"x{v}"): float(b) for (u, v), b in bqm.quadratic.items()},
-        )
         qp.linear_constraint({f"x{i}": 1 for i in range(self.num_blocks)}, "==", m, name=_CONSTRAINT_LABEL)
         return qp
 
@@ -594,9 +581,6 @@ class BlockRemovalProblem:
             >>> q.labels, q.metadata["model"], bool((q.H == p.H).all())
             (('a', 'b', 'c'), 'toy', True)
         """
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
         header = {
             "format": "qblock.BlockRemovalProblem",
             "format_version": FORMAT_VERSION,
@@ -609,10 +593,7 @@ class BlockRemovalProblem:
         payload = {"H": self._H, "linear": self._linear, "header": np.array(json.dumps(header))}
         for key, arr in self.arrays.items():
             payload[f"array__{key}"] = arr
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **payload)
-        atomic_write_bytes(path, buf.getvalue())
-        return path
+        return save_npz(path, payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BlockRemovalProblem":

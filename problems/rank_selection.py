@@ -41,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -52,8 +51,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import dimod
 import numpy as np
 
-from qblock._io import atomic_write_bytes
-from qblock.problems._states import binary_states, quadratic_energies
+from qblock.problems._states import binary_program, binary_states, quadratic_energies, save_npz
 from qblock.problems.block_removal import BlockRemovalProblem, _as_real, _read_npz
 
 __all__ = ["RankSelectionProblem", "group_costs", "load_problem", "KIND", "FORMAT_VERSION"]
@@ -427,15 +425,7 @@ class RankSelectionProblem:
 
     def to_quadratic_program(self, name: str = "rank_selection"):
         """A qiskit-optimization ``QuadraticProgram`` with binaries ``y0..y{N-1}`` and the same constraints."""
-        from qblock._lazy import require
-
-        qp_mod = require("qiskit_optimization", "qaoa")
-        bqm = self.objective_bqm()
-        qp = qp_mod.QuadraticProgram(name)
-        for i in range(self.num_variables):
-            qp.binary_var(f"y{i}")
-        qp.minimize(constant=float(bqm.offset), linear={f"y{i}": float(b) for i, b in bqm.linear.items()},
-                    quadratic={(f"y{u}", f"y{v}"): float(b) for (u, v), b in bqm.quadratic.items()})
+        qp = binary_program(self, name, "y")
         qp.linear_constraint({f"y{i}": int(c) for i, c in enumerate(self._costs)}, "<=", self._budget, name=_BUDGET)
         for k, (later, earlier) in enumerate(self._pairs):
             qp.linear_constraint({f"y{int(later)}": 1, f"y{int(earlier)}": -1}, "<=", 0, name=f"prefix_{k}")
@@ -519,19 +509,13 @@ class RankSelectionProblem:
             >>> q.kind, q.budget, q.costs.tolist(), q.prefix
             ('rank_selection', 5, [3, 4], True)
         """
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
         header = {"format": "qblock.RankSelectionProblem", "format_version": FORMAT_VERSION, "budget": self._budget,
                   "prefix": self._prefix, "offset": self._offset, "labels": list(self._labels),
                   "matrix_names": list(self.matrix_names), "metadata": self.metadata, "arrays": sorted(self.arrays)}
         payload = {"H": self._H, "linear": self._linear, "costs": self._costs, "matrix": self._matrix,
                    "position": self._position, "header": np.array(json.dumps(header))}
         payload.update({f"array__{k}": v for k, v in self.arrays.items()})
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **payload)
-        atomic_write_bytes(path, buf.getvalue())
-        return path
+        return save_npz(path, payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RankSelectionProblem":
