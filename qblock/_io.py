@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 __all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "file_in_the_way"]
 
@@ -65,14 +66,29 @@ def file_in_the_way(folder: str | os.PathLike) -> Path | None:
 
 def _replace_with(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates 0600; give the file the permissions a plain open() would
+    umask = os.umask(0)
+    os.umask(umask)
+    with replacing(path, suffix=".tmp", mode=0o666 & ~umask) as fh:
+        fh.write(data)
+
+
+@contextlib.contextmanager
+def replacing(path: Path, *, suffix: str = "", mode: int | None = None) -> Iterator[BinaryIO]:
+    """A binary temporary file next to ``path`` that replaces ``path`` if the block ends without error
+    and is removed otherwise, so no reader ever sees half a file.
+
+    Args:
+        path: the file to write (its folder must exist).
+        suffix: ending of the temporary name.
+        mode: permissions set before the rename (``None`` keeps ``mkstemp``'s private 0600).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        # mkstemp creates 0600; give the file the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+            yield fh
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 #: the repository root (tests live in folders that mirror the package: tests/qblock/llm/... for qblock/llm/...)
 ROOT = Path(__file__).resolve().parents[1]
 # the root ahead of tests/ on sys.path, so the folder tests/qblock/ can never stand in for the package
@@ -26,6 +28,18 @@ try:  # tiny test models gain nothing from intra-op threads, and a busy 2-core b
     torch.set_num_threads(1)
 except ImportError:  # the core suite runs without the llm extra
     pass
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests, restored after (a test elsewhere may have changed it):
+    tiny matrices gain nothing from more, and lose a lot on busy cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------ random tiny models

@@ -31,6 +31,22 @@ def _transformers():
     return tf
 
 
+def drop_gguf_markers(model: Any) -> None:
+    """Clear the quantizer markers of a GGUF-loaded model.
+
+    transformers refuses ``save_pretrained`` while they are set; the tensors are already dequantised
+    to plain float32, so dropping them loses nothing.
+    """
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def _resolve_dtype(dtype: Any):
     torch = _torch()
     if dtype is None:

