@@ -95,27 +95,21 @@ def _resolve(args) -> dict:
     return preset
 
 
-def run(args: argparse.Namespace) -> int:
-    from qblock.cli._common import apply_eval_dtype, parse_list, parse_ms, selection_settings, setup_torch
+def _checked_settings(args: argparse.Namespace):
+    """The preset with the user's values over it, every option checked before any work.
 
-    threads = setup_torch(args)
-    from qblock.llm.cache import CacheError
-    from qblock.llm.data import BENCHMARKS, DataError
-    from qblock.llm.models import ModelLoadError, load_model, model_provenance
-    from qblock.llm.pipeline import ExtractError, ExtractionSettings
+    Returns:
+        ``(cfg, ms, baselines, tasks, energies)``; the preset's selection settings are set on ``args``.
+    """
+    from qblock.cli._common import parse_list, parse_ms
+    from qblock.llm.data import BENCHMARKS
     from qblock.validate.baselines import BASELINE_METHODS
-    from qblock.validate.runner import (ValidationError, ValidationSettings, data_for_problem, print_summary,
-                                        validate, write_summary_json)
 
-    check_executor(args)
-    t_start = time.perf_counter()
     cfg = _resolve(args)
-    cfg["seed"] = args.seed
-    preset_pool = args.select_pool is None  # the preset's pool is capped at the model's blocks below
+    cfg["seed"], cfg["gate"] = args.seed, args.gate
     for key in ("select_samples", "select_evaluations", "select_pool", "select_confirm_samples"):
         setattr(args, key, cfg[key])
     check_selection_options(args)  # before the model is loaded or the cached problem rewritten
-    cfg["gate"] = args.gate
     ms = parse_ms(args.remove)
     for k in ("samples", "eval_samples", "top", "batch_size"):
         v = cfg.get(k, getattr(args, k, 1))
@@ -126,6 +120,24 @@ def run(args: argparse.Namespace) -> int:
     baselines = parse_list(args.baselines, BASELINE_METHODS, "--baselines", BASELINE_METHODS)
     tasks = parse_list(cfg["tasks"], tuple(BENCHMARKS), "--tasks")
     energies = args.energies if args.energies == "auto" else parse_list(args.energies, SCORED_ENERGY_MODELS, "--energies")
+    return cfg, ms, baselines, tasks, energies
+
+
+def run(args: argparse.Namespace) -> int:
+    from qblock.cli._common import apply_eval_dtype, selection_settings, setup_torch
+
+    threads = setup_torch(args)
+    from qblock.llm.cache import CacheError
+    from qblock.llm.data import DataError
+    from qblock.llm.models import ModelLoadError, load_model, model_provenance
+    from qblock.llm.pipeline import ExtractError, ExtractionSettings
+    from qblock.validate.runner import (ValidationError, ValidationSettings, data_for_problem, print_summary,
+                                        validate, write_summary_json)
+
+    check_executor(args)
+    t_start = time.perf_counter()
+    preset_pool = args.select_pool is None  # the preset's pool is capped at the model's blocks below
+    cfg, ms, baselines, tasks, energies = _checked_settings(args)
     from qblock.validate.heal import heal_after_validation, heal_options, print_heal_summary
 
     heal_opts = heal_options(args)
