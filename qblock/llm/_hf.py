@@ -47,6 +47,28 @@ def drop_gguf_markers(model: Any) -> None:
         del model.config.quantization_config
 
 
+def publish_dir(tmp: Path, target: Path, already_done: bool) -> None:
+    """Put a finished conversion in place: ``tmp`` replaces ``target`` (a stale one is removed first), or,
+    when another process finished the same conversion meanwhile (``already_done``), ``tmp`` is dropped.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp()); tmp = root / "tmp"; tmp.mkdir(); _ = (tmp / "w").write_text("1")
+        >>> publish_dir(tmp, root / "model", already_done=False)
+        >>> (root / "model" / "w").read_text(), tmp.exists()
+        ('1', False)
+    """
+    import os
+    import shutil
+
+    if already_done:
+        shutil.rmtree(tmp)
+        return
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
 def _resolve_dtype(dtype: Any):
     torch = _torch()
     if dtype is None:

@@ -35,7 +35,7 @@ from typing import Any
 
 from qblock.llm import cache
 from qblock.llm._hf import (ModelLoadError, _finish, _load_dir, _no_bars, _resolve_dtype,  # noqa: F401
-                             _torch, _transformers, drop_gguf_markers)
+                             _torch, _transformers, drop_gguf_markers, publish_dir)
 
 __all__ = [
     "DEFAULT_MODEL_ID",
@@ -141,12 +141,10 @@ def convert_default_model(force: bool = False, quiet: bool = False) -> Path:
             "transformers": transformers.__version__,
             "files": digests,
         }, indent=2))
-        if _converted_ok(target) and not force:
-            shutil.rmtree(tmp)  # another process finished the same conversion meanwhile
+        done = _converted_ok(target) and not force  # another process finished the same conversion meanwhile
+        publish_dir(tmp, target, done)
+        if done:
             return target
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

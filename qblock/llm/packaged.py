@@ -404,12 +404,7 @@ def _write_dir(model: PackagedModel, hf_model: Any, tok: Any, target: Path, quie
         (tmp / _MARKER).write_text(json.dumps(_marker(model, tf.__version__), indent=2))
         for f in tmp.iterdir():
             os.chmod(f, 0o644)  # save_pretrained writes the weights private; the cache may be shared
-        if is_converted(model):
-            shutil.rmtree(tmp)  # another process finished the same conversion meanwhile
-            return
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _hf.publish_dir(tmp, target, is_converted(model))  # done meanwhile by another process: tmp dropped
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
