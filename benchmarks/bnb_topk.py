@@ -38,18 +38,32 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one); every benchmark records it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def write_results(out: str | Path, res: dict, markdown) -> None:
+    """Write ``<out>.json`` and ``<out>.md`` (``markdown(res)``) and print the markdown."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=float))
+    md = markdown(res)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
 def machine_info() -> dict:
     """CPU model, cores, load and library versions (timings depend on all of them)."""
     import scipy
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -242,13 +256,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-synthetic", action="store_true", help="only the --problem instance")
     ap.add_argument("--out", default=str(RESULTS / "bnb_topk"), help="output path without extension")
     args = ap.parse_args(argv)
-    res = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=float))
-    md = markdown(res)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(args.out, run(args), markdown)
     return 0
 
 

@@ -38,17 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(torch, device) -> dict:
+    from bnb_topk import cpu_model  # one description of the machine for every benchmark
+
     info = {
         "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),

@@ -35,14 +35,9 @@ VARIANTS = {
 def machine() -> dict:
     from importlib.metadata import version
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from bnb_topk import cpu_model
+
+    cpu = cpu_model()
     pkgs = {}
     for name in ("qiskit", "qiskit-aer", "numpy", "scipy", "dimod"):
         try:

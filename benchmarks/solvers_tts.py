@@ -16,7 +16,6 @@ Run (about two minutes)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -106,13 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--certify-time-limit", type=float, default=120.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "solvers_tts"))
     args = ap.parse_args(argv)
-    res = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=float))
-    md = markdown(res)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    from bnb_topk import write_results
+
+    write_results(args.out, run(args), markdown)
     return 0
 
 
