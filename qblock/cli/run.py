@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from qblock.llm.models import ModelLoadError, load_model, model_provenance
     from qblock.llm.pipeline import ExtractError, ExtractionSettings
     from qblock.validate.runner import (ValidationError, ValidationSettings, data_for_problem, print_summary,
-                                        validate, write_summary_json)
+                                        summary_if_failed, validate, write_summary_json)
 
     check_executor(args)
     t_start = time.perf_counter()
@@ -213,8 +213,10 @@ def run(args: argparse.Namespace) -> int:
                               title=f"qblock run: which blocks of {prov.get('id')} to remove", notes=notes,
                               executor=executor, write_summary=False)
         if heal_opts:
-            heal_after_validation(result, model, tok, evals, dprov, out, heal_opts, n_boot=cfg["bootstrap"],
-                                  seed=args.seed, batch_size=args.batch_size, progress=progress, write_summary=False)
+            with summary_if_failed(out, result):
+                heal_after_validation(result, model, tok, evals, dprov, out, heal_opts, n_boot=cfg["bootstrap"],
+                                      seed=args.seed, batch_size=args.batch_size, progress=progress,
+                                      write_summary=False)
     except (ValidationError, DataError, CacheError) as exc:
         raise CliError(str(exc)) from None
     timings.update(result["timings"])

@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from qblock.problems.block_removal import BlockRemovalProblem
     from qblock.validate.baselines import BASELINE_METHODS
     from qblock.validate.runner import (ValidationError, ValidationSettings, data_for_problem, print_summary,
-                                        read_solutions, validate, write_summary_json)
+                                        read_solutions, summary_if_failed, validate,
+                                        write_summary_json)
 
     if not Path(args.problem).is_file():
         raise CliError(f"problem file not found: {args.problem}")
@@ -156,9 +157,10 @@ def run(args: argparse.Namespace) -> int:
                                                "executor": args.executor},
                               executor=executor, write_summary=False)
         if heal_opts:
-            heal_after_validation(result, model, tok, evals, prov, args.out, heal_opts, n_boot=args.bootstrap,
-                                  seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
-                                  write_summary=False)
+            with summary_if_failed(args.out, result):
+                heal_after_validation(result, model, tok, evals, prov, args.out, heal_opts, n_boot=args.bootstrap,
+                                      seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+                                      write_summary=False)
         write_summary_json(args.out, result["summary_json"])  # once, with the healing entry if any
     except (ValidationError, DataError, CacheError) as exc:
         raise CliError(str(exc)) from None

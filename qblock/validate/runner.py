@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -761,6 +762,28 @@ def write_summary_json(out_dir: str | Path, data: Mapping[str, Any]) -> Path:
 
     return atomic_write_bytes(Path(out_dir) / "summary.json",
                               (json.dumps(data, indent=1, default=_json_default) + "\n").encode())
+
+
+@contextlib.contextmanager
+def summary_if_failed(out_dir: str | Path, result: Mapping[str, Any]):
+    """Around work after :func:`validate` (healing): if it fails, the validation's ``summary.json`` is still
+    written (then the error goes on), so a report folder never has tables without their summary.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> try:
+        ...     with summary_if_failed(d, {"summary_json": {"ok": 1}}):
+        ...         raise KeyboardInterrupt
+        ... except KeyboardInterrupt:
+        ...     print((Path(d) / "summary.json").read_text().split())
+        ['{', '"ok":', '1', '}']
+    """
+    try:
+        yield
+    except BaseException:
+        write_summary_json(out_dir, result["summary_json"])
+        raise
 
 
 _ORDER = {SELECT_METHOD: -0.5, QUBO_METHOD: 0, **{m: k + 1 for k, m in enumerate(BASELINE_METHODS)},
