@@ -54,7 +54,13 @@ def main(argv=None) -> int:
     if args.heldout_samples is not None and args.heldout_samples < 2:
         ap.error(f"--heldout-samples must be at least 2, got {args.heldout_samples}")
     path = Path(args.recheck)
-    rc = json.loads(path.read_text())
+    try:
+        rc = json.loads(path.read_text())
+        ok = (path.parent / rc["study"]).is_file() and "per_m" in rc
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        ap.error(f"{path} is not a re-check JSON next to its study (see selection_recheck.py)")
     study = json.loads((path.parent / rc["study"]).read_text())["settings"]
 
     import torch
@@ -75,9 +81,11 @@ def main(argv=None) -> int:
         if not all(bool((a == b).all()) for a, b in zip(calib + evals[:k], c0 + e0[:k])):
             raise SystemExit("--heldout-samples changed the study's calibration or held-out samples")
 
+    from tqdm.auto import tqdm
+
     def per_sample(removed, xs):
         with mask_blocks(model, removed):
-            return [heldout_loss(model, [x])[0] for x in xs]
+            return [heldout_loss(model, [x])[0] for x in tqdm(xs, desc=f"removing {len(removed)}", leave=False)]
 
     out = {"recheck": path.name, "model": study["model"], "calibration_samples": n_cal,
            "heldout_samples": len(evals), "per_m": {}}
