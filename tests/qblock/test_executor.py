@@ -103,7 +103,7 @@ class _FakeRay:
         self.cancelled.append(ref)
 
 
-def test_collect_keeps_index_order_and_cancels_the_rest_on_an_error():
+def test_collect_keeps_index_order_and_leaves_stopping_to_close_on_an_error():
     from qblock.executor import _collect
 
     seen = []
@@ -113,7 +113,8 @@ def test_collect_keeps_index_order_and_cancels_the_rest_on_an_error():
     ray = _FakeRay(["c", "a", "b"], fail="a")
     with pytest.raises(KeyboardInterrupt):
         _collect(ray, {"a": 0, "b": 1, "c": 2}, 3, None)
-    assert ray.cancelled == ["b"]
+    # no ray.cancel: racing a finishing task it aborts the driver (Ray 2.60); close() stops the work
+    assert ray.cancelled == []
 
 
 def test_compare_with_the_local_executor_equals_the_default():
@@ -243,7 +244,7 @@ def test_sleb_on_ray_equals_local(ray_executor):
 
 @pytest.mark.cluster
 def test_ctrl_c_stops_a_ray_compare_cleanly(tmp_path):
-    """SIGINT mid-study: exit 130 promptly with the one-line message (tasks cancelled, Ray stopped)."""
+    """SIGINT mid-study: exit 130 promptly with the one-line message (Ray stopped with its tasks)."""
     import os
     import signal
     import subprocess
