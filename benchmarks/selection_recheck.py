@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         out["per_m"][str(m)] = {
             "removed": rec, "confirm_loss": conf, "loop_loss": sel["oracle"].loss(rec), "heldout": held.loss(rec),
             "fwd_tokens": sel["shared_tokens"] + ref.tokens + ref.confirm_tokens,
-            "start": [h["removed"] for h in ref.history if h["source"] == "start"],
+            "start": [h["removed"] for h in ref.history if h["source"].startswith("start")],
             "study_qblock": {"removed": rows[QBLOCK]["removed"], "heldout": rows[QBLOCK]["heldout_loss"],
                              "fwd_tokens": rows[QBLOCK]["fwd_tokens"]},
             "baselines": base}

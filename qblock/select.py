@@ -237,7 +237,8 @@ class Refinement:
         best_loss: its calibration loss.
         history: every measurement of size M, in order: ``{"removed", "loss", "round", "source"}``
             (``source``: ``"solver"`` for a backend proposal, ``"neighbour"`` for a swap neighbour of a
-            best measured set, ranked by the surrogate, ``"start"`` for a given starting set).
+            best measured set, ranked by the surrogate, ``"start"`` or ``"start:<label>"`` for a given
+            starting set).
         surrogate: the final surrogate QUBO (prior + correction fitted to every measurement).
         tokens: forward tokens this refinement spent (the prior's not included).
         backend: the solver backend used.
@@ -246,6 +247,10 @@ class Refinement:
         finalists: ``{removed: loss}`` re-measured by :func:`confirm` on more calibration tokens (empty
             when no confirmation ran).
         confirm_tokens: forward tokens the confirmation spent for this M.
+        known: sets of size M measured before the loop (``known`` of :func:`refine`, e.g. the measured
+            QUBO's pairs at M = 2) with their losses: candidates like the loop's own.
+        sources: ``{removed: label}`` of the given starting sets measured before the loop (those
+            measured in the loop carry theirs in ``history``).
     """
 
     num_remove: int
@@ -259,6 +264,8 @@ class Refinement:
     repeats: int = 0
     finalists: dict[tuple[int, ...], float] = field(default_factory=dict)
     confirm_tokens: int = 0
+    known: dict[tuple[int, ...], float] = field(default_factory=dict)
+    sources: dict[tuple[int, ...], str] = field(default_factory=dict)
 
     @property
     def recommended(self) -> tuple[list[int], float]:
@@ -269,16 +276,26 @@ class Refinement:
         return list(self.best_removed), self.best_loss
 
     def ranked(self) -> list[tuple[tuple[int, ...], float]]:
-        """Every measured set of size M with its loss, lowest first (the loop's own measurements)."""
-        sized = {tuple(h["removed"]): h["loss"] for h in self.history}
+        """Every measured set of size M with its loss on the loop's samples, lowest first (the loop's own
+        measurements and the ones it was given)."""
+        sized = dict(self.known)
+        sized.update((tuple(h["removed"]), h["loss"]) for h in self.history)
         sized.setdefault(tuple(self.best_removed), self.best_loss)
         return sorted(sized.items(), key=lambda kv: (kv[1], kv[0]))
+
+    def source(self, removed: Iterable[int]) -> str:
+        """Where a measured set came from: a history ``source``, a start's label, or ``"known"``."""
+        key = _key(removed)
+        for h in self.history:
+            if tuple(h["removed"]) == key:
+                return h["source"]
+        return self.sources.get(key, "known" if key in self.known else "unmeasured")
 
 
 def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, backend: str = "exact",
            budget_tokens: int, batch: int = 4, seed: int = 0, backend_params: dict[str, Any] | None = None,
            known: dict[tuple[int, ...], float] | None = None, local: int = 50,
-           starts: Sequence[Iterable[int]] = (), progress: Any = None) -> Refinement:
+           starts: Sequence[Iterable[int]] | dict[str, Iterable[int]] = (), progress: Any = None) -> Refinement:
     """Surrogate refinement for one M: fit, solve with ``backend``, measure the best unseen, repeat.
 
     Args:
@@ -296,8 +313,9 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
         local: percent of each round (after the first) given to the surrogate's best unseen one-swap
             neighbours of the best measured sets (a trust region around the incumbent); the rest are the
             backend's proposals. ``0``: backend proposals only (neighbours only replace repeats).
-        starts: sets of size M measured in the first round before any proposal (e.g. from
-            :func:`greedy_chain`); the surrogate is then fitted to them and searches around them too.
+        starts: sets of size M all measured in the first round before any proposal (e.g. from
+            :func:`greedy_chain` or one-pass baselines), or ``{label: set}`` to name their source
+            (``"start:<label>"``); the surrogate is then fitted to them and searches around them too.
         progress: a callable ``progress(tokens_spent, budget)`` or None.
 
     Returns:
@@ -317,7 +335,12 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
     total = math.comb(n, M)
     t0, rounds, repeats = oracle.tokens, 0, 0
     per_eval = None  # tokens of one evaluation, learnt from the first
-    first = list(dict.fromkeys(_key(s) for s in starts if len(_key(s)) == M))
+    labelled = starts.items() if isinstance(starts, dict) else [("", s) for s in starts]
+    labels: dict[tuple[int, ...], str] = {}
+    for label, s in labelled:
+        if len(_key(s)) == M:
+            labels.setdefault(_key(s), f"start:{label}" if label else "start")
+    first = list(labels)
     sur = prior.with_num_remove(M)
     while True:
         sur = surrogate_problem(prior, list(seen), list(seen.values()), base, M)
@@ -338,9 +361,9 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
         # the surrogate's global proposals, and (trust-region style) its best unseen swap neighbours of the
         # best measured sets; neighbours also stand in for proposals the solver repeats
         n_local = min(want - 1, want * local // 100) if rounds > 0 else 0
-        picks = [(p, "start") for p in first if p not in seen][:want] if rounds == 0 else []
-        picks += [(p, "solver") for p in fresh if p not in first][: want - n_local - len(picks)]
-        picks += [(p, "neighbour") for p in _neighbours(sur, seen, M, want - len(picks),
+        picks = [(p, labels[p]) for p in first if p not in seen] if rounds == 0 else []
+        picks += [(p, "solver") for p in fresh if p not in first][: max(0, want - n_local - len(picks))]
+        picks += [(p, "neighbour") for p in _neighbours(sur, seen, M, max(0, want - len(picks)),
                                                        exclude=[p for p, _ in picks])]
         if not picks:
             break
@@ -358,7 +381,9 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
     if not sized:
         raise ValueError("the token budget allowed no evaluation; raise budget_tokens")
     best = min(sized, key=lambda k: (sized[k], k))
-    return Refinement(M, list(best), sized[best], history, sur, oracle.tokens - t0, backend, rounds, repeats)
+    before = {k: v for k, v in (known or {}).items() if len(k) == M}
+    return Refinement(M, list(best), sized[best], history, sur, oracle.tokens - t0, backend, rounds, repeats,
+                      known=before, sources={k: labels[k] for k in first if k in before})
 
 
 def _neighbours(sur: BlockRemovalProblem, seen: dict[tuple[int, ...], float], M: int, count: int,
@@ -380,7 +405,8 @@ def _neighbours(sur: BlockRemovalProblem, seen: dict[tuple[int, ...], float], M:
     return sorted(cand, key=lambda t: (cand[t], t))[:count]
 
 
-def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6) -> Refinement:
+def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
+            also: Iterable[Iterable[int]] = ()) -> Refinement:
     """Re-measure the ``top`` best sets of a refinement on a larger calibration sample; recommend the lowest.
 
     The loop ranks many sets on a small sample, so its few best sets differ by less than that sample's
@@ -391,6 +417,9 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6) -> Refinem
             never held-out ones).
         refinement: the result of :func:`refine`; updated in place and returned.
         top: how many of its best measured sets to re-measure (``0``: none).
+        also: sets re-measured whatever their rank (e.g. the one-pass baselines' sets, so the
+            recommendation is never worse on the confirmation samples than those); sets of another size
+            or not measured by the loop are skipped.
 
     Returns:
         ``refinement`` with ``finalists`` and ``confirm_tokens`` set; ``refinement.recommended`` is then
@@ -411,7 +440,9 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6) -> Refinem
     if int(top) < 0:
         raise ValueError(f"top must be non-negative, got {top}")
     t0 = oracle.tokens
-    keys = [key for key, _ in refinement.ranked()[: int(top)]]
+    ranked = [key for key, _ in refinement.ranked()]
+    keys = ranked[: int(top)]
+    keys += [k for k in dict.fromkeys(_key(s) for s in also) if k in ranked and k not in keys]
     for key, v in zip(keys, measure(oracle, keys)):
         refinement.finalists[key] = v
     refinement.confirm_tokens += oracle.tokens - t0

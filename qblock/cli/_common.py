@@ -241,6 +241,9 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
     g.add_argument("--select-screen", type=int, default=2, metavar="N",
                    help="calibration samples of a cheap greedy removal chain that gives the loop one starting set "
                         "per M (default 2; 0 for none)")
+    g.add_argument("--no-select-one-pass", dest="select_one_pass", action="store_false",
+                   help="do not add the one-pass baselines' sets (ShortGPT, angular window; one statistics pass) "
+                        "to the loop's starts and the confirmed finalists")
 
 
 def _or_preset(default: int | None) -> str:
@@ -302,7 +305,7 @@ def selection_settings(args: argparse.Namespace) -> dict:
     return {"select": args.select, "select_samples": args.select_samples, "select_evaluations": args.select_evaluations,
             "select_pool": args.select_pool, "select_backend": args.select_backend,
             "select_confirm": args.select_confirm, "select_confirm_samples": args.select_confirm_samples,
-            "select_screen": args.select_screen}
+            "select_screen": args.select_screen, "select_one_pass": args.select_one_pass}
 
 
 def parse_ms(value: str | None) -> list[int] | None:

@@ -133,7 +133,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
                     pool_size: int | None = None, evaluations_per_m: int = 24, batch: int = 4,
                     backend: str = "exact", backend_params: dict[str, Any] | None = None, seed: int = 0,
                     batch_size: int = 8, confirm_samples: Sequence[Any] | None = None, confirm_top: int = 6,
-                    screen_samples: int = 0, progress: bool = False, executor: Any = None) -> dict[str, Any]:
+                    screen_samples: int = 0, one_pass: bool = True, progress: bool = False,
+                    executor: Any = None) -> dict[str, Any]:
     """qblock's recommended removal sets: the measured QUBO, refined for each M with ``backend`` in the loop.
 
     Args:
@@ -154,6 +155,10 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         screen_samples: if positive, a greedy removal chain (:func:`qblock.select.greedy_chain`) on the
             first ``screen_samples`` samples proposes one starting set per M for the loop (its tokens
             count as shared); ``0``: none.
+        one_pass: the sets of the one-pass baselines (ShortGPT's lowest block influence, the angular
+            window; :func:`one_pass_sets`) from one statistics pass over ``samples`` (its tokens count as
+            shared) start the loop for every M and are always among the confirmed finalists, so the
+            recommendation is never worse on the confirmation samples than theirs.
         progress: a progress bar over evaluations.
         executor: where each batch of measurements runs (:mod:`qblock.executor`; Ray: model actors,
             the same losses and token counts).
@@ -181,6 +186,9 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         if checker is not None:
             checker.loss(())  # its recorded full-model pass serves every M
             shared += checker.tokens
+        cheap = one_pass_sets(model, samples, num_removes, batch_size=batch_size) if one_pass and num_removes else {}
+        if cheap:
+            shared += oracle.tokens_per_pass
         chain = {}
         if int(screen_samples) > 0 and num_removes:
             screen = CalibrationLoss(model, list(samples)[: int(screen_samples)], gate=gate, batch_size=batch_size,
@@ -190,16 +198,34 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
             shared += screen.tokens
         refinements = {}
         for m in sorted({int(m) for m in num_removes}):
+            starts = {**({"greedy": chain[m]} if m in chain else {}), **cheap.get(m, {})}
             refinements[m] = refine(bar, prior, m, backend=backend, backend_params=backend_params, seed=seed,
                                     budget_tokens=int(evaluations_per_m) * oracle.tokens_per_pass, batch=batch,
-                                    known=oracle.measured(), starts=[chain[m]] if m in chain else ())
+                                    known=oracle.measured(), starts=starts)
             if checker is not None:
-                confirm(_Bar(checker, False, bar.bar), refinements[m], top=confirm_top)
+                confirm(_Bar(checker, False, bar.bar), refinements[m], top=confirm_top,
+                        also=cheap.get(m, {}).values())
     finally:
         bar.close()
     return {"prior": prior, "refinements": refinements, "shared_tokens": int(shared),
             "tokens_per_evaluation": oracle.tokens_per_pass, "oracle": oracle, "confirm_oracle": checker,
             "seconds": time.perf_counter() - t0}
+
+
+def one_pass_sets(model, samples: Sequence[Any], num_removes: Sequence[int], *,
+                  batch_size: int = 8) -> dict[int, dict[str, tuple[int, ...]]]:
+    """``{M: {"shortgpt": set, "angular": set}}``: the one-pass baselines' sets from one statistics pass.
+
+    The same rules as :mod:`qblock.validate.baselines` (ShortGPT's M blocks of lowest block influence,
+    Gromov et al.'s window of M blocks of least angular distance), on ``samples``. Cheap and often strong
+    at small M, where a loop that ranks on few samples can miss them.
+    """
+    from qblock.validate.baselines import angular, block_statistics, shortgpt
+
+    stats = block_statistics(model, samples, batch_size=batch_size)
+    return {int(m): {"shortgpt": tuple(shortgpt(stats, int(m), len(samples)).removed),
+                     "angular": tuple(angular(stats, int(m), len(samples)).removed)}
+            for m in sorted({int(m) for m in num_removes})}
 
 
 class _Bar:

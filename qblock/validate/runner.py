@@ -25,8 +25,8 @@ Example:
     >>> p = build_problem(gate_gradients(model, calib, progress=False), energy="fisher")
     >>> res = validate(p, model, None, calib, evals, ValidationSettings(num_removes=[2], top_k=3,
     ...     num_random=2, backend="exact", n_boot=50, progress=False), out_dir=tempfile.mkdtemp())
-    >>> sorted({r["method"] for r in res["rows"]})[:3]
-    ['angular', 'full', 'norm_ratio']
+    >>> sorted({r["method"] for r in res["rows"]})
+    ['angular', 'full', 'measured', 'norm_ratio', 'qblock', 'qubo', 'random', 'shortgpt', 'shortgpt_iterative', 'sleb']
 """
 
 from __future__ import annotations
@@ -97,6 +97,9 @@ class ValidationSettings:
             all); no confirmation when they are no more than ``select_samples``.
         select_screen: calibration samples (the first ones) of a greedy removal chain that proposes one
             starting set per M to the loop (:func:`qblock.select.greedy_chain`); ``0``: none.
+        select_one_pass: the one-pass baselines' sets (ShortGPT, angular window) from one statistics
+            pass over the selection samples start the loop and are always confirmed
+            (:func:`qblock.llm.measured.one_pass_sets`).
         select_heldout: measured sets per M (lowest calibration loss first, the recommended one
             included) also evaluated on held-out data, for the correlations.
         n_boot: bootstrap resamples for the correlation intervals.
@@ -130,6 +133,7 @@ class ValidationSettings:
     select_confirm: int = 6
     select_confirm_samples: int | None = 32
     select_screen: int = 2
+    select_one_pass: bool = True
     select_heldout: int = 5
     n_boot: int = 2000
     stats_seed: int = 0
@@ -364,6 +368,7 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
     _log(f"qblock selection: measured QUBO on {len(samples)} calibration samples, refined per M with "
          f"{settings.select_backend} ({settings.select_evaluations} evaluations per M)"
          + (f", started from a greedy chain on {settings.select_screen} samples" if settings.select_screen else "")
+         + (" and the one-pass baselines' sets" if settings.select_one_pass else "")
          + (f", best {settings.select_confirm} confirmed on {len(checks)} samples" if checks else ""),
          settings.progress)
     t0 = time.perf_counter()
@@ -373,6 +378,7 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
                               backend=settings.select_backend, seed=settings.solve_seed,
                               batch_size=settings.batch_size, confirm_samples=checks,
                               confirm_top=settings.select_confirm, screen_samples=settings.select_screen,
+                              one_pass=settings.select_one_pass,
                               progress=settings.progress, executor=executor)
     except ValueError as exc:
         raise ValidationError(f"qblock selection: {exc}") from None
@@ -380,6 +386,7 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
     sel["num_samples"] = len(samples)
     sel["confirm_samples"] = len(checks) if checks else 0
     sel["screen_samples"] = min(int(settings.select_screen), len(samples))
+    sel["one_pass"] = bool(settings.select_one_pass)
     return sel
 
 
@@ -403,12 +410,14 @@ def _selection_rows(sel: Mapping[str, Any], settings: ValidationSettings) -> lis
                 "cost_forward_tokens": sel["shared_tokens"] + ref.tokens + ref.confirm_tokens}
         note = (f"measured QUBO (pairs in a pool of {len(prior.metadata['selection']['pool'])}) refined with "
                 f"{ref.backend} in the loop" + (f", started from a greedy chain on {sel['screen_samples']} samples"
-                                                 if sel.get("screen_samples") else "") + (f"; best {len(fin)} confirmed on {sel['confirm_samples']} "
+                                                 if sel.get("screen_samples") else "")
+                + (" and the one-pass baselines' sets" if sel.get("one_pass") else "")
+                + (f"; {len(fin)} finalists confirmed on {sel['confirm_samples']} "
                                                  "calibration samples" if fin else ""))
         for rank, key in enumerate(order[: max(1, settings.select_heldout)], start=1):
             rows.append({"num_remove": m, "method": SELECT_METHOD if rank == 1 else MEASURED_METHOD,
                          "rank": None if rank == 1 else rank, "removed": list(key), "calib_loss": loop[key],
-                         "confirm_loss": ref.finalists.get(key), "note": note, **cost})
+                         "confirm_loss": ref.finalists.get(key), "source": ref.source(key), "note": note, **cost})
     return rows
 
 
@@ -427,6 +436,7 @@ def _selection_summary(sel: Mapping[str, Any], n: int, ms: Sequence[int]) -> dic
         "pool": meta["pool"], "shared_tokens": sel["shared_tokens"], "tokens_per_evaluation": sel["tokens_per_evaluation"],
         "num_samples": sel["num_samples"], "seconds": sel["seconds"], "coupling_rule": meta["coupling_rule"],
         "confirm_samples": sel.get("confirm_samples", 0), "screen_samples": sel.get("screen_samples", 0),
+        "one_pass": bool(sel.get("one_pass")),
         "per_m": {str(m): {"backend": r.backend, "rounds": r.rounds, "evaluations": len(r.history),
                            "tokens": r.tokens, "solver_repeats": r.repeats, "finalists": len(r.finalists),
                            "confirm_tokens": r.confirm_tokens,

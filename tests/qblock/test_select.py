@@ -253,7 +253,7 @@ def test_select_removals_confirms_on_more_samples_and_accounts_for_it():
     model = small_llama(6, vocab_size=40)
     samples = [torch.randint(0, 40, (12,)) for _ in range(6)]
     sel = select_removals(model, samples[:2], [2, 3], pool_size=4, evaluations_per_m=6, confirm_samples=samples,
-                          confirm_top=3)
+                          confirm_top=3, one_pass=False)
     direct = CalibrationLoss(model, samples)
     checker = sel["confirm_oracle"]
     assert sel["shared_tokens"] == sel["prior"].metadata["selection"]["forward_tokens"] + 6 * 12
@@ -264,6 +264,46 @@ def test_select_removals_confirms_on_more_samples_and_accounts_for_it():
         assert ref.confirm_tokens == 3 * 6 * 12
         assert ref.recommended[1] == min(ref.finalists.values())
     assert checker.tokens == 6 * 12 * (1 + 3 + 3)
+
+
+def test_one_pass_sets_start_the_loop_and_are_always_confirmed():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from qblock.llm.measured import one_pass_sets, select_removals
+    from qblock.validate.baselines import angular, block_statistics, shortgpt
+
+    model = small_llama(6, vocab_size=40)
+    samples = [torch.randint(0, 40, (12,)) for _ in range(6)]
+    one = one_pass_sets(model, samples[:2], [2, 3])
+    stats = block_statistics(model, samples[:2])
+    for m in (2, 3):  # the baselines' own rules on the same samples
+        assert one[m] == {"shortgpt": tuple(shortgpt(stats, m, 2).removed), "angular": tuple(angular(stats, m, 2).removed)}
+    sel = select_removals(model, samples[:2], [2, 3], pool_size=4, evaluations_per_m=6, confirm_samples=samples,
+                          confirm_top=1)
+    # the statistics pass is one pass over the selection samples, shared by every M
+    assert sel["shared_tokens"] == sel["prior"].metadata["selection"]["forward_tokens"] + 6 * 12 + 2 * 12
+    confirmed = 0
+    for m, ref in sel["refinements"].items():
+        ranked = [k for k, _ in ref.ranked()]
+        extra = [k for k in dict.fromkeys(one[m].values()) if k != ranked[0]]
+        assert list(ref.finalists) == ranked[:1] + extra  # confirmed whatever their rank in the loop
+        assert all(ref.source(k) in ("start:shortgpt", "start:angular", "known") for k in extra)
+        assert ref.confirm_tokens == len(ref.finalists) * 6 * 12
+        confirmed += len(ref.finalists)
+    assert sel["confirm_oracle"].tokens == 6 * 12 * (1 + confirmed)
+
+
+def test_sets_measured_before_the_loop_are_candidates_too():
+    """At M = 2 the measured QUBO's pairs are known before the loop: they rank and can be confirmed."""
+    exact = Oracle(8, seed=3, tokens_per_eval=100)
+    prior = measured_problem(exact, 8, pool_size=8)  # every pair measured
+    known = {c: exact.true_loss(c) for c in exact.calls}
+    res = refine(exact, prior, 2, budget_tokens=0, batch=2, known=known)
+    pairs = {k: v for k, v in known.items() if len(k) == 2}
+    assert len(pairs) == 28  # all of them: the loop has nothing left to measure
+    assert dict(res.ranked()) == pairs and res.history == []
+    assert res.ranked()[0][0] == tuple(res.best_removed)
+    assert res.source(res.best_removed) == "known"
 
 
 class _Masked(Oracle):
@@ -314,9 +354,10 @@ def test_select_removals_screens_with_a_chain_and_counts_its_tokens():
 
     model = small_llama(6, vocab_size=40)
     samples = [torch.randint(0, 40, (12,)) for _ in range(3)]
-    sel = select_removals(model, samples, [2, 3], pool_size=4, evaluations_per_m=4, screen_samples=1)
+    sel = select_removals(model, samples, [2, 3], pool_size=4, evaluations_per_m=4, screen_samples=1,
+                          one_pass=False)
     chain_passes = (6 - 1) + (6 - 2)  # steps 2 and 3 (step 1 reuses the measured singles)
     screen_tokens = (1 + chain_passes) * 12  # its own full-model pass is recorded first
     assert sel["shared_tokens"] == sel["prior"].metadata["selection"]["forward_tokens"] + screen_tokens
     ref = sel["refinements"][3]  # (at M = 2 the chain's pair may be one the pool measured already)
-    assert ref.history[0]["source"] == "start" and len(ref.history[0]["removed"]) == 3
+    assert ref.history[0]["source"] == "start:greedy" and len(ref.history[0]["removed"]) == 3
