@@ -61,13 +61,15 @@ def main(argv=None) -> int:
     sel = select_removals(model, calib[: d.select_samples], ms, pool_size=d.select_pool,
                           evaluations_per_m=d.select_evaluations, batch=d.select_batch, backend=d.select_backend,
                           seed=d.solve_seed, batch_size=d.batch_size, confirm_samples=checks,
-                          confirm_top=d.select_confirm, screen_samples=d.select_screen, progress=True)
+                          confirm_top=d.select_confirm, screen_samples=d.select_screen, one_pass=d.select_one_pass,
+                          progress=True)
     seconds = time.perf_counter() - t0
     held = CalibrationLoss(model, evals, batch_size=d.batch_size)
     out = {"study": study_path.name, "model": st["model"], "M": ms, "selection_seconds": seconds,
            "settings": {"select_samples": d.select_samples, "select_evaluations": d.select_evaluations,
                         "select_confirm": d.select_confirm, "confirm_samples": len(checks),
-                        "select_screen": d.select_screen, "select_backend": d.select_backend},
+                        "select_screen": d.select_screen, "select_one_pass": d.select_one_pass,
+                        "select_backend": d.select_backend},
            "full_model_heldout": held.loss(()), "per_m": {}}
     for m in ms:
         ref = sel["refinements"][m]
@@ -77,9 +79,10 @@ def main(argv=None) -> int:
                     "heldout": held.loss(rows[b]["removed"]), "fwd_tokens": rows[b]["fwd_tokens"]}
                 for b in BASELINES if b in rows}
         out["per_m"][str(m)] = {
-            "removed": rec, "confirm_loss": conf, "loop_loss": sel["oracle"].loss(rec), "heldout": held.loss(rec),
+            "removed": rec, "source": ref.source(rec), "confirm_loss": conf, "loop_loss": sel["oracle"].loss(rec), "heldout": held.loss(rec),
             "fwd_tokens": sel["shared_tokens"] + ref.tokens + ref.confirm_tokens,
             "start": [h["removed"] for h in ref.history if h["source"].startswith("start")],
+            "finalists": {",".join(map(str, k)): v for k, v in ref.finalists.items()},
             "study_qblock": {"removed": rows[QBLOCK]["removed"], "heldout": rows[QBLOCK]["heldout_loss"],
                              "fwd_tokens": rows[QBLOCK]["fwd_tokens"]},
             "baselines": base}
