@@ -51,7 +51,7 @@ import numpy as np
 from qblock.problems.block_removal import BlockRemovalProblem
 
 __all__ = ["LossOracle", "measure", "measured_problem", "refine", "Refinement", "surrogate_problem", "confirm",
-           "greedy_chain"]
+           "greedy_chain", "default_pool_size"]
 
 
 class LossOracle(Protocol):
@@ -112,7 +112,7 @@ def measured_problem(oracle: LossOracle, num_blocks: int, *, pool_size: int | No
     n = int(num_blocks)
     if n < 1:
         raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
-    P = min(n, max(8, math.ceil(n / 2))) if pool_size is None else int(pool_size)
+    P = default_pool_size(n) if pool_size is None else int(pool_size)
     if not 0 <= P <= n:
         raise ValueError(f"pool_size must be between 0 and N = {n}, got {pool_size}")
     tok0 = oracle.tokens
@@ -146,6 +146,17 @@ def measured_problem(oracle: LossOracle, num_blocks: int, *, pool_size: int | No
     return BlockRemovalProblem(J / 2.0, num_remove, linear=single - L0, labels=labels, metadata=meta,
                                arrays={"single_losses": single, "pair_losses": pairs,
                                        "pool": np.asarray(pool, dtype=np.int64)})
+
+
+def default_pool_size(num_blocks: int) -> int:
+    """The pool of :func:`measured_problem` when none is given: ``max(8, ceil(N / 2))`` blocks, at most N.
+
+    Example:
+        >>> default_pool_size(30), default_pool_size(18), default_pool_size(6)
+        (15, 9, 6)
+    """
+    n = int(num_blocks)
+    return min(n, max(8, math.ceil(n / 2)))
 
 
 def _impute_couplings(J: np.ndarray, measured: np.ndarray) -> np.ndarray:

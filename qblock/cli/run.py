@@ -17,8 +17,9 @@ from qblock._energies import ENERGY_MODELS, SCORED_ENERGY_MODELS
 from qblock.cli._common import check_executor, check_output, check_selection_options, open_executor
 
 #: settings of a full run and of ``--quick`` (timings of ``--quick`` in README's quick start; its selection
-#: measures pairs in a pool of 10 blocks and confirms on 16 samples: the same recommended sets as pool
-#: max(8, N/2) and 32 samples on SmolLM2 at M = 3, 6, 9, for 31 % fewer selection tokens)
+#: measures pairs in a pool of 10 blocks, never more than the default max(8, N/2), and confirms on 16
+#: samples: the same recommended sets as pool max(8, N/2) and 32 samples on SmolLM2 at M = 3, 6, 9, for
+#: 31 % fewer selection tokens)
 PRESETS = {
     "full": {"samples": 128, "seq_len": 256, "eval_samples": 32, "top": 10, "random": 5, "greedy_samples": 8,
              "tasks": "arc_easy,piqa,hellaswag", "task_limit": 100, "bench_top": 1, "bootstrap": 2000,
@@ -40,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "End to end on MODEL (default SmolLM2-135M-Instruct, offline once cached): extract the block-removal "
             "problem (cached), solve it for each M, evaluate the top-k states, random sets and every baseline "
             "(ShortGPT, iterative ShortGPT, angular distance, SLEB, norm ratio) on held-out text, print a summary "
-            "and write a report directory. 'qblock run --quick' took 6.7 minutes on 2 CPU cores with the model and "
-            "its extraction cached, quiet or beside one other job (9.7 minutes on busier cores; a full run takes hours "
+            "and write a report directory. 'qblock run --quick' took 5.6 minutes on 2 quiet CPU cores with the model "
+            "and its extraction cached, 6.8 beside a busy loop (an earlier version: 9.7 on busier cores; a full run takes hours "
             "on such a machine; --device cuda where there is a GPU). "
             f"Full settings: {PRESETS['full']}; quick: {PRESETS['quick']}."
         ),
@@ -182,7 +183,14 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise CliError(f"--remove values must be between 1 and {n - 1} for this {n}-block model, got {bad}")
     if preset_pool and args.select_pool is not None:
-        args.select_pool = min(args.select_pool, n)
+        from qblock.select import default_pool_size
+
+        # a preset is meant to be cheaper: never a larger pool than the default rule gives this model
+        capped = min(args.select_pool, default_pool_size(n))
+        if capped != args.select_pool:
+            log(f"selection pool: {capped} blocks (the preset's {args.select_pool}, capped at the default "
+                f"max(8, N/2) for this {n}-block model)")
+        args.select_pool = capped
     dtype = apply_eval_dtype(model, args, healing=bool(heal_opts))  # after extraction: gradients stay fp32
     try:
         calib, evals, dprov = data_for_problem(problem, tok, num_eval=cfg["eval_samples"])

@@ -739,8 +739,13 @@ def _settings_view(problem, ms: Sequence[int], settings: ValidationSettings, sol
                              f"measured QUBO on {selection['num_samples']} calibration samples "
                              f"({selection['tokens_per_evaluation']} tokens per evaluation; pairs in a pool of "
                              f"{len(selection['prior'].metadata['selection']['pool'])} blocks), refined with "
-                             f"{settings.select_backend} for {settings.select_evaluations} evaluations per M; "
-                             "the recommended set is the lowest measured calibration loss"),
+                             f"{settings.select_backend} for {settings.select_evaluations} evaluations per M"
+                             + (f", started from a greedy chain on {selection['screen_samples']} samples"
+                                if selection.get("screen_samples") else "")
+                             + (" and the one-pass baselines' sets" if selection.get("one_pass") else "")
+                             + (f"; finalists confirmed on {selection['confirm_samples']} samples"
+                                if selection.get("confirm_samples") else "")
+                             + "; the recommended set is the lowest measured calibration loss"),
         "energy models compared": ", ".join(["problem (" + str(meta.get("energy", "?")) + ")"] + list(others)),
         "benchmarks": (", ".join(f"{t} ({len(v)} items)" for t, v in benchmarks.items()) +
                        f", zero-shot log-likelihood scoring by {settings.harness}" if benchmarks else "none"),

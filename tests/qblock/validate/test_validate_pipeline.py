@@ -385,6 +385,11 @@ def test_cli_run_end_to_end_and_cached(tiny_dir, tmp_path, monkeypatch, capsys):
     assert "M = 2" in printed.out and "M = 3" in printed.out and "Spearman" in printed.out
     assert "extracting the problem" in printed.err
     assert len(list((tmp_path / "cache" / "problems").glob("*.npz"))) == 1
+    from qblock.select import default_pool_size
+
+    n = qblock.BlockRemovalProblem.load(next((tmp_path / "cache" / "problems").glob("*.npz"))).num_blocks
+    # the quick preset's pool of 10 is never larger than the default rule's for this model
+    assert len(summary["selection"]["pool"]) == default_pool_size(n) < 10 and "capped at the default" in printed.err
     md = (out / "report.md").read_text()
     for m in (2, 3):
         section = md.split(f"## Remove M = {m} blocks")[1].split("## ")[0]
