@@ -16,6 +16,7 @@ inputs, whatever the order), progress is reported through ``on_result(index, res
 complete, an item whose task or actor died is run again (each index is collected exactly once, so
 nothing is lost or counted twice) and Ctrl-C propagates at once; closing the executor (the end of its
 ``with`` block) then stops the actors and the Ray session it started, and with them the outstanding work.
+In a Ray session the caller started, closing kills the actors only: tasks still running finish there.
 
 Example:
     >>> ex = open_executor("local")

@@ -289,13 +289,14 @@ class Refinement:
     def ranked(self) -> list[tuple[tuple[int, ...], float]]:
         """Every measured set of size M with its loss on the loop's samples, lowest first (the loop's own
         measurements and the ones it was given)."""
-        sized = dict(self.known)
-        sized.update((tuple(h["removed"]), h["loss"]) for h in self.history)
+        sized = {k: v for k, v in self.known.items() if len(k) == self.num_remove}
+        sized.update((tuple(h["removed"]), h["loss"]) for h in self.history if len(h["removed"]) == self.num_remove)
         sized.setdefault(tuple(self.best_removed), self.best_loss)
         return sorted(sized.items(), key=lambda kv: (kv[1], kv[0]))
 
     def source(self, removed: Iterable[int]) -> str:
-        """Where a measured set came from: a history ``source``, a start's label, or ``"known"``."""
+        """Where a measured set came from: a history ``source``, a start's label, ``"known"`` (measured
+        before the loop) or ``"unmeasured"``."""
         key = _key(removed)
         for h in self.history:
             if tuple(h["removed"]) == key:
@@ -316,7 +317,7 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
         num_remove: M.
         backend: any name of :func:`qblock.backends.names` (exact, swap, sa, tabu, qaoa, leap-*, ...).
         budget_tokens: forward tokens this loop may spend (it stops before exceeding it; at least one
-            round always runs).
+            round always runs, and it measures every start, even beyond the budget).
         batch: sets measured per round.
         seed: solver seed (round ``t`` uses ``seed + t``).
         backend_params: extra keyword arguments for :func:`qblock.solve`.
@@ -349,8 +350,9 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
     labelled = starts.items() if isinstance(starts, dict) else [("", s) for s in starts]
     labels: dict[tuple[int, ...], str] = {}
     for label, s in labelled:
-        if len(_key(s)) == M:
-            labels.setdefault(_key(s), f"start:{label}" if label else "start")
+        k = _key(s)  # once: a start may be a one-shot iterator
+        if len(k) == M:
+            labels.setdefault(k, f"start:{label}" if label else "start")
     first = list(labels)
     sur = prior.with_num_remove(M)
     while True:
@@ -428,9 +430,10 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
             never held-out ones).
         refinement: the result of :func:`refine`; updated in place and returned.
         top: how many of its best measured sets to re-measure (``0``: none).
-        also: sets re-measured whatever their rank (e.g. the one-pass baselines' sets, so the
-            recommendation is never worse on the confirmation samples than those); sets of another size
-            or not measured by the loop are skipped.
+        also: sets re-measured whatever their rank, on top of the ``top`` (e.g. the one-pass baselines'
+            sets, so the recommendation is never worse on the confirmation samples than those); the loop's
+            best is then re-measured too, even with ``top = 0``; sets of another size or not measured by
+            the loop are skipped.
 
     Returns:
         ``refinement`` with ``finalists`` and ``confirm_tokens`` set; ``refinement.recommended`` is then
@@ -452,8 +455,9 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
         raise ValueError(f"top must be non-negative, got {top}")
     t0 = oracle.tokens
     ranked = [key for key, _ in refinement.ranked()]
-    keys = ranked[: int(top)]
-    keys += [k for k in dict.fromkeys(_key(s) for s in also) if k in ranked and k not in keys]
+    extra = [k for k in dict.fromkeys(_key(s) for s in also) if k in ranked]
+    keys = ranked[: max(int(top), 1 if extra else 0)]  # never a choice among the extra sets alone
+    keys += [k for k in extra if k not in keys]
     for key, v in zip(keys, measure(oracle, keys)):
         refinement.finalists[key] = v
     refinement.confirm_tokens += oracle.tokens - t0

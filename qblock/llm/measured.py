@@ -151,14 +151,15 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         confirm_samples: more calibration samples (e.g. all of them) on which the ``confirm_top`` best
             sets of each M are measured again, the lowest recommended (:func:`qblock.select.confirm`);
             ``None``: no confirmation.
-        confirm_top: finalists per M.
+        confirm_top: finalists per M chosen by the loop's ranking (the one-pass sets may add up to two).
         screen_samples: if positive, a greedy removal chain (:func:`qblock.select.greedy_chain`) on the
             first ``screen_samples`` samples proposes one starting set per M for the loop (its tokens
             count as shared); ``0``: none.
         one_pass: the sets of the one-pass baselines (ShortGPT's lowest block influence, the angular
             window; :func:`one_pass_sets`) from one statistics pass over ``samples`` (its tokens count as
             shared) start the loop for every M and are always among the confirmed finalists, so the
-            recommendation is never worse on the confirmation samples than theirs.
+            recommendation is never worse on the confirmation samples than those rules applied to
+            ``samples`` (a report's ShortGPT and angular rows may use more samples and differ).
         progress: a progress bar over evaluations.
         executor: where each batch of measurements runs (:mod:`qblock.executor`; Ray: model actors,
             the same losses and token counts).
@@ -166,8 +167,9 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     Returns:
         ``{"prior": BlockRemovalProblem, "refinements": {M: Refinement}, "shared_tokens": int,
         "tokens_per_evaluation": int, "oracle": CalibrationLoss, "confirm_oracle": CalibrationLoss or None,
-        "seconds": float}``. ``shared_tokens`` counts what every M needs (the measured QUBO and the
-        confirmation's full-model pass); each Refinement's ``tokens + confirm_tokens`` are its own.
+        "seconds": float}``. ``shared_tokens`` counts what every M needs (the measured QUBO, the
+        confirmation's full-model pass, the screen's chain and the one-pass statistics pass); each
+        Refinement's ``tokens + confirm_tokens`` are its own.
     """
     import time
 
@@ -220,12 +222,16 @@ def one_pass_sets(model, samples: Sequence[Any], num_removes: Sequence[int], *,
     Gromov et al.'s window of M blocks of least angular distance), on ``samples``. Cheap and often strong
     at small M, where a loop that ranks on few samples can miss them.
     """
+    from qblock.llm.blocks import find_blocks
     from qblock.validate.baselines import angular, block_statistics, shortgpt
 
+    n = len(find_blocks(model))
+    ms = sorted({int(m) for m in num_removes if 1 <= int(m) <= n})  # others: the loop says what is wrong
+    if not ms:
+        return {}
     stats = block_statistics(model, samples, batch_size=batch_size)
-    return {int(m): {"shortgpt": tuple(shortgpt(stats, int(m), len(samples)).removed),
-                     "angular": tuple(angular(stats, int(m), len(samples)).removed)}
-            for m in sorted({int(m) for m in num_removes})}
+    return {m: {"shortgpt": tuple(shortgpt(stats, m, len(samples)).removed),
+                "angular": tuple(angular(stats, m, len(samples)).removed)} for m in ms}
 
 
 class _Bar:

@@ -287,7 +287,7 @@ def test_one_pass_sets_start_the_loop_and_are_always_confirmed():
         ranked = [k for k, _ in ref.ranked()]
         extra = [k for k in dict.fromkeys(one[m].values()) if k != ranked[0]]
         assert list(ref.finalists) == ranked[:1] + extra  # confirmed whatever their rank in the loop
-        assert all(ref.source(k) in ("start:shortgpt", "start:angular", "known") for k in extra)
+        assert all(ref.source(k) in ("start:shortgpt", "start:angular") for k in extra)
         assert ref.confirm_tokens == len(ref.finalists) * 6 * 12
         confirmed += len(ref.finalists)
     assert sel["confirm_oracle"].tokens == 6 * 12 * (1 + confirmed)
@@ -361,3 +361,27 @@ def test_select_removals_screens_with_a_chain_and_counts_its_tokens():
     assert sel["shared_tokens"] == sel["prior"].metadata["selection"]["forward_tokens"] + screen_tokens
     ref = sel["refinements"][3]  # (at M = 2 the chain's pair may be one the pool measured already)
     assert ref.history[0]["source"] == "start:greedy" and len(ref.history[0]["removed"]) == 3
+
+
+def test_starts_beyond_the_batch_are_all_measured_and_one_shot_iterators_work():
+    o = Oracle(10, seed=5, tokens_per_eval=100)
+    prior = measured_problem(o, 10, pool_size=6)
+    starts = {"a": (0, 1, 2), "b": iter([3, 4, 5]), "c": [6, 7, 8], "wrong size": (1, 2)}
+    res = refine(o, prior, 3, budget_tokens=200, batch=1, starts=starts)
+    first = [h for h in res.history if h["round"] == 0]
+    # every start in the first round (beyond the batch of 1 and the budget of 2 evaluations), nothing else
+    assert [(tuple(h["removed"]), h["source"]) for h in first] == [
+        ((0, 1, 2), "start:a"), ((3, 4, 5), "start:b"), ((6, 7, 8), "start:c")]
+    assert all(len(k) == 3 for k, _ in res.ranked())
+
+
+def test_confirming_extra_sets_also_confirms_the_loops_best():
+    from qblock.select import confirm
+
+    o = Oracle(10, seed=6, tokens_per_eval=100)
+    prior = measured_problem(o, 10, pool_size=6)
+    res = refine(o, prior, 3, budget_tokens=1200, batch=4, starts={"s": (7, 8, 9)})
+    worst = res.ranked()[-1][0]
+    confirm(o, res, top=0, also=[worst, (1, 2)])  # a wrong-sized extra set is skipped
+    assert list(res.finalists) == [res.ranked()[0][0], worst]
+    assert res.recommended[0] == list(res.ranked()[0][0])
