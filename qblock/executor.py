@@ -291,8 +291,9 @@ def _drain(ray, refs: dict, take: Callable[[Any, Any], None]) -> None:
 
     An exception (Ctrl-C included) propagates at once and cancels nothing: ``ray.cancel`` racing a task
     that is just finishing aborts the driver inside Ray's core worker (Ray 2.60: "Tried to complete task
-    that was not pending": 3 of 5 interrupted studies here, 1 of 6 without ``force``). The executor's ``close`` stops the work
-    instead: it kills the model actors and ends the Ray session qblock started, which stops its tasks.
+    that was not pending": 3 of 5 interrupted studies here, 1 of 6 without ``force``). The executor's
+    ``close`` stops the work instead: it kills the model actors and ends the Ray session qblock started,
+    which stops its tasks.
     """
     while refs:
         ready, _ = ray.wait(list(refs), num_returns=1)

@@ -229,7 +229,8 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
     g.add_argument("--select-evaluations", type=int, default=evaluations, metavar="E",
                    help=f"refinement budget per M in evaluations of those samples (default {_or_preset(evaluations)})")
     g.add_argument("--select-pool", type=int, default=None, metavar="P",
-                   help="blocks whose pairwise removals are measured (default max(8, N/2); qblock run --quick: 10, at most that default)")
+                   help="blocks whose pairwise removals are measured (default max(8, N/2); qblock run --quick: 10, "
+                        "at most that default)")
     g.add_argument("--select-backend", default="exact",
                    help="solver in the refinement loop: any backend name (default exact)")
     g.add_argument("--select-confirm", type=int, default=6, metavar="K",
