@@ -188,7 +188,7 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         if checker is not None:
             checker.loss(())  # its recorded full-model pass serves every M
             shared += checker.tokens
-        cheap = one_pass_sets(model, samples, num_removes, batch_size=batch_size) if one_pass and num_removes else {}
+        cheap = one_pass_sets(model, samples, num_removes, batch_size=batch_size) if one_pass else {}
         if cheap:
             shared += oracle.tokens_per_pass
         chain = {}

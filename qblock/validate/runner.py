@@ -367,8 +367,7 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
     checks = checks if settings.select_confirm > 0 and len(checks) > len(samples) else None
     _log(f"qblock selection: measured QUBO on {len(samples)} calibration samples, refined per M with "
          f"{settings.select_backend} ({settings.select_evaluations} evaluations per M)"
-         + (f", started from a greedy chain on {settings.select_screen} samples" if settings.select_screen else "")
-         + (" and the one-pass baselines' sets" if settings.select_one_pass else "")
+         + _loop_starts(settings.select_screen, settings.select_one_pass)
          + (f", best {settings.select_confirm} confirmed on {len(checks)} samples" if checks else ""),
          settings.progress)
     t0 = time.perf_counter()
@@ -390,6 +389,12 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
     return sel
 
 
+def _loop_starts(screen_samples: int | None, one_pass: bool | None) -> str:
+    """How the loop was started, in the words of the log, the candidates' notes and the report settings."""
+    return ((f", started from a greedy chain on {screen_samples} samples" if screen_samples else "")
+            + (" and the one-pass baselines' sets" if one_pass else ""))
+
+
 def _selection_rows(sel: Mapping[str, Any], settings: ValidationSettings) -> list[dict[str, Any]]:
     """The recommended set (``qblock``) and the next measured sets (``measured``) of every M.
 
@@ -409,9 +414,7 @@ def _selection_rows(sel: Mapping[str, Any], settings: ValidationSettings) -> lis
                 "cost_seconds": sel["seconds"], "cost_backward_tokens": 0,
                 "cost_forward_tokens": sel["shared_tokens"] + ref.tokens + ref.confirm_tokens}
         note = (f"measured QUBO (pairs in a pool of {len(prior.metadata['selection']['pool'])}) refined with "
-                f"{ref.backend} in the loop" + (f", started from a greedy chain on {sel['screen_samples']} samples"
-                                                 if sel.get("screen_samples") else "")
-                + (" and the one-pass baselines' sets" if sel.get("one_pass") else "")
+                f"{ref.backend} in the loop" + _loop_starts(sel.get("screen_samples"), sel.get("one_pass"))
                 + (f"; {len(fin)} finalists confirmed on {sel['confirm_samples']} "
                                                  "calibration samples" if fin else ""))
         for rank, key in enumerate(order[: max(1, settings.select_heldout)], start=1):
@@ -740,9 +743,7 @@ def _settings_view(problem, ms: Sequence[int], settings: ValidationSettings, sol
                              f"({selection['tokens_per_evaluation']} tokens per evaluation; pairs in a pool of "
                              f"{len(selection['prior'].metadata['selection']['pool'])} blocks), refined with "
                              f"{settings.select_backend} for {settings.select_evaluations} evaluations per M"
-                             + (f", started from a greedy chain on {selection['screen_samples']} samples"
-                                if selection.get("screen_samples") else "")
-                             + (" and the one-pass baselines' sets" if selection.get("one_pass") else "")
+                             + _loop_starts(selection.get("screen_samples"), selection.get("one_pass"))
                              + (f"; finalists confirmed on {selection['confirm_samples']} samples"
                                 if selection.get("confirm_samples") else "")
                              + "; the recommended set is the lowest measured calibration loss"),
