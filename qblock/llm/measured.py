@@ -188,7 +188,7 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         if checker is not None:
             checker.loss(())  # its recorded full-model pass serves every M
             shared += checker.tokens
-        cheap = one_pass_sets(model, samples, num_removes, batch_size=batch_size) if one_pass else {}
+        cheap = one_pass_sets(model, samples, num_removes, batch_size=batch_size, progress=progress) if one_pass else {}
         if cheap:
             shared += oracle.tokens_per_pass
         chain = {}
@@ -215,12 +215,12 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
 
 
 def one_pass_sets(model, samples: Sequence[Any], num_removes: Sequence[int], *,
-                  batch_size: int = 8) -> dict[int, dict[str, tuple[int, ...]]]:
+                  batch_size: int = 8, progress: bool = False) -> dict[int, dict[str, tuple[int, ...]]]:
     """``{M: {"shortgpt": set, "angular": set}}``: the one-pass baselines' sets from one statistics pass.
 
     The same rules as :mod:`qblock.validate.baselines` (ShortGPT's M blocks of lowest block influence,
     Gromov et al.'s window of M blocks of least angular distance), on ``samples``. Cheap and often strong
-    at small M, where a loop that ranks on few samples can miss them.
+    at small M, where a loop that ranks on few samples can miss them. ``progress``: a bar over its batches.
     """
     from qblock.llm.blocks import find_blocks
     from qblock.validate.baselines import angular, block_statistics, shortgpt
@@ -229,7 +229,7 @@ def one_pass_sets(model, samples: Sequence[Any], num_removes: Sequence[int], *,
     ms = sorted({int(m) for m in num_removes if 1 <= int(m) <= n})  # others: the loop says what is wrong
     if not ms:
         return {}
-    stats = block_statistics(model, samples, batch_size=batch_size)
+    stats = block_statistics(model, samples, batch_size=batch_size, progress=progress, desc="one-pass statistics")
     return {m: {"shortgpt": tuple(shortgpt(stats, m, len(samples)).removed),
                 "angular": tuple(angular(stats, m, len(samples)).removed)} for m in ms}
 
