@@ -54,11 +54,18 @@ def _execute(name: str, tmp_path: Path, monkeypatch, timeout: int = 120, **env: 
 
 
 def _text(nb) -> str:
+    # a print may arrive as several stream messages ("blocks:" then " 30 -> 24"): stream text is joined
+    # as written, every other output on its own line
     parts = []
     for c in nb.cells:
         for o in c.get("outputs", []):
-            parts.append(o.get("text", "") or str(o.get("data", {}).get("text/plain", "")) + str(o.get("data", {}).get("text/markdown", "")))
-    return "\n".join(parts)
+            if o.get("output_type") == "stream":
+                parts.append(o.get("text", ""))
+            else:
+                data = o.get("data", {})
+                parts.append("\n" + str(data.get("text/plain", "")) + str(data.get("text/markdown", "")) + "\n")
+        parts.append("\n")
+    return "".join(parts)
 
 
 def test_01_quickstart(tmp_path, monkeypatch):
