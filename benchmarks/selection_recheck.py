@@ -57,17 +57,18 @@ def main(argv=None) -> int:
                                            num_eval=st["eval_samples"], seq_len=st["seq_len"], seed=st["seed"])
     checks = calib[:n_confirm] if args.confirm_samples is not None else calib[: min(n_confirm, st["calib_samples"])]
     calib = calib[: st["calib_samples"]]
+    race = calib[len(checks):] if d.select_race else []  # as the validator races: the samples after the confirmation's
     t0 = time.perf_counter()
     sel = select_removals(model, calib[: d.select_samples], ms, pool_size=d.select_pool,
                           evaluations_per_m=d.select_evaluations, batch=d.select_batch, backend=d.select_backend,
                           seed=d.solve_seed, batch_size=d.batch_size, confirm_samples=checks,
                           confirm_top=d.select_confirm, screen_samples=d.select_screen, one_pass=d.select_one_pass,
-                          progress=True)
+                          race_samples=race, progress=True)
     seconds = time.perf_counter() - t0
     held = CalibrationLoss(model, evals, batch_size=d.batch_size)
     out = {"study": study_path.name, "model": st["model"], "M": ms, "selection_seconds": seconds,
            "settings": {"select_samples": d.select_samples, "select_evaluations": d.select_evaluations,
-                        "select_confirm": d.select_confirm, "confirm_samples": len(checks),
+                        "select_confirm": d.select_confirm, "confirm_samples": len(checks), "race_samples": len(race),
                         "select_screen": d.select_screen, "select_one_pass": d.select_one_pass,
                         "select_backend": d.select_backend},
            "full_model_heldout": held.loss(()), "per_m": {}}
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
             "fwd_tokens": sel["shared_tokens"] + ref.tokens + ref.confirm_tokens,
             "start": [h["removed"] for h in ref.history if h["source"].startswith("start")],
             "finalists": {",".join(map(str, k)): v for k, v in ref.finalists.items()},
+            "finalist_samples": {",".join(map(str, k)): v for k, v in ref.finalist_samples.items()},
             "study_qblock": {"removed": rows[QBLOCK]["removed"], "heldout": rows[QBLOCK]["heldout_loss"],
                              "fwd_tokens": rows[QBLOCK]["fwd_tokens"]},
             "baselines": base}

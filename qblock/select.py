@@ -256,8 +256,11 @@ class Refinement:
         rounds: rounds run.
         repeats: proposals of the solver that had been measured already (skipped).
         finalists: ``{removed: loss}`` re-measured by :func:`confirm` on more calibration tokens (empty
-            when no confirmation ran).
+            when no confirmation ran): each the mean over every confirmation sample it was measured on.
+        finalist_samples: ``{removed: samples}``: how many confirmation samples each finalist's loss
+            averages (racing measures the better ones on more).
         confirm_tokens: forward tokens the confirmation spent for this M.
+        confirm_evaluations: measurements the confirmation made for this M.
         known: sets of size M measured before the loop (``known`` of :func:`refine`, e.g. the measured
             QUBO's pairs at M = 2) with their losses: candidates like the loop's own.
         sources: ``{removed: label}`` of the given starting sets measured before the loop (those
@@ -275,16 +278,23 @@ class Refinement:
     repeats: int = 0
     finalists: dict[tuple[int, ...], float] = field(default_factory=dict)
     confirm_tokens: int = 0
+    confirm_evaluations: int = 0
+    finalist_samples: dict[tuple[int, ...], int] = field(default_factory=dict)
     known: dict[tuple[int, ...], float] = field(default_factory=dict)
     sources: dict[tuple[int, ...], str] = field(default_factory=dict)
 
     @property
     def recommended(self) -> tuple[list[int], float]:
-        """The recommended set and its loss: the lowest confirmed loss if confirmed, else ``best_removed``."""
+        """The recommended set and its loss: the first of :meth:`confirmed` if confirmed, else ``best_removed``."""
         if self.finalists:
-            key = min(self.finalists, key=lambda k: (self.finalists[k], k))
+            key = self.confirmed()[0]
             return list(key), self.finalists[key]
         return list(self.best_removed), self.best_loss
+
+    def confirmed(self) -> list[tuple[int, ...]]:
+        """The finalists, those measured on the most confirmation samples first, each group by lowest loss
+        (a racing round's survivors before the sets it dropped)."""
+        return sorted(self.finalists, key=lambda k: (-self.finalist_samples.get(k, 0), self.finalists[k], k))
 
     def ranked(self) -> list[tuple[tuple[int, ...], float]]:
         """Every measured set of size M with its loss on the loop's samples, lowest first (the loop's own
@@ -419,11 +429,16 @@ def _neighbours(sur: BlockRemovalProblem, seen: dict[tuple[int, ...], float], M:
 
 
 def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
-            also: Iterable[Iterable[int]] = ()) -> Refinement:
+            also: Iterable[Iterable[int]] = (), more: Sequence[LossOracle] = ()) -> Refinement:
     """Re-measure the ``top`` best sets of a refinement on a larger calibration sample; recommend the lowest.
 
     The loop ranks many sets on a small sample, so its few best sets differ by less than that sample's
     noise; measuring only those again on more tokens is cheap and picks among them on firmer ground.
+    With ``more`` it races: after each measurement the two lowest sets are measured again on the next
+    oracle's samples, each set's loss being its mean over every sample it was measured on (oracles
+    weighted by their ``num_samples``, 1 where they have none), until the oracles run out. The
+    recommendation is the lower of the last two, so the closest contenders are compared on the most
+    samples at the cost of two measurements per further oracle.
 
     Args:
         oracle: a loss oracle on more calibration tokens than the loop's (e.g. every calibration sample;
@@ -431,13 +446,16 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
         refinement: the result of :func:`refine`; updated in place and returned.
         top: how many of its best measured sets to re-measure (``0``: none).
         also: sets re-measured whatever their rank, on top of the ``top`` (e.g. the one-pass baselines'
-            sets, so the recommendation is never worse on the confirmation samples than those); the loop's
-            best is then re-measured too, even with ``top = 0``; sets of another size or not measured by
-            the loop are skipped.
+            sets, so the recommendation is never worse on the first confirmation samples than those, or,
+            racing, beat them on more); the loop's best is then re-measured too,
+            even with ``top = 0``; sets of another size or not measured by the loop are skipped.
+        more: oracles on further calibration samples, disjoint from ``oracle``'s and from each other
+            (``()``: one round, no racing).
 
     Returns:
-        ``refinement`` with ``finalists`` and ``confirm_tokens`` set; ``refinement.recommended`` is then
-        the finalist of lowest confirmed loss.
+        ``refinement`` with ``finalists``, ``finalist_samples``, ``confirm_tokens`` and
+        ``confirm_evaluations`` set; ``refinement.recommended`` is then the lowest finalist of the last
+        round.
 
     Example:
         >>> class Noisy:  # the loop's oracle ranks 0 and 1 the wrong way round
@@ -446,21 +464,33 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
         ...     def loss(self, removed):
         ...         self.tokens += 10
         ...         return 1.0 + 0.1 * sum(removed) + self.bias.get(tuple(removed), 0.0)
-        >>> res = Refinement(1, [1], 1.05, [{"removed": [1], "loss": 1.05}, {"removed": [0], "loss": 1.08}],
-        ...                  None, 0, "exact", 1)
+        >>> res = Refinement(1, [1], 1.05, [{"removed": [1], "loss": 1.05}, {"removed": [0], "loss": 1.08},
+        ...                  {"removed": [2], "loss": 1.09}], None, 0, "exact", 1)
         >>> confirm(Noisy({}), res, top=2).recommended, res.confirm_tokens
         (([0], 1.0), 20)
+        >>> race = confirm(Noisy({(2,): -0.25}), res, top=3, more=[Noisy({})])  # 2 looks best on the first
+        >>> race.recommended, sorted(race.finalist_samples.items())  # 1 was dropped after one round
+        (([0], 1.0), [((0,), 2), ((1,), 1), ((2,), 2)])
     """
     if int(top) < 0:
         raise ValueError(f"top must be non-negative, got {top}")
-    t0 = oracle.tokens
     ranked = [key for key, _ in refinement.ranked()]
     extra = [k for k in dict.fromkeys(_key(s) for s in also) if k in ranked]
     keys = ranked[: max(int(top), 1 if extra else 0)]  # never a choice among the extra sets alone
     keys += [k for k in extra if k not in keys]
-    for key, v in zip(keys, measure(oracle, keys)):
-        refinement.finalists[key] = v
-    refinement.confirm_tokens += oracle.tokens - t0
+    refinement.finalists, refinement.finalist_samples = {}, {}
+    total: dict[tuple[int, ...], float] = {}
+    for r, orc in enumerate([oracle, *more]):
+        if r and len(keys) < 2:
+            break
+        t0, w = orc.tokens, int(getattr(orc, "num_samples", 1))
+        for key, v in zip(keys, measure(orc, keys)):
+            total[key] = total.get(key, 0.0) + w * v
+            refinement.finalist_samples[key] = refinement.finalist_samples.get(key, 0) + w
+            refinement.finalists[key] = total[key] / refinement.finalist_samples[key]
+        refinement.confirm_tokens += orc.tokens - t0
+        refinement.confirm_evaluations += len(keys)
+        keys = sorted(keys, key=lambda k: (refinement.finalists[k], k))[:2]
     return refinement
 
 

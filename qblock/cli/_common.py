@@ -245,6 +245,9 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
     g.add_argument("--no-select-one-pass", dest="select_one_pass", action="store_false",
                    help="do not add the one-pass baselines' sets (ShortGPT, angular window; one statistics pass) "
                         "to the loop's starts and the confirmed finalists")
+    g.add_argument("--no-select-race", dest="select_race", action="store_false",
+                   help="confirm once: do not measure the two lowest finalists again on the calibration samples "
+                        "after the confirmation's (in chunks of that size, until they run out)")
 
 
 def _or_preset(default: int | None) -> str:
@@ -306,7 +309,8 @@ def selection_settings(args: argparse.Namespace) -> dict:
     return {"select": args.select, "select_samples": args.select_samples, "select_evaluations": args.select_evaluations,
             "select_pool": args.select_pool, "select_backend": args.select_backend,
             "select_confirm": args.select_confirm, "select_confirm_samples": args.select_confirm_samples,
-            "select_screen": args.select_screen, "select_one_pass": args.select_one_pass}
+            "select_screen": args.select_screen, "select_one_pass": args.select_one_pass,
+            "select_race": args.select_race}
 
 
 def parse_ms(value: str | None) -> list[int] | None:

@@ -133,8 +133,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
                     pool_size: int | None = None, evaluations_per_m: int = 24, batch: int = 4,
                     backend: str = "exact", backend_params: dict[str, Any] | None = None, seed: int = 0,
                     batch_size: int = 8, confirm_samples: Sequence[Any] | None = None, confirm_top: int = 6,
-                    screen_samples: int = 0, one_pass: bool = True, progress: bool = False,
-                    executor: Any = None) -> dict[str, Any]:
+                    screen_samples: int = 0, one_pass: bool = True, race_samples: Sequence[Any] = (),
+                    progress: bool = False, executor: Any = None) -> dict[str, Any]:
     """qblock's recommended removal sets: the measured QUBO, refined for each M with ``backend`` in the loop.
 
     Args:
@@ -151,6 +151,9 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         confirm_samples: more calibration samples (e.g. all of them) on which the ``confirm_top`` best
             sets of each M are measured again, the lowest recommended (:func:`qblock.select.confirm`);
             ``None``: no confirmation.
+        race_samples: further calibration samples, disjoint from ``confirm_samples``, cut into chunks of
+            ``len(confirm_samples)``: the confirmation races on them (the two lowest finalists are measured
+            again on each chunk; :func:`qblock.select.confirm`). ``()``: no racing.
         confirm_top: finalists per M chosen by the loop's ranking (the one-pass sets may add up to two).
         screen_samples: if positive, a greedy removal chain (:func:`qblock.select.greedy_chain`) on the
             first ``screen_samples`` samples proposes one starting set per M for the loop (its tokens
@@ -158,8 +161,9 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         one_pass: the sets of the one-pass baselines (ShortGPT's lowest block influence, the angular
             window; :func:`one_pass_sets`) from one statistics pass over ``samples`` (its tokens count as
             shared) start the loop for every M and are always among the confirmed finalists, so the
-            recommendation is never worse on the confirmation samples than those rules applied to
-            ``samples`` (a report's ShortGPT and angular rows may use more samples and differ).
+            recommendation is never worse on the first confirmation samples than those rules applied to
+            ``samples``, or beat them on more (a report's ShortGPT and angular rows may use more samples
+            and differ).
         progress: a progress bar over evaluations.
         executor: where each batch of measurements runs (:mod:`qblock.executor`; Ray: model actors,
             the same losses and token counts).
@@ -167,8 +171,9 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     Returns:
         ``{"prior": BlockRemovalProblem, "refinements": {M: Refinement}, "shared_tokens": int,
         "tokens_per_evaluation": int, "oracle": CalibrationLoss, "confirm_oracle": CalibrationLoss or None,
-        "seconds": float}``. ``shared_tokens`` counts what every M needs (the measured QUBO, the
-        confirmation's full-model pass, the screen's chain and the one-pass statistics pass); each
+        "race_oracles": [CalibrationLoss], "seconds": float}``. ``shared_tokens`` counts what every M needs
+        (the measured QUBO, the confirmation's and the racing chunks' full-model passes, the screen's chain
+        and the one-pass statistics pass); each
         Refinement's ``tokens + confirm_tokens`` are its own.
     """
     import time
@@ -181,13 +186,16 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     oracle = CalibrationLoss(model, samples, gate=gate, batch_size=batch_size, executor=executor)
     checker = (CalibrationLoss(model, confirm_samples, gate=gate, batch_size=batch_size, executor=executor)
                if confirm_samples and int(confirm_top) > 0 else None)
+    size, rest = len(confirm_samples or ()), list(race_samples or ())
+    racers = ([CalibrationLoss(model, rest[i:i + size], gate=gate, batch_size=batch_size, executor=executor)
+               for i in range(0, len(rest), size)] if checker is not None else [])
     bar = _Bar(oracle, progress)
     try:
         prior = measured_problem(bar, n, pool_size=pool_size)
         shared = oracle.tokens
-        if checker is not None:
-            checker.loss(())  # its recorded full-model pass serves every M
-            shared += checker.tokens
+        for o in [checker, *racers] if checker is not None else []:
+            o.loss(())  # its recorded full-model pass serves every M
+            shared += o.tokens
         cheap = one_pass_sets(model, samples, num_removes, batch_size=batch_size, progress=progress) if one_pass else {}
         if cheap:
             shared += oracle.tokens_per_pass
@@ -206,12 +214,12 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
                                     known=oracle.measured(), starts=starts)
             if checker is not None:
                 confirm(_Bar(checker, False, bar.bar), refinements[m], top=confirm_top,
-                        also=cheap.get(m, {}).values())
+                        also=cheap.get(m, {}).values(), more=[_Bar(o, False, bar.bar) for o in racers])
     finally:
         bar.close()
     return {"prior": prior, "refinements": refinements, "shared_tokens": int(shared),
             "tokens_per_evaluation": oracle.tokens_per_pass, "oracle": oracle, "confirm_oracle": checker,
-            "seconds": time.perf_counter() - t0}
+            "race_oracles": racers, "seconds": time.perf_counter() - t0}
 
 
 def one_pass_sets(model, samples: Sequence[Any], num_removes: Sequence[int], *,
@@ -249,6 +257,10 @@ class _Bar:
     @property
     def tokens(self) -> int:
         return self.oracle.tokens
+
+    @property
+    def num_samples(self) -> int:  # a racing round's weight (qblock.select.confirm)
+        return self.oracle.num_samples
 
     def loss(self, removed: Iterable[int]) -> float:
         before = self.oracle.evaluations

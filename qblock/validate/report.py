@@ -34,7 +34,7 @@ BASE_COLUMNS = (
     "eval_tokens", "cost_forward_passes", "cost_backward_passes", "cost_calib_samples", "cost_seconds",
 )
 _INT_COLUMNS = {"num_remove", "rank", "seed", "eval_tokens", "cost_forward_passes", "cost_backward_passes",
-                "cost_calib_samples", "num_items", "cost_forward_tokens", "cost_backward_tokens"}
+                "cost_calib_samples", "num_items", "cost_forward_tokens", "cost_backward_tokens", "confirm_samples"}
 _STR_COLUMNS = {"method", "note"}
 
 
@@ -157,7 +157,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, num_remove: int | None 
     conf = any(r.get("confirm_loss") is not None for r in sel)
     healed = any(r.get("heldout_loss_healed") is not None for r in sel)  # qblock.validate.heal's column
     head = (["M", "candidate", "removed", "energy"] + ens + (["calib. loss"] if calib else [])
-            + (["confirmed calib. loss"] if conf else []) + ["held-out loss", "ppl"]
+            + (["confirmed calib. loss (samples)"] if conf else []) + ["held-out loss", "ppl"]
             + (["healed loss"] if healed else []) + accs + ["cost (fwd/bwd passes)", "fwd tokens"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sel:
@@ -168,13 +168,18 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, num_remove: int | None 
                 cost += f" x {int(r['cost_calib_samples'])} samples"
         cells = [str(r["num_remove"]), _label(r), _fmt(r.get("removed")), _fmt(r.get("energy"), 5)]
         cells += [_fmt(r.get(c), 5) for c in ens] + ([_fmt(r.get("calib_loss"))] if calib else [])
-        cells += [_fmt(r.get("confirm_loss"))] if conf else []
+        cells += [_confirmed(r.get("confirm_loss"), r.get("confirm_samples"))] if conf else []
         cells += [_fmt(r.get("heldout_loss")), _fmt(r.get("perplexity"), 2)]
         cells += [_fmt(r.get("heldout_loss_healed"))] if healed else []
         toks = r.get("cost_forward_tokens")
         cells += [_fmt(r.get(a), 3) for a in accs] + [cost, f"{int(toks):,}" if toks is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _confirmed(loss: Any, samples: Any) -> str:
+    """A confirmed loss with the number of samples it averages (racing measures the best on more)."""
+    return _fmt(loss) + (f" ({int(samples)})" if loss is not None and samples else "")
 
 
 def _ci(c: Mapping[str, Any], key: str) -> str:
@@ -197,12 +202,14 @@ def render_report(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
     if rec:
         out += ["## What to remove", "",
                 "qblock's recommended set per M: the lowest calibration loss it measured (with a confirmation, the "
-                "lowest of its best few sets re-measured on more calibration samples); held-out data only reports.",
-                "", "| M | remove blocks | calibration loss | confirmed calib. loss | held-out loss "
+                "lowest of its best few sets re-measured on more calibration samples, the closest raced on more "
+                "still); held-out data only reports.",
+                "", "| M | remove blocks | calibration loss | confirmed calib. loss (samples) | held-out loss "
                 "| forward tokens to choose | method |", "|---|---|---|---|---|---|---|"]
         for m_key, v in rec.items():
             out.append(f"| {m_key} | {_fmt(v['removed'])} | {_fmt(v['calibration_loss'])} "
-                       f"| {_fmt(v.get('confirmation_loss'))} | {_fmt(v['heldout_loss'])} "
+                       f"| {_confirmed(v.get('confirmation_loss'), v.get('confirmation_samples'))} "
+                       f"| {_fmt(v['heldout_loss'])} "
                        f"| {v['selection_tokens']:,} | {v['method']} |")
         out += ["", "Prune with `qblock prune --recommended <this folder> --remove-count M`.", ""]
     if settings:

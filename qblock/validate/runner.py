@@ -100,6 +100,9 @@ class ValidationSettings:
         select_one_pass: the one-pass baselines' sets (ShortGPT, angular window) from one statistics
             pass over the selection samples start the loop and are always confirmed
             (:func:`qblock.llm.measured.one_pass_sets`).
+        select_race: the confirmation races on the calibration samples after its own, in chunks of
+            ``select_confirm_samples``: the two lowest finalists are measured again on each chunk, and
+            the lower by the mean over all their samples is recommended.
         select_heldout: measured sets per M (lowest calibration loss first, the recommended one
             included) also evaluated on held-out data, for the correlations.
         n_boot: bootstrap resamples for the correlation intervals.
@@ -134,6 +137,7 @@ class ValidationSettings:
     select_confirm_samples: int | None = 32
     select_screen: int = 2
     select_one_pass: bool = True
+    select_race: bool = True
     select_heldout: int = 5
     n_boot: int = 2000
     stats_seed: int = 0
@@ -365,10 +369,12 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
     cs = settings.select_confirm_samples
     checks = list(calib[:cs]) if cs else list(calib)
     checks = checks if settings.select_confirm > 0 and len(checks) > len(samples) else None
+    race = list(calib[len(checks):]) if checks and settings.select_race else []
     _log(f"qblock selection: measured QUBO on {len(samples)} calibration samples, refined per M with "
          f"{settings.select_backend} ({settings.select_evaluations} evaluations per M)"
          + _loop_starts(settings.select_screen, settings.select_one_pass)
-         + (f", best {settings.select_confirm} confirmed on {len(checks)} samples" if checks else ""),
+         + (f", best {settings.select_confirm} confirmed on {len(checks)} samples" if checks else "")
+         + (f", racing on {len(race)} more" if race else ""),
          settings.progress)
     t0 = time.perf_counter()
     try:
@@ -377,16 +383,26 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
                               backend=settings.select_backend, seed=settings.solve_seed,
                               batch_size=settings.batch_size, confirm_samples=checks,
                               confirm_top=settings.select_confirm, screen_samples=settings.select_screen,
-                              one_pass=settings.select_one_pass,
+                              one_pass=settings.select_one_pass, race_samples=race,
                               progress=settings.progress, executor=executor)
     except ValueError as exc:
         raise ValidationError(f"qblock selection: {exc}") from None
     timings["selection"] = time.perf_counter() - t0
     sel["num_samples"] = len(samples)
     sel["confirm_samples"] = len(checks) if checks else 0
+    sel["race_samples"] = len(race)
     sel["screen_samples"] = min(int(settings.select_screen), len(samples))
     sel["one_pass"] = bool(settings.select_one_pass)
     return sel
+
+
+def _raced(ref) -> str:
+    """How far the confirmation raced, for a candidate's note ("" when it did not)."""
+    most = max(ref.finalist_samples.values(), default=0)
+    first = min(ref.finalist_samples.values(), default=0)
+    if most <= first:
+        return ""
+    return f", the best {sum(v == most for v in ref.finalist_samples.values())} raced on up to {most}"
 
 
 def _loop_starts(screen_samples: int | None, one_pass: bool | None) -> str:
@@ -398,29 +414,32 @@ def _loop_starts(screen_samples: int | None, one_pass: bool | None) -> str:
 def _selection_rows(sel: Mapping[str, Any], settings: ValidationSettings) -> list[dict[str, Any]]:
     """The recommended set (``qblock``) and the next measured sets (``measured``) of every M.
 
-    Order: the recommended set, the other confirmed finalists (lowest confirmed loss first), then the
-    loop's other sets (lowest loss first). ``calib_loss`` is always on the loop's samples (the column
-    the baselines are measured on too); ``confirm_loss`` on the confirmation's, where measured.
+    Order: the recommended set, the other confirmed finalists (:meth:`qblock.select.Refinement.confirmed`:
+    racing's survivors first), then the loop's other sets (lowest loss first). ``calib_loss`` is always on
+    the loop's samples (the column the baselines are measured on too); ``confirm_loss`` on the
+    confirmation's (``confirm_samples`` of them), where measured.
     """
     prior, per_eval = sel["prior"], sel["tokens_per_evaluation"]
     shared_evals = sel["shared_tokens"] // per_eval
     rows = []
     for m, ref in sel["refinements"].items():
         loop = dict(ref.ranked())
-        fin = sorted(ref.finalists, key=lambda k: (ref.finalists[k], k))
+        fin = ref.confirmed()
         order = fin + [k for k in loop if k not in ref.finalists]
-        cost = {"cost_forward_passes": shared_evals + len(ref.history) + len(fin), "cost_backward_passes": 0,
-                "cost_calib_samples": max(sel["num_samples"], sel.get("confirm_samples") or 0),
+        cost = {"cost_forward_passes": shared_evals + len(ref.history) + ref.confirm_evaluations,
+                "cost_backward_passes": 0,
+                "cost_calib_samples": max([sel["num_samples"], *ref.finalist_samples.values()]),
                 "cost_seconds": sel["seconds"], "cost_backward_tokens": 0,
                 "cost_forward_tokens": sel["shared_tokens"] + ref.tokens + ref.confirm_tokens}
         note = (f"measured QUBO (pairs in a pool of {len(prior.metadata['selection']['pool'])}) refined with "
                 f"{ref.backend} in the loop" + _loop_starts(sel.get("screen_samples"), sel.get("one_pass"))
-                + (f"; {len(fin)} finalists confirmed on {sel['confirm_samples']} "
-                                                 "calibration samples" if fin else ""))
+                + (f"; {len(fin)} finalists confirmed on {sel['confirm_samples']} calibration samples"
+                   + _raced(ref) if fin else ""))
         for rank, key in enumerate(order[: max(1, settings.select_heldout)], start=1):
             rows.append({"num_remove": m, "method": SELECT_METHOD if rank == 1 else MEASURED_METHOD,
                          "rank": None if rank == 1 else rank, "removed": list(key), "calib_loss": loop[key],
-                         "confirm_loss": ref.finalists.get(key), "source": ref.source(key), "note": note, **cost})
+                         "confirm_loss": ref.finalists.get(key), "confirm_samples": ref.finalist_samples.get(key),
+                         "source": ref.source(key), "note": note, **cost})
     return rows
 
 
@@ -438,11 +457,12 @@ def _selection_summary(sel: Mapping[str, Any], n: int, ms: Sequence[int]) -> dic
     return {
         "pool": meta["pool"], "shared_tokens": sel["shared_tokens"], "tokens_per_evaluation": sel["tokens_per_evaluation"],
         "num_samples": sel["num_samples"], "seconds": sel["seconds"], "coupling_rule": meta["coupling_rule"],
-        "confirm_samples": sel.get("confirm_samples", 0), "screen_samples": sel.get("screen_samples", 0),
+        "confirm_samples": sel.get("confirm_samples", 0), "race_samples": sel.get("race_samples", 0),
+        "screen_samples": sel.get("screen_samples", 0),
         "one_pass": bool(sel.get("one_pass")),
         "per_m": {str(m): {"backend": r.backend, "rounds": r.rounds, "evaluations": len(r.history),
                            "tokens": r.tokens, "solver_repeats": r.repeats, "finalists": len(r.finalists),
-                           "confirm_tokens": r.confirm_tokens,
+                           "confirm_tokens": r.confirm_tokens, "confirm_evaluations": r.confirm_evaluations,
                            "surrogate_ridge": r.surrogate.metadata.get("ridge")}
                   for m, r in sel["refinements"].items()},
         "sleb_usual_tokens": {str(m): sleb_passes(n, m) * SLEB_USUAL_TOKENS_PER_PASS for m in ms},
@@ -746,6 +766,8 @@ def _settings_view(problem, ms: Sequence[int], settings: ValidationSettings, sol
                              + _loop_starts(selection.get("screen_samples"), selection.get("one_pass"))
                              + (f"; finalists confirmed on {selection['confirm_samples']} samples"
                                 if selection.get("confirm_samples") else "")
+                             + (f", the two lowest raced on {selection['race_samples']} more"
+                                if selection.get("race_samples") else "")
                              + "; the recommended set is the lowest measured calibration loss"),
         "energy models compared": ", ".join(["problem (" + str(meta.get("energy", "?")) + ")"] + list(others)),
         "benchmarks": (", ".join(f"{t} ({len(v)} items)" for t, v in benchmarks.items()) +

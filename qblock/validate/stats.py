@@ -239,10 +239,11 @@ def recommended(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """qblock's recommendation per M, from the table's ``qblock`` rows (chosen on calibration loss only).
 
     Returns:
-        ``{"<M>": {"removed", "method", "source", "calibration_loss", "confirmation_loss", "heldout_loss",
-        "selection_tokens", "selection_backward_tokens"}}`` (``source``: where the set came from, e.g.
-        ``solver``, ``neighbour``, ``start:greedy``, ``start:shortgpt``; ``calibration_loss`` on the
-        selection samples, ``confirmation_loss`` on the larger confirmation sample, ``None`` without one).
+        ``{"<M>": {"removed", "method", "source", "calibration_loss", "confirmation_loss",
+        "confirmation_samples", "heldout_loss", "selection_tokens", "selection_backward_tokens"}}``
+        (``source``: where the set came from, e.g. ``solver``, ``neighbour``, ``start:greedy``,
+        ``start:shortgpt``; ``calibration_loss`` on the selection samples, ``confirmation_loss`` on the
+        ``confirmation_samples`` calibration samples the confirmation measured it on, ``None`` without one).
 
     Example:
         >>> recommended([{"num_remove": 2, "method": "qblock", "removed": [3, 4], "calib_loss": 2.5,
@@ -259,6 +260,7 @@ def recommended(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
             "source": r.get("source"),
             "calibration_loss": float(r["calib_loss"]) if _finite(r.get("calib_loss")) else None,
             "confirmation_loss": float(r["confirm_loss"]) if _finite(r.get("confirm_loss")) else None,
+            "confirmation_samples": int(r["confirm_samples"]) if _finite(r.get("confirm_samples")) else None,
             "heldout_loss": float(r["heldout_loss"]) if _finite(r.get("heldout_loss")) else None,
             "selection_tokens": int(r["cost_forward_tokens"]) if _finite(r.get("cost_forward_tokens")) else None,
             "selection_backward_tokens": int(r.get("cost_backward_tokens") or 0),

@@ -245,6 +245,52 @@ def test_confirm_remeasures_the_best_sets_and_recommends_the_lowest_confirmed():
         confirm(exact, res, top=-1)
 
 
+def test_confirm_races_the_better_half_on_further_samples():
+    """8 finalists, then the two lowest on every further chunk; each set's loss is its sample-weighted mean
+    over the chunks it was measured on; the lower of the last two wins."""
+    from qblock.select import confirm
+
+    exact = Oracle(12, seed=5, tokens_per_eval=100)
+    noisy = _Shifted(exact, scale=0.3)
+    prior = measured_problem(noisy, 12, pool_size=8)
+    res = refine(noisy, prior, 4, budget_tokens=4000, batch=4)
+    keys = [k for k, _ in res.ranked()[:8]]
+    chunks = [_Shifted(exact, scale=0.2, seed=10 + c) for c in range(4)]
+    for c, size in zip(chunks, (6, 6, 6, 3)):
+        c.num_samples, c.tokens_per_eval = size, size * 10
+    confirm(chunks[0], res, top=8, more=chunks[1:])
+    assert [len(c.calls) for c in chunks] == [8, 2, 2, 2]
+    assert sorted(res.finalist_samples[k] for k in keys) == [6] * 6 + [21] * 2
+    for k in keys:
+        seen = [c for c in chunks if k in c.calls]
+        want = sum(c.num_samples * c.true_loss(k) for c in seen) / sum(c.num_samples for c in seen)
+        assert res.finalists[k] == pytest.approx(want)
+        assert all(k in c.calls for c in chunks[: len(seen)])  # dropped sets are never measured again
+    # each round keeps the two lowest of the one before, by the mean so far
+    firsts = {k: chunks[0].true_loss(k) for k in keys}
+    assert sorted(chunks[1].calls) == sorted(sorted(keys, key=lambda k: (firsts[k], k))[:2])
+    mean2 = {k: (6 * firsts[k] + 6 * chunks[1].true_loss(k)) / 12 for k in chunks[1].calls}
+    assert sorted(chunks[2].calls) == sorted(mean2)
+    last = chunks[3].calls
+    assert res.recommended == (list(min(last, key=lambda k: (res.finalists[k], k))), min(res.finalists[k] for k in last))
+    assert res.confirmed()[:2] == sorted(last, key=lambda k: (res.finalists[k], k))
+    assert res.confirm_tokens == sum(c.tokens for c in chunks) == 8 * 60 + 2 * 60 + 2 * 60 + 2 * 30
+    assert res.confirm_evaluations == 14
+
+
+def test_confirm_without_further_samples_or_with_one_finalist_does_not_race():
+    from qblock.select import confirm
+
+    exact = Oracle(10, seed=6, tokens_per_eval=100)
+    prior = measured_problem(exact, 10, pool_size=6)
+    res = refine(exact, prior, 3, budget_tokens=2000, batch=4)
+    spare = Oracle(10, seed=6, tokens_per_eval=100)
+    confirm(exact, res, top=1, more=[spare])
+    assert spare.tokens == 0 and len(res.finalists) == 1 and res.confirm_evaluations == 1
+    confirm(exact, res, top=3)  # a second confirmation replaces the first one's finalists
+    assert len(res.finalists) == 3 and set(res.finalist_samples.values()) == {1}
+
+
 def test_select_removals_confirms_on_more_samples_and_accounts_for_it():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -264,6 +310,26 @@ def test_select_removals_confirms_on_more_samples_and_accounts_for_it():
         assert ref.confirm_tokens == 3 * 6 * 12
         assert ref.recommended[1] == min(ref.finalists.values())
     assert checker.tokens == 6 * 12 * (1 + 3 + 3)
+
+
+def test_select_removals_races_on_further_samples_with_exact_pooled_losses():
+    """A raced finalist's loss is the calibration loss on every sample it was measured on, as if measured
+    at once (equal-length samples); the chunks' full-model passes are shared."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from qblock.llm.measured import CalibrationLoss, select_removals
+
+    model = small_llama(6, vocab_size=40)
+    samples = [torch.randint(0, 40, (12,)) for _ in range(10)]
+    sel = select_removals(model, samples[:2], [2], pool_size=4, evaluations_per_m=6, confirm_samples=samples[:4],
+                          race_samples=samples[4:], confirm_top=4, one_pass=False)
+    assert [o.num_samples for o in sel["race_oracles"]] == [4, 2]
+    assert sel["shared_tokens"] == sel["prior"].metadata["selection"]["forward_tokens"] + 10 * 12
+    ref = sel["refinements"][2]
+    assert sorted(ref.finalist_samples.values()) == [4, 4, 10, 10]
+    for k, n in ref.finalist_samples.items():
+        assert ref.finalists[k] == pytest.approx(CalibrationLoss(model, samples[:n]).loss(k), abs=1e-6)
+    assert ref.confirm_tokens == (4 * 4 + 2 * 4 + 2 * 2) * 12 and ref.confirm_evaluations == 8
 
 
 def test_one_pass_sets_start_the_loop_and_are_always_confirmed():

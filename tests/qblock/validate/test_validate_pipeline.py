@@ -514,3 +514,28 @@ def test_eval_dtype_casts_only_forward_work_and_refuses_bf16_healing():
     assert next(model.parameters()).dtype == torch.bfloat16
     with pytest.raises(ModelLoadError, match="evaluation dtype"):
         eval_dtype("fp8")
+
+
+def test_cli_validate_races_the_finalists_on_the_calibration_samples_after_the_confirmation(tiny_dir, tmp_path):
+    from qblock.cli import main
+    from qblock.llm.pipeline import extract_problem
+
+    prob = tmp_path / "p.npz"
+    extract_problem(str(tiny_dir / "model"), num_samples=8, seq_len=24, calibration=str(tiny_dir / "calib.txt"),
+                    num_eval=6, out=prob, progress=False, num_remove=3)
+    args = ["validate", str(prob), "--top", "1", "--random", "0", "--baselines", "none", "--energies", "none",
+            "--select-samples", "2", "--select-evaluations", "6", "--select-confirm", "4", "--select-confirm-samples",
+            "4", "--bootstrap", "50", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "race")]) == 0
+    summary = json.loads((tmp_path / "race" / "summary.json").read_text())
+    sel, rec = summary["selection"], summary["recommended"]["3"]
+    assert sel["confirm_samples"] == 4 and sel["race_samples"] == 4
+    assert sel["per_m"]["3"]["confirm_evaluations"] == 4 + 2  # the two lowest raced on the next 4 samples
+    assert sel["per_m"]["3"]["confirm_tokens"] == (4 + 2) * 4 * 24
+    assert rec["confirmation_samples"] == 8
+    rows = json.loads((tmp_path / "race" / "candidates.json").read_text())["rows"]
+    assert sorted(r["confirm_samples"] for r in rows if r.get("confirm_samples")) == [4, 4, 8, 8]
+    assert f"{rec['confirmation_loss']:.4f} (8)" in (tmp_path / "race" / "report.md").read_text()
+    assert main(args + ["--no-select-race", "--out", str(tmp_path / "once")]) == 0
+    once = json.loads((tmp_path / "once" / "summary.json").read_text())
+    assert once["selection"]["race_samples"] == 0 and once["recommended"]["3"]["confirmation_samples"] == 4
