@@ -219,7 +219,7 @@ def add_evaluation_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, evaluations: int | None = 24,
-                          confirm_samples: int | None = 32) -> None:
+                          confirm_samples: int | None = 32, race: bool | None = True) -> None:
     """Options of qblock's selection (the measured QUBO refined per M), shared by ``validate`` and ``run``."""
     g = p.add_argument_group("qblock selection (the recommended set per M; calibration data only)")
     g.add_argument("--no-select", dest="select", action="store_false",
@@ -245,9 +245,10 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
     g.add_argument("--no-select-one-pass", dest="select_one_pass", action="store_false",
                    help="do not add the one-pass baselines' sets (ShortGPT, angular window; one statistics pass) "
                         "to the loop's starts and the confirmed finalists")
-    g.add_argument("--no-select-race", dest="select_race", action="store_false",
-                   help="confirm once: do not measure the two lowest finalists again on the calibration samples "
-                        "after the confirmation's (in chunks of that size, until they run out)")
+    g.add_argument("--select-race", action=argparse.BooleanOptionalAction, default=race,
+                   help="measure the two lowest finalists again on the calibration samples after the "
+                        "confirmation's, in chunks of its size, until they run out (default "
+                        + ("on" if race else "off" if race is False else "the preset's") + ")")
 
 
 def _or_preset(default: int | None) -> str:

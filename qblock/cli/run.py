@@ -19,14 +19,17 @@ from qblock.cli._common import check_executor, check_output, check_selection_opt
 #: settings of a full run and of ``--quick`` (timings of ``--quick`` in README's quick start; its selection
 #: measures pairs in a pool of 10 blocks, never more than the default max(8, N/2), and confirms on 16
 #: samples: the same recommended sets as pool max(8, N/2) and 32 samples on SmolLM2 at M = 3, 6, 9, for
-#: 31 % fewer selection tokens)
+#: 31 % fewer selection tokens; it confirms once: racing the two lowest on the other 16 samples picked the
+#: same sets on SmolLM2 and on Gemma-3 --seed 1 and made the selection about a minute longer)
 PRESETS = {
     "full": {"samples": 128, "seq_len": 256, "eval_samples": 32, "top": 10, "random": 5, "greedy_samples": 8,
              "tasks": "arc_easy,piqa,hellaswag", "task_limit": 100, "bench_top": 1, "bootstrap": 2000,
-             "select_samples": 16, "select_evaluations": 32, "select_pool": None, "select_confirm_samples": 32},
+             "select_samples": 16, "select_evaluations": 32, "select_pool": None, "select_confirm_samples": 32,
+             "select_race": True},
     "quick": {"samples": 32, "seq_len": 128, "eval_samples": 12, "top": 5, "random": 3, "greedy_samples": 2,
               "tasks": "", "task_limit": 50, "bench_top": 1, "bootstrap": 1000,
-              "select_samples": 8, "select_evaluations": 24, "select_pool": 10, "select_confirm_samples": 16},
+              "select_samples": 8, "select_evaluations": 24, "select_pool": 10, "select_confirm_samples": 16,
+              "select_race": False},
 }
 DEFAULT_M = "3,6,9"
 
@@ -76,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", default=None, help="report directory (default ./qblock-report[-quick])")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     add_evaluation_options(p)
-    add_selection_options(p, samples=None, evaluations=None, confirm_samples=None)
+    add_selection_options(p, samples=None, evaluations=None, confirm_samples=None, race=None)
     add_eval_dtype_option(p)
     from qblock.validate.heal import add_heal_options
 
@@ -108,7 +111,7 @@ def _checked_settings(args: argparse.Namespace):
 
     cfg = _resolve(args)
     cfg["seed"], cfg["gate"] = args.seed, args.gate
-    for key in ("select_samples", "select_evaluations", "select_pool", "select_confirm_samples"):
+    for key in ("select_samples", "select_evaluations", "select_pool", "select_confirm_samples", "select_race"):
         setattr(args, key, cfg[key])
     check_selection_options(args)  # before the model is loaded or the cached problem rewritten
     ms = parse_ms(args.remove)

@@ -338,3 +338,18 @@ def test_selection_options_are_checked_before_any_work(pfile, tmp_path, capsys, 
     code, err = cli(capsys, *head, "--out", tmp_path / "out", option, value)
     assert code == 2 and err[-1].startswith("qblock: error: ") and needle in err[-1], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, race", [([], True), (["--quick"], False), (["--quick", "--select-race"], True),
+                                        (["--no-select-race"], False)])
+def test_run_presets_race_the_confirmation_unless_quick(argv, race):
+    """A full run races the confirmation, --quick confirms once; either flag overrides the preset."""
+    import argparse
+
+    from qblock.cli import run as run_cmd
+
+    parser = argparse.ArgumentParser()
+    run_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["run", *argv])
+    run_cmd._checked_settings(args)
+    assert args.select_race is race
