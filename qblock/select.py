@@ -436,7 +436,8 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
     noise; measuring only those again on more tokens is cheap and picks among them on firmer ground.
     With ``more`` it races: after each measurement the two lowest sets are measured again on the next
     oracle's samples, each set's loss being its mean over every sample it was measured on (oracles
-    weighted by their ``num_samples``, 1 where they have none), until the oracles run out. The
+    weighted by their ``predicted_tokens``, else their ``num_samples``, else 1: the pooled loss when
+    they count predictions), until the oracles run out. The
     recommendation is the lower of the last two, so the closest contenders are compared on the most
     samples at the cost of two measurements per further oracle.
 
@@ -480,14 +481,18 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
     keys += [k for k in extra if k not in keys]
     refinement.finalists, refinement.finalist_samples = {}, {}
     total: dict[tuple[int, ...], float] = {}
+    weight: dict[tuple[int, ...], float] = {}
     for r, orc in enumerate([oracle, *more]):
         if r and len(keys) < 2:
             break
-        t0, w = orc.tokens, int(getattr(orc, "num_samples", 1))
-        for key, v in zip(keys, measure(orc, keys)):
+        t0, n = orc.tokens, int(getattr(orc, "num_samples", 1))
+        values = measure(orc, keys)
+        w = float(getattr(orc, "predicted_tokens", n))
+        for key, v in zip(keys, values):
             total[key] = total.get(key, 0.0) + w * v
-            refinement.finalist_samples[key] = refinement.finalist_samples.get(key, 0) + w
-            refinement.finalists[key] = total[key] / refinement.finalist_samples[key]
+            weight[key] = weight.get(key, 0.0) + w
+            refinement.finalist_samples[key] = refinement.finalist_samples.get(key, 0) + n
+            refinement.finalists[key] = total[key] / weight[key]
         refinement.confirm_tokens += orc.tokens - t0
         refinement.confirm_evaluations += len(keys)
         keys = sorted(keys, key=lambda k: (refinement.finalists[k], k))[:2]

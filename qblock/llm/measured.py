@@ -78,6 +78,13 @@ class CalibrationLoss:
         self.tokens += self.tokens_per_pass
         self.evaluations += 1
 
+    @property
+    def predicted_tokens(self) -> int:
+        """Next-token predictions a loss averages (what pooling losses over sample sets weighs by)."""
+        if self._prefix is None:
+            self._record()
+        return int(self._prefix.num_tokens)
+
     def loss(self, removed: Iterable[int]) -> float:
         """The calibration loss with ``removed`` masked (measured once per distinct set)."""
         if self._prefix is None:
@@ -259,8 +266,12 @@ class _Bar:
         return self.oracle.tokens
 
     @property
-    def num_samples(self) -> int:  # a racing round's weight (qblock.select.confirm)
+    def num_samples(self) -> int:  # racing (qblock.select.confirm) counts samples and weighs by predictions
         return self.oracle.num_samples
+
+    @property
+    def predicted_tokens(self) -> int:
+        return self.oracle.predicted_tokens
 
     def loss(self, removed: Iterable[int]) -> float:
         before = self.oracle.evaluations

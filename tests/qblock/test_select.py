@@ -314,22 +314,24 @@ def test_select_removals_confirms_on_more_samples_and_accounts_for_it():
 
 def test_select_removals_races_on_further_samples_with_exact_pooled_losses():
     """A raced finalist's loss is the calibration loss on every sample it was measured on, as if measured
-    at once (equal-length samples); the chunks' full-model passes are shared."""
+    at once (samples of unequal length: chunks weigh by predicted tokens); the chunks' full-model passes
+    are shared."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from qblock.llm.measured import CalibrationLoss, select_removals
 
     model = small_llama(6, vocab_size=40)
-    samples = [torch.randint(0, 40, (12,)) for _ in range(10)]
+    samples = [torch.randint(0, 40, (12,)) for _ in range(4)] + [torch.randint(0, 40, (6 + 3 * i,)) for i in range(6)]
     sel = select_removals(model, samples[:2], [2], pool_size=4, evaluations_per_m=6, confirm_samples=samples[:4],
                           race_samples=samples[4:], confirm_top=4, one_pass=False)
     assert [o.num_samples for o in sel["race_oracles"]] == [4, 2]
-    assert sel["shared_tokens"] == sel["prior"].metadata["selection"]["forward_tokens"] + 10 * 12
+    chunk_tokens = [sum(len(s) for s in samples[i:i + 4]) for i in (4, 8)]  # 42 and 39
+    assert sel["shared_tokens"] == sel["prior"].metadata["selection"]["forward_tokens"] + 4 * 12 + sum(chunk_tokens)
     ref = sel["refinements"][2]
     assert sorted(ref.finalist_samples.values()) == [4, 4, 10, 10]
     for k, n in ref.finalist_samples.items():
         assert ref.finalists[k] == pytest.approx(CalibrationLoss(model, samples[:n]).loss(k), abs=1e-6)
-    assert ref.confirm_tokens == (4 * 4 + 2 * 4 + 2 * 2) * 12 and ref.confirm_evaluations == 8
+    assert ref.confirm_tokens == 4 * 4 * 12 + 2 * sum(chunk_tokens) and ref.confirm_evaluations == 8
 
 
 def test_one_pass_sets_start_the_loop_and_are_always_confirmed():
