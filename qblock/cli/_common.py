@@ -248,7 +248,7 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
     g.add_argument("--select-race", action=argparse.BooleanOptionalAction, default=race,
                    help="measure the two lowest finalists again on the calibration samples after the "
                         "confirmation's, in chunks of its size, until they run out (default "
-                        + ("on" if race else "off" if race is False else "the preset's") + ")")
+                        + ("on" if race else "off" if race is False else "on; qblock run --quick: off") + ")")
 
 
 def _or_preset(default: int | None) -> str:

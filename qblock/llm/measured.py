@@ -60,6 +60,7 @@ class CalibrationLoss:
             raise ValueError("CalibrationLoss needs at least one calibration sample")
         self._args = (model, list(samples), gate, int(batch_size), max_bytes)
         self._prefix = None  # recorded on first use: that pass is the full model's evaluation
+        self._predicted = None  # next-token predictions per pass, known once recorded
         self.tokens_per_pass = int(sum(int(getattr(s, "numel", lambda: len(s))()) for s in samples))
         self.num_samples = len(samples)
         self._cache: dict[tuple[int, ...], float] = {}
@@ -74,22 +75,29 @@ class CalibrationLoss:
 
         model, samples, gate, batch_size, max_bytes = self._args
         self._prefix = PrefixCache(model, samples, (), batch_size=batch_size, gate=gate, max_bytes=max_bytes)
-        self._cache[()] = float(self._prefix.base_loss)
-        self.tokens += self.tokens_per_pass
-        self.evaluations += 1
+        self._predicted = int(self._prefix.num_tokens)
+        self.tokens += self.tokens_per_pass  # spent again after release(), but the full model is one set
+        if () not in self._cache:
+            self._cache[()] = float(self._prefix.base_loss)
+            self.evaluations += 1
 
     @property
     def predicted_tokens(self) -> int:
         """Next-token predictions a loss averages (what pooling losses over sample sets weighs by)."""
-        if self._prefix is None:
+        if self._predicted is None:
             self._record()
-        return int(self._prefix.num_tokens)
+        return self._predicted
+
+    def release(self) -> None:
+        """Free the recorded block outputs (measured losses stay cached; a new set records them again,
+        counted as a pass)."""
+        self._prefix = None
 
     def loss(self, removed: Iterable[int]) -> float:
         """The calibration loss with ``removed`` masked (measured once per distinct set)."""
-        if self._prefix is None:
-            self._record()
         key = tuple(sorted({int(i) for i in removed}))
+        if key not in self._cache and self._prefix is None:
+            self._record()  # first use, or after release()
         if key not in self._cache:
             self._cache[key] = float(self._prefix.loss(key)[0])
             self.tokens += self.tokens_per_pass
@@ -106,8 +114,8 @@ class CalibrationLoss:
         """
         from qblock.executor import is_local
 
-        if self._prefix is None:
-            self._record()
+        if self._predicted is None:
+            self._record()  # the full model's pass, here, before any set (after release(): loss() records)
         keys = [tuple(sorted({int(i) for i in s})) for s in sets]
         todo = [k for k in dict.fromkeys(keys) if k not in self._cache]
         if is_local(self.executor):
@@ -160,7 +168,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
             ``None``: no confirmation.
         race_samples: further calibration samples, disjoint from ``confirm_samples``, cut into chunks of
             ``len(confirm_samples)``: the confirmation races on them (the two lowest finalists are measured
-            again on each chunk; :func:`qblock.select.confirm`). ``()``: no racing.
+            again on each chunk; :func:`qblock.select.confirm`; measured here, not on ``executor``).
+            ``()``: no racing.
         confirm_top: finalists per M chosen by the loop's ranking (the one-pass sets may add up to two).
         screen_samples: if positive, a greedy removal chain (:func:`qblock.select.greedy_chain`) on the
             first ``screen_samples`` samples proposes one starting set per M for the loop (its tokens
@@ -194,7 +203,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     checker = (CalibrationLoss(model, confirm_samples, gate=gate, batch_size=batch_size, executor=executor)
                if confirm_samples and int(confirm_top) > 0 else None)
     size, rest = len(confirm_samples or ()), list(race_samples or ())
-    racers = ([CalibrationLoss(model, rest[i:i + size], gate=gate, batch_size=batch_size, executor=executor)
+    # here, not on the executor: two sets per chunk and M, and more keyed states would evict the actors' others
+    racers = ([CalibrationLoss(model, rest[i:i + size], gate=gate, batch_size=batch_size)
                for i in range(0, len(rest), size)] if checker is not None else [])
     bar = _Bar(oracle, progress)
     try:
@@ -224,6 +234,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
                         also=cheap.get(m, {}).values(), more=[_Bar(o, False, bar.bar) for o in racers])
     finally:
         bar.close()
+        for o in racers + ([checker] if checker is not None else []):
+            o.release()  # their recorded outputs (up to max_bytes each) are not needed after the loop
     return {"prior": prior, "refinements": refinements, "shared_tokens": int(shared),
             "tokens_per_evaluation": oracle.tokens_per_pass, "oracle": oracle, "confirm_oracle": checker,
             "race_oracles": racers, "seconds": time.perf_counter() - t0}

@@ -417,20 +417,20 @@ def _selection_rows(sel: Mapping[str, Any], settings: ValidationSettings) -> lis
     Order: the recommended set, the other confirmed finalists (:meth:`qblock.select.Refinement.confirmed`:
     racing's survivors first), then the loop's other sets (lowest loss first). ``calib_loss`` is always on
     the loop's samples (the column the baselines are measured on too); ``confirm_loss`` on the
-    confirmation's (``confirm_samples`` of them), where measured.
+    confirmation's (``confirm_samples`` of them), where measured. The cost in passes is the forward
+    tokens in passes over the selection samples (the confirmation's passes are larger, the screen's
+    smaller), so passes x samples x length is the tokens.
     """
     prior, per_eval = sel["prior"], sel["tokens_per_evaluation"]
-    shared_evals = sel["shared_tokens"] // per_eval
     rows = []
     for m, ref in sel["refinements"].items():
         loop = dict(ref.ranked())
         fin = ref.confirmed()
         order = fin + [k for k in loop if k not in ref.finalists]
-        cost = {"cost_forward_passes": shared_evals + len(ref.history) + ref.confirm_evaluations,
-                "cost_backward_passes": 0,
-                "cost_calib_samples": max([sel["num_samples"], *ref.finalist_samples.values()]),
-                "cost_seconds": sel["seconds"], "cost_backward_tokens": 0,
-                "cost_forward_tokens": sel["shared_tokens"] + ref.tokens + ref.confirm_tokens}
+        tokens = sel["shared_tokens"] + ref.tokens + ref.confirm_tokens
+        cost = {"cost_forward_passes": -(-tokens // per_eval), "cost_backward_passes": 0,
+                "cost_calib_samples": sel["num_samples"], "cost_seconds": sel["seconds"],
+                "cost_backward_tokens": 0, "cost_forward_tokens": tokens}
         note = (f"measured QUBO (pairs in a pool of {len(prior.metadata['selection']['pool'])}) refined with "
                 f"{ref.backend} in the loop" + _loop_starts(sel.get("screen_samples"), sel.get("one_pass"))
                 + (f"; {len(fin)} finalists confirmed on {sel['confirm_samples']} calibration samples"
@@ -768,7 +768,7 @@ def _settings_view(problem, ms: Sequence[int], settings: ValidationSettings, sol
                                 if selection.get("confirm_samples") else "")
                              + (f", the two lowest raced on {selection['race_samples']} more"
                                 if selection.get("race_samples") else "")
-                             + "; the recommended set is the lowest measured calibration loss"),
+                             + "; the recommended set is the lowest confirmed (else measured) calibration loss"),
         "energy models compared": ", ".join(["problem (" + str(meta.get("energy", "?")) + ")"] + list(others)),
         "benchmarks": (", ".join(f"{t} ({len(v)} items)" for t, v in benchmarks.items()) +
                        f", zero-shot log-likelihood scoring by {settings.harness}" if benchmarks else "none"),
