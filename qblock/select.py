@@ -434,12 +434,11 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
 
     The loop ranks many sets on a small sample, so its few best sets differ by less than that sample's
     noise; measuring only those again on more tokens is cheap and picks among them on firmer ground.
-    With ``more`` it races: after each measurement the two lowest sets are measured again on the next
-    oracle's samples, each set's loss being its mean over every sample it was measured on (oracles
-    weighted by their ``predicted_tokens``, else their ``num_samples``, else 1: the pooled loss when
-    they count predictions), until the oracles run out. The
-    recommendation is the lower of the last two, so the closest contenders are compared on the most
-    samples at the cost of two measurements per further oracle.
+    With ``more`` it races: the two lowest sets are measured again on each further oracle's samples,
+    each set's loss being its mean over every sample it was measured on (oracles weighted by their
+    ``predicted_tokens``, else their ``num_samples``, else 1: the pooled loss when they count
+    predictions), until the oracles run out. The recommendation is the lower of the two, so the closest
+    contenders are compared on the most samples at the cost of two measurements per further oracle.
 
     Args:
         oracle: a loss oracle on more calibration tokens than the loop's (e.g. every calibration sample;
