@@ -35,7 +35,13 @@ def main(argv=None) -> int:
                     help="calibration samples of the confirmation stage (default: the validator's default, at most "
                          "the study's calibration set); more than the study's extends its calibration data from the "
                          "same seeded stream (held-out samples do not depend on it)")
+    ap.add_argument("--race-samples", type=int, default=None, metavar="N",
+                    help="calibration samples after the confirmation's that the two lowest finalists race on "
+                         "(default: the rest of the study's calibration set, as the validator does); more than "
+                         "that extends the calibration data from the same seeded stream")
     args = ap.parse_args(argv)
+    if args.race_samples is not None and args.race_samples < 0:
+        ap.error(f"--race-samples must be at least 0, got {args.race_samples}")
     if args.confirm_samples is not None and args.confirm_samples < 1:
         ap.error(f"--confirm-samples must be at least 1, got {args.confirm_samples}")
 
@@ -53,11 +59,13 @@ def main(argv=None) -> int:
     d = ValidationSettings(num_removes=ms)
     model, tok = load_model(st["model"], quiet=True, dtype=st["dtype"])
     n_confirm = d.select_confirm_samples if args.confirm_samples is None else args.confirm_samples
-    calib, evals, _ = calibration_and_eval(tok, None, num_calib=max(st["calib_samples"], n_confirm),
+    n_race = args.race_samples or 0
+    calib, evals, _ = calibration_and_eval(tok, None, num_calib=max(st["calib_samples"], n_confirm + n_race),
                                            num_eval=st["eval_samples"], seq_len=st["seq_len"], seed=st["seed"])
     checks = calib[:n_confirm] if args.confirm_samples is not None else calib[: min(n_confirm, st["calib_samples"])]
+    race = (calib[len(checks): len(checks) + n_race] if args.race_samples is not None
+            else calib[len(checks): st["calib_samples"]] if d.select_race else [])  # as the validator races
     calib = calib[: st["calib_samples"]]
-    race = calib[len(checks):] if d.select_race else []  # as the validator races: the samples after the confirmation's
     t0 = time.perf_counter()
     sel = select_removals(model, calib[: d.select_samples], ms, pool_size=d.select_pool,
                           evaluations_per_m=d.select_evaluations, batch=d.select_batch, backend=d.select_backend,
