@@ -206,11 +206,12 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     # here, not on the executor: two sets per chunk and M, and more keyed states would evict the actors' others
     racers = ([CalibrationLoss(model, rest[i:i + size], gate=gate, batch_size=batch_size)
                for i in range(0, len(rest), size)] if checker is not None else [])
+    confirmers = [checker, *racers] if checker is not None else []
     bar = _Bar(oracle, progress)
     try:
         prior = measured_problem(bar, n, pool_size=pool_size)
         shared = oracle.tokens
-        for o in [checker, *racers] if checker is not None else []:
+        for o in confirmers:
             o.loss(())  # its recorded full-model pass serves every M
             shared += o.tokens
         cheap = one_pass_sets(model, samples, num_removes, batch_size=batch_size, progress=progress) if one_pass else {}
@@ -234,7 +235,7 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
                         also=cheap.get(m, {}).values(), more=[_Bar(o, False, bar.bar) for o in racers])
     finally:
         bar.close()
-        for o in racers + ([checker] if checker is not None else []):
+        for o in confirmers:
             o.release()  # their recorded outputs (up to max_bytes each) are not needed after the loop
     return {"prior": prior, "refinements": refinements, "shared_tokens": int(shared),
             "tokens_per_evaluation": oracle.tokens_per_pass, "oracle": oracle, "confirm_oracle": checker,
