@@ -245,7 +245,8 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
     g.add_argument("--no-select-one-pass", dest="select_one_pass", action="store_false",
                    help="do not add the one-pass baselines' sets (ShortGPT, angular window; one statistics pass) "
                         "to the loop's starts and the confirmed finalists")
-    g.add_argument("--select-race", action=argparse.BooleanOptionalAction, default=race,
+    # None unless given, so that an explicit --select-race without a confirmation can be refused
+    g.add_argument("--select-race", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the two lowest finalists again on the calibration samples after the "
                         "confirmation's, in chunks of its size, until they run out (default "
                         + ("on" if race else "off" if race is False else "on; qblock run --quick: off") + ")")
@@ -297,6 +298,8 @@ def check_selection_options(args: argparse.Namespace) -> None:
                          ("--select-screen", args.select_screen, 0)):
         if v is not None and v < low:
             raise CliError(f"{flag} must be at least {low}, got {v}")
+    if args.select_race and args.select_confirm == 0:
+        raise CliError("--select-race races the confirmation's finalists: drop it or --select-confirm 0")
     from qblock import backends
 
     if args.select_backend not in backends.names():
@@ -311,7 +314,7 @@ def selection_settings(args: argparse.Namespace) -> dict:
             "select_pool": args.select_pool, "select_backend": args.select_backend,
             "select_confirm": args.select_confirm, "select_confirm_samples": args.select_confirm_samples,
             "select_screen": args.select_screen, "select_one_pass": args.select_one_pass,
-            "select_race": args.select_race}
+            "select_race": args.select_race is not False}  # on unless --no-select-race
 
 
 def parse_ms(value: str | None) -> list[int] | None:

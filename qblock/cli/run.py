@@ -109,8 +109,10 @@ def _checked_settings(args: argparse.Namespace):
     from qblock.llm.data import BENCHMARKS
     from qblock.validate.baselines import BASELINE_METHODS
 
+    check_selection_options(args)  # the user's own values, before the preset fills in the rest
     cfg = _resolve(args)
     cfg["seed"], cfg["gate"] = args.seed, args.gate
+    cfg["select_race"] = cfg["select_race"] and args.select_confirm > 0  # nothing to race without a confirmation
     for key in ("select_samples", "select_evaluations", "select_pool", "select_confirm_samples", "select_race"):
         setattr(args, key, cfg[key])
     check_selection_options(args)  # before the model is loaded or the cached problem rewritten

@@ -323,6 +323,7 @@ def test_llm_commands_share_the_output_rule(pfile, capsys, argv, needle):
     ("--select-confirm-samples", "0", "--select-confirm-samples must be at least 1, got 0"),
     ("--select-pool", "-1", "--select-pool must be at least 0, got -1"),
     ("--select-backend", "nope", "--select-backend 'nope' is not a backend"),
+    ("--select-race --select-confirm", "0", "--select-race races the confirmation's finalists"),
 ])
 def test_selection_options_are_checked_before_any_work(pfile, tmp_path, capsys, monkeypatch, command, option, value,
                                                        needle):
@@ -335,15 +336,16 @@ def test_selection_options_are_checked_before_any_work(pfile, tmp_path, capsys, 
     monkeypatch.setattr(pipeline, "extract_problem", must_not_run)
     monkeypatch.setattr(BlockRemovalProblem, "load", must_not_run)
     head = ["run", "--quick", "--model", str(tmp_path / "no-such-model")] if command == "run" else ["validate", pfile]
-    code, err = cli(capsys, *head, "--out", tmp_path / "out", option, value)
+    code, err = cli(capsys, *head, "--out", tmp_path / "out", *option.split(), value)
     assert code == 2 and err[-1].startswith("qblock: error: ") and needle in err[-1], err
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("argv, race", [([], True), (["--quick"], False), (["--quick", "--select-race"], True),
-                                        (["--no-select-race"], False)])
+                                        (["--no-select-race"], False), (["--select-confirm", "0"], False)])
 def test_run_presets_race_the_confirmation_unless_quick(argv, race):
-    """A full run races the confirmation, --quick confirms once; either flag overrides the preset."""
+    """A full run races the confirmation, --quick confirms once; either flag overrides the preset; without a
+    confirmation there is nothing to race."""
     import argparse
 
     from qblock.cli import run as run_cmd
