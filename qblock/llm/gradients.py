@@ -30,7 +30,8 @@ import numpy as np
 from qblock._lazy import require
 from qblock.llm.gates import _input_device, gate_sites, gated
 
-__all__ = ["gate_gradients", "gate_gradients_reference", "as_token_tensors", "sample_losses", "batches_by_length"]
+__all__ = ["gate_gradients", "gate_gradients_reference", "as_token_tensors", "sample_losses", "nll_sums",
+           "batches_by_length"]
 
 
 def as_token_tensors(samples: Sequence[Any]) -> list:
@@ -76,19 +77,42 @@ def pad_batch(samples: Sequence[Any], pad_id: int, device) -> tuple[Any, Any]:
     return ids.to(device), mask.to(device)
 
 
+def nll_sums(logits, input_ids, attention_mask):
+    """Per-sample sums of next-token NLLs over real (unpadded) targets and their counts, shape ``(B,)`` each.
+
+    The one home of the next-token loss: :func:`sample_losses` (gradients, measured energies) and
+    :func:`qblock.validate.evaluate.heldout_loss` (calibration and held-out losses) both use it. Row by row,
+    ``logsumexp - target logit`` in at least fp32: no log-softmax of the whole batch (tokens x vocabulary),
+    which took a quarter of a calibration-loss evaluation. Differentiable.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.zeros(2, 3, 4)  # uniform over 4 tokens: log 4 per prediction
+        >>> sums, counts = nll_sums(logits, torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1, 1, 1], [1, 1, 0]]))
+        >>> [round(float(x), 4) for x in sums / counts], counts.tolist()
+        ([1.3863, 1.3863], [2.0, 1.0])
+    """
+    torch = require("torch", "llm")
+    valid = attention_mask[:, 1:].to(logits.device).bool()
+    targets = input_ids[:, 1:].to(logits.device)
+    sums = []
+    for r in range(logits.shape[0]):
+        keep = valid[r]
+        n = int(keep.sum())
+        if bool(keep[:n].all()):  # right padding (pad_batch): views of the row
+            lg, tgt = logits[r, :n], targets[r, :n]
+        else:  # any other mask: its real positions
+            lg, tgt = logits[r, :-1][keep], targets[r][keep]
+        if lg.dtype not in (torch.float32, torch.float64):
+            lg = lg.float()  # half-precision logits: take the softmax in fp32
+        sums.append((torch.logsumexp(lg, dim=-1) - lg.gather(-1, tgt[:, None])[:, 0]).sum())
+    return torch.stack(sums), valid.sum(dim=1).to(sums[0].dtype)
+
+
 def sample_losses(logits, input_ids, attention_mask):
     """Per-sample mean next-token cross-entropy over real (unpadded) targets, shape ``(B,)`` (>= fp32)."""
-    torch = require("torch", "llm")
-    F = require("torch.nn.functional", "llm")
-    b, t, v = logits.shape
-    targets = input_ids[:, 1:].to(logits.device)
-    valid = attention_mask[:, 1:].to(logits.device).to(torch.float32)
-    flat = logits[:, :-1].reshape(-1, v)
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()  # half-precision logits: take the softmax in fp32
-    ce = F.cross_entropy(flat, targets.reshape(-1), reduction="none")
-    ce = ce.view(b, t - 1) * valid.to(ce.dtype)
-    return ce.sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
+    sums, counts = nll_sums(logits, input_ids, attention_mask)
+    return sums / counts.clamp_min(1.0)
 
 
 def _pad_id(model) -> int:

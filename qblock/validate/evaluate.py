@@ -122,17 +122,10 @@ def heldout_loss(model, samples: Sequence[Any], *, batch_size: int = 8, max_toke
 
 
 def _nll_sum(logits, ids, mask) -> float:
-    """Sum of the next-token NLLs of right-padded rows (:func:`_pad`), in fp32, one sample at a time.
+    """Sum of the next-token NLLs of the batch's real targets (:func:`qblock.llm.gradients.nll_sums`)."""
+    from qblock.llm.gradients import nll_sums
 
-    ``logsumexp - target logit`` per row: no log-softmax output and no indexed copy of the whole batch's
-    logits (tokens x vocabulary), which took a quarter of a calibration-loss evaluation.
-    """
-    torch = _torch()
-    total = 0.0
-    for r, n in enumerate(mask.sum(dim=1).tolist()):
-        lg = logits[r, : n - 1].float()
-        total += float((torch.logsumexp(lg, dim=-1) - lg.gather(-1, ids[r, 1:n, None])[:, 0]).sum())
-    return total
+    return float(nll_sums(logits, ids, mask)[0].double().sum())
 
 
 def _encode(tokenizer, text: str) -> list[int]:
