@@ -10,9 +10,17 @@ something these samples can resolve.
     python benchmarks/selection_paired.py --recheck benchmarks/results/selection_quality_default_recheck_confirm128.json \
         --heldout-samples 128
 
-Writes ``<recheck stem>_paired.{json,md}`` (or ``--out STEM``). Cost: two single-sample forward passes per
+With ``--sleb-samples N`` the baseline is SLEB run here on the first N calibration samples (SLEB's usual
+sample count is 128; the samples keep the study's length) instead of the study's best baseline, which
+ran SLEB on fewer: qblock's set is then compared with SLEB choosing on as many calibration samples as
+qblock's racing confirmation did, and SLEB's tokens are counted.
+
+    python benchmarks/selection_paired.py --recheck benchmarks/results/selection_quality_default_recheck_race96.json \
+        --calib-samples 128 --heldout-samples 128 --sleb-samples 128
+
+Writes ``<recheck stem>_paired.{json,md}`` (``_paired_sleb<N>`` with ``--sleb-samples``; or ``--out STEM``). Cost: two single-sample forward passes per
 sample and M where the sets differ (5 minutes for SmolLM2 with 128 calibration and 128 held-out samples,
-4 for Gemma-3-270M with 64 and 64, one core).
+4 for Gemma-3-270M with 64 and 64, one core), plus SLEB's candidate passes with ``--sleb-samples``.
 """
 
 from __future__ import annotations
@@ -47,10 +55,15 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout-samples", type=int, default=None, metavar="N",
                     help="held-out samples to compare on (default: the study's; more extend its held-out data from "
                          "the same seeded stream, still disjoint from calibration)")
+    ap.add_argument("--sleb-samples", type=int, default=None, metavar="N",
+                    help="compare with SLEB run here on the first N calibration samples (from the same seeded stream) "
+                         "instead of the study's best baseline")
     ap.add_argument("--out", default=None, help="output stem (default: the re-check's stem + _paired)")
     args = ap.parse_args(argv)
     if args.calib_samples is not None and args.calib_samples < 2:
         ap.error(f"--calib-samples must be at least 2, got {args.calib_samples}")
+    if args.sleb_samples is not None and args.sleb_samples < 1:
+        ap.error(f"--sleb-samples must be at least 1, got {args.sleb_samples}")
     if args.heldout_samples is not None and args.heldout_samples < 2:
         ap.error(f"--heldout-samples must be at least 2, got {args.heldout_samples}")
     path = Path(args.recheck)
@@ -73,13 +86,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model, tok = load_model(study["model"], quiet=True, dtype=study["dtype"])
     n_cal = int(args.calib_samples or rc["settings"]["confirm_samples"])
-    data = {"num_calib": n_cal, "seq_len": study["seq_len"], "seed": study["seed"]}
+    data = {"num_calib": max(n_cal, args.sleb_samples or 0), "seq_len": study["seq_len"], "seed": study["seed"]}
     calib, evals, _ = calibration_and_eval(tok, None, num_eval=args.heldout_samples or study["eval_samples"], **data)
-    if args.heldout_samples:  # the study's own samples must be the first ones of the longer streams
-        c0, e0, _ = calibration_and_eval(tok, None, num_eval=study["eval_samples"], **data)
+    if args.heldout_samples or args.sleb_samples:  # the study's own samples must be the first ones of longer streams
+        c0, e0, _ = calibration_and_eval(tok, None, num_eval=study["eval_samples"],
+                                         **{**data, "num_calib": study["calib_samples"]})
         k = min(len(e0), len(evals))
-        if not all(bool((a == b).all()) for a, b in zip(calib + evals[:k], c0 + e0[:k])):
-            raise SystemExit("--heldout-samples changed the study's calibration or held-out samples")
+        if not all(bool((a == b).all()) for a, b in zip(calib[: len(c0)] + evals[:k], c0 + e0[:k])):
+            raise SystemExit("more samples changed the study's calibration or held-out samples")
+    theirs_by_m = _sleb_sets(model, calib[: args.sleb_samples], rc) if args.sleb_samples else {}
+    calib = calib[:n_cal]
 
     from tqdm.auto import tqdm
 
@@ -88,22 +104,38 @@ def main(argv=None) -> int:
             return [heldout_loss(model, [x])[0] for x in tqdm(xs, desc=f"removing {len(removed)}", leave=False)]
 
     out = {"recheck": path.name, "model": study["model"], "calibration_samples": n_cal,
-           "heldout_samples": len(evals), "per_m": {}}
+           "heldout_samples": len(evals), "sleb_samples": args.sleb_samples, "per_m": {}}
     for m, r in rc["per_m"].items():
-        best = min(r["baselines"], key=lambda b: r["baselines"][b]["heldout"])
-        theirs = r["baselines"][best]["removed"]
+        if args.sleb_samples:
+            best, (theirs, sleb_tokens) = f"sleb on {args.sleb_samples}", theirs_by_m[int(m)]
+        else:
+            best = min(r["baselines"], key=lambda b: r["baselines"][b]["heldout"])
+            theirs, sleb_tokens = r["baselines"][best]["removed"], None
         row = {"qblock": r["removed"], "baseline": best, "baseline_removed": theirs}
+        if sleb_tokens is not None:
+            row.update(qblock_tokens=r["fwd_tokens"], baseline_tokens=sleb_tokens)
         if sorted(theirs) != sorted(r["removed"]):
             for name, xs in (("heldout", evals), ("calibration", calib)):
                 row[name] = paired(per_sample(r["removed"], xs), per_sample(theirs, xs))
         out["per_m"][m] = row
         print(m, row, flush=True)
-    stem = Path(args.out) if args.out else path.with_name(path.stem + "_paired")
+    suffix = f"_paired_sleb{args.sleb_samples}" if args.sleb_samples else "_paired"
+    stem = Path(args.out) if args.out else path.with_name(path.stem + suffix)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     stem.with_suffix(".md").write_text(_markdown(out))
     print(f"wrote {stem}.json and {stem}.md")
     return 0
+
+
+def _sleb_sets(model, samples, rc: dict) -> dict[int, tuple[list[int], int]]:
+    """``{M: (SLEB's set, its forward tokens)}`` for the re-check's M, SLEB run on ``samples``."""
+    from qblock.validate.baselines import sleb
+
+    ms = [int(m) for m in rc["per_m"]]
+    tokens = sum(int(s.numel()) for s in samples)
+    return {r.num_remove: (r.removed, r.forward_passes * tokens)
+            for r in sleb(model, samples, max(ms), progress=True) if r.num_remove in ms}
 
 
 def _cell(p: dict | None) -> str:
@@ -113,14 +145,19 @@ def _cell(p: dict | None) -> str:
 
 
 def _markdown(out: dict) -> str:
-    lines = [f"# Paired per-sample differences, qblock's recommended set minus the best baseline's ({out['model']})", "",
+    n = out.get("sleb_samples")
+    tok_head = " forward tokens to choose: qblock / SLEB |" if n else ""
+    whose = f"SLEB's on the first {n} calibration samples" if n else "the best baseline's"
+    lines = [f"# Paired per-sample differences, qblock's recommended set minus {whose} ({out['model']})", "",
              f"From `{out['recheck']}`: {out['heldout_samples']} held-out and {out['calibration_samples']} calibration "
              "samples, each measured alone; mean difference ± its standard error, nats/token (negative: qblock's "
              "set is better). A difference inside about two standard errors is not resolved by these samples.", "",
-             "| M | qblock | best baseline | held-out difference | calibration difference |", "|---|---|---|---|---|"]
+             "| M | qblock | best baseline | held-out difference | calibration difference |" + tok_head,
+             "|---|---|---|---|---|" + "---|" * bool(tok_head)]
     for m, r in out["per_m"].items():
+        toks = f" {r['qblock_tokens']:,} / {r['baseline_tokens']:,} |" if tok_head else ""
         lines.append(f"| {m} | {','.join(map(str, r['qblock']))} | {r['baseline']} ({','.join(map(str, r['baseline_removed']))}) "
-                     f"| {_cell(r.get('heldout'))} | {_cell(r.get('calibration'))} |")
+                     f"| {_cell(r.get('heldout'))} | {_cell(r.get('calibration'))} |" + toks)
     return "\n".join(lines) + "\n"
 
 
