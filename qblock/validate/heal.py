@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -297,7 +298,14 @@ def _write(result: Mapping[str, Any], rows, summary: Mapping[str, Any], out: Pat
         md = head + ("## " + rest[1] if len(rest) > 1 else "")
     atomic_write_bytes(md_path, (md.rstrip("\n") + "\n\n" + render_heal_section(rows, summary)).encode())
     data = result.get("summary_json")
-    if data is not None:  # what validate() returned; the file is written from it, never read back
+    on_disk = out / "summary.json"
+    if data is None and write_summary and on_disk.is_file():  # a result dict of the caller's own making
+        try:
+            data = json.loads(on_disk.read_text())
+        except (OSError, ValueError):
+            data = None  # not a summary this can extend: left as it is
+        data = data if isinstance(data, dict) else None
+    if data is not None:  # what validate() returned; the file is written from it
         data["healing"] = summary
         data.setdefault("files", {}).setdefault("table", {}).update({k: str(v) for k, v in paths.items()})
         if write_summary:

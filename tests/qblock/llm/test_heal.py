@@ -398,6 +398,34 @@ def test_validate_with_heal_steps_adds_before_after_columns_and_correlation(tiny
     assert "healed loss" in (out / "candidates.md").read_text()
 
 
+def test_heal_after_validation_with_a_result_of_the_callers_own_adds_healing_to_summary_json(tiny_files, tmp_path):
+    """The Python API with a result dict rebuilt from the table (no ``summary_json`` in it): summary.json on disk
+    gains the healing entry and keeps everything the validation wrote."""
+    from qblock import BlockRemovalProblem
+    from qblock.llm.models import load_model
+    from qblock.llm.pipeline import extract_problem
+    from qblock.validate.heal import heal_after_validation
+    from qblock.validate.report import read_table
+    from qblock.validate.runner import data_for_problem
+
+    prob = tmp_path / "p.npz"
+    extract_problem(str(tiny_files / "model"), num_samples=8, seq_len=24, calibration=str(tiny_files / "calib.txt"),
+                    num_eval=6, out=prob, progress=False, num_remove=2)
+    out = tmp_path / "val"
+    assert main(["validate", str(prob), "-M", "4", "--top", "2", "--random", "1", "--backend", "exact", "--bootstrap",
+                 "20", "--energies", "fisher", "--baselines", "shortgpt", "--no-select", "--threads", "1", "--quiet",
+                 "--out", str(out)]) == 0
+    before = json.loads((out / "summary.json").read_text())
+    model, tok = load_model(str(tiny_files / "model"), quiet=True)
+    _, evals, prov = data_for_problem(BlockRemovalProblem.load(prob), tok, num_eval=6)
+    result = {"rows": read_table(out / "candidates.csv")}
+    opts = {"mode": "full", "steps": 2, "batch_size": 2, "top": 1, "tokens": None}
+    summary = heal_after_validation(result, model, tok, evals, prov, out, opts, n_boot=20, progress=False)
+    after = json.loads((out / "summary.json").read_text())
+    assert after["healing"]["per_m"] == json.loads(json.dumps(summary["per_m"])) and after["healing"]["per_m"]
+    assert {k: v for k, v in after.items() if k != "healing"} == before
+
+
 def test_heal_options_are_checked(tiny_files, tmp_path, capsys):
     prob = tmp_path / "p.npz"
     import qblock
