@@ -146,8 +146,8 @@ class ValidationSettings:
 
 
 def apply_threads(threads: str | int | None = "auto", quiet: bool = True) -> int:
-    """Set torch's CPU thread count: a number, or ``"auto"``: every physical core (torch's default) on an idle
-    machine (1-minute load average under 0.5), else the cores the load leaves free, at least 1.
+    """Set torch's CPU thread count: a number, or ``"auto"``: every core on an idle machine (1-minute load
+    average under 0.5), else the cores the load leaves free, at least 1.
 
     Intra-op threads wait on each other when one is descheduled, so a thread more than the free cores
     costs far more than it gains: on a shared 2-core machine (load average 7) a 2x128-token forward of
@@ -162,8 +162,7 @@ def apply_threads(threads: str | int | None = "auto", quiet: bool = True) -> int
     import torch
 
     if threads is None or str(threads) == "auto":
-        # torch's default is one thread per physical core; os.cpu_count() counts hyperthreads too
-        cores = min(os.cpu_count() or 1, torch.get_num_threads())
+        cores = os.cpu_count() or 1
         try:
             load = os.getloadavg()[0]
         except (AttributeError, OSError):  # pragma: no cover - not on every platform

@@ -542,23 +542,3 @@ def test_cli_validate_races_the_finalists_on_the_calibration_samples_after_the_c
     assert main(args + ["--no-select-race", "--out", str(tmp_path / "once")]) == 0
     once = json.loads((tmp_path / "once" / "summary.json").read_text())
     assert once["selection"]["race_samples"] == 0 and once["recommended"]["3"]["confirmation_samples"] == 4
-
-
-@pytest.mark.parametrize("logical, load, want", [(4, 0.1, 2), (4, 1.0, 1), (1, 0.1, 1), (4, 5.0, 1)])
-def test_auto_threads_counts_physical_cores_not_hyperthreads(monkeypatch, logical, load, want):
-    """--threads auto starts from torch's default (one thread per physical core; 2 here), not os.cpu_count(),
-    which counts hyperthreads: 4 logical CPUs with one busy leave one physical core, not three."""
-    import os
-
-    import torch
-
-    from qblock.validate.runner import apply_threads
-
-    before = torch.get_num_threads()
-    monkeypatch.setattr(os, "cpu_count", lambda: logical)
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
-    try:
-        torch.set_num_threads(2)
-        assert apply_threads("auto") == want
-    finally:
-        torch.set_num_threads(before)
