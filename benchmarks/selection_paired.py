@@ -88,12 +88,10 @@ def main(argv=None) -> int:
     n_cal = int(args.calib_samples or rc["settings"]["confirm_samples"])
     data = {"num_calib": max(n_cal, args.sleb_samples or 0), "seq_len": study["seq_len"], "seed": study["seed"]}
     calib, evals, _ = calibration_and_eval(tok, None, num_eval=args.heldout_samples or study["eval_samples"], **data)
-    if args.heldout_samples or args.sleb_samples:  # the study's own samples must be the first ones of longer streams
-        c0, e0, _ = calibration_and_eval(tok, None, num_eval=study["eval_samples"],
-                                         **{**data, "num_calib": study["calib_samples"]})
-        k = min(len(e0), len(evals))
-        if not all(bool((a == b).all()) for a, b in zip(calib[: len(c0)] + evals[:k], c0 + e0[:k])):
-            raise SystemExit("more samples changed the study's calibration or held-out samples")
+    if args.heldout_samples:  # the samples the study and the re-check used (its num_eval) must be unchanged
+        c0, e0, _ = calibration_and_eval(tok, None, num_eval=study["eval_samples"], **data)
+        if not (_same(calib, c0) and _same(evals, e0)):
+            raise SystemExit("--heldout-samples changed the study's calibration or held-out samples")
     theirs_by_m = _sleb_sets(model, calib[: args.sleb_samples], rc) if args.sleb_samples else {}
     calib = calib[:n_cal]
 
@@ -104,7 +102,9 @@ def main(argv=None) -> int:
             return [heldout_loss(model, [x])[0] for x in tqdm(xs, desc=f"removing {len(removed)}", leave=False)]
 
     out = {"recheck": path.name, "model": study["model"], "calibration_samples": n_cal,
-           "heldout_samples": len(evals), "sleb_samples": args.sleb_samples, "per_m": {}}
+           "heldout_samples": len(evals), "sleb_samples": args.sleb_samples,
+           "qblock_calibration_samples": rc["settings"].get("confirm_samples", 0) + rc["settings"].get("race_samples", 0),
+           "per_m": {}}
     for m, r in rc["per_m"].items():
         if args.sleb_samples:
             best, (theirs, sleb_tokens) = f"sleb on {args.sleb_samples}", theirs_by_m[int(m)]
@@ -126,6 +126,11 @@ def main(argv=None) -> int:
     stem.with_suffix(".md").write_text(_markdown(out))
     print(f"wrote {stem}.json and {stem}.md")
     return 0
+
+
+def _same(xs, ys) -> bool:
+    """Whether two sample lists agree over the shorter one's length."""
+    return all(bool((a == b).all()) for a, b in zip(xs, ys))
 
 
 def _sleb_sets(model, samples, rc: dict) -> dict[int, tuple[list[int], int]]:
@@ -151,7 +156,10 @@ def _markdown(out: dict) -> str:
     lines = [f"# Paired per-sample differences, qblock's recommended set minus {whose} ({out['model']})", "",
              f"From `{out['recheck']}`: {out['heldout_samples']} held-out and {out['calibration_samples']} calibration "
              "samples, each measured alone; mean difference ± its standard error, nats/token (negative: qblock's "
-             "set is better). A difference inside about two standard errors is not resolved by these samples.", "",
+             "set is better). A difference inside about two standard errors is not resolved by these samples."
+             + (f" SLEB chose on the first {n} calibration samples; qblock's confirmation and race on the first "
+                f"{out['qblock_calibration_samples']}, its loop on fewer; where {n} >= {out['calibration_samples']} the "
+                "calibration difference is on samples SLEB chose from." if n else ""), "",
              "| M | qblock | best baseline | held-out difference | calibration difference |" + tok_head,
              "|---|---|---|---|---|" + "---|" * bool(tok_head)]
     for m, r in out["per_m"].items():

@@ -314,7 +314,8 @@ def selection_settings(args: argparse.Namespace) -> dict:
             "select_pool": args.select_pool, "select_backend": args.select_backend,
             "select_confirm": args.select_confirm, "select_confirm_samples": args.select_confirm_samples,
             "select_screen": args.select_screen, "select_one_pass": args.select_one_pass,
-            "select_race": args.select_race is not False}  # on unless --no-select-race
+            # on unless --no-select-race, and only with a confirmation to race
+            "select_race": args.select_race is not False and args.select_confirm > 0}
 
 
 def parse_ms(value: str | None) -> list[int] | None:

@@ -95,18 +95,19 @@ def nll_sums(logits, input_ids, attention_mask):
     torch = require("torch", "llm")
     valid = attention_mask[:, 1:].to(logits.device).bool()
     targets = input_ids[:, 1:].to(logits.device)
+    counts = valid.sum(dim=1)
+    if logits.shape[0] == 0:
+        return logits.new_zeros(0, dtype=torch.float32), counts.float()
+    # right padding (pad_batch): each row's targets are a prefix, sliced as views; else its real positions
+    prefix = bool((valid == (torch.arange(valid.shape[1], device=valid.device) < counts[:, None])).all())
     sums = []
-    for r in range(logits.shape[0]):
-        keep = valid[r]
-        n = int(keep.sum())
-        if bool(keep[:n].all()):  # right padding (pad_batch): views of the row
-            lg, tgt = logits[r, :n], targets[r, :n]
-        else:  # any other mask: its real positions
-            lg, tgt = logits[r, :-1][keep], targets[r][keep]
+    for r, n in enumerate(counts.tolist()):
+        lg, tgt = (logits[r, :n], targets[r, :n]) if prefix else (logits[r, :-1][valid[r]], targets[r][valid[r]])
         if lg.dtype not in (torch.float32, torch.float64):
             lg = lg.float()  # half-precision logits: take the softmax in fp32
         sums.append((torch.logsumexp(lg, dim=-1) - lg.gather(-1, tgt[:, None])[:, 0]).sum())
-    return torch.stack(sums), valid.sum(dim=1).to(sums[0].dtype)
+    sums = torch.stack(sums)
+    return sums, counts.to(sums.dtype)
 
 
 def sample_losses(logits, input_ids, attention_mask):

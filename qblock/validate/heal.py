@@ -138,9 +138,10 @@ def heal_after_validation(result: dict[str, Any], model, tokenizer, evals: Seque
         n_boot, seed: bootstrap of the correlation intervals.
         batch_size: evaluation batch size.
         progress: messages and a bar on stderr.
-        write_summary: rewrite ``summary.json`` with the healing entry now; ``False`` only adds it to
-            ``result["summary_json"]``, for a caller that writes the file once at the end
-            (:func:`qblock.validate.runner.write_summary_json`).
+        write_summary: rewrite ``summary.json`` with the healing entry now (into ``result["summary_json"]``,
+            or, for a result without one, into the ``summary.json`` already in ``out_dir``, which then becomes
+            ``result["summary_json"]``); ``False`` only adds it to ``result["summary_json"]``, for a caller
+            that writes the file once at the end (:func:`qblock.validate.runner.write_summary_json`).
 
     Returns:
         The ``"healing"`` summary (also in ``result["healing"]`` and ``result["summary_json"]``).
@@ -301,10 +302,11 @@ def _write(result: Mapping[str, Any], rows, summary: Mapping[str, Any], out: Pat
     on_disk = out / "summary.json"
     if data is None and write_summary and on_disk.is_file():  # a result dict of the caller's own making
         try:
-            data = json.loads(on_disk.read_text())
+            loaded = json.loads(on_disk.read_text())
         except (OSError, ValueError):
-            data = None  # not a summary this can extend: left as it is
-        data = data if isinstance(data, dict) else None
+            loaded = None  # not a summary this can extend: left as it is
+        if isinstance(loaded, dict):
+            data = result["summary_json"] = loaded
     if data is not None:  # what validate() returned; the file is written from it
         data["healing"] = summary
         data.setdefault("files", {}).setdefault("table", {}).update({k: str(v) for k, v in paths.items()})

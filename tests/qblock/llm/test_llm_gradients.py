@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from qblock.llm import gated  # noqa: E402
-from qblock.llm.gradients import batches_by_length, gate_gradients, gate_gradients_reference, sample_losses  # noqa: E402
+from qblock.llm.gradients import batches_by_length, gate_gradients, gate_gradients_reference, nll_sums, sample_losses  # noqa: E402
 
 from conftest import random_samples, tiny_model  # noqa: E402
 
@@ -101,6 +101,30 @@ def test_padding_does_not_leak_into_loss():
         per = sample_losses(model(ids, attention_mask=mask, use_cache=False).logits, ids, mask)
         alone = sample_losses(model(ids[:1, :4], use_cache=False).logits, ids[:1, :4], mask[:1, :4])
     assert float(per[0]) == pytest.approx(float(alone[0]), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nll_sums_match_cross_entropy_for_any_mask_with_gradients(dtype):
+    """Right-padded, left-padded and empty rows: the sums equal cross-entropy over the real targets, and so do
+    their gradients; half-precision logits are scored in fp32."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g).to(dtype).requires_grad_(True)
+    ids = torch.randint(0, 11, (3, 6), generator=g)
+    masks = {"right": torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]]),
+             "left": torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])}
+    for mask in masks.values():
+        sums, counts = nll_sums(logits, ids, mask)
+        keep = mask[:, 1:].bool()
+        ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, 11), ids[:, 1:].reshape(-1), reduction="none")
+        want = (ce.view(3, 5) * keep).sum(dim=1)
+        assert sums.dtype == torch.float32 and counts.tolist() == keep.sum(dim=1).tolist()
+        assert torch.allclose(sums, want, atol=1e-5)
+        got = torch.autograd.grad(sums.sum(), logits)[0]
+        ref = torch.autograd.grad(want.sum(), logits)[0]
+        assert torch.allclose(got.float(), ref.float(), atol=1e-6)
+    assert nll_sums(logits[:0], ids[:0], masks["right"][:0])[0].shape == (0,)
 
 
 def test_bucketing_and_input_errors():
