@@ -107,7 +107,7 @@ def main(argv=None) -> int:
            "per_m": {}}
     for m, r in rc["per_m"].items():
         if args.sleb_samples:
-            best, (theirs, sleb_tokens) = f"sleb on {args.sleb_samples}", theirs_by_m[int(m)]
+            best, (theirs, sleb_tokens) = f"on {args.sleb_samples} samples", theirs_by_m[int(m)]
         else:
             best = min(r["baselines"], key=lambda b: r["baselines"][b]["heldout"])
             theirs, sleb_tokens = r["baselines"][best]["removed"], None
@@ -157,10 +157,11 @@ def _markdown(out: dict) -> str:
              f"From `{out['recheck']}`: {out['heldout_samples']} held-out and {out['calibration_samples']} calibration "
              "samples, each measured alone; mean difference ± its standard error, nats/token (negative: qblock's "
              "set is better). A difference inside about two standard errors is not resolved by these samples."
-             + (f" SLEB chose on the first {n} calibration samples; qblock's confirmation and race on the first "
-                f"{out['qblock_calibration_samples']}, its loop on fewer; where {n} >= {out['calibration_samples']} the "
-                "calibration difference is on samples SLEB chose from." if n else ""), "",
-             "| M | qblock | best baseline | held-out difference | calibration difference |" + tok_head,
+             + (f" SLEB chose on the first {n} calibration samples, qblock's confirmation and race on the first "
+                f"{out['qblock_calibration_samples']} (its loop on fewer)"
+                + (", so the calibration column compares them on samples both chose on." if n >= out["calibration_samples"]
+                   and out["qblock_calibration_samples"] >= out["calibration_samples"] else ".") if n else ""), "",
+             f"| M | qblock | {'SLEB' if n else 'best baseline'} | held-out difference | calibration difference |" + tok_head,
              "|---|---|---|---|---|" + "---|" * bool(tok_head)]
     for m, r in out["per_m"].items():
         toks = f" {r['qblock_tokens']:,} / {r['baseline_tokens']:,} |" if tok_head else ""
