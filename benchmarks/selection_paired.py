@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sleb-samples", type=int, default=None, metavar="N",
                     help="compare with SLEB run here on the first N calibration samples (from the same seeded stream) "
                          "instead of the study's best baseline")
+    ap.add_argument("--sleb-from", default=None, metavar="JSON",
+                    help="with --sleb-samples: take SLEB's sets and tokens from an earlier output of this script with "
+                         "the same --sleb-samples on the same study, instead of running SLEB again")
     ap.add_argument("--out", default=None, help="output stem (default: the re-check's stem + _paired)")
     args = ap.parse_args(argv)
     if args.calib_samples is not None and args.calib_samples < 2:
@@ -92,7 +95,8 @@ def main(argv=None) -> int:
         c0, e0, _ = calibration_and_eval(tok, None, num_eval=study["eval_samples"], **data)
         if not (_same(calib, c0) and _same(evals, e0)):
             raise SystemExit("--heldout-samples changed the study's calibration or held-out samples")
-    theirs_by_m = _sleb_sets(model, calib[: args.sleb_samples], rc) if args.sleb_samples else {}
+    theirs_by_m = ({} if not args.sleb_samples else _sleb_from(args.sleb_from, args.sleb_samples, rc) if args.sleb_from
+                   else _sleb_sets(model, calib[: args.sleb_samples], rc))
     calib = calib[:n_cal]
 
     from tqdm.auto import tqdm
@@ -103,7 +107,9 @@ def main(argv=None) -> int:
 
     out = {"recheck": path.name, "model": study["model"], "calibration_samples": n_cal,
            "heldout_samples": len(evals), "sleb_samples": args.sleb_samples,
-           "qblock_calibration_samples": rc["settings"].get("confirm_samples", 0) + rc["settings"].get("race_samples", 0),
+           # re-checks before the loop/confirmation split recorded no total; their confirmation began at sample 0
+           "qblock_calibration_samples": rc["settings"].get("calibration_samples", rc["settings"].get("confirm_samples", 0)
+                                                            + rc["settings"].get("race_samples", 0)),
            "per_m": {}}
     for m, r in rc["per_m"].items():
         if args.sleb_samples:
@@ -141,6 +147,15 @@ def _sleb_sets(model, samples, rc: dict) -> dict[int, tuple[list[int], int]]:
     tokens = sum(int(s.numel()) for s in samples)
     return {r.num_remove: (r.removed, r.forward_passes * tokens)
             for r in sleb(model, samples, max(ms), progress=True) if r.num_remove in ms}
+
+
+def _sleb_from(path: str, n: int, rc: dict) -> dict[int, tuple[list[int], int]]:
+    """SLEB's sets and tokens from an earlier ``--sleb-samples n`` output on the same study."""
+    old = json.loads(Path(path).read_text())
+    earlier = json.loads((Path(path).parent / old["recheck"]).read_text()).get("study")
+    if old.get("sleb_samples") != n or earlier != rc["study"]:
+        raise SystemExit(f"{path} is not SLEB on {n} samples of {rc['study']}")
+    return {int(m): (r["baseline_removed"], r["baseline_tokens"]) for m, r in old["per_m"].items()}
 
 
 def _cell(p: dict | None) -> str:

@@ -32,13 +32,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="output stem (default: the study's stem + _recheck)")
     ap.add_argument("--confirm-samples", type=int, default=None, metavar="N",
-                    help="calibration samples of the confirmation stage (default: the validator's default, at most "
-                         "the study's calibration set); more than the study's extends its calibration data from the "
-                         "same seeded stream (held-out samples do not depend on it)")
+                    help="calibration samples of the confirmation stage, after the loop's (default: the validator's "
+                         "split of the study's calibration set); more than the study's extends its calibration data "
+                         "from the same seeded stream (held-out samples do not depend on it)")
     ap.add_argument("--race-samples", type=int, default=None, metavar="N",
-                    help="calibration samples after the confirmation's that the two lowest finalists race on "
-                         "(default: the rest of the study's calibration set, as the validator does); more than "
-                         "that extends the calibration data from the same seeded stream")
+                    help="calibration samples after the loop's and the confirmation's that the two lowest finalists "
+                         "race on (default: the rest of the study's calibration set, as the validator does); more "
+                         "than that extends the calibration data from the same seeded stream")
     args = ap.parse_args(argv)
     if args.race_samples is not None and args.race_samples < 0:
         ap.error(f"--race-samples must be at least 0, got {args.race_samples}")
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from qblock.llm.data import calibration_and_eval
     from qblock.llm.measured import CalibrationLoss, select_removals
     from qblock.llm.models import load_model
-    from qblock.validate.runner import ValidationSettings
+    from qblock.validate.runner import ValidationSettings, selection_split
 
     torch.set_num_threads(args.threads)
     study_path = Path(args.study)
@@ -58,16 +58,19 @@ def main(argv=None) -> int:
     st, ms = study["settings"], [int(m) for m in study["M"]]
     d = ValidationSettings(num_removes=ms)
     model, tok = load_model(st["model"], quiet=True, dtype=st["dtype"])
-    n_confirm = d.select_confirm_samples if args.confirm_samples is None else args.confirm_samples
-    n_race = args.race_samples or 0
-    calib, evals, _ = calibration_and_eval(tok, None, num_calib=max(st["calib_samples"], n_confirm + n_race),
+    if args.confirm_samples is not None:
+        d.select_confirm_samples = args.confirm_samples
+    if args.race_samples is not None:  # exactly that many after the loop's and the confirmation's
+        d.select_race = args.race_samples > 0
+        n_calib = d.select_samples + d.select_confirm_samples + args.race_samples
+    else:  # the validator's split of the study's calibration set (or of the confirmation's, if larger)
+        n_calib = max(st["calib_samples"], d.select_samples + (args.confirm_samples or 0))
+    calib, evals, _ = calibration_and_eval(tok, None, num_calib=max(st["calib_samples"], n_calib),
                                            num_eval=st["eval_samples"], seq_len=st["seq_len"], seed=st["seed"])
-    checks = calib[:n_confirm] if args.confirm_samples is not None else calib[: min(n_confirm, st["calib_samples"])]
-    race = (calib[len(checks): len(checks) + n_race] if args.race_samples is not None
-            else calib[len(checks): st["calib_samples"]] if d.select_race else [])  # as the validator races
-    calib = calib[: st["calib_samples"]]
+    loop, checks, race = selection_split(calib[:n_calib], d)
+    checks, calib = checks or [], calib[: st["calib_samples"]]
     t0 = time.perf_counter()
-    sel = select_removals(model, calib[: d.select_samples], ms, pool_size=d.select_pool,
+    sel = select_removals(model, loop, ms, pool_size=d.select_pool,
                           evaluations_per_m=d.select_evaluations, batch=d.select_batch, backend=d.select_backend,
                           seed=d.solve_seed, batch_size=d.batch_size, confirm_samples=checks,
                           confirm_top=d.select_confirm, screen_samples=d.select_screen, one_pass=d.select_one_pass,
@@ -76,6 +79,7 @@ def main(argv=None) -> int:
     held = CalibrationLoss(model, evals, batch_size=d.batch_size)
     out = {"study": study_path.name, "model": st["model"], "M": ms, "selection_seconds": seconds,
            "settings": {"select_samples": d.select_samples, "select_evaluations": d.select_evaluations,
+                        "calibration_samples": len(loop) + len(checks) + len(race),
                         "select_confirm": d.select_confirm, "confirm_samples": len(checks), "race_samples": len(race),
                         "select_screen": d.select_screen, "select_one_pass": d.select_one_pass,
                         "select_backend": d.select_backend},

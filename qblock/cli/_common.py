@@ -237,8 +237,8 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
                    help="best sets per M measured again on more calibration samples, the lowest recommended "
                         "(default 6; 0 for none)")
     g.add_argument("--select-confirm-samples", type=int, default=confirm_samples, metavar="N",
-                   help="calibration samples of that confirmation (at most the calibration set; default "
-                        f"{_or_preset(confirm_samples)})")
+                   help="calibration samples of that confirmation, the ones after the loop's (at most the rest; "
+                        f"default {_or_preset(confirm_samples)})")
     g.add_argument("--select-screen", type=int, default=2, metavar="N",
                    help="calibration samples of a cheap greedy removal chain that gives the loop one starting set "
                         "per M (default 2; 0 for none)")

@@ -163,9 +163,11 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         batch: sets measured per refinement round.
         backend, backend_params, seed: the solver in the loop (any :func:`qblock.solve` backend).
         batch_size: forward batch size.
-        confirm_samples: more calibration samples (e.g. all of them) on which the ``confirm_top`` best
-            sets of each M are measured again, the lowest recommended (:func:`qblock.select.confirm`);
-            ``None``: no confirmation.
+        confirm_samples: other calibration samples on which the ``confirm_top`` best sets of each M are
+            measured again, the lowest recommended (:func:`qblock.select.confirm`); ``None``: no
+            confirmation. Best disjoint from ``samples``: the loop chose its finalists for being low
+            there, and measured there again the luckiest would look best
+            (:func:`qblock.validate.runner.selection_split`).
         race_samples: further calibration samples, disjoint from ``confirm_samples``, cut into chunks of
             ``len(confirm_samples)``: the confirmation races on them (the two lowest finalists are measured
             again on each chunk; :func:`qblock.select.confirm`; measured here, not on ``executor``).

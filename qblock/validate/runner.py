@@ -48,8 +48,8 @@ from qblock.validate.baselines import BASELINE_METHODS
 from qblock.validate.stats import (MEASURED_METHOD, QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD, SELECT_METHOD,
                                    is_baseline, summarize)
 
-__all__ = ["ValidationSettings", "validate", "data_for_problem", "read_solutions", "energy_column", "apply_threads",
-           "print_summary", "ValidationError", "write_summary_json"]
+__all__ = ["ValidationSettings", "validate", "selection_split", "data_for_problem", "read_solutions", "energy_column",
+           "apply_threads", "print_summary", "ValidationError", "write_summary_json"]
 
 
 class ValidationError(ValueError):
@@ -93,14 +93,15 @@ class ValidationSettings:
         select_confirm: finalists per M measured again on ``select_confirm_samples`` calibration samples,
             the lowest of them recommended (``0``: recommend the loop's lowest; see
             :func:`qblock.select.confirm`).
-        select_confirm_samples: calibration samples of the confirmation (the first ones; ``None`` for
-            all); no confirmation when they are no more than ``select_samples``.
+        select_confirm_samples: calibration samples of the confirmation: the ones after the loop's
+            (:func:`selection_split`; ``None`` for all the rest); no confirmation when the loop uses
+            every calibration sample.
         select_screen: calibration samples (the first ones) of a greedy removal chain that proposes one
             starting set per M to the loop (:func:`qblock.select.greedy_chain`); ``0``: none.
         select_one_pass: the one-pass baselines' sets (ShortGPT, angular window) from one statistics
             pass over the selection samples start the loop and are always confirmed
             (:func:`qblock.llm.measured.one_pass_sets`).
-        select_race: the confirmation races on the calibration samples after its own, in chunks of
+        select_race: the confirmation races on the calibration samples after the loop's and its own, in chunks of
             ``select_confirm_samples``: the two lowest finalists are measured again on each chunk, and
             the lower by the mean over all their samples is recommended.
         select_heldout: measured sets per M (lowest calibration loss first, the recommended one
@@ -358,18 +359,41 @@ def sleb_passes(num_blocks: int, m: int) -> int:
     return sum(num_blocks - k for k in range(int(m)))
 
 
+def selection_split(calib: Sequence[Any], settings: ValidationSettings) -> tuple[list, list | None, list]:
+    """The calibration samples of qblock's loop, its confirmation and its race, in that order and disjoint.
+
+    The loop takes the first ``select_samples``, the confirmation the next ``select_confirm_samples``
+    (``None``: all the rest), the race what is left. Disjoint because the loop chose its finalists for
+    being low on its own samples: measured there again, the luckiest of them would look better than
+    the rest by their luck, a bias the size of the differences the confirmation has to resolve.
+
+    Returns:
+        ``(loop, confirmation or None, race)``; no confirmation when ``select_confirm`` is 0 or the
+        loop uses every sample, no race unless ``select_race``.
+
+    Example:
+        >>> s = ValidationSettings(num_removes=[3], select_samples=2, select_confirm_samples=3)
+        >>> [x if x is None else len(x) for x in selection_split(list(range(10)), s)]
+        [2, 3, 5]
+        >>> [x if x is None else len(x) for x in selection_split(list(range(2)), s)]
+        [2, None, 0]
+    """
+    n = settings.select_samples or len(calib)
+    loop, rest = list(calib[:n]), list(calib[n:])
+    cs = settings.select_confirm_samples
+    checks = (rest[:cs] if cs else rest) if settings.select_confirm > 0 else []
+    race = rest[len(checks):] if checks and settings.select_race else []
+    return loop, checks or None, race
+
+
 def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: ValidationSettings, gate: str,
             timings: dict[str, float], executor: Any = None) -> dict[str, Any]:
-    """qblock's selection on the first ``select_samples`` calibration samples (never held-out data)."""
+    """qblock's selection on the calibration samples of :func:`selection_split` (never held-out data)."""
     from qblock.llm.measured import select_removals
 
-    samples = list(calib[: settings.select_samples]) if settings.select_samples else list(calib)
+    samples, checks, race = selection_split(calib, settings)
     if not samples:
         raise ValidationError("qblock's selection needs calibration samples")
-    cs = settings.select_confirm_samples
-    checks = list(calib[:cs]) if cs else list(calib)
-    checks = checks if settings.select_confirm > 0 and len(checks) > len(samples) else None
-    race = list(calib[len(checks):]) if checks and settings.select_race else []
     _log(f"qblock selection: measured QUBO on {len(samples)} calibration samples, refined per M with "
          f"{settings.select_backend} ({settings.select_evaluations} evaluations per M)"
          + _loop_starts(settings.select_screen, settings.select_one_pass)

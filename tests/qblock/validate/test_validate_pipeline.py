@@ -291,10 +291,11 @@ def test_cli_validate_confirms_the_best_sets_on_more_calibration_samples(tiny_di
     rows = [r for r in json.loads((out / "candidates.json").read_text())["rows"] if r["method"] in ("qblock", "measured")]
     rec, sel = summary["recommended"]["3"], summary["selection"]
     confirmed = [r for r in rows if r["confirm_loss"] is not None]
-    assert sel["confirm_samples"] == 8 and len(confirmed) == sel["per_m"]["3"]["finalists"] == 4
+    # the 5 samples after the loop's 3: the loop picked its finalists for being low on its own samples
+    assert sel["confirm_samples"] == 5 and len(confirmed) == sel["per_m"]["3"]["finalists"] == 4
     assert rows[0]["method"] == "qblock" and rec["confirmation_loss"] == min(r["confirm_loss"] for r in confirmed)
     assert rec["selection_tokens"] == sel["shared_tokens"] + sel["per_m"]["3"]["tokens"] + sel["per_m"]["3"]["confirm_tokens"]
-    assert sel["per_m"]["3"]["confirm_tokens"] == 4 * 8 * 24
+    assert sel["per_m"]["3"]["confirm_tokens"] == 4 * 5 * 24
     assert "confirmed calib. loss" in (out / "report.md").read_text()
 
 
@@ -529,16 +530,17 @@ def test_cli_validate_races_the_finalists_on_the_calibration_samples_after_the_c
     assert main(args + ["--out", str(tmp_path / "race")]) == 0
     summary = json.loads((tmp_path / "race" / "summary.json").read_text())
     sel, rec = summary["selection"], summary["recommended"]["3"]
-    assert sel["confirm_samples"] == 4 and sel["race_samples"] == 4
-    assert sel["per_m"]["3"]["confirm_evaluations"] == 4 + 2  # the two lowest raced on the next 4 samples
-    assert sel["per_m"]["3"]["confirm_tokens"] == (4 + 2) * 4 * 24
-    assert rec["confirmation_samples"] == 8
+    # 8 calibration samples: the loop's 2, the confirmation's next 4, the race's last 2
+    assert sel["confirm_samples"] == 4 and sel["race_samples"] == 2
+    assert sel["per_m"]["3"]["confirm_evaluations"] == 4 + 2  # the two lowest raced on the last 2 samples
+    assert sel["per_m"]["3"]["confirm_tokens"] == (4 * 4 + 2 * 2) * 24
+    assert rec["confirmation_samples"] == 6
     rows = json.loads((tmp_path / "race" / "candidates.json").read_text())["rows"]
-    assert sorted(r["confirm_samples"] for r in rows if r.get("confirm_samples")) == [4, 4, 8, 8]
+    assert sorted(r["confirm_samples"] for r in rows if r.get("confirm_samples")) == [4, 4, 6, 6]
     q = next(r for r in rows if r["method"] == "qblock")  # its cost in passes over the 2 selection samples of 24 tokens: the tokens, rounded up
     assert q["method"] == "qblock" and q["cost_calib_samples"] == 2
     assert q["cost_forward_passes"] == -(-rec["selection_tokens"] // (2 * 24))
-    assert f"{rec['confirmation_loss']:.4f} (8)" in (tmp_path / "race" / "report.md").read_text()
+    assert f"{rec['confirmation_loss']:.4f} (6)" in (tmp_path / "race" / "report.md").read_text()
     assert main(args + ["--no-select-race", "--out", str(tmp_path / "once")]) == 0
     once = json.loads((tmp_path / "once" / "summary.json").read_text())
     assert once["selection"]["race_samples"] == 0 and once["recommended"]["3"]["confirmation_samples"] == 4
