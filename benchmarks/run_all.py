@@ -1,7 +1,8 @@
 """Run every qblock benchmark under ``benchmarks/`` with small default settings, one after another.
 
 Known benchmarks get settings that finish in a few minutes each on 2 CPU cores; any other
-``benchmarks/*.py`` script found is run with its own defaults. Each writes its JSON / markdown
+``benchmarks/*.py`` script found is run with its own defaults, except the follow-ups that re-examine
+another benchmark's results (``selection_recheck``, ``selection_paired``: run them by hand). Each writes its JSON / markdown
 results (into ``--out-dir``, default ``benchmarks/results``); a summary of what ran, how long it took
 and whether it succeeded goes to ``<out-dir>/run_all.json``. Scripts run one at a time (they time
 things, so they must not compete for the cores).
@@ -38,9 +39,15 @@ KNOWN: dict[str, tuple[list[str], list[str], str]] = {
 }
 
 
+#: scripts that re-examine another benchmark's results (a path is required), so they are not run here
+FOLLOW_UPS = ("selection_recheck", "selection_paired")
+
+
 def discover() -> list[str]:
-    """Benchmark scripts present: the known ones first (in a fixed order), then any others."""
-    present = sorted(p.stem for p in HERE.glob("*.py") if p.stem not in ("run_all", "__init__") and not p.stem.startswith("_"))
+    """Benchmark scripts present: the known ones first (in a fixed order), then any others (not the
+    :data:`FOLLOW_UPS`)."""
+    skip = ("run_all", "__init__", *FOLLOW_UPS)
+    present = sorted(p.stem for p in HERE.glob("*.py") if p.stem not in skip and not p.stem.startswith("_"))
     return [s for s in KNOWN if s in present] + [s for s in present if s not in KNOWN]
 
 
