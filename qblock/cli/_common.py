@@ -314,8 +314,17 @@ def selection_settings(args: argparse.Namespace) -> dict:
             "select_pool": args.select_pool, "select_backend": args.select_backend,
             "select_confirm": args.select_confirm, "select_confirm_samples": args.select_confirm_samples,
             "select_screen": args.select_screen, "select_one_pass": args.select_one_pass,
-            # on unless --no-select-race, and only with a confirmation to race
-            "select_race": args.select_race is not False and args.select_confirm > 0}
+            "select_race": races(args.select_race, args.select_confirm)}
+
+
+def races(select_race: bool | None, select_confirm: int) -> bool:
+    """Whether the confirmation races: on unless turned off (``False``), and only with a confirmation to race.
+
+    Example:
+        >>> races(None, 6), races(True, 0), races(False, 6)
+        (True, False, False)
+    """
+    return select_race is not False and select_confirm > 0
 
 
 def parse_ms(value: str | None) -> list[int] | None:

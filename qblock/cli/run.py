@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from qblock.cli import CliError
 from qblock._energies import ENERGY_MODELS, SCORED_ENERGY_MODELS
-from qblock.cli._common import check_executor, check_output, check_selection_options, open_executor
+from qblock.cli._common import check_executor, check_output, check_selection_options, open_executor, races
 
 #: settings of a full run and of ``--quick`` (timings of ``--quick`` in README's quick start; its selection
 #: measures pairs in a pool of 10 blocks, never more than the default max(8, N/2), and confirms on 16
@@ -112,7 +112,7 @@ def _checked_settings(args: argparse.Namespace):
     check_selection_options(args)  # the user's own values, before the preset fills in the rest
     cfg = _resolve(args)
     cfg["seed"], cfg["gate"] = args.seed, args.gate
-    cfg["select_race"] = cfg["select_race"] and args.select_confirm > 0  # nothing to race without a confirmation
+    cfg["select_race"] = races(cfg["select_race"], args.select_confirm)
     for key in ("select_samples", "select_evaluations", "select_pool", "select_confirm_samples", "select_race"):
         setattr(args, key, cfg[key])
     check_selection_options(args)  # before the model is loaded or the cached problem rewritten
