@@ -113,11 +113,13 @@ class CalibrationLoss:
         k-th new set finishes.
         """
         from qblock.executor import is_local
+        from qblock.validate.evaluate import prefix_order
 
         if self._predicted is None:
             self._record()  # the full model's pass, here, before any set (after release(): loss() records)
         keys = [tuple(sorted({int(i) for i in s})) for s in sets]
-        todo = [k for k in dict.fromkeys(keys) if k not in self._cache]
+        # in trie order: each pass replays the blocks it shares with the one before (PrefixCache)
+        todo = prefix_order(k for k in dict.fromkeys(keys) if k not in self._cache)
         if is_local(self.executor):
             for j, k in enumerate(todo):
                 v = self.loss(k)

@@ -35,7 +35,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from qblock._lazy import require
 
-__all__ = ["heldout_loss", "multiple_choice", "encode_choices", "CandidateEvaluator", "PrefixCache", "model_device"]
+__all__ = ["heldout_loss", "multiple_choice", "encode_choices", "CandidateEvaluator", "PrefixCache", "prefix_order",
+           "model_device"]
 
 
 def _torch():
@@ -257,21 +258,25 @@ def multiple_choice(model, tokenizer, items: Sequence[Mapping[str, Any]], *, bat
 
 
 class PrefixCache:
-    """Held-out loss of many removal sets, skipping the blocks they share with a base model.
+    """Held-out loss of many removal sets, skipping the blocks they share with a base model or the last set.
 
     A model that removes ``T`` computes exactly what the base model (removing ``base``) computes in
     every block before ``first = min(T ^ base)``. One recorded pass of the base model stores each
     block's output per batch; a candidate's pass then replays those outputs for blocks
     ``0 .. first-1`` (their forward returns the stored output at once) and computes only the rest.
-    The result equals a plain masked pass (the same batches, the same operations after ``first``).
+    Each candidate's own block outputs are kept too, until the next one: a set that agrees with the
+    previous one on more leading blocks than with the base replays from it instead, so sets measured in
+    sorted order (:func:`prefix_order`) compute only past their first difference, as a walk down a
+    trie of removal sets. The result equals a plain masked pass (the same batches, the same operations
+    after ``first``).
 
     Args:
         model: the model.
         samples: token-id tensors.
         base: blocks removed in the base model.
         batch_size: as :func:`heldout_loss`.
-        max_bytes: the stored outputs' budget; above it, nothing is stored and every candidate is
-            computed in full (the results are the same, only slower).
+        max_bytes: the stored outputs' budget (the base's and the last set's); above it, nothing is
+            stored and every candidate is computed in full (the results are the same, only slower).
         gate: gate mode of :func:`qblock.llm.gates.mask_blocks`.
 
     Example:
@@ -287,6 +292,8 @@ class PrefixCache:
         ...     plain = heldout_loss(m, xs)[0]
         >>> abs(pc.loss([2])[0] - plain) < 1e-6
         True
+        >>> pc.loss([1, 2])[0] == pc.loss([1, 3])[0], pc.computed_from  # [1, 3] replayed [1, 2]'s block 1
+        (False, 2)
     """
 
     def __init__(self, model, samples: Sequence[Any], base: Iterable[int] = (), *, batch_size: int = 8,
@@ -305,56 +312,94 @@ class PrefixCache:
         d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 4096
         tokens = sum(int(s.numel()) for s in self.samples)
         param = next(model.parameters())
-        self.enabled = len(self.blocks) * tokens * int(d) * param.element_size() <= max_bytes
+        one = len(self.blocks) * tokens * int(d) * param.element_size()
+        self.enabled = one <= max_bytes
+        self._rolling = 2 * one <= max_bytes
+        self._last: tuple[tuple[int, ...], list[list[Any]], tuple[float, int]] | None = None
+        self.computed_from = 0  # the first block the last :meth:`loss` computed (what it replayed before)
         self._outputs: list[list[Any]] = []
-        handles = []
         if self.enabled:
             # branch gates discover their plan with a probe forward on first use: run it now, before
             # the hooks exist, so the probe never lands in the recorded outputs
             from qblock.llm.gates import gate_sites
 
             gate_sites(model, gate=gate)
+        with mask_blocks(model, self.base, gate=gate), self._recording(self._outputs, self.enabled) as record:
+            self.base_loss, self.num_tokens = heldout_loss(model, self.samples, batch_size=self.batch_size,
+                                                           progress=progress, around_batch=record)
 
-            def make(j):
-                def hook(module, args, output):
-                    if self._outputs:
-                        self._outputs[-1][j] = output
-                return hook
+    @contextlib.contextmanager
+    def _recording(self, into: list[list[Any]], on: bool, replay: list[list[Any]] | None = None, upto: int = 0):
+        """Hooks that store every block's output per batch into ``into``; yields the ``around_batch`` of
+        :func:`heldout_loss`, which also replays ``replay``'s outputs for blocks ``0 .. upto-1``."""
+        handles = []
 
-            handles = [blk.register_forward_hook(make(j)) for j, blk in enumerate(self.blocks)]
+        def make(j):
+            def hook(module, args, output):
+                into[-1][j] = output
+            return hook
 
-        def record(k):
-            self._outputs.append([None] * len(self.blocks))
-            return contextlib.nullcontext()
+        def around(k):
+            if on:
+                into.append([None] * len(self.blocks))
+            return self._replay(replay, k, upto) if upto else contextlib.nullcontext()
 
         try:
-            with mask_blocks(model, self.base, gate=gate):
-                self.base_loss, self.num_tokens = heldout_loss(
-                    model, self.samples, batch_size=self.batch_size, progress=progress,
-                    around_batch=record if self.enabled else None)
+            if on:
+                handles = [blk.register_forward_hook(make(j)) for j, blk in enumerate(self.blocks)]
+            yield around if (on or upto) else None
         finally:
             for h in handles:
                 h.remove()
 
-    def _replay(self, k: int, upto: int):
+    def _replay(self, outputs: list[list[Any]], k: int, upto: int):
         """Blocks ``0 .. upto-1`` return their recorded output of batch ``k`` at once."""
         from qblock.llm.blocks import patched_forwards
 
-        return patched_forwards((self.blocks[j], (lambda o: (lambda *a, **kw: o))(self._outputs[k][j]))
+        return patched_forwards((self.blocks[j], (lambda o: (lambda *a, **kw: o))(outputs[k][j]))
                                 for j in range(upto))
 
     def loss(self, removed: Iterable[int]) -> tuple[float, int]:
-        """``(mean_nll, tokens)`` of the model that removes ``removed`` (computed from the first differing block)."""
+        """``(mean_nll, tokens)`` of the model that removes ``removed`` (computed from the first block it
+        does not share with the base or with the previous set)."""
         from qblock.llm.gates import mask_blocks
 
         key = tuple(sorted({int(i) for i in removed}))
         diff = set(key) ^ set(self.base)
         if not diff:
             return self.base_loss, self.num_tokens
-        upto = min(diff) if self.enabled else 0
-        with mask_blocks(self.model, key, gate=self.gate):
-            return heldout_loss(self.model, self.samples, batch_size=self.batch_size,
-                                around_batch=(lambda k: self._replay(k, upto)) if upto else None)
+        if self._last is not None and self._last[0] == key:
+            return self._last[2]
+        upto, source = (min(diff), self._outputs) if self.enabled else (0, None)
+        if self._rolling and self._last is not None:
+            last = min(set(key) ^ set(self._last[0]))
+            if last > upto:
+                upto, source = last, self._last[1]
+        mine: list[list[Any]] = []
+        self._last = None  # its outputs may be replayed below, but are replaced after
+        with mask_blocks(self.model, key, gate=self.gate), \
+                self._recording(mine, self._rolling, source, upto) as around:
+            out = heldout_loss(self.model, self.samples, batch_size=self.batch_size, around_batch=around)
+        self.computed_from = upto
+        if self._rolling:
+            self._last = (key, mine, out)
+        return out
+
+
+def prefix_order(sets: Iterable[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Removal sets in the order that shares the most leading blocks between neighbours.
+
+    A depth-first walk of the trie of block choices (block 0 removed or kept, then block 1, ...): sets
+    that agree on blocks ``0 .. j`` are adjacent, the order in which :class:`PrefixCache` recomputes
+    least.
+
+    Example:
+        >>> prefix_order([(3, 9), (1,), (1, 5), (1, 3)])
+        [(1, 3), (1, 5), (1,), (3, 9)]
+    """
+    sets = [tuple(s) for s in sets]
+    n = 1 + max((max(s) for s in sets if s), default=0)
+    return sorted(sets, key=lambda s: tuple(i not in s for i in range(n)))
 
 
 class CandidateEvaluator:
@@ -457,7 +502,7 @@ class CandidateEvaluator:
         from qblock.executor import is_local
 
         keys = [tuple(sorted({int(i) for i in s})) for s in sets]
-        todo = [k for k in dict.fromkeys(keys) if k not in self._loss_cache]
+        todo = prefix_order(k for k in dict.fromkeys(keys) if k not in self._loss_cache)
         if is_local(executor):
             for j, k in enumerate(todo):
                 r = self.evaluate(k)

@@ -147,8 +147,8 @@ class ValidationSettings:
 
 
 def apply_threads(threads: str | int | None = "auto", quiet: bool = True) -> int:
-    """Set torch's CPU thread count: a number, or ``"auto"``: every core on an idle machine (1-minute load
-    average under 0.5), else the cores the load leaves free, at least 1.
+    """Set torch's CPU thread count: a number, or ``"auto"``: every core on an idle machine (see
+    :func:`machine_load`: under 0.5 busy cores), else the cores the load leaves free, at least 1.
 
     Intra-op threads wait on each other when one is descheduled, so a thread more than the free cores
     costs far more than it gains: on a shared 2-core machine (load average 7) a 2x128-token forward of
@@ -164,14 +164,11 @@ def apply_threads(threads: str | int | None = "auto", quiet: bool = True) -> int
 
     if threads is None or str(threads) == "auto":
         cores = os.cpu_count() or 1
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):  # pragma: no cover - not on every platform
-            load = 0.0
+        load = machine_load(cores)
         n = auto_threads(cores, load)
         if n < torch.get_num_threads():
             torch.set_num_threads(n)
-            _log(f"machine busy (load average {load:.1f} on {cores} cores): using {n} torch thread(s) "
+            _log(f"machine busy ({load:.1f} of {cores} cores in use): using {n} torch thread(s) "
                  "(--threads N to override)", not quiet)
         return torch.get_num_threads()
     try:
@@ -182,6 +179,44 @@ def apply_threads(threads: str | int | None = "auto", quiet: bool = True) -> int
         raise ValueError(f"--threads must be at least 1, got {n}")
     torch.set_num_threads(n)
     return n
+
+
+def machine_load(cores: int, interval: float = 0.5) -> float:
+    """Busy cores now: the 1-minute load average, unless the cores are idle over ``interval`` seconds.
+
+    The load average decays over minutes: just after another job ends it still reads 0.7 on an idle
+    2-core machine, and a run started then took one thread for the whole run (fp32 on such a CPU:
+    about twice as slow). ``/proc/stat`` sampled over ``interval`` says whether anything runs now;
+    where it is missing, the load average alone decides.
+
+    Example:
+        >>> 0.0 <= machine_load(2, interval=0.05) < 1000
+        True
+    """
+    import os
+    import time
+
+    try:
+        avg = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not on every platform
+        return 0.0
+    if avg < 0.5:
+        return avg
+    try:
+        first = _cpu_times()
+        time.sleep(interval)
+        idle, total = (b - a for a, b in zip(first, _cpu_times()))
+    except (OSError, ValueError, IndexError):
+        return avg
+    busy = cores * (1.0 - idle / total) if total > 0 else avg
+    return busy if busy < 0.5 else avg
+
+
+def _cpu_times() -> tuple[int, int]:
+    """``(idle, total)`` jiffies over all cores from ``/proc/stat`` (idle counts iowait too)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
 
 
 def auto_threads(cores: int, load: float) -> int:

@@ -437,6 +437,30 @@ def test_prefix_cache_equals_plain_masked_passes(family):
     assert all("forward" not in blk.__dict__ for blk in pc.blocks)
 
 
+def test_prefix_cache_replays_the_previous_set_in_trie_order():
+    """Sets in prefix_order compute only past their first difference with the set before, same losses."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qblock.validate.evaluate import PrefixCache, prefix_order
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=6,
+                                     num_attention_heads=2, num_key_value_heads=2)).eval()
+    xs = [torch.randint(0, 50, (n,)) for n in (12, 9, 12, 5)]
+    sets = prefix_order([(1, 2, 5), (1, 2, 4), (1, 3), (1,), (0, 4), (2, 3, 4)])
+    assert sets == [(0, 4), (1, 2, 4), (1, 2, 5), (1, 3), (1,), (2, 3, 4)]
+    one = 6 * sum(len(x) for x in xs) * 16 * 4  # bytes of one record: blocks x tokens x hidden x fp32
+    rolling, plain = PrefixCache(m, xs, batch_size=2), PrefixCache(m, xs, batch_size=2, max_bytes=1.5 * one)
+    starts = []
+    for s in sets:
+        got = rolling.loss(s)
+        starts.append(rolling.computed_from)
+        assert got == plain.loss(s)  # bitwise: replayed outputs are the very tensors a pass computes
+        assert plain.computed_from == min(s)  # one record fits, two do not: the base only
+    # from the first difference with the previous set where that is later than the first removed block
+    assert starts == [0, 1, 4, 2, 3, 2]
+
+
 def test_cli_validate_eval_text_and_guards(tiny_dir, tmp_path, capsys):
     from qblock.cli import main
     from qblock.llm.pipeline import extract_problem

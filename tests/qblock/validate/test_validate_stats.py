@@ -136,3 +136,23 @@ def test_docstring_examples(name):
     mod = importlib.import_module(name)
     failures, tried = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert failures == 0 and tried > 0
+
+
+def test_machine_load_trusts_an_idle_now_over_a_decaying_average(monkeypatch):
+    """A finished job's load average lingers; idle cores right now mean all threads."""
+    import os
+
+    from qblock.validate import runner
+
+    ticks = iter([(100, 200), (190, 300)])  # 90 of 100 jiffies idle: 0.2 of 2 cores busy
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.7, 0.9, 0.9))
+    monkeypatch.setattr(runner, "_cpu_times", lambda: next(ticks))
+    assert runner.machine_load(2, interval=0) == pytest.approx(0.2)
+
+    ticks = iter([(100, 200), (120, 300)])  # 20 of 100 idle: busy now, the average decides
+    monkeypatch.setattr(runner, "_cpu_times", lambda: next(ticks))
+    assert runner.machine_load(2, interval=0) == 0.7
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.1, 0.1))
+    monkeypatch.setattr(runner, "_cpu_times", lambda: pytest.fail("not sampled when the average is low"))
+    assert runner.machine_load(2, interval=0) == 0.2
