@@ -182,34 +182,33 @@ def apply_threads(threads: str | int | None = "auto", quiet: bool = True) -> int
 
 
 def machine_load(cores: int, interval: float = 0.5) -> float:
-    """Busy cores now: the 1-minute load average, unless the cores are idle over ``interval`` seconds.
+    """Busy cores now, from ``/proc/stat`` sampled over ``interval`` seconds (the load average where that
+    file is missing).
 
-    The load average decays over minutes: just after another job ends it still reads 0.7 on an idle
-    2-core machine, and a run started then took one thread for the whole run (fp32 on such a CPU:
-    about twice as slow). ``/proc/stat`` sampled over ``interval`` says whether anything runs now;
-    where it is missing, the load average alone decides.
+    The 1-minute load average lags both ways: just after another job ends it still reads 0.7 on an idle
+    2-core machine (a run started then took one thread throughout, about 1.5x slower in fp32), and 20 s
+    after a busy loop starts it reads 0.3 (two threads beside it would make every pass several times
+    slower).
 
     Example:
-        >>> 0.0 <= machine_load(2, interval=0.05) < 1000
+        >>> 0.0 <= machine_load(2, interval=0.05) <= 2.0
         True
     """
     import os
     import time
 
     try:
-        avg = os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - not on every platform
-        return 0.0
-    if avg < 0.5:
-        return avg
-    try:
         first = _cpu_times()
         time.sleep(interval)
         idle, total = (b - a for a, b in zip(first, _cpu_times()))
+        if total > 0:
+            return max(0.0, min(float(cores), cores * (1.0 - idle / total)))
     except (OSError, ValueError, IndexError):
-        return avg
-    busy = cores * (1.0 - idle / total) if total > 0 else avg
-    return busy if busy < 0.5 else avg
+        pass
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not on every platform
+        return 0.0
 
 
 def _cpu_times() -> tuple[int, int]:

@@ -138,21 +138,26 @@ def test_docstring_examples(name):
     assert failures == 0 and tried > 0
 
 
-def test_machine_load_trusts_an_idle_now_over_a_decaying_average(monkeypatch):
-    """A finished job's load average lingers; idle cores right now mean all threads."""
+def test_machine_load_reads_the_cores_now_not_the_lagging_average(monkeypatch):
+    """A finished job's load average lingers and a new one's shows late; /proc/stat says what runs now."""
     import os
 
     from qblock.validate import runner
 
-    ticks = iter([(100, 200), (190, 300)])  # 90 of 100 jiffies idle: 0.2 of 2 cores busy
     monkeypatch.setattr(os, "getloadavg", lambda: (0.7, 0.9, 0.9))
+    ticks = iter([(100, 200), (190, 300)])  # 90 of 100 jiffies idle: 0.2 of 2 cores busy
     monkeypatch.setattr(runner, "_cpu_times", lambda: next(ticks))
     assert runner.machine_load(2, interval=0) == pytest.approx(0.2)
+    assert runner.auto_threads(2, 0.2) == 2
 
-    ticks = iter([(100, 200), (120, 300)])  # 20 of 100 idle: busy now, the average decides
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.1, 0.1))
+    ticks = iter([(100, 200), (150, 300)])  # half idle: one of 2 cores busy (a job that just started)
     monkeypatch.setattr(runner, "_cpu_times", lambda: next(ticks))
-    assert runner.machine_load(2, interval=0) == 0.7
+    assert runner.machine_load(2, interval=0) == pytest.approx(1.0)
+    assert runner.auto_threads(2, 1.0) == 1
 
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.1, 0.1))
-    monkeypatch.setattr(runner, "_cpu_times", lambda: pytest.fail("not sampled when the average is low"))
-    assert runner.machine_load(2, interval=0) == 0.2
+    def missing():
+        raise OSError("no /proc/stat")
+
+    monkeypatch.setattr(runner, "_cpu_times", missing)
+    assert runner.machine_load(2, interval=0) == 0.3  # the load average, where nothing better exists
