@@ -24,7 +24,7 @@ import functools
 import uuid
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["CalibrationLoss"]
+__all__ = ["CalibrationLoss", "OracleBook"]
 
 
 def _remote_prefix(model, *, samples, gate, batch_size, max_bytes):
@@ -146,12 +146,99 @@ class CalibrationLoss:
         return dict(self._cache)
 
 
+class OracleBook:
+    """One :class:`CalibrationLoss` per list of samples, shared by every method of a run.
+
+    SLEB's baseline and qblock's screen both walk a greedy removal chain on the first calibration
+    samples; measured through one book, a set that either has measured is not computed again (one
+    oracle, one loss), while each method counts the tokens it would have spent alone (:meth:`view`).
+
+    Args:
+        model: the causal LM.
+        batch_size: forward batch size of every oracle.
+        max_bytes: prefix-cache budget of each oracle.
+        executor: where the oracles' :meth:`CalibrationLoss.loss_many` measures.
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> torch.manual_seed(0) and None
+        >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2)).eval()
+        >>> book = OracleBook(m)
+        >>> calib = [torch.randint(0, 50, (10,)) for _ in range(2)]
+        >>> a, b = book.view(calib), book.view([s.clone() for s in calib])  # same tokens: one oracle
+        >>> a.loss([1]) == b.loss([1]), a.oracle is b.oracle, a.oracle.tokens, b.tokens
+        (True, True, 40, 40)
+    """
+
+    def __init__(self, model, *, batch_size: int = 8, max_bytes: float = 2e9, executor: Any = None) -> None:
+        self._model, self._batch_size, self._max_bytes, self._executor = model, int(batch_size), max_bytes, executor
+        self._oracles: dict[tuple[str, str], CalibrationLoss] = {}
+
+    def oracle(self, samples: Sequence[Any], gate: str = "layer") -> CalibrationLoss:
+        """The shared oracle of these samples (by their tokens) and masking mode."""
+        import hashlib
+
+        import numpy as np
+
+        digest = hashlib.sha256()
+        for s in samples:
+            a = np.asarray(getattr(s, "numpy", lambda: s)(), dtype=np.int64).reshape(-1)
+            digest.update(len(a).to_bytes(8, "little") + a.tobytes())
+        key = (digest.hexdigest(), str(gate))
+        if key not in self._oracles:
+            self._oracles[key] = CalibrationLoss(self._model, samples, gate=gate, batch_size=self._batch_size,
+                                                 max_bytes=self._max_bytes, executor=self._executor)
+        return self._oracles[key]
+
+    def view(self, samples: Sequence[Any], gate: str = "layer") -> "_OwnTokens":
+        """The shared oracle, counting only what this caller asks for (see :class:`_OwnTokens`)."""
+        return _OwnTokens(self.oracle(samples, gate))
+
+    def release(self) -> None:
+        """Free every oracle's recorded block outputs (their measured losses stay)."""
+        for o in self._oracles.values():
+            o.release()
+
+
+class _OwnTokens:
+    """A caller's view of a shared :class:`CalibrationLoss`: the same losses, its own token count.
+
+    ``tokens`` is what a private oracle would have spent on the sets this caller asked for: the full
+    model's recorded pass, then one pass per distinct set, whoever measured it first.
+    """
+
+    def __init__(self, oracle: CalibrationLoss) -> None:
+        self.oracle = oracle
+        self.tokens_per_pass = oracle.tokens_per_pass
+        self.num_samples = oracle.num_samples
+        self._asked: set[tuple[int, ...]] | None = None  # None: never used (no pass spent yet)
+
+    @property
+    def tokens(self) -> int:
+        return 0 if self._asked is None else (1 + len(self._asked - {()})) * self.tokens_per_pass
+
+    @property
+    def predicted_tokens(self) -> int:
+        return self.oracle.predicted_tokens
+
+    def loss(self, removed: Iterable[int]) -> float:
+        return self.loss_many([removed])[0]
+
+    def loss_many(self, sets: Iterable[Iterable[int]], *,
+                  on_result: Callable[[int, float], None] | None = None) -> list[float]:
+        keys = [tuple(sorted({int(i) for i in s})) for s in sets]
+        self._asked = (self._asked or set()) | set(keys)
+        return self.oracle.loss_many(keys, on_result=on_result)
+
+
 def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *, gate: str = "layer",
                     pool_size: int | None = None, evaluations_per_m: int = 24, batch: int = 4,
                     backend: str = "exact", backend_params: dict[str, Any] | None = None, seed: int = 0,
                     batch_size: int = 8, confirm_samples: Sequence[Any] | None = None, confirm_top: int = 6,
                     screen_samples: int = 0, one_pass: bool = True, race_samples: Sequence[Any] = (),
-                    progress: bool = False, executor: Any = None) -> dict[str, Any]:
+                    progress: bool = False, executor: Any = None, book: OracleBook | None = None) -> dict[str, Any]:
     """qblock's recommended removal sets: the measured QUBO, refined for each M with ``backend`` in the loop.
 
     Args:
@@ -187,6 +274,9 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         progress: a progress bar over evaluations.
         executor: where each batch of measurements runs (:mod:`qblock.executor`; Ray: model actors,
             the same losses and token counts).
+        book: an :class:`OracleBook` the screen measures through, shared with other methods of a run
+            (SLEB's baseline on the same samples walks the same chain: its sets are not computed again;
+            the screen's tokens are still all it asked for).
 
     Returns:
         ``{"prior": BlockRemovalProblem, "refinements": {M: Refinement}, "shared_tokens": int,
@@ -223,8 +313,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
             shared += oracle.tokens_per_pass
         chain = {}
         if int(screen_samples) > 0 and num_removes:
-            screen = CalibrationLoss(model, list(samples)[: int(screen_samples)], gate=gate, batch_size=batch_size,
-                                     executor=executor)
+            book = book or OracleBook(model, batch_size=batch_size, executor=executor)
+            screen = book.view(list(samples)[: int(screen_samples)], gate)
             singles = {i: float(v) for i, v in enumerate(prior.arrays["single_losses"])}
             chain = greedy_chain(_Bar(screen, False, bar.bar), n, max(int(m) for m in num_removes), singles=singles)
             shared += screen.tokens

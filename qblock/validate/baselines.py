@@ -249,26 +249,29 @@ def shortgpt_iterative(model, samples: Sequence[Any], max_remove: int, *, batch_
 
 
 def sleb(model, samples: Sequence[Any], max_remove: int, *, batch_size: int = 8,
-         progress: bool = False, pool: Any = None) -> list[BaselineResult]:
+         progress: bool = False, pool: Any = None, book: Any = None) -> list[BaselineResult]:
     """SLEB greedy: at each step remove the block whose removal gives the lowest calibration loss.
 
     Returns one result per M = 1..max_remove; the cost of M is the candidate passes of its first M
-    steps (``N + (N-1) + ... + (N-M+1)``). Each step also runs one recorded pass of the current model
-    (``extra["recording_passes"]``) so that every candidate pass computes only the blocks from the
-    removed one on (:class:`qblock.validate.evaluate.PrefixCache`; the losses are unchanged).
+    steps (``N + (N-1) + ... + (N-M+1)``). The losses come from a
+    :class:`qblock.llm.measured.CalibrationLoss` on ``samples``: one recorded pass of the full model, and
+    each candidate computes only the blocks from its first difference with the set measured before it
+    (:class:`qblock.validate.evaluate.PrefixCache`; the losses are those of plain masked passes).
 
-    ``pool`` (a :mod:`qblock.executor` executor) spreads each step's candidates over model actors (each
-    records its own pass of the current model); the losses, the choice and the counted passes are the
-    same as here.
+    ``pool`` (a :mod:`qblock.executor` executor) spreads each step's candidates over model actors; the
+    losses, the choice and the counted passes are the same as here. ``book`` (an
+    :class:`qblock.llm.measured.OracleBook`) shares the oracle with other methods of a run on the same
+    samples (qblock's screen walks the same chain): a set measured by either is computed once, and the
+    counted passes are still SLEB's own.
     """
-    from qblock.executor import is_local
     from qblock.llm.blocks import find_blocks
+    from qblock.llm.measured import OracleBook
 
     samples = _as_samples(samples)
     n = len(find_blocks(model))
     if max_remove > n:
         raise ValueError(f"cannot remove {max_remove} of {n} blocks")
-    workers = None if is_local(pool) else pool.bind_model(model)
+    oracle = (book or OracleBook(model, batch_size=batch_size, executor=pool)).oracle(samples)
     removed: list[int] = []
     passes = 0
     out = []
@@ -280,55 +283,22 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, batch_size: int = 8,
         bar = tqdm(total=sum(n - k for k in range(max_remove)), desc="SLEB", unit="pass", leave=False)
     try:
         for step in range(max_remove):
-            best, best_loss = None, float("inf")
             cands = [i for i in range(n) if i not in removed]
-            for i, loss in zip(cands, _sleb_step(model, samples, removed, cands, batch_size, bar, workers, step)):
-                passes += 1
-                if loss < best_loss:  # strict: ties keep the lowest index
-                    best, best_loss = i, loss
-            removed.append(int(best))
+            losses = oracle.loss_many([removed + [i] for i in cands])
+            passes += len(cands)
+            if bar is not None:
+                bar.update(len(cands))
+            k = int(np.argmin(losses))  # the first of equal losses: ties keep the lowest index
+            removed.append(cands[k])
             out.append(BaselineResult("sleb", step + 1, sorted(removed), passes, len(samples),
                                       time.perf_counter() - t0, order=list(removed),
-                                      extra={"calib_loss": best_loss, "recording_passes": step + 1}))
+                                      extra={"calib_loss": float(losses[k])}))
     finally:
         if bar is not None:
             bar.close()
+        if book is None:
+            oracle.release()
     return out
-
-
-def _sleb_step(model, samples, removed: list[int], cands: list[int], batch_size: int, bar: Any, workers: Any,
-               step: int) -> list[float]:
-    """Calibration losses of ``removed + [i]`` for every candidate ``i`` (here, or on ``workers``' actors)."""
-    import functools
-    import uuid
-
-    from qblock.validate.evaluate import PrefixCache
-
-    def tick(*_: Any) -> None:
-        if bar is not None:
-            bar.update(1)
-
-    if workers is None:
-        # one recorded pass of the current model lets each candidate skip the blocks before i
-        prefix = PrefixCache(model, samples, removed, batch_size=batch_size)
-        out = []
-        for i in cands:
-            out.append(prefix.loss(removed + [i])[0])
-            tick()
-        return out
-    setup = functools.partial(_sleb_prefix, samples=samples, removed=tuple(removed), batch_size=batch_size)
-    return workers.map(_sleb_loss, [tuple(removed) + (i,) for i in cands], setup=setup,
-                       key=f"sleb:{step}:{uuid.uuid4().hex}", on_result=tick)
-
-
-def _sleb_prefix(model, *, samples, removed, batch_size):
-    from qblock.validate.evaluate import PrefixCache
-
-    return PrefixCache(model, samples, removed, batch_size=batch_size)
-
-
-def _sleb_loss(prefix, key) -> float:
-    return float(prefix.loss(list(key))[0])
 
 
 def random_sets(num_blocks: int, m: int, count: int, seed: int = 0) -> list[BaselineResult]:
@@ -350,7 +320,8 @@ def random_sets(num_blocks: int, m: int, count: int, seed: int = 0) -> list[Base
 
 def run_baselines(model, samples: Sequence[Any], num_removes: Sequence[int], *,
                   methods: Sequence[str] = BASELINE_METHODS, greedy_samples: Sequence[Any] | None = None,
-                  batch_size: int = 8, progress: bool = False, pool: Any = None) -> list[BaselineResult]:
+                  batch_size: int = 8, progress: bool = False, pool: Any = None,
+                  book: Any = None) -> list[BaselineResult]:
     """Run the chosen baselines for every M in ``num_removes``, sharing work between them.
 
     Args:
@@ -363,6 +334,8 @@ def run_baselines(model, samples: Sequence[Any], num_removes: Sequence[int], *,
         batch_size: forward batch size.
         progress: show progress bars.
         pool: a :mod:`qblock.executor` executor for SLEB's candidate passes (``None``: here).
+        book: an :class:`qblock.llm.measured.OracleBook` SLEB measures through (shared with other
+            methods of a run; see :func:`sleb`).
 
     Returns:
         A list of :class:`BaselineResult`, method-major, in the order of ``num_removes``.
@@ -391,7 +364,7 @@ def run_baselines(model, samples: Sequence[Any], num_removes: Sequence[int], *,
         path = shortgpt_iterative(model, greedy, max(ms), batch_size=batch_size, progress=progress)
         out.extend(path[m - 1] for m in ms if m >= 1)
     if "sleb" in methods:
-        path = sleb(model, greedy, max(ms), batch_size=batch_size, progress=progress, pool=pool)
+        path = sleb(model, greedy, max(ms), batch_size=batch_size, progress=progress, pool=pool, book=book)
         out.extend(path[m - 1] for m in ms if m >= 1)
     order = {name: k for k, name in enumerate(methods)}
     out.sort(key=lambda r: (order[r.method], ms.index(r.num_remove)))

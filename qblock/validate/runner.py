@@ -421,7 +421,7 @@ def selection_split(calib: Sequence[Any], settings: ValidationSettings) -> tuple
 
 
 def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: ValidationSettings, gate: str,
-            timings: dict[str, float], executor: Any = None) -> dict[str, Any]:
+            timings: dict[str, float], executor: Any = None, book: Any = None) -> dict[str, Any]:
     """qblock's selection on the calibration samples of :func:`selection_split` (never held-out data)."""
     from qblock.llm.measured import select_removals
 
@@ -442,7 +442,7 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
                               batch_size=settings.batch_size, confirm_samples=checks,
                               confirm_top=settings.select_confirm, screen_samples=settings.select_screen,
                               one_pass=settings.select_one_pass, race_samples=race,
-                              progress=settings.progress, executor=executor)
+                              progress=settings.progress, executor=executor, book=book)
     except ValueError as exc:
         raise ValidationError(f"qblock selection: {exc}") from None
     timings["selection"] = time.perf_counter() - t0
@@ -600,8 +600,13 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
     # 1. candidates: the QUBO's top-k, the baselines, qblock's selection, random sets, the full model
     solved: dict[int, dict[str, Any]] = {}
     rows = _qubo_rows(problem, ms, calib, settings, dict(solutions or {}), timings, solved)
-    baseline_details = _baseline_rows(model, calib, ms, settings, timings, rows, executor)
-    selection = _select(model, calib, ms, settings, gate, timings, executor) if settings.select else None
+    from qblock.llm.measured import OracleBook
+
+    # SLEB and qblock's screen walk greedy chains on the same first samples: a set is measured once
+    book = OracleBook(model, batch_size=settings.batch_size, executor=executor)
+    baseline_details = _baseline_rows(model, calib, ms, settings, timings, rows, executor, book)
+    selection = _select(model, calib, ms, settings, gate, timings, executor, book) if settings.select else None
+    book.release()
     if selection is not None:
         rows += _selection_rows(selection, settings)
     rows += _random_and_reference_rows(n, ms, settings)
@@ -659,7 +664,8 @@ def _qubo_rows(problem, ms: Sequence[int], calib: Sequence[Any], settings: Valid
 
 
 def _baseline_rows(model, calib: Sequence[Any], ms: Sequence[int], settings: ValidationSettings,
-                   timings: dict[str, float], rows: list[dict[str, Any]], executor: Any = None) -> list[dict[str, Any]]:
+                   timings: dict[str, float], rows: list[dict[str, Any]], executor: Any = None,
+                   book: Any = None) -> list[dict[str, Any]]:
     """Step 1b: every baseline's set per M, appended to ``rows`` with its cost; returns the baselines' details."""
     from qblock.validate.baselines import run_baselines
 
@@ -674,7 +680,7 @@ def _baseline_rows(model, calib: Sequence[Any], ms: Sequence[int], settings: Val
     _log(f"baselines {', '.join(settings.baselines)} for M = {ms} ({len(calib)} calibration samples, "
          f"greedy methods on {len(greedy)})", settings.progress)
     res = run_baselines(model, calib, ms, methods=settings.baselines, greedy_samples=greedy,
-                        batch_size=settings.batch_size, progress=settings.progress, pool=executor)
+                        batch_size=settings.batch_size, progress=settings.progress, pool=executor, book=book)
     timings["baselines"] = time.perf_counter() - t0
     for r in res:
         per_pass = tokens["greedy"] if r.method in ("sleb", "shortgpt_iterative") else tokens["calib"]

@@ -437,6 +437,29 @@ def test_select_removals_screens_with_a_chain_and_counts_its_tokens():
     assert ref.history[0]["source"] == "start:greedy" and len(ref.history[0]["removed"]) == 3
 
 
+def test_sleb_and_a_screen_through_one_book_measure_each_set_once_and_count_their_own_tokens():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from qblock.llm.measured import OracleBook
+    from qblock.select import greedy_chain
+    from qblock.validate.baselines import sleb
+
+    model = small_llama(6, vocab_size=40)
+    samples = [torch.randint(0, 40, (12,)) for _ in range(2)]
+    alone = sleb(model, samples, 3)
+    book = OracleBook(model)
+    shared = sleb(model, samples, 3, book=book)
+    assert [(r.removed, r.forward_passes, r.extra["calib_loss"]) for r in shared] == \
+        [(r.removed, r.forward_passes, r.extra["calib_loss"]) for r in alone]  # bitwise the same losses
+    oracle = book.oracle([s.clone() for s in samples])  # found by the samples' tokens
+    assert oracle.evaluations == 1 + 6 + 5 + 4  # the full model, then every candidate of three steps
+    screen = book.view(samples)
+    chain = greedy_chain(screen, 6, 3)
+    assert chain == {r.num_remove: tuple(r.removed) for r in shared}  # SLEB's own search order
+    assert oracle.evaluations == 1 + 6 + 5 + 4  # nothing measured again
+    assert screen.tokens == (1 + 6 + 5 + 4) * 2 * 12  # what the screen would have spent alone
+
+
 def test_starts_beyond_the_batch_are_all_measured_and_one_shot_iterators_work():
     o = Oracle(10, seed=5, tokens_per_eval=100)
     prior = measured_problem(o, 10, pool_size=6)
