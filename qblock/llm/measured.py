@@ -220,6 +220,11 @@ class _OwnTokens:
         return 0 if self._asked is None else (1 + len(self._asked - {()})) * self.tokens_per_pass
 
     @property
+    def evaluations(self) -> int:
+        """Distinct sets this caller asked for (the full model included)."""
+        return 0 if self._asked is None else len(self._asked | {()})
+
+    @property
     def predicted_tokens(self) -> int:
         return self.oracle.predicted_tokens
 

@@ -458,6 +458,7 @@ def test_sleb_and_a_screen_through_one_book_measure_each_set_once_and_count_thei
     assert chain == {r.num_remove: tuple(r.removed) for r in shared}  # SLEB's own search order
     assert oracle.evaluations == 1 + 6 + 5 + 4  # nothing measured again
     assert screen.tokens == (1 + 6 + 5 + 4) * 2 * 12  # what the screen would have spent alone
+    assert screen.evaluations == 1 + 6 + 5 + 4
 
 
 def test_starts_beyond_the_batch_are_all_measured_and_one_shot_iterators_work():
