@@ -253,14 +253,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _threads(args) -> int:
+    """Check ``--device``, then set torch's threads as every model command does (:func:`setup_torch`)."""
+    from qblock.cli._common import setup_torch
     from qblock.llm.models import check_device
-    from qblock.validate.runner import apply_threads
 
     try:
         check_device(args.device)
-        return apply_threads(args.threads, quiet=args.quiet)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    return setup_torch(args)
 
 
 def _load_models(args, pruned: Path) -> dict[str, Any]:

@@ -254,18 +254,18 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, batch_size: int = 8,
 
     Returns one result per M = 1..max_remove; the cost of M is the candidate passes of its first M
     steps (``N + (N-1) + ... + (N-M+1)``). The losses come from a
-    :class:`qblock.llm.measured.CalibrationLoss` on ``samples``: one recorded pass of the full model, and
+    :class:`qblock.validate.oracle.CalibrationLoss` on ``samples``: one recorded pass of the full model, and
     each candidate computes only the blocks from its first difference with the set measured before it
     (:class:`qblock.validate.evaluate.PrefixCache`; the losses are those of plain masked passes).
 
     ``pool`` (a :mod:`qblock.executor` executor) spreads each step's candidates over model actors; the
     losses, the choice and the counted passes are the same as here. ``book`` (an
-    :class:`qblock.llm.measured.OracleBook`) shares the oracle with other methods of a run on the same
+    :class:`qblock.validate.oracle.OracleBook`) shares the oracle with other methods of a run on the same
     samples (qblock's screen walks the same chain): a set measured by either is computed once, and the
     counted passes are still SLEB's own.
     """
     from qblock.llm.blocks import find_blocks
-    from qblock.llm.measured import OracleBook
+    from qblock.validate.oracle import OracleBook
 
     samples = _as_samples(samples)
     n = len(find_blocks(model))
@@ -334,7 +334,7 @@ def run_baselines(model, samples: Sequence[Any], num_removes: Sequence[int], *,
         batch_size: forward batch size.
         progress: show progress bars.
         pool: a :mod:`qblock.executor` executor for SLEB's candidate passes (``None``: here).
-        book: an :class:`qblock.llm.measured.OracleBook` SLEB measures through (shared with other
+        book: an :class:`qblock.validate.oracle.OracleBook` SLEB measures through (shared with other
             methods of a run; see :func:`sleb`).
 
     Returns:

@@ -600,7 +600,7 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
     # 1. candidates: the QUBO's top-k, the baselines, qblock's selection, random sets, the full model
     solved: dict[int, dict[str, Any]] = {}
     rows = _qubo_rows(problem, ms, calib, settings, dict(solutions or {}), timings, solved)
-    from qblock.llm.measured import OracleBook
+    from qblock.validate.oracle import OracleBook
 
     # SLEB and qblock's screen walk greedy chains on the same first samples: a set is measured once
     book = OracleBook(model, batch_size=settings.batch_size, executor=executor)
