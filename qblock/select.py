@@ -21,7 +21,7 @@ This module keeps the QUBO and its backends and fits the QUBO to measured losses
    *measured* calibration loss; held-out data is never touched here.
 
 Everything here is model-agnostic: a loss oracle is any object with ``loss(removed) -> float`` and a
-``tokens`` counter (:class:`qblock.llm.measured.CalibrationLoss` is the one for a real model; the
+``tokens`` counter (:class:`qblock.validate.oracle.CalibrationLoss` is the one for a real model; the
 tests use synthetic ones).
 
 Example:

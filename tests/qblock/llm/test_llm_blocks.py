@@ -171,7 +171,7 @@ def test_find_blocks_error_names_what_was_searched():
         find_blocks("not a model")
 
 
-@pytest.mark.parametrize("name", ["qblock.llm.blocks", "qblock.llm.gates", "qblock.llm.measured"])
+@pytest.mark.parametrize("name", ["qblock.llm.blocks", "qblock.llm.gates", "qblock.validate.oracle"])
 def test_docstring_examples(name):
     failures, _ = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert failures == 0
