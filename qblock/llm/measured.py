@@ -97,6 +97,7 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
             screen = book.view(list(samples)[: int(screen_samples)], gate)
             singles = {i: float(v) for i, v in enumerate(prior.arrays["single_losses"])}
             chain = greedy_chain(_Bar(screen, False, bar.bar), n, max(int(m) for m in num_removes), singles=singles)
+            screen.oracle.release()  # its recorded outputs; the losses stay in the book
             shared += screen.tokens
         refinements = {}
         for m in sorted({int(m) for m in num_removes}):

@@ -606,7 +606,6 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
     book = OracleBook(model, batch_size=settings.batch_size, executor=executor)
     baseline_details = _baseline_rows(model, calib, ms, settings, timings, rows, executor, book)
     selection = _select(model, calib, ms, settings, gate, timings, executor, book) if settings.select else None
-    book.release()
     if selection is not None:
         rows += _selection_rows(selection, settings)
     rows += _random_and_reference_rows(n, ms, settings)
