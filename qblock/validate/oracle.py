@@ -20,6 +20,11 @@ Example:
     >>> a = oracle.loss([2]); b = oracle.loss([2])    # the second is cached
     >>> a == b, oracle.tokens, oracle.evaluations    # base pass + one removal, 30 tokens each
     (True, 60, 2)
+    >>> book = OracleBook(m)
+    >>> calib = [torch.randint(0, 50, (10,)) for _ in range(2)]
+    >>> x, y = book.view(calib), book.view([s.clone() for s in calib])  # the same tokens: one oracle
+    >>> x.loss([1]) == y.loss([1]), x.oracle is y.oracle, x.oracle.tokens, y.tokens  # y counts its own
+    (True, True, 40, 40)
 """
 
 from __future__ import annotations
@@ -163,17 +168,7 @@ class OracleBook:
         max_bytes: prefix-cache budget of each oracle.
         executor: where the oracles' :meth:`CalibrationLoss.loss_many` measures.
 
-    Example:
-        >>> import torch
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> torch.manual_seed(0) and None
-        >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2)).eval()
-        >>> book = OracleBook(m)
-        >>> calib = [torch.randint(0, 50, (10,)) for _ in range(2)]
-        >>> a, b = book.view(calib), book.view([s.clone() for s in calib])  # same tokens: one oracle
-        >>> a.loss([1]) == b.loss([1]), a.oracle is b.oracle, a.oracle.tokens, b.tokens
-        (True, True, 40, 40)
+    Example: see the module's.
     """
 
     def __init__(self, model, *, batch_size: int = 8, max_bytes: float = 2e9, executor: Any = None) -> None:
