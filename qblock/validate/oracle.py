@@ -177,15 +177,9 @@ class OracleBook:
 
     def oracle(self, samples: Sequence[Any], gate: str = "layer") -> CalibrationLoss:
         """The shared oracle of these samples (by their tokens) and masking mode."""
-        import hashlib
+        from qblock._provenance import tokens_sha256
 
-        import numpy as np
-
-        digest = hashlib.sha256()
-        for s in samples:
-            a = np.asarray(getattr(s, "numpy", lambda: s)(), dtype=np.int64).reshape(-1)
-            digest.update(len(a).to_bytes(8, "little") + a.tobytes())
-        key = (digest.hexdigest(), str(gate))
+        key = (tokens_sha256(samples), str(gate))
         if key not in self._oracles:
             self._oracles[key] = CalibrationLoss(self._model, samples, gate=gate, batch_size=self._batch_size,
                                                  max_bytes=self._max_bytes, executor=self._executor)
