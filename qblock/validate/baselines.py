@@ -284,10 +284,17 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, batch_size: int = 8,
     try:
         for step in range(max_remove):
             cands = [i for i in range(n) if i not in removed]
-            losses = oracle.loss_many([removed + [i] for i in cands])
+            ticked = [0]  # the bar moves as each new set finishes, then by those another method measured
+
+            def tick(*_: Any) -> None:
+                ticked[0] += 1
+                if bar is not None:
+                    bar.update(1)
+
+            losses = oracle.loss_many([removed + [i] for i in cands], on_result=tick)
             passes += len(cands)
             if bar is not None:
-                bar.update(len(cands))
+                bar.update(len(cands) - ticked[0])
             k = int(np.argmin(losses))  # the first of equal losses: ties keep the lowest index
             removed.append(cands[k])
             out.append(BaselineResult("sleb", step + 1, sorted(removed), passes, len(samples),
