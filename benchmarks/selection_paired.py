@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sleb-from", default=None, metavar="JSON",
                     help="with --sleb-samples: take SLEB's sets and tokens from an earlier output of this script with "
                          "the same --sleb-samples on the same study, instead of running SLEB again")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                    help="evaluate (and run SLEB) in this dtype instead of the study's (e.g. fp32 on a CPU without "
+                         "native bf16, where bf16 is several times slower); recorded in the output")
     ap.add_argument("--out", default=None, help="output stem (default: the re-check's stem + _paired)")
     args = ap.parse_args(argv)
     if args.calib_samples is not None and args.calib_samples < 2:
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
     from qblock.validate.evaluate import heldout_loss
 
     torch.set_num_threads(args.threads)
-    model, tok = load_model(study["model"], quiet=True, dtype=study["dtype"])
+    dtype = args.dtype or study["dtype"]
+    model, tok = load_model(study["model"], quiet=True, dtype=dtype)
     n_cal = int(args.calib_samples or rc["settings"]["confirm_samples"])
     data = {"num_calib": max(n_cal, args.sleb_samples or 0), "seq_len": study["seq_len"], "seed": study["seed"]}
     calib, evals, _ = calibration_and_eval(tok, None, num_eval=args.heldout_samples or study["eval_samples"], **data)
@@ -106,7 +110,8 @@ def main(argv=None) -> int:
         with mask_blocks(model, removed):
             return [heldout_loss(model, [x])[0] for x in tqdm(xs, desc=f"removing {len(removed)}", leave=False)]
 
-    out = {"recheck": path.name, "model": study["model"], "calibration_samples": n_cal,
+    out = {"recheck": path.name, "model": study["model"], "dtype": dtype, "study_dtype": study["dtype"],
+           "calibration_samples": n_cal,
            "heldout_samples": len(evals), "sleb_samples": args.sleb_samples,
            # re-checks before the loop/confirmation split recorded no total; their confirmation began at sample 0
            "qblock_calibration_samples": rc["settings"].get("calibration_samples", rc["settings"].get("confirm_samples", 0)
@@ -176,7 +181,10 @@ def _markdown(out: dict) -> str:
              + (f" SLEB chose on the first {n} calibration samples, qblock's confirmation and race on the first "
                 f"{out['qblock_calibration_samples']} (its loop on fewer)"
                 + (", so the calibration column compares them on samples both chose on." if n >= out["calibration_samples"]
-                   and out["qblock_calibration_samples"] >= out["calibration_samples"] else ".") if n else ""), "",
+                   and out["qblock_calibration_samples"] >= out["calibration_samples"] else ".") if n else "")
+             + (f" Measured in {out['dtype']}{' (SLEB chose in it too)' if n else ''}; the study, and qblock's choice, "
+                f"ran in {out['study_dtype']}." if out.get("dtype", out.get("study_dtype")) != out.get("study_dtype")
+                else ""), "",
              f"| M | qblock | {'SLEB' if n else 'best baseline'} | held-out difference | calibration difference |" + tok_head,
              "|---|---|---|---|---|" + "---|" * bool(tok_head)]
     for m, r in out["per_m"].items():

@@ -29,12 +29,22 @@ import numpy as np
 
 from qblock.problems._states import binary_program, binary_states, quadratic_energies, save_npz
 
-__all__ = ["BlockRemovalProblem", "FORMAT_VERSION"]
+__all__ = ["BlockRemovalProblem", "FORMAT_VERSION", "removal_key"]
 
 FORMAT_VERSION = 1
 _CONSTRAINT_LABEL = "remove_exactly_M"
 _PENALTY = "penalty"
 _NUM_REMOVE = "num_remove"
+
+
+def removal_key(removed: Iterable[Any]) -> tuple[int, ...]:
+    """The one key of a removal set wherever sets are cached or compared: its distinct blocks, ascending.
+
+    Example:
+        >>> removal_key([5, 2, np.int64(5)])
+        (2, 5)
+    """
+    return tuple(sorted({int(i) for i in removed}))
 
 
 def _as_real(value: Any, what: str) -> np.ndarray:

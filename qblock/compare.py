@@ -47,7 +47,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from qblock._provenance import Provenance
-from qblock.problems.block_removal import BlockRemovalProblem
+from qblock.problems.block_removal import BlockRemovalProblem, removal_key
 
 __all__ = [
     "FORMAT",
@@ -127,10 +127,6 @@ def run_seeds(seed: int | None, repeats: int) -> list[int]:
     return seeds
 
 
-def _key(removed: Sequence[int]) -> tuple[int, ...]:
-    return tuple(sorted(int(i) for i in removed))
-
-
 def reference_from_runs(runs: Sequence[Mapping[str, Any]], top_k: int) -> dict[str, Any]:
     """The reference a study is measured against, from its raw run records only.
 
@@ -146,13 +142,13 @@ def reference_from_runs(runs: Sequence[Mapping[str, Any]], top_k: int) -> dict[s
             "kind": "certified",
             "source": f"{r['backend']} (certified top-{len(r['states'])})",
             "energy": float(r["energies"][0]),
-            "states": [list(_key(s)) for s in r["states"][:top_k]],
+            "states": [list(removal_key(s)) for s in r["states"][:top_k]],
             "energies": [float(e) for e in r["energies"][:top_k]],
         }
     pool: dict[tuple[int, ...], float] = {}
     for r in usable:
         for s, e in zip(r["states"], r["energies"]):
-            k = _key(s)
+            k = removal_key(s)
             pool[k] = min(float(e), pool.get(k, math.inf))
     if not pool:
         return {"kind": "none", "source": "no backend returned a solution", "energy": None, "states": [], "energies": []}
@@ -181,7 +177,7 @@ def summarize(study: Mapping[str, Any]) -> list[dict[str, Any]]:
     rtol, atol = float(study["tolerance"]["rtol"]), float(study["tolerance"]["atol"])
     ref = reference_from_runs(study["runs"], top_k)
     e_ref = ref["energy"]
-    ref_set = {_key(s) for s in ref["states"]}
+    ref_set = {removal_key(s) for s in ref["states"]}
     rows = []
     for backend in study["backends"]:
         if backend in study.get("skipped", {}):
@@ -204,7 +200,7 @@ def summarize(study: Mapping[str, Any]) -> list[dict[str, Any]]:
         reads = sum(int(r["num_reads"] or 0) for r in runs)
         infeasible = sum(int(r["num_infeasible"] or 0) for r in runs)
         overlap = float(np.mean([
-            len({_key(s) for s in r.get("states", [])} & ref_set) / len(ref_set) for r in runs
+            len({removal_key(s) for s in r.get("states", [])} & ref_set) / len(ref_set) for r in runs
         ]))
         t = float(np.mean([float(r["wall_time"]) for r in runs]))
         notes = []

@@ -48,7 +48,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from qblock.problems.block_removal import BlockRemovalProblem
+from qblock.problems.block_removal import BlockRemovalProblem, removal_key
 
 __all__ = ["LossOracle", "measure", "measured_problem", "refine", "Refinement", "surrogate_problem", "confirm",
            "greedy_chain", "default_pool_size"]
@@ -61,10 +61,6 @@ class LossOracle(Protocol):
 
     def loss(self, removed: Iterable[int]) -> float:  # pragma: no cover - a protocol
         ...
-
-
-def _key(removed: Iterable[int]) -> tuple[int, ...]:
-    return tuple(sorted({int(i) for i in removed}))
 
 
 def measure(oracle: LossOracle, sets: Sequence[Iterable[int]]) -> list[float]:
@@ -203,7 +199,7 @@ def surrogate_problem(prior: BlockRemovalProblem, sets: Sequence[Iterable[int]],
         (1.0, 3.0)
     """
     n = prior.num_blocks
-    keys = [_key(s) for s in sets]
+    keys = [removal_key(s) for s in sets]
     y = np.asarray(losses, dtype=np.float64) - float(base_loss)
     H = np.array(prior.H, dtype=np.float64)
     lin = np.array(prior.linear, dtype=np.float64)
@@ -307,7 +303,7 @@ class Refinement:
     def source(self, removed: Iterable[int]) -> str:
         """Where a measured set came from: a history ``source``, a start's label, ``"known"`` (measured
         before the loop) or ``"unmeasured"``."""
-        key = _key(removed)
+        key = removal_key(removed)
         for h in self.history:
             if tuple(h["removed"]) == key:
                 return h["source"]
@@ -360,7 +356,7 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
     labelled = starts.items() if isinstance(starts, dict) else [("", s) for s in starts]
     labels: dict[tuple[int, ...], str] = {}
     for label, s in labelled:
-        k = _key(s)  # once: a start may be a one-shot iterator
+        k = removal_key(s)  # once: a start may be a one-shot iterator
         if len(k) == M:
             labels.setdefault(k, f"start:{label}" if label else "start")
     first = list(labels)
@@ -378,7 +374,7 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
                 break
         k = min(total, want + measured_m)
         ss = qblock.solve(sur, backend, num_solutions=k, seed=seed + rounds, **(backend_params or {}))
-        props = [_key(sur.removed_blocks(x)) for x in ss.samples()]
+        props = [removal_key(sur.removed_blocks(x)) for x in ss.samples()]
         fresh = [p for p in dict.fromkeys(props) if p not in seen]
         repeats += len(props) - len(fresh)
         # the surrogate's global proposals, and (trust-region style) its best unseen swap neighbours of the
@@ -422,7 +418,7 @@ def _neighbours(sur: BlockRemovalProblem, seen: dict[tuple[int, ...], float], M:
             for j in range(n):
                 if j in inside:
                     continue
-                t = _key((inside - {i}) | {j})
+                t = removal_key((inside - {i}) | {j})
                 if t not in skip and t not in cand:
                     cand[t] = sur.energy_of(t)
     return sorted(cand, key=lambda t: (cand[t], t))[:count]
@@ -475,7 +471,7 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
     if int(top) < 0:
         raise ValueError(f"top must be non-negative, got {top}")
     ranked = [key for key, _ in refinement.ranked()]
-    extra = [k for k in dict.fromkeys(_key(s) for s in also) if k in ranked]
+    extra = [k for k in dict.fromkeys(removal_key(s) for s in also) if k in ranked]
     keys = ranked[: max(int(top), 1 if extra else 0)]  # never a choice among the extra sets alone
     keys += [k for k in extra if k not in keys]
     refinement.finalists, refinement.finalist_samples = {}, {}
@@ -536,7 +532,7 @@ def greedy_chain(oracle: LossOracle, num_blocks: int, max_remove: int, *,
         if m == 1 and singles:
             losses = {(i,): float(v) for i, v in singles.items()}
         else:
-            nxt = [_key(current + (j,)) for j in range(n) if j not in current]
+            nxt = [removal_key(current + (j,)) for j in range(n) if j not in current]
             losses = dict(zip(nxt, measure(oracle, nxt)))  # one batch: in parallel on a Ray executor
         current = min(losses, key=lambda k: (losses[k], k))
         chain[m] = current

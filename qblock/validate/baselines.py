@@ -43,6 +43,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from qblock._lazy import require
+from qblock.problems.block_removal import removal_key
 
 __all__ = [
     "BASELINE_METHODS",
@@ -316,7 +317,7 @@ def random_sets(num_blocks: int, m: int, count: int, seed: int = 0) -> list[Base
     s = int(seed)
     while len(out) < count:
         rng = np.random.default_rng(s)
-        sel = tuple(sorted(int(i) for i in rng.choice(num_blocks, size=m, replace=False)))
+        sel = removal_key(rng.choice(num_blocks, size=m, replace=False))
         if sel not in seen:
             seen.add(sel)
             out.append(BaselineResult("random", m, list(sel), 0, 0, 0.0, seed=s))

@@ -34,6 +34,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from qblock._lazy import require
+from qblock.problems.block_removal import removal_key
 
 __all__ = ["heldout_loss", "multiple_choice", "encode_choices", "CandidateEvaluator", "PrefixCache", "prefix_order",
            "model_device"]
@@ -304,7 +305,7 @@ class PrefixCache:
         torch = _torch()
         self.model = model
         self.samples = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in samples]
-        self.base = tuple(sorted({int(i) for i in base}))
+        self.base = removal_key(base)
         self.batch_size = int(batch_size)
         self.gate = gate
         self.blocks = [mod for _, mod in find_blocks(model)]
@@ -364,7 +365,7 @@ class PrefixCache:
         does not share with the base or with the previous set)."""
         from qblock.llm.gates import mask_blocks
 
-        key = tuple(sorted({int(i) for i in removed}))
+        key = removal_key(removed)
         diff = set(key) ^ set(self.base)
         if not diff:
             return self.base_loss, self.num_tokens
@@ -445,7 +446,7 @@ class CandidateEvaluator:
         """
         from qblock.llm.gates import mask_blocks
 
-        key = tuple(sorted({int(i) for i in removed}))
+        key = removal_key(removed)
         names = list(self.benchmarks) if tasks is True else list(tasks or [])
         unknown = [t for t in names if t not in self.benchmarks]
         if unknown:
@@ -501,7 +502,7 @@ class CandidateEvaluator:
         """
         from qblock.executor import is_local
 
-        keys = [tuple(sorted({int(i) for i in s})) for s in sets]
+        keys = [removal_key(s) for s in sets]
         todo = prefix_order(k for k in dict.fromkeys(keys) if k not in self._loss_cache)
         if is_local(executor):
             for j, k in enumerate(todo):

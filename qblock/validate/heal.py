@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from qblock.problems.block_removal import removal_key
 from qblock.validate.stats import QUBO_METHOD, REFERENCE_METHOD, SELECT_METHOD, is_baseline, rank_correlation
 
 __all__ = ["HEALED", "add_heal_options", "heal_options", "choose_candidates", "heal_after_validation",
@@ -104,7 +105,7 @@ def choose_candidates(rows: Sequence[Mapping[str, Any]], top: int) -> dict[int, 
         for r in bases:
             if picked_bases >= top:
                 break
-            key = tuple(sorted(int(i) for i in r["removed"]))
+            key = removal_key(r["removed"])
             picked_bases += 1
             if key not in seen:
                 seen.append(key)
@@ -113,7 +114,7 @@ def choose_candidates(rows: Sequence[Mapping[str, Any]], top: int) -> dict[int, 
 
 
 def _add(seen: list, r: Mapping[str, Any]) -> None:
-    key = tuple(sorted(int(i) for i in r["removed"]))
+    key = removal_key(r["removed"])
     if key not in seen:
         seen.append(key)
 
@@ -191,7 +192,7 @@ def heal_after_validation(result: dict[str, Any], model, tokenizer, evals: Seque
             bar.close()
         model.train(was)
     for r in rows:
-        h = healed.get((int(r["num_remove"]), tuple(sorted(int(i) for i in r["removed"]))))
+        h = healed.get((int(r["num_remove"]), removal_key(r["removed"])))
         if h is not None:
             r[HEALED] = h["loss"]
             r[HEALED_PPL] = math.exp(h["loss"])
@@ -221,7 +222,7 @@ def heal_summary(rows: Sequence[Mapping[str, Any]], *, n_boot: int = 2000, seed:
         seen: set[tuple[int, ...]] = set()
         pts = []
         for r in rows:
-            key = tuple(sorted(int(i) for i in r["removed"]))
+            key = removal_key(r["removed"])
             if int(r["num_remove"]) != m or key in seen or not (_finite(r.get(HEALED)) and _finite(r.get("heldout_loss"))):
                 continue
             seen.add(key)

@@ -33,6 +33,8 @@ import functools
 import uuid
 from typing import Any, Callable, Iterable, Sequence
 
+from qblock.problems.block_removal import removal_key
+
 __all__ = ["CalibrationLoss", "OracleBook"]
 
 
@@ -104,7 +106,7 @@ class CalibrationLoss:
 
     def loss(self, removed: Iterable[int]) -> float:
         """The calibration loss with ``removed`` masked (measured once per distinct set)."""
-        key = tuple(sorted({int(i) for i in removed}))
+        key = removal_key(removed)
         if key not in self._cache and self._prefix is None:
             self._record()  # first use, or after release()
         if key not in self._cache:
@@ -126,7 +128,7 @@ class CalibrationLoss:
 
         if self._predicted is None:
             self._record()  # the full model's pass, here, before any set (after release(): loss() records)
-        keys = [tuple(sorted({int(i) for i in s})) for s in sets]
+        keys = [removal_key(s) for s in sets]
         # in trie order: each pass replays the blocks it shares with the one before (PrefixCache)
         todo = prefix_order(k for k in dict.fromkeys(keys) if k not in self._cache)
         if is_local(self.executor):
@@ -226,7 +228,7 @@ class _OwnTokens:
 
     def loss_many(self, sets: Iterable[Iterable[int]], *,
                   on_result: Callable[[int, float], None] | None = None) -> list[float]:
-        keys = [tuple(sorted({int(i) for i in s})) for s in sets]
+        keys = [removal_key(s) for s in sets]
         self._asked = (self._asked or set()) | set(keys)
         return self.oracle.loss_many(keys, on_result=on_result)
 

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from qblock.problems.block_removal import removal_key
+
 __all__ = [
     "QUBO_METHOD",
     "SELECT_METHOD",
@@ -89,7 +91,7 @@ def unique_candidates(rows: Sequence[Mapping[str, Any]], num_remove: int) -> lis
             continue
         if not _finite(r.get("heldout_loss")):
             continue
-        key = tuple(sorted(int(i) for i in r["removed"]))
+        key = removal_key(r["removed"])
         if key in seen:
             continue
         seen.add(key)
