@@ -213,7 +213,7 @@ def add_evaluation_options(p: argparse.ArgumentParser) -> None:
                         "(pip install 'qblock[eval]') through generated local task files")
     p.add_argument("--threads", default="auto",
                    help="torch CPU threads: a number, or 'auto' (default): one per core on an idle machine, "
-                        "else only the cores the 1-minute load average leaves free (at least 1): threads waiting on "
+                        "else only the cores that are free right now (CPU use sampled over 0.5 s; at least 1): threads waiting on "
                         "each other on busy cores made forward passes up to 8x slower")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default cpu), or auto to spread a large model over all GPUs (device_map)")
 

@@ -299,7 +299,8 @@ def data_for_problem(problem, tokenizer, *, num_eval: int | None = None, eval_se
     num_calib = int(num_calib or meta.get("num_samples") or 0)
     seq_len = int(seq_len or meta.get("seq_len") or 0)
     if num_calib < 1 or seq_len < 2:
-        raise ValidationError("calibration sample count/length unknown; pass --calib-samples and --seq-len")
+        raise ValidationError("calibration sample count/length unknown: the problem's metadata has no num_samples/seq_len "
+                              "(extract it with `qblock extract`, or pass num_calib= and seq_len= to data_for_problem)")
     seed = int(seed if seed is not None else meta.get("seed", dmeta.get("seed", 0)))
     manifest = (meta.get("extraction") or {}).get("manifest") or {}
     reserved = int(manifest.get("num_eval", dmeta.get("evaluation", {}).get("num_samples", 0)) or 0)
