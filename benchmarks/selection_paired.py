@@ -21,7 +21,8 @@ qblock's racing confirmation did, and SLEB's tokens are counted.
 Writes ``<recheck stem>_paired.{json,md}`` (``_paired_sleb<N>`` with ``--sleb-samples``; or ``--out STEM``).
 Cost: two single-sample forward passes per sample and M where the sets differ (5 minutes for SmolLM2 with
 128 calibration and 128 held-out samples, 4 for Gemma-3-270M with 64 and 64, one core), plus SLEB's
-candidate passes with ``--sleb-samples`` (51 minutes for SmolLM2 up to M = 15 on 128 samples, 2 cores).
+candidate passes with ``--sleb-samples`` (51 minutes for SmolLM2 up to M = 15 on 128 samples, 2 cores;
+69 minutes for Gemma-3-270M up to M = 9 on 64 samples with ``--dtype fp32`` on 2 AVX2-only cores).
 """
 
 from __future__ import annotations
