@@ -29,25 +29,40 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["world", "is_distributed", "init", "compute_rows_distributed"]
+__all__ = ["world", "is_distributed", "in_group", "init", "leave", "compute_rows_distributed"]
 
 
 def world() -> tuple[int, int]:
     """``(rank, world_size)`` of this process: from torch.distributed if it is initialised, else from
     the ``RANK`` / ``WORLD_SIZE`` variables torchrun sets, else ``(0, 1)``."""
-    try:
+    if in_group():
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:  # pragma: no cover - the core install has no torch
-        pass
+        return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def is_distributed() -> bool:
     """True under a launcher with more than one process."""
     return world()[1] > 1
+
+
+def in_group() -> bool:
+    """Whether this process has joined a process group (torch.distributed is initialised)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - the core install has no torch
+        return False
+    return dist.is_available() and dist.is_initialized()
+
+
+def leave() -> None:
+    """Leave the process group, if any. Gloo's worker threads must stop before the interpreter does: a rank
+    that exits without this can abort at exit ("terminate called without an active exception")."""
+    if in_group():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 def init(device: Any = None) -> tuple[int, int, Any]:

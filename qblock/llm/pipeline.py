@@ -483,18 +483,24 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
     Raises:
         ExtractError: settings differ from an existing checkpoint/output (see the message).
     """
-    from qblock.llm.distributed import init, world
+    from qblock.llm.distributed import in_group, init, leave, world
 
-    rank = 0
+    rank, joined = 0, False
     if world()[1] > 1:  # under torchrun: join the group; only rank 0 talks, locks and writes the output
+        joined = not in_group()  # a group the caller made is the caller's to leave
         rank, _, device = init(device)
-    settings = ExtractionSettings(
-        model_spec=model_spec, num_samples=num_samples, seq_len=seq_len, energy=energy, gate=gate,
-        granularity=granularity, batch_size=batch_size, seed=seed, out=_npz_path(out),
-        checkpoint_every=checkpoint_every, calibration=calibration, keep_A=keep_A, progress=progress and rank == 0,
-        num_remove=num_remove, restart=restart, num_eval=num_eval, dtype=dtype, device=device, executor=executor)
-    with _output_lock(settings.out if rank == 0 else None):
-        return _extract_problem(settings, model=model, tokenizer=tokenizer)
+    try:
+        settings = ExtractionSettings(
+            model_spec=model_spec, num_samples=num_samples, seq_len=seq_len, energy=energy, gate=gate,
+            granularity=granularity, batch_size=batch_size, seed=seed, out=_npz_path(out),
+            checkpoint_every=checkpoint_every, calibration=calibration, keep_A=keep_A,
+            progress=progress and rank == 0, num_remove=num_remove, restart=restart, num_eval=num_eval,
+            dtype=dtype, device=device, executor=executor)
+        with _output_lock(settings.out if rank == 0 else None):
+            return _extract_problem(settings, model=model, tokenizer=tokenizer)
+    finally:
+        if joined:
+            leave()  # gloo's threads stop before the interpreter: else a rank can abort at exit
 
 
 def _npz_path(out: str | os.PathLike | None) -> Path | None:
