@@ -38,6 +38,7 @@ from typing import Any, Iterable, Iterator
 from qblock._lazy import require
 from qblock.llm.blocks import (_passthrough_forward, find_blocks, first_tensor, hidden_from_call, patched_forwards,
                                replace_first)
+from qblock.problems.block_removal import removal_key
 
 __all__ = ["gated", "gate_sites", "GateSite", "num_gates", "mask_blocks", "block_labels", "GATE_MODES",
            "GRANULARITIES"]
@@ -397,7 +398,7 @@ def mask_blocks(model, removed: Iterable[int], gate: str = "layer", granularity:
     """
     if gate not in GATE_MODES:
         raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
-    removed = sorted({int(i) for i in removed})
+    removed = list(removal_key(removed))
     if gate == "branch" or granularity != "block":
         torch = require("torch", "llm")
         n = len(gate_sites(model, gate=gate, granularity=granularity))
