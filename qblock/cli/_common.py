@@ -231,6 +231,8 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
     g.add_argument("--select-pool", type=int, default=None, metavar="P",
                    help="blocks whose pairwise removals are measured (default max(8, N/2); qblock run --quick: 10, "
                         "at most that default)")
+    g.add_argument("--select-pair-samples", type=int, default=None, metavar="N",
+                   help="measure those pairs on the first N of the selection samples only (default: all of them)")
     g.add_argument("--select-backend", default="exact",
                    help="solver in the refinement loop: any backend name (default exact)")
     g.add_argument("--select-confirm", type=int, default=6, metavar="K",
@@ -295,7 +297,8 @@ def check_selection_options(args: argparse.Namespace) -> None:
     for flag, v, low in (("--select-samples", args.select_samples, 1), ("--select-evaluations", args.select_evaluations, 0),
                          ("--select-pool", args.select_pool, 0), ("--select-confirm", args.select_confirm, 0),
                          ("--select-confirm-samples", args.select_confirm_samples, 1),
-                         ("--select-screen", args.select_screen, 0)):
+                         ("--select-screen", args.select_screen, 0),
+                         ("--select-pair-samples", args.select_pair_samples, 1)):
         if v is not None and v < low:
             raise CliError(f"{flag} must be at least {low}, got {v}")
     if args.select_race and args.select_confirm == 0:
@@ -311,7 +314,8 @@ def selection_settings(args: argparse.Namespace) -> dict:
     """The :class:`ValidationSettings` fields of the selection options, checked."""
     check_selection_options(args)
     return {"select": args.select, "select_samples": args.select_samples, "select_evaluations": args.select_evaluations,
-            "select_pool": args.select_pool, "select_backend": args.select_backend,
+            "select_pool": args.select_pool, "select_pair_samples": args.select_pair_samples,
+            "select_backend": args.select_backend,
             "select_confirm": args.select_confirm, "select_confirm_samples": args.select_confirm_samples,
             "select_screen": args.select_screen, "select_one_pass": args.select_one_pass,
             "select_race": races(args.select_race, args.select_confirm)}

@@ -18,7 +18,7 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
                     backend: str = "exact", backend_params: dict[str, Any] | None = None, seed: int = 0,
                     batch_size: int = 8, confirm_samples: Sequence[Any] | None = None, confirm_top: int = 6,
                     screen_samples: int = 0, one_pass: bool = True, race_samples: Sequence[Any] = (),
-                    progress: bool = False, executor: Any = None, book: OracleBook | None = None) -> dict[str, Any]:
+                    pair_samples: int | None = None, progress: bool = False, executor: Any = None, book: OracleBook | None = None) -> dict[str, Any]:
     """qblock's recommended removal sets: the measured QUBO, refined for each M with ``backend`` in the loop.
 
     Args:
@@ -27,6 +27,9 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         num_removes: the values of M.
         gate: masking mode.
         pool_size: blocks whose pairs are measured (see :func:`qblock.select.measured_problem`).
+        pair_samples: measure those pairs on the first ``pair_samples`` of ``samples`` only (the full
+            model and the pool's singles are measured there again, so that each coupling is a
+            difference on one set of samples); ``None`` or ``len(samples)``: on all of them.
         evaluations_per_m: refinement budget per M, in evaluations of ``samples`` (tokens = this x
             the samples' tokens).
         batch: sets measured per refinement round.
@@ -81,10 +84,14 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     racers = ([CalibrationLoss(model, rest[i:i + size], gate=gate, batch_size=batch_size)
                for i in range(0, len(rest), size)] if checker is not None else [])
     confirmers = [checker, *racers] if checker is not None else []
+    pairer = _pair_oracle(model, samples, pair_samples, gate=gate, batch_size=batch_size, executor=executor)
     bar = _Bar(oracle, progress)
     try:
-        prior = measured_problem(bar, n, pool_size=pool_size)
-        shared = oracle.tokens
+        prior = measured_problem(bar, n, pool_size=pool_size,
+                                 pair_oracle=_Bar(pairer, False, bar.bar) if pairer is not None else None)
+        shared = oracle.tokens + (pairer.tokens if pairer is not None else 0)
+        if pairer is not None:
+            pairer.release()  # its recorded outputs; the couplings are in the prior
         for o in confirmers:
             o.loss(())  # its recorded full-model pass serves every M
             shared += o.tokens
@@ -115,6 +122,15 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     return {"prior": prior, "refinements": refinements, "shared_tokens": int(shared),
             "tokens_per_evaluation": oracle.tokens_per_pass, "oracle": oracle, "confirm_oracle": checker,
             "race_oracles": racers, "seconds": time.perf_counter() - t0}
+
+
+def _pair_oracle(model, samples: Sequence[Any], pair_samples: int | None, **kw: Any) -> CalibrationLoss | None:
+    """The oracle of :func:`select_removals`'s pairs: ``None`` (the loop's own) unless fewer samples are asked for."""
+    if pair_samples is None or int(pair_samples) >= len(samples):
+        return None
+    if int(pair_samples) < 1:
+        raise ValueError(f"pair_samples must be at least 1, got {pair_samples}")
+    return CalibrationLoss(model, list(samples)[: int(pair_samples)], **kw)
 
 
 def one_pass_sets(model, samples: Sequence[Any], num_removes: Sequence[int], *,

@@ -87,6 +87,8 @@ class ValidationSettings:
             ``recommended`` sets); see :func:`qblock.llm.measured.select_removals`.
         select_samples: calibration samples its measurements use (the first ones); ``None`` for all.
         select_pool: blocks whose pairwise removals are measured (default ``max(8, N/2)``).
+        select_pair_samples: those pairs measured on the first this many selection samples only
+            (``None``: on all of them).
         select_evaluations: refinement budget per M, in evaluations of the selection samples.
         select_batch: sets measured per refinement round.
         select_backend: the solver in the refinement loop (any backend name).
@@ -131,6 +133,7 @@ class ValidationSettings:
     select: bool = True
     select_samples: int | None = 8
     select_pool: int | None = None
+    select_pair_samples: int | None = None
     select_evaluations: int = 24
     select_batch: int = 4
     select_backend: str = "exact"
@@ -443,16 +446,24 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
                               batch_size=settings.batch_size, confirm_samples=checks,
                               confirm_top=settings.select_confirm, screen_samples=settings.select_screen,
                               one_pass=settings.select_one_pass, race_samples=race,
+                              pair_samples=settings.select_pair_samples,
                               progress=settings.progress, executor=executor, book=book)
     except ValueError as exc:
         raise ValidationError(f"qblock selection: {exc}") from None
     timings["selection"] = time.perf_counter() - t0
     sel["num_samples"] = len(samples)
+    sel["pair_samples"] = min(settings.select_pair_samples or len(samples), len(samples))
     sel["confirm_samples"] = len(checks) if checks else 0
     sel["race_samples"] = len(race)
     sel["screen_samples"] = min(int(settings.select_screen), len(samples))
     sel["one_pass"] = bool(settings.select_one_pass)
     return sel
+
+
+def _pairs_on(sel: Mapping[str, Any]) -> str:
+    """How many samples the pairs were measured on, for a note ("" when on all the loop's)."""
+    k = sel.get("pair_samples")
+    return f" on {k} samples" if k and k < sel.get("num_samples", 0) else ""
 
 
 def _raced(ref) -> str:
@@ -490,7 +501,8 @@ def _selection_rows(sel: Mapping[str, Any], settings: ValidationSettings) -> lis
         cost = {"cost_forward_passes": -(-tokens // per_eval), "cost_backward_passes": 0,
                 "cost_calib_samples": sel["num_samples"], "cost_seconds": sel["seconds"],
                 "cost_backward_tokens": 0, "cost_forward_tokens": tokens}
-        note = (f"measured QUBO (pairs in a pool of {len(prior.metadata['selection']['pool'])}) refined with "
+        note = (f"measured QUBO (pairs in a pool of {len(prior.metadata['selection']['pool'])}"
+                + _pairs_on(sel) + ") refined with "
                 f"{ref.backend} in the loop" + _loop_starts(sel.get("screen_samples"), sel.get("one_pass"))
                 + (f"; {len(fin)} finalists confirmed on {sel['confirm_samples']} calibration samples"
                    + _raced(ref) if fin else ""))
@@ -517,7 +529,7 @@ def _selection_summary(sel: Mapping[str, Any], n: int, ms: Sequence[int]) -> dic
         "pool": meta["pool"], "shared_tokens": sel["shared_tokens"], "tokens_per_evaluation": sel["tokens_per_evaluation"],
         "num_samples": sel["num_samples"], "seconds": sel["seconds"], "coupling_rule": meta["coupling_rule"],
         "confirm_samples": sel.get("confirm_samples", 0), "race_samples": sel.get("race_samples", 0),
-        "screen_samples": sel.get("screen_samples", 0),
+        "screen_samples": sel.get("screen_samples", 0), "pair_samples": sel.get("pair_samples"),
         "one_pass": bool(sel.get("one_pass")),
         "per_m": {str(m): {"backend": r.backend, "rounds": r.rounds, "evaluations": len(r.history),
                            "tokens": r.tokens, "solver_repeats": r.repeats, "finalists": len(r.finalists),
@@ -825,7 +837,8 @@ def _settings_view(problem, ms: Sequence[int], settings: ValidationSettings, sol
         "qblock selection": ("off" if selection is None else
                              f"measured QUBO on {selection['num_samples']} calibration samples "
                              f"({selection['tokens_per_evaluation']} tokens per evaluation; pairs in a pool of "
-                             f"{len(selection['prior'].metadata['selection']['pool'])} blocks), refined with "
+                             f"{len(selection['prior'].metadata['selection']['pool'])} blocks"
+                             + _pairs_on(selection) + "), refined with "
                              f"{settings.select_backend} for {settings.select_evaluations} evaluations per M"
                              + _loop_starts(selection.get("screen_samples"), selection.get("one_pass"))
                              + (f"; finalists confirmed on {selection['confirm_samples']} samples"

@@ -311,6 +311,32 @@ def test_select_removals_confirms_on_more_samples_and_accounts_for_it():
     assert checker.tokens == 6 * 12 * (1 + 3 + 3)
 
 
+def test_select_removals_measures_pairs_on_fewer_samples_with_consistent_couplings():
+    """Pairs on the first k samples: each coupling is L_ij - L_i - L_j + L_0 all on those k samples, the
+    singles stay on every sample, and the pair oracle's tokens count as shared."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from qblock.llm.measured import CalibrationLoss, select_removals
+
+    model = small_llama(6, vocab_size=40)
+    samples = [torch.randint(0, 40, (12,)) for _ in range(4)]
+    sel = select_removals(model, samples, [2], pool_size=3, evaluations_per_m=2, pair_samples=2, one_pass=False)
+    prior, few, every = sel["prior"], CalibrationLoss(model, samples[:2]), CalibrationLoss(model, samples)
+    pool = [int(i) for i in prior.arrays["pool"]]
+    assert len(pool) == 3
+    for i in range(6):
+        assert prior.arrays["single_losses"][i] == pytest.approx(every.loss((i,)), abs=1e-6)
+    for a, b in [(pool[0], pool[1]), (pool[0], pool[2]), (pool[1], pool[2])]:
+        want = few.loss((a, b)) - few.loss((a,)) - few.loss((b,)) + few.loss(())
+        assert 2 * prior.H[a, b] == pytest.approx(want, abs=1e-6)
+        assert prior.arrays["pair_losses"][a, b] == pytest.approx(few.loss((a, b)), abs=1e-6)
+    # singles and full model on 4 samples; the pair oracle's full model, 3 singles and 3 pairs on 2
+    assert prior.metadata["selection"]["forward_tokens"] == 7 * 48 + 7 * 24
+    assert sel["shared_tokens"] == prior.metadata["selection"]["forward_tokens"]
+    with pytest.raises(ValueError, match="pair_samples"):
+        select_removals(model, samples, [2], pool_size=3, evaluations_per_m=2, pair_samples=0, one_pass=False)
+
+
 def test_select_removals_races_on_further_samples_with_exact_pooled_losses():
     """A raced finalist's loss is the calibration loss on every sample it was measured on, as if measured
     at once (samples of unequal length: chunks weigh by predicted tokens); the chunks' full-model passes

@@ -322,6 +322,7 @@ def test_llm_commands_share_the_output_rule(pfile, capsys, argv, needle):
     ("--select-confirm", "-1", "--select-confirm must be at least 0, got -1"),
     ("--select-confirm-samples", "0", "--select-confirm-samples must be at least 1, got 0"),
     ("--select-pool", "-1", "--select-pool must be at least 0, got -1"),
+    ("--select-pair-samples", "0", "--select-pair-samples must be at least 1, got 0"),
     ("--select-backend", "nope", "--select-backend 'nope' is not a backend"),
     ("--select-race --select-confirm", "0", "--select-race races the confirmation's finalists"),
 ])
