@@ -96,7 +96,9 @@ def measured_problem(oracle: LossOracle, num_blocks: int, *, pool_size: int | No
         pool_size: P, the blocks of lowest single-removal loss whose pairs are measured; default
             ``min(N, max(8, ceil(N / 2)))``; ``0`` for none (couplings all imputed as zero).
         pair_oracle: a cheaper oracle for the pairs (e.g. fewer calibration tokens); its own ``L_0``
-            and ``L_i`` of the pool are measured too, so each coupling is a difference on one data set.
+            and ``L_i`` of the pool are measured too, so each coupling is a difference on one data set
+            (kept as ``metadata["selection"]["pair_base_loss"]`` and array ``pair_single_losses``, NaN
+            outside the pool); unused when the pool has fewer than two blocks.
         num_remove: M of the returned problem (optional).
         labels: block names (progress is the oracle's to show, see :func:`qblock.llm.measured.select_removals`).
 
@@ -115,7 +117,7 @@ def measured_problem(oracle: LossOracle, num_blocks: int, *, pool_size: int | No
     L0 = float(oracle.loss(()))
     single = np.array(measure(oracle, [(i,) for i in range(n)]), dtype=np.float64)
     pool = sorted(np.argsort(single - L0, kind="stable")[:P].tolist())
-    po = pair_oracle or oracle
+    po = pair_oracle if pair_oracle is not None and len(pool) >= 2 else oracle  # no pairs: nothing to measure there
     ptok0 = po.tokens if po is not oracle else None
     if po is oracle:
         pL0, psingle = L0, single
@@ -136,12 +138,14 @@ def measured_problem(oracle: LossOracle, num_blocks: int, *, pool_size: int | No
             "selection": {"pool": pool, "pool_size": P, "single_evaluations": n + 1,
                           "pair_evaluations": len(pool) * (len(pool) - 1) // 2
                           + (0 if po is oracle else len(pool) + 1),
-                          "forward_tokens": int(tokens), "base_loss": L0,
+                          "forward_tokens": int(tokens), "base_loss": L0, "pairs_own_samples": po is not oracle,
                           "coupling_rule": "measured inside the pool; outside it the median of measured "
                                            "couplings at the same depth distance (all measured if none)"}}
-    return BlockRemovalProblem(J / 2.0, num_remove, linear=single - L0, labels=labels, metadata=meta,
-                               arrays={"single_losses": single, "pair_losses": pairs,
-                                       "pool": np.asarray(pool, dtype=np.int64)})
+    arrays = {"single_losses": single, "pair_losses": pairs, "pool": np.asarray(pool, dtype=np.int64)}
+    if po is not oracle:  # the pairs' own L_0 and L_i, so that J can be rebuilt from the arrays
+        meta["selection"]["pair_base_loss"] = pL0
+        arrays["pair_single_losses"] = np.where(np.isin(np.arange(n), pool), psingle, np.nan)
+    return BlockRemovalProblem(J / 2.0, num_remove, linear=single - L0, labels=labels, metadata=meta, arrays=arrays)
 
 
 def default_pool_size(num_blocks: int) -> int:

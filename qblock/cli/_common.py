@@ -232,7 +232,8 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
                    help="blocks whose pairwise removals are measured (default max(8, N/2); qblock run --quick: 10, "
                         "at most that default)")
     g.add_argument("--select-pair-samples", type=int, default=None, metavar="N",
-                   help="measure those pairs on the first N of the selection samples only (default: all of them)")
+                   help="measure those pairs on the first N of the selection samples only (default: all of them; "
+                        "fewer tokens, but at M = 2 the loop then measures its candidate pairs itself)")
     g.add_argument("--select-backend", default="exact",
                    help="solver in the refinement loop: any backend name (default exact)")
     g.add_argument("--select-confirm", type=int, default=6, metavar="K",

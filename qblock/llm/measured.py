@@ -29,7 +29,9 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         pool_size: blocks whose pairs are measured (see :func:`qblock.select.measured_problem`).
         pair_samples: measure those pairs on the first ``pair_samples`` of ``samples`` only (the full
             model and the pool's singles are measured there again, so that each coupling is a
-            difference on one set of samples); ``None`` or ``len(samples)``: on all of them.
+            difference on one set of samples; measured here, not on ``executor``); ``None`` or
+            ``len(samples)``: on all of them. The pairs are then not candidates at M = 2 (their losses
+            are on other samples): the loop measures its own.
         evaluations_per_m: refinement budget per M, in evaluations of ``samples`` (tokens = this x
             the samples' tokens).
         batch: sets measured per refinement round.
@@ -84,7 +86,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     racers = ([CalibrationLoss(model, rest[i:i + size], gate=gate, batch_size=batch_size)
                for i in range(0, len(rest), size)] if checker is not None else [])
     confirmers = [checker, *racers] if checker is not None else []
-    pairer = _pair_oracle(model, samples, pair_samples, gate=gate, batch_size=batch_size, executor=executor)
+    # here, not on the executor (as the racers): its keyed state would stay on the actors for the whole loop
+    pairer = _pair_oracle(model, samples, pair_samples, gate=gate, batch_size=batch_size)
     bar = _Bar(oracle, progress)
     try:
         prior = measured_problem(bar, n, pool_size=pool_size,

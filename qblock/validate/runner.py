@@ -432,8 +432,9 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
     samples, checks, race = selection_split(calib, settings)
     if not samples:
         raise ValidationError("qblock's selection needs calibration samples")
-    _log(f"qblock selection: measured QUBO on {len(samples)} calibration samples, refined per M with "
-         f"{settings.select_backend} ({settings.select_evaluations} evaluations per M)"
+    _log(f"qblock selection: measured QUBO on {len(samples)} calibration samples"
+         + _pair_note(settings.select_pair_samples, len(samples))
+         + f", refined per M with {settings.select_backend} ({settings.select_evaluations} evaluations per M)"
          + _loop_starts(settings.select_screen, settings.select_one_pass)
          + (f", best {settings.select_confirm} confirmed on {len(checks)} samples" if checks else "")
          + (f", racing on {len(race)} more" if race else ""),
@@ -452,12 +453,29 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
         raise ValidationError(f"qblock selection: {exc}") from None
     timings["selection"] = time.perf_counter() - t0
     sel["num_samples"] = len(samples)
-    sel["pair_samples"] = min(settings.select_pair_samples or len(samples), len(samples))
+    own = sel["prior"].metadata["selection"].get("pairs_own_samples")
+    sel["pair_samples"] = min(settings.select_pair_samples, len(samples)) if own else len(samples)
     sel["confirm_samples"] = len(checks) if checks else 0
     sel["race_samples"] = len(race)
     sel["screen_samples"] = min(int(settings.select_screen), len(samples))
     sel["one_pass"] = bool(settings.select_one_pass)
     return sel
+
+
+def _pair_note(pair_samples: int | None, loop: int) -> str:
+    """What the log says of ``--select-pair-samples`` (nothing when not given).
+
+    Example:
+        >>> _pair_note(None, 8), _pair_note(4, 8)
+        ('', ', pairs on the first 4 of them')
+        >>> _pair_note(16, 8)
+        ', pairs on all 8 (--select-pair-samples 16 is not fewer)'
+    """
+    if pair_samples is None:
+        return ""
+    if pair_samples >= loop:
+        return f", pairs on all {loop} (--select-pair-samples {pair_samples} is not fewer)"
+    return f", pairs on the first {pair_samples} of them"
 
 
 def _pairs_on(sel: Mapping[str, Any]) -> str:

@@ -333,6 +333,19 @@ def test_select_removals_measures_pairs_on_fewer_samples_with_consistent_couplin
     # singles and full model on 4 samples; the pair oracle's full model, 3 singles and 3 pairs on 2
     assert prior.metadata["selection"]["forward_tokens"] == 7 * 48 + 7 * 24
     assert sel["shared_tokens"] == prior.metadata["selection"]["forward_tokens"]
+    # the pairs' own L_0 and singles are kept: the couplings can be rebuilt from the problem alone
+    sel_meta, ps = prior.metadata["selection"], prior.arrays["pair_single_losses"]
+    assert sel_meta["pairs_own_samples"] and sel_meta["pair_base_loss"] == pytest.approx(few.loss(()), abs=1e-6)
+    assert np.isnan(ps[[i for i in range(6) if i not in pool]]).all()
+    a, b = pool[:2]
+    assert prior.arrays["pair_losses"][a, b] - ps[a] - ps[b] + sel_meta["pair_base_loss"] == pytest.approx(2 * prior.H[a, b])
+    # M = 2: the pairs measured on 2 samples are not the loop's candidates; its sets are measured on all 4
+    for key, loss in sel["refinements"][2].ranked():
+        assert loss == pytest.approx(every.loss(key), abs=1e-6)
+    # a pool without pairs spends nothing on the pair samples
+    lone = select_removals(model, samples, [2], pool_size=1, evaluations_per_m=2, pair_samples=2, one_pass=False)
+    assert not lone["prior"].metadata["selection"]["pairs_own_samples"]
+    assert lone["prior"].metadata["selection"]["forward_tokens"] == 7 * 48
     with pytest.raises(ValueError, match="pair_samples"):
         select_removals(model, samples, [2], pool_size=3, evaluations_per_m=2, pair_samples=0, one_pass=False)
 
