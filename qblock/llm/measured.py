@@ -18,7 +18,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
                     backend: str = "exact", backend_params: dict[str, Any] | None = None, seed: int = 0,
                     batch_size: int = 8, confirm_samples: Sequence[Any] | None = None, confirm_top: int = 6,
                     screen_samples: int = 0, one_pass: bool = True, race_samples: Sequence[Any] = (),
-                    pair_samples: int | None = None, progress: bool = False, executor: Any = None, book: OracleBook | None = None) -> dict[str, Any]:
+                    pair_samples: int | None = None, progress: bool = False, executor: Any = None,
+                    book: OracleBook | None = None) -> dict[str, Any]:
     """qblock's recommended removal sets: the measured QUBO, refined for each M with ``backend`` in the loop.
 
     Args:
