@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "problem (cached), solve it for each M, evaluate the top-k states, random sets and every baseline "
             "(ShortGPT, iterative ShortGPT, angular distance, SLEB, norm ratio) on held-out text, print a summary "
             "and write a report directory. 'qblock run --quick' took 5.6 minutes on 2 quiet CPU cores with native "
-            "bf16 with the model and its extraction cached, 6.8 beside a busy loop; 8 to 12 and 15 to 17 on AVX2-only CPUs "
+            "bf16 with the model and its extraction cached, 6.8 beside a busy loop; 8 to 12 and 14.5 to 17 on AVX2-only CPUs "
             "(fp32); a full run takes hours on such machines; --device cuda where there is a GPU. "
             f"Full settings: {PRESETS['full']}; quick: {PRESETS['quick']}."
         ),
