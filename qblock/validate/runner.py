@@ -454,7 +454,7 @@ def _select(model, calib: Sequence[Any], ms: Sequence[int], settings: Validation
     timings["selection"] = time.perf_counter() - t0
     sel["num_samples"] = len(samples)
     own = sel["prior"].metadata["selection"].get("pairs_own_samples")
-    sel["pair_samples"] = min(settings.select_pair_samples, len(samples)) if own else len(samples)
+    sel["pair_samples"] = settings.select_pair_samples if own else len(samples)  # own: fewer than the loop's
     sel["confirm_samples"] = len(checks) if checks else 0
     sel["race_samples"] = len(race)
     sel["screen_samples"] = min(int(settings.select_screen), len(samples))
