@@ -29,22 +29,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 
 def paired(a: list[float], b: list[float]) -> dict:
-    """Mean, standard error and wins of the per-sample differences ``a - b``.
+    """Mean, standard error and wins of the per-sample differences ``a - b``, rounded
+    (:func:`qblock.validate.stats.paired_difference`).
 
     Example:
         >>> paired([1.0, 2.0, 3.0], [1.5, 2.0, 2.0])
         {'diff': 0.1667, 'se': 0.441, 'wins': 1, 'n': 3}
     """
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mu = sum(d) / n
-    sd = math.sqrt(sum((x - mu) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
-    return {"diff": round(mu, 4), "se": round(sd / math.sqrt(n), 4), "wins": sum(x < 0 for x in d), "n": n}
+    from qblock.validate.stats import paired_difference
+
+    r = paired_difference(a, b)
+    return {"diff": round(r["diff"], 4), "se": round(r["se"], 4), "wins": r["wins"], "n": r["n"]}
 
 
 def main(argv=None) -> int:

@@ -79,7 +79,8 @@ def _pad(seqs, pad_id: int = 0):
 
 def heldout_loss(model, samples: Sequence[Any], *, batch_size: int = 8, max_tokens: int | None = 8192,
                  progress: bool = False, desc: str = "held-out loss",
-                 around_batch: Callable[[int], Any] | None = None) -> tuple[float, int]:
+                 around_batch: Callable[[int], Any] | None = None,
+                 sample_sums: list[float] | None = None) -> tuple[float, int]:
     """Token-weighted mean next-token NLL of ``model`` on ``samples`` (1-D token-id tensors).
 
     Every sample contributes ``len - 1`` predicted tokens; the loss is the sum of their NLLs divided by
@@ -87,6 +88,9 @@ def heldout_loss(model, samples: Sequence[Any], *, batch_size: int = 8, max_toke
 
     ``around_batch(k)``, if given, returns a context manager entered around the forward pass of batch
     ``k`` (batches are deterministic for given samples; :class:`PrefixCache` uses this).
+
+    ``sample_sums``, if given, is extended with each sample's NLL sum, in the order of the samples (those
+    of two or more tokens): what paired comparisons of two removal sets on the same samples need.
 
     Returns:
         ``(mean_nll, num_predicted_tokens)``.
@@ -106,6 +110,7 @@ def heldout_loss(model, samples: Sequence[Any], *, batch_size: int = 8, max_toke
         raise ValueError("heldout_loss needs at least one sample of two or more tokens")
     dev = model_device(model)
     total, count = 0.0, 0
+    per = [0.0] * len(samples)
     batches = list(_batches([s.numel() for s in samples], batch_size, max_tokens))
     it = batches
     if progress:
@@ -118,16 +123,21 @@ def heldout_loss(model, samples: Sequence[Any], *, batch_size: int = 8, max_toke
             ids, mask = ids.to(dev), mask.to(dev)
             with (around_batch(k) if around_batch is not None else contextlib.nullcontext()):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            total += _nll_sum(logits, ids, mask)
+            sums = _nll_sums(logits, ids, mask)
+            for i, v in zip(b, sums.tolist()):
+                per[i] = v
+            total += float(sums.sum())
             count += int(mask[:, 1:].sum())
+    if sample_sums is not None:
+        sample_sums.extend(per)
     return total / count, count
 
 
-def _nll_sum(logits, ids, mask) -> float:
-    """Sum of the next-token NLLs of the batch's real targets (:func:`qblock.llm.gradients.nll_sums`)."""
+def _nll_sums(logits, ids, mask):
+    """Each row's sum of next-token NLLs over its real targets, float64 (:func:`qblock.llm.gradients.nll_sums`)."""
     from qblock.llm.gradients import nll_sums
 
-    return float(nll_sums(logits, ids, mask)[0].double().sum())
+    return nll_sums(logits, ids, mask)[0].double()
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -317,6 +327,8 @@ class PrefixCache:
         self.enabled = one <= max_bytes
         self._rolling = 2 * one <= max_bytes
         self._last: tuple[tuple[int, ...], list[list[Any]], tuple[float, int]] | None = None
+        self._sums: tuple[tuple[int, ...], list[float]] | None = None  # the last set's per-sample NLL sums
+        self._counts = [int(s.numel()) - 1 for s in self.samples if s.numel() >= 2]
         self.computed_from = 0  # the first block the last :meth:`loss` computed (what it replayed before)
         self._outputs: list[list[Any]] = []
         if self.enabled:
@@ -325,9 +337,11 @@ class PrefixCache:
             from qblock.llm.gates import gate_sites
 
             gate_sites(model, gate=gate)
+        self._base_sums: list[float] = []
         with mask_blocks(model, self.base, gate=gate), self._recording(self._outputs, self.enabled) as record:
             self.base_loss, self.num_tokens = heldout_loss(model, self.samples, batch_size=self.batch_size,
-                                                           progress=progress, around_batch=record)
+                                                           progress=progress, around_batch=record,
+                                                           sample_sums=self._base_sums)
 
     @contextlib.contextmanager
     def _recording(self, into: list[list[Any]], on: bool, replay: list[list[Any]] | None = None, upto: int = 0):
@@ -378,13 +392,29 @@ class PrefixCache:
                 upto, source = last, self._last[1]
         mine: list[list[Any]] = []
         self._last = None  # its outputs may be replayed below, but are replaced after
+        sums: list[float] = []
         with mask_blocks(self.model, key, gate=self.gate), \
                 self._recording(mine, self._rolling, source, upto) as around:
-            out = heldout_loss(self.model, self.samples, batch_size=self.batch_size, around_batch=around)
+            out = heldout_loss(self.model, self.samples, batch_size=self.batch_size, around_batch=around,
+                               sample_sums=sums)
+        self._sums = (key, sums)
         self.computed_from = upto
         if self._rolling:
             self._last = (key, mine, out)
         return out
+
+
+    def sample_losses(self, removed: Iterable[int]) -> list[float]:
+        """Each sample's mean next-token NLL with ``removed`` removed (samples of two or more tokens, in
+        order); measured by :meth:`loss` unless it was the base or the last set measured."""
+        key = removal_key(removed)
+        if key == self.base:
+            sums = self._base_sums
+        else:
+            if self._sums is None or self._sums[0] != key:
+                self.loss(key)
+            sums = self._sums[1]
+        return [v / n for v, n in zip(sums, self._counts)]
 
 
 def prefix_order(sets: Iterable[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -461,7 +491,8 @@ class CandidateEvaluator:
             loss, n = self._prefix.loss(key)
             self.num_evaluations += 1
             self._loss_cache[key] = {"heldout_loss": loss, "perplexity": math.exp(loss),
-                                     "eval_tokens": n, "eval_seconds": time.perf_counter() - t0}
+                                     "eval_tokens": n, "eval_seconds": time.perf_counter() - t0,
+                                     "sample_losses": self._prefix.sample_losses(key)}
         if need_tasks:
             with mask_blocks(self.model, key, gate=self.gate):
                 for t in need_tasks:
@@ -469,12 +500,20 @@ class CandidateEvaluator:
                                         batch_size=max(self.batch_size, 8), progress=self.progress, desc=t)
                     self._task_cache[(key, t)] = {"acc": r["acc"], "acc_norm": r["acc_norm"],
                                                   "num_items": r["num_items"]}
-        out = dict(self._loss_cache[key])
+        out = {k: v for k, v in self._loss_cache[key].items() if k != "sample_losses"}
         for t in names:
             r = self._task_cache[(key, t)]
             out[f"acc_{t}"] = r["acc"]
             out[f"acc_norm_{t}"] = r["acc_norm"]
         return out
+
+    def sample_losses(self, removed: Iterable[int]) -> list[float]:
+        """Each held-out sample's mean next-token NLL with ``removed`` removed (measured if not yet): two
+        sets compared sample by sample give a paired standard error of their difference."""
+        key = removal_key(removed)
+        if key not in self._loss_cache:
+            self.evaluate(key)
+        return list(self._loss_cache[key]["sample_losses"])
 
     def evaluate_many(self, sets: Iterable[Iterable[int]], *, executor: Any = None,
                       on_result: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
@@ -519,10 +558,10 @@ class CandidateEvaluator:
                 self._loss_cache[todo[j]] = r
                 self.num_evaluations += 1
                 if on_result is not None:
-                    on_result(j, r)
+                    on_result(j, self.evaluate(todo[j]))
 
             workers.map(_remote_loss, todo, setup=setup, key=skey, on_result=done)
-        return [dict(self._loss_cache[k]) for k in keys]
+        return [self.evaluate(k) for k in keys]
 
 
 def _remote_evaluator(model, *, samples, batch_size, gate) -> CandidateEvaluator:
@@ -531,4 +570,4 @@ def _remote_evaluator(model, *, samples, batch_size, gate) -> CandidateEvaluator
 
 
 def _remote_loss(evaluator: CandidateEvaluator, key: tuple[int, ...]) -> dict[str, Any]:
-    return evaluator.evaluate(key)
+    return dict(evaluator.evaluate(key), sample_losses=evaluator.sample_losses(key))

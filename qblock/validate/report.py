@@ -36,6 +36,8 @@ BASE_COLUMNS = (
 _INT_COLUMNS = {"num_remove", "rank", "seed", "eval_tokens", "cost_forward_passes", "cost_backward_passes",
                 "cost_calib_samples", "num_items", "cost_forward_tokens", "cost_backward_tokens", "confirm_samples"}
 _STR_COLUMNS = {"method", "note"}
+#: float lists (space-separated in the CSV): each held-out sample's loss, for paired comparisons
+_FLOAT_LIST_COLUMNS = {"heldout_sample_losses"}
 
 
 def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -55,7 +57,7 @@ def _cell(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, (list, tuple)):
-        return " ".join(str(int(i)) for i in v)
+        return " ".join(repr(float(i)) if isinstance(i, float) else str(int(i)) for i in v)
     if isinstance(v, float):
         return repr(v)
     return str(v)
@@ -103,6 +105,8 @@ def _parse_cell(col: str, s: str) -> Any:
         return parse_removed(s)
     if s == "":
         return None
+    if col in _FLOAT_LIST_COLUMNS:
+        return [float(t) for t in s.split()]
     if col in _STR_COLUMNS:
         return s
     if col in _INT_COLUMNS:

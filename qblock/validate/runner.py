@@ -788,6 +788,7 @@ def _heldout_losses(model, tokenizer, evals: Sequence[Any], settings: Validation
     for r in rows:
         r.update(evaluator.evaluate(r["removed"]))
         r.pop("eval_seconds", None)
+        r["heldout_sample_losses"] = evaluator.sample_losses(r["removed"])  # paired standard errors (stats)
     return evaluator, benchmarks
 
 

@@ -437,6 +437,36 @@ def test_prefix_cache_equals_plain_masked_passes(family):
     assert all("forward" not in blk.__dict__ for blk in pc.blocks)
 
 
+def test_per_sample_heldout_losses_add_up_to_the_loss_and_match_single_sample_passes():
+    """heldout_loss's sample_sums, PrefixCache.sample_losses and CandidateEvaluator.sample_losses are each
+    sample's own loss (ragged samples, padded batches in length order, a masked set, the base and the last)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qblock.llm.gates import mask_blocks
+    from qblock.validate.evaluate import CandidateEvaluator, PrefixCache
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                     num_attention_heads=2, num_key_value_heads=2)).eval()
+    xs = [torch.randint(0, 50, (n,)) for n in (7, 12, 1, 9, 12)]  # one too short to predict anything
+    kept = [x for x in xs if len(x) >= 2]
+    sums: list[float] = []
+    loss, count = heldout_loss(m, xs, batch_size=2, sample_sums=sums)
+    assert len(sums) == len(kept) and sum(sums) / count == pytest.approx(loss, rel=1e-12)
+    alone = [heldout_loss(m, [x])[0] for x in kept]
+    assert [v / (len(x) - 1) for v, x in zip(sums, kept)] == pytest.approx(alone, abs=1e-5)
+    pc, ev = PrefixCache(m, xs, batch_size=2), CandidateEvaluator(m, xs, batch_size=2)
+    for removed in ((), (2,), (1, 3), (2,)):
+        with mask_blocks(m, removed):
+            want = [heldout_loss(m, [x])[0] for x in kept]
+        assert pc.sample_losses(removed) == pytest.approx(want, abs=1e-5), removed
+        assert ev.sample_losses(removed) == pytest.approx(want, abs=1e-5), removed
+        assert "sample_losses" not in ev.evaluate(removed)
+        mean = sum(v * (len(x) - 1) for v, x in zip(ev.sample_losses(removed), kept)) / count
+        assert mean == pytest.approx(ev.evaluate(removed)["heldout_loss"], rel=1e-9)
+    assert ev.num_evaluations == 3  # (2,) measured once; its per-sample losses came with it
+
+
 def test_prefix_cache_replays_the_previous_set_in_trie_order():
     """Sets in prefix_order compute only past their first difference with the set before, same losses."""
     from transformers import LlamaConfig, LlamaForCausalLM

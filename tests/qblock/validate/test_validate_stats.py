@@ -95,6 +95,31 @@ def test_best_vs_baseline_statement():
     assert "the best baseline (shortgpt removing [0,1,2]) beats the best QUBO candidate" in b2["statement"]
 
 
+def test_recommended_margin_has_a_paired_standard_error_from_per_sample_losses(tmp_path):
+    """With per-sample held-out losses in the rows, the recommended set's margin over the best baseline
+    says whether it is more than twice its paired standard error, and survives the CSV round trip."""
+    def rows(noise):
+        base = [3.0 + 0.1 * k for k in range(12)]
+        ours = [v - 0.02 + noise * (-1) ** k for k, v in enumerate(base)]
+        return [{"num_remove": 2, "method": "qblock", "rank": None, "seed": None, "removed": [1, 2], "energy": 0.1,
+                 "heldout_loss": sum(ours) / 12, "perplexity": 1.0, "heldout_sample_losses": ours},
+                {"num_remove": 2, "method": "sleb", "rank": None, "seed": None, "removed": [2, 3], "energy": 0.2,
+                 "heldout_loss": sum(base) / 12, "perplexity": 1.0, "heldout_sample_losses": base}]
+    sure, noisy = stats.best_vs_baseline(rows(0.001), 2), stats.best_vs_baseline(rows(0.1), 2)
+    assert sure["recommended_margin_loss"] == pytest.approx(0.02)
+    assert sure["recommended_margin_samples"] == 12 and sure["recommended_margin_se"] < 0.001
+    assert "beats the best baseline" in sure["statement"] and "more than twice the paired standard error" in sure["statement"]
+    assert noisy["recommended_margin_se"] > 0.02 and "not resolved" in noisy["statement"]
+    report.write_table(rows(0.1), tmp_path)
+    back = report.read_table(tmp_path / "candidates.csv")
+    assert back[0]["heldout_sample_losses"] == rows(0.1)[0]["heldout_sample_losses"]
+    assert stats.best_vs_baseline(back, 2) == noisy
+    # the same set, or no per-sample losses: no standard error, the statement as before
+    plain = [{k: v for k, v in r.items() if k != "heldout_sample_losses"} for r in rows(0.1)]
+    assert stats.best_vs_baseline(plain, 2)["recommended_margin_se"] is None
+    assert "standard error" not in stats.best_vs_baseline(plain, 2)["statement"]
+
+
 def test_degenerate_inputs():
     assert stats.rank_correlation([1, 2], [3, 4])["spearman"] is None
     assert stats.rank_correlation([1, 1, 1], [1, 2, 3])["kendall"] is None

@@ -1,0 +1,214 @@
+"""Does a `qblock run` verdict hold on more held-out text? Paired per-sample differences on fresh samples.
+
+A report of ``qblock run --quick`` judges qblock's recommended set against the baselines on 12 held-out
+samples, too few to resolve differences below about 0.02 nats/token. For each M of each report given,
+this measures qblock's set and the report's best baseline (and SLEB's set, the reference, where it is
+another) on every one of the report's held-out samples and ``--samples`` more drawn after them from the
+same seeded split (passages disjoint from calibration, checked), one loss per sample. The report's own
+samples are a check (each set's mean there must equal the report's held-out loss); the verdict is the
+mean of the per-sample differences (qblock minus baseline) on the fresh samples only, with its standard
+error: the best baseline was picked on the report's samples, so judging it there again would favour it.
+
+    python benchmarks/report_paired.py benchmarks/results/quick_default_seed2 benchmarks/results/quick_default_seed3 \\
+        --samples 64 --out benchmarks/results/quick_paired_default
+
+Writes ``STEM.json`` and ``STEM.md``. Cost: two or three sets x (12 + N) single-sample forward passes per
+M where qblock's set differs from a baseline's (SmolLM2-135M: about 0.3 s per pass; Gemma-3-270M: about
+0.6 s; fp32, 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from selection_paired import _cell, paired  # noqa: E402  (one home for the paired statistics)
+
+BASELINES = ("shortgpt", "shortgpt_iterative", "angular", "sleb", "norm_ratio")
+
+
+def _sets(s: str) -> list[int]:
+    return sorted(int(x) for x in s.split())
+
+
+def read_report(folder: Path) -> dict:
+    """Settings, the full model's and every candidate's held-out loss, from a ``qblock run`` output folder."""
+    summary = json.loads((folder / "summary.json").read_text())
+    rows = list(csv.DictReader((folder / "candidates.csv").open()))
+    per_m: dict[int, dict] = {}
+    for r in rows:
+        m = int(r["num_remove"])
+        if r["method"] == "qblock":
+            per_m.setdefault(m, {})["qblock"] = (_sets(r["removed"]), float(r["heldout_loss"]))
+            per_m[m]["calib_loss"] = float(r["calib_loss"])
+        elif r["method"] in BASELINES:
+            per_m.setdefault(m, {}).setdefault("baselines", {})[r["method"]] = (_sets(r["removed"]),
+                                                                                float(r["heldout_loss"]))
+    full = next(float(r["heldout_loss"]) for r in rows if r["method"] == "full")
+    return {"summary": summary, "per_m": per_m, "full": full}
+
+
+def rivals(entry: dict) -> dict[str, list[int]]:
+    """The report's best baseline (by its held-out loss) and SLEB, each with its set (one entry per set).
+
+    Example:
+        >>> e = {"qblock": ([1, 2], 4.0), "baselines": {"sleb": ([1, 2], 4.0), "angular": ([2, 3], 3.9)}}
+        >>> rivals(e)
+        {'angular': [2, 3], 'sleb': [1, 2]}
+    """
+    best = min(entry["baselines"], key=lambda b: entry["baselines"][b][1])
+    out = {}
+    for name in (best, "sleb"):
+        theirs = entry["baselines"].get(name, (None,))[0]
+        if theirs is not None and theirs not in out.values():
+            out[name] = theirs
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("reports", nargs="+", help="`qblock run` output folders (summary.json and candidates.csv)")
+    ap.add_argument("--samples", type=int, default=64, help="fresh held-out samples after the report's (default 64)")
+    ap.add_argument("--calib-samples", type=int, default=None, metavar="N",
+                    help="also compare on the first N calibration samples (default: the report's calibration samples, "
+                         "all the data the run could choose on; more extend them from the same seeded stream)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
+    args = ap.parse_args(argv)
+    if args.samples < 2:
+        ap.error(f"--samples must be at least 2, got {args.samples}")
+    if args.calib_samples is not None and args.calib_samples < 2:
+        ap.error(f"--calib-samples must be at least 2, got {args.calib_samples}")
+    reports = []
+    for folder in map(Path, args.reports):
+        try:
+            reports.append((folder, read_report(folder)))
+        except (OSError, ValueError, KeyError, StopIteration) as exc:
+            ap.error(f"{folder} is not a `qblock run` output folder ({exc})")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = {"samples": args.samples, "reports": []}
+    for folder, rep in reports:
+        out["reports"].append(_one(folder, rep, args.samples, args.calib_samples))
+    stem = Path(args.out)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(_markdown(out))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+def _one(folder: Path, rep: dict, fresh: int, n_cal: int | None) -> dict:
+    """Measure one report's comparisons; check the report's held-out losses are reproduced."""
+    from qblock.llm.data import calibration_and_eval
+    from qblock.llm.models import load_model
+
+    s = rep["summary"]
+    prob, cfg = s["problem"], s["settings"]
+    dtype = s["report_settings"].get("evaluation dtype", "fp32")
+    model, tok = load_model(prob["model"]["spec"], quiet=True, dtype=dtype)
+    n_rep = int(s["report_settings"]["held-out samples"].split()[0])
+    n_cal = int(n_cal or prob["num_samples"])
+    data = {"seq_len": prob["seq_len"], "seed": cfg["solve_seed"]}
+    calib, evals, prov = calibration_and_eval(tok, None, num_calib=n_cal, num_eval=n_rep + fresh, **data)
+    c0, e0, _ = calibration_and_eval(tok, None, num_calib=prob["num_samples"], num_eval=n_rep, **data)
+    if not (_same(calib, c0) and _same(evals, e0)) or len(evals) != n_rep + fresh:
+        raise SystemExit(f"{folder}: more samples changed the report's calibration or held-out samples")
+    if set(prov["calibration"]["passages"]) & set(prov["evaluation"]["passages"]):
+        raise SystemExit(f"{folder}: held-out passages overlap calibration")
+    _check(folder, "the full model", losses(model, [], evals[:n_rep]), rep["full"])
+    res = {"report": str(folder), "model": prob["model"]["id"], "seed": cfg["solve_seed"], "dtype": dtype,
+           "report_samples": n_rep, "fresh_samples": fresh, "calibration_samples": n_cal,
+           "run_calibration_samples": prob["num_samples"], "per_m": {}}
+    for m, entry in sorted(rep["per_m"].items()):
+        cache: dict = {}
+
+        def per_sample(removed, what):
+            key = tuple(removed)
+            if key not in cache:
+                cache[key] = losses(model, removed, evals)
+                _check(folder, f"M = {m} {what} {removed}", cache[key][:n_rep], _reported(entry, removed))
+            return cache[key]
+
+        ours = per_sample(entry["qblock"][0], "qblock")
+        rows = {}
+        for name, theirs in rivals(entry).items():
+            if theirs == entry["qblock"][0]:
+                rows[name] = {"removed": theirs, "same": True}
+                continue
+            b = per_sample(theirs, name)
+            if "calib" not in cache:  # the loop's calibration loss, measured on its first samples, is a check too
+                cache["calib"] = losses(model, entry["qblock"][0], calib)
+                _check(folder, f"M = {m} qblock's calibration loss", cache["calib"][:cfg["select_samples"]],
+                       entry["calib_loss"])
+            rows[name] = {"removed": theirs, "report": paired(ours[:n_rep], b[:n_rep]),
+                          "fresh": paired(ours[n_rep:], b[n_rep:]),
+                          "calibration": paired(cache["calib"], losses(model, theirs, calib))}
+        res["per_m"][str(m)] = {"qblock": entry["qblock"][0], "rivals": rows}
+        print(folder.name, m, rows, flush=True)
+    return res
+
+
+def _reported(entry: dict, removed: list[int]) -> float:
+    if entry["qblock"][0] == removed:
+        return entry["qblock"][1]
+    return next(v[1] for v in entry["baselines"].values() if v[0] == removed)
+
+
+def _check(folder: Path, what: str, xs: list[float], reported: float, tol: float = 2e-3) -> None:
+    mean = sum(xs) / len(xs)
+    if abs(mean - reported) > tol:
+        raise SystemExit(f"{folder}: {what}: {mean:.4f} on the report's held-out samples, the report says "
+                         f"{reported:.4f} (another model, data or dtype?)")
+
+
+def losses(model, removed: list[int], samples, batch: int = 8) -> list[float]:
+    """Mean next-token loss of each sample with ``removed`` masked (samples of one length)."""
+    import torch
+
+    from qblock.llm.gates import mask_blocks
+    from qblock.llm.gradients import sample_losses
+
+    out: list[float] = []
+    with torch.no_grad(), mask_blocks(model, removed):
+        for i in range(0, len(samples), batch):
+            ids = torch.stack(samples[i: i + batch])
+            mask = torch.ones_like(ids)
+            out += sample_losses(model(input_ids=ids, attention_mask=mask).logits, ids, mask).tolist()
+    return out
+
+
+def _same(xs, ys) -> bool:
+    return all(bool((a == b).all()) for a, b in zip(xs, ys))
+
+
+def _markdown(out: dict) -> str:
+    lines = ["# qblock's recommended set against the report's best baseline and SLEB, on fresh held-out samples", "",
+             f"Each set measured on the report's held-out samples and {out['samples']} more from the same seeded split "
+             "(passages disjoint from calibration), one loss per sample; mean of qblock's minus the baseline's "
+             "± standard error, nats/token (negative: qblock's set is better). The fresh column is the verdict: "
+             "the best baseline was picked on the report's samples. A difference inside about two standard "
+             "errors is not resolved. The calibration column compares the same two sets on the first "
+             "calibration samples (the run chose on at most its own; qblock's set was picked as the lowest there, so "
+             "that column is biased in its favour). The baselines are the report's own (with `--quick`, SLEB and iterative ShortGPT "
+             "chose on 2 calibration samples).", "",
+             "| model | seed | M | qblock | baseline | report's held-out samples | fresh held-out samples | calibration samples |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in out["reports"]:
+        for m, row in r["per_m"].items():
+            ours = ",".join(map(str, row["qblock"]))
+            for name, c in row["rivals"].items():
+                theirs = "the same set" if c.get("same") else ",".join(map(str, c["removed"]))
+                lines.append(f"| {r['model']} | {r['seed']} | {m} | {ours} | {name} ({theirs}) "
+                             f"| {_cell(c.get('report'))} | {_cell(c.get('fresh'))} | {_cell(c.get('calibration'))} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
