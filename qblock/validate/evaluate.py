@@ -328,7 +328,8 @@ class PrefixCache:
         self._rolling = 2 * one <= max_bytes
         self._last: tuple[tuple[int, ...], list[list[Any]], tuple[float, int]] | None = None
         self._sums: tuple[tuple[int, ...], list[float]] | None = None  # the last set's per-sample NLL sums
-        self._counts = [int(s.numel()) - 1 for s in self.samples if s.numel() >= 2]
+        #: next-token predictions of each sample that has any (what :meth:`sample_losses` averages over)
+        self.sample_tokens = [int(s.numel()) - 1 for s in self.samples if s.numel() >= 2]
         self.computed_from = 0  # the first block the last :meth:`loss` computed (what it replayed before)
         self._outputs: list[list[Any]] = []
         if self.enabled:
@@ -414,7 +415,7 @@ class PrefixCache:
             if self._sums is None or self._sums[0] != key:
                 self.loss(key)
             sums = self._sums[1]
-        return [v / n for v, n in zip(sums, self._counts)]
+        return [v / n for v, n in zip(sums, self.sample_tokens)]
 
 
 def prefix_order(sets: Iterable[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -466,6 +467,9 @@ class CandidateEvaluator:
         self._task_cache: dict[tuple[tuple[int, ...], str], dict[str, Any]] = {}
         self.num_evaluations = 0
         self._prefix: PrefixCache | None = None  # full-model block outputs, to skip unchanged prefixes
+        sizes = [int(_torch().as_tensor(s).numel()) for s in self.eval_samples]
+        #: next-token predictions of each held-out sample that has any, in :meth:`sample_losses`' order
+        self.sample_tokens = [n - 1 for n in sizes if n >= 2]
 
     def evaluate(self, removed: Iterable[int], tasks: bool | Sequence[str] = False) -> dict[str, Any]:
         """``{"heldout_loss", "perplexity", "eval_tokens", "eval_seconds", "acc_<task>", "acc_norm_<task>"}``.

@@ -36,8 +36,9 @@ BASE_COLUMNS = (
 _INT_COLUMNS = {"num_remove", "rank", "seed", "eval_tokens", "cost_forward_passes", "cost_backward_passes",
                 "cost_calib_samples", "num_items", "cost_forward_tokens", "cost_backward_tokens", "confirm_samples"}
 _STR_COLUMNS = {"method", "note"}
-#: float lists (space-separated in the CSV): each held-out sample's loss, for paired comparisons
+#: lists (space-separated in the CSV): each held-out sample's loss and token count, for paired comparisons
 _FLOAT_LIST_COLUMNS = {"heldout_sample_losses"}
+_INT_LIST_COLUMNS = {"heldout_sample_tokens"}
 
 
 def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -75,8 +76,8 @@ def _json_value(v: Any) -> Any:
         pass
     if isinstance(v, float) and not math.isfinite(v):
         return None
-    if isinstance(v, tuple):
-        return list(v)
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]  # strict JSON: no NaN inside a list either
     return v
 
 
@@ -107,6 +108,8 @@ def _parse_cell(col: str, s: str) -> Any:
         return None
     if col in _FLOAT_LIST_COLUMNS:
         return [float(t) for t in s.split()]
+    if col in _INT_LIST_COLUMNS:
+        return [int(t) for t in s.split()]
     if col in _STR_COLUMNS:
         return s
     if col in _INT_COLUMNS:

@@ -788,7 +788,9 @@ def _heldout_losses(model, tokenizer, evals: Sequence[Any], settings: Validation
     for r in rows:
         r.update(evaluator.evaluate(r["removed"]))
         r.pop("eval_seconds", None)
-        r["heldout_sample_losses"] = evaluator.sample_losses(r["removed"])  # paired standard errors (stats)
+        # per sample, for the paired standard error of a margin (stats.best_vs_baseline)
+        r["heldout_sample_losses"] = evaluator.sample_losses(r["removed"])
+        r["heldout_sample_tokens"] = list(evaluator.sample_tokens)
     return evaluator, benchmarks
 
 

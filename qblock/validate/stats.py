@@ -175,30 +175,43 @@ def _describe(r: Mapping[str, Any]) -> str:
     return f"{method} removing [{blocks}]"
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
-    """Mean of the per-sample differences ``a - b`` (two sets measured on the same samples), its standard
-    error, and on how many samples ``a`` is lower.
+def paired_difference(a: Sequence[float], b: Sequence[float],
+                      weights: Sequence[float] | None = None) -> dict[str, Any]:
+    """Difference of two sets' losses measured on the same samples, with its standard error.
+
+    ``diff`` is the mean of the per-sample differences ``a - b``, weighted by ``weights`` (each sample's
+    token count: then it equals the difference of the token-weighted losses); ``se`` treats the samples
+    as independent (the ratio estimator's error where weights differ; the plain standard error of the
+    mean where they are equal); ``wins``: samples where ``a`` is lower.
 
     Example:
         >>> r = paired_difference([1.0, 2.0, 3.0], [1.5, 2.0, 2.0])
         >>> round(r["diff"], 4), round(r["se"], 4), r["wins"], r["n"]
         (0.1667, 0.441, 1, 3)
+        >>> round(paired_difference([1.0, 2.0], [0.0, 0.0], weights=[1, 3])["diff"], 4)  # (1*1 + 3*2) / 4
+        1.75
     """
     d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
-    n = len(d)
-    mu = sum(d) / n if n else math.nan
-    sd = math.sqrt(sum((x - mu) ** 2 for x in d) / (n - 1)) if n > 1 else math.nan
-    return {"diff": mu, "se": sd / math.sqrt(n) if n > 1 else math.nan, "wins": sum(x < 0 for x in d), "n": n}
+    w = [1.0] * len(d) if weights is None else [float(x) for x in weights]
+    n, total = len(d), sum(w)
+    if len(w) != n or n == 0 or total <= 0:
+        raise ValueError("paired_difference needs as many positive weights as samples, at least one sample")
+    mu = sum(wi * di for wi, di in zip(w, d)) / total
+    se = math.sqrt(n / (n - 1) * sum((wi * (di - mu)) ** 2 for wi, di in zip(w, d))) / total if n > 1 else math.nan
+    return {"diff": mu, "se": se, "wins": sum(x < 0 for x in d), "n": n}
 
 
 def _resolution(rec: Mapping[str, Any], bb: Mapping[str, Any]) -> dict[str, Any] | None:
     """The paired difference of the recommended set's and the best baseline's per-sample held-out losses
-    (``heldout_sample_losses``), or None where they are the same set or either lacks them."""
+    (``heldout_sample_losses``, weighted by ``heldout_sample_tokens``), or None where they are the same
+    set or either lacks them."""
     a, b = rec.get("heldout_sample_losses"), bb.get("heldout_sample_losses")
-    if (removal_key(rec["removed"]) == removal_key(bb["removed"]) or not isinstance(a, (list, tuple))
-            or not isinstance(b, (list, tuple)) or len(a) != len(b) or len(a) < 2):
+    w = rec.get("heldout_sample_tokens")
+    lists = all(isinstance(x, (list, tuple)) for x in (a, b, w))
+    if (removal_key(rec["removed"]) == removal_key(bb["removed"]) or not lists or w != bb.get("heldout_sample_tokens")
+            or not len(a) == len(b) == len(w) or len(a) < 2):
         return None
-    return paired_difference(a, b)
+    return paired_difference(a, b, weights=w)
 
 
 def best_vs_baseline(rows: Sequence[Mapping[str, Any]], num_remove: int) -> dict[str, Any]:
@@ -206,9 +219,11 @@ def best_vs_baseline(rows: Sequence[Mapping[str, Any]], num_remove: int) -> dict
 
     Ties on loss are broken by table order. The margin is ``loss(best baseline) - loss(best QUBO)``
     (positive: QUBO better) and the perplexity ratio ``ppl(best baseline) / ppl(best QUBO)``. Where the
-    rows carry per-sample held-out losses (``heldout_sample_losses``), the recommended set's margin over
-    the best baseline comes with its paired standard error (``recommended_margin_se``), and the statement
-    says whether the margin is more than twice it: 12 held-out samples do not resolve 0.02 nats/token.
+    rows carry per-sample held-out losses (``heldout_sample_losses`` and ``heldout_sample_tokens``), the
+    recommended set's margin over the best baseline comes with its paired standard error
+    (``recommended_margin_se``), and the statement says whether the margin is more than twice it: 12
+    held-out samples do not resolve 0.02 nats/token. The best baseline is the lowest of several on these
+    very samples, so a margin against it leans its way.
     """
     m = int(num_remove)
     cands = [r for r in rows if int(r["num_remove"]) == m and r["method"] != REFERENCE_METHOD

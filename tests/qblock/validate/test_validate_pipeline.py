@@ -189,6 +189,10 @@ def test_validate_end_to_end_and_recompute_from_table(tiny, tmp_path):
                  "energy_vs_loss_M2.png", "energy_vs_loss_M3.png", "loss_vs_m.png"):
         assert (tmp_path / name).is_file(), name
     rows = report.read_table(tmp_path / "candidates.csv")
+    for r in rows:  # per-sample held-out losses, read back from the CSV, average to the row's loss
+        xs, ts = r["heldout_sample_losses"], r["heldout_sample_tokens"]
+        assert len(xs) == len(ts) == len(evals)
+        assert sum(x * t for x, t in zip(xs, ts)) / sum(ts) == pytest.approx(r["heldout_loss"], rel=1e-9)
     # everything reported is a function of the written table
     again = stats.summarize(rows, n_boot=200, seed=0)
     written = json.loads((tmp_path / "summary.json").read_text())["summary"]
@@ -456,6 +460,7 @@ def test_per_sample_heldout_losses_add_up_to_the_loss_and_match_single_sample_pa
     alone = [heldout_loss(m, [x])[0] for x in kept]
     assert [v / (len(x) - 1) for v, x in zip(sums, kept)] == pytest.approx(alone, abs=1e-5)
     pc, ev = PrefixCache(m, xs, batch_size=2), CandidateEvaluator(m, xs, batch_size=2)
+    assert pc.sample_tokens == ev.sample_tokens == [len(x) - 1 for x in kept]
     for removed in ((), (2,), (1, 3), (2,)):
         with mask_blocks(m, removed):
             want = [heldout_loss(m, [x])[0] for x in kept]

@@ -101,10 +101,13 @@ def test_recommended_margin_has_a_paired_standard_error_from_per_sample_losses(t
     def rows(noise):
         base = [3.0 + 0.1 * k for k in range(12)]
         ours = [v - 0.02 + noise * (-1) ** k for k, v in enumerate(base)]
+        toks = [127] * 12
         return [{"num_remove": 2, "method": "qblock", "rank": None, "seed": None, "removed": [1, 2], "energy": 0.1,
-                 "heldout_loss": sum(ours) / 12, "perplexity": 1.0, "heldout_sample_losses": ours},
+                 "heldout_loss": sum(ours) / 12, "perplexity": 1.0, "heldout_sample_losses": ours,
+                 "heldout_sample_tokens": toks},
                 {"num_remove": 2, "method": "sleb", "rank": None, "seed": None, "removed": [2, 3], "energy": 0.2,
-                 "heldout_loss": sum(base) / 12, "perplexity": 1.0, "heldout_sample_losses": base}]
+                 "heldout_loss": sum(base) / 12, "perplexity": 1.0, "heldout_sample_losses": base,
+                 "heldout_sample_tokens": toks}]
     sure, noisy = stats.best_vs_baseline(rows(0.001), 2), stats.best_vs_baseline(rows(0.1), 2)
     assert sure["recommended_margin_loss"] == pytest.approx(0.02)
     assert sure["recommended_margin_samples"] == 12 and sure["recommended_margin_se"] < 0.001
@@ -113,11 +116,26 @@ def test_recommended_margin_has_a_paired_standard_error_from_per_sample_losses(t
     report.write_table(rows(0.1), tmp_path)
     back = report.read_table(tmp_path / "candidates.csv")
     assert back[0]["heldout_sample_losses"] == rows(0.1)[0]["heldout_sample_losses"]
+    assert back[0]["heldout_sample_tokens"] == rows(0.1)[0]["heldout_sample_tokens"]
     assert stats.best_vs_baseline(back, 2) == noisy
     # the same set, or no per-sample losses: no standard error, the statement as before
-    plain = [{k: v for k, v in r.items() if k != "heldout_sample_losses"} for r in rows(0.1)]
+    plain = [{k: v for k, v in r.items() if k != "heldout_sample_tokens"} for r in rows(0.1)]
     assert stats.best_vs_baseline(plain, 2)["recommended_margin_se"] is None
     assert "standard error" not in stats.best_vs_baseline(plain, 2)["statement"]
+
+
+def test_paired_difference_weighted_by_tokens_is_the_margin_of_token_weighted_losses():
+    rng = np.random.default_rng(0)
+    toks = rng.integers(2, 200, 20).tolist()
+    a, b = rng.normal(4, 0.3, 20).tolist(), rng.normal(4, 0.3, 20).tolist()
+    weighted = lambda xs: sum(x * t for x, t in zip(xs, toks)) / sum(toks)  # noqa: E731  (heldout_loss's mean)
+    r = stats.paired_difference(a, b, weights=toks)
+    assert r["diff"] == pytest.approx(weighted(a) - weighted(b)) and r["n"] == 20 and 0 < r["se"] < 1
+    same = stats.paired_difference(a, b, weights=[7] * 20)  # equal weights: the plain standard error of the mean
+    d = np.subtract(a, b)
+    assert same["diff"] == pytest.approx(d.mean()) and same["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(20))
+    with pytest.raises(ValueError):
+        stats.paired_difference([1.0], [2.0, 3.0])
 
 
 def test_degenerate_inputs():
