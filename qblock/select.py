@@ -263,6 +263,11 @@ class Refinement:
         confirm_evaluations: measurements the confirmation made for this M.
         known: sets of size M measured before the loop (``known`` of :func:`refine`, e.g. the measured
             QUBO's pairs at M = 2) with their losses: candidates like the loop's own.
+        runner_up: the confirmation's second-lowest finalist against the recommendation, on the samples
+            both were measured on: ``{"removed", "margin"`` (its loss minus the recommendation's),
+            ``"se"`` (the paired standard error), ``"samples"}``; None without a confirmation of two or
+            more sets, or where the oracles give no per-sample losses. A margin within twice its error
+            means the calibration data do not tell the two apart.
         sources: ``{removed: label}`` of the given starting sets measured before the loop (those
             measured in the loop carry theirs in ``history``).
     """
@@ -282,6 +287,7 @@ class Refinement:
     finalist_samples: dict[tuple[int, ...], int] = field(default_factory=dict)
     known: dict[tuple[int, ...], float] = field(default_factory=dict)
     sources: dict[tuple[int, ...], str] = field(default_factory=dict)
+    runner_up: dict[str, Any] | None = None
 
     @property
     def recommended(self) -> tuple[list[int], float]:
@@ -453,9 +459,9 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
             (``()``: one round, no racing).
 
     Returns:
-        ``refinement`` with ``finalists``, ``finalist_samples``, ``confirm_tokens`` and
-        ``confirm_evaluations`` set; ``refinement.recommended`` is then the lowest finalist of the last
-        round.
+        ``refinement`` with ``finalists``, ``finalist_samples``, ``confirm_tokens``,
+        ``confirm_evaluations`` and (where the oracles have ``sample_losses``) ``runner_up`` set;
+        ``refinement.recommended`` is then the lowest finalist of the last round.
 
     Example:
         >>> class Noisy:  # the loop's oracle ranks 0 and 1 the wrong way round
@@ -481,6 +487,7 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
     refinement.finalists, refinement.finalist_samples = {}, {}
     total: dict[tuple[int, ...], float] = {}
     weight: dict[tuple[int, ...], float] = {}
+    per: dict[tuple[int, ...], tuple[list[float], list[int]]] = {}  # per-sample losses and their tokens
     for r, orc in enumerate([oracle, *more]):
         if r and len(keys) < 2:
             break
@@ -492,10 +499,29 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
             weight[key] = weight.get(key, 0.0) + w
             refinement.finalist_samples[key] = refinement.finalist_samples.get(key, 0) + n
             refinement.finalists[key] = total[key] / weight[key]
+            if hasattr(orc, "sample_losses"):
+                losses, toks = per.setdefault(key, ([], []))
+                losses += orc.sample_losses(key)
+                toks += orc.sample_tokens
         refinement.confirm_tokens += orc.tokens - t0
         refinement.confirm_evaluations += len(keys)
         keys = sorted(keys, key=lambda k: (refinement.finalists[k], k))[:2]
+    refinement.runner_up = _runner_up(refinement, per)
     return refinement
+
+
+def _runner_up(refinement: Refinement, per: dict[tuple[int, ...], tuple[list[float], list[int]]]) -> dict | None:
+    """The second confirmed finalist against the first, paired over the samples both were measured on."""
+    from qblock.validate.stats import paired_difference
+
+    order = refinement.confirmed()
+    if len(order) < 2 or any(k not in per for k in order[:2]):
+        return None
+    (a, wa), (b, wb) = per[order[0]], per[order[1]]
+    if wa != wb or len(a) < 2:  # not the same samples (never, as confirm measures) or too few to tell
+        return None
+    d = paired_difference(b, a, weights=wa)
+    return {"removed": list(order[1]), "margin": d["diff"], "se": d["se"], "samples": d["n"]}
 
 
 def greedy_chain(oracle: LossOracle, num_blocks: int, max_remove: int, *,

@@ -181,6 +181,13 @@ class _Bar:
     def predicted_tokens(self) -> int:
         return self.oracle.predicted_tokens
 
+    @property
+    def sample_tokens(self) -> list[int]:  # the confirmation's paired comparison of its last two sets
+        return self.oracle.sample_tokens
+
+    def sample_losses(self, removed: Iterable[int]) -> list[float]:
+        return self.oracle.sample_losses(removed)
+
     def loss(self, removed: Iterable[int]) -> float:
         before = self.oracle.evaluations
         out = self.oracle.loss(removed)

@@ -45,8 +45,8 @@ def _remote_prefix(model, *, samples, gate, batch_size, max_bytes):
     return PrefixCache(model, samples, (), batch_size=batch_size, gate=gate, max_bytes=max_bytes)
 
 
-def _remote_calib_loss(prefix, key: tuple[int, ...]) -> float:
-    return float(prefix.loss(key)[0])
+def _remote_calib_loss(prefix, key: tuple[int, ...]) -> tuple[float, list[float]]:
+    return float(prefix.loss(key)[0]), prefix.sample_losses(key)
 
 
 class CalibrationLoss:
@@ -63,6 +63,8 @@ class CalibrationLoss:
     Attributes:
         tokens: forward tokens spent so far (each evaluation counts every sample token once).
         evaluations: distinct removal sets measured (the full model included).
+
+    :meth:`sample_losses` gives a measured set's loss on each sample, for paired comparisons of two sets.
     """
 
     def __init__(self, model, samples: Sequence[Any], *, gate: str = "layer", batch_size: int = 8,
@@ -75,6 +77,8 @@ class CalibrationLoss:
         self.tokens_per_pass = int(sum(int(getattr(s, "numel", lambda: len(s))()) for s in samples))
         self.num_samples = len(samples)
         self._cache: dict[tuple[int, ...], float] = {}
+        self._per_sample: dict[tuple[int, ...], list[float]] = {}
+        self._sample_tokens: list[int] | None = None
         self.tokens = 0
         self.evaluations = 0
         self.executor = executor
@@ -87,9 +91,11 @@ class CalibrationLoss:
         model, samples, gate, batch_size, max_bytes = self._args
         self._prefix = PrefixCache(model, samples, (), batch_size=batch_size, gate=gate, max_bytes=max_bytes)
         self._predicted = int(self._prefix.num_tokens)
+        self._sample_tokens = list(self._prefix.sample_tokens)
         self.tokens += self.tokens_per_pass  # spent again after release(), but the full model is one set
         if () not in self._cache:
             self._cache[()] = float(self._prefix.base_loss)
+            self._per_sample[()] = self._prefix.sample_losses(())
             self.evaluations += 1
 
     @property
@@ -98,6 +104,20 @@ class CalibrationLoss:
         if self._predicted is None:
             self._record()
         return self._predicted
+
+    @property
+    def sample_tokens(self) -> list[int]:
+        """Next-token predictions of each sample that has any (the weights of :meth:`sample_losses`)."""
+        if self._sample_tokens is None:
+            self._record()
+        return list(self._sample_tokens)
+
+    def sample_losses(self, removed: Iterable[int]) -> list[float]:
+        """The loss of a set on each sample (measured with :meth:`loss` if not yet), in sample order."""
+        key = removal_key(removed)
+        if key not in self._per_sample:
+            self.loss(key)
+        return list(self._per_sample[key])
 
     def release(self) -> None:
         """Free the recorded block outputs (measured losses stay cached; a new set records them again,
@@ -111,6 +131,7 @@ class CalibrationLoss:
             self._record()  # first use, or after release()
         if key not in self._cache:
             self._cache[key] = float(self._prefix.loss(key)[0])
+            self._per_sample[key] = self._prefix.sample_losses(key)  # the pass just made, not another
             self.tokens += self.tokens_per_pass
             self.evaluations += 1
         return self._cache[key]
@@ -142,12 +163,12 @@ class CalibrationLoss:
             setup = functools.partial(_remote_prefix, samples=samples, gate=gate, batch_size=batch_size,
                                       max_bytes=max_bytes)
 
-            def done(j: int, v: float) -> None:
-                self._cache[todo[j]] = float(v)
+            def done(j: int, v: tuple[float, list[float]]) -> None:
+                self._cache[todo[j]], self._per_sample[todo[j]] = float(v[0]), list(v[1])
                 self.tokens += self.tokens_per_pass
                 self.evaluations += 1
                 if on_result is not None:
-                    on_result(j, float(v))
+                    on_result(j, float(v[0]))
 
             self._workers.map(_remote_calib_loss, todo, setup=setup, key=self._key, on_result=done)
         return [self._cache[k] for k in keys]

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 from qblock.validate.stats import MEASURED_METHOD, QUBO_METHOD, REFERENCE_METHOD, energy_columns, parse_removed
 
-__all__ = ["BASE_COLUMNS", "columns", "write_table", "read_table", "markdown_table", "render_report"]
+__all__ = ["BASE_COLUMNS", "columns", "write_table", "read_table", "markdown_table", "render_report", "runner_up_text"]
 
 #: columns every table has, in this order; energy_<model>, acc_<task>, acc_norm_<task> columns follow
 BASE_COLUMNS = (
@@ -102,8 +102,8 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, s
 
 
 def _parse_cell(col: str, s: str) -> Any:
-    if col == "removed":
-        return parse_removed(s)
+    if col in ("removed", "runner_up"):
+        return parse_removed(s) if col == "removed" or s else None
     if s == "":
         return None
     if col in _FLOAT_LIST_COLUMNS:
@@ -189,6 +189,21 @@ def _confirmed(loss: Any, samples: Any) -> str:
     return _fmt(loss) + (f" ({int(samples)})" if loss is not None and samples else "")
 
 
+def runner_up_text(up: Mapping[str, Any] | None) -> str:
+    """``"4,7,8: +0.0364 ± 0.0281, not resolved"``: the confirmation's second set and its margin.
+
+    Example:
+        >>> runner_up_text({"removed": [4, 7], "calibration_margin": 0.05, "calibration_margin_se": 0.01,
+        ...                 "resolved": True})
+        '4,7: +0.0500 ± 0.0100'
+    """
+    if not up:
+        return "-"
+    se = up.get("calibration_margin_se")
+    return (f"{_fmt(up['removed'])}: {up['calibration_margin']:+.4f}" + (f" ± {se:.4f}" if se is not None else "")
+            + ("" if up.get("resolved") else ", not resolved"))
+
+
 def _ci(c: Mapping[str, Any], key: str) -> str:
     v = c.get(key)
     if v is None:
@@ -211,12 +226,13 @@ def render_report(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
                 "qblock's recommended set per M: the lowest calibration loss it measured (with a confirmation, the "
                 "lowest of its best few sets re-measured on more calibration samples, the closest raced on more "
                 "still); held-out data only reports.",
-                "", "| M | remove blocks | calibration loss | confirmed calib. loss (samples) | held-out loss "
-                "| forward tokens to choose | method |", "|---|---|---|---|---|---|---|"]
+                "", "| M | remove blocks | calibration loss | confirmed calib. loss (samples) | runner-up: its "
+                "confirmed loss minus this one's | held-out loss | forward tokens to choose | method |",
+                "|---|---|---|---|---|---|---|---|"]
         for m_key, v in rec.items():
             out.append(f"| {m_key} | {_fmt(v['removed'])} | {_fmt(v['calibration_loss'])} "
                        f"| {_confirmed(v.get('confirmation_loss'), v.get('confirmation_samples'))} "
-                       f"| {_fmt(v['heldout_loss'])} "
+                       f"| {runner_up_text(v.get('runner_up'))} | {_fmt(v['heldout_loss'])} "
                        f"| {v['selection_tokens']:,} | {v['method']} |")
         out += ["", "Prune with `qblock prune --recommended <this folder> --remove-count M`.", ""]
     if settings:

@@ -45,6 +45,7 @@ import numpy as np
 from qblock._io import json_default as _json_default
 from qblock._provenance import Provenance, tokens_sha256
 from qblock.validate.baselines import BASELINE_METHODS
+from qblock.validate.report import runner_up_text
 from qblock.validate.stats import (MEASURED_METHOD, QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD, SELECT_METHOD,
                                    is_baseline, summarize)
 
@@ -524,11 +525,15 @@ def _selection_rows(sel: Mapping[str, Any], settings: ValidationSettings) -> lis
                 f"{ref.backend} in the loop" + _loop_starts(sel.get("screen_samples"), sel.get("one_pass"))
                 + (f"; {len(fin)} finalists confirmed on {sel['confirm_samples']} calibration samples"
                    + _raced(ref) if fin else ""))
-        for rank, key in enumerate(order[: max(1, settings.select_heldout)], start=1):
-            rows.append({"num_remove": m, "method": SELECT_METHOD if rank == 1 else MEASURED_METHOD,
-                         "rank": None if rank == 1 else rank, "removed": list(key), "calib_loss": loop[key],
-                         "confirm_loss": ref.finalists.get(key), "confirm_samples": ref.finalist_samples.get(key),
-                         "source": ref.source(key), "note": note, **cost})
+        mine = [{"num_remove": m, "method": SELECT_METHOD if rank == 1 else MEASURED_METHOD,
+                 "rank": None if rank == 1 else rank, "removed": list(key), "calib_loss": loop[key],
+                 "confirm_loss": ref.finalists.get(key), "confirm_samples": ref.finalist_samples.get(key),
+                 "source": ref.source(key), "note": note, **cost}
+                for rank, key in enumerate(order[: max(1, settings.select_heldout)], start=1)]
+        if ref.runner_up is not None:  # how firmly the confirmation's samples chose (stats.recommended)
+            up = ref.runner_up
+            mine[0].update(runner_up=up["removed"], runner_up_margin=up["margin"], runner_up_margin_se=up["se"])
+        rows += mine
     return rows
 
 
@@ -947,6 +952,9 @@ def print_summary(result: Mapping[str, Any], file=None) -> None:
         for m_key, v in rec.items():
             print(f"  M = {m_key}: remove {v['removed']}  calibration loss {v['calibration_loss']:.4f}, "
                   f"held-out loss {v['heldout_loss']:.4f}, {v['selection_tokens']:,} forward tokens to choose", file=file)
+            if v.get("runner_up"):
+                print(f"    runner-up on the {v['confirmation_samples']} confirmation samples: "
+                      f"{runner_up_text(v['runner_up'])}", file=file)
         print(file=file)
     if ref:
         print(f"full model: held-out loss {ref[0]['heldout_loss']:.4f}, ppl {ref[0]['perplexity']:.2f}"

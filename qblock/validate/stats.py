@@ -295,10 +295,13 @@ def recommended(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
 
     Returns:
         ``{"<M>": {"removed", "method", "source", "calibration_loss", "confirmation_loss",
-        "confirmation_samples", "heldout_loss", "selection_tokens", "selection_backward_tokens"}}``
-        (``source``: where the set came from, e.g. ``solver``, ``neighbour``, ``start:greedy``,
-        ``start:shortgpt``; ``calibration_loss`` on the selection samples, ``confirmation_loss`` on the
-        ``confirmation_samples`` calibration samples the confirmation measured it on, ``None`` without one).
+        "confirmation_samples", "heldout_loss", "selection_tokens", "selection_backward_tokens",
+        "runner_up"}}`` (``source``: where the set came from, e.g. ``solver``, ``neighbour``,
+        ``start:greedy``, ``start:shortgpt``; ``calibration_loss`` on the selection samples,
+        ``confirmation_loss`` on the ``confirmation_samples`` calibration samples the confirmation measured
+        it on, ``None`` without one; ``runner_up``: the confirmation's second set, ``{"removed",
+        "calibration_margin"`` (its confirmed loss minus the recommendation's), ``"calibration_margin_se"``
+        (paired), ``"resolved"`` (the margin above twice that)}, or ``None``).
 
     Example:
         >>> recommended([{"num_remove": 2, "method": "qblock", "removed": [3, 4], "calib_loss": 2.5,
@@ -319,8 +322,18 @@ def recommended(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
             "heldout_loss": float(r["heldout_loss"]) if _finite(r.get("heldout_loss")) else None,
             "selection_tokens": int(r["cost_forward_tokens"]) if _finite(r.get("cost_forward_tokens")) else None,
             "selection_backward_tokens": int(r.get("cost_backward_tokens") or 0),
+            "runner_up": _runner_up(r),
         }
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+def _runner_up(r: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The confirmation's second set against the recommended one, on the confirmation's samples."""
+    if not r.get("runner_up") or not _finite(r.get("runner_up_margin")):
+        return None
+    se = float(r["runner_up_margin_se"]) if _finite(r.get("runner_up_margin_se")) else None
+    return {"removed": sorted(int(i) for i in r["runner_up"]), "calibration_margin": float(r["runner_up_margin"]),
+            "calibration_margin_se": se, "resolved": se is not None and float(r["runner_up_margin"]) > 2 * se}
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:

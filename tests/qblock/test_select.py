@@ -275,6 +275,7 @@ def test_confirm_races_the_two_lowest_on_further_samples():
     assert res.confirmed()[:2] == sorted(last, key=lambda k: (res.finalists[k], k))
     assert res.confirm_tokens == sum(c.tokens for c in chunks) == 8 * 60 + 2 * 60 + 2 * 60 + 2 * 30
     assert res.confirm_evaluations == 14
+    assert res.runner_up is None  # these oracles give no per-sample losses
 
 
 def test_confirm_without_further_samples_or_with_one_finalist_does_not_race():
@@ -370,6 +371,15 @@ def test_select_removals_races_on_further_samples_with_exact_pooled_losses():
     for k, n in ref.finalist_samples.items():
         assert ref.finalists[k] == pytest.approx(CalibrationLoss(model, samples[:n]).loss(k), abs=1e-6)
     assert ref.confirm_tokens == 4 * 4 * 12 + 2 * sum(chunk_tokens) and ref.confirm_evaluations == 8
+    # the runner-up: the other racer, paired with the recommendation over the 10 samples both were measured on
+    from qblock.validate.stats import paired_difference
+
+    first, second = ref.confirmed()[:2]
+    up, whole = ref.runner_up, CalibrationLoss(model, samples[:10])
+    assert up["removed"] == list(second) and up["samples"] == 10
+    assert up["margin"] == pytest.approx(ref.finalists[second] - ref.finalists[first], abs=1e-6)
+    want = paired_difference(whole.sample_losses(second), whole.sample_losses(first), weights=whole.sample_tokens)
+    assert up["se"] == pytest.approx(want["se"], abs=1e-6) and up["se"] > 0
     # the chunks' recorded outputs are freed after the loop; their losses stay, a new set records again
     race = sel["race_oracles"][0]
     before, known = race.tokens, next(iter(race.measured()))

@@ -472,6 +472,29 @@ def test_per_sample_heldout_losses_add_up_to_the_loss_and_match_single_sample_pa
     assert ev.num_evaluations == 3  # (2,) measured once; its per-sample losses came with it
 
 
+def test_calibration_oracle_per_sample_losses_are_each_samples_own():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qblock.llm.gates import mask_blocks
+    from qblock.validate.oracle import CalibrationLoss
+
+    torch.manual_seed(1)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                     num_attention_heads=2, num_key_value_heads=2)).eval()
+    xs = [torch.randint(0, 50, (n,)) for n in (9, 12, 6)]
+    oracle = CalibrationLoss(m, xs, batch_size=2)
+    assert oracle.sample_tokens == [8, 11, 5]
+    for removed in ((), (1,), (0, 3)):
+        with mask_blocks(m, removed):
+            want = [heldout_loss(m, [x])[0] for x in xs]
+        got = oracle.sample_losses(removed)
+        assert got == pytest.approx(want, abs=1e-5), removed
+        assert sum(v * t for v, t in zip(got, oracle.sample_tokens)) / 24 == pytest.approx(oracle.loss(removed), rel=1e-9)
+    assert oracle.evaluations == 3  # each set measured once, per-sample losses included
+    oracle.release()  # the recorded outputs go; measured sets' per-sample losses stay
+    assert oracle.sample_losses((0, 3)) == got and oracle.evaluations == 3
+
+
 def test_prefix_cache_replays_the_previous_set_in_trie_order():
     """Sets in prefix_order compute only past their first difference with the set before, same losses."""
     from transformers import LlamaConfig, LlamaForCausalLM

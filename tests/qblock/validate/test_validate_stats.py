@@ -124,6 +124,22 @@ def test_recommended_margin_has_a_paired_standard_error_from_per_sample_losses(t
     assert "standard error" not in stats.best_vs_baseline(plain, 2)["statement"]
 
 
+def test_recommended_carries_the_runner_up_and_survives_the_csv(tmp_path):
+    row = {"num_remove": 2, "method": "qblock", "rank": None, "seed": None, "removed": [4, 1], "energy": 0.1,
+           "heldout_loss": 3.0, "perplexity": 20.0, "calib_loss": 2.9, "confirm_loss": 2.95, "confirm_samples": 16,
+           "cost_forward_tokens": 1000, "runner_up": [2, 1], "runner_up_margin": 0.03, "runner_up_margin_se": 0.02}
+    other = dict(row, method="sleb", removed=[2, 3], runner_up=None, runner_up_margin=None, runner_up_margin_se=None)
+    up = stats.recommended([row, other])["2"]["runner_up"]
+    assert up == {"removed": [1, 2], "calibration_margin": 0.03, "calibration_margin_se": 0.02, "resolved": False}
+    assert stats.recommended([dict(row, runner_up_margin_se=0.01)])["2"]["runner_up"]["resolved"] is True
+    assert stats.recommended([dict(row, runner_up=None)])["2"]["runner_up"] is None
+    report.write_table([row, other], tmp_path)
+    back = report.read_table(tmp_path / "candidates.csv")
+    assert back[1]["runner_up"] is None and stats.recommended(back) == stats.recommended([row, other])
+    text = report.render_report([row, other], stats.summarize([row, other], n_boot=50))
+    assert "| 1,2: +0.0300 ± 0.0200, not resolved |" in text
+
+
 def test_paired_difference_weighted_by_tokens_is_the_margin_of_token_weighted_losses():
     rng = np.random.default_rng(0)
     toks = rng.integers(2, 200, 20).tolist()
