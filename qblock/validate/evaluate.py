@@ -37,7 +37,7 @@ from qblock._lazy import require
 from qblock.problems.block_removal import removal_key
 
 __all__ = ["heldout_loss", "multiple_choice", "encode_choices", "CandidateEvaluator", "PrefixCache", "prefix_order",
-           "model_device"]
+           "sample_tokens", "model_device"]
 
 
 def _torch():
@@ -131,6 +131,18 @@ def heldout_loss(model, samples: Sequence[Any], *, batch_size: int = 8, max_toke
     if sample_sums is not None:
         sample_sums.extend(per)
     return total / count, count
+
+
+def sample_tokens(samples: Sequence[Any]) -> list[int]:
+    """Next-token predictions of each sample that has any (two or more tokens, as :func:`heldout_loss` keeps
+    them): the weights of per-sample losses, in their order.
+
+    Example:
+        >>> sample_tokens([[5, 6, 7], [8], [1, 2]])
+        [2, 1]
+    """
+    sizes = (int(s.numel()) if hasattr(s, "numel") else len(s) for s in samples)
+    return [n - 1 for n in sizes if n >= 2]
 
 
 def _nll_sums(logits, ids, mask):
@@ -329,7 +341,7 @@ class PrefixCache:
         self._last: tuple[tuple[int, ...], list[list[Any]], tuple[float, int]] | None = None
         self._sums: tuple[tuple[int, ...], list[float]] | None = None  # the last set's per-sample NLL sums
         #: next-token predictions of each sample that has any (what :meth:`sample_losses` averages over)
-        self.sample_tokens = [int(s.numel()) - 1 for s in self.samples if s.numel() >= 2]
+        self.sample_tokens = sample_tokens(self.samples)
         self.computed_from = 0  # the first block the last :meth:`loss` computed (what it replayed before)
         self._outputs: list[list[Any]] = []
         if self.enabled:
@@ -404,7 +416,6 @@ class PrefixCache:
             self._last = (key, mine, out)
         return out
 
-
     def sample_losses(self, removed: Iterable[int]) -> list[float]:
         """Each sample's mean next-token NLL with ``removed`` removed (samples of two or more tokens, in
         order); measured by :meth:`loss` unless it was the base or the last set measured."""
@@ -467,9 +478,8 @@ class CandidateEvaluator:
         self._task_cache: dict[tuple[tuple[int, ...], str], dict[str, Any]] = {}
         self.num_evaluations = 0
         self._prefix: PrefixCache | None = None  # full-model block outputs, to skip unchanged prefixes
-        sizes = [int(_torch().as_tensor(s).numel()) for s in self.eval_samples]
         #: next-token predictions of each held-out sample that has any, in :meth:`sample_losses`' order
-        self.sample_tokens = [n - 1 for n in sizes if n >= 2]
+        self.sample_tokens = sample_tokens(self.eval_samples)
 
     def evaluate(self, removed: Iterable[int], tasks: bool | Sequence[str] = False) -> dict[str, Any]:
         """``{"heldout_loss", "perplexity", "eval_tokens", "eval_seconds", "acc_<task>", "acc_norm_<task>"}``.

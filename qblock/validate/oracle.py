@@ -78,7 +78,6 @@ class CalibrationLoss:
         self.num_samples = len(samples)
         self._cache: dict[tuple[int, ...], float] = {}
         self._per_sample: dict[tuple[int, ...], list[float]] = {}
-        self._sample_tokens: list[int] | None = None
         self.tokens = 0
         self.evaluations = 0
         self.executor = executor
@@ -91,7 +90,6 @@ class CalibrationLoss:
         model, samples, gate, batch_size, max_bytes = self._args
         self._prefix = PrefixCache(model, samples, (), batch_size=batch_size, gate=gate, max_bytes=max_bytes)
         self._predicted = int(self._prefix.num_tokens)
-        self._sample_tokens = list(self._prefix.sample_tokens)
         self.tokens += self.tokens_per_pass  # spent again after release(), but the full model is one set
         if () not in self._cache:
             self._cache[()] = float(self._prefix.base_loss)
@@ -108,9 +106,9 @@ class CalibrationLoss:
     @property
     def sample_tokens(self) -> list[int]:
         """Next-token predictions of each sample that has any (the weights of :meth:`sample_losses`)."""
-        if self._sample_tokens is None:
-            self._record()
-        return list(self._sample_tokens)
+        from qblock.validate.evaluate import sample_tokens
+
+        return sample_tokens(self._args[1])
 
     def sample_losses(self, removed: Iterable[int]) -> list[float]:
         """The loss of a set on each sample (measured with :meth:`loss` if not yet), in sample order."""

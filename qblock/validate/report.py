@@ -36,9 +36,10 @@ BASE_COLUMNS = (
 _INT_COLUMNS = {"num_remove", "rank", "seed", "eval_tokens", "cost_forward_passes", "cost_backward_passes",
                 "cost_calib_samples", "num_items", "cost_forward_tokens", "cost_backward_tokens", "confirm_samples"}
 _STR_COLUMNS = {"method", "note"}
-#: lists (space-separated in the CSV): each held-out sample's loss and token count, for paired comparisons
+#: lists (space-separated in the CSV): each held-out sample's loss and token count, for paired comparisons;
+#: the confirmation's runner-up set
 _FLOAT_LIST_COLUMNS = {"heldout_sample_losses"}
-_INT_LIST_COLUMNS = {"heldout_sample_tokens"}
+_INT_LIST_COLUMNS = {"heldout_sample_tokens", "runner_up"}
 
 
 def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -102,8 +103,8 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, s
 
 
 def _parse_cell(col: str, s: str) -> Any:
-    if col in ("removed", "runner_up"):
-        return parse_removed(s) if col == "removed" or s else None
+    if col == "removed":
+        return parse_removed(s)
     if s == "":
         return None
     if col in _FLOAT_LIST_COLUMNS:

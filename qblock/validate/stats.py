@@ -201,6 +201,11 @@ def paired_difference(a: Sequence[float], b: Sequence[float],
     return {"diff": mu, "se": se, "wins": sum(x < 0 for x in d), "n": n}
 
 
+def _resolved(margin: float, se: float) -> bool:
+    """The rule every "resolved" verdict uses: a margin more than twice its standard error."""
+    return abs(margin) > 2 * se
+
+
 def _resolution(rec: Mapping[str, Any], bb: Mapping[str, Any]) -> dict[str, Any] | None:
     """The paired difference of the recommended set's and the best baseline's per-sample held-out losses
     (``heldout_sample_losses``, weighted by ``heldout_sample_tokens``), or None where they are the same
@@ -264,9 +269,9 @@ def best_vs_baseline(rows: Sequence[Mapping[str, Any]], num_remove: int) -> dict
         sure = ""
         if res is not None and margin != 0 and math.isfinite(res["se"]):
             out.update(recommended_margin_se=res["se"], recommended_margin_samples=res["n"])
-            sure = (f" ({'more than' if abs(margin) > 2 * res['se'] else 'within'} twice the paired standard error "
-                    f"{res['se']:.4f} over {res['n']} held-out samples"
-                    + ("" if abs(margin) > 2 * res["se"] else ": not resolved") + ")")
+            resolved = _resolved(margin, res["se"])
+            sure = (f" ({'more than' if resolved else 'within'} twice the paired standard error "
+                    f"{res['se']:.4f} over {res['n']} held-out samples" + ("" if resolved else ": not resolved") + ")")
         parts.append(f"qblock's recommended set (loss {float(rec['heldout_loss']):.4f}) "
                      + (f"beats the best baseline ({_describe(bb)}) by {margin:.4f} nats/token{sure}" if margin > 0 else
                         f"loses to the best baseline ({_describe(bb)}) by {-margin:.4f} nats/token{sure}" if margin < 0
@@ -333,7 +338,7 @@ def _runner_up(r: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     se = float(r["runner_up_margin_se"]) if _finite(r.get("runner_up_margin_se")) else None
     return {"removed": sorted(int(i) for i in r["runner_up"]), "calibration_margin": float(r["runner_up_margin"]),
-            "calibration_margin_se": se, "resolved": se is not None and float(r["runner_up_margin"]) > 2 * se}
+            "calibration_margin_se": se, "resolved": se is not None and _resolved(float(r["runner_up_margin"]), se)}
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
