@@ -12,9 +12,10 @@ error: the best baseline was picked on the report's samples, so judging it there
     python benchmarks/report_paired.py benchmarks/results/quick_default_seed2 benchmarks/results/quick_default_seed3 \\
         --samples 64 --out benchmarks/results/quick_paired_default
 
-Writes ``STEM.json`` and ``STEM.md``. Cost: two or three sets x (12 + N) single-sample forward passes per
-M where qblock's set differs from a baseline's (SmolLM2-135M: about 0.3 s per pass; Gemma-3-270M: about
-0.6 s; fp32, 2 cores).
+Writes ``STEM.json`` and ``STEM.md``. Cost: two or three sets x (12 + N) held-out samples and as many sets x
+the calibration samples per M where qblock's set differs from a baseline's, measured with qblock's own
+prefix-cached evaluators (at most about 0.3 s per sample and set for SmolLM2-135M, 0.6 s for Gemma-3-270M;
+fp32, 2 cores).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selection_paired import _cell, paired  # noqa: E402  (one home for the paired statistics)
+from selection_paired import _cell, _same, paired  # noqa: E402  (one home for the paired statistics)
 
 def read_report(folder: Path) -> dict:
     """Settings, and the full model's and every candidate's held-out losses (means, and per sample where
@@ -108,6 +109,8 @@ def _one(folder: Path, rep: dict, fresh: int, n_cal: int | None) -> dict:
     """Measure one report's comparisons; check the report's held-out losses are reproduced."""
     from qblock.llm.data import calibration_and_eval
     from qblock.llm.models import load_model
+    from qblock.validate.evaluate import CandidateEvaluator
+    from qblock.validate.oracle import CalibrationLoss
 
     s = rep["summary"]
     prob, cfg = s["problem"], s["settings"]
@@ -120,7 +123,8 @@ def _one(folder: Path, rep: dict, fresh: int, n_cal: int | None) -> dict:
     c0, e0, _ = calibration_and_eval(tok, None, num_calib=prob["num_samples"], num_eval=n_rep, **data)
     if not (_same(calib, c0) and _same(evals, e0)) or len(evals) != n_rep + fresh:
         raise SystemExit(f"{folder}: more samples changed the report's calibration or held-out samples")
-    _check(folder, "the full model", losses(model, [], evals[:n_rep]), rep["full"])
+    held, cal = CandidateEvaluator(model, evals), CalibrationLoss(model, calib)  # per-sample losses, prefix-cached
+    _check(folder, "the full model", held.sample_losses([])[:n_rep], rep["full"])
     res = {"report": str(folder), "model": prob["model"]["id"], "seed": cfg["solve_seed"], "dtype": dtype,
            "report_samples": n_rep, "fresh_samples": fresh, "calibration_samples": n_cal,
            "run_calibration_samples": prob["num_samples"], "per_m": {}}
@@ -128,31 +132,31 @@ def _one(folder: Path, rep: dict, fresh: int, n_cal: int | None) -> dict:
         if entry["calib_loss"] is None:
             print(f"{folder.name}: M = {m}: qblock's row has no calibration loss to check; skipped", flush=True)
             continue
-        res["per_m"][str(m)] = _compare(folder, model, m, entry, evals, calib, n_rep, cfg["select_samples"])
+        res["per_m"][str(m)] = _compare(folder, held, cal, m, entry, n_rep, cfg["select_samples"])
         print(folder.name, m, res["per_m"][str(m)]["rivals"], flush=True)
     return res
 
 
-def _compare(folder: Path, model, m: int, entry: dict, evals, calib, n_rep: int, loop_samples: int) -> dict:
-    """qblock's set against its rivals at one M, sample by sample on held-out data (the report's samples
-    first, checked against the report) and on calibration data (qblock's loop loss checked)."""
+def _compare(folder: Path, held, cal, m: int, entry: dict, n_rep: int, loop_samples: int) -> dict:
+    """qblock's set against its rivals at one M, sample by sample on held-out data (``held``, a
+    CandidateEvaluator: the report's samples first, checked against the report) and on calibration data
+    (``cal``, a CalibrationLoss: qblock's loop loss checked)."""
     ours_set = entry["qblock"][0]
     if all(theirs == ours_set for theirs in rivals(entry).values()):  # nothing to measure
         return {"qblock": ours_set, "rivals": {k: {"removed": v, "same": True} for k, v in rivals(entry).items()}}
-    ours = losses(model, ours_set, evals)
+    ours = held.sample_losses(ours_set)
     _check(folder, f"M = {m} qblock {ours_set}", ours[:n_rep], entry["qblock"])
-    cal, rows = None, {}
+    _check(folder, f"M = {m} qblock's loop calibration loss", cal.sample_losses(ours_set)[:loop_samples],
+           (None, entry["calib_loss"], None))
+    rows = {}
     for name, theirs in rivals(entry).items():
         if theirs == ours_set:
             rows[name] = {"removed": theirs, "same": True}
             continue
-        b = losses(model, theirs, evals)
+        b = held.sample_losses(theirs)
         _check(folder, f"M = {m} {name} {theirs}", b[:n_rep], entry["baselines"][name])
-        if cal is None:
-            cal = losses(model, ours_set, calib)
-            _check(folder, f"M = {m} qblock's loop calibration loss", cal[:loop_samples], (None, entry["calib_loss"], None))
         rows[name] = {"removed": theirs, "report": paired(ours[:n_rep], b[:n_rep]), "fresh": paired(ours[n_rep:], b[n_rep:]),
-                      "calibration": paired(cal, losses(model, theirs, calib))}
+                      "calibration": paired(cal.sample_losses(ours_set), cal.sample_losses(theirs))}
     return {"qblock": ours_set, "rivals": rows}
 
 
@@ -165,26 +169,6 @@ def _check(folder: Path, what: str, xs: list[float], reported: tuple, tol: float
         raise SystemExit(f"{folder}: {what}: {mean:.4f} on the report's held-out samples, the report says "
                          f"{reported[1]:.4f}: not the run's model, text, seed, gate or dtype (only `qblock run` on "
                          "its packaged text is supported)")
-
-
-def losses(model, removed: list[int], samples, batch: int = 8) -> list[float]:
-    """Mean next-token loss of each sample with ``removed`` masked (samples of one length)."""
-    import torch
-
-    from qblock.llm.gates import mask_blocks
-    from qblock.llm.gradients import sample_losses
-
-    out: list[float] = []
-    with torch.no_grad(), mask_blocks(model, removed):
-        for i in range(0, len(samples), batch):
-            ids = torch.stack(samples[i: i + batch])
-            mask = torch.ones_like(ids)
-            out += sample_losses(model(input_ids=ids, attention_mask=mask).logits, ids, mask).tolist()
-    return out
-
-
-def _same(xs, ys) -> bool:
-    return all(bool((a == b).all()) for a, b in zip(xs, ys))
 
 
 def _markdown(out: dict) -> str:
