@@ -80,6 +80,26 @@ def measure(oracle: LossOracle, sets: Sequence[Iterable[int]]) -> list[float]:
     return [float(oracle.loss(s)) for s in sets]
 
 
+def _rank(loss: float) -> float:
+    """A loss as a sort key: a non-finite one (NaN or inf: the model broke without those blocks) ranks last.
+
+    Example:
+        >>> sorted([2.0, float("nan"), 1.0], key=_rank)
+        [1.0, 2.0, nan]
+    """
+    return loss if math.isfinite(loss) else math.inf
+
+
+def _stand_in(losses: np.ndarray, ref: float) -> np.ndarray:
+    """``losses`` with each non-finite entry replaced by ``ref`` plus twice the largest finite increase over
+    ``ref``: a broken removal enters the QUBO as worse than anything measured, with finite coefficients."""
+    bad = ~np.isfinite(losses)
+    if not bad.any():
+        return losses
+    rise = losses[~bad] - ref
+    return np.where(bad, ref + 2.0 * max(float(rise.max()) if rise.size else 0.0, 1.0), losses)
+
+
 # ------------------------------------------------------------------------------ the measured QUBO
 def measured_problem(oracle: LossOracle, num_blocks: int, *, pool_size: int | None = None,
                      pair_oracle: LossOracle | None = None, num_remove: int | None = None,
@@ -114,21 +134,21 @@ def measured_problem(oracle: LossOracle, num_blocks: int, *, pool_size: int | No
     if not 0 <= P <= n:
         raise ValueError(f"pool_size must be between 0 and N = {n}, got {pool_size}")
     tok0 = oracle.tokens
-    L0 = float(oracle.loss(()))
-    single = np.array(measure(oracle, [(i,) for i in range(n)]), dtype=np.float64)
+    L0 = _base_loss(oracle)
+    single = _stand_in(np.array(measure(oracle, [(i,) for i in range(n)]), dtype=np.float64), L0)
     pool = sorted(np.argsort(single - L0, kind="stable")[:P].tolist())
     po = pair_oracle if pair_oracle is not None and len(pool) >= 2 else oracle  # no pairs: nothing to measure there
     ptok0 = po.tokens if po is not oracle else None
     if po is oracle:
         pL0, psingle = L0, single
     else:
-        pL0 = float(po.loss(()))
+        pL0 = _base_loss(po)
         psingle = single.copy()
-        psingle[pool] = measure(po, [(i,) for i in pool])
+        psingle[pool] = _stand_in(np.array(measure(po, [(i,) for i in pool])), pL0)
     pairs = np.full((n, n), np.nan)
     J = np.zeros((n, n))
     combos = list(itertools.combinations(pool, 2))
-    for (i, j), v in zip(combos, measure(po, combos)):
+    for (i, j), v in zip(combos, _stand_in(np.array(measure(po, combos), dtype=np.float64), pL0)):
         pairs[i, j] = pairs[j, i] = v
         J[i, j] = J[j, i] = pairs[i, j] - psingle[i] - psingle[j] + pL0
     measured = ~np.isnan(pairs)
@@ -146,6 +166,14 @@ def measured_problem(oracle: LossOracle, num_blocks: int, *, pool_size: int | No
         meta["selection"]["pair_base_loss"] = pL0
         arrays["pair_single_losses"] = np.where(np.isin(np.arange(n), pool), psingle, np.nan)
     return BlockRemovalProblem(J / 2.0, num_remove, linear=single - L0, labels=labels, metadata=meta, arrays=arrays)
+
+
+def _base_loss(oracle: LossOracle) -> float:
+    """The full model's loss, which every energy is relative to (so it must be finite)."""
+    v = float(oracle.loss(()))
+    if not math.isfinite(v):
+        raise ValueError(f"the full model's calibration loss is {v}: check the model, its dtype and the samples")
+    return v
 
 
 def default_pool_size(num_blocks: int) -> int:
@@ -207,7 +235,8 @@ def surrogate_problem(prior: BlockRemovalProblem, sets: Sequence[Iterable[int]],
     y = np.asarray(losses, dtype=np.float64) - float(base_loss)
     H = np.array(prior.H, dtype=np.float64)
     lin = np.array(prior.linear, dtype=np.float64)
-    sel = [k for k, s in enumerate(keys) if len(s) == num_remove]
+    # a broken removal (non-finite loss) is not fitted: the loop never measures a set twice anyway
+    sel = [k for k, s in enumerate(keys) if len(s) == num_remove and math.isfinite(y[k])]
     md = dict(prior.metadata or {}, energy="measured+refined", refined_on=len(sel))
     if sel:
         X = _features([keys[k] for k in sel], n)
@@ -300,7 +329,7 @@ class Refinement:
     def confirmed(self) -> list[tuple[int, ...]]:
         """The finalists, those measured on the most confirmation samples first, each group by lowest loss
         (a racing round's survivors before the sets it dropped)."""
-        return sorted(self.finalists, key=lambda k: (-self.finalist_samples.get(k, 0), self.finalists[k], k))
+        return sorted(self.finalists, key=lambda k: (-self.finalist_samples.get(k, 0), _rank(self.finalists[k]), k))
 
     def ranked(self) -> list[tuple[tuple[int, ...], float]]:
         """Every measured set of size M with its loss on the loop's samples, lowest first (the loop's own
@@ -308,7 +337,7 @@ class Refinement:
         sized = {k: v for k, v in self.known.items() if len(k) == self.num_remove}
         sized.update((tuple(h["removed"]), h["loss"]) for h in self.history if len(h["removed"]) == self.num_remove)
         sized.setdefault(tuple(self.best_removed), self.best_loss)
-        return sorted(sized.items(), key=lambda kv: (kv[1], kv[0]))
+        return sorted(sized.items(), key=lambda kv: (_rank(kv[1]), kv[0]))
 
     def source(self, removed: Iterable[int]) -> str:
         """Where a measured set came from: a history ``source``, a start's label, ``"known"`` (measured
@@ -356,12 +385,12 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
         raise ValueError(f"num_remove must satisfy 1 <= M <= N = {n}, got {num_remove}")
     if int(batch) < 1 or int(budget_tokens) < 0:
         raise ValueError("batch must be at least 1 and budget_tokens non-negative")
+    t0, rounds, repeats = oracle.tokens, 0, 0
     base = (prior.metadata.get("selection") or {}).get("base_loss")
-    base = float(oracle.loss(()) if base is None else base)
+    base = _base_loss(oracle) if base is None else float(base)
     seen: dict[tuple[int, ...], float] = {k: v for k, v in (known or {}).items()}
     history: list[dict[str, Any]] = []
     total = math.comb(n, M)
-    t0, rounds, repeats = oracle.tokens, 0, 0
     per_eval = None  # tokens of one evaluation, learnt from the first
     labelled = starts.items() if isinstance(starts, dict) else [("", s) for s in starts]
     labels: dict[tuple[int, ...], str] = {}
@@ -384,7 +413,7 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
                 break
         k = min(total, want + measured_m)
         ss = qblock.solve(sur, backend, num_solutions=k, seed=seed + rounds, **(backend_params or {}))
-        props = [removal_key(sur.removed_blocks(x)) for x in ss.samples()]
+        props = [p for p in (removal_key(sur.removed_blocks(x)) for x in ss.samples()) if len(p) == M]
         fresh = [p for p in dict.fromkeys(props) if p not in seen]
         repeats += len(props) - len(fresh)
         # the surrogate's global proposals, and (trust-region style) its best unseen swap neighbours of the
@@ -408,8 +437,9 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
     sur = surrogate_problem(prior, list(seen), list(seen.values()), base, M)
     sized = {k: v for k, v in seen.items() if len(k) == M}
     if not sized:
-        raise ValueError("the token budget allowed no evaluation; raise budget_tokens")
-    best = min(sized, key=lambda k: (sized[k], k))
+        raise ValueError(f"no set of size {M} was measured (no start, and the backend {backend!r} proposed "
+                         "none of that size within the token budget)")
+    best = min(sized, key=lambda k: (_rank(sized[k]), k))
     before = {k: v for k, v in (known or {}).items() if len(k) == M}
     return Refinement(M, list(best), sized[best], history, sur, oracle.tokens - t0, backend, rounds, repeats,
                       known=before, sources={k: labels[k] for k in first if k in before})
@@ -419,7 +449,7 @@ def _neighbours(sur: BlockRemovalProblem, seen: dict[tuple[int, ...], float], M:
                 exclude: Sequence[tuple[int, ...]] = ()) -> list[tuple[int, ...]]:
     """Unseen one-swap neighbours of the best measured sets of size M, lowest surrogate energy first."""
     n = sur.num_blocks
-    sized = sorted((k for k in seen if len(k) == M), key=lambda k: seen[k])[:5]
+    sized = sorted((k for k in seen if len(k) == M), key=lambda k: (_rank(seen[k]), k))[:5]
     cand: dict[tuple[int, ...], float] = {}
     skip = set(seen) | set(exclude)
     for s in sized:
@@ -505,7 +535,7 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
                 toks += orc.sample_tokens
         refinement.confirm_tokens += orc.tokens - t0
         refinement.confirm_evaluations += len(keys)
-        keys = sorted(keys, key=lambda k: (refinement.finalists[k], k))[:2]
+        keys = sorted(keys, key=lambda k: (_rank(refinement.finalists[k]), k))[:2]
     refinement.runner_up = _runner_up(refinement, per)
     return refinement
 
@@ -521,6 +551,8 @@ def _runner_up(refinement: Refinement, per: dict[tuple[int, ...], tuple[list[flo
     if wa != wb or len(a) < 2:  # not the same samples (never, as confirm measures) or too few to tell
         return None
     d = paired_difference(b, a, weights=wa)
+    if not math.isfinite(d["diff"]):  # a broken set among the two: no margin to state
+        return None
     return {"removed": list(order[1]), "margin": d["diff"], "se": d["se"], "samples": d["n"]}
 
 
@@ -564,7 +596,7 @@ def greedy_chain(oracle: LossOracle, num_blocks: int, max_remove: int, *,
         else:
             nxt = [removal_key(current + (j,)) for j in range(n) if j not in current]
             losses = dict(zip(nxt, measure(oracle, nxt)))  # one batch: in parallel on a Ray executor
-        current = min(losses, key=lambda k: (losses[k], k))
+        current = min(losses, key=lambda k: (_rank(losses[k]), k))
         chain[m] = current
         if progress is not None:
             progress(m, top)

@@ -184,6 +184,63 @@ def test_bad_arguments_are_one_line_errors():
         refine(o, prior, 2, budget_tokens=100, batch=0)
 
 
+class _Broken(Oracle):
+    """The synthetic loss, except that the model breaks (NaN or inf) without some sets of blocks."""
+
+    def __init__(self, n: int, broken: dict[tuple[int, ...], float], seed: int = 0) -> None:
+        super().__init__(n, seed=seed)
+        self.broken = broken
+
+    def true_loss(self, removed) -> float:
+        key = tuple(sorted(int(i) for i in removed))
+        return self.broken.get(key, Oracle.true_loss(self, key))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_removal_that_breaks_the_model_ranks_last_and_never_stops_the_search(bad):
+    from qblock.select import confirm
+
+    clean = Oracle(10, seed=12)
+    best = min(itertools.combinations(range(10), 3), key=clean.true_loss)
+    # the best set and a single removal break; the QUBO stays finite and the loop chooses among the rest
+    o = _Broken(10, {best: bad, (best[0],): bad}, seed=12)
+    prior = measured_problem(o, 10, pool_size=10)
+    assert np.isfinite(prior.H).all() and np.isfinite(prior.linear).all()
+    assert prior.energy_of([best[0]]) > max(prior.energy_of([i]) for i in range(10) if i != best[0])
+    res = refine(o, prior, 3, budget_tokens=120 * o.tokens_per_eval, batch=4, starts=[best])
+    assert best in {tuple(h["removed"]) for h in res.history} and math.isfinite(res.best_loss)
+    assert res.ranked()[-1][0] == best  # measured, ranked last
+    confirm(o, res, top=len(res.ranked()))  # the broken set is a finalist: never the recommendation
+    assert res.confirmed()[-1] == best and math.isfinite(res.recommended[1])
+    with pytest.raises(ValueError, match="full model"):
+        measured_problem(_Broken(4, {(): bad}), 4)
+
+
+def test_a_solver_proposing_the_wrong_size_is_not_measured(monkeypatch):
+    o = Oracle(8, seed=13)
+    prior = measured_problem(o, 8, pool_size=4)
+    real_solve = qblock.solve
+
+    def oversized(problem, backend, num_solutions=20, seed=None, **kw):  # states that remove M + 1 blocks
+        return real_solve(problem.with_num_remove(problem.num_remove + 1), backend, num_solutions=num_solutions,
+                          seed=seed, **kw)
+
+    monkeypatch.setattr(qblock, "solve", oversized)
+    with pytest.raises(ValueError, match="no set of size 3"):
+        refine(o, prior, 3, budget_tokens=8 * o.tokens_per_eval, batch=4, local=0)
+    assert all(len(c) != 4 for c in o.calls)
+    res = refine(o, prior, 3, budget_tokens=8 * o.tokens_per_eval, batch=4, starts=[(0, 1, 2)])
+    assert all(len(h["removed"]) == 3 for h in res.history) and len(res.history) == 8  # neighbours fill in
+
+
+def test_the_full_models_pass_counts_when_the_prior_lacks_it():
+    from qblock.problems.block_removal import BlockRemovalProblem
+
+    o = Oracle(6, seed=14)
+    res = refine(o, BlockRemovalProblem(np.zeros((6, 6)), 2), 2, budget_tokens=4 * o.tokens_per_eval, batch=4)
+    assert o.calls[0] == () and res.tokens == o.tokens == 5 * o.tokens_per_eval
+
+
 def test_measured_energy_on_a_tiny_model_equals_direct_masked_losses():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
