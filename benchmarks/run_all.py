@@ -2,16 +2,18 @@
 
 Known benchmarks get settings that finish in a few minutes each on 2 CPU cores; any other
 ``benchmarks/*.py`` script found is run with its own defaults, except the follow-ups that re-examine
-another benchmark's results (``selection_recheck``, ``selection_paired``: run them by hand). Each writes its JSON / markdown
-results (into ``--out-dir``, default ``benchmarks/results``); a summary of what ran, how long it took
-and whether it succeeded goes to ``<out-dir>/run_all.json``. Scripts run one at a time (they time
-things, so they must not compete for the cores).
+another benchmark's results (:data:`FOLLOW_UPS`: run them by hand) and the studies on a real model
+(:data:`STUDIES`, 20 minutes to an hour each: run only when named with ``--only``; raise ``--timeout``).
+Each writes its JSON / markdown results (into ``--out-dir``, default ``benchmarks/results``); a summary
+of what ran, how long it took and whether it succeeded goes to ``<out-dir>/run_all.json``. Scripts run
+one at a time (they time things, so they must not compete for the cores).
 
 Usage::
 
     python benchmarks/run_all.py                      # everything
     python benchmarks/run_all.py --only bnb_topk solvers_tts
     python benchmarks/run_all.py --quick --out-dir /tmp/bench   # smaller settings, results elsewhere
+    python benchmarks/run_all.py --only selection_quality --timeout 7200   # a real-model study
 """
 
 from __future__ import annotations
@@ -39,24 +41,35 @@ KNOWN: dict[str, tuple[list[str], list[str], str]] = {
 }
 
 
+#: the studies on a real model (downloaded once into QBLOCK_CACHE; 20 minutes to an hour on 2 cores), run
+#: only when named with ``--only``; the same shape as :data:`KNOWN` (no smaller settings: a smaller study
+#: would not answer its question)
+STUDIES: dict[str, tuple[list[str], list[str], str]] = {
+    "selection_quality": ([], [], "stem"),
+    "rank_selection": ([], [], "stem"),
+}
+
 #: scripts that re-examine another benchmark's results (a path is required), so they are not run here
-FOLLOW_UPS = ("selection_recheck", "selection_paired")
+FOLLOW_UPS = ("selection_recheck", "selection_paired", "report_paired")
 
 
-def discover() -> list[str]:
+def discover(studies: bool = False) -> list[str]:
     """Benchmark scripts present: the known ones first (in a fixed order), then any others (not the
-    :data:`FOLLOW_UPS`)."""
-    skip = ("run_all", "__init__", *FOLLOW_UPS)
+    :data:`FOLLOW_UPS`; the :data:`STUDIES` only with ``studies``)."""
+    skip = ("run_all", "__init__", *FOLLOW_UPS, *(() if studies else STUDIES))
     present = sorted(p.stem for p in HERE.glob("*.py") if p.stem not in skip and not p.stem.startswith("_"))
     return [s for s in KNOWN if s in present] + [s for s in present if s not in KNOWN]
 
 
 def command(name: str, out_dir: Path, quick: bool) -> list[str]:
     cmd = [sys.executable, str(HERE / f"{name}.py")]
-    if name in KNOWN:
-        full, small, out_kind = KNOWN[name]
+    settings = KNOWN.get(name) or STUDIES.get(name)
+    if settings:
+        full, small, out_kind = settings
         cmd += small if quick else full
-        cmd += ["--out", str(out_dir / (name + (".json" if out_kind == "json" else "")))]
+        # a study names its own files (by model) in benchmarks/results; elsewhere it writes where it is told
+        if name in KNOWN or out_dir.resolve() != (HERE / "results").resolve():
+            cmd += ["--out", str(out_dir / (name + (".json" if out_kind == "json" else "")))]
     return cmd
 
 
@@ -69,7 +82,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = discover()
+    names = discover(studies=bool(args.only))
     if args.only:
         unknown = sorted(set(args.only) - set(names))
         if unknown:
