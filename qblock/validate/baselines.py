@@ -296,7 +296,8 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, batch_size: int = 8,
             passes += len(cands)
             if bar is not None:
                 bar.update(len(cands) - ticked[0])
-            k = int(np.argmin(losses))  # the first of equal losses: ties keep the lowest index
+            # the first of equal losses (ties keep the lowest index); a removal that breaks the model (NaN) is last
+            k = int(np.argmin(np.nan_to_num(np.asarray(losses, dtype=np.float64), nan=np.inf)))
             removed.append(cands[k])
             out.append(BaselineResult("sleb", step + 1, sorted(removed), passes, len(samples),
                                       time.perf_counter() - t0, order=list(removed),

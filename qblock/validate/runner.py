@@ -871,7 +871,8 @@ def _settings_view(problem, ms: Sequence[int], settings: ValidationSettings, sol
                                 if selection.get("confirm_samples") else "")
                              + (f", the two lowest raced on {selection['race_samples']} more"
                                 if selection.get("race_samples") else "")
-                             + "; the recommended set is the lowest confirmed (else measured) calibration loss"),
+                             + "; the recommended set is the lowest confirmed calibration loss (racing: of the "
+                               "last two, on every sample they were measured on; no confirmation: the lowest measured)"),
         "energy models compared": ", ".join(["problem (" + str(meta.get("energy", "?")) + ")"] + list(others)),
         "benchmarks": (", ".join(f"{t} ({len(v)} items)" for t, v in benchmarks.items()) +
                        f", zero-shot log-likelihood scoring by {settings.harness}" if benchmarks else "none"),

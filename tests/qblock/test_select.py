@@ -567,6 +567,24 @@ def test_sleb_and_a_screen_through_one_book_measure_each_set_once_and_count_thei
     assert screen.evaluations == 1 + 6 + 5 + 4
 
 
+def test_sleb_never_picks_a_removal_that_breaks_the_model(monkeypatch):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from qblock.validate.baselines import sleb
+    from qblock.validate.oracle import CalibrationLoss
+
+    model = small_llama(5, vocab_size=40)
+    samples = [torch.randint(0, 40, (12,)) for _ in range(2)]
+    first = sleb(model, samples, 1)[0].removed
+    real = CalibrationLoss.loss_many
+
+    def broken(self, sets, **kw):  # the model breaks without SLEB's first choice
+        return [math.nan if list(s) == first else v for s, v in zip(sets, real(self, sets, **kw))]
+
+    monkeypatch.setattr(CalibrationLoss, "loss_many", broken)
+    assert sleb(model, samples, 1)[0].removed != first
+
+
 def test_starts_beyond_the_batch_are_all_measured_and_one_shot_iterators_work():
     o = Oracle(10, seed=5, tokens_per_eval=100)
     prior = measured_problem(o, 10, pool_size=6)
