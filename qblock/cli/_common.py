@@ -143,6 +143,14 @@ def _check_writable(p: Path, flag: str, spelled: str, folder: bool) -> None:
         raise CliError(f"{flag} {spelled}: cannot write in {target} (permission denied or read-only file system)")
 
 
+def check_fresh_folder(path: str | os.PathLike, flag: str, overwrite: bool) -> None:
+    """Refuse writing into a non-empty existing folder without ``--overwrite``: a model folder with
+    another model's files left in it would not reload as either."""
+    p = Path(path)
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise CliError(f"{flag} {os.fspath(path)} exists and is not empty; pass --overwrite to write into it")
+
+
 def check_seed(seed: int | None, flag: str = "--seed") -> int | None:
     """A seed is None (fresh randomness) or a non-negative integer, as numpy and dwave-samplers need."""
     if seed is not None and seed < 0:

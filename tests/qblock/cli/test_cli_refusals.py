@@ -1,0 +1,113 @@
+"""Refusals found by a CLI review: each is one ``qblock: error:`` line, checked before a model is
+loaded or an output folder made, and nothing is written or overwritten."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import qblock
+from qblock.cli import main
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from conftest import save_tiny_llama  # noqa: E402
+
+
+def cli(capsys, *argv):
+    """Run the CLI in-process; (exit code, stderr lines)."""
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def assert_one_line(code, err, needle):
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("qblock: error: ") and needle in err[0], err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random 3-block Llama with its tokenizer, saved once (seeded)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", layers=3, seed=0)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: the refusal must come first."""
+    from qblock.llm import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded before the refusal"))
+
+
+@pytest.fixture
+def problem_file(tmp_path):
+    path = tmp_path / "p.npz"
+    qblock.random_problem(8, 3, seed=0).save(path)
+    return path
+
+
+def _weights(folder):
+    return {f.name: f.read_bytes() for f in folder.iterdir() if f.suffix == ".safetensors"}
+
+
+# ------------------------------------------------------------------------------ prune and svd: --out
+def test_prune_never_overwrites_its_input_model(model_dir, capsys):
+    before = _weights(model_dir)
+    code, err = cli(capsys, "prune", "--model", model_dir, "--remove", "1", "-o", model_dir, "--overwrite", "-q")
+    assert_one_line(code, err, f"--out {model_dir} would overwrite the input {model_dir}")
+    assert _weights(model_dir) == before
+
+
+def test_svd_never_overwrites_its_input_nor_a_full_folder(model_dir, tmp_path, capsys, no_model):
+    code, err = cli(capsys, "svd", "--model", model_dir, "--ratio", "0.8", "-o", model_dir)
+    assert_one_line(code, err, "would overwrite the input")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("keep")
+    code, err = cli(capsys, "svd", "--model", model_dir, "--ratio", "0.8", "-o", full)
+    assert_one_line(code, err, "exists and is not empty; pass --overwrite")
+    assert [f.name for f in full.iterdir()] == ["notes.txt"]
+
+
+# ------------------------------------------------------------------------------ prune --recommended
+def _report(tmp_path, recommended, num_blocks=None):
+    report = tmp_path / "report"
+    report.mkdir()
+    problem = {} if num_blocks is None else {"num_blocks": num_blocks}
+    (report / "summary.json").write_text(json.dumps({"problem": problem, "recommended": recommended}))
+    return report
+
+
+def test_prune_recommended_refuses_a_report_of_another_block_count(model_dir, tmp_path, capsys):
+    report = _report(tmp_path, {"1": {"removed": [0]}}, num_blocks=6)
+    out = tmp_path / "out"
+    code, err = cli(capsys, "prune", "--recommended", report, "-M", "1", "--model", model_dir, "-o", out, "-q")
+    assert_one_line(code, err, "was made for a model of 6 blocks but this model has 3 blocks")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("entry, needle", [
+    ({"x": [1, 2]}, 'has no "removed" list'),
+    ([1, 2], 'has no "removed" list'),
+    ({"removed": ["a", 1]}, "whole block numbers"),
+    ({"removed": [1.9, 0]}, "whole block numbers"),
+    ({"removed": [1]}, "1 block(s) listed, not M = 2"),
+])
+def test_prune_recommended_reads_a_damaged_summary_in_one_line(tmp_path, capsys, no_model, entry, needle):
+    report = _report(tmp_path, {"2": entry})
+    code, err = cli(capsys, "prune", "--recommended", report, "-M", "2", "--model", "default", "-o", tmp_path / "o")
+    assert_one_line(code, err, needle)
+    assert str(report / "summary.json") in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ validate and show: sets
+def test_validate_solutions_with_a_repeated_block_is_refused(problem_file, tmp_path, capsys, no_model):
+    sols = tmp_path / "sols.json"
+    sols.write_text(json.dumps({"num_remove": 2, "solutions": [{"rank": 1, "removed": [1, 1]}]}))
+    code, err = cli(capsys, "validate", problem_file, "--solutions", sols, "--model", "default",
+                    "-o", tmp_path / "o", "-q")
+    assert_one_line(code, err, "block 1 is listed more than once")
+    assert not (tmp_path / "o").exists()
