@@ -111,3 +111,15 @@ def test_validate_solutions_with_a_repeated_block_is_refused(problem_file, tmp_p
                     "-o", tmp_path / "o", "-q")
     assert_one_line(code, err, "block 1 is listed more than once")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--removed", "1,1,2"], "--removed: block 1 is listed more than once"),
+    (["--removed", "1,2"], "--removed: 2 block(s) listed, not M = 3"),
+    (["--removed", "1,2,3", "-M", "2"], "--removed: 3 block(s) listed, not M = 2"),
+    (["--max-edges", "-3"], "max_edges must be at least 0, got -3"),
+])
+def test_show_refuses_a_bad_set_or_edge_count(problem_file, tmp_path, capsys, argv, needle):
+    code, err = cli(capsys, "show", problem_file, *argv, "--no-embedding", "-o", tmp_path / "o")
+    assert_one_line(code, err, needle)
+    assert not (tmp_path / "o").exists()
