@@ -151,6 +151,24 @@ def check_fresh_folder(path: str | os.PathLike, flag: str, overwrite: bool) -> N
         raise CliError(f"{flag} {os.fspath(path)} exists and is not empty; pass --overwrite to write into it")
 
 
+def check_at_least(*checks: tuple[str, float | None, float]) -> None:
+    """Refuse a numeric option below its least value, before any work; ``None`` (not given) passes.
+
+    Args:
+        checks: ``(flag, value, least)`` each; NaN is refused too (it compares false to everything).
+
+    Example:
+        >>> check_at_least(("--random", 0, 0), ("--greedy-samples", None, 0))
+        >>> check_at_least(("--bootstrap", -1, 0))
+        Traceback (most recent call last):
+        ...
+        qblock.cli.CliError: --bootstrap must be at least 0, got -1
+    """
+    for flag, value, least in checks:
+        if value is not None and not value >= least:
+            raise CliError(f"{flag} must be at least {least}, got {value}")
+
+
 def check_seed(seed: int | None, flag: str = "--seed") -> int | None:
     """A seed is None (fresh randomness) or a non-negative integer, as numpy and dwave-samplers need."""
     if seed is not None and seed < 0:

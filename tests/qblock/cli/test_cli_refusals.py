@@ -123,3 +123,31 @@ def test_show_refuses_a_bad_set_or_edge_count(problem_file, tmp_path, capsys, ar
     code, err = cli(capsys, "show", problem_file, *argv, "--no-embedding", "-o", tmp_path / "o")
     assert_one_line(code, err, needle)
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ compare
+@pytest.mark.parametrize("argv, needle", [
+    (["--param", "swap.bogus=1"], "backend 'swap': unknown parameter 'bogus'"),
+    (["--exact-time-limit", "-1"], "--exact-time-limit must be positive"),
+    (["--time-limit", "nan"], "--time-limit must be positive"),
+    (["--rtol", "-1"], "--rtol must be at least 0"),
+    (["--atol", "nan"], "--atol must be at least 0"),
+])
+def test_compare_refuses_bad_settings_before_running(tmp_path, capsys, argv, needle):
+    code, err = cli(capsys, "compare", "--blocks", "8", "--backends", "swap", "--repeats", "1", *argv,
+                    "-o", tmp_path / "o", "-q")
+    assert_one_line(code, err, needle)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("doc, needle", [
+    ({}, 'no "studies" list'),
+    ({"studies": [{"problem": {"name": "x"}}]}, "missing key 'settings'"),
+    ({"format_version": "one", "studies": []}, "format_version='one'"),
+])
+def test_compare_from_json_checks_the_file_before_making_the_folder(tmp_path, capsys, doc, needle):
+    saved = tmp_path / "compare.json"
+    saved.write_text(json.dumps({"format": "qblock.compare", "format_version": 1, **doc}))
+    code, err = cli(capsys, "compare", "--from-json", saved, "-o", tmp_path / "o")
+    assert_one_line(code, err, needle)
+    assert str(saved) in err[0] and not (tmp_path / "o").exists()
