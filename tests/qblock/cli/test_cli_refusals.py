@@ -151,3 +151,19 @@ def test_compare_from_json_checks_the_file_before_making_the_folder(tmp_path, ca
     code, err = cli(capsys, "compare", "--from-json", saved, "-o", tmp_path / "o")
     assert_one_line(code, err, needle)
     assert str(saved) in err[0] and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ heal: finite numbers
+@pytest.mark.parametrize("flag, value", [("--ce-weight", "nan"), ("--weight-decay", "nan"), ("--clip", "inf"),
+                                         ("--temperature", "inf"), ("--lora-alpha", "nan")])
+def test_heal_refuses_non_finite_numbers(tmp_path, capsys, flag, value):
+    code, err = cli(capsys, "heal", tmp_path / "pruned", flag, value, "-o", tmp_path / "o")
+    assert_one_line(code, err, f"{flag} must be a finite number, got {value}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_heal_settings_refuse_nan_in_the_library():
+    from qblock.llm.heal import HealError, HealSettings
+
+    with pytest.raises(HealError, match="ce_weight must be a finite number"):
+        HealSettings(ce_weight=math.nan).check()
