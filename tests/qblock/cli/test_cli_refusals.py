@@ -167,3 +167,16 @@ def test_heal_settings_refuse_nan_in_the_library():
 
     with pytest.raises(HealError, match="ce_weight must be a finite number"):
         HealSettings(ce_weight=math.nan).check()
+
+
+# ------------------------------------------------------------------------------ extract names its file
+def test_extract_names_the_npz_it_wrote(model_dir, tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(" ".join(f"w{k}" for k in rng.integers(0, 62, size=20)) for _ in range(40)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["extract", "--model", str(model_dir), "--samples", "2", "--seq-len", "8", "--eval-samples", "0",
+                 "--calibration", str(calib), "-M", "1", "-o", "e4"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "e4.npz").is_file() and not (tmp_path / "e4").exists()
+    assert out.startswith("e4.npz: ") and "next: qblock solve e4.npz\n" in out
