@@ -169,6 +169,44 @@ def test_heal_settings_refuse_nan_in_the_library():
         HealSettings(ce_weight=math.nan).check()
 
 
+# ------------------------------------------------------------------------------ seeds and counts
+@pytest.mark.parametrize("argv", [
+    ["extract", "--model", "{model}", "-o", "{tmp}/e.npz"],
+    ["svd", "--model", "{model}", "--ratio", "0.8", "-o", "{tmp}/o"],
+    ["heal", "{tmp}/pruned", "-o", "{tmp}/o"],
+    ["run", "--model", "{model}", "-o", "{tmp}/o"],
+    ["validate", "{problem}", "-o", "{tmp}/o"],
+])
+def test_negative_seed_is_refused_up_front(tmp_path, problem_file, capsys, no_model, argv):
+    fill = {"model": tmp_path / "no-such-model", "tmp": tmp_path, "problem": problem_file}
+    code, err = cli(capsys, *[a.format(**fill) for a in argv], "--seed", "-1", "-q")
+    assert_one_line(code, err, "--seed must be a non-negative integer, got -1")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["p.npz"]
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+@pytest.mark.parametrize("flag", ["--random", "--bootstrap", "--greedy-samples", "--task-limit"])
+def test_negative_counts_are_refused_up_front(tmp_path, problem_file, capsys, no_model, command, flag):
+    first = ["run", "--model", str(tmp_path / "no-such-model")] if command == "run" else ["validate", problem_file]
+    code, err = cli(capsys, *first, flag, "-2", "-o", tmp_path / "o", "-q")
+    assert_one_line(code, err, f"{flag} must be at least 0, got -2")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--bench-top", "-1"], "--bench-top must be at least 0"),
+    (["--backend", "nosuch"], "--backend 'nosuch' is not a backend"),
+    (["-M", "9"], "--remove values must be between 1 and 7 for this 8-block model, got [9]"),
+    (["--seq-len", "1"], "--seq-len must be at least 2"),
+    (["--eval-samples", "0"], "--eval-samples must be at least 1"),
+])
+def test_validate_refuses_before_loading_the_model_or_making_out(problem_file, tmp_path, capsys, no_model, argv,
+                                                                   needle):
+    code, err = cli(capsys, "validate", problem_file, *argv, "-o", tmp_path / "o", "-q")
+    assert_one_line(code, err, needle)
+    assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------------------ extract names its file
 def test_extract_names_the_npz_it_wrote(model_dir, tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(0)
