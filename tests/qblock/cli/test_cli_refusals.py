@@ -218,3 +218,15 @@ def test_extract_names_the_npz_it_wrote(model_dir, tmp_path, capsys, monkeypatch
     out = capsys.readouterr().out
     assert (tmp_path / "e4.npz").is_file() and not (tmp_path / "e4").exists()
     assert out.startswith("e4.npz: ") and "next: qblock solve e4.npz\n" in out
+
+
+# ------------------------------------------------------------------------------ out of memory
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    from qblock.cli import backends_cmd
+
+    def exhausted(args):
+        raise MemoryError
+
+    monkeypatch.setattr(backends_cmd, "run", exhausted)
+    code, err = cli(capsys, "backends")
+    assert_one_line(code, err, "out of memory")
