@@ -24,11 +24,12 @@ Example:
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SolutionsFileError", "Solutions", "solutions_payload", "read_solutions_file"]
+__all__ = ["SolutionsFileError", "Solutions", "solutions_payload", "read_solutions_file", "check_removed"]
 
 
 class SolutionsFileError(ValueError):
@@ -43,8 +44,8 @@ class Solutions:
         path: the file read.
         num_blocks: ``N`` recorded by the writer (``None`` when absent or not a whole number).
         num_remove: ``M`` recorded by the writer (``None`` when absent).
-        removed: the removed block indices of each solution, as written (not sorted, repeats kept:
-            the consumer decides what a repeat means), in rank order.
+        removed: the removed block indices of each solution, sorted (checked by :func:`check_removed`:
+            whole numbers, none negative, none repeated), in rank order.
     """
 
     path: Path
@@ -92,11 +93,12 @@ def _rank_payload(problem, ss) -> dict:
 
 
 def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    # numpy integers count (a library caller's array); bools and floats such as 1.9 do not
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _short(value: Any) -> str:
-    s = json.dumps(value)
+    s = json.dumps(value, default=repr)
     return s if len(s) <= 60 else s[:57] + "..."
 
 
@@ -107,12 +109,56 @@ def _rank_key(sol: dict) -> tuple[int, float]:
         return 0, 0.0
 
 
+def check_removed(removed: Any, where: str, *, num_blocks: int | None = None,
+                  num_remove: int | None = None) -> list[int]:
+    """A removal set, checked: the one rule for every set a user or a file gives (``qblock prune``,
+    ``validate --solutions``, ``show --removed``, a report's recommended sets).
+
+    Args:
+        removed: the set as given; must be a list of whole block numbers.
+        where: what gave it (a flag, or a file and entry), the start of the message.
+        num_blocks: the blocks of the model or problem (``None``: range not known yet).
+        num_remove: the set's required size ``M`` (``None``: any size).
+
+    Returns:
+        The block indices, sorted.
+
+    Raises:
+        ValueError: one line: not a list of whole numbers, a block listed twice (it would be counted
+            twice in a report), out of range, every block, or not ``num_remove`` blocks.
+
+    Example:
+        >>> check_removed([3, 1], "--remove", num_blocks=4)
+        [1, 3]
+        >>> check_removed([1, 1], "--remove")
+        Traceback (most recent call last):
+        ...
+        ValueError: --remove: block 1 is listed more than once
+    """
+    if not isinstance(removed, list) or not all(_whole(i) for i in removed):
+        raise ValueError(f'{where}: "removed" must be a list of whole block numbers, got {_short(removed)}')
+    removed = [int(i) for i in removed]
+    seen = [i for k, i in enumerate(removed) if i in removed[:k]]
+    if seen:
+        raise ValueError(f"{where}: block {seen[0]} is listed more than once")
+    bad = [i for i in removed if i < 0 or (num_blocks is not None and i >= num_blocks)]
+    if bad:
+        span = f"; the model has {num_blocks} blocks (0..{num_blocks - 1})" if num_blocks is not None else ""
+        raise ValueError(f"{where}: block {bad[0]} out of range{span}")
+    if num_blocks is not None and len(removed) >= num_blocks:
+        raise ValueError(f"{where}: cannot remove all {num_blocks} blocks")
+    if num_remove is not None and len(removed) != num_remove:
+        raise ValueError(f"{where}: {len(removed)} block(s) listed, not M = {num_remove}")
+    return sorted(removed)
+
+
 def read_solutions_file(path: str | Path) -> Solutions:
-    """Read and check a ``qblock solve --json`` file: every solution a list of whole block numbers.
+    """Read and check a ``qblock solve --json`` file: every solution a set of distinct, non-negative
+    whole block numbers (:func:`check_removed`).
 
     Raises:
         SolutionsFileError: no such file, not JSON, no ``"solutions"`` list of objects, or a
-            ``"removed"`` that is not a list of whole numbers (one line naming the file and solution).
+            ``"removed"`` that is not such a set (one line naming the file and solution).
     """
     p = Path(path)
     if not p.is_file():
@@ -127,11 +173,10 @@ def read_solutions_file(path: str | Path) -> Solutions:
     sols = sorted(sols, key=_rank_key)
     removed = []
     for pos, sol in enumerate(sols, start=1):
-        r = sol.get("removed")
-        if not isinstance(r, list) or not all(_whole(i) for i in r):
-            raise SolutionsFileError(f'{path} solution {pos}: "removed" must be a list of whole block numbers, '
-                                     f"got {_short(r)}")
-        removed.append(list(r))
+        try:
+            removed.append(check_removed(sol.get("removed"), f"{path} solution {pos}"))
+        except ValueError as exc:
+            raise SolutionsFileError(str(exc)) from None
     num_blocks = data.get("num_blocks")
     num_remove = data.get("num_remove")
     return Solutions(path=p, num_blocks=num_blocks if _whole(num_blocks) else None,

@@ -819,9 +819,26 @@ def load_result(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path} is not a qblock comparison (format={got!r})")
-    if int(data.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path} was written by a newer qblock (format {data['format_version']})")
+    version = data.get("format_version", 0)
+    if not isinstance(version, int):
+        raise ValueError(f"{path} is not a qblock comparison (format_version={version!r})")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer qblock (format {version})")
+    _check_complete(data, path)
     return data
+
+
+def _check_complete(data: Mapping[str, Any], path: Path) -> None:
+    """Refuse a comparison of the right format that lacks what the table and plots read (cut short or
+    edited by hand): one line naming the file, raised before any output folder is made."""
+    if not isinstance(data.get("studies"), list) or not data["studies"]:
+        raise ValueError(f'{path} is not a complete qblock comparison (no "studies" list)')
+    try:  # the tables read every field the plots read (summarize, titles, references)
+        format_markdown(data)
+        format_csv(data)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        what = f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{path} is not a complete qblock comparison ({what})") from None
 
 
 def _jsonable(o: Any) -> Any:

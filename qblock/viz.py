@@ -121,6 +121,16 @@ def _removed_mask(problem: BlockRemovalProblem, removed: Sequence[int] | None) -
     return mask
 
 
+def _max_edges(n: int, max_edges: int | None) -> int:
+    """Couplings the depth graph draws: ``4 n`` by default; a negative count is refused (as a slice
+    bound it would silently drop the strongest couplings instead)."""
+    if max_edges is None:
+        return 4 * n
+    if not int(max_edges) >= 0:
+        raise ValueError(f"max_edges must be at least 0, got {max_edges}")
+    return int(max_edges)
+
+
 def plot_hessian(problem: BlockRemovalProblem, path: str | os.PathLike, removed: Sequence[int] | None = None) -> Path:
     """Heat map of ``H`` (symmetric log colour scale) with block labels; removed blocks' labels in red."""
     from matplotlib.colors import SymLogNorm
@@ -181,7 +191,7 @@ def plot_depth_graph(
     g = problem.to_networkx()
     n = problem.num_blocks
     mask = _removed_mask(problem, removed)
-    max_edges = 4 * n if max_edges is None else int(max_edges)
+    max_edges = _max_edges(n, max_edges)
     edges = sorted(g.edges(data="weight"), key=lambda e: -abs(e[2]))
     keep = edges[:max_edges]
     among = [e for e in edges[max_edges:] if mask[e[0]] and mask[e[1]]]
@@ -380,7 +390,8 @@ def show(
             ``embedding.png`` (when dwave-system, minorminer and dwave-networkx are installed and
             ``embedding``) and ``show.json`` (the removal set, its energy and how it was found,
             chain lengths, or why the embedding was skipped).
-        removed: a removal set to highlight instead.
+        removed: a removal set to highlight instead: each block once, ``num_remove`` of them when the
+            problem sets it (else ``ValueError``, before anything is written).
         backend, seed: for :func:`choose_removal`.
         embedding: also draw the QPU embedding.
         topology: ``"pegasus"`` or ``"zephyr"``.
@@ -398,10 +409,14 @@ def show(
         meta["removal"] = choose_removal(problem, backend, seed)
         removed = meta["removal"]["removed"]
     elif removed is not None:
-        removed = sorted(int(i) for i in removed)
-        _removed_mask(problem, removed)
+        from qblock._solutions import check_removed
+
+        # each block once, in range, M of them: else the drawing and the energy describe another set
+        removed = check_removed(list(removed), "removed", num_blocks=problem.num_blocks,
+                                 num_remove=problem.num_remove)
         meta["removal"] = {"removed": removed, "energy": problem.energy(problem.state_from_removed(removed)),
                            "backend": "given", "certified": False}
+    _max_edges(problem.num_blocks, max_edges)
     out.mkdir(parents=True, exist_ok=True)  # only now: nothing is written when the input is wrong
     paths: dict[str, Path] = {
         "hessian": plot_hessian(problem, out / "hessian.png", removed),

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         _error(_os_error_message(exc))
         return 2
+    except MemoryError:  # e.g. a problem file or model too large for this machine: say so, no traceback
+        _error("out of memory (try a smaller model or problem, fewer samples, or a machine with more memory)")
+        return 2
     return int(code or 0)
 
 

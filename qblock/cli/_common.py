@@ -143,6 +143,42 @@ def _check_writable(p: Path, flag: str, spelled: str, folder: bool) -> None:
         raise CliError(f"{flag} {spelled}: cannot write in {target} (permission denied or read-only file system)")
 
 
+def check_fresh_folder(path: str | os.PathLike, flag: str, overwrite: bool) -> None:
+    """Refuse writing into a non-empty existing folder without ``--overwrite``: a model folder with
+    another model's files left in it would not reload as either."""
+    p = Path(path)
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise CliError(f"{flag} {os.fspath(path)} exists and is not empty; pass --overwrite to write into it")
+
+
+def check_at_least(*checks: tuple[str, float | None, float]) -> None:
+    """Refuse a numeric option below its least value, before any work; ``None`` (not given) passes.
+
+    Args:
+        checks: ``(flag, value, least)`` each; NaN is refused too (it compares false to everything).
+
+    Example:
+        >>> check_at_least(("--random", 0, 0), ("--greedy-samples", None, 0))
+        >>> check_at_least(("--bootstrap", -1, 0))
+        Traceback (most recent call last):
+        ...
+        qblock.cli.CliError: --bootstrap must be at least 0, got -1
+    """
+    for flag, value, least in checks:
+        if value is not None and not value >= least:
+            raise CliError(f"{flag} must be at least {least}, got {value}")
+
+
+#: counts of ``run`` and ``validate`` where 0 is meaningful (none, or all for --greedy-samples and
+#: --task-limit) but a negative number is not (``calib[:-3]`` would silently drop samples)
+COUNT_OPTIONS = ("random", "greedy_samples", "bootstrap", "task_limit", "bench_top")
+
+
+def check_counts(values: dict[str, Any]) -> None:
+    """Refuse a negative :data:`COUNT_OPTIONS` value; ``run`` passes its preset, ``validate`` its ``vars(args)``."""
+    check_at_least(*((f"--{k.replace('_', '-')}", values.get(k), 0) for k in COUNT_OPTIONS))
+
+
 def check_seed(seed: int | None, flag: str = "--seed") -> int | None:
     """A seed is None (fresh randomness) or a non-negative integer, as numpy and dwave-samplers need."""
     if seed is not None and seed < 0:
@@ -304,11 +340,23 @@ def check_selection_options(args: argparse.Namespace) -> None:
             raise CliError(f"{flag} must be at least {low}, got {v}")
     if args.select_race and args.select_confirm == 0:
         raise CliError("--select-race races the confirmation's finalists: drop it or --select-confirm 0")
+    check_backend_name(args.select_backend, "--select-backend")
+
+
+def check_backend_name(name: str, flag: str, auto: bool = False) -> None:
+    """Refuse a name that is no backend (``auto`` too, unless ``auto``), before any model is loaded."""
     from qblock import backends
 
-    if args.select_backend not in backends.names():
-        raise CliError(f"--select-backend {args.select_backend!r} is not a backend; choose from "
+    if not (auto and name == "auto") and name not in backends.names():
+        raise CliError(f"{flag} {name!r} is not a backend; choose from {'auto, ' if auto else ''}"
                        f"{', '.join(backends.names())}")
+
+
+def check_ms(ms: list[int], n: int) -> None:
+    """Every ``--remove`` value leaves a block of the ``n``: ``1 <= M < n``."""
+    bad = [m for m in ms if not 1 <= m < n]
+    if bad:
+        raise CliError(f"--remove values must be between 1 and {n - 1} for this {n}-block model, got {bad}")
 
 
 def selection_settings(args: argparse.Namespace) -> dict:

@@ -85,7 +85,7 @@ WRITES = ("compare.md", "compare.csv", "*.png")
 
 def run(args: argparse.Namespace) -> int:
     from qblock import compare as cmp
-    from qblock.cli._common import check_output, check_seed
+    from qblock.cli._common import check_at_least, check_output, check_seed
 
     check_seed(args.seed)
     writes = WRITES if args.from_json else WRITES + ("compare.json",)
@@ -103,8 +103,11 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--repeats must be at least 1")
     if args.top < 1:
         raise CliError("--top must be at least 1")
-    if args.time_limit is not None and args.time_limit <= 0:
-        raise CliError("--time-limit must be positive")
+    # `not v > 0`: NaN is refused too
+    for flag, v in (("--time-limit", args.time_limit), ("--exact-time-limit", args.exact_time_limit)):
+        if v is not None and not v > 0:
+            raise CliError(f"{flag} must be positive, got {v}")
+    check_at_least(("--rtol", args.rtol, 0), ("--atol", args.atol, 0))
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends:
         raise CliError("--backends is empty")
@@ -113,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [b for b in backends if b not in registry.names()]
     if unknown:
         raise CliError(f"unknown backend(s) {', '.join(unknown)}; choose from: {', '.join(registry.names())}")
+    params = _params(args.param)
+    for name, values in params.items():
+        registry.validate_params(name, values)  # as solve does: a misspelt key fails now, not mid-study
     removes = _int_list(args.remove, "--remove") if args.remove else None
 
     problems, names = [], []
@@ -138,7 +144,6 @@ def run(args: argparse.Namespace) -> int:
                 names.append(path)
     from qblock.cli._common import open_executor
 
-    params = _params(args.param)
     with open_executor(args, quiet=args.quiet) as executor:
         result = cmp.compare_problems(
             problems, backends, args.repeats, args.seed, names=names, progress=not args.quiet,

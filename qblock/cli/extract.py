@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     require("transformers", "llm")
     from qblock.llm.cache import CacheError
     from qblock.llm.data import DataError
-    from qblock.llm.pipeline import ExtractError, extract_problem
+    from qblock.cli._common import check_seed
+    from qblock.llm.pipeline import ExtractError, extract_problem, npz_path
 
     for flag, value in (("--samples", args.samples), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):
         if value < 1:
@@ -71,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--eval-samples must be >= 0")
     if args.granularity == "sublayer" and args.gate != "branch":
         raise CliError("--granularity sublayer needs --gate branch (one gate per residual branch)")
-    check_output(args.out, "--out", inputs=[args.calibration])
+    check_seed(args.seed)
+    out = npz_path(args.out)  # the file written ("-o e4" writes e4.npz): checked and named as such
+    check_output(out, "--out", inputs=[args.calibration])
     from qblock.cli._common import check_executor, open_executor
 
     if args.executor != "local" and args.energy != "measured":
@@ -94,14 +97,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.quiet:
         m = problem.metadata
-        print(f"{args.out}: {problem.num_blocks} variables ({m['gate']}/{m['granularity']}), "
+        print(f"{out}: {problem.num_blocks} variables ({m['gate']}/{m['granularity']}), "
               f"energy {m['energy']}, {m['num_samples']} samples x {m['seq_len']} tokens, "
               f"model {m['model'].get('id')}")
         diag = problem.H.diagonal() + problem.linear
         cheapest = sorted(range(problem.num_blocks), key=lambda i: diag[i])[:5]
         print("cheapest single removals: " + ", ".join(f"{problem.labels[i]} ({diag[i]:.3g})" for i in cheapest))
         if problem.num_remove is None:
-            print(f"next: qblock solve {args.out} --remove M")
+            print(f"next: qblock solve {out} --remove M")
         else:
-            print(f"next: qblock solve {args.out}")
+            print(f"next: qblock solve {out}")
     return 0

@@ -104,8 +104,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _settings(args):
+    from qblock.cli._common import check_seed
     from qblock.llm.heal import HealError, HealSettings
 
+    check_seed(args.seed)
     s = HealSettings(mode=args.mode, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                      seq_len=args.seq_len, lr=args.lr,
                      warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,

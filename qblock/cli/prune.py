@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qblock._solutions import check_removed
 from qblock.cli import CliError
 
 
@@ -69,36 +70,14 @@ def parse_remove(text: str, labels: list[str]) -> list[int]:
         out.append(i)
     if not out:
         raise CliError("--remove: no blocks given")
-    return check_removed(out, len(labels), "--remove")
-
-
-def check_removed(removed: list[int], n: int | None, where: str) -> list[int]:
-    """Sorted block indices, each once and in ``0..n-1`` (``n=None``: range not known yet).
-
-    A repeated block is an error rather than folded away: it would otherwise be counted twice in the
-    report (issue 10: ``[1, 1, 2]`` was reported as 3 blocks and 34.5% fewer parameters).
-
-    Example:
-        >>> check_removed([3, 1], 4, "--remove")
-        [1, 3]
-    """
-    seen = [i for k, i in enumerate(removed) if i in removed[:k]]
-    if seen:
-        raise CliError(f"{where}: block {seen[0]} is listed more than once")
-    bad = [i for i in removed if i < 0 or (n is not None and i >= n)]
-    if bad:
-        span = f"; the model has {n} blocks (0..{n - 1})" if n is not None else ""
-        raise CliError(f"{where}: block {bad[0]} out of range{span}")
-    if n is not None and len(removed) >= n:
-        raise CliError(f"{where}: cannot remove all {n} blocks")
-    return sorted(removed)
+    return check_removed(out, "--remove", num_blocks=len(labels))
 
 
 def removed_from_solutions(path: str, rank: int) -> tuple[list[int], int | None]:
     """``(removed, num_blocks)`` of the solution with rank ``rank`` in a ``qblock solve --json`` file.
 
-    Everything that can be checked without the model is checked here (so before it is loaded):
-    the file's shape (:func:`qblock._solutions.read_solutions_file`), whole-number indices, no
+    Everything that can be checked without the model is checked here (so before it is loaded) by
+    :func:`qblock._solutions.read_solutions_file`: the file's shape, whole-number indices, no
     repeats, none negative.
     """
     from qblock._solutions import SolutionsFileError, read_solutions_file
@@ -109,26 +88,42 @@ def removed_from_solutions(path: str, rank: int) -> tuple[list[int], int | None]
         raise CliError(str(exc)) from None
     if not 1 <= rank <= len(sols.removed):
         raise CliError(f"--rank {rank}: {path} holds {len(sols.removed)} solution(s)")
-    return check_removed(sols.removed[rank - 1], None, f"{path} solution {rank}"), sols.num_blocks
+    return sols.removed[rank - 1], sols.num_blocks
 
 
-def removed_from_recommended(report_dir: str, m: int | None) -> tuple[list[int], Any]:
-    """The recommended set for M from a report folder's summary.json, and the model recorded there."""
+def removed_from_recommended(report_dir: str, m: int | None) -> tuple[list[int], Any, int | None]:
+    """``(removed, model, num_blocks)``: the recommended set for M in a report folder's summary.json,
+    and the model and block count recorded there.
+
+    The set is checked as a solutions file's are (:func:`qblock._solutions.check_removed`: whole
+    numbers, no repeats, none negative, M of them), so a damaged summary is one line naming the file,
+    before any model is loaded.
+    """
+    from qblock._solutions import _whole
+
     p = Path(report_dir) / "summary.json"
     if not p.is_file():
         raise CliError(f"--recommended {report_dir}: no summary.json there (expected a `qblock run` report folder)")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
         rec = data.get("recommended") or {}
-    except (json.JSONDecodeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         raise CliError(f"{p} is not a summary written by qblock run/validate") from None
+    if not isinstance(rec, dict):
+        raise CliError(f'{p} is not a summary written by qblock run/validate ("recommended" is not an object)')
     if not rec:
         raise CliError(f"{p} holds no recommended sets (was the selection switched off with --no-select?)")
     if m is None:
         raise CliError(f"--recommended needs --remove-count M; {p} recommends sets for M = {', '.join(rec)}")
     if str(m) not in rec:
         raise CliError(f"--remove-count {m}: {p} recommends sets only for M = {', '.join(rec)}")
-    return [int(i) for i in rec[str(m)]["removed"]], (data.get("problem") or {}).get("model")
+    entry = rec[str(m)]
+    if not isinstance(entry, dict) or "removed" not in entry:
+        raise CliError(f'{p}: the recommended entry for M = {m} has no "removed" list')
+    removed = check_removed(entry["removed"], f"{p} M = {m}", num_remove=m)
+    problem = data.get("problem") if isinstance(data.get("problem"), dict) else {}
+    n = problem.get("num_blocks")
+    return removed, problem.get("model"), n if _whole(n) else None
 
 
 def _load(spec: str, quiet: bool):
@@ -154,6 +149,35 @@ def _load(spec: str, quiet: bool):
     return model, tok
 
 
+def _model_spec(args: argparse.Namespace, recorded: Any) -> str:
+    """``--model``, else the model a ``--recommended`` report records, else ``default``."""
+    if args.model is not None or recorded is None:
+        return args.model or "default"
+    from qblock._provenance import Provenance
+
+    spec = Provenance.of({"model": recorded}).model_spec
+    if spec is None:
+        raise CliError(f"{args.recommended} does not record a loadable model; pass --model")
+    return spec
+
+
+def _fit(chosen: tuple, n: int, source: str) -> list[int]:
+    """A set from a file, checked against the loaded model's ``n`` blocks.
+
+    Args:
+        chosen: ``(removed, blocks the file was made for or None, what the file says, what to do)``.
+        n: the model's blocks.
+        source: the file, for the message.
+    """
+    removed, made_for, made, hint = chosen
+    if made_for is not None and made_for != n:
+        raise CliError(f"{made} but this model has {n} blocks; {hint}")
+    bad = [i for i in removed if i >= n]
+    if bad:
+        raise CliError(f"{source}: blocks {bad} out of range for this model ({n} blocks); {hint}")
+    return check_removed(removed, source, num_blocks=n)
+
+
 def _provenance(spec: str) -> dict[str, Any] | None:
     """What ``--model`` was (recorded for ``qblock heal``'s default teacher); ``None`` without the llm extra."""
     try:
@@ -168,46 +192,33 @@ def run(args: argparse.Namespace) -> int:
 
     require("torch", "llm")
     require("transformers", "llm")
+    from qblock.cli._common import check_fresh_folder, check_output
     from qblock.llm.blocks import find_blocks
     from qblock.llm.export import save_pruned
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise CliError(f"--out {out} exists and is not empty; pass --overwrite to write into it")
     if args.solutions and args.rank < 1:
         raise CliError("--rank must be at least 1")
     if args.remove_count is not None and not args.recommended:
         raise CliError("--remove-count goes with --recommended REPORT_DIR")
-    recommended, recorded = (removed_from_recommended(args.recommended, args.remove_count) if args.recommended
-                             else (None, None))
-    if recommended is not None:  # repeats and negatives need no model: refuse them before loading it
-        check_removed(recommended, None, args.recommended)
-    if args.solutions:
-        removed, solved_blocks = removed_from_solutions(args.solutions, args.rank)
-    spec = args.model
-    if spec is None and recorded is not None:
-        from qblock._provenance import Provenance
-
-        spec = Provenance.of({"model": recorded}).model_spec
-        if spec is None:
-            raise CliError(f"{args.recommended} does not record a loadable model; pass --model")
-    spec = spec or "default"
+    # the chosen set, checked as far as it can be without the model (so before loading it)
+    recorded, chosen = None, None
+    if args.recommended:
+        removed, recorded, n = removed_from_recommended(args.recommended, args.remove_count)
+        chosen = (removed, n, f"{args.recommended} was made for a model of {n} blocks",
+                  "pass the model of that report with --model")
+    elif args.solutions:
+        removed, n = removed_from_solutions(args.solutions, args.rank)
+        chosen = (removed, n, f"{args.solutions} was solved for {n} variables",
+                  "was it solved for another model or per sub-layer?")
+    spec = _model_spec(args, recorded)
+    # the one --out rule: never the model read (--model D -o D --overwrite replaced it), nor the solutions
+    check_output(args.out, "--out", inputs=[spec, args.solutions], folder=True)
+    check_fresh_folder(args.out, "--out", args.overwrite)
+    out = Path(args.out)
     model, tok = _load(spec, args.quiet)
     labels = [name for name, _ in find_blocks(model)]
-    if recommended is not None:
-        removed = recommended
-        bad = [i for i in removed if not 0 <= i < len(labels)]
-        if bad:
-            raise CliError(f"{args.recommended}: blocks {bad} out of range for this model ({len(labels)} blocks); "
-                           "pass the model of that report with --model")
-        removed = check_removed(removed, len(labels), args.recommended)
-    elif args.solutions:
-        if solved_blocks is not None and solved_blocks != len(labels):
-            raise CliError(f"{args.solutions} was solved for {solved_blocks} variables but this model has "
-                           f"{len(labels)} blocks; was it solved for another model or per sub-layer?")
-        removed = check_removed(removed, len(labels), args.solutions)
-    else:
-        removed = parse_remove(args.remove, labels)
+    source = args.recommended or args.solutions
+    removed = _fit(chosen, len(labels), source) if chosen else parse_remove(args.remove, labels)
     before = sum(p.numel() for p in model.parameters())
     save_pruned(model, tok, removed, out, check=not args.no_check, provenance=_provenance(spec))
     if not args.quiet:

@@ -14,7 +14,8 @@ from dataclasses import replace
 
 from qblock.cli import CliError
 from qblock._energies import ENERGY_MODELS, SCORED_ENERGY_MODELS
-from qblock.cli._common import check_executor, check_output, check_selection_options, open_executor, races
+from qblock.cli._common import (check_backend_name, check_counts, check_executor, check_ms, check_output, check_seed,
+                                check_selection_options, open_executor, races)
 
 #: settings of a full run and of ``--quick`` (timings of ``--quick`` in README's quick start; its selection
 #: measures pairs in a pool of 10 blocks, never more than the default max(8, N/2), and confirms on 16
@@ -109,8 +110,11 @@ def _checked_settings(args: argparse.Namespace):
     from qblock.llm.data import BENCHMARKS
     from qblock.validate.baselines import BASELINE_METHODS
 
+    check_seed(args.seed)
+    check_backend_name(args.backend, "--backend", auto=True)
     check_selection_options(args)  # the user's own values, before the preset fills in the rest
     cfg = _resolve(args)
+    check_counts(cfg)
     cfg["seed"], cfg["gate"] = args.seed, args.gate
     cfg["select_race"] = races(cfg["select_race"], args.select_confirm)
     for key in ("select_samples", "select_evaluations", "select_pool", "select_confirm_samples", "select_race"):
@@ -184,9 +188,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     timings["extract"] = time.perf_counter() - t0
     n = problem.num_blocks
-    bad = [m for m in ms if not 1 <= m < n]
-    if bad:
-        raise CliError(f"--remove values must be between 1 and {n - 1} for this {n}-block model, got {bad}")
+    check_ms(ms, n)
     if preset_pool and args.select_pool is not None:
         from qblock.select import default_pool_size
 

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("problem", help="problem file (.npz)")
     p.add_argument("--remove", "-M", type=int, default=None, help="number of blocks to remove (default: the file's)")
-    p.add_argument("--removed", default=None, metavar="I,J,...", help="highlight this removal set instead of solving")
+    p.add_argument("--removed", default=None, metavar="I,J,...",
+                   help="highlight this removal set instead of solving (M distinct blocks)")
     p.add_argument("--backend", "-b", default="auto", help="backend that chooses the removal set (default: exact if small, else swap)")
     p.add_argument("--seed", type=int, default=0, help="seed for a stochastic backend (default 0)")
     p.add_argument("--out", "-o", default="qblock-show", help="output folder (default ./qblock-show)")
@@ -58,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
             removed = [int(v) for v in args.removed.split(",") if v.strip()]
         except ValueError:
             raise CliError(f"--removed expects comma-separated block indices, got {args.removed!r}") from None
+        from qblock._solutions import check_removed
+
+        removed = check_removed(removed, "--removed", num_blocks=problem.num_blocks, num_remove=problem.num_remove)
     if args.backend != "auto":
         from qblock import backends
 

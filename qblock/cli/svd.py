@@ -14,7 +14,7 @@ import json
 import sys
 
 from qblock.cli import CliError
-from qblock.cli._common import check_output, parse_params
+from qblock.cli._common import check_fresh_folder, check_output, check_seed, parse_params
 
 _DESCRIPTION = (
     "SVD of every attention and MLP projection of every decoder block (plain, or whitened on calibration "
@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a parameter of the backend or of FermiGrad (steps, lr, t_start, t_end, batch); repeatable")
     p.add_argument("--seed", type=int, default=0, help="data and solver seed (default 0)")
     p.add_argument("--out", "-o", required=True, help="output model directory")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out directory")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p.set_defaults(func=run)
 
@@ -67,7 +68,11 @@ def _check(args: argparse.Namespace) -> dict:
                              ("--group-size", args.group_size, 1)):
         if value < low:
             raise CliError(f"{flag} must be at least {low}, got {value}")
-    check_output(args.out, "--out", folder=True, writes=("*.safetensors", "*.json"), inputs=[args.calibration])
+    check_seed(args.seed)
+    # as prune and heal: never the model read (--model D -o D replaced it), nor into another model's files
+    check_output(args.out, "--out", folder=True, writes=("*.safetensors", "*.json"),
+                 inputs=[args.calibration, args.model])
+    check_fresh_folder(args.out, "--out", args.overwrite)
     return parse_params(args.param)
 
 

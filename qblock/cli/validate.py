@@ -9,8 +9,9 @@ import sys
 from qblock.cli import CliError
 from qblock._energies import SCORED_ENERGY_MODELS
 from qblock.cli._common import (add_eval_dtype_option, add_evaluation_options, add_selection_options,  # noqa: F401
-                                apply_eval_dtype, check_executor, check_output, check_selection_options, open_executor,
-                                parse_list, parse_ms, selection_settings, setup_torch)
+                                apply_eval_dtype, check_at_least, check_backend_name, check_counts, check_executor,
+                                check_ms, check_output, check_seed, check_selection_options, open_executor, parse_list,
+                                parse_ms, selection_settings, setup_torch)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -86,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, "--out", inputs=[args.problem, args.solutions, args.calibration, args.eval_text],
                  folder=True, writes=("candidates.*", "summary.json", "report.md", "*.png"))
     check_executor(args)
+    check_seed(args.seed)
+    check_backend_name(args.backend, "--backend", auto=True)
+    check_counts(vars(args))
+    check_at_least(("--eval-samples", args.eval_samples, 1), ("--seq-len", args.seq_len, 2))
     check_selection_options(args)  # before the problem or the model is loaded
     problem = BlockRemovalProblem.load(args.problem)
     ms = parse_ms(args.remove)
@@ -107,11 +112,8 @@ def run(args: argparse.Namespace) -> int:
         if problem.num_remove is None:
             raise CliError(f"{args.problem} has no number of blocks to remove; pass --remove M")
         ms = [problem.num_remove]
-    for flag, v in (("--top", args.top), ("--batch-size", args.batch_size)):
-        if v < 1:
-            raise CliError(f"{flag} must be at least 1, got {v}")
-    if args.random < 0 or args.bootstrap < 0:
-        raise CliError("--random and --bootstrap must be >= 0")
+    check_ms(ms, problem.num_blocks)  # before the model is loaded
+    check_at_least(("--top", args.top, 1), ("--batch-size", args.batch_size, 1))
     baselines = parse_list(args.baselines, BASELINE_METHODS, "--baselines", BASELINE_METHODS)
     from qblock.validate.heal import heal_after_validation, heal_options, print_heal_summary
 

@@ -147,6 +147,10 @@ class HealSettings:
         """Raise :class:`HealError` on a setting that cannot work (one line naming it)."""
         if self.mode not in ("auto", *MODES):
             raise HealError(f"mode must be auto, {', '.join(MODES)}; got {self.mode!r}")
+        # NaN passes every `v < 0` test below and inf every `v > 0` one: refuse both, for every number
+        for name, v in asdict(self).items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise HealError(f"{name} must be a finite number, got {v}")
         positive = {"batch_size": self.batch_size, "micro_batch_size": self.micro_batch_size,
                     "last_layers": self.last_layers, "lora_rank": self.lora_rank,
                     "temperature": self.temperature}

@@ -39,7 +39,7 @@ import numpy as np
 from qblock._provenance import OBJECT_SPEC, Provenance, tokens_sha256
 from qblock.llm._rows import DEFAULT_CHECKPOINT_EVERY, ExtractError, compute_rows  # noqa: F401  (public here)
 
-__all__ = ["ExtractError", "ExtractionSettings", "extract_problem", "partial_path", "compute_rows",
+__all__ = ["ExtractError", "ExtractionSettings", "extract_problem", "partial_path", "npz_path", "compute_rows",
            "DEFAULT_CHECKPOINT_EVERY"]
 
 _PARTIAL_FORMAT = "qblock.extract.partial"
@@ -492,7 +492,7 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
     try:
         settings = ExtractionSettings(
             model_spec=model_spec, num_samples=num_samples, seq_len=seq_len, energy=energy, gate=gate,
-            granularity=granularity, batch_size=batch_size, seed=seed, out=_npz_path(out),
+            granularity=granularity, batch_size=batch_size, seed=seed, out=npz_path(out),
             checkpoint_every=checkpoint_every, calibration=calibration, keep_A=keep_A,
             progress=progress and rank == 0, num_remove=num_remove, restart=restart, num_eval=num_eval,
             dtype=dtype, device=device, executor=executor)
@@ -503,7 +503,13 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
             leave()  # gloo's threads stop before the interpreter: else a rank can abort at exit
 
 
-def _npz_path(out: str | os.PathLike | None) -> Path | None:
+def npz_path(out: str | os.PathLike | None) -> Path | None:
+    """The file an extraction writes for ``out``: ``.npz`` is added when missing.
+
+    Example:
+        >>> str(npz_path("e4")), str(npz_path("p.npz"))
+        ('e4.npz', 'p.npz')
+    """
     if out is None:
         return None
     p = Path(out)

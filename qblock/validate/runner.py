@@ -248,8 +248,9 @@ def _log(msg: str, progress: bool) -> None:
 def read_solutions(path: str | Path) -> tuple[int | None, list[list[int]]]:
     """``(num_remove, [removed, ...])`` from a ``qblock solve --json`` file, in rank order (each set sorted).
 
-    The file is read by :func:`qblock._solutions.read_solutions_file` (the one reader of the format);
-    here the states must all remove ``num_remove`` blocks.
+    The file is read by :func:`qblock._solutions.read_solutions_file` (the one reader of the format,
+    which refuses a block listed twice or a negative one); here the states must all remove
+    ``num_remove`` blocks.
     """
     from qblock._solutions import SolutionsFileError, read_solutions_file
 
@@ -260,7 +261,7 @@ def read_solutions(path: str | Path) -> tuple[int | None, list[list[int]]]:
     p = sols.path
     if not sols.removed:
         raise ValidationError(f'{p} has no solutions (expected the output of qblock solve --json)')
-    sets = [sorted(s) for s in sols.removed]
+    sets = sols.removed  # each sorted and checked by the reader
     sizes = {len(s) for s in sets}
     if len(sizes) != 1:
         raise ValidationError(f"{p}: solutions remove different numbers of blocks {sorted(sizes)}")

@@ -44,7 +44,8 @@ def test_show_cli_writes_every_picture(problem_file, tmp_path, capsys):
 
 
 def test_show_given_removal_set_and_no_embedding(problem_file, tmp_path):
-    assert main(["show", str(problem_file), "--removed", "0,5,13", "--no-embedding", "--out", str(tmp_path), "-q"]) == 0
+    assert main(["show", str(problem_file), "-M", "3", "--removed", "0,5,13", "--no-embedding", "--out", str(tmp_path),
+                 "-q"]) == 0
     meta = json.loads((tmp_path / "show.json").read_text())
     assert meta["removal"]["removed"] == [0, 5, 13] and meta["removal"]["backend"] == "given"
     assert not (tmp_path / "embedding.png").exists()

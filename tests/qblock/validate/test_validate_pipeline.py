@@ -543,7 +543,8 @@ def test_cli_validate_eval_text_and_guards(tiny_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "x")]) == 2
     assert "calibration file" in capsys.readouterr().err
     assert main(["validate", str(prob), "-M", "8", "--quiet", "--out", str(tmp_path / "y")]) == 2
-    assert "1 <= M < N" in capsys.readouterr().err
+    assert "--remove values must be between 1 and 7 for this 8-block model" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()  # refused before the model is loaded or --out made
 
 
 def test_prefix_cache_with_branch_gates_on_a_fresh_model():
