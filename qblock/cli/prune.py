@@ -220,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     source = args.recommended or args.solutions
     removed = _fit(chosen, len(labels), source) if chosen else parse_remove(args.remove, labels)
     before = sum(p.numel() for p in model.parameters())
-    save_pruned(model, tok, removed, out, check=not args.no_check, provenance=_provenance(spec))
+    save_pruned(model, tok, removed, out, check=not args.no_check, provenance=_provenance(spec),
+                quiet=args.quiet)
     if not args.quiet:
         blocks_per = [sum(p.numel() for p in find_blocks(model)[i][1].parameters()) for i in removed]
         after = before - sum(blocks_per)

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     record = {**info, "basis": args.basis, "model": model_provenance(args.model),
               "data": {k: v for k, v in prov.items() if k != "calibration"} | {
                   "calibration_samples": args.samples, "seq_len": args.seq_len}}
-    out = export(model, tok, fs, ranks, args.out, json.loads(json.dumps(record, default=str)))
+    out = export(model, tok, fs, ranks, args.out, json.loads(json.dumps(record, default=str)), quiet=args.quiet)
     if not args.quiet:
         print(f"{out}: {args.method} ({args.basis}) kept {info['stored']:,} of "
               f"{sum(m * n for m, n in (f.shape for f in fs)):,} decoder-linear parameters "

@@ -160,7 +160,7 @@ def check_reloadable(model, out_dir: str | os.PathLike) -> None:
 
 
 def save_pruned(model, tokenizer, idx: Iterable[int], out_dir: str | os.PathLike, check: bool = True,
-                provenance: dict[str, Any] | None = None) -> Path:
+                provenance: dict[str, Any] | None = None, quiet: bool = False) -> Path:
     """Prune ``model`` (a copy) and save it with its tokenizer as a Hugging Face model directory.
 
     Args:
@@ -171,6 +171,7 @@ def save_pruned(model, tokenizer, idx: Iterable[int], out_dir: str | os.PathLike
         check: rebuild the saved config on the meta device to confirm it reloads (no weights loaded).
         provenance: what the model is (e.g. :func:`qblock.llm.models.model_provenance` of its spec), recorded
             as ``"model"`` in ``qblock_pruned.json``; ``qblock heal`` takes its default teacher from there.
+        quiet: no progress bar from transformers while writing.
 
     Returns:
         ``Path(out_dir)``; it reloads with ``AutoModelForCausalLM.from_pretrained(out_dir)``.
@@ -189,7 +190,10 @@ def save_pruned(model, tokenizer, idx: Iterable[int], out_dir: str | os.PathLike
     pruned = remove_blocks(model, idx)
     _drop_gguf_markers(pruned)
     out.mkdir(parents=True, exist_ok=True)
-    pruned.save_pretrained(out)
+    from qblock.llm._hf import _no_bars, _transformers
+
+    with _no_bars(_transformers(), quiet):
+        pruned.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     info = dict(pruned.config.qblock_pruned)

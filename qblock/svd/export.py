@@ -95,14 +95,18 @@ def apply_ranks(model, fs: Sequence[Factorisation], ranks: Sequence[int]) -> dic
 
 
 def export(model, tokenizer, fs: Sequence[Factorisation], ranks: Sequence[int], out: str | Path,
-           info: dict[str, Any]) -> Path:
-    """Apply ``ranks`` and write the dense model, ``lowrank.safetensors`` and ``svd.json`` to ``out``."""
+           info: dict[str, Any], quiet: bool = False) -> Path:
+    """Apply ``ranks`` and write the dense model, ``lowrank.safetensors`` and ``svd.json`` to ``out``
+    (``quiet``: no progress bar from transformers while writing)."""
     from safetensors.torch import save_file
+
+    from qblock.llm._hf import _no_bars, _transformers
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     factors = apply_ranks(model, fs, ranks)
-    model.save_pretrained(out, safe_serialization=True)
+    with _no_bars(_transformers(), quiet):
+        model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     tensors = {}

@@ -60,6 +60,12 @@ def test_prune_never_overwrites_its_input_model(model_dir, capsys):
     assert _weights(model_dir) == before
 
 
+def test_quiet_prune_prints_nothing(model_dir, tmp_path, capfd):
+    assert main(["prune", "--model", str(model_dir), "--remove", "1", "-o", str(tmp_path / "p"), "-q"]) == 0
+    out, err = capfd.readouterr()  # transformers' "Writing model shards" bar went to stderr
+    assert (out, err) == ("", "") and (tmp_path / "p" / "config.json").is_file()
+
+
 def test_svd_never_overwrites_its_input_nor_a_full_folder(model_dir, tmp_path, capsys, no_model):
     code, err = cli(capsys, "svd", "--model", model_dir, "--ratio", "0.8", "-o", model_dir)
     assert_one_line(code, err, "would overwrite the input")
