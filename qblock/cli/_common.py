@@ -336,8 +336,7 @@ def check_selection_options(args: argparse.Namespace) -> None:
                          ("--select-confirm-samples", args.select_confirm_samples, 1),
                          ("--select-screen", args.select_screen, 0),
                          ("--select-pair-samples", args.select_pair_samples, 1)):
-        if v is not None and v < low:
-            raise CliError(f"{flag} must be at least {low}, got {v}")
+        check_at_least((flag, v, low))
     if args.select_race and args.select_confirm == 0:
         raise CliError("--select-race races the confirmation's finalists: drop it or --select-confirm 0")
     check_backend_name(args.select_backend, "--select-backend")

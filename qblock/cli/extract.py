@@ -60,12 +60,10 @@ def run(args: argparse.Namespace) -> int:
     require("transformers", "llm")
     from qblock.llm.cache import CacheError
     from qblock.llm.data import DataError
-    from qblock.cli._common import check_seed
+    from qblock.cli._common import check_at_least, check_seed
     from qblock.llm.pipeline import ExtractError, extract_problem, npz_path
 
-    for flag, value in (("--samples", args.samples), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise CliError(f"{flag} must be at least 1, got {value}")
+    check_at_least(("--samples", args.samples, 1), ("--seq-len", args.seq_len, 1), ("--batch-size", args.batch_size, 1))
     if args.seq_len < 2:
         raise CliError("--seq-len must be at least 2 (next-token loss)")
     if args.eval_samples < 0:

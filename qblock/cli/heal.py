@@ -104,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _settings(args):
-    from qblock.cli._common import check_seed
+    from qblock.cli._common import check_at_least, check_seed
     from qblock.llm.heal import HealError, HealSettings
 
     check_seed(args.seed)
@@ -122,10 +122,8 @@ def _settings(args):
         s.check()
     except HealError as exc:
         raise CliError(f"--{str(exc).replace('_', '-')}") from None
-    for flag, v, low in (("--eval-samples", args.eval_samples, 0), ("--eval-seq-len", args.eval_seq_len, 2),
-                         ("--eval-every", args.eval_every, 0), ("--checkpoint-every", args.checkpoint_every, 0)):
-        if v < low:
-            raise CliError(f"{flag} must be at least {low}, got {v}")
+    check_at_least(("--eval-samples", args.eval_samples, 0), ("--eval-seq-len", args.eval_seq_len, 2),
+                   ("--eval-every", args.eval_every, 0), ("--checkpoint-every", args.checkpoint_every, 0))
     if not args.checkpoint_minutes > 0:
         raise CliError(f"--checkpoint-minutes must be positive, got {args.checkpoint_minutes}")
     return s

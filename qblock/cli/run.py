@@ -14,8 +14,8 @@ from dataclasses import replace
 
 from qblock.cli import CliError
 from qblock._energies import ENERGY_MODELS, SCORED_ENERGY_MODELS
-from qblock.cli._common import (check_backend_name, check_counts, check_executor, check_ms, check_output, check_seed,
-                                check_selection_options, open_executor, races)
+from qblock.cli._common import (check_at_least, check_backend_name, check_counts, check_executor, check_ms,
+                                check_output, check_seed, check_selection_options, open_executor, races)
 
 #: settings of a full run and of ``--quick`` (timings of ``--quick`` in README's quick start; its selection
 #: measures pairs in a pool of 10 blocks, never more than the default max(8, N/2), and confirms on 16
@@ -121,10 +121,8 @@ def _checked_settings(args: argparse.Namespace):
         setattr(args, key, cfg[key])
     check_selection_options(args)  # before the model is loaded or the cached problem rewritten
     ms = parse_ms(args.remove)
-    for k in ("samples", "eval_samples", "top", "batch_size"):
-        v = cfg.get(k, getattr(args, k, 1))
-        if v is not None and v < 1:
-            raise CliError(f"--{k.replace('_', '-')} must be at least 1, got {v}")
+    check_at_least(*((f"--{k.replace('_', '-')}", cfg.get(k, getattr(args, k, 1)), 1)
+                     for k in ("samples", "eval_samples", "top", "batch_size")))
     if cfg["seq_len"] < 2:
         raise CliError("--seq-len must be at least 2")
     baselines = parse_list(args.baselines, BASELINE_METHODS, "--baselines", BASELINE_METHODS)

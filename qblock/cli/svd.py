@@ -14,7 +14,7 @@ import json
 import sys
 
 from qblock.cli import CliError
-from qblock.cli._common import check_fresh_folder, check_output, check_seed, parse_params
+from qblock.cli._common import check_at_least, check_fresh_folder, check_output, check_seed, parse_params
 
 _DESCRIPTION = (
     "SVD of every attention and MLP projection of every decoder block (plain, or whitened on calibration "
@@ -64,10 +64,7 @@ def _check(args: argparse.Namespace) -> dict:
                        f"({', '.join(backends.names())})")
     if args.method in backends.names() and not backends.get_spec(args.method).accepts("rank_selection"):
         raise CliError(f"--method {args.method}: that backend does not solve rank-selection problems")
-    for flag, value, low in (("--samples", args.samples, 1), ("--seq-len", args.seq_len, 2),
-                             ("--group-size", args.group_size, 1)):
-        if value < low:
-            raise CliError(f"{flag} must be at least {low}, got {value}")
+    check_at_least(("--samples", args.samples, 1), ("--seq-len", args.seq_len, 2), ("--group-size", args.group_size, 1))
     check_seed(args.seed)
     # as prune and heal: never the model read (--model D -o D replaced it), nor into another model's files
     check_output(args.out, "--out", folder=True, writes=("*.safetensors", "*.json"),
