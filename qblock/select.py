@@ -560,10 +560,10 @@ def greedy_chain(oracle: LossOracle, num_blocks: int, max_remove: int, *,
                  singles: dict[int, float] | None = None, progress: Any = None) -> dict[int, tuple[int, ...]]:
     """Starting sets for the loop: remove blocks one at a time, each step the one of least measured loss.
 
-    This is SLEB's search order; run on a *cheap* oracle (a few calibration samples) it costs a fraction
-    of SLEB and only screens: its sets are measured again by the loop and must win there. It finds sets
-    the QUBO cannot propose, where a block that is costly alone becomes cheap once others are gone (the
-    loss is not quadratic in the removal set).
+    This is SLEB's search order without its barriers (any block may go); run on a *cheap* oracle (a few
+    calibration samples) it costs a fraction of SLEB and only screens: its sets are measured again by the
+    loop and must win there. It finds sets the QUBO cannot propose, where a block that is costly alone
+    becomes cheap once others are gone (the loss is not quadratic in the removal set).
 
     Args:
         oracle: the screening oracle.

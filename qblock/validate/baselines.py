@@ -12,7 +12,8 @@ counted as they happen, and seconds):
                        the last token; remove blocks ``l* .. l*+M-1``, ``l* = argmin d`` (1 pass).
                        The "input" of block ``N`` is the output of the last block.
 ``sleb``               SLEB greedy: remove the block whose removal raises calibration loss least,
-                       recompute, M times (``N + (N-1) + ... + (N-M+1)`` passes).
+                       recompute, M times; as its reference implementation, never the first or last
+                       block (``(N-2) + (N-3) + ... + (N-M-1)`` passes; M <= N - 2).
 ``norm_ratio``         mean over tokens of ``||h_out_i|| / ||h_in_i||``; remove the M lowest (1 pass).
 ``random``             uniformly random M-subsets, one per seed (no passes).
 =====================  ==========================================================================
@@ -249,12 +250,19 @@ def shortgpt_iterative(model, samples: Sequence[Any], max_remove: int, *, batch_
     return out
 
 
-def sleb(model, samples: Sequence[Any], max_remove: int, *, batch_size: int = 8,
-         progress: bool = False, pool: Any = None, book: Any = None) -> list[BaselineResult]:
+#: SLEB's reference implementation never removes the first and the last block (its ``early_barrier`` and
+#: ``latter_barrier``, both 1 by default)
+SLEB_BARRIERS = (1, 1)
+
+
+def sleb(model, samples: Sequence[Any], max_remove: int, *, barriers: tuple[int, int] = SLEB_BARRIERS,
+         batch_size: int = 8, progress: bool = False, pool: Any = None, book: Any = None) -> list[BaselineResult]:
     """SLEB greedy: at each step remove the block whose removal gives the lowest calibration loss.
 
     Returns one result per M = 1..max_remove; the cost of M is the candidate passes of its first M
-    steps (``N + (N-1) + ... + (N-M+1)``). The losses come from a
+    steps (``(N-2) + (N-3) + ... + (N-M-1)`` with the default ``barriers``: the first ``barriers[0]`` and
+    the last ``barriers[1]`` surviving blocks are never candidates, as in SLEB's own code; ``(0, 0)``
+    searches every block). The losses come from a
     :class:`qblock.validate.oracle.CalibrationLoss` on ``samples``: one recorded pass of the full model, and
     each candidate computes only the blocks from its first difference with the set measured before it
     (:class:`qblock.validate.evaluate.PrefixCache`; the losses are those of plain masked passes).
@@ -270,8 +278,12 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, batch_size: int = 8,
 
     samples = _as_samples(samples)
     n = len(find_blocks(model))
-    if max_remove > n:
-        raise ValueError(f"cannot remove {max_remove} of {n} blocks")
+    early, late = (int(b) for b in barriers)
+    if min(early, late) < 0:
+        raise ValueError(f"SLEB's barriers must be non-negative, got {tuple(barriers)}")
+    if max_remove > n - early - late:
+        raise ValueError(f"SLEB keeps the first {early} and the last {late} block(s): it can remove at most "
+                         f"{max(0, n - early - late)} of {n} blocks, not {max_remove}")
     oracle = (book or OracleBook(model, batch_size=batch_size, executor=pool)).oracle(samples)
     removed: list[int] = []
     passes = 0
@@ -281,10 +293,11 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, batch_size: int = 8,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(n - k for k in range(max_remove)), desc="SLEB", unit="pass", leave=False)
+        bar = tqdm(total=sum(n - early - late - k for k in range(max_remove)), desc="SLEB", unit="pass", leave=False)
     try:
         for step in range(max_remove):
-            cands = [i for i in range(n) if i not in removed]
+            alive = [i for i in range(n) if i not in removed]
+            cands = alive[early:len(alive) - late]
             ticked = [0]  # the bar moves as each new set finishes, then by those another method measured
 
             def tick(*_: Any) -> None:
@@ -371,9 +384,12 @@ def run_baselines(model, samples: Sequence[Any], num_removes: Sequence[int], *,
     if "shortgpt_iterative" in methods:
         path = shortgpt_iterative(model, greedy, max(ms), batch_size=batch_size, progress=progress)
         out.extend(path[m - 1] for m in ms if m >= 1)
-    if "sleb" in methods:
-        path = sleb(model, greedy, max(ms), batch_size=batch_size, progress=progress, pool=pool, book=book)
-        out.extend(path[m - 1] for m in ms if m >= 1)
+    from qblock.llm.blocks import find_blocks
+
+    fits = [m for m in ms if 1 <= m <= len(find_blocks(model)) - sum(SLEB_BARRIERS)]
+    if "sleb" in methods and fits:  # no SLEB row for an M it cannot reach (it keeps the first and last block)
+        path = sleb(model, greedy, max(fits), batch_size=batch_size, progress=progress, pool=pool, book=book)
+        out.extend(path[m - 1] for m in fits)
     order = {name: k for k, name in enumerate(methods)}
     out.sort(key=lambda r: (order[r.method], ms.index(r.num_remove)))
     return out

@@ -395,8 +395,16 @@ def _tokens(samples: Sequence[Any]) -> int:
 
 
 def sleb_passes(num_blocks: int, m: int) -> int:
-    """Candidate passes SLEB spends to remove ``m`` of ``num_blocks`` blocks (every surviving block, each step)."""
-    return sum(num_blocks - k for k in range(int(m)))
+    """Candidate passes SLEB spends to remove ``m`` of ``num_blocks`` blocks (each step, every surviving block
+    but the first and the last: :data:`qblock.validate.baselines.SLEB_BARRIERS`).
+
+    Example:
+        >>> sleb_passes(30, 9)  # 28 + 27 + ... + 20
+        216
+    """
+    from qblock.validate.baselines import SLEB_BARRIERS
+
+    return sum(num_blocks - sum(SLEB_BARRIERS) - k for k in range(int(m)))
 
 
 def selection_split(calib: Sequence[Any], settings: ValidationSettings) -> tuple[list, list | None, list]:

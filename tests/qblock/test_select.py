@@ -552,9 +552,9 @@ def test_sleb_and_a_screen_through_one_book_measure_each_set_once_and_count_thei
 
     model = small_llama(6, vocab_size=40)
     samples = [torch.randint(0, 40, (12,)) for _ in range(2)]
-    alone = sleb(model, samples, 3)
+    alone = sleb(model, samples, 3, barriers=(0, 0))  # every block a candidate, as in the screen's chain
     book = OracleBook(model)
-    shared = sleb(model, samples, 3, book=book)
+    shared = sleb(model, samples, 3, barriers=(0, 0), book=book)
     assert [(r.removed, r.forward_passes, r.extra["calib_loss"]) for r in shared] == \
         [(r.removed, r.forward_passes, r.extra["calib_loss"]) for r in alone]  # bitwise the same losses
     oracle = book.oracle([s.clone() for s in samples])  # found by the samples' tokens

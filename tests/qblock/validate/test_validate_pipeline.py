@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 import qblock  # noqa: E402
 from qblock.validate import baselines as B  # noqa: E402
 from qblock.validate.evaluate import CandidateEvaluator, heldout_loss, multiple_choice  # noqa: E402
+from qblock.validate.runner import sleb_passes as runner_sleb_passes  # noqa: E402
 
 from conftest import TASK_BLOCKS as N_BLOCKS, TASK_EOS as EOS, TASK_IDENTITY as IDENTITY, TASK_VOCAB as V  # noqa: E402
 from conftest import task_passage as _passage, task_stream as _stream, task_tokenizer as _word_tokenizer  # noqa: E402
@@ -80,7 +81,7 @@ def test_every_baseline_removes_identity_blocks_first(tiny, method):
     if method in ("shortgpt_iterative", "sleb"):
         assert sorted(by_m[3].order) == list(IDENTITY)
     expected_passes = {"shortgpt": 1, "norm_ratio": 1, "angular": 1, "shortgpt_iterative": 3,
-                       "sleb": N_BLOCKS + (N_BLOCKS - 1) + (N_BLOCKS - 2)}[method]
+                       "sleb": (N_BLOCKS - 2) + (N_BLOCKS - 3) + (N_BLOCKS - 4)}[method]  # never the first or last
     assert by_m[3].forward_passes == expected_passes
     assert by_m[3].calib_samples == len(calib)
 
@@ -93,6 +94,29 @@ def test_norm_ratio_removes_the_lowest_ratios(tiny):
     for r in res:
         assert r.removed == sorted(np.argsort(ratios, kind="stable")[: r.num_remove].tolist())
         assert r.forward_passes == 1 and r.calib_samples == len(calib)
+
+
+def test_sleb_never_removes_the_first_or_last_block_as_its_reference(tiny, monkeypatch):
+    from qblock.validate.oracle import CalibrationLoss
+
+    model, calib, _ = tiny
+    real = CalibrationLoss.loss_many
+    ends = {0, N_BLOCKS - 1}
+
+    def cheap_ends(self, sets, **kw):  # removing the first or the last block would now be the cheapest
+        return [v - 10.0 * len(ends & set(s)) for s, v in zip(sets, real(self, sets, **kw))]
+
+    monkeypatch.setattr(CalibrationLoss, "loss_many", cheap_ends)
+    free = B.sleb(model, calib, 2, barriers=(0, 0))  # every block a candidate
+    assert free[1].removed == sorted(ends) and [r.forward_passes for r in free] == [N_BLOCKS, 2 * N_BLOCKS - 1]
+    ref = B.sleb(model, calib, N_BLOCKS - 2)  # the reference's barriers: never block 0 or N - 1
+    assert ref[2].order == list(IDENTITY) and ref[-1].removed == list(range(1, N_BLOCKS - 1))
+    assert [r.forward_passes for r in ref[:3]] == [N_BLOCKS - 2, 2 * N_BLOCKS - 5, 3 * N_BLOCKS - 9]
+    assert ref[2].forward_passes == runner_sleb_passes(N_BLOCKS, 3)  # the cost column's SLEB at its usual settings
+    with pytest.raises(ValueError, match=f"at most {N_BLOCKS - 2} of {N_BLOCKS}"):
+        B.sleb(model, calib, N_BLOCKS - 1)
+    rows = B.run_baselines(model, calib, [2, N_BLOCKS - 1], methods=["sleb", "shortgpt"])
+    assert [(r.method, r.num_remove) for r in rows] == [("sleb", 2), ("shortgpt", 2), ("shortgpt", N_BLOCKS - 1)]
 
 
 def test_norm_ratio_on_given_statistics():
