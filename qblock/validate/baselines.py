@@ -221,7 +221,7 @@ def angular(stats: dict[str, Any], m: int, calib_samples: int, seconds: float = 
     if not 1 <= m <= n:
         raise ValueError(f"angular needs 1 <= M <= N = {n}, got {m}")
     d = angular_distance(stats["last"], m)
-    start = int(np.argmin(d))
+    start = int(np.argmin(np.nan_to_num(np.asarray(d, dtype=np.float64), nan=np.inf)))  # a broken window (NaN) is last
     return BaselineResult("angular", m, list(range(start, start + m)), 1, calib_samples, seconds,
                           scores=[float(v) for v in d], extra={"start": start})
 

@@ -139,6 +139,14 @@ def test_block_statistics_values(tiny):
     assert d[3] == pytest.approx(0.0, abs=1e-6) and np.argmin(d) == 3
 
 
+def test_angular_never_picks_a_window_whose_distance_is_nan():
+    last = np.random.default_rng(0).normal(size=(3, 5, 4))
+    last[0, 2] = np.inf  # a broken hidden state: every window touching state 2 has distance NaN
+    d = B.angular_distance(last, 2)
+    assert np.isnan(d[0]) and np.isnan(d[2]) and not np.isnan(d[1])  # windows starting at 0, 1, 2 of N = 4
+    assert B.angular({"num_blocks": 4, "last": last}, 2, calib_samples=3).removed == [1, 2]
+
+
 def test_heldout_loss_matches_hf_loss_and_padding_is_ignored(tiny):
     model, _, evals = tiny
     loss, n = heldout_loss(model, evals[:2], batch_size=2)
