@@ -12,6 +12,14 @@ error: the best baseline was picked on the report's samples, so judging it there
     python benchmarks/report_paired.py benchmarks/results/quick_default_seed2 benchmarks/results/quick_default_seed3 \\
         --samples 64 --out benchmarks/results/quick_paired_default
 
+With ``--sleb-reference`` SLEB is first run again as qblock runs it now, as its reference code (never the
+first or the last block; reports written before that change let it remove them), on the report's own greedy
+samples; only the M where its set changed are compared, with the new set as the report's SLEB (its held-out
+loss measured on the report's samples) and the best baseline re-picked among them:
+
+    python benchmarks/report_paired.py benchmarks/results/quick_gemma3-270m_seed* --sleb-reference \
+        --out benchmarks/results/quick_paired_sleb_reference
+
 Writes ``STEM.json`` and ``STEM.md``. Cost: two or three sets x (12 + N) held-out samples and as many sets x
 the calibration samples per M where qblock's set differs from a baseline's, measured with qblock's own
 prefix-cached evaluators (at most about 0.3 s per sample and set for SmolLM2-135M, 0.6 s for Gemma-3-270M;
@@ -77,6 +85,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=None, metavar="N",
                     help="also compare on the first N calibration samples (default: the report's calibration samples, "
                          "all the data the run could choose on; more extend them from the same seeded stream)")
+    ap.add_argument("--sleb-reference", action="store_true",
+                    help="run SLEB again as its reference code (never the first or last block) on the report's greedy "
+                         "samples and compare only the M where its set changed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
     args = ap.parse_args(argv)
@@ -94,9 +105,9 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    out = {"samples": args.samples, "reports": []}
+    out = {"samples": args.samples, "sleb_reference": args.sleb_reference, "reports": []}
     for folder, rep in reports:
-        out["reports"].append(_one(folder, rep, args.samples, args.calib_samples))
+        out["reports"].append(_one(folder, rep, args.samples, args.calib_samples, args.sleb_reference))
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
@@ -105,7 +116,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _one(folder: Path, rep: dict, fresh: int, n_cal: int | None) -> dict:
+def _one(folder: Path, rep: dict, fresh: int, n_cal: int | None, sleb_reference: bool = False) -> dict:
     """Measure one report's comparisons; check the report's held-out losses are reproduced."""
     from qblock.llm.data import calibration_and_eval
     from qblock.llm.models import load_model
@@ -128,6 +139,10 @@ def _one(folder: Path, rep: dict, fresh: int, n_cal: int | None) -> dict:
     res = {"report": str(folder), "model": prob["model"]["id"], "seed": cfg["solve_seed"], "dtype": dtype,
            "report_samples": n_rep, "fresh_samples": fresh, "calibration_samples": n_cal,
            "run_calibration_samples": prob["num_samples"], "per_m": {}}
+    if sleb_reference:
+        res["sleb_as_reported"] = _reference_sleb(folder, model, calib[: int(cfg["greedy_samples"] or n_cal)], rep,
+                                                  held, n_rep)
+        rep = dict(rep, per_m={m: e for m, e in rep["per_m"].items() if str(m) in res["sleb_as_reported"]})
     for m, entry in sorted(rep["per_m"].items()):
         if entry["calib_loss"] is None:
             print(f"{folder.name}: M = {m}: qblock's row has no calibration loss to check; skipped", flush=True)
@@ -135,6 +150,30 @@ def _one(folder: Path, rep: dict, fresh: int, n_cal: int | None) -> dict:
         res["per_m"][str(m)] = _compare(folder, held, cal, m, entry, n_rep, cfg["select_samples"])
         print(folder.name, m, res["per_m"][str(m)]["rivals"], flush=True)
     return res
+
+
+def _reference_sleb(folder: Path, model, greedy: list, rep: dict, held, n_rep: int) -> dict[str, list[int]]:
+    """SLEB run again (qblock's, as its reference code) on the report's greedy samples. Where its set differs
+    from the report's, the report's SLEB entry becomes the new set with its mean on the report's held-out
+    samples. Returns ``{M: the report's SLEB set}`` for the M that changed."""
+    from qblock.llm.blocks import find_blocks
+    from qblock.validate.baselines import sleb
+
+    ends = {0, len(find_blocks(model)) - 1}
+    ms = sorted(m for m, e in rep["per_m"].items() if "sleb" in e["baselines"])
+    path = sleb(model, greedy, max(ms), progress=True) if ms else []
+    changed = {}
+    for m in ms:
+        new, old = sorted(path[m - 1].removed), rep["per_m"][m]["baselines"]["sleb"][0]
+        if new == old:
+            continue
+        if not ends & set(old):  # the same greedy path until it first took an end block: not the run's data
+            raise SystemExit(f"{folder}: M = {m}: SLEB chose {new}, the report {old}, though that has neither end block")
+        xs = held.sample_losses(new)[:n_rep]
+        rep["per_m"][m]["baselines"]["sleb"] = (new, sum(xs) / len(xs), xs)
+        changed[str(m)] = old
+    print(f"{folder.name}: SLEB as its reference code changed the set at M = {sorted(map(int, changed))}", flush=True)
+    return changed
 
 
 def _compare(folder: Path, held, cal, m: int, entry: dict, n_rep: int, loop_samples: int) -> dict:
@@ -180,14 +219,20 @@ def _markdown(out: dict) -> str:
              "errors is not resolved. The calibration column compares the same two sets on the first "
              "calibration samples (the run chose on at most its own; qblock's set was picked as the lowest there, so "
              "that column is biased in its favour). The baselines are the report's own (with `--quick`, SLEB and iterative ShortGPT "
-             "chose on 2 calibration samples).", "",
-             "| model | seed | M | qblock | baseline | report's held-out samples | fresh held-out samples | calibration samples |",
-             "|---|---|---|---|---|---|---|---|"]
+             "chose on 2 calibration samples).", ""]
+    if out.get("sleb_reference"):
+        lines += ["SLEB run again as its reference code (never the first or the last block; the reports' SLEB could "
+                  "remove them) on each report's greedy samples; only the M where its set changed are here, with the "
+                  "report's best baseline picked again among the report's baselines and the new SLEB set.", ""]
+    lines += ["| model | seed | M | qblock | baseline | report's held-out samples | fresh held-out samples | calibration samples |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in out["reports"]:
         for m, row in r["per_m"].items():
             ours = ",".join(map(str, row["qblock"]))
             for name, c in row["rivals"].items():
                 theirs = "the same set" if c.get("same") else ",".join(map(str, c["removed"]))
+                if name == "sleb" and m in r.get("sleb_as_reported", {}):
+                    theirs += "; the report's: " + ",".join(map(str, r["sleb_as_reported"][m]))
                 lines.append(f"| {r['model']} | {r['seed']} | {m} | {ours} | {name} ({theirs}) "
                              f"| {_cell(c.get('report'))} | {_cell(c.get('fresh'))} | {_cell(c.get('calibration'))} |")
     return "\n".join(lines) + "\n"
