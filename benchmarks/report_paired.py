@@ -168,7 +168,8 @@ def _reference_sleb(folder: Path, model, greedy: list, rep: dict, held, n_rep: i
         if new == old:
             continue
         if not ends & set(old):  # the same greedy path until it first took an end block: not the run's data
-            raise SystemExit(f"{folder}: M = {m}: SLEB chose {new}, the report {old}, though that has neither end block")
+            raise SystemExit(f"{folder}: M = {m}: SLEB chose {new}, the report {old}, though that has neither "
+                             "end block")
         xs = held.sample_losses(new)[:n_rep]
         rep["per_m"][m]["baselines"]["sleb"] = (new, sum(xs) / len(xs), xs)
         changed[str(m)] = old

@@ -61,7 +61,9 @@ def main(argv=None) -> int:
                          "instead of the study's best baseline")
     ap.add_argument("--sleb-from", default=None, metavar="JSON",
                     help="with --sleb-samples: take SLEB's sets and tokens from an earlier output of this script with "
-                         "the same --sleb-samples on the same study, instead of running SLEB again")
+                         "the same --sleb-samples on the same study, instead of running SLEB again (sets holding the "
+                         "first or last block, from before SLEB kept them as its own code does: SLEB continues from "
+                         "the largest set without one)")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                     help="evaluate (and run SLEB) in this dtype instead of the study's (e.g. fp32 on a CPU without "
                          "native bf16, where bf16 is several times slower); recorded in the output")
@@ -100,8 +102,9 @@ def main(argv=None) -> int:
         c0, e0, _ = calibration_and_eval(tok, None, num_eval=study["eval_samples"], **data)
         if not (_same(calib, c0) and _same(evals, e0)):
             raise SystemExit("--heldout-samples changed the study's calibration or held-out samples")
-    theirs_by_m = ({} if not args.sleb_samples else _sleb_from(args.sleb_from, args.sleb_samples, rc) if args.sleb_from
-                   else _sleb_sets(model, calib[: args.sleb_samples], rc))
+    theirs_by_m = ({} if not args.sleb_samples
+                   else _sleb_on(model, calib[: args.sleb_samples], rc, _sleb_from(args.sleb_from, args.sleb_samples, rc))
+                   if args.sleb_from else _sleb_sets(model, calib[: args.sleb_samples], rc))
     calib = calib[:n_cal]
 
     from tqdm.auto import tqdm
@@ -153,6 +156,27 @@ def _sleb_sets(model, samples, rc: dict) -> dict[int, tuple[list[int], int]]:
     tokens = sum(int(s.numel()) for s in samples)
     return {r.num_remove: (r.removed, r.forward_passes * tokens)
             for r in sleb(model, samples, max(ms), progress=True) if r.num_remove in ms}
+
+
+def _sleb_on(model, samples, rc: dict, earlier: dict[int, tuple[list[int], int]]) -> dict[int, tuple[list[int], int]]:
+    """SLEB's sets from an earlier output, as its reference code would have them: outputs written before qblock's
+    SLEB kept the first and last block (as SLEB's own code does) may hold sets with an end block. Every earlier set
+    without one is on the reference's path (no step before it took an end block), so SLEB continues from the
+    largest of those; all tokens are counted as the reference spends them."""
+    from qblock.llm.blocks import find_blocks
+    from qblock.validate.baselines import sleb
+    from qblock.validate.runner import sleb_passes
+
+    n, tokens = len(find_blocks(model)), sum(int(s.numel()) for s in samples)
+    clean = [m for m, (removed, _) in earlier.items() if not {0, n - 1} & set(removed)]
+    k = max(clean, default=0)
+    sets = {m: sorted(removed) for m, (removed, _) in earlier.items() if m <= k}
+    ms = [int(m) for m in rc["per_m"]]
+    if max(ms) > k:
+        print(f"SLEB continues from its set at M = {k} (the earlier output's sets above it hold an end block)", flush=True)
+        start = sets[k] if k else []
+        sets.update({r.num_remove: r.removed for r in sleb(model, samples, max(ms), start=start, progress=True)})
+    return {m: (sets[m], sleb_passes(n, m) * tokens) for m in ms}
 
 
 def _sleb_from(path: str, n: int, rc: dict) -> dict[int, tuple[list[int], int]]:

@@ -256,7 +256,8 @@ SLEB_BARRIERS = (1, 1)
 
 
 def sleb(model, samples: Sequence[Any], max_remove: int, *, barriers: tuple[int, int] = SLEB_BARRIERS,
-         batch_size: int = 8, progress: bool = False, pool: Any = None, book: Any = None) -> list[BaselineResult]:
+         start: Sequence[int] = (), batch_size: int = 8, progress: bool = False, pool: Any = None,
+         book: Any = None) -> list[BaselineResult]:
     """SLEB greedy: at each step remove the block whose removal gives the lowest calibration loss.
 
     Returns one result per M = 1..max_remove; the cost of M is the candidate passes of its first M
@@ -272,6 +273,10 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, barriers: tuple[int,
     :class:`qblock.validate.oracle.OracleBook`) shares the oracle with other methods of a run on the same
     samples (qblock's screen walks the same chain): a set measured by either is computed once, and the
     counted passes are still SLEB's own.
+
+    ``start``: the first steps of a path already taken (its blocks in the order removed, e.g. SLEB's own
+    ``order`` on the same samples): the search continues from them, and only the results for M above
+    ``len(start)`` are returned, with the passes of the new steps.
     """
     from qblock.llm.blocks import find_blocks
     from qblock.validate.oracle import OracleBook
@@ -284,8 +289,11 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, barriers: tuple[int,
     if max_remove > n - early - late:
         raise ValueError(f"SLEB keeps the first {early} and the last {late} block(s): it can remove at most "
                          f"{max(0, n - early - late)} of {n} blocks, not {max_remove}")
+    removed = [int(i) for i in start]
+    if len(set(removed)) != len(removed) or not all(0 <= i < n for i in removed) or len(removed) > max_remove:
+        raise ValueError(f"start must be distinct blocks of 0..{n - 1}, at most max_remove = {max_remove}, "
+                         f"got {list(start)}")
     oracle = (book or OracleBook(model, batch_size=batch_size, executor=pool)).oracle(samples)
-    removed: list[int] = []
     passes = 0
     out = []
     t0 = time.perf_counter()
@@ -293,9 +301,10 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, barriers: tuple[int,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(n - early - late - k for k in range(max_remove)), desc="SLEB", unit="pass", leave=False)
+        bar = tqdm(total=sum(n - early - late - k for k in range(len(removed), max_remove)), desc="SLEB",
+                   unit="pass", leave=False)
     try:
-        for step in range(max_remove):
+        for step in range(len(removed), max_remove):
             alive = [i for i in range(n) if i not in removed]
             cands = alive[early:len(alive) - late]
             ticked = [0]  # the bar moves as each new set finishes, then by those another method measured
