@@ -269,7 +269,11 @@ def run_exact(problem, sampler: Any = None, *, num_solutions: int, seed: int | N
 
     p = problem
     n = p.num_variables
-    if n <= EXACT_ENUMERATION_LIMIT and strategy != "bnb":
+    if strategy == "bnb":
+        raise ValueError("exact: strategy='bnb' is for block-removal problems; a rank-selection problem is "
+                         f"enumerated (up to {EXACT_ENUMERATION_LIMIT} variables) or solved by the Pareto DP "
+                         "(strategy='auto')")
+    if n <= EXACT_ENUMERATION_LIMIT:
         X, _ = _enumerate_topk(p, num_solutions)
         info = {"certified_optimal": True, "strategy": "enumerate"}
     elif p.prefix and separable(p):

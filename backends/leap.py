@@ -290,7 +290,7 @@ class _RecordingSampler(dimod.Sampler):
         call = _call_record(ss.info, wall, len(ss))
         info = ss.info
         ctx = info.get("embedding_context") or {}
-        if "chain_strength" in ctx:
+        if ctx.get("chain_strength") is not None:  # None where every chain is one qubit (dwave-system skips it)
             call["chain_strength"] = float(ctx["chain_strength"])
         if ctx.get("embedding"):
             emb = ctx["embedding"]

@@ -69,6 +69,14 @@ def _convex_form(H: np.ndarray, lin: np.ndarray, M: int) -> tuple[np.ndarray, np
     return Q + np.diag(u), c - u, True
 
 
+def _unit_scale(H: np.ndarray, lin: np.ndarray) -> float:
+    """The factor that brings the largest coefficient to 1: a solver's absolute tolerances (about 1e-6)
+    then cannot swallow an instance's whole energy range (Fisher energies of order 1e-6 came back
+    "certified" in the wrong order)."""
+    top = max(float(np.abs(H).max(initial=0.0)), float(np.abs(lin).max(initial=0.0)))
+    return 1.0 / top if top > 0 else 1.0
+
+
 def _sorted_result(H, lin, states: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     if not states:
         return np.zeros((0, H.shape[0]), dtype=np.int8), np.zeros(0)
@@ -111,6 +119,8 @@ def topk_gurobi(
     H0, lin0 = H, lin  # energies are reported in the original form
     if convex:
         H, lin, _ = _convex_form(H, lin, M)
+    scale = _unit_scale(H, lin)
+    H, lin = H * scale, lin * scale
     t0 = time.perf_counter()
     env = gp.Env(empty=True)
     env.setParam("OutputFlag", 1 if verbose else 0)
@@ -146,7 +156,8 @@ def topk_gurobi(
             "status": int(model.Status),
             "time_limit_reached": model.Status == gp.GRB.TIME_LIMIT,
             # a bound of the optimum, so of every state (the convex form has the same feasible energies)
-            "lower_bound": float(model.ObjBound) if certified or model.Status == gp.GRB.TIME_LIMIT else -math.inf,
+            "lower_bound": (float(model.ObjBound) / scale if certified or model.Status == gp.GRB.TIME_LIMIT
+                            else -math.inf),
         }
     except gp.GurobiError as exc:
         raise RuntimeError(f"Gurobi failed: {exc} (the pip licence is size-limited)") from None
@@ -182,10 +193,13 @@ def topk_scip(
     H0, lin0 = H, lin
     if convex:
         H, lin, _ = _convex_form(H, lin, M)
+    scale = _unit_scale(H, lin)
+    H, lin = H * scale, lin * scale
     t0 = time.perf_counter()
     model = scip.Model()
     if not verbose:
         model.hideOutput()
+    model.setParam("numerics/feastol", 1e-9)  # the epigraph row t >= energy: its slack is an energy error
     x = [model.addVar(vtype="B", name=f"x{i}") for i in range(n)]
     lo = float(np.minimum(H, 0).sum() + np.minimum(lin, 0).sum())
     hi = float(np.maximum(H, 0).sum() + np.maximum(lin, 0).sum())
@@ -216,7 +230,7 @@ def topk_scip(
             raise KeyboardInterrupt
         if status != "optimal":
             # the unfinished solve's dual bound holds for every state not cut off yet
-            lower = max(lower, float(model.getDualbound()))
+            lower = max(lower, float(model.getDualbound()) / scale)
         if model.getNSols() == 0:
             certified = certified and status == "infeasible"
             out_of_time = status == "timelimit"
@@ -286,8 +300,9 @@ class _MIQPSampler(MatrixSampler):
             X, e, stats["gap"] = _fill_uncertified(H, lin, int(num_remove), k, X, e, stats.get("lower_bound", -math.inf))
             stats["filled_by_local_search"] = True
         info = dict(stats)
-        if not math.isfinite(info.get("lower_bound", 0.0)):
-            info["lower_bound"] = None
+        # the solvers bound x^T H x + lin^T x; the energies reported include the offset, so must the bound
+        bound = info.get("lower_bound", -math.inf)
+        info["lower_bound"] = float(bound) + offset if math.isfinite(bound) else None
         info["certified_optimal"] = bool(stats["certified"])
         info["timing"] = time.perf_counter() - t0
         return X, e + offset, info

@@ -501,7 +501,7 @@ class _QAOARun:
                                  options={"backend_options": {"method": method, "max_parallel_threads": threads}})
         # a pub's parameter values follow circuit.parameters (sorted by name: beta before gamma)
         where = {p.name: k for k, p in enumerate(params)}
-        self.meas_order = np.array([where[p.name] for p in self.t_meas.parameters])
+        self.meas_order = np.array([where[p.name] for p in self.t_meas.parameters], dtype=np.intp)  # may be empty
 
     def sample_bits(self, theta: np.ndarray, nshots: int) -> np.ndarray:
         values = np.asarray(theta, dtype=float)[self.meas_order]

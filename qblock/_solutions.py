@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,15 +69,32 @@ def solutions_payload(problem, ss) -> dict:
             "removed_labels": [problem.labels[i] for i in removed],
             "num_occurrences": int(occ),
         })
-    info = {k: v for k, v in ss.info.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
     return {
         "num_blocks": problem.num_blocks,
         "num_remove": problem.num_remove,
         "labels": list(problem.labels),
         "metadata": problem.metadata,
-        "info": info,
+        "info": _json_info(ss.info),
         "solutions": sols,
     }
+
+
+def _json_info(info: dict) -> dict:
+    """A result's info entries that JSON can hold; a non-finite number (e.g. an unknown ``gap``, ``inf``)
+    becomes ``null``, as strict JSON readers refuse ``Infinity`` and ``NaN``.
+
+    Example:
+        >>> _json_info({"gap": float("inf"), "bounds": [1.0, float("nan")], "sampler": object()})
+        {'gap': None, 'bounds': [1.0, None]}
+    """
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, list):
+            return [finite(x) for x in v]
+        return {k: finite(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    return {k: finite(v) for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
 
 
 def _rank_payload(problem, ss) -> dict:
@@ -86,9 +104,8 @@ def _rank_payload(problem, ss) -> dict:
         y = [int(sample[i]) for i in range(problem.num_variables)]
         sols.append({"rank": rank, "energy": float(energy), "kept": [i for i, v in enumerate(y) if v],
                      "groups_per_matrix": problem.ranks_of(y), "cost": int(problem.total_costs(y)[0])})
-    info = {k: v for k, v in ss.info.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
     return {"problem_kind": problem.kind, "num_variables": problem.num_variables, "budget": problem.budget,
-            "matrix_names": list(problem.matrix_names), "metadata": problem.metadata, "info": info,
+            "matrix_names": list(problem.matrix_names), "metadata": problem.metadata, "info": _json_info(ss.info),
             "solutions": sols}
 
 

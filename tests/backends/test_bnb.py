@@ -230,6 +230,33 @@ def test_scip_topk_matches_enumeration():
     _assert_same(X, e, Xr, er)
 
 
+@pytest.mark.parametrize("case", ["fisher-like at 1e-6", "couplings of -1e7 beside ones"])
+def test_scip_certifies_the_true_top_k_at_any_energy_scale(case):
+    pytest.importorskip("pyscipopt")
+    rng = np.random.default_rng(0)
+    if case.startswith("fisher"):  # SCIP's absolute tolerances swallowed the whole energy range
+        A = rng.standard_normal((40, 10))
+        p = qblock.BlockRemovalProblem(A.T @ A / 40 * 1e-6, 3)
+    else:  # energies near -4e7 that differ by 0.05: the epigraph row's slack reordered them
+        A = rng.standard_normal((14, 14))
+        H = (A + A.T) / 2
+        for i, j in rng.integers(0, 14, (4, 2)):
+            H[i, j] = H[j, i] = -1e7
+        p = qblock.BlockRemovalProblem(H, 5)
+    ss = qblock.solve(p, "scip", num_solutions=3)
+    ref = qblock.solve(p, "exact", num_solutions=3)
+    assert ss.info["certified_optimal"]
+    assert [p.removed_blocks(x) for x in ss.samples()] == [p.removed_blocks(x) for x in ref.samples()]
+
+
+def test_scip_lower_bound_includes_the_offset():
+    pytest.importorskip("pyscipopt")
+    p = qblock.BlockRemovalProblem(np.diag([1.0, 2.0, 3.0]), 1, offset=-100.0)
+    ss = qblock.solve(p, "scip", num_solutions=2)
+    assert list(ss.record.energy) == [-99.0, -98.0]
+    assert ss.info["lower_bound"] == pytest.approx(-98.0)  # the last proven optimum, with the offset
+
+
 def test_gurobi_topk_matches_enumeration():
     pytest.importorskip("gurobipy")
     from qblock.backends.miqp import topk_gurobi

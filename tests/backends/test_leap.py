@@ -188,6 +188,13 @@ def test_client_config_is_explicit():
 
 
 # ---------------------------------------------------------------------------- QPU through MockDWaveSampler
+def test_qpu_mock_on_a_problem_whose_chains_are_single_qubits():
+    p = qblock.random_problem(4, 2, seed=0)  # dwave-system leaves the chain strength None: nothing to couple
+    ss = qblock.solve(p, "dwave-qpu", num_solutions=2, seed=0, sampler_factory=mock_qpu_factory, num_reads=10)
+    assert ss.first.energy == pytest.approx(qblock.solve(p, "exact", num_solutions=1).first.energy)
+    assert all("chain_strength" not in s or s["chain_strength"] > 0 for s in ss.info["leap"]["submissions"])
+
+
 def test_qpu_mock_embeds_reports_chains_and_saves(tmp_path):
     p = qblock.random_problem(10, 3, seed=2)
     ss = qblock.solve(p, "dwave-qpu", num_solutions=5, seed=4, sampler_factory=mock_qpu_factory, num_reads=20)

@@ -177,3 +177,9 @@ def test_quadratic_program_agrees_with_problem_energy_on_feasible_states():
     for x, ex in zip(X, e):
         assert qp.objective.evaluate([int(v) for v in x]) == pytest.approx(ex, rel=1e-12, abs=1e-12)
         assert qp.is_feasible([int(v) for v in x])
+
+
+def test_one_variable_with_a_zero_objective():
+    # no circuit parameter is left: the empty index array must still be an index
+    ss = qblock.solve(qblock.BlockRemovalProblem([[0.0]], 1), "qaoa", num_solutions=1, seed=0)
+    assert ss.first.energy == 0.0 and list(ss.first.sample.values()) == [1]

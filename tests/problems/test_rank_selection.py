@@ -189,6 +189,13 @@ def test_exact_pareto_dp_is_optimal_on_separable_problems():
         assert p.is_feasible(y) and abs(p.energy(y) - e[0]) < 1e-9
 
 
+def test_exact_refuses_the_bnb_strategy_on_a_rank_problem_by_its_name():
+    p = _problem(seed=0, shapes=((4, 3), (3, 3)))
+    assert p.num_variables <= knapsack.EXACT_ENUMERATION_LIMIT  # small: the old message called it too large
+    with pytest.raises(ValueError, match="strategy='bnb' is for block-removal problems"):
+        qblock.solve(p, "exact", num_solutions=2, strategy="bnb")
+
+
 def test_exact_large_separable_uses_dp_and_beats_annealing():
     shapes = [(32, 24)] * 12
     p = _problem(seed=1, shapes=shapes, c=4, frac=0.5, couplings="diagonal", energy="fisher+grad")

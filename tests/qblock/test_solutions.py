@@ -51,3 +51,13 @@ def test_foreign_files_are_one_line_errors(tmp_path, content, fragment):
     assert str(path) in str(exc.value) and "\n" not in str(exc.value)
     with pytest.raises(SolutionsFileError, match="not found"):
         read_solutions_file(tmp_path / "missing.json")
+
+
+def test_a_result_with_an_unknown_gap_is_strict_json():
+    import json
+
+    p = qblock.random_problem(8, 2, seed=0)
+    ss = qblock.solve(p, "exact", num_solutions=3)
+    ss.info.update(gap=float("inf"), bounds=[1.0, float("nan")])  # as a search stopped by its time limit reports
+    payload = json.loads(json.dumps(solutions_payload(p, ss), allow_nan=False))
+    assert payload["info"]["gap"] is None and payload["info"]["bounds"] == [1.0, None]
