@@ -871,23 +871,22 @@ def save_healed(model, tokenizer, out_dir: str | os.PathLike, info: dict[str, An
                 pruned_info: dict[str, Any] | None = None) -> Path:
     """Save the healed model (Hugging Face directory), its tokenizer, ``qblock.json`` and ``qblock_pruned.json``.
 
-    ``qblock.json`` is written last, so its presence means the directory is complete.
+    ``qblock.json`` is written last, so its presence means the directory is complete; a failed save
+    leaves the files already in ``out_dir`` (e.g. the checkpoint) as they were
+    (:func:`qblock.llm.export.save_model_folder`).
     """
     from qblock._io import atomic_write_bytes
-    from qblock.llm.export import _drop_gguf_markers
+    from qblock.llm.export import _drop_gguf_markers, save_model_folder
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     _drop_gguf_markers(model)
-    tf = require("transformers", "llm")
-    from qblock.llm.models import _no_bars
 
-    with _no_bars(tf, True):  # transformers' shard-writing bar: noise after the healing bar
-        model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    if pruned_info is not None:
-        atomic_write_bytes(out / "qblock_pruned.json", (json.dumps(pruned_info, indent=2) + "\n").encode())
+    def finish(folder: Path) -> None:
+        if pruned_info is not None:
+            atomic_write_bytes(folder / "qblock_pruned.json", (json.dumps(pruned_info, indent=2) + "\n").encode())
+
+    # quiet: transformers' shard-writing bar is noise after the healing bar
+    save_model_folder(model, tokenizer, out, finish, quiet=True)
     atomic_write_bytes(out / "qblock.json", (json.dumps(_jsonable(info), indent=1) + "\n").encode())
     return out
 

@@ -76,6 +76,21 @@ def test_export_dense_and_lowrank_give_the_same_logits(tmp_path):
     assert lowrank_numbers == expect
 
 
+def test_a_failed_export_leaves_no_out(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full_disk(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    model = tiny_model()
+    fs = factorise(model, whiten=False)
+    ranks, info = allocate(model, fs, 0.5, "uniform")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        export(model, None, fs, ranks, tmp_path / "o", info)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("method", ["uniform", "global-threshold", "fermigrad", "exact", "swap", "sa"])
 @pytest.mark.parametrize("basis", ["plain", "whitened"])
 def test_every_method_keeps_the_budget(method, basis):
