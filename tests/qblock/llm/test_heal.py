@@ -334,6 +334,22 @@ def test_cli_heal_errors_are_one_line(tiny_files, tmp_path, capsys, monkeypatch)
     assert "pip install 'qblock[heal]'" in capsys.readouterr().err
 
 
+def test_cli_heal_never_overwrites_the_recorded_teacher(tiny_files, tmp_path, capsys):
+    """The default teacher (recorded by qblock prune) is an input like --teacher: --out there is refused."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_files / "model", teacher)
+    before = {f.name: f.read_bytes() for f in teacher.iterdir()}
+    assert main(["prune", "--model", str(teacher), "--remove", "1,2", "--out", str(tmp_path / "p"), "-q"]) == 0
+    args = _heal_args(tiny_files, teacher, "--overwrite", "--quiet")
+    args[1] = str(tmp_path / "p")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "would overwrite the input" in err[0], err
+    assert {f.name: f.read_bytes() for f in teacher.iterdir()} == before
+
+
 def test_cli_help_defaults_match_the_settings():
     from qblock.cli import heal as cli_heal
 
