@@ -155,6 +155,41 @@ def test_cli_svd_writes_a_loadable_directory(tiny_dir, tmp_path, method):
     assert load_lowrank(out) is not None
 
 
+def test_a_zero_or_rank_deficient_matrix_factorises_at_its_numerical_rank():
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(12, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 8, generator=g, dtype=torch.float64)
+    moment = torch.eye(8, dtype=torch.float64)
+    for W, rank in ((torch.zeros(12, 8), 0), (low, 3)):
+        for f in (Factorisation.plain("w", W), Factorisation.whitened_by("w", W, moment)):
+            assert f.rank == rank and torch.allclose(f.weight(), W.double(), atol=1e-10)
+            P, C, B = pivga(f.U * f.s, f.B)  # A_P was singular: linalg.solve failed
+            assert torch.allclose(pivga_weight(P, C, B, 12), W.double(), atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["uniform", "exact"])
+@pytest.mark.parametrize("basis", ["plain", "whitened"])
+def test_cli_svd_compresses_a_model_with_a_zero_projection(tiny_dir, tmp_path, method, basis):
+    """As when svd runs on its own output after a method emptied a matrix: rank 0, no traceback."""
+    from conftest import word_tokenizer as tiny_tokenizer
+
+    model = tiny_model(5)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+    model.save_pretrained(tmp_path / "zero")
+    tiny_tokenizer().save_pretrained(tmp_path / "zero")
+    out = tmp_path / "out"
+    assert main(["svd", "--model", str(tmp_path / "zero"), "--calibration", str(tiny_dir / "calib.txt"),
+                 "--samples", "4", "--seq-len", "12", "--ratio", "0.6", "--method", method, "--basis", basis,
+                 "--group-size", "4", "--out", str(out), "-q"]) == 0
+    rec = json.loads((out / "svd.json").read_text())
+    zero = [m for m in rec["matrices"] if m["name"] == "model.layers.0.self_attn.o_proj"]
+    assert zero == [{"name": "model.layers.0.self_attn.o_proj", "shape": [16, 16], "rank": 0, "max_rank": 0,
+                     "stored": 0}]
+    assert rec["parameters_after"] <= rec["budget"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert not reloaded.model.layers[0].self_attn.o_proj.weight.any()
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--ratio", "1.5", "--method", "uniform"], "--ratio must be in (0, 1]"),
     (["--ratio", "0.5", "--method", "qaoa"], "does not solve rank-selection"),
