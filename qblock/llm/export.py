@@ -190,7 +190,6 @@ def save_pruned(model, tokenizer, idx: Iterable[int], out_dir: str | os.PathLike
     """
     out = Path(out_dir)
     pruned = remove_blocks(model, idx)
-    _drop_gguf_markers(pruned)
     info = dict(pruned.config.qblock_pruned)
     info["source"] = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     if provenance is not None:
@@ -211,7 +210,8 @@ def save_model_folder(model, tokenizer, out_dir: str | os.PathLike, finish: Call
     The one way qblock writes a model folder (``prune``, ``heal``, ``svd``): everything goes into a staging
     folder (:func:`qblock._io.staged_folder`) and reaches ``out_dir`` only if the save and ``finish``
     (extra files, checks) succeed, so a failure leaves neither a half-written model nor a new ``out_dir``,
-    and the files of an existing one untouched.
+    and the files of an existing one untouched. A model loaded from GGUF loses its quantizer markers
+    first (its weights are fp32 already; transformers refuses to save it with them).
 
     Args:
         model: the model to save.
@@ -226,6 +226,7 @@ def save_model_folder(model, tokenizer, out_dir: str | os.PathLike, finish: Call
     from qblock._io import staged_folder
     from qblock.llm._hf import _no_bars, _transformers
 
+    _drop_gguf_markers(model)
     with staged_folder(out_dir) as folder:
         with _no_bars(_transformers(), quiet):
             model.save_pretrained(folder)

@@ -876,10 +876,9 @@ def save_healed(model, tokenizer, out_dir: str | os.PathLike, info: dict[str, An
     (:func:`qblock.llm.export.save_model_folder`).
     """
     from qblock._io import atomic_write_bytes
-    from qblock.llm.export import _drop_gguf_markers, save_model_folder
+    from qblock.llm.export import save_model_folder
 
     out = Path(out_dir)
-    _drop_gguf_markers(model)
 
     def finish(folder: Path) -> None:
         if pruned_info is not None:

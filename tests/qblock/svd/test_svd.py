@@ -190,6 +190,41 @@ def test_cli_svd_compresses_a_model_with_a_zero_projection(tiny_dir, tmp_path, m
     assert not reloaded.model.layers[0].self_attn.o_proj.weight.any()
 
 
+def _tiny_gguf(path):
+    """A random tiny Llama written as a GGUF file (fp32 tensors, a 48-token vocabulary ``t0 .. t47``)."""
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(0)
+    V, H, I, heads, kv = 48, 16, 24, 2, 1
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2), w.add_context_length(64), w.add_embedding_length(H), w.add_feed_forward_length(I)
+    w.add_head_count(heads), w.add_head_count_kv(kv), w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_dimension_count(H // heads), w.add_vocab_size(V), w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(V)]), w.add_token_types([1] * V), w.add_token_scores([0.0] * V)
+    w.add_bos_token_id(1), w.add_eos_token_id(2)
+    shapes = {"token_embd.weight": (V, H), "output_norm.weight": (H,), "output.weight": (V, H)}
+    for b in range(2):
+        shapes.update({f"blk.{b}.attn_norm.weight": (H,), f"blk.{b}.ffn_norm.weight": (H,),
+                       f"blk.{b}.attn_q.weight": (H, H), f"blk.{b}.attn_k.weight": (H * kv // heads, H),
+                       f"blk.{b}.attn_v.weight": (H * kv // heads, H), f"blk.{b}.attn_output.weight": (H, H),
+                       f"blk.{b}.ffn_gate.weight": (I, H), f"blk.{b}.ffn_up.weight": (I, H),
+                       f"blk.{b}.ffn_down.weight": (H, I)})
+    for name, shape in shapes.items():
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+def test_cli_svd_of_a_gguf_model_saves_it(tmp_path):
+    """A GGUF-loaded model keeps quantizer markers that transformers refuses to save: export drops them."""
+    src = _tiny_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "calib.txt").write_text("\n\n".join(" ".join(f"t{(7 * k + j) % 45 + 3}" for j in range(30))
+                                                    for k in range(20)) + "\n")
+    out = tmp_path / "out"
+    assert main(["svd", "--model", str(src), "--calibration", str(tmp_path / "calib.txt"), "--samples", "2",
+                 "--seq-len", "12", "--ratio", "0.6", "--basis", "plain", "--out", str(out), "-q"]) == 0
+    assert load_lowrank(out).config.num_hidden_layers == 2
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--ratio", "1.5", "--method", "uniform"], "--ratio must be in (0, 1]"),
     (["--ratio", "0.5", "--method", "qaoa"], "does not solve rank-selection"),
