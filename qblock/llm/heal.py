@@ -355,7 +355,8 @@ def heal_data(tokenizer, source: str | os.PathLike | None = None, *, num_samples
     does; the held-out samples are packed from the back of that order (``eval_samples`` x
     ``eval_seq_len``: with the defaults of ``qblock run``, 32 x 256 at seed 0, the same passages its
     held-out split uses, and a superset of ``--quick``'s 12 x 128), the training samples from the
-    front, skipping those passages and ``exclude``. If the text holds fewer than ``num_samples``
+    front, skipping those passages and ``exclude``. Both are packed as calibration samples are (BOS
+    first where the tokenizer's encoding starts with it). If the text holds fewer than ``num_samples``
     training samples, all there are are returned (training then cycles through them).
 
     Returns:
@@ -387,30 +388,21 @@ def heal_data(tokenizer, source: str | os.PathLike | None = None, *, num_samples
         raise HealError(f"held-out split: {exc}") from None
     skip = set(held_used) | {int(i) for i in exclude}
     front = [int(i) for i in perm if int(i) not in skip]
-    need = int(num_samples) * int(seq_len)
-    sep = getattr(tokenizer, "eos_token_id", None)
-    stream: list[int] = []
-    used: list[int] = []
-    for i in front:
-        ids = qdata._token_ids(tokenizer, texts[i])
-        if not ids:
-            continue
-        if stream and sep is not None:
-            stream.append(int(sep))  # document boundary, as calibration packing does
-        stream.extend(ids)
-        used.append(i)
-        if len(stream) >= need:
-            break
-    n = min(int(num_samples), len(stream) // seq_len)
+    try:  # packed as calibration samples are (BOS first where the tokenizer adds one), as many as there are
+        chunks, used = qdata._pack(tokenizer, texts, front, int(num_samples), int(seq_len), fewer=True)
+    except qdata.DataError as exc:
+        raise HealError(f"training samples: {exc}") from None
+    n = len(chunks)
     if n < 1:
-        raise HealError(f"not enough text for one training sample of {seq_len} tokens ({len(stream)} tokens "
-                        f"left after reserving {len(skip)} held-out passages); use --seq-len smaller or more text")
-    train = qdata._to_tensors([stream[k * seq_len:(k + 1) * seq_len] for k in range(n)])
+        raise HealError(f"not enough text for one training sample of {seq_len} tokens after reserving "
+                        f"{len(skip)} held-out passages; use --seq-len smaller or more text")
+    train = qdata._to_tensors(chunks)
     out = {k: v for k, v in prov.items()}
     out.update({
         "seed": int(seed),
         "packing": "shuffled passages joined by eos, cut into seq_len-token samples; training from the front of "
-                   "the permutation, held-out from the back (as qblock run splits calibration and held-out text)",
+                   "the permutation, held-out from the back (as qblock run splits calibration and held-out text)"
+                   + ("; each sample starts with the tokenizer's BOS token" if qdata._bos_prefix(tokenizer) else ""),
         "train": {"num_samples": n, "seq_len": int(seq_len), "num_tokens": n * int(seq_len),
                   "num_passages": len(used), "passages": sorted(used), "tokens_sha256": tokens_sha256(train)},
         "held_out": {"num_samples": len(held), "seq_len": eval_seq_len, "num_passages": len(held_used),

@@ -210,6 +210,24 @@ def test_heal_data_keeps_the_held_out_passages_out(tiny_files):
         H.heal_data(tok, calib, num_samples=1, seq_len=10**6)
 
 
+def test_heal_training_samples_are_packed_as_calibration_samples(tiny_files):
+    """With a tokenizer that adds BOS, training samples start with BOS as calibration and held-out ones do."""
+    from tokenizers import processors
+
+    from qblock.llm.data import calibration_and_eval
+
+    tok = _word_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="t0 $A", special_tokens=[("t0", 0)])
+    tok.bos_token = "t0"
+    assert tok("t5 t6")["input_ids"] == [0, 5, 6]
+    calib = str(tiny_files / "calib.txt")
+    train, held, prov = H.heal_data(tok, calib, num_samples=6, seq_len=16, seed=0, eval_samples=3)
+    cal, ev, _ = calibration_and_eval(tok, calib, num_calib=6, num_eval=3, seq_len=16, seed=0)
+    assert [t.tolist() for t in train] == [t.tolist() for t in cal]
+    assert [t.tolist() for t in held] == [t.tolist() for t in ev]
+    assert all(int(t[0]) == 0 and len(t) == 16 for t in train) and "BOS" in prov["packing"]
+
+
 # ------------------------------------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def tiny_files(teacher, tmp_path_factory):
