@@ -104,6 +104,18 @@ def test_every_method_keeps_the_budget(method, basis):
         assert all(0 <= r <= f.rank for r, f in zip(ranks, fs))
 
 
+def test_uniform_ranks_never_exceed_the_integer_budget():
+    """0.35 * 15 * 8 rounds above 42 in floats while the budget floors 0.35 * 360 to 125: 3 x 42 did not fit."""
+    g = torch.Generator().manual_seed(0)
+    fs = [Factorisation.plain(f"w{k}", torch.randn(15, 8, generator=g, dtype=torch.float64)) for k in range(3)]
+    ranks, info = allocate(None, fs, 0.35, "uniform")
+    assert info["stored"] <= info["budget"] == 125
+    mixed = fs + [Factorisation.plain("x", torch.randn(12, 7, generator=g, dtype=torch.float64))]
+    for k in range(1, 101):
+        for group in (fs, mixed):
+            assert sum(stored(group, uniform_ranks(group, k / 100))) <= budget_of(group, k / 100), k
+
+
 def test_uniform_at_ratio_one_keeps_everything_and_fermigrad_is_seeded():
     model = tiny_model(3)
     fs = factorise(model, whiten=False)
