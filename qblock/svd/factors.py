@@ -167,13 +167,17 @@ def input_moments(model, samples: Sequence[Any], linears=None, *, progress: bool
 
 def factorise(model, samples: Sequence[Any] | None = None, *, whiten: bool = True, damp: float = 1e-4,
               progress: bool = False) -> list[Factorisation]:
-    """:class:`Factorisation` of every decoder linear, plain or whitened on ``samples``."""
+    """:class:`Factorisation` of every decoder linear, plain or whitened on ``samples``.
+
+    Raises:
+        ValueError: ``whiten`` without calibration ``samples``.
+    """
     from tqdm.auto import tqdm
 
+    if whiten and not samples:  # before input_moments, which fails on None or no samples less clearly
+        raise ValueError("whitened SVD needs calibration samples")
     linears = find_linears(model)
     moments = input_moments(model, samples, linears, progress=progress) if whiten else {}
-    if whiten and not samples:
-        raise ValueError("whitened SVD needs calibration samples")
     out = []
     for name, mod in tqdm(linears, desc="SVD", disable=not progress, leave=False):
         W = mod.weight.detach()

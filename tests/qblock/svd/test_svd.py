@@ -104,6 +104,12 @@ def test_every_method_keeps_the_budget(method, basis):
         assert all(0 <= r <= f.rank for r, f in zip(ranks, fs))
 
 
+@pytest.mark.parametrize("samples", [None, []])
+def test_whitening_without_samples_is_a_value_error(samples):
+    with pytest.raises(ValueError, match="whitened SVD needs calibration samples"):
+        factorise(tiny_model(), samples, whiten=True)
+
+
 def test_uniform_ranks_never_exceed_the_integer_budget():
     """0.35 * 15 * 8 rounds above 42 in floats while the budget floors 0.35 * 360 to 125: 3 x 42 did not fit."""
     g = torch.Generator().manual_seed(0)
