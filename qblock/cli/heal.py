@@ -223,6 +223,8 @@ def run(args: argparse.Namespace) -> int:
     if settings.mode == "lora":
         require("peft", "heal")
     train, held, dprov = _data(args, m["tok"], settings)
+    if args.no_eval:  # reserved but not evaluated: recorded as 0 evaluated samples, not as the split's size
+        held = []
     fingerprint = {
         "student": {"dir": str(pruned.resolve()), "weights_sha256": _weights_sha256(pruned)},
         "teacher": m["provenance"],
@@ -243,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         result = H.heal(m["student"], m["teacher"], train, settings, checkpoint_dir=out / H.CHECKPOINT_DIR,
                         fingerprint=fingerprint, checkpoint_every=args.checkpoint_every,
                         checkpoint_seconds=60.0 * args.checkpoint_minutes,
-                        eval_samples=[] if args.no_eval else held, eval_every=args.eval_every, progress=progress)
+                        eval_samples=held, eval_every=args.eval_every, progress=progress)
     except H.HealError as exc:
         raise CliError(str(exc)) from None
     info = _info(result, settings, m["teacher_spec"], pruned, m["pruned_info"], dprov, fingerprint, threads, args,

@@ -280,6 +280,19 @@ def test_cli_heal_saves_a_model_that_reloads_and_generates(tiny_files, tmp_path,
     assert json.loads((out / "qblock.json").read_text())["settings"]["seed"] == 3
 
 
+def test_cli_heal_no_eval_records_no_evaluated_samples(tiny_files, tmp_path, capsys):
+    """--no-eval evaluates nothing and says so; the same heal with evaluation is then not 'already there'."""
+    out = tmp_path / "healed"
+    assert main(_heal_args(tiny_files, out, "--no-eval", "--quiet")) == 0
+    info = json.loads((out / "qblock.json").read_text())
+    assert info["heldout"]["num_samples"] == 0 and info["fingerprint"]["held_out"]["evaluated"] == 0
+    assert "before" not in info["heldout"] and info["heldout"]["reserved_samples"] == 32
+    capsys.readouterr()
+    assert main(_heal_args(tiny_files, out)) == 2
+    err = capsys.readouterr().err
+    assert "already holds" not in err and "different settings or inputs" in err
+
+
 def test_cli_heal_resumes_an_interrupted_run(tiny_files, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
