@@ -429,6 +429,7 @@ class _Trainable:
     model: Any                      # what is run (a peft wrapper in LoRA mode)
     params: list[tuple[str, Any]]   # trainable (name, parameter), in a fixed order
     finish: Callable[[], Any]       # -> the plain model to save (LoRA merged, hooks removed)
+    undo: Callable[[], None]        # after a failure: hooks removed, LoRA unloaded unmerged
 
 
 def _prepare(student, mode: str, settings: HealSettings) -> _Trainable:
@@ -457,14 +458,17 @@ def _prepare(student, mode: str, settings: HealSettings) -> _Trainable:
             hooks.append(emb.register_forward_hook(lambda mod, args, out: out.detach()))
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
 
-    def finish():
+    def undo():
         for h in hooks:
             h.remove()
+
+    def finish():
+        undo()
         for p in student.parameters():
             p.requires_grad_(False)
         return student
 
-    return _Trainable(student, params, finish)
+    return _Trainable(student, params, finish, undo)
 
 
 def _final_norms(model, blocks) -> list[Any]:
@@ -495,7 +499,7 @@ def _prepare_lora(student, settings: HealSettings) -> _Trainable:
             p.requires_grad_(False)
         return merged
 
-    return _Trainable(wrapped, params, finish)
+    return _Trainable(wrapped, params, finish, lambda: wrapped.unload())
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -611,7 +615,10 @@ def heal(student, teacher, samples: Sequence[Any], settings: HealSettings | None
         on_step: called as ``on_step(step, record)`` after every completed step (and its checkpoint).
 
     A ``KeyboardInterrupt`` between steps saves a checkpoint of the steps completed before it is
-    re-raised; any other exception leaves the last periodic checkpoint. Resuming restores the
+    re-raised; any other exception leaves the last periodic checkpoint. Either way the student is
+    handed back without hooks or LoRA adapters (unmerged: its weights as given), with its
+    ``requires_grad`` flags and train/eval mode as they were; in ``full`` and ``last`` mode its weights
+    keep the completed steps' updates. Resuming restores the
     trainable weights, AdamW's moments, the RNG state and the step (which fixes the data position and
     the learning rate), so on CPU the final weights equal an uninterrupted run's.
 
@@ -623,11 +630,18 @@ def heal(student, teacher, samples: Sequence[Any], settings: HealSettings | None
     run.eval_samples, run.eval_every, run.eval_batch_size = list(eval_samples), int(eval_every), int(eval_batch_size)
     flags = [(p, p.requires_grad) for p in teacher.parameters()]
     was_training = teacher.training
+    s_flags, s_training = [(p, p.requires_grad) for p in student.parameters()], student.training
     teacher.eval()
     for p, _ in flags:
         p.requires_grad_(False)
     try:
         return run.train(progress, on_step)
+    except BaseException:  # the student is the caller's model too: no hook, adapter or flag of ours left
+        run.undo()
+        for p, flag in s_flags:
+            p.requires_grad_(flag)
+        student.train(s_training)
+        raise
     finally:  # the teacher is the caller's model: leave it as it was
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -666,6 +680,12 @@ class _Run:
         self.resumed: list[int] = []
 
     # -- setup -------------------------------------------------------------------------------------
+    def undo(self) -> None:
+        """After a failed :meth:`train`: the student without our hooks or LoRA adapters (if prepared, not finished)."""
+        tr, self.tr = getattr(self, "tr", None), None
+        if tr is not None:
+            tr.undo()
+
     def _start(self, progress: bool) -> int:
         """Trainable parameters, optimizer, and the state of a matching checkpoint; returns the first step."""
         torch = _torch()
@@ -741,6 +761,7 @@ class _Run:
                 self._evaluate(self.steps)
             n_train = sum(p.numel() for _, p in self.tr.params)
             model = self.tr.finish()
+            self.tr = None  # finished: nothing for undo() to take back
         model.eval()
         return HealResult(model=model, mode=self.mode, lr=self.peak, steps=self.steps,
                           tokens=self.steps * self.settings.batch_size * self.seq, history=self.history,

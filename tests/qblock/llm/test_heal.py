@@ -173,6 +173,28 @@ def test_lora_heal_resumes_to_the_same_weights(teacher, tmp_path):
     assert resumed.resumed_from == [2] and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("mode", ["full", "last", "lora"])
+def test_a_failed_heal_hands_the_student_back_unwrapped(teacher, mode):
+    """No detach hook (last), no unmerged LoRA wrapping (lora), requires_grad and eval mode as given."""
+    if mode == "lora":
+        pytest.importorskip("peft")
+    student = _student(teacher)
+    flags = [p.requires_grad for p in student.parameters()]
+    keys, before = list(student.state_dict()), _weights(student)
+
+    def stop(step, rec):
+        raise Stop
+
+    with pytest.raises(Stop):
+        H.heal(student, teacher, _samples(3, 4), H.HealSettings(mode=mode, steps=3, batch_size=2, seq_len=24),
+               progress=False, on_step=stop)
+    assert not student.model.embed_tokens._forward_hooks and not student.training
+    assert type(student.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert list(student.state_dict()) == keys and [p.requires_grad for p in student.parameters()] == flags
+    if mode == "lora":  # the adapters are dropped unmerged: the weights are the ones given
+        assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
 def test_a_checkpoint_of_other_settings_is_refused(teacher, tmp_path):
     train = _samples(3, 10)
     with pytest.raises(Stop):
