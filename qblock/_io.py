@@ -6,11 +6,12 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-__all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "file_in_the_way"]
+__all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "file_in_the_way", "staged_folder"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -96,6 +97,50 @@ def replacing(path: Path, *, suffix: str = "", mode: int | None = None) -> Itera
         except OSError:
             pass
         raise
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """A hidden folder inside ``out`` to write a result into: its entries move into ``out`` only if the
+    block ends without error; otherwise it is removed, and so is ``out`` if this call created it.
+
+    A failed write (an error, a failed check, Ctrl-C) thus leaves nothing that looks like a result, and
+    the files of an existing ``out`` as they were. The staging folder is inside ``out``, not beside it,
+    so the moves are renames on one file system even where ``out`` is a mount point.
+
+    Example:
+        >>> import tempfile, os
+        >>> out = Path(tempfile.mkdtemp()) / "m"
+        >>> try:
+        ...     with staged_folder(out) as d:
+        ...         _ = (d / "a.json").write_text("{}")
+        ...         raise ValueError("check failed")
+        ... except ValueError:
+        ...     pass
+        >>> out.exists()
+        False
+        >>> with staged_folder(out) as d:
+        ...     _ = (d / "a.json").write_text("{}")
+        >>> sorted(os.listdir(out))
+        ['a.json']
+    """
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".qblock-staging-", dir=out))
+    try:
+        yield stage
+        for entry in sorted(stage.iterdir()):
+            dest = out / entry.name
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)  # os.replace cannot replace a folder
+            os.replace(entry, dest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    stage.rmdir()
 
 
 def json_default(o: Any) -> Any:

@@ -207,19 +207,24 @@ def run(args: argparse.Namespace) -> int:
     if not pruned.is_dir() or not (pruned / "config.json").is_file():
         raise CliError(f"PRUNED_DIR {pruned} is not a Hugging Face model directory (no config.json)")
     from qblock.cli._common import check_output
+    from qblock.llm.heal import recorded_teacher
 
-    # the one --out rule of every sub-command (not a file, writable, never one of the inputs)
-    check_output(args.out, "--out", inputs=[args.pruned, args.calibration, args.teacher], folder=True)
+    # the one --out rule of every sub-command (not a file, writable, never one of the inputs); the teacher
+    # qblock prune recorded is an input as much as a --teacher (heal P --out TEACHER --overwrite replaced it)
+    teacher = args.teacher or recorded_teacher(pruned)
+    check_output(args.out, "--out", inputs=[args.pruned, args.calibration, teacher], folder=True)
     state = _out_state(out, args.overwrite)
     threads = _threads(args)
     t_start = time.perf_counter()
-    m = _load_models(args, pruned)
+    m = _load_models(args, pruned, teacher)
     from qblock.llm import heal as H
 
     settings.mode = H.resolve_mode(settings.mode, sum(p.numel() for p in m["student"].parameters()))
     if settings.mode == "lora":
         require("peft", "heal")
     train, held, dprov = _data(args, m["tok"], settings)
+    if args.no_eval:  # reserved but not evaluated: recorded as 0 evaluated samples, not as the split's size
+        held = []
     fingerprint = {
         "student": {"dir": str(pruned.resolve()), "weights_sha256": _weights_sha256(pruned)},
         "teacher": m["provenance"],
@@ -240,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         result = H.heal(m["student"], m["teacher"], train, settings, checkpoint_dir=out / H.CHECKPOINT_DIR,
                         fingerprint=fingerprint, checkpoint_every=args.checkpoint_every,
                         checkpoint_seconds=60.0 * args.checkpoint_minutes,
-                        eval_samples=[] if args.no_eval else held, eval_every=args.eval_every, progress=progress)
+                        eval_samples=held, eval_every=args.eval_every, progress=progress)
     except H.HealError as exc:
         raise CliError(str(exc)) from None
     info = _info(result, settings, m["teacher_spec"], pruned, m["pruned_info"], dprov, fingerprint, threads, args,
@@ -264,15 +269,13 @@ def _threads(args) -> int:
     return setup_torch(args)
 
 
-def _load_models(args, pruned: Path) -> dict[str, Any]:
-    """Student (the pruned model), teacher (given, or recorded by qblock prune), tokenizer; checked as a pair."""
+def _load_models(args, pruned: Path, spec: str | None) -> dict[str, Any]:
+    """Student (the pruned model), teacher ``spec`` (given, or recorded by qblock prune), tokenizer; checked as a pair."""
     from qblock.llm.cache import CacheError
-    from qblock.llm.heal import recorded_teacher
     from qblock.llm.models import ModelLoadError, load_model, model_provenance
 
     student, tok = _load_student(pruned, args.dtype, args.device, args.quiet)
     pruned_info = _read_pruned_info(pruned)
-    spec = args.teacher or recorded_teacher(pruned)
     if not spec:
         raise CliError(f"{pruned} records no teacher (no qblock_pruned.json from qblock prune); pass --teacher MODEL")
     try:

@@ -237,10 +237,13 @@ def _bos_prefix(tokenizer) -> list[int]:
     return [int(bos)] if ids[:1] == [int(bos)] else []
 
 
-def _pack(tokenizer, texts: Sequence[str], order: Iterable[int], num_samples: int, seq_len: int):
+def _pack(tokenizer, texts: Sequence[str], order: Iterable[int], num_samples: int, seq_len: int,
+          fewer: bool = False):
     """Pack passages in ``order`` into ``num_samples`` chunks; return (chunks, used passage indices).
 
-    Each chunk is the BOS prefix (see :func:`_bos_prefix`) followed by the next ``body`` stream tokens.
+    Each chunk is the BOS prefix (see :func:`_bos_prefix`) followed by the next ``body`` stream tokens:
+    the one packing rule of calibration, evaluation and healing samples. ``fewer``: when the passages
+    run out, return the chunks they fill instead of raising :class:`DataError` (healing cycles through them).
     """
     prefix = _bos_prefix(tokenizer)
     body = seq_len - len(prefix)
@@ -263,12 +266,12 @@ def _pack(tokenizer, texts: Sequence[str], order: Iterable[int], num_samples: in
         used.append(int(i))
         if len(stream) >= need:
             break
-    if len(stream) < need:
+    if len(stream) < need and not fewer:
         raise DataError(
             f"not enough text: {len(stream)} tokens from {len(used)} passages, but {num_samples} samples "
             f"x {body} text tokens = {need} are needed; use fewer/shorter samples or more text"
         )
-    return [prefix + stream[k * body:(k + 1) * body] for k in range(num_samples)], used
+    return [prefix + stream[k * body:(k + 1) * body] for k in range(min(num_samples, len(stream) // body))], used
 
 
 def _to_tensors(chunks):

@@ -28,12 +28,12 @@ import json
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from qblock._lazy import require
 from qblock.llm.blocks import _block_stack, find_blocks
 
-__all__ = ["remove_blocks", "save_pruned", "check_reloadable"]
+__all__ = ["remove_blocks", "save_pruned", "check_reloadable", "save_model_folder"]
 
 
 def _configs(model) -> list[Any]:
@@ -135,11 +135,12 @@ def _drop_gguf_markers(model) -> None:
         drop_gguf_markers(model)
 
 
-def check_reloadable(model, out_dir: str | os.PathLike) -> None:
+def check_reloadable(model, out_dir: str | os.PathLike, shown: str | os.PathLike | None = None) -> None:
     """Rebuild the saved config's model on the meta device and compare parameter names and shapes.
 
     Catches configs whose layer structure depends on the layer index in ways a block list cannot
-    express (e.g. MoE layers every k-th block), without loading any weights.
+    express (e.g. MoE layers every k-th block), without loading any weights. ``shown``: the folder
+    the message names (default ``out_dir``; :func:`save_pruned` checks its staging folder).
     """
     torch = require("torch", "llm")
     transformers = require("transformers", "llm")
@@ -153,7 +154,7 @@ def check_reloadable(model, out_dir: str | os.PathLike) -> None:
     shapes = sorted(k for k in set(want) & set(got) if want[k] != got[k])
     if missing or extra or shapes:
         raise ValueError(
-            f"the pruned model saved in {out_dir} would not reload cleanly: its config rebuilds a different "
+            f"the pruned model for {shown or out_dir} would not reload cleanly: its config rebuilds a different "
             f"architecture (missing {missing[:3]}, unexpected {extra[:3]}, shape mismatch {shapes[:3]}); this model "
             f"family ties layer structure to the layer index"
         )
@@ -167,7 +168,8 @@ def save_pruned(model, tokenizer, idx: Iterable[int], out_dir: str | os.PathLike
         model: the model.
         tokenizer: its tokenizer (saved alongside), or ``None``.
         idx: block indices to drop.
-        out_dir: output directory (created).
+        out_dir: output directory (created); a failed save or reload check leaves nothing there
+            (:func:`save_model_folder`).
         check: rebuild the saved config on the meta device to confirm it reloads (no weights loaded).
         provenance: what the model is (e.g. :func:`qblock.llm.models.model_provenance` of its spec), recorded
             as ``"model"`` in ``qblock_pruned.json``; ``qblock heal`` takes its default teacher from there.
@@ -188,19 +190,48 @@ def save_pruned(model, tokenizer, idx: Iterable[int], out_dir: str | os.PathLike
     """
     out = Path(out_dir)
     pruned = remove_blocks(model, idx)
-    _drop_gguf_markers(pruned)
-    out.mkdir(parents=True, exist_ok=True)
-    from qblock.llm._hf import _no_bars, _transformers
-
-    with _no_bars(_transformers(), quiet):
-        pruned.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
     info = dict(pruned.config.qblock_pruned)
     info["source"] = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     if provenance is not None:
         info["model"] = dict(provenance)
-    (out / "qblock_pruned.json").write_text(json.dumps(info, indent=2) + "\n")
-    if check:
-        check_reloadable(pruned, out)
-    return out
+
+    def finish(folder: Path) -> None:
+        (folder / "qblock_pruned.json").write_text(json.dumps(info, indent=2) + "\n")
+        if check:  # before the files reach out: a model that would not reload is never left there
+            check_reloadable(pruned, folder, shown=out)
+
+    return save_model_folder(pruned, tokenizer, out, finish, quiet=quiet)
+
+
+def save_model_folder(model, tokenizer, out_dir: str | os.PathLike, finish: Callable[[Path], None] | None = None,
+                      quiet: bool = True) -> Path:
+    """Save ``model`` (Hugging Face format), its tokenizer and what ``finish(folder)`` adds, all or nothing.
+
+    The one way qblock writes a model folder (``prune``, ``heal``, ``svd``): everything goes into a staging
+    folder (:func:`qblock._io.staged_folder`) and reaches ``out_dir`` only if the save and ``finish``
+    (extra files, checks) succeed, so a failure leaves neither a half-written model nor a new ``out_dir``,
+    and the files of an existing one untouched. A model loaded from GGUF loses its quantizer markers
+    first (its weights are fp32 already; transformers refuses to save it with them).
+
+    Args:
+        model: the model to save.
+        tokenizer: saved alongside, or ``None``.
+        out_dir: the output folder (created).
+        finish: called with the staging folder after the model is written; its error aborts the save.
+        quiet: no progress bar from transformers while writing.
+
+    Returns:
+        ``Path(out_dir)``.
+    """
+    from qblock._io import staged_folder
+    from qblock.llm._hf import _no_bars, _transformers
+
+    _drop_gguf_markers(model)
+    with staged_folder(out_dir) as folder:
+        with _no_bars(_transformers(), quiet):
+            model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        if finish is not None:
+            finish(folder)
+    return Path(out_dir)

@@ -355,7 +355,8 @@ def heal_data(tokenizer, source: str | os.PathLike | None = None, *, num_samples
     does; the held-out samples are packed from the back of that order (``eval_samples`` x
     ``eval_seq_len``: with the defaults of ``qblock run``, 32 x 256 at seed 0, the same passages its
     held-out split uses, and a superset of ``--quick``'s 12 x 128), the training samples from the
-    front, skipping those passages and ``exclude``. If the text holds fewer than ``num_samples``
+    front, skipping those passages and ``exclude``. Both are packed as calibration samples are (BOS
+    first where the tokenizer's encoding starts with it). If the text holds fewer than ``num_samples``
     training samples, all there are are returned (training then cycles through them).
 
     Returns:
@@ -387,30 +388,21 @@ def heal_data(tokenizer, source: str | os.PathLike | None = None, *, num_samples
         raise HealError(f"held-out split: {exc}") from None
     skip = set(held_used) | {int(i) for i in exclude}
     front = [int(i) for i in perm if int(i) not in skip]
-    need = int(num_samples) * int(seq_len)
-    sep = getattr(tokenizer, "eos_token_id", None)
-    stream: list[int] = []
-    used: list[int] = []
-    for i in front:
-        ids = qdata._token_ids(tokenizer, texts[i])
-        if not ids:
-            continue
-        if stream and sep is not None:
-            stream.append(int(sep))  # document boundary, as calibration packing does
-        stream.extend(ids)
-        used.append(i)
-        if len(stream) >= need:
-            break
-    n = min(int(num_samples), len(stream) // seq_len)
+    try:  # packed as calibration samples are (BOS first where the tokenizer adds one), as many as there are
+        chunks, used = qdata._pack(tokenizer, texts, front, int(num_samples), int(seq_len), fewer=True)
+    except qdata.DataError as exc:
+        raise HealError(f"training samples: {exc}") from None
+    n = len(chunks)
     if n < 1:
-        raise HealError(f"not enough text for one training sample of {seq_len} tokens ({len(stream)} tokens "
-                        f"left after reserving {len(skip)} held-out passages); use --seq-len smaller or more text")
-    train = qdata._to_tensors([stream[k * seq_len:(k + 1) * seq_len] for k in range(n)])
+        raise HealError(f"not enough text for one training sample of {seq_len} tokens after reserving "
+                        f"{len(skip)} held-out passages; use --seq-len smaller or more text")
+    train = qdata._to_tensors(chunks)
     out = {k: v for k, v in prov.items()}
     out.update({
         "seed": int(seed),
         "packing": "shuffled passages joined by eos, cut into seq_len-token samples; training from the front of "
-                   "the permutation, held-out from the back (as qblock run splits calibration and held-out text)",
+                   "the permutation, held-out from the back (as qblock run splits calibration and held-out text)"
+                   + ("; each sample starts with the tokenizer's BOS token" if qdata._bos_prefix(tokenizer) else ""),
         "train": {"num_samples": n, "seq_len": int(seq_len), "num_tokens": n * int(seq_len),
                   "num_passages": len(used), "passages": sorted(used), "tokens_sha256": tokens_sha256(train)},
         "held_out": {"num_samples": len(held), "seq_len": eval_seq_len, "num_passages": len(held_used),
@@ -437,6 +429,7 @@ class _Trainable:
     model: Any                      # what is run (a peft wrapper in LoRA mode)
     params: list[tuple[str, Any]]   # trainable (name, parameter), in a fixed order
     finish: Callable[[], Any]       # -> the plain model to save (LoRA merged, hooks removed)
+    undo: Callable[[], None]        # after a failure: hooks removed, LoRA unloaded unmerged
 
 
 def _prepare(student, mode: str, settings: HealSettings) -> _Trainable:
@@ -465,14 +458,17 @@ def _prepare(student, mode: str, settings: HealSettings) -> _Trainable:
             hooks.append(emb.register_forward_hook(lambda mod, args, out: out.detach()))
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
 
-    def finish():
+    def undo():
         for h in hooks:
             h.remove()
+
+    def finish():
+        undo()
         for p in student.parameters():
             p.requires_grad_(False)
         return student
 
-    return _Trainable(student, params, finish)
+    return _Trainable(student, params, finish, undo)
 
 
 def _final_norms(model, blocks) -> list[Any]:
@@ -503,7 +499,7 @@ def _prepare_lora(student, settings: HealSettings) -> _Trainable:
             p.requires_grad_(False)
         return merged
 
-    return _Trainable(wrapped, params, finish)
+    return _Trainable(wrapped, params, finish, lambda: wrapped.unload())
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -619,7 +615,10 @@ def heal(student, teacher, samples: Sequence[Any], settings: HealSettings | None
         on_step: called as ``on_step(step, record)`` after every completed step (and its checkpoint).
 
     A ``KeyboardInterrupt`` between steps saves a checkpoint of the steps completed before it is
-    re-raised; any other exception leaves the last periodic checkpoint. Resuming restores the
+    re-raised; any other exception leaves the last periodic checkpoint. Either way the student is
+    handed back without hooks or LoRA adapters (unmerged: its weights as given), with its
+    ``requires_grad`` flags and train/eval mode as they were; in ``full`` and ``last`` mode its weights
+    keep the completed steps' updates. Resuming restores the
     trainable weights, AdamW's moments, the RNG state and the step (which fixes the data position and
     the learning rate), so on CPU the final weights equal an uninterrupted run's.
 
@@ -631,11 +630,18 @@ def heal(student, teacher, samples: Sequence[Any], settings: HealSettings | None
     run.eval_samples, run.eval_every, run.eval_batch_size = list(eval_samples), int(eval_every), int(eval_batch_size)
     flags = [(p, p.requires_grad) for p in teacher.parameters()]
     was_training = teacher.training
+    s_flags, s_training = [(p, p.requires_grad) for p in student.parameters()], student.training
     teacher.eval()
     for p, _ in flags:
         p.requires_grad_(False)
     try:
         return run.train(progress, on_step)
+    except BaseException:  # the student is the caller's model too: no hook, adapter or flag of ours left
+        run.undo()
+        for p, flag in s_flags:
+            p.requires_grad_(flag)
+        student.train(s_training)
+        raise
     finally:  # the teacher is the caller's model: leave it as it was
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -674,6 +680,12 @@ class _Run:
         self.resumed: list[int] = []
 
     # -- setup -------------------------------------------------------------------------------------
+    def undo(self) -> None:
+        """After a failed :meth:`train`: the student without our hooks or LoRA adapters (if prepared, not finished)."""
+        tr, self.tr = getattr(self, "tr", None), None
+        if tr is not None:
+            tr.undo()
+
     def _start(self, progress: bool) -> int:
         """Trainable parameters, optimizer, and the state of a matching checkpoint; returns the first step."""
         torch = _torch()
@@ -749,6 +761,7 @@ class _Run:
                 self._evaluate(self.steps)
             n_train = sum(p.numel() for _, p in self.tr.params)
             model = self.tr.finish()
+            self.tr = None  # finished: nothing for undo() to take back
         model.eval()
         return HealResult(model=model, mode=self.mode, lr=self.peak, steps=self.steps,
                           tokens=self.steps * self.settings.batch_size * self.seq, history=self.history,
@@ -871,23 +884,21 @@ def save_healed(model, tokenizer, out_dir: str | os.PathLike, info: dict[str, An
                 pruned_info: dict[str, Any] | None = None) -> Path:
     """Save the healed model (Hugging Face directory), its tokenizer, ``qblock.json`` and ``qblock_pruned.json``.
 
-    ``qblock.json`` is written last, so its presence means the directory is complete.
+    ``qblock.json`` is written last, so its presence means the directory is complete; a failed save
+    leaves the files already in ``out_dir`` (e.g. the checkpoint) as they were
+    (:func:`qblock.llm.export.save_model_folder`).
     """
     from qblock._io import atomic_write_bytes
-    from qblock.llm.export import _drop_gguf_markers
+    from qblock.llm.export import save_model_folder
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _drop_gguf_markers(model)
-    tf = require("transformers", "llm")
-    from qblock.llm.models import _no_bars
 
-    with _no_bars(tf, True):  # transformers' shard-writing bar: noise after the healing bar
-        model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    if pruned_info is not None:
-        atomic_write_bytes(out / "qblock_pruned.json", (json.dumps(pruned_info, indent=2) + "\n").encode())
+    def finish(folder: Path) -> None:
+        if pruned_info is not None:
+            atomic_write_bytes(folder / "qblock_pruned.json", (json.dumps(pruned_info, indent=2) + "\n").encode())
+
+    # quiet: transformers' shard-writing bar is noise after the healing bar
+    save_model_folder(model, tokenizer, out, finish, quiet=True)
     atomic_write_bytes(out / "qblock.json", (json.dumps(_jsonable(info), indent=1) + "\n").encode())
     return out
 

@@ -102,6 +102,8 @@ def _solve_qubo(model, fs, ratio, backend, calibration, group_size, energy, coup
                 progress, params) -> tuple[list[int], dict[str, Any]]:
     import qblock
 
+    if not any(f.rank for f in fs):  # every matrix is zero: nothing to choose (a problem needs a variable)
+        return [0] * len(fs), {"backend": backend, "num_variables": 0}
     if gradients is None:
         if not calibration:
             raise ValueError(f"the QUBO method ({backend}) needs calibration samples for its gate gradients")

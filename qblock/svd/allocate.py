@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any, Sequence
 
 import numpy as np
@@ -46,12 +47,18 @@ def stored(fs: Sequence[Factorisation], ranks: Sequence[int]) -> list[int]:
 
 
 def uniform_ranks(fs: Sequence[Factorisation], ratio: float) -> list[int]:
-    """The largest rank per matrix with ``r (m + n) - r^2 <= ratio * m n``."""
+    """The largest rank per matrix with ``r (m + n) - r^2 <= ratio * m n``.
+
+    Compared exactly (``ratio`` as the fraction its float is): a float product can round above an
+    integer storage that the exact one does not reach, while :func:`budget_of` floors the exact
+    product or more, so the sum never exceeds the budget (0.35 of three 15 x 8 matrices: 126 > 125).
+    """
+    exact = Fraction(ratio)
     out = []
     for f in fs:
         m, n = f.shape
         r = f.rank
-        while r > 0 and pivga_count(r, m, n) > ratio * m * n:
+        while r > 0 and pivga_count(r, m, n) > exact * m * n:
             r -= 1
         out.append(r)
     return out
@@ -84,16 +91,25 @@ def fit_budget(fs: Sequence[Factorisation], ranks: Sequence[int], budget: int) -
 
 
 def group_layout(fs: Sequence[Factorisation], group_size: int) -> tuple[list[int], list[int], list[int], list[list[int]]]:
-    """Costs, matrix and position of every singular-value group, and each matrix's group sizes."""
+    """Costs, matrix and position of every singular-value group, and each matrix's group sizes.
+
+    A matrix of rank 0 (a zero projection) has no groups (its sizes are ``[]``) and no matrix index:
+    the indices number the other matrices ``0 .. L-1``, as the problem needs.
+    """
     from qblock.problems.rank_selection import group_costs
 
     costs, mat, pos, sizes = [], [], [], []
-    for l, f in enumerate(fs):
+    live = 0  # matrices with groups so far
+    for f in fs:
+        if f.rank == 0:
+            sizes.append([])
+            continue
         m, n = f.shape
         gc = group_costs(m, n, group_size, f.rank)
         sizes.append([min(group_size, f.rank - k * group_size) for k in range(len(gc))])
         for k, c in enumerate(gc):
-            costs.append(c), mat.append(l), pos.append(k)
+            costs.append(c), mat.append(live), pos.append(k)
+        live += 1
     return costs, mat, pos, sizes
 
 
@@ -136,19 +152,25 @@ def gate_gradients(model, fs: Sequence[Factorisation], samples: Sequence[Any], g
 
 def rank_problem(fs: Sequence[Factorisation], A: np.ndarray, ratio: float, group_size: int, *,
                  energy: str = "fisher", couplings: str = "diagonal", metadata: dict | None = None):
-    """The rank-selection QUBO for these factorisations and gate gradients (prefix rule on)."""
+    """The rank-selection QUBO for these factorisations and gate gradients (prefix rule on).
+
+    Matrices of rank 0 have nothing to choose and are left out of the problem (``group_sizes`` lists
+    ``[]`` for them; :func:`ranks_from_state` gives them rank 0); the budget counts every matrix.
+    """
     from qblock.problems.rank_selection import from_gate_gradients
 
     costs, mat, pos, sizes = group_layout(fs, group_size)
     meta = {"group_size": int(group_size), "ratio": float(ratio), "shapes": [list(f.shape) for f in fs],
             "group_sizes": sizes, **dict(metadata or {})}
     return from_gate_gradients(A, costs, budget_of(fs, ratio), mat, pos, energy=energy, couplings=couplings,
-                               prefix=True, matrix_names=[f.name for f in fs], metadata=meta,
+                               prefix=True, matrix_names=[f.name for f in fs if f.rank], metadata=meta,
                                arrays={"A": np.asarray(A)})
 
 
 def ranks_from_state(problem, y: Any) -> list[int]:
-    """Singular values kept per matrix by a (prefix) state of :func:`rank_problem`'s problem."""
+    """Singular values kept per matrix (of every factorisation, rank-0 ones too) by a (prefix) state of
+    :func:`rank_problem`'s problem."""
     y = np.asarray(y).reshape(-1)
-    sizes = problem.metadata["group_sizes"]
-    return [int(sum(sz for sz, keep in zip(s, y[g]) if keep)) for s, g in zip(sizes, problem.groups)]
+    groups = iter(problem.groups)
+    return [int(sum(sz for sz, keep in zip(s, y[next(groups)]) if keep)) if s else 0
+            for s in problem.metadata["group_sizes"]]

@@ -97,22 +97,17 @@ def apply_ranks(model, fs: Sequence[Factorisation], ranks: Sequence[int]) -> dic
 def export(model, tokenizer, fs: Sequence[Factorisation], ranks: Sequence[int], out: str | Path,
            info: dict[str, Any], quiet: bool = False) -> Path:
     """Apply ``ranks`` and write the dense model, ``lowrank.safetensors`` and ``svd.json`` to ``out``
-    (``quiet``: no progress bar from transformers while writing)."""
+    (``quiet``: no progress bar from transformers while writing); a failure leaves nothing there
+    (:func:`qblock.llm.export.save_model_folder`)."""
     from safetensors.torch import save_file
 
-    from qblock.llm._hf import _no_bars, _transformers
+    from qblock.llm.export import save_model_folder
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     factors = apply_ranks(model, fs, ranks)
-    with _no_bars(_transformers(), quiet):
-        model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
     tensors = {}
     for name, (P, C, B) in factors.items():
         tensors[f"{name}.pivots"], tensors[f"{name}.C"], tensors[f"{name}.B"] = P, C, B
-    save_file(tensors, str(out / LOWRANK_FILE))
     before = sum(m * n for m, n in (f.shape for f in fs))
     after = sum(pivga_count(int(r), *f.shape) for f, r in zip(fs, ranks))
     record = {
@@ -124,8 +119,12 @@ def export(model, tokenizer, fs: Sequence[Factorisation], ranks: Sequence[int], 
         "kept_fraction": after / before,
         "stored_factor_numbers": int(sum(C.numel() + B.numel() for _, C, B in factors.values())),
     }
-    (out / INFO_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    return out
+
+    def finish(folder: Path) -> None:
+        save_file(tensors, str(folder / LOWRANK_FILE))
+        (folder / INFO_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+    return save_model_folder(model, tokenizer, out, finish, quiet=quiet)
 
 
 def load_lowrank(path: str | Path, dtype: Any = None):

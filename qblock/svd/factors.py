@@ -44,7 +44,8 @@ def _torch():
 
 @dataclass
 class Factorisation:
-    """``W = U diag(s) B`` for one linear weight (float64 tensors); ``rank = len(s)``."""
+    """``W = U diag(s) B`` for one linear weight (float64 tensors); ``rank = len(s)``, the numerical rank of
+    ``W`` (singular values that are rounding noise are dropped; a zero matrix has rank 0)."""
 
     name: str
     U: Any  # (m, R)
@@ -64,7 +65,8 @@ class Factorisation:
     def plain(cls, name: str, W) -> "Factorisation":
         torch = _torch()
         U, s, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-        return cls(name, U, s, Vh)
+        k = _numerical_rank(s, W.shape)
+        return cls(name, U[:, :k], s[:k], Vh[:k])
 
     @classmethod
     def whitened_by(cls, name: str, W, moment, damp: float = 1e-4) -> "Factorisation":
@@ -74,8 +76,9 @@ class Factorisation:
         C = C + damp * float(C.diagonal().mean().clamp_min(1e-12)) * torch.eye(C.shape[0], dtype=C.dtype)
         S = torch.linalg.cholesky(C)
         U, s, Vh = torch.linalg.svd(W.double() @ S, full_matrices=False)
-        B = torch.linalg.solve_triangular(S, Vh, upper=False, left=False)  # Vh S^{-1}
-        return cls(name, U, s, B, whitened=True)
+        k = _numerical_rank(s, W.shape)
+        B = torch.linalg.solve_triangular(S, Vh[:k], upper=False, left=False)  # Vh S^{-1}
+        return cls(name, U[:, :k], s[:k], B, whitened=True)
 
     def weight(self, keep: Any = None):
         """``U diag(s * keep) B`` (``keep``: a 0/1 or soft vector over the singular values; default all)."""
@@ -85,6 +88,20 @@ class Factorisation:
     def truncated(self, r: int):
         """The rank-``r`` weight ``U_r diag(s_r) B_r``."""
         return (self.U[:, :r] * self.s[:r]) @ self.B[:r]
+
+
+def _numerical_rank(s, shape: tuple[int, ...]) -> int:
+    """Singular values above ``max(m, n) * eps * s_max`` (as ``numpy.linalg.matrix_rank``).
+
+    The rest are rounding noise of a rank-deficient matrix: kept, they would make the PivGa block
+    ``A_P`` singular (a zero projection would not factorise at all); dropped, its rank is the true one
+    (0 for a zero matrix), which caps every allocation.
+    """
+    torch = _torch()
+    if s.numel() == 0:
+        return 0
+    tol = max(shape) * torch.finfo(s.dtype).eps * float(s.max())
+    return int((s > tol).sum())
 
 
 def find_linears(model) -> list[tuple[str, Any]]:
@@ -150,13 +167,17 @@ def input_moments(model, samples: Sequence[Any], linears=None, *, progress: bool
 
 def factorise(model, samples: Sequence[Any] | None = None, *, whiten: bool = True, damp: float = 1e-4,
               progress: bool = False) -> list[Factorisation]:
-    """:class:`Factorisation` of every decoder linear, plain or whitened on ``samples``."""
+    """:class:`Factorisation` of every decoder linear, plain or whitened on ``samples``.
+
+    Raises:
+        ValueError: ``whiten`` without calibration ``samples``.
+    """
     from tqdm.auto import tqdm
 
+    if whiten and not samples:  # before input_moments, which fails on None or no samples less clearly
+        raise ValueError("whitened SVD needs calibration samples")
     linears = find_linears(model)
     moments = input_moments(model, samples, linears, progress=progress) if whiten else {}
-    if whiten and not samples:
-        raise ValueError("whitened SVD needs calibration samples")
     out = []
     for name, mod in tqdm(linears, desc="SVD", disable=not progress, leave=False):
         W = mod.weight.detach()

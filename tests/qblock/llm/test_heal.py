@@ -173,6 +173,28 @@ def test_lora_heal_resumes_to_the_same_weights(teacher, tmp_path):
     assert resumed.resumed_from == [2] and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("mode", ["full", "last", "lora"])
+def test_a_failed_heal_hands_the_student_back_unwrapped(teacher, mode):
+    """No detach hook (last), no unmerged LoRA wrapping (lora), requires_grad and eval mode as given."""
+    if mode == "lora":
+        pytest.importorskip("peft")
+    student = _student(teacher)
+    flags = [p.requires_grad for p in student.parameters()]
+    keys, before = list(student.state_dict()), _weights(student)
+
+    def stop(step, rec):
+        raise Stop
+
+    with pytest.raises(Stop):
+        H.heal(student, teacher, _samples(3, 4), H.HealSettings(mode=mode, steps=3, batch_size=2, seq_len=24),
+               progress=False, on_step=stop)
+    assert not student.model.embed_tokens._forward_hooks and not student.training
+    assert type(student.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert list(student.state_dict()) == keys and [p.requires_grad for p in student.parameters()] == flags
+    if mode == "lora":  # the adapters are dropped unmerged: the weights are the ones given
+        assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
 def test_a_checkpoint_of_other_settings_is_refused(teacher, tmp_path):
     train = _samples(3, 10)
     with pytest.raises(Stop):
@@ -208,6 +230,24 @@ def test_heal_data_keeps_the_held_out_passages_out(tiny_files):
     assert 50 < len(few) < 10**6
     with pytest.raises(H.HealError, match="not enough text"):
         H.heal_data(tok, calib, num_samples=1, seq_len=10**6)
+
+
+def test_heal_training_samples_are_packed_as_calibration_samples(tiny_files):
+    """With a tokenizer that adds BOS, training samples start with BOS as calibration and held-out ones do."""
+    from tokenizers import processors
+
+    from qblock.llm.data import calibration_and_eval
+
+    tok = _word_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="t0 $A", special_tokens=[("t0", 0)])
+    tok.bos_token = "t0"
+    assert tok("t5 t6")["input_ids"] == [0, 5, 6]
+    calib = str(tiny_files / "calib.txt")
+    train, held, prov = H.heal_data(tok, calib, num_samples=6, seq_len=16, seed=0, eval_samples=3)
+    cal, ev, _ = calibration_and_eval(tok, calib, num_calib=6, num_eval=3, seq_len=16, seed=0)
+    assert [t.tolist() for t in train] == [t.tolist() for t in cal]
+    assert [t.tolist() for t in held] == [t.tolist() for t in ev]
+    assert all(int(t[0]) == 0 and len(t) == 16 for t in train) and "BOS" in prov["packing"]
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -260,6 +300,19 @@ def test_cli_heal_saves_a_model_that_reloads_and_generates(tiny_files, tmp_path,
     assert "--overwrite" in capsys.readouterr().err
     assert main(_heal_args(tiny_files, out, "--seed", "3", "--overwrite", "--quiet")) == 0
     assert json.loads((out / "qblock.json").read_text())["settings"]["seed"] == 3
+
+
+def test_cli_heal_no_eval_records_no_evaluated_samples(tiny_files, tmp_path, capsys):
+    """--no-eval evaluates nothing and says so; the same heal with evaluation is then not 'already there'."""
+    out = tmp_path / "healed"
+    assert main(_heal_args(tiny_files, out, "--no-eval", "--quiet")) == 0
+    info = json.loads((out / "qblock.json").read_text())
+    assert info["heldout"]["num_samples"] == 0 and info["fingerprint"]["held_out"]["evaluated"] == 0
+    assert "before" not in info["heldout"] and info["heldout"]["reserved_samples"] == 32
+    capsys.readouterr()
+    assert main(_heal_args(tiny_files, out)) == 2
+    err = capsys.readouterr().err
+    assert "already holds" not in err and "different settings or inputs" in err
 
 
 def test_cli_heal_resumes_an_interrupted_run(tiny_files, tmp_path, monkeypatch, capsys):
@@ -332,6 +385,22 @@ def test_cli_heal_errors_are_one_line(tiny_files, tmp_path, capsys, monkeypatch)
     monkeypatch.setitem(sys.modules, "peft", None)
     assert main(_heal_args(tiny_files, tmp_path / "o4", "--mode", "lora")) == 2
     assert "pip install 'qblock[heal]'" in capsys.readouterr().err
+
+
+def test_cli_heal_never_overwrites_the_recorded_teacher(tiny_files, tmp_path, capsys):
+    """The default teacher (recorded by qblock prune) is an input like --teacher: --out there is refused."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_files / "model", teacher)
+    before = {f.name: f.read_bytes() for f in teacher.iterdir()}
+    assert main(["prune", "--model", str(teacher), "--remove", "1,2", "--out", str(tmp_path / "p"), "-q"]) == 0
+    args = _heal_args(tiny_files, teacher, "--overwrite", "--quiet")
+    args[1] = str(tmp_path / "p")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "would overwrite the input" in err[0], err
+    assert {f.name: f.read_bytes() for f in teacher.iterdir()} == before
 
 
 def test_cli_help_defaults_match_the_settings():

@@ -98,6 +98,24 @@ def test_reload_check_catches_index_dependent_structure(tmp_path):
         save_pruned(model, None, [0], tmp_path / "bad")
 
 
+def test_a_failed_prune_leaves_nothing_in_out(tmp_path, capsys):
+    """The reload check runs before the files reach --out: no folder that loads with wrong weights, and an
+    existing --out (with --overwrite) keeps its files."""
+    from qblock.cli import main
+
+    model = tiny_model("qwen3_moe", layers=4)
+    transformers.Qwen3MoeForCausalLM(
+        transformers.Qwen3MoeConfig(**{**model.config.to_dict(), "decoder_sparse_step": 2})).save_pretrained(tmp_path / "src")
+    assert main(["prune", "--model", str(tmp_path / "src"), "--remove", "0", "--out", str(tmp_path / "out"), "-q"]) == 2
+    assert "would not reload cleanly" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "config.json").write_text("{}")
+    assert main(["prune", "--model", str(tmp_path / "src"), "--remove", "0", "--out", str(kept), "--overwrite", "-q"]) == 2
+    assert sorted(f.name for f in kept.iterdir()) == ["config.json"] and (kept / "config.json").read_text() == "{}"
+
+
 @pytest.mark.parametrize("name", ["qblock.llm.export", "qblock.cli.prune"])
 def test_docstring_examples(name):
     import importlib

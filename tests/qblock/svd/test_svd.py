@@ -76,6 +76,21 @@ def test_export_dense_and_lowrank_give_the_same_logits(tmp_path):
     assert lowrank_numbers == expect
 
 
+def test_a_failed_export_leaves_no_out(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full_disk(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    model = tiny_model()
+    fs = factorise(model, whiten=False)
+    ranks, info = allocate(model, fs, 0.5, "uniform")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        export(model, None, fs, ranks, tmp_path / "o", info)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("method", ["uniform", "global-threshold", "fermigrad", "exact", "swap", "sa"])
 @pytest.mark.parametrize("basis", ["plain", "whitened"])
 def test_every_method_keeps_the_budget(method, basis):
@@ -87,6 +102,24 @@ def test_every_method_keeps_the_budget(method, basis):
                                fermigrad={"steps": 3}, backend_params={"num_reads": 4} if method == "sa" else None)
         assert sum(stored(fs, ranks)) == info["stored"] <= budget_of(fs, ratio)
         assert all(0 <= r <= f.rank for r, f in zip(ranks, fs))
+
+
+@pytest.mark.parametrize("samples", [None, []])
+def test_whitening_without_samples_is_a_value_error(samples):
+    with pytest.raises(ValueError, match="whitened SVD needs calibration samples"):
+        factorise(tiny_model(), samples, whiten=True)
+
+
+def test_uniform_ranks_never_exceed_the_integer_budget():
+    """0.35 * 15 * 8 rounds above 42 in floats while the budget floors 0.35 * 360 to 125: 3 x 42 did not fit."""
+    g = torch.Generator().manual_seed(0)
+    fs = [Factorisation.plain(f"w{k}", torch.randn(15, 8, generator=g, dtype=torch.float64)) for k in range(3)]
+    ranks, info = allocate(None, fs, 0.35, "uniform")
+    assert info["stored"] <= info["budget"] == 125
+    mixed = fs + [Factorisation.plain("x", torch.randn(12, 7, generator=g, dtype=torch.float64))]
+    for k in range(1, 101):
+        for group in (fs, mixed):
+            assert sum(stored(group, uniform_ranks(group, k / 100))) <= budget_of(group, k / 100), k
 
 
 def test_uniform_at_ratio_one_keeps_everything_and_fermigrad_is_seeded():
@@ -138,6 +171,76 @@ def test_cli_svd_writes_a_loadable_directory(tiny_dir, tmp_path, method):
     transformers.AutoModelForCausalLM.from_pretrained(out)
     transformers.AutoTokenizer.from_pretrained(out)
     assert load_lowrank(out) is not None
+
+
+def test_a_zero_or_rank_deficient_matrix_factorises_at_its_numerical_rank():
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(12, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 8, generator=g, dtype=torch.float64)
+    moment = torch.eye(8, dtype=torch.float64)
+    for W, rank in ((torch.zeros(12, 8), 0), (low, 3)):
+        for f in (Factorisation.plain("w", W), Factorisation.whitened_by("w", W, moment)):
+            assert f.rank == rank and torch.allclose(f.weight(), W.double(), atol=1e-10)
+            P, C, B = pivga(f.U * f.s, f.B)  # A_P was singular: linalg.solve failed
+            assert torch.allclose(pivga_weight(P, C, B, 12), W.double(), atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["uniform", "exact"])
+@pytest.mark.parametrize("basis", ["plain", "whitened"])
+def test_cli_svd_compresses_a_model_with_a_zero_projection(tiny_dir, tmp_path, method, basis):
+    """As when svd runs on its own output after a method emptied a matrix: rank 0, no traceback."""
+    from conftest import word_tokenizer as tiny_tokenizer
+
+    model = tiny_model(5)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+    model.save_pretrained(tmp_path / "zero")
+    tiny_tokenizer().save_pretrained(tmp_path / "zero")
+    out = tmp_path / "out"
+    assert main(["svd", "--model", str(tmp_path / "zero"), "--calibration", str(tiny_dir / "calib.txt"),
+                 "--samples", "4", "--seq-len", "12", "--ratio", "0.6", "--method", method, "--basis", basis,
+                 "--group-size", "4", "--out", str(out), "-q"]) == 0
+    rec = json.loads((out / "svd.json").read_text())
+    zero = [m for m in rec["matrices"] if m["name"] == "model.layers.0.self_attn.o_proj"]
+    assert zero == [{"name": "model.layers.0.self_attn.o_proj", "shape": [16, 16], "rank": 0, "max_rank": 0,
+                     "stored": 0}]
+    assert rec["parameters_after"] <= rec["budget"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert not reloaded.model.layers[0].self_attn.o_proj.weight.any()
+
+
+def _tiny_gguf(path):
+    """A random tiny Llama written as a GGUF file (fp32 tensors, a 48-token vocabulary ``t0 .. t47``)."""
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(0)
+    V, H, I, heads, kv = 48, 16, 24, 2, 1
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2), w.add_context_length(64), w.add_embedding_length(H), w.add_feed_forward_length(I)
+    w.add_head_count(heads), w.add_head_count_kv(kv), w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_dimension_count(H // heads), w.add_vocab_size(V), w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(V)]), w.add_token_types([1] * V), w.add_token_scores([0.0] * V)
+    w.add_bos_token_id(1), w.add_eos_token_id(2)
+    shapes = {"token_embd.weight": (V, H), "output_norm.weight": (H,), "output.weight": (V, H)}
+    for b in range(2):
+        shapes.update({f"blk.{b}.attn_norm.weight": (H,), f"blk.{b}.ffn_norm.weight": (H,),
+                       f"blk.{b}.attn_q.weight": (H, H), f"blk.{b}.attn_k.weight": (H * kv // heads, H),
+                       f"blk.{b}.attn_v.weight": (H * kv // heads, H), f"blk.{b}.attn_output.weight": (H, H),
+                       f"blk.{b}.ffn_gate.weight": (I, H), f"blk.{b}.ffn_up.weight": (I, H),
+                       f"blk.{b}.ffn_down.weight": (H, I)})
+    for name, shape in shapes.items():
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+def test_cli_svd_of_a_gguf_model_saves_it(tmp_path):
+    """A GGUF-loaded model keeps quantizer markers that transformers refuses to save: export drops them."""
+    src = _tiny_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "calib.txt").write_text("\n\n".join(" ".join(f"t{(7 * k + j) % 45 + 3}" for j in range(30))
+                                                    for k in range(20)) + "\n")
+    out = tmp_path / "out"
+    assert main(["svd", "--model", str(src), "--calibration", str(tmp_path / "calib.txt"), "--samples", "2",
+                 "--seq-len", "12", "--ratio", "0.6", "--basis", "plain", "--out", str(out), "-q"]) == 0
+    assert load_lowrank(out).config.num_hidden_layers == 2
 
 
 @pytest.mark.parametrize("argv,needle", [
