@@ -203,23 +203,29 @@ def angular_distance(last: np.ndarray, m: int) -> np.ndarray:
     return (np.arccos(np.clip(cos, -1.0, 1.0)) / np.pi).mean(axis=0)
 
 
+def _check_m(method: str, m: int, n: int) -> None:
+    """The baselines' one rule for M (a larger M silently gave N blocks labelled M)."""
+    if not 1 <= int(m) <= n:
+        raise ValueError(f"{method} needs 1 <= M <= N = {n}, got {m}")
+
+
 def shortgpt(stats: dict[str, Any], m: int, calib_samples: int, seconds: float = 0.0) -> BaselineResult:
     """ShortGPT one-shot: the ``m`` blocks of lowest block influence (from :func:`block_statistics`)."""
+    _check_m("shortgpt", m, len(stats["bi"]))
     return BaselineResult("shortgpt", m, sorted(_lowest(stats["bi"], m)), 1, calib_samples, seconds,
                           scores=[float(v) for v in stats["bi"]])
 
 
 def norm_ratio(stats: dict[str, Any], m: int, calib_samples: int, seconds: float = 0.0) -> BaselineResult:
     """The ``m`` blocks of lowest mean ``||h_out|| / ||h_in||``."""
+    _check_m("norm_ratio", m, len(stats["norm_ratio"]))
     return BaselineResult("norm_ratio", m, sorted(_lowest(stats["norm_ratio"], m)), 1, calib_samples, seconds,
                           scores=[float(v) for v in stats["norm_ratio"]])
 
 
 def angular(stats: dict[str, Any], m: int, calib_samples: int, seconds: float = 0.0) -> BaselineResult:
     """Gromov et al.: the window of ``m`` consecutive blocks with the smallest last-token angular distance."""
-    n = int(stats["num_blocks"])
-    if not 1 <= m <= n:
-        raise ValueError(f"angular needs 1 <= M <= N = {n}, got {m}")
+    _check_m("angular", m, int(stats["num_blocks"]))
     d = angular_distance(stats["last"], m)
     start = int(np.argmin(np.nan_to_num(np.asarray(d, dtype=np.float64), nan=np.inf)))  # a broken window (NaN) is last
     return BaselineResult("angular", m, list(range(start, start + m)), 1, calib_samples, seconds,
@@ -232,6 +238,9 @@ def shortgpt_iterative(model, samples: Sequence[Any], max_remove: int, *, batch_
 
     Returns one result per M = 1..max_remove (the first M steps; cost M passes each).
     """
+    from qblock.llm.blocks import find_blocks
+
+    _check_m("shortgpt_iterative", max_remove, len(find_blocks(model)))
     samples = _as_samples(samples)
     removed: list[int] = []
     out = []

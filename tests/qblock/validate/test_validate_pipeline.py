@@ -124,6 +124,16 @@ def test_sleb_never_removes_the_first_or_last_block_as_its_reference(tiny, monke
     assert [(r.method, r.num_remove) for r in rows] == [("sleb", 2), ("shortgpt", 2), ("shortgpt", N_BLOCKS - 1)]
 
 
+@pytest.mark.parametrize("m", [0, 6])
+def test_every_baseline_refuses_an_m_outside_one_to_n(m):
+    stats = {"bi": np.ones(5), "norm_ratio": np.ones(5), "num_blocks": 5, "last": np.ones((2, 6, 4))}
+    for fn in (B.shortgpt, B.norm_ratio, B.angular):  # shortgpt gave all 5 blocks as its M = 6 set
+        with pytest.raises(ValueError, match="needs 1 <= M <= N = 5"):
+            fn(stats, m, calib_samples=2)
+    with pytest.raises(ValueError, match="needs 1 <= M <= N = 5"):
+        B.shortgpt_iterative(small_llama(5), [torch.arange(8)], m)
+
+
 def test_norm_ratio_on_given_statistics():
     stats = {"norm_ratio": np.array([1.3, 0.7, 1.0, 2.0, 0.9])}
     assert B.norm_ratio(stats, 2, calib_samples=4).removed == [1, 4]
