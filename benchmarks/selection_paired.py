@@ -18,7 +18,8 @@ qblock's racing confirmation did, and SLEB's tokens are counted.
     python benchmarks/selection_paired.py --recheck benchmarks/results/selection_quality_default_recheck_race96.json \
         --calib-samples 128 --heldout-samples 128 --sleb-samples 128
 
-Writes ``<recheck stem>_paired.{json,md}`` (``_paired_sleb<N>`` with ``--sleb-samples``; or ``--out STEM``).
+Writes ``<recheck stem>_paired.{json,md}`` (``_paired_sleb<N>`` with ``--sleb-samples``, ``_paired_sleb<N>_reference``
+where ``--sleb-from`` had to be continued as SLEB's code runs; or ``--out STEM``).
 Cost: two single-sample forward passes per sample and M where the sets differ (5 minutes for SmolLM2 with
 128 calibration and 128 held-out samples, 4 for Gemma-3-270M with 64 and 64, one core), plus SLEB's
 candidate passes with ``--sleb-samples`` (51 minutes for SmolLM2 up to M = 15 on 128 samples, 2 cores;
@@ -102,9 +103,12 @@ def main(argv=None) -> int:
         c0, e0, _ = calibration_and_eval(tok, None, num_eval=study["eval_samples"], **data)
         if not (_same(calib, c0) and _same(evals, e0)):
             raise SystemExit("--heldout-samples changed the study's calibration or held-out samples")
-    theirs_by_m = ({} if not args.sleb_samples
-                   else _sleb_on(model, calib[: args.sleb_samples], rc, _sleb_from(args.sleb_from, args.sleb_samples, rc))
-                   if args.sleb_from else _sleb_sets(model, calib[: args.sleb_samples], rc))
+    theirs_by_m, continued = {}, None
+    if args.sleb_samples and args.sleb_from:
+        earlier = _sleb_from(args.sleb_from, args.sleb_samples, rc)
+        theirs_by_m, continued = _sleb_on(model, calib[: args.sleb_samples], rc, earlier)
+    elif args.sleb_samples:
+        theirs_by_m = _sleb_sets(model, calib[: args.sleb_samples], rc)
     calib = calib[:n_cal]
 
     from tqdm.auto import tqdm
@@ -120,6 +124,8 @@ def main(argv=None) -> int:
            "qblock_calibration_samples": rc["settings"].get("calibration_samples", rc["settings"].get("confirm_samples", 0)
                                                             + rc["settings"].get("race_samples", 0)),
            "per_m": {}}
+    if args.sleb_from:
+        out["sleb_from"] = {"file": Path(args.sleb_from).name, "continued_from_m": continued}
     for m, r in rc["per_m"].items():
         if args.sleb_samples:
             best, (theirs, sleb_tokens) = f"on {args.sleb_samples} samples", theirs_by_m[int(m)]
@@ -134,7 +140,8 @@ def main(argv=None) -> int:
                 row[name] = paired(per_sample(r["removed"], xs), per_sample(theirs, xs))
         out["per_m"][m] = row
         print(m, row, flush=True)
-    suffix = f"_paired_sleb{args.sleb_samples}" if args.sleb_samples else "_paired"
+    suffix = (f"_paired_sleb{args.sleb_samples}" + ("_reference" if continued is not None else "")
+              if args.sleb_samples else "_paired")  # never over the --sleb-from file it continued
     stem = Path(args.out) if args.out else path.with_name(path.stem + suffix)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
@@ -158,11 +165,13 @@ def _sleb_sets(model, samples, rc: dict) -> dict[int, tuple[list[int], int]]:
             for r in sleb(model, samples, max(ms), progress=True) if r.num_remove in ms}
 
 
-def _sleb_on(model, samples, rc: dict, earlier: dict[int, tuple[list[int], int]]) -> dict[int, tuple[list[int], int]]:
+def _sleb_on(model, samples, rc: dict, earlier: dict[int, tuple[list[int], int]]
+             ) -> tuple[dict[int, tuple[list[int], int]], int | None]:
     """SLEB's sets from an earlier output, as its reference code would have them: outputs written before qblock's
     SLEB kept the first and last block (as SLEB's own code does) may hold sets with an end block. Every earlier set
     without one is on the reference's path (no step before it took an end block), so SLEB continues from the
-    largest of those; all tokens are counted as the reference spends them."""
+    largest of those; all tokens are counted as the reference spends them. Returns the sets and the M it
+    continued from (``None``: the earlier sets sufficed)."""
     from qblock.llm.blocks import find_blocks
     from qblock.validate.baselines import sleb
     from qblock.validate.runner import sleb_passes
@@ -172,11 +181,12 @@ def _sleb_on(model, samples, rc: dict, earlier: dict[int, tuple[list[int], int]]
     k = max(clean, default=0)
     sets = {m: sorted(removed) for m, (removed, _) in earlier.items() if m <= k}
     ms = [int(m) for m in rc["per_m"]]
-    if max(ms) > k:
-        print(f"SLEB continues from its set at M = {k} (the earlier output's sets above it hold an end block)", flush=True)
-        start = sets[k] if k else []
-        sets.update({r.num_remove: r.removed for r in sleb(model, samples, max(ms), start=start, progress=True)})
-    return {m: (sets[m], sleb_passes(n, m) * tokens) for m in ms}
+    if max(ms) <= k:
+        return {m: (sets[m], sleb_passes(n, m) * tokens) for m in ms}, None
+    print(f"SLEB continues from its set at M = {k} (the earlier output's sets above it hold an end block)", flush=True)
+    start = sets[k] if k else []
+    sets.update({r.num_remove: r.removed for r in sleb(model, samples, max(ms), start=start, progress=True)})
+    return {m: (sets[m], sleb_passes(n, m) * tokens) for m in ms}, k
 
 
 def _sleb_from(path: str, n: int, rc: dict) -> dict[int, tuple[list[int], int]]:
@@ -208,7 +218,11 @@ def _markdown(out: dict) -> str:
                    and out["qblock_calibration_samples"] >= out["calibration_samples"] else ".") if n else "")
              + (f" Measured in {out['dtype']}{' (SLEB chose in it too)' if n else ''}; the study, and qblock's choice, "
                 f"ran in {out['study_dtype']}." if out.get("dtype", out.get("study_dtype")) != out.get("study_dtype")
-                else ""), "",
+                else "")
+             + (f" SLEB as its code runs it (never the first or the last block): its sets up to M = "
+                f"{out['sleb_from']['continued_from_m']} from `{out['sleb_from']['file']}` (none held either block), "
+                "continued from there; tokens counted as its code spends them."
+                if (out.get("sleb_from") or {}).get("continued_from_m") is not None else ""), "",
              f"| M | qblock | {'SLEB' if n else 'best baseline'} | held-out difference | calibration difference |" + tok_head,
              "|---|---|---|---|---|" + "---|" * bool(tok_head)]
     for m, r in out["per_m"].items():
