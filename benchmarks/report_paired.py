@@ -17,7 +17,7 @@ first or the last block; reports written before that change let it remove them),
 samples; only the M where its set changed are compared, with the new set as the report's SLEB (its held-out
 loss measured on the report's samples) and the best baseline re-picked among them:
 
-    python benchmarks/report_paired.py benchmarks/results/quick_gemma3-270m_seed* --sleb-reference \
+    python benchmarks/report_paired.py benchmarks/results/quick_gemma3-270m_seed* --sleb-reference \\
         --out benchmarks/results/quick_paired_sleb_reference
 
 Writes ``STEM.json`` and ``STEM.md``. Cost: two or three sets x (12 + N) held-out samples and as many sets x
@@ -106,6 +106,10 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     out = {"samples": args.samples, "sleb_reference": args.sleb_reference, "reports": []}
+    if args.sleb_reference:
+        from qblock.validate.baselines import SLEB_BARRIERS
+
+        out["sleb_barriers"] = list(SLEB_BARRIERS)
     for folder, rep in reports:
         out["reports"].append(_one(folder, rep, args.samples, args.calib_samples, args.sleb_reference))
     stem = Path(args.out)
@@ -140,8 +144,8 @@ def _one(folder: Path, rep: dict, fresh: int, n_cal: int | None, sleb_reference:
            "report_samples": n_rep, "fresh_samples": fresh, "calibration_samples": n_cal,
            "run_calibration_samples": prob["num_samples"], "per_m": {}}
     if sleb_reference:
-        res["sleb_as_reported"] = _reference_sleb(folder, model, calib[: int(cfg["greedy_samples"] or n_cal)], rep,
-                                                  held, n_rep)
+        greedy = int(cfg["greedy_samples"] or prob["num_samples"])  # None: the run's calibration samples, all
+        res["sleb_as_reported"] = _reference_sleb(folder, model, calib[:greedy], rep, held, n_rep)
         rep = dict(rep, per_m={m: e for m, e in rep["per_m"].items() if str(m) in res["sleb_as_reported"]})
     for m, entry in sorted(rep["per_m"].items()):
         if entry["calib_loss"] is None:

@@ -19,7 +19,7 @@ qblock's racing confirmation did, and SLEB's tokens are counted.
         --calib-samples 128 --heldout-samples 128 --sleb-samples 128
 
 Writes ``<recheck stem>_paired.{json,md}`` (``_paired_sleb<N>`` with ``--sleb-samples``, ``_paired_sleb<N>_reference``
-where ``--sleb-from`` had to be continued as SLEB's code runs; or ``--out STEM``).
+with ``--sleb-from``; or ``--out STEM``).
 Cost: two single-sample forward passes per sample and M where the sets differ (5 minutes for SmolLM2 with
 128 calibration and 128 held-out samples, 4 for Gemma-3-270M with 64 and 64, one core), plus SLEB's
 candidate passes with ``--sleb-samples`` (51 minutes for SmolLM2 up to M = 15 on 128 samples, 2 cores;
@@ -124,6 +124,10 @@ def main(argv=None) -> int:
            "qblock_calibration_samples": rc["settings"].get("calibration_samples", rc["settings"].get("confirm_samples", 0)
                                                             + rc["settings"].get("race_samples", 0)),
            "per_m": {}}
+    if args.sleb_samples:  # SLEB as qblock runs it (barriers as SLEB's code), or continued that way
+        from qblock.validate.baselines import SLEB_BARRIERS
+
+        out["sleb_barriers"] = list(SLEB_BARRIERS)
     if args.sleb_from:
         out["sleb_from"] = {"file": Path(args.sleb_from).name, "continued_from_m": continued}
     for m, r in rc["per_m"].items():
@@ -140,8 +144,8 @@ def main(argv=None) -> int:
                 row[name] = paired(per_sample(r["removed"], xs), per_sample(theirs, xs))
         out["per_m"][m] = row
         print(m, row, flush=True)
-    suffix = (f"_paired_sleb{args.sleb_samples}" + ("_reference" if continued is not None else "")
-              if args.sleb_samples else "_paired")  # never over the --sleb-from file it continued
+    suffix = (f"_paired_sleb{args.sleb_samples}" + ("_reference" if args.sleb_from else "")
+              if args.sleb_samples else "_paired")  # never over the --sleb-from file it reads
     stem = Path(args.out) if args.out else path.with_name(path.stem + suffix)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
@@ -219,10 +223,12 @@ def _markdown(out: dict) -> str:
              + (f" Measured in {out['dtype']}{' (SLEB chose in it too)' if n else ''}; the study, and qblock's choice, "
                 f"ran in {out['study_dtype']}." if out.get("dtype", out.get("study_dtype")) != out.get("study_dtype")
                 else "")
-             + (f" SLEB as its code runs it (never the first or the last block): its sets up to M = "
-                f"{out['sleb_from']['continued_from_m']} from `{out['sleb_from']['file']}` (none held either block), "
-                "continued from there; tokens counted as its code spends them."
-                if (out.get("sleb_from") or {}).get("continued_from_m") is not None else ""), "",
+             + (" SLEB as its code runs it (never the first or the last block)" if out.get("sleb_barriers") == [1, 1]
+                else "")
+             + (f": its sets up to M = {out['sleb_from']['continued_from_m']} from `{out['sleb_from']['file']}` "
+                "(none held either block), continued from there; tokens counted as its code spends them."
+                if (out.get("sleb_from") or {}).get("continued_from_m") is not None
+                else "." if out.get("sleb_barriers") == [1, 1] else ""), "",
              f"| M | qblock | {'SLEB' if n else 'best baseline'} | held-out difference | calibration difference |" + tok_head,
              "|---|---|---|---|---|" + "---|" * bool(tok_head)]
     for m, r in out["per_m"].items():

@@ -61,8 +61,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         executor: where each batch of measurements runs (:mod:`qblock.executor`; Ray: model actors,
             the same losses and token counts).
         book: an :class:`OracleBook` the screen measures through, shared with other methods of a run
-            (SLEB's baseline on the same samples walks the same chain: its sets are not computed again;
-            the screen's tokens are still all it asked for).
+            (SLEB's baseline on the same samples walks much of the same chain, while the two paths agree:
+            such sets are not computed again; the screen's tokens are still all it asked for).
 
     Returns:
         ``{"prior": BlockRemovalProblem, "refinements": {M: Refinement}, "shared_tokens": int,

@@ -280,7 +280,7 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, barriers: tuple[int,
     ``pool`` (a :mod:`qblock.executor` executor) spreads each step's candidates over model actors; the
     losses, the choice and the counted passes are the same as here. ``book`` (an
     :class:`qblock.validate.oracle.OracleBook`) shares the oracle with other methods of a run on the same
-    samples (qblock's screen walks the same chain): a set measured by either is computed once, and the
+    samples (qblock's screen walks much of the same chain): a set measured by either is computed once, and the
     counted passes are still SLEB's own.
 
     ``start``: the first steps of a path already taken (its blocks in the order removed, e.g. SLEB's own

@@ -44,7 +44,7 @@ import numpy as np
 
 from qblock._io import json_default as _json_default
 from qblock._provenance import Provenance, tokens_sha256
-from qblock.validate.baselines import BASELINE_METHODS
+from qblock.validate.baselines import BASELINE_METHODS, SLEB_BARRIERS
 from qblock.validate.report import runner_up_text
 from qblock.validate.stats import (MEASURED_METHOD, QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD, SELECT_METHOD,
                                    is_baseline, summarize)
@@ -402,8 +402,8 @@ def sleb_passes(num_blocks: int, m: int) -> int:
         >>> sleb_passes(30, 9)  # 28 + 27 + ... + 20
         216
     """
-    from qblock.validate.baselines import SLEB_BARRIERS
-
+    if not 0 <= int(m) <= num_blocks - sum(SLEB_BARRIERS):
+        raise ValueError(f"SLEB removes 0 to {num_blocks - sum(SLEB_BARRIERS)} of {num_blocks} blocks, not {m}")
     return sum(num_blocks - sum(SLEB_BARRIERS) - k for k in range(int(m)))
 
 
@@ -568,7 +568,8 @@ def _selection_summary(sel: Mapping[str, Any], n: int, ms: Sequence[int]) -> dic
                            "confirm_tokens": r.confirm_tokens, "confirm_evaluations": r.confirm_evaluations,
                            "surrogate_ridge": r.surrogate.metadata.get("ridge")}
                   for m, r in sel["refinements"].items()},
-        "sleb_usual_tokens": {str(m): sleb_passes(n, m) * SLEB_USUAL_TOKENS_PER_PASS for m in ms},
+        "sleb_usual_tokens": {str(m): sleb_passes(n, m) * SLEB_USUAL_TOKENS_PER_PASS for m in ms
+                              if m <= n - sum(SLEB_BARRIERS)},  # SLEB's code cannot remove more
         "sleb_usual_settings": "128 samples x 2048 tokens per candidate pass",
     }
 

@@ -116,6 +116,21 @@ def test_a_failed_prune_leaves_nothing_in_out(tmp_path, capsys):
     assert sorted(f.name for f in kept.iterdir()) == ["config.json"] and (kept / "config.json").read_text() == "{}"
 
 
+def test_an_overwritten_model_folder_keeps_no_shard_of_the_old_model(tmp_path):
+    from qblock.llm.export import save_model_folder
+
+    old = tiny_model("llama", layers=4)
+    old.save_pretrained(tmp_path / "out", max_shard_size="20KB")  # an earlier, sharded model in the folder
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    new = tiny_model("llama", layers=2)
+    save_model_folder(new, None, tmp_path / "out")
+    names = sorted(f.name for f in (tmp_path / "out").iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "notes.txt"], names
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.config.num_hidden_layers == 2
+
+
 @pytest.mark.parametrize("name", ["qblock.llm.export", "qblock.cli.prune"])
 def test_docstring_examples(name):
     import importlib

@@ -113,6 +113,8 @@ def test_sleb_never_removes_the_first_or_last_block_as_its_reference(tiny, monke
     assert ref[2].order == list(IDENTITY) and ref[-1].removed == list(range(1, N_BLOCKS - 1))
     assert [r.forward_passes for r in ref[:3]] == [N_BLOCKS - 2, 2 * N_BLOCKS - 5, 3 * N_BLOCKS - 9]
     assert ref[2].forward_passes == runner_sleb_passes(N_BLOCKS, 3)  # the cost column's SLEB at its usual settings
+    with pytest.raises(ValueError, match="SLEB removes 0 to"):
+        runner_sleb_passes(N_BLOCKS, N_BLOCKS - 1)
     cont = B.sleb(model, calib, 3, start=ref[0].order)  # continued from its first step: the same path
     assert [(r.num_remove, r.order, r.forward_passes) for r in cont] == \
         [(r.num_remove, r.order, r.forward_passes - ref[0].forward_passes) for r in ref[1:3]]
