@@ -161,9 +161,9 @@ def _reference_sleb(folder: Path, model, greedy: list, rep: dict, held, n_rep: i
     from the report's, the report's SLEB entry becomes the new set with its mean on the report's held-out
     samples. Returns ``{M: the report's SLEB set}`` for the M that changed."""
     from qblock.llm.blocks import find_blocks
-    from qblock.validate.baselines import sleb
+    from qblock.validate.baselines import sleb, sleb_kept
 
-    ends = {0, len(find_blocks(model)) - 1}
+    ends = sleb_kept(len(find_blocks(model)))
     ms = sorted(m for m, e in rep["per_m"].items() if "sleb" in e["baselines"])
     path = sleb(model, greedy, max(ms), progress=True) if ms else []
     changed = {}

@@ -177,11 +177,11 @@ def _sleb_on(model, samples, rc: dict, earlier: dict[int, tuple[list[int], int]]
     largest of those; all tokens are counted as the reference spends them. Returns the sets and the M it
     continued from (``None``: the earlier sets sufficed)."""
     from qblock.llm.blocks import find_blocks
-    from qblock.validate.baselines import sleb
+    from qblock.validate.baselines import sleb, sleb_kept
     from qblock.validate.runner import sleb_passes
 
     n, tokens = len(find_blocks(model)), sum(int(s.numel()) for s in samples)
-    clean = [m for m, (removed, _) in earlier.items() if not {0, n - 1} & set(removed)]
+    clean = [m for m, (removed, _) in earlier.items() if not sleb_kept(n) & set(removed)]
     k = max(clean, default=0)
     sets = {m: sorted(removed) for m, (removed, _) in earlier.items() if m <= k}
     ms = [int(m) for m in rc["per_m"]]

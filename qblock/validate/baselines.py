@@ -264,6 +264,20 @@ def shortgpt_iterative(model, samples: Sequence[Any], max_remove: int, *, batch_
 SLEB_BARRIERS = (1, 1)
 
 
+def sleb_kept(num_blocks: int, barriers: tuple[int, int] = SLEB_BARRIERS) -> set[int]:
+    """The blocks SLEB never removes: the first ``barriers[0]`` and the last ``barriers[1]`` (they always
+    survive, so they are the first and last surviving ones at every step).
+
+    Example:
+        >>> sorted(sleb_kept(30)), 30 - len(sleb_kept(30))  # and the most SLEB can remove
+        ([0, 29], 28)
+    """
+    early, late = (int(b) for b in barriers)
+    if min(early, late) < 0:
+        raise ValueError(f"SLEB's barriers must be non-negative, got {tuple(barriers)}")
+    return set(range(min(early, num_blocks))) | set(range(max(0, num_blocks - late), num_blocks))
+
+
 def sleb(model, samples: Sequence[Any], max_remove: int, *, barriers: tuple[int, int] = SLEB_BARRIERS,
          start: Sequence[int] = (), batch_size: int = 8, progress: bool = False, pool: Any = None,
          book: Any = None) -> list[BaselineResult]:
@@ -292,12 +306,11 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, barriers: tuple[int,
 
     samples = _as_samples(samples)
     n = len(find_blocks(model))
+    kept = sleb_kept(n, barriers)
     early, late = (int(b) for b in barriers)
-    if min(early, late) < 0:
-        raise ValueError(f"SLEB's barriers must be non-negative, got {tuple(barriers)}")
-    if max_remove > n - early - late:
+    if max_remove > n - len(kept):
         raise ValueError(f"SLEB keeps the first {early} and the last {late} block(s): it can remove at most "
-                         f"{max(0, n - early - late)} of {n} blocks, not {max_remove}")
+                         f"{n - len(kept)} of {n} blocks, not {max_remove}")
     removed = [int(i) for i in start]
     if len(set(removed)) != len(removed) or not all(0 <= i < n for i in removed) or len(removed) > max_remove:
         raise ValueError(f"start must be distinct blocks of 0..{n - 1}, at most max_remove = {max_remove}, "
@@ -402,12 +415,14 @@ def run_baselines(model, samples: Sequence[Any], num_removes: Sequence[int], *,
     if "shortgpt_iterative" in methods:
         path = shortgpt_iterative(model, greedy, max(ms), batch_size=batch_size, progress=progress)
         out.extend(path[m - 1] for m in ms if m >= 1)
-    from qblock.llm.blocks import find_blocks
+    if "sleb" in methods:
+        from qblock.llm.blocks import find_blocks
 
-    fits = [m for m in ms if 1 <= m <= len(find_blocks(model)) - sum(SLEB_BARRIERS)]
-    if "sleb" in methods and fits:  # no SLEB row for an M it cannot reach (it keeps the first and last block)
-        path = sleb(model, greedy, max(fits), batch_size=batch_size, progress=progress, pool=pool, book=book)
-        out.extend(path[m - 1] for m in fits)
+        n = len(find_blocks(model))
+        fits = [m for m in ms if 1 <= m <= n - len(sleb_kept(n))]  # no SLEB row for an M it cannot reach
+        if fits:
+            path = sleb(model, greedy, max(fits), batch_size=batch_size, progress=progress, pool=pool, book=book)
+            out.extend(path[m - 1] for m in fits)
     order = {name: k for k, name in enumerate(methods)}
     out.sort(key=lambda r: (order[r.method], ms.index(r.num_remove)))
     return out

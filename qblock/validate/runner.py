@@ -44,7 +44,7 @@ import numpy as np
 
 from qblock._io import json_default as _json_default
 from qblock._provenance import Provenance, tokens_sha256
-from qblock.validate.baselines import BASELINE_METHODS, SLEB_BARRIERS
+from qblock.validate.baselines import BASELINE_METHODS, sleb_kept
 from qblock.validate.report import runner_up_text
 from qblock.validate.stats import (MEASURED_METHOD, QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD, SELECT_METHOD,
                                    is_baseline, summarize)
@@ -396,15 +396,16 @@ def _tokens(samples: Sequence[Any]) -> int:
 
 def sleb_passes(num_blocks: int, m: int) -> int:
     """Candidate passes SLEB spends to remove ``m`` of ``num_blocks`` blocks (each step, every surviving block
-    but the first and the last: :data:`qblock.validate.baselines.SLEB_BARRIERS`).
+    but the first and the last: :func:`qblock.validate.baselines.sleb_kept`).
 
     Example:
         >>> sleb_passes(30, 9)  # 28 + 27 + ... + 20
         216
     """
-    if not 0 <= int(m) <= num_blocks - sum(SLEB_BARRIERS):
-        raise ValueError(f"SLEB removes 0 to {num_blocks - sum(SLEB_BARRIERS)} of {num_blocks} blocks, not {m}")
-    return sum(num_blocks - sum(SLEB_BARRIERS) - k for k in range(int(m)))
+    reach = num_blocks - len(sleb_kept(num_blocks))
+    if not 0 <= int(m) <= reach:
+        raise ValueError(f"SLEB removes 0 to {reach} of {num_blocks} blocks, not {m}")
+    return sum(reach - k for k in range(int(m)))
 
 
 def selection_split(calib: Sequence[Any], settings: ValidationSettings) -> tuple[list, list | None, list]:
@@ -569,7 +570,7 @@ def _selection_summary(sel: Mapping[str, Any], n: int, ms: Sequence[int]) -> dic
                            "surrogate_ridge": r.surrogate.metadata.get("ridge")}
                   for m, r in sel["refinements"].items()},
         "sleb_usual_tokens": {str(m): sleb_passes(n, m) * SLEB_USUAL_TOKENS_PER_PASS for m in ms
-                              if m <= n - sum(SLEB_BARRIERS)},  # SLEB's code cannot remove more
+                              if m <= n - len(sleb_kept(n))},  # SLEB's code cannot remove more
         "sleb_usual_settings": "128 samples x 2048 tokens per candidate pass",
     }
 
