@@ -36,8 +36,8 @@ def main(argv=None) -> int:
                          "split of the study's calibration set); more than the study's extends its calibration data "
                          "from the same seeded stream (held-out samples do not depend on it)")
     ap.add_argument("--race-samples", type=int, default=None, metavar="N",
-                    help="calibration samples after the loop's and the confirmation's that the two lowest finalists "
-                         "race on (default: the rest of the study's calibration set, as the validator does); more "
+                    help="calibration samples after the loop's and the confirmation's that the finalists not "
+                         "resolved from the lowest race on (default: the rest of the study's calibration set, as the validator does); more "
                          "than that extends the calibration data from the same seeded stream")
     args = ap.parse_args(argv)
     if args.race_samples is not None and args.race_samples < 0:

@@ -299,6 +299,9 @@ class Refinement:
             means the calibration data do not tell the two apart.
         sources: ``{removed: label}`` of the given starting sets measured before the loop (those
             measured in the loop carry theirs in ``history``).
+        confirm_rounds: the confirmation's rounds: for each, the sets it measured with their loss over
+            every sample so far, lowest first (``[{"removed", "loss"}, ...]``); the first round's first set
+            is the pick without racing.
     """
 
     num_remove: int
@@ -317,6 +320,7 @@ class Refinement:
     known: dict[tuple[int, ...], float] = field(default_factory=dict)
     sources: dict[tuple[int, ...], str] = field(default_factory=dict)
     runner_up: dict[str, Any] | None = None
+    confirm_rounds: list[list[dict[str, Any]]] = field(default_factory=list)
 
     @property
     def recommended(self) -> tuple[list[int], float]:
@@ -470,11 +474,15 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
 
     The loop ranks many sets on a small sample, so its few best sets differ by less than that sample's
     noise; measuring only those again on more tokens is cheap and picks among them on firmer ground.
-    With ``more`` it races: the two lowest sets are measured again on each further oracle's samples,
-    each set's loss being its mean over every sample it was measured on (oracles weighted by their
-    ``predicted_tokens``, else their ``num_samples``, else 1: the pooled loss when they count
-    predictions), until the oracles run out. The recommendation is the lower of the two, so the closest
-    contenders are compared on the most samples at the cost of two measurements per further oracle.
+    With ``more`` it races (F-Race style, Birattari et al. 2002): after each round the lowest set goes on
+    with every other set the samples so far do not resolve from it (its paired margin over the lowest is
+    not more than twice its standard error, :func:`qblock.validate.stats.paired_difference`), and those
+    are measured again on the next oracle's samples; a set resolved worse is dropped, and racing stops
+    once only the lowest is left. Each set's loss is its mean over every sample it was measured on
+    (oracles weighted by their ``predicted_tokens``, else their ``num_samples``, else 1: the pooled loss
+    when they count predictions). Oracles without per-sample losses (no ``sample_losses``) race the two
+    lowest instead. So the sets the calibration data cannot yet tell apart are compared on the most
+    samples, and a set ranked third on the first samples by noise is not dropped for it.
 
     Args:
         oracle: a loss oracle on more calibration tokens than the loop's (e.g. every calibration sample;
@@ -514,12 +522,12 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
     extra = [k for k in dict.fromkeys(removal_key(s) for s in also) if k in ranked]
     keys = ranked[: max(int(top), 1 if extra else 0)]  # never a choice among the extra sets alone
     keys += [k for k in extra if k not in keys]
-    refinement.finalists, refinement.finalist_samples = {}, {}
+    refinement.finalists, refinement.finalist_samples, refinement.confirm_rounds = {}, {}, []
     total: dict[tuple[int, ...], float] = {}
     weight: dict[tuple[int, ...], float] = {}
     per: dict[tuple[int, ...], tuple[list[float], list[int]]] = {}  # per-sample losses and their tokens
     for r, orc in enumerate([oracle, *more]):
-        if r and len(keys) < 2:
+        if r and len(keys) < 2:  # one finalist, or the race is decided
             break
         t0, n = orc.tokens, int(getattr(orc, "num_samples", 1))
         values = measure(orc, keys)
@@ -535,9 +543,41 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
                 toks += orc.sample_tokens
         refinement.confirm_tokens += orc.tokens - t0
         refinement.confirm_evaluations += len(keys)
-        keys = sorted(keys, key=lambda k: (_rank(refinement.finalists[k]), k))[:2]
+        keys = sorted(keys, key=lambda k: (_rank(refinement.finalists[k]), k))
+        refinement.confirm_rounds.append([{"removed": list(k), "loss": refinement.finalists[k]} for k in keys])
+        keys = _survivors(keys, per)
     refinement.runner_up = _runner_up(refinement, per)
     return refinement
+
+
+def _survivors(keys: list[tuple[int, ...]], per: dict[tuple[int, ...], tuple[list[float], list[int]]]) -> list:
+    """The sets that race on: the lowest (``keys`` come lowest first) and every set not resolved worse
+    than it on their common samples (the rule of every "resolved" verdict); the two lowest where
+    per-sample losses are missing.
+
+    Example:
+        >>> per = {(0,): ([1.0, 1.2, 1.1], [1, 1, 1]), (1,): ([1.1, 1.1, 1.2], [1, 1, 1]),
+        ...        (2,): ([2.0, 2.1, 2.2], [1, 1, 1])}
+        >>> _survivors([(0,), (1,), (2,)], per)  # (2,) is resolved worse than (0,), (1,) is not
+        [(0,), (1,)]
+        >>> _survivors([(0,), (1,), (2,)], {})
+        [(0,), (1,)]
+    """
+    from qblock.validate.stats import _resolved, paired_difference
+
+    if any(k not in per for k in keys) or not keys:
+        return keys[:2]
+    (a, wa), out = per[keys[0]], keys[:1]
+    for k in keys[1:]:
+        b, wb = per[k]
+        n = min(len(a), len(b))
+        if wa[:n] != wb[:n] or n < 2:  # nothing to pair on: it races on
+            out.append(k)
+            continue
+        d = paired_difference(b[:n], a[:n], weights=wa[:n])
+        if math.isfinite(d["diff"]) and not (d["diff"] > 0 and _resolved(d["diff"], d["se"])):
+            out.append(k)  # a broken set (non-finite margin) never races on
+    return out
 
 
 def _runner_up(refinement: Refinement, per: dict[tuple[int, ...], tuple[list[float], list[int]]]) -> dict | None:

@@ -286,9 +286,10 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
                         "to the loop's starts and the confirmed finalists")
     # None unless given, so that an explicit --select-race without a confirmation can be refused
     g.add_argument("--select-race", action=argparse.BooleanOptionalAction, default=None,
-                   help="measure the two lowest finalists again on the calibration samples after the "
-                        "confirmation's, in chunks of its size, until they run out (default "
-                        + ("on" if race else "off" if race is False else "on; qblock run --quick: off") + ")")
+                   help="measure the finalists not resolved from the lowest (margin within twice its standard "
+                        "error) again on the calibration samples after the confirmation's, in chunks of its size, "
+                        "until they run out or one is left (default "
+                        + ("on" if race else "off" if race is False else "on") + ")")
 
 
 def _or_preset(default: int | None) -> str:

@@ -20,8 +20,7 @@ from qblock.cli._common import (check_at_least, check_backend_name, check_counts
 #: settings of a full run and of ``--quick`` (timings of ``--quick`` in README's quick start; its selection
 #: measures pairs in a pool of 10 blocks, never more than the default max(8, N/2), and confirms on 16
 #: samples: the same recommended sets as pool max(8, N/2) and 32 samples on SmolLM2 at M = 3, 6, 9, for
-#: 31 % fewer selection tokens; it confirms once: racing the two lowest on the other 16 samples picked the
-#: same sets on SmolLM2 and made the whole run 87 s longer, 7 min 49 s against 6 min 22 s)
+#: 31 % fewer selection tokens; the finalists those 16 do not resolve from the lowest race on the other 8)
 PRESETS = {
     "full": {"samples": 128, "seq_len": 256, "eval_samples": 32, "top": 10, "random": 5, "greedy_samples": 8,
              "tasks": "arc_easy,piqa,hellaswag", "task_limit": 100, "bench_top": 1, "bootstrap": 2000,
@@ -30,7 +29,7 @@ PRESETS = {
     "quick": {"samples": 32, "seq_len": 128, "eval_samples": 12, "top": 5, "random": 3, "greedy_samples": 2,
               "tasks": "", "task_limit": 50, "bench_top": 1, "bootstrap": 1000,
               "select_samples": 8, "select_evaluations": 24, "select_pool": 10, "select_confirm_samples": 16,
-              "select_race": False},
+              "select_race": True},
 }
 DEFAULT_M = "3,6,9"
 

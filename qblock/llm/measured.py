@@ -44,8 +44,9 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
             there, and measured there again the luckiest would look best
             (:func:`qblock.validate.runner.selection_split`).
         race_samples: further calibration samples, disjoint from ``confirm_samples``, cut into chunks of
-            ``len(confirm_samples)``: the confirmation races on them (the two lowest finalists are measured
-            again on each chunk; :func:`qblock.select.confirm`; measured here, not on ``executor``).
+            ``len(confirm_samples)``: the confirmation races on them (the finalists not resolved from the
+            lowest are measured again on each chunk; :func:`qblock.select.confirm`; measured here, not on
+            ``executor``).
             ``()``: no racing.
         confirm_top: finalists per M chosen by the loop's ranking (the one-pass sets may add up to two).
         screen_samples: if positive, a greedy removal chain (:func:`qblock.select.greedy_chain`) on the

@@ -105,8 +105,9 @@ class ValidationSettings:
             pass over the selection samples start the loop and are always confirmed
             (:func:`qblock.llm.measured.one_pass_sets`).
         select_race: the confirmation races on the calibration samples after the loop's and its own, in chunks of
-            ``select_confirm_samples``: the two lowest finalists are measured again on each chunk, and
-            the lower by the mean over all their samples is recommended.
+            ``select_confirm_samples``: the finalists the samples so far do not resolve from the lowest are
+            measured again on each chunk (:func:`qblock.select.confirm`), and the lowest by the mean over all
+            their samples is recommended.
         select_heldout: measured sets per M (lowest calibration loss first, the recommended one
             included) also evaluated on held-out data, for the correlations.
         n_boot: bootstrap resamples for the correlation intervals.
@@ -567,7 +568,9 @@ def _selection_summary(sel: Mapping[str, Any], n: int, ms: Sequence[int]) -> dic
         "per_m": {str(m): {"backend": r.backend, "rounds": r.rounds, "evaluations": len(r.history),
                            "tokens": r.tokens, "solver_repeats": r.repeats, "finalists": len(r.finalists),
                            "confirm_tokens": r.confirm_tokens, "confirm_evaluations": r.confirm_evaluations,
-                           "surrogate_ridge": r.surrogate.metadata.get("ridge")}
+                           "surrogate_ridge": r.surrogate.metadata.get("ridge"),
+                           "confirm_rounds": [[dict(e, loss=e["loss"] if math.isfinite(e["loss"]) else None) for e in rnd]
+                                              for rnd in r.confirm_rounds]}
                   for m, r in sel["refinements"].items()},
         "sleb_usual_tokens": {str(m): sleb_passes(n, m) * SLEB_USUAL_TOKENS_PER_PASS for m in ms
                               if m <= n - len(sleb_kept(n))},  # SLEB's code cannot remove more
@@ -880,10 +883,11 @@ def _settings_view(problem, ms: Sequence[int], settings: ValidationSettings, sol
                              + _loop_starts(selection.get("screen_samples"), selection.get("one_pass"))
                              + (f"; finalists confirmed on {selection['confirm_samples']} samples"
                                 if selection.get("confirm_samples") else "")
-                             + (f", the two lowest raced on {selection['race_samples']} more"
+                             + (f", those not resolved from the lowest raced on {selection['race_samples']} more"
                                 if selection.get("race_samples") else "")
                              + "; the recommended set is the lowest confirmed calibration loss (racing: of the "
-                               "last two, on every sample they were measured on; no confirmation: the lowest measured)"),
+                               "last ones raced, on every sample they were measured on; no confirmation: the lowest "
+                               "measured)"),
         "energy models compared": ", ".join(["problem (" + str(meta.get("energy", "?")) + ")"] + list(others)),
         "benchmarks": (", ".join(f"{t} ({len(v)} items)" for t, v in benchmarks.items()) +
                        f", zero-shot log-likelihood scoring by {settings.harness}" if benchmarks else "none"),

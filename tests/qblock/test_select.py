@@ -335,6 +335,67 @@ def test_confirm_races_the_two_lowest_on_further_samples():
     assert res.runner_up is None  # these oracles give no per-sample losses
 
 
+class _Table:
+    """A calibration chunk with given per-sample losses (equal tokens per sample): what racing pairs on."""
+
+    def __init__(self, table: dict, tokens_per_sample: int = 10) -> None:
+        self.table = {tuple(k): list(v) for k, v in table.items()}
+        self.num_samples = len(next(iter(self.table.values())))
+        self.sample_tokens = [tokens_per_sample] * self.num_samples
+        self.tokens, self.calls = 0, []
+
+    def loss(self, removed) -> float:
+        key = tuple(sorted(removed))
+        self.tokens += sum(self.sample_tokens)
+        self.calls.append(key)
+        return float(np.mean(self.table[key]))
+
+    def sample_losses(self, removed) -> list[float]:
+        return list(self.table[tuple(sorted(removed))])
+
+
+def _four_finalists():
+    from qblock.select import Refinement
+
+    hist = [{"removed": [0, k], "loss": 1.0 + k / 100} for k in (1, 2, 3, 4)]
+    return Refinement(2, [0, 1], 1.01, hist, None, 0, "exact", 1)
+
+
+def test_confirm_races_every_finalist_the_samples_do_not_resolve_and_drops_the_rest():
+    """F-Race: a set third on the first chunk by noise races on (and wins on more samples); a set resolved
+    worse than the lowest is dropped after the first chunk; the recommendation is the lowest of the last raced."""
+    from qblock.select import confirm
+    from qblock.validate.stats import paired_difference
+
+    a, b, c, d = (0, 1), (0, 2), (0, 3), (0, 4)
+    first = _Table({a: [1.0, 1.1, 0.9, 1.0], b: [1.2, 1.0, 0.95, 1.05], c: [0.8, 1.5, 0.9, 1.2],
+                    d: [2.0, 2.2, 1.9, 2.05]})
+    second = _Table({a: [1.0, 1.05, 0.95, 1.0], b: [1.8, 1.9, 1.85, 1.8], c: [0.5, 0.55, 0.6, 0.5]})
+    third = _Table({a: [1.0, 1.0], c: [0.6, 0.7]})
+    # on the first chunk c is third and not resolved from a, d is resolved worse
+    assert paired_difference(first.table[c], first.table[a])["diff"] > paired_difference(first.table[b], first.table[a])["diff"]
+    res = confirm(first, _four_finalists(), top=4, more=[second, third])
+    assert first.calls == [a, b, c, d] and sorted(second.calls) == [a, b, c] and sorted(third.calls) == [a, c]
+    assert res.finalist_samples == {a: 10, b: 8, c: 10, d: 4}
+    assert res.recommended == ([0, 3], pytest.approx((0.8 + 1.5 + 0.9 + 1.2 + 0.5 + 0.55 + 0.6 + 0.5 + 0.6 + 0.7) / 10))
+    assert res.confirmed()[:2] == [c, a] and res.runner_up["removed"] == [0, 1] and res.runner_up["samples"] == 10
+    assert res.confirm_tokens == 4 * 40 + 3 * 40 + 2 * 20 and res.confirm_evaluations == 9
+    # the rounds as measured, lowest first: without racing a would have been recommended
+    assert [[tuple(e["removed"]) for e in rnd] for rnd in res.confirm_rounds] == [[a, b, c, d], [c, a, b], [c, a]]
+    assert res.confirm_rounds[-1][0]["loss"] == res.recommended[1]
+
+
+def test_confirm_stops_racing_once_the_lowest_is_resolved_from_every_other():
+    from qblock.select import confirm
+
+    a, b, c, d = (0, 1), (0, 2), (0, 3), (0, 4)
+    first = _Table({a: [1.0, 1.1, 0.9, 1.0], b: [1.5, 1.6, 1.4, 1.52], c: [2.0, 2.1, 1.9, 2.0], d: [1.3, 1.4, 1.2, 1.3]})
+    spare = _Table({k: [1.0, 1.0] for k in (a, b, c, d)})
+    res = confirm(first, _four_finalists(), top=4, more=[spare])
+    assert spare.tokens == 0 and res.recommended[0] == [0, 1] and set(res.finalist_samples.values()) == {4}
+    assert res.runner_up["removed"] == [0, 4] and res.runner_up["margin"] > 2 * res.runner_up["se"]
+
+
 def test_confirm_without_further_samples_or_with_one_finalist_does_not_race():
     from qblock.select import confirm
 
@@ -424,11 +485,22 @@ def test_select_removals_races_on_further_samples_with_exact_pooled_losses():
     chunk_tokens = [sum(len(s) for s in samples[i:i + 4]) for i in (4, 8)]  # 42 and 39
     assert sel["shared_tokens"] == sel["prior"].metadata["selection"]["forward_tokens"] + 4 * 12 + sum(chunk_tokens)
     ref = sel["refinements"][2]
-    assert sorted(ref.finalist_samples.values()) == [4, 4, 10, 10]
     for k, n in ref.finalist_samples.items():
         assert ref.finalists[k] == pytest.approx(CalibrationLoss(model, samples[:n]).loss(k), abs=1e-6)
-    assert ref.confirm_tokens == 4 * 4 * 12 + 2 * sum(chunk_tokens) and ref.confirm_evaluations == 8
-    # the runner-up: the other racer, paired with the recommendation over the 10 samples both were measured on
+    # after each chunk exactly the sets not resolved from the lowest (on every sample so far) race on
+    from qblock.select import _survivors
+
+    counts = ref.finalist_samples
+    for upto, after in ((4, 8), (8, 10)):
+        cal = CalibrationLoss(model, samples[:upto])
+        racing = sorted((k for k, c in counts.items() if c >= upto), key=lambda k: (cal.loss(k), k))
+        per = {k: (cal.sample_losses(k), cal.sample_tokens) for k in racing}
+        assert sorted(k for k, c in counts.items() if c >= after) == sorted(_survivors(racing, per) if len(racing) > 1 else [])
+    raced = [sum(c >= n for c in counts.values()) for n in (8, 10)]
+    assert len(counts) == 4 and raced[0] >= 2  # a tiny random model: its finalists are close
+    assert ref.confirm_tokens == 4 * 4 * 12 + raced[0] * chunk_tokens[0] + raced[1] * chunk_tokens[1]
+    assert ref.confirm_evaluations == 4 + sum(raced)
+    # the runner-up: another racer, paired with the recommendation over the 10 samples both were measured on
     from qblock.validate.stats import paired_difference
 
     first, second = ref.confirmed()[:2]

@@ -342,11 +342,12 @@ def test_selection_options_are_checked_before_any_work(pfile, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv, race", [([], True), (["--quick"], False), (["--quick", "--select-race"], True),
-                                        (["--no-select-race"], False), (["--select-confirm", "0"], False)])
-def test_run_presets_race_the_confirmation_unless_quick(argv, race):
-    """A full run races the confirmation, --quick confirms once; either flag overrides the preset; without a
-    confirmation there is nothing to race."""
+@pytest.mark.parametrize("argv, race", [([], True), (["--quick"], True), (["--quick", "--no-select-race"], False),
+                                        (["--no-select-race"], False), (["--select-confirm", "0"], False),
+                                        (["--quick", "--select-confirm", "0"], False)])
+def test_run_presets_race_the_confirmation_unless_told_not_to(argv, race):
+    """Both presets race the confirmation (--quick on its 8 calibration samples after the confirmation's);
+    --no-select-race confirms once; without a confirmation there is nothing to race."""
     import argparse
 
     from qblock.cli import run as run_cmd

@@ -664,11 +664,12 @@ def test_cli_validate_races_the_finalists_on_the_calibration_samples_after_the_c
     sel, rec = summary["selection"], summary["recommended"]["3"]
     # 8 calibration samples: the loop's 2, the confirmation's next 4, the race's last 2
     assert sel["confirm_samples"] == 4 and sel["race_samples"] == 2
-    assert sel["per_m"]["3"]["confirm_evaluations"] == 4 + 2  # the two lowest raced on the last 2 samples
-    assert sel["per_m"]["3"]["confirm_tokens"] == (4 * 4 + 2 * 2) * 24
+    # the finalists the 4 confirmation samples do not resolve from the lowest raced on the last 2
+    raced = sel["per_m"]["3"]["confirm_evaluations"] - 4
+    assert 2 <= raced <= 4 and sel["per_m"]["3"]["confirm_tokens"] == (4 * 4 + raced * 2) * 24
     assert rec["confirmation_samples"] == 6
     rows = json.loads((tmp_path / "race" / "candidates.json").read_text())["rows"]
-    assert sorted(r["confirm_samples"] for r in rows if r.get("confirm_samples")) == [4, 4, 6, 6]
+    assert sorted(r["confirm_samples"] for r in rows if r.get("confirm_samples")) == [4] * (4 - raced) + [6] * raced
     q = next(r for r in rows if r["method"] == "qblock")  # its cost in passes over the 2 selection samples of 24 tokens: the tokens, rounded up
     assert q["method"] == "qblock" and q["cost_calib_samples"] == 2
     assert q["cost_forward_passes"] == -(-rec["selection_tokens"] // (2 * 24))
