@@ -498,11 +498,11 @@ def _pairs_on(sel: Mapping[str, Any]) -> str:
 
 def _raced(ref) -> str:
     """How far the confirmation raced, for a candidate's note ("" when it did not)."""
-    most = max(ref.finalist_samples.values(), default=0)
-    first = min(ref.finalist_samples.values(), default=0)
-    if most <= first:
+    rounds = getattr(ref, "confirm_rounds", [])
+    if len(rounds) < 2:
         return ""
-    return f", the best {sum(v == most for v in ref.finalist_samples.values())} raced on up to {most}"
+    return (f", {' then '.join(str(len(r)) for r in rounds[1:])} not resolved from the lowest raced on up to "
+            f"{max(ref.finalist_samples.values())}")
 
 
 def _loop_starts(screen_samples: int | None, one_pass: bool | None) -> str:
