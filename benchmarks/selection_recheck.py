@@ -97,6 +97,7 @@ def main(argv=None) -> int:
             "start": [h["removed"] for h in ref.history if h["source"].startswith("start")],
             "finalists": {",".join(map(str, k)): v for k, v in ref.finalists.items()},
             "finalist_samples": {",".join(map(str, k)): v for k, v in ref.finalist_samples.items()},
+            "confirm_rounds": ref.confirm_rounds,  # the first round's first set: the pick without racing
             "study_qblock": {"removed": rows[QBLOCK]["removed"], "heldout": rows[QBLOCK]["heldout_loss"],
                              "fwd_tokens": rows[QBLOCK]["fwd_tokens"]},
             "baselines": base}
