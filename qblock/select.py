@@ -526,6 +526,7 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
     total: dict[tuple[int, ...], float] = {}
     weight: dict[tuple[int, ...], float] = {}
     per: dict[tuple[int, ...], tuple[list[float], list[int]]] = {}  # per-sample losses and their tokens
+    paired = True  # every round so far gave per-sample losses (else the pooled losses cannot be paired)
     for r, orc in enumerate([oracle, *more]):
         if r and len(keys) < 2:  # one finalist, or the race is decided
             break
@@ -537,16 +538,17 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
             weight[key] = weight.get(key, 0.0) + w
             refinement.finalist_samples[key] = refinement.finalist_samples.get(key, 0) + n
             refinement.finalists[key] = total[key] / weight[key]
-            if hasattr(orc, "sample_losses"):
+            if paired and hasattr(orc, "sample_losses"):
                 losses, toks = per.setdefault(key, ([], []))
                 losses += orc.sample_losses(key)
                 toks += orc.sample_tokens
+        paired = paired and hasattr(orc, "sample_losses")
         refinement.confirm_tokens += orc.tokens - t0
         refinement.confirm_evaluations += len(keys)
         keys = sorted(keys, key=lambda k: (_rank(refinement.finalists[k]), k))
         refinement.confirm_rounds.append([{"removed": list(k), "loss": refinement.finalists[k]} for k in keys])
-        keys = _survivors(keys, per)
-    refinement.runner_up = _runner_up(refinement, per)
+        keys = _survivors(keys, per if paired else {})
+    refinement.runner_up = _runner_up(refinement, per) if paired else None
     return refinement
 
 

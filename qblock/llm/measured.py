@@ -84,7 +84,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     checker = (CalibrationLoss(model, confirm_samples, gate=gate, batch_size=batch_size, executor=executor)
                if confirm_samples and int(confirm_top) > 0 else None)
     size, rest = len(confirm_samples or ()), list(race_samples or ())
-    # here, not on the executor: two sets per chunk and M, and more keyed states would evict the actors' others
+    # here, not on the executor: the few sets still racing per chunk and M, and more keyed states would evict
+    # the actors' others
     racers = ([CalibrationLoss(model, rest[i:i + size], gate=gate, batch_size=batch_size)
                for i in range(0, len(rest), size)] if checker is not None else [])
     confirmers = [checker, *racers] if checker is not None else []
@@ -183,7 +184,7 @@ class _Bar:
         return self.oracle.predicted_tokens
 
     @property
-    def sample_tokens(self) -> list[int]:  # the confirmation's paired comparison of its last two sets
+    def sample_tokens(self) -> list[int]:  # the confirmation's paired comparisons (which sets race on)
         return self.oracle.sample_tokens
 
     def sample_losses(self, removed: Iterable[int]) -> list[float]:

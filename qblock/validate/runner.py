@@ -501,8 +501,8 @@ def _raced(ref) -> str:
     rounds = getattr(ref, "confirm_rounds", [])
     if len(rounds) < 2:
         return ""
-    return (f", {' then '.join(str(len(r)) for r in rounds[1:])} not resolved from the lowest raced on up to "
-            f"{max(ref.finalist_samples.values())}")
+    return (f", the lowest and {' then '.join(str(len(r) - 1) for r in rounds[1:])} not resolved from it raced on "
+            f"up to {max(ref.finalist_samples.values())}")
 
 
 def _loop_starts(screen_samples: int | None, one_pass: bool | None) -> str:

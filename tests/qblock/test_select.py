@@ -303,8 +303,9 @@ def test_confirm_remeasures_the_best_sets_and_recommends_the_lowest_confirmed():
 
 
 def test_confirm_races_the_two_lowest_on_further_samples():
-    """8 finalists, then the two lowest on every further chunk; each set's loss is its sample-weighted mean
-    over the chunks it was measured on; the lower of the last two wins."""
+    """Oracles without per-sample losses (nothing to pair on): 8 finalists, then the two lowest on every
+    further chunk; each set's loss is its sample-weighted mean over the chunks it was measured on; the lower
+    of the last two wins."""
     from qblock.select import confirm
 
     exact = Oracle(12, seed=5, tokens_per_eval=100)
@@ -394,6 +395,30 @@ def test_confirm_stops_racing_once_the_lowest_is_resolved_from_every_other():
     res = confirm(first, _four_finalists(), top=4, more=[spare])
     assert spare.tokens == 0 and res.recommended[0] == [0, 1] and set(res.finalist_samples.values()) == {4}
     assert res.runner_up["removed"] == [0, 4] and res.runner_up["margin"] > 2 * res.runner_up["se"]
+
+
+def test_survivors_pair_on_common_samples_and_never_race_a_broken_set():
+    from qblock.select import _survivors
+
+    a, b, c, d = (0, 1), (0, 2), (0, 3), (0, 4)
+    per = {a: ([1.0, 1.1, 0.9], [2, 1, 1]), b: ([1.0, 1.3, 1.0], [2, 1, 1]),  # b: +0.075 +- 0.05 token-weighted
+           c: ([float("nan"), 1.0, 1.0], [2, 1, 1]), d: ([1.2, 1.3], [2, 1])}  # d: measured on fewer samples
+    assert _survivors([a, b, c, d], per) == [a, b]  # c broken, d resolved worse on the two samples it shares with a
+    assert _survivors([a, (0, 5)], {a: ([1.0], [1]), (0, 5): ([9.0], [1])}) == [a, (0, 5)]  # one sample: unresolved
+    assert _survivors([a, b, c], {a: per[a], b: per[b]}) == [a, b]  # a set without per-sample losses: the two lowest
+
+
+def test_confirm_pairs_only_while_every_round_gave_per_sample_losses():
+    """A further oracle without per-sample losses: the race falls back to the two lowest and states no runner-up."""
+    from qblock.select import confirm
+
+    a, b, c, d = (0, 1), (0, 2), (0, 3), (0, 4)
+    first = _Table({a: [1.0, 1.1, 0.9, 1.0], b: [1.2, 1.0, 0.95, 1.05], c: [0.8, 1.5, 0.9, 1.2], d: [1.3, 1.0, 1.0, 1.1]})
+    plain = Oracle(6, seed=1, tokens_per_eval=10)
+    last = _Table({k: [1.0, 1.0] for k in (a, b, c, d)})
+    res = confirm(first, _four_finalists(), top=4, more=[plain, last])
+    assert len(res.confirm_rounds[1]) == 4 and len(last.calls) == 2  # all four unresolved, then the two lowest
+    assert res.runner_up is None
 
 
 def test_confirm_without_further_samples_or_with_one_finalist_does_not_race():

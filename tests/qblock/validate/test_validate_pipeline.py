@@ -668,11 +668,14 @@ def test_cli_validate_races_the_finalists_on_the_calibration_samples_after_the_c
     raced = sel["per_m"]["3"]["confirm_evaluations"] - 4
     assert 2 <= raced <= 4 and sel["per_m"]["3"]["confirm_tokens"] == (4 * 4 + raced * 2) * 24
     assert rec["confirmation_samples"] == 6
+    rounds = sel["per_m"]["3"]["confirm_rounds"]  # as measured, lowest first; the last round's first is recommended
+    assert [len(r) for r in rounds] == [4, raced] and rounds[-1][0]["removed"] == rec["removed"]
+    assert all(r[i]["loss"] <= r[i + 1]["loss"] for r in rounds for i in range(len(r) - 1))
     rows = json.loads((tmp_path / "race" / "candidates.json").read_text())["rows"]
     assert sorted(r["confirm_samples"] for r in rows if r.get("confirm_samples")) == [4] * (4 - raced) + [6] * raced
     q = next(r for r in rows if r["method"] == "qblock")  # its cost in passes over the 2 selection samples of 24 tokens: the tokens, rounded up
     assert q["method"] == "qblock" and q["cost_calib_samples"] == 2
-    assert f"4 finalists confirmed on 4 calibration samples, {raced} not resolved from the lowest raced on up to 6" in q["note"]
+    assert f"4 finalists confirmed on 4 calibration samples, the lowest and {raced - 1} not resolved from it raced on up to 6" in q["note"]
     assert q["cost_forward_passes"] == -(-rec["selection_tokens"] // (2 * 24))
     assert f"{rec['confirmation_loss']:.4f} (6)" in (tmp_path / "race" / "report.md").read_text()
     assert main(args + ["--no-select-race", "--out", str(tmp_path / "once")]) == 0
