@@ -531,6 +531,7 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
         if r and len(keys) < 2:  # one finalist, or the race is decided
             break
         t0, n = orc.tokens, int(getattr(orc, "num_samples", 1))
+        paired = paired and hasattr(orc, "sample_losses")
         values = measure(orc, keys)
         w = float(getattr(orc, "predicted_tokens", n))
         for key, v in zip(keys, values):
@@ -538,11 +539,10 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
             weight[key] = weight.get(key, 0.0) + w
             refinement.finalist_samples[key] = refinement.finalist_samples.get(key, 0) + n
             refinement.finalists[key] = total[key] / weight[key]
-            if paired and hasattr(orc, "sample_losses"):
+            if paired:
                 losses, toks = per.setdefault(key, ([], []))
                 losses += orc.sample_losses(key)
                 toks += orc.sample_tokens
-        paired = paired and hasattr(orc, "sample_losses")
         refinement.confirm_tokens += orc.tokens - t0
         refinement.confirm_evaluations += len(keys)
         keys = sorted(keys, key=lambda k: (_rank(refinement.finalists[k]), k))
@@ -565,35 +565,42 @@ def _survivors(keys: list[tuple[int, ...]], per: dict[tuple[int, ...], tuple[lis
         >>> _survivors([(0,), (1,), (2,)], {})
         [(0,), (1,)]
     """
-    from qblock.validate.stats import _resolved, paired_difference
+    from qblock.validate.stats import _resolved
 
     if any(k not in per for k in keys) or not keys:
         return keys[:2]
-    (a, wa), out = per[keys[0]], keys[:1]
+    out = keys[:1]
     for k in keys[1:]:
-        b, wb = per[k]
-        n = min(len(a), len(b))
-        if wa[:n] != wb[:n] or n < 2:  # nothing to pair on: it races on
+        d = _margin(per, keys[0], k)
+        if d is None:  # nothing to pair on: it races on
             out.append(k)
-            continue
-        d = paired_difference(b[:n], a[:n], weights=wa[:n])
-        if math.isfinite(d["diff"]) and not (d["diff"] > 0 and _resolved(d["diff"], d["se"])):
+        elif math.isfinite(d["diff"]) and not (d["diff"] > 0 and _resolved(d["diff"], d["se"])):
             out.append(k)  # a broken set (non-finite margin) never races on
     return out
 
 
-def _runner_up(refinement: Refinement, per: dict[tuple[int, ...], tuple[list[float], list[int]]]) -> dict | None:
-    """The second confirmed finalist against the first, paired over the samples both were measured on."""
+def _margin(per: dict[tuple[int, ...], tuple[list[float], list[int]]], lead: tuple[int, ...],
+            other: tuple[int, ...]) -> dict | None:
+    """``other``'s loss minus ``lead``'s, paired over the samples both were measured on (the first ones: every
+    round measures its sets on the same samples); None where either has no per-sample losses or fewer than
+    two shared samples."""
     from qblock.validate.stats import paired_difference
 
+    if lead not in per or other not in per:
+        return None
+    (a, wa), (b, wb) = per[lead], per[other]
+    n = min(len(a), len(b))
+    if wa[:n] != wb[:n] or n < 2:
+        return None
+    return paired_difference(b[:n], a[:n], weights=wa[:n])
+
+
+def _runner_up(refinement: Refinement, per: dict[tuple[int, ...], tuple[list[float], list[int]]]) -> dict | None:
+    """The second confirmed finalist against the first, paired over the samples both were measured on (the
+    last round's sets, so all of their samples)."""
     order = refinement.confirmed()
-    if len(order) < 2 or any(k not in per for k in order[:2]):
-        return None
-    (a, wa), (b, wb) = per[order[0]], per[order[1]]
-    if wa != wb or len(a) < 2:  # not the same samples (never, as confirm measures) or too few to tell
-        return None
-    d = paired_difference(b, a, weights=wa)
-    if not math.isfinite(d["diff"]):  # a broken set among the two: no margin to state
+    d = _margin(per, order[0], order[1]) if len(order) >= 2 else None
+    if d is None or not math.isfinite(d["diff"]):  # too few samples, or a broken set among the two
         return None
     return {"removed": list(order[1]), "margin": d["diff"], "se": d["se"], "samples": d["n"]}
 

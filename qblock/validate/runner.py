@@ -498,7 +498,7 @@ def _pairs_on(sel: Mapping[str, Any]) -> str:
 
 def _raced(ref) -> str:
     """How far the confirmation raced, for a candidate's note ("" when it did not)."""
-    rounds = getattr(ref, "confirm_rounds", [])
+    rounds = ref.confirm_rounds
     if len(rounds) < 2:
         return ""
     return (f", the lowest and {' then '.join(str(len(r) - 1) for r in rounds[1:])} not resolved from it raced on "
