@@ -269,13 +269,23 @@ def sleb_kept(num_blocks: int, barriers: tuple[int, int] = SLEB_BARRIERS) -> set
     survive, so they are the first and last surviving ones at every step).
 
     Example:
-        >>> sorted(sleb_kept(30)), 30 - len(sleb_kept(30))  # and the most SLEB can remove
-        ([0, 29], 28)
+        >>> sorted(sleb_kept(30))
+        [0, 29]
     """
     early, late = (int(b) for b in barriers)
     if min(early, late) < 0:
         raise ValueError(f"SLEB's barriers must be non-negative, got {tuple(barriers)}")
     return set(range(min(early, num_blocks))) | set(range(max(0, num_blocks - late), num_blocks))
+
+
+def sleb_reach(num_blocks: int) -> int:
+    """The most blocks SLEB's code can remove: all but :func:`sleb_kept`.
+
+    Example:
+        >>> sleb_reach(30)
+        28
+    """
+    return num_blocks - len(sleb_kept(num_blocks))
 
 
 def sleb(model, samples: Sequence[Any], max_remove: int, *, barriers: tuple[int, int] = SLEB_BARRIERS,
@@ -419,7 +429,7 @@ def run_baselines(model, samples: Sequence[Any], num_removes: Sequence[int], *,
         from qblock.llm.blocks import find_blocks
 
         n = len(find_blocks(model))
-        fits = [m for m in ms if 1 <= m <= n - len(sleb_kept(n))]  # no SLEB row for an M it cannot reach
+        fits = [m for m in ms if 1 <= m <= sleb_reach(n)]  # no SLEB row for an M it cannot reach
         if fits:
             path = sleb(model, greedy, max(fits), batch_size=batch_size, progress=progress, pool=pool, book=book)
             out.extend(path[m - 1] for m in fits)

@@ -44,7 +44,7 @@ import numpy as np
 
 from qblock._io import json_default as _json_default
 from qblock._provenance import Provenance, tokens_sha256
-from qblock.validate.baselines import BASELINE_METHODS, sleb_kept
+from qblock.validate.baselines import BASELINE_METHODS, sleb_reach
 from qblock.validate.report import runner_up_text
 from qblock.validate.stats import (MEASURED_METHOD, QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD, SELECT_METHOD,
                                    is_baseline, summarize)
@@ -397,13 +397,13 @@ def _tokens(samples: Sequence[Any]) -> int:
 
 def sleb_passes(num_blocks: int, m: int) -> int:
     """Candidate passes SLEB spends to remove ``m`` of ``num_blocks`` blocks (each step, every surviving block
-    but the first and the last: :func:`qblock.validate.baselines.sleb_kept`).
+    but the first and the last: :func:`qblock.validate.baselines.sleb_reach`).
 
     Example:
         >>> sleb_passes(30, 9)  # 28 + 27 + ... + 20
         216
     """
-    reach = num_blocks - len(sleb_kept(num_blocks))
+    reach = sleb_reach(num_blocks)
     if not 0 <= int(m) <= reach:
         raise ValueError(f"SLEB removes 0 to {reach} of {num_blocks} blocks, not {m}")
     return sum(reach - k for k in range(int(m)))
@@ -573,7 +573,7 @@ def _selection_summary(sel: Mapping[str, Any], n: int, ms: Sequence[int]) -> dic
                                               for rnd in r.confirm_rounds]}
                   for m, r in sel["refinements"].items()},
         "sleb_usual_tokens": {str(m): sleb_passes(n, m) * SLEB_USUAL_TOKENS_PER_PASS for m in ms
-                              if m <= n - len(sleb_kept(n))},  # SLEB's code cannot remove more
+                              if m <= sleb_reach(n)},  # SLEB's code cannot remove more
         "sleb_usual_settings": "128 samples x 2048 tokens per candidate pass",
     }
 
