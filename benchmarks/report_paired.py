@@ -186,8 +186,11 @@ def _compare(folder: Path, held, cal, m: int, entry: dict, n_rep: int, loop_samp
     CandidateEvaluator: the report's samples first, checked against the report) and on calibration data
     (``cal``, a CalibrationLoss: qblock's loop loss checked)."""
     ours_set = entry["qblock"][0]
+    sleb_set = entry["baselines"].get("sleb", (None,))[0]
+    holder = next((k for k, v in rivals(entry).items() if v == sleb_set), None)  # the rival listed with SLEB's set
     if all(theirs == ours_set for theirs in rivals(entry).values()):  # nothing to measure
-        return {"qblock": ours_set, "rivals": {k: {"removed": v, "same": True} for k, v in rivals(entry).items()}}
+        return {"qblock": ours_set, "sleb_rival": holder,
+                "rivals": {k: {"removed": v, "same": True} for k, v in rivals(entry).items()}}
     ours = held.sample_losses(ours_set)
     _check(folder, f"M = {m} qblock {ours_set}", ours[:n_rep], entry["qblock"])
     _check(folder, f"M = {m} qblock's loop calibration loss", cal.sample_losses(ours_set)[:loop_samples],
@@ -201,7 +204,7 @@ def _compare(folder: Path, held, cal, m: int, entry: dict, n_rep: int, loop_samp
         _check(folder, f"M = {m} {name} {theirs}", b[:n_rep], entry["baselines"][name])
         rows[name] = {"removed": theirs, "report": paired(ours[:n_rep], b[:n_rep]), "fresh": paired(ours[n_rep:], b[n_rep:]),
                       "calibration": paired(cal.sample_losses(ours_set), cal.sample_losses(theirs))}
-    return {"qblock": ours_set, "rivals": rows}
+    return {"qblock": ours_set, "sleb_rival": holder, "rivals": rows}
 
 
 def _check(folder: Path, what: str, xs: list[float], reported: tuple, tol: float = 2e-3) -> None:
@@ -229,8 +232,8 @@ def _markdown(out: dict) -> str:
         lines += ["SLEB run again as its reference code (never the first or the last block; the reports' SLEB could "
                   "remove them) on each report's greedy samples; only the M where its set changed are here, with the "
                   "report's best baseline picked again among the report's baselines and the new SLEB set.", ""]
-    lines += ["| model | seed | M | qblock | baseline | report's held-out samples | fresh held-out samples | calibration samples |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | seed | M | qblock | baseline | report's held-out samples | fresh held-out samples | calibration samples "
+              "| verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for r in out["reports"]:
         for m, row in r["per_m"].items():
             ours = ",".join(map(str, row["qblock"]))
@@ -239,8 +242,43 @@ def _markdown(out: dict) -> str:
                 if name == "sleb" and m in r.get("sleb_as_reported", {}):
                     theirs += "; the report's: " + ",".join(map(str, r["sleb_as_reported"][m]))
                 lines.append(f"| {r['model']} | {r['seed']} | {m} | {ours} | {name} ({theirs}) "
-                             f"| {_cell(c.get('report'))} | {_cell(c.get('fresh'))} | {_cell(c.get('calibration'))} |")
+                             f"| {_cell(c.get('report'))} | {_cell(c.get('fresh'))} | {_cell(c.get('calibration'))} "
+                             f"| {verdict(c)} |")
+    lines += ["", "Verdicts on the fresh samples (better or worse: by more than twice the standard error), per (model, "
+              "seed, M):", ""] + [f"- against {k}: {v}" for k, v in tally(out).items()]
     return "\n".join(lines) + "\n"
+
+
+def verdict(c: dict) -> str:
+    """One comparison's verdict on the fresh samples, by the rule of every "resolved" in qblock's reports.
+
+    Example:
+        >>> verdict({"same": True}), verdict({"fresh": {"diff": -0.03, "se": 0.01}})
+        ('same set', 'better')
+        >>> verdict({"fresh": {"diff": 0.01, "se": 0.01}})
+        'not resolved'
+    """
+    from qblock.validate.stats import _resolved
+
+    if c.get("same"):
+        return "same set"
+    d = c["fresh"]
+    return ("better" if d["diff"] < 0 else "worse") if _resolved(d["diff"], d["se"]) else "not resolved"
+
+
+def tally(out: dict) -> dict[str, str]:
+    """Counts of the verdicts against the report's best baseline (its first rival) and against SLEB (rows
+    written before ``sleb_rival`` was recorded count SLEB only where it is listed by name)."""
+    counts: dict[str, dict[str, int]] = {"the report's best baseline": {}, "SLEB": {}}
+    for r in out["reports"]:
+        for row in r["per_m"].values():
+            first = next(iter(row["rivals"].values()))
+            sleb_ = row["rivals"].get(row.get("sleb_rival") or "sleb")
+            for who, c in (("the report's best baseline", first), ("SLEB", sleb_)):
+                if c is not None:
+                    counts[who][verdict(c)] = counts[who].get(verdict(c), 0) + 1
+    order = ("better", "same set", "not resolved", "worse")
+    return {k: ", ".join(f"{v.get(o, 0)} {o}" for o in order) + f" of {sum(v.values())}" for k, v in counts.items()}
 
 
 if __name__ == "__main__":
