@@ -306,7 +306,7 @@ def add_eval_dtype_option(p: argparse.ArgumentParser) -> None:
 
 def apply_eval_dtype(model, args: argparse.Namespace, healing: bool) -> str:
     """Cast ``model`` to the evaluation dtype (after any gradient work); fp32 when healing follows."""
-    from qblock.llm.models import eval_dtype
+    from qblock.llm.models import cast_for_eval, eval_dtype
 
     if healing:
         if args.eval_dtype == "bf16":
@@ -316,7 +316,7 @@ def apply_eval_dtype(model, args: argparse.Namespace, healing: bool) -> str:
     if name == "bf16":
         import torch
 
-        model.to(torch.bfloat16)
+        cast_for_eval(model, torch.bfloat16)
     return name
 
 

@@ -260,6 +260,19 @@ def test_load_local_directory(tmp_path):
     assert prov["id"] == "tiny" and prov["source"].startswith("local:")
 
 
+def test_cast_for_eval_is_loading_in_that_dtype(tmp_path):
+    # model.to(bf16) alone rounded the rotary frequencies to bf16; loading in bf16 keeps them fp32
+    d = save_tiny_model(tmp_path / "tiny")
+    loaded16, _ = models.load_model(d, dtype="bf16", quiet=True)
+    cast = models.cast_for_eval(models.load_model(d, quiet=True)[0], torch.bfloat16)
+    assert {n: b.dtype for n, b in cast.named_buffers()} == {n: b.dtype for n, b in loaded16.named_buffers()}
+    assert cast.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in cast.parameters())
+    ids = torch.arange(40).remainder(cast.config.vocab_size)[None]
+    with torch.no_grad():
+        assert torch.equal(cast(ids).logits, loaded16(ids).logits)
+
+
 @pytest.mark.parametrize("make, fragment", [
     (lambda p: p / "missing" / "dir", "does not exist"),
     (lambda p: (p / "empty").mkdir() or p / "empty", "no config.json"),
