@@ -268,7 +268,18 @@ def verdict(c: dict) -> str:
 
 def tally(out: dict) -> dict[str, str]:
     """Counts of the verdicts against the report's best baseline (its first rival) and against SLEB (rows
-    written before ``sleb_rival`` was recorded count SLEB only where it is listed by name)."""
+    written before ``sleb_rival`` was recorded count SLEB only where it is listed by name).
+
+    Example:
+        >>> worse = {"removed": [1], "fresh": {"diff": 0.05, "se": 0.01}}
+        >>> rows = {"3": {"sleb_rival": "sleb", "rivals": {"sleb": {"same": True}}},       # SLEB is the best
+        ...         "6": {"sleb_rival": "angular", "rivals": {"angular": worse}},       # SLEB's set under another name
+        ...         "9": {"sleb_rival": None, "rivals": {"angular": {"same": True}}}}  # no SLEB at this M
+        >>> tally({"reports": [{"per_m": rows}]})["SLEB"]
+        '0 better, 1 same set, 0 not resolved, 1 worse of 2'
+        >>> tally({"reports": [{"per_m": rows}]})["the report's best baseline"]
+        '0 better, 2 same set, 0 not resolved, 1 worse of 3'
+    """
     counts: dict[str, dict[str, int]] = {"the report's best baseline": {}, "SLEB": {}}
     for r in out["reports"]:
         for row in r["per_m"].values():

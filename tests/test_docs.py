@@ -38,6 +38,14 @@ def test_docstring_examples(name, tmp_path, monkeypatch):
     assert failures == 0, f"{failures} of {tried} examples of {name} failed (printed above)"
 
 
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if ">>>" in p.read_text()))
+def test_benchmark_docstring_examples(script, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the scripts import each other by file name
+    mod = importlib.import_module(script[:-3])
+    failures, tried = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert tried and failures == 0, f"{failures} of {tried} examples of benchmarks/{script} failed (printed above)"
+
+
 def test_every_module_is_found():
     names = package_modules()
     for name in ("qblock", "qblock._solve", "qblock.backends.bnb", "qblock.llm.pipeline", "qblock.problems.synthetic"):

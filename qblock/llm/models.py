@@ -163,7 +163,8 @@ def eval_dtype(choice: str = "auto", device: Any = None) -> str:
 
     Masked forward passes (baselines, qblock's selection, held-out loss) dominate a validation run and
     need no gradients; bf16 runs them about 3x faster on CPUs with native bf16 (oneDNN) and on GPUs,
-    at about 0.003 nats/token of difference in a loss (measured on SmolLM2-135M). Gradients for the
+    at about 0.003 nats/token of difference in a loss (measured on SmolLM2-135M before :func:`cast_for_eval`
+    kept the rotary frequencies fp32). Gradients for the
     Fisher energy, and healing, stay in fp32.
 
     Example:
@@ -188,12 +189,13 @@ def eval_dtype(choice: str = "auto", device: Any = None) -> str:
 
 def cast_for_eval(model, dtype: Any):
     """Cast a loaded model to ``dtype`` for evaluation as loading it in that dtype would: every parameter and
-    buffer, except the rotary embeddings' frequencies (buffers named ``*inv_freq``), which stay fp32.
+    buffer, except the rotary embeddings' frequencies (buffers named ``*inv_freq``) and what the model's
+    class keeps in fp32 at that dtype (transformers' ``_keep_in_fp32_modules_strict``, e.g. MoE routers),
+    which stay fp32.
 
-    ``model.to(torch.bfloat16)`` alone rounds those frequencies to 8 bits, which shifts every position's
-    angle (SmolLM2-135M: by up to 0.18 radian at position 127) and changed its
-    held-out loss by up to 0.008 nats/token per sample; ``from_pretrained(dtype=torch.bfloat16)`` keeps
-    them fp32. Returns the model.
+    ``model.to(torch.bfloat16)`` alone rounds the frequencies to 8 bits, which shifts every position's
+    angle (SmolLM2-135M: by up to 0.18 radian at position 127) and changed its held-out loss by up to
+    0.008 nats/token per sample; ``from_pretrained(dtype=torch.bfloat16)`` keeps them fp32. Returns the model.
 
     Example:
         >>> import torch
@@ -204,12 +206,26 @@ def cast_for_eval(model, dtype: Any):
         >>> m.model.layers[0].mlp.up_proj.weight.dtype, m.model.rotary_emb.inv_freq.dtype
         (torch.bfloat16, torch.float32)
     """
-    keep = {n: b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1].endswith("inv_freq")}
+    import itertools
+    import re
+
+    torch = _torch()
+    try:  # transformers' own rule for this dtype: {name glob: dtype}, matched anywhere in a tensor's name
+        plan = model._get_dtype_plan(dtype)
+    except (AttributeError, TypeError):
+        plan = {}
+    globs = [re.compile(k.replace("*", ".*")) for k, v in plan.items() if v == torch.float32]
+    named = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    keep = {n: t.detach().clone() for n, t in named  # .to() converts parameters in place: keep copies
+            if t.is_floating_point() and (n.endswith("inv_freq") or any(g.search(n) for g in globs))}
     model.to(dtype)
-    for name, b in keep.items():
+    for name, t in keep.items():
         owner, _, attr = name.rpartition(".")
         module = model.get_submodule(owner) if owner else model
-        module._buffers[attr] = b.to(device=module._buffers[attr].device)  # the fp32 original, same persistence
+        if attr in module._parameters:
+            module._parameters[attr].data = t.to(module._parameters[attr].device)
+        else:
+            module._buffers[attr] = t.to(module._buffers[attr].device)  # same persistence as before
     return model
 
 

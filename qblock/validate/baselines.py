@@ -278,14 +278,14 @@ def sleb_kept(num_blocks: int, barriers: tuple[int, int] = SLEB_BARRIERS) -> set
     return set(range(min(early, num_blocks))) | set(range(max(0, num_blocks - late), num_blocks))
 
 
-def sleb_reach(num_blocks: int) -> int:
+def sleb_reach(num_blocks: int, barriers: tuple[int, int] = SLEB_BARRIERS) -> int:
     """The most blocks SLEB's code can remove: all but :func:`sleb_kept`.
 
     Example:
-        >>> sleb_reach(30)
-        28
+        >>> sleb_reach(30), sleb_reach(30, (0, 0))
+        (28, 30)
     """
-    return num_blocks - len(sleb_kept(num_blocks))
+    return num_blocks - len(sleb_kept(num_blocks, barriers))
 
 
 def sleb(model, samples: Sequence[Any], max_remove: int, *, barriers: tuple[int, int] = SLEB_BARRIERS,
@@ -318,9 +318,9 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, barriers: tuple[int,
     n = len(find_blocks(model))
     kept = sleb_kept(n, barriers)
     early, late = (int(b) for b in barriers)
-    if max_remove > n - len(kept):
+    if max_remove > sleb_reach(n, barriers):
         raise ValueError(f"SLEB keeps the first {early} and the last {late} block(s): it can remove at most "
-                         f"{n - len(kept)} of {n} blocks, not {max_remove}")
+                         f"{sleb_reach(n, barriers)} of {n} blocks, not {max_remove}")
     removed = [int(i) for i in start]
     if len(set(removed)) != len(removed) or not all(0 <= i < n for i in removed) or len(removed) > max_remove:
         raise ValueError(f"start must be distinct blocks of 0..{n - 1}, at most max_remove = {max_remove}, "

@@ -534,7 +534,8 @@ def _selection_rows(sel: Mapping[str, Any], settings: ValidationSettings) -> lis
         note = (f"measured QUBO (pairs in a pool of {len(prior.metadata['selection']['pool'])}"
                 + _pairs_on(sel) + ") refined with "
                 f"{ref.backend} in the loop" + _loop_starts(sel.get("screen_samples"), sel.get("one_pass"))
-                + (f"; {len(fin)} finalists confirmed on {sel['confirm_samples']} calibration samples"
+                + (f"; {len(fin)} finalists confirmed on {sel['confirm_samples']} calibration sample"
+                   + ("s" if sel["confirm_samples"] != 1 else "")
                    + _raced(ref) if fin else ""))
         mine = [{"num_remove": m, "method": SELECT_METHOD if rank == 1 else MEASURED_METHOD,
                  "rank": None if rank == 1 else rank, "removed": list(key), "calib_loss": loop[key],

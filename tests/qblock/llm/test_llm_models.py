@@ -271,6 +271,12 @@ def test_cast_for_eval_is_loading_in_that_dtype(tmp_path):
     ids = torch.arange(40).remainder(cast.config.vocab_size)[None]
     with torch.no_grad():
         assert torch.equal(cast(ids).logits, loaded16(ids).logits)
+    # what a class keeps in fp32 at bf16 (transformers' strict list, e.g. MoE routers) stays fp32, values too
+    m = models.load_model(d, quiet=True)[0]
+    m._keep_in_fp32_modules_strict = {"mlp.gate_proj"}
+    w = m.model.layers[1].mlp.gate_proj.weight.detach().clone()
+    m = models.cast_for_eval(m, torch.bfloat16)
+    assert torch.equal(m.model.layers[1].mlp.gate_proj.weight, w) and m.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("make, fragment", [

@@ -676,7 +676,7 @@ def test_cli_validate_races_the_finalists_on_the_calibration_samples_after_the_c
     assert sorted(r["confirm_samples"] for r in rows if r.get("confirm_samples")) == [2] * 4
     q = next(r for r in rows if r["method"] == "qblock")  # its cost in passes over the 2 selection samples of 24 tokens: the tokens, rounded up
     assert q["method"] == "qblock" and q["cost_calib_samples"] == 2
-    assert f"4 finalists confirmed on 1 calibration samples, the lowest and {raced - 1} not resolved from it raced on up to 2" in q["note"]
+    assert f"4 finalists confirmed on 1 calibration sample, the lowest and {raced - 1} not resolved from it raced on up to 2" in q["note"]
     assert q["cost_forward_passes"] == -(-rec["selection_tokens"] // (2 * 24))
     assert f"{rec['confirmation_loss']:.4f} (2)" in (tmp_path / "race" / "report.md").read_text()
     assert main(args + ["--no-select-race", "--out", str(tmp_path / "once")]) == 0
