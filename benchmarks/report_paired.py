@@ -138,7 +138,7 @@ def _one(folder: Path, rep: dict, fresh: int, n_cal: int | None, sleb_reference:
     c0, e0, _ = calibration_and_eval(tok, None, num_calib=prob["num_samples"], num_eval=n_rep, **data)
     if not (_same(calib, c0) and _same(evals, e0)) or len(evals) != n_rep + fresh:
         raise SystemExit(f"{folder}: more samples changed the report's calibration or held-out samples")
-    held, cal = CandidateEvaluator(model, evals), CalibrationLoss(model, calib)  # per-sample losses, prefix-cached
+    held, cal = _Split(CandidateEvaluator, model, evals, n_rep), CalibrationLoss(model, calib)  # per sample, prefix-cached
     _check(folder, "the full model", held.sample_losses([])[:n_rep], rep["full"])
     res = {"report": str(folder), "model": prob["model"]["id"], "seed": cfg["solve_seed"], "dtype": dtype,
            "report_samples": n_rep, "fresh_samples": fresh, "calibration_samples": n_cal,
@@ -154,6 +154,18 @@ def _one(folder: Path, rep: dict, fresh: int, n_cal: int | None, sleb_reference:
         res["per_m"][str(m)] = _compare(folder, held, cal, m, entry, n_rep, cfg["select_samples"])
         print(folder.name, m, res["per_m"][str(m)]["rivals"], flush=True)
     return res
+
+
+class _Split:
+    """Per-sample held-out losses with the report's samples batched on their own, as the run batched them: in
+    bf16 a sample's loss depends on the shape of its batch (by up to about 0.01), so evaluating them beside the
+    fresh ones would not reproduce the report."""
+
+    def __init__(self, evaluator, model, samples: list, n_rep: int) -> None:
+        self.parts = [evaluator(model, samples[:n_rep]), evaluator(model, samples[n_rep:])]
+
+    def sample_losses(self, removed) -> list[float]:
+        return [x for part in self.parts for x in part.sample_losses(removed)]
 
 
 def _reference_sleb(folder: Path, model, greedy: list, rep: dict, held, n_rep: int) -> dict[str, list[int]]:
