@@ -198,17 +198,16 @@ def _compare(folder: Path, held, cal, m: int, entry: dict, n_rep: int, loop_samp
     CandidateEvaluator: the report's samples first, checked against the report) and on calibration data
     (``cal``, a CalibrationLoss: qblock's loop loss checked)."""
     ours_set = entry["qblock"][0]
-    sleb_set = entry["baselines"].get("sleb", (None,))[0]
-    holder = next((k for k, v in rivals(entry).items() if v == sleb_set), None)  # the rival listed with SLEB's set
-    if all(theirs == ours_set for theirs in rivals(entry).values()):  # nothing to measure
-        return {"qblock": ours_set, "sleb_rival": holder,
-                "rivals": {k: {"removed": v, "same": True} for k, v in rivals(entry).items()}}
+    sleb_set, rv = entry["baselines"].get("sleb", (None,))[0], rivals(entry)
+    holder = next((k for k, v in rv.items() if v == sleb_set), None)  # the rival listed with SLEB's set
+    if all(theirs == ours_set for theirs in rv.values()):  # nothing to measure
+        return {"qblock": ours_set, "sleb_rival": holder, "rivals": {k: {"removed": v, "same": True} for k, v in rv.items()}}
     ours = held.sample_losses(ours_set)
     _check(folder, f"M = {m} qblock {ours_set}", ours[:n_rep], entry["qblock"])
     _check(folder, f"M = {m} qblock's loop calibration loss", cal.sample_losses(ours_set)[:loop_samples],
            (None, entry["calib_loss"], None))
     rows = {}
-    for name, theirs in rivals(entry).items():
+    for name, theirs in rv.items():
         if theirs == ours_set:
             rows[name] = {"removed": theirs, "same": True}
             continue
@@ -299,7 +298,8 @@ def tally(out: dict) -> dict[str, str]:
             sleb_ = row["rivals"].get(row.get("sleb_rival") or "sleb")
             for who, c in (("the report's best baseline", first), ("SLEB", sleb_)):
                 if c is not None:
-                    counts[who][verdict(c)] = counts[who].get(verdict(c), 0) + 1
+                    v = verdict(c)
+                    counts[who][v] = counts[who].get(v, 0) + 1
     order = ("better", "same set", "not resolved", "worse")
     return {k: ", ".join(f"{v.get(o, 0)} {o}" for o in order) + f" of {sum(v.values())}" for k, v in counts.items()}
 

@@ -316,7 +316,6 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, barriers: tuple[int,
 
     samples = _as_samples(samples)
     n = len(find_blocks(model))
-    kept = sleb_kept(n, barriers)
     early, late = (int(b) for b in barriers)
     if max_remove > sleb_reach(n, barriers):
         raise ValueError(f"SLEB keeps the first {early} and the last {late} block(s): it can remove at most "
