@@ -145,6 +145,19 @@ def sample_tokens(samples: Sequence[Any]) -> list[int]:
     return [n - 1 for n in sizes if n >= 2]
 
 
+def forward_tokens(samples: Sequence[Any]) -> int:
+    """Tokens one forward pass over ``samples`` runs on: every token of each sample with two or more (the
+    ones :func:`heldout_loss` keeps; a one-token sample predicts nothing and is never run). The one count of
+    selection cost.
+
+    Example:
+        >>> forward_tokens([[5, 6, 7], [8], [1, 2]])
+        5
+    """
+    sizes = (int(s.numel()) if hasattr(s, "numel") else len(s) for s in samples)
+    return sum(n for n in sizes if n >= 2)
+
+
 def _nll_sums(logits, ids, mask):
     """Each row's sum of next-token NLLs over its real targets, float64 (:func:`qblock.llm.gradients.nll_sums`)."""
     from qblock.llm.gradients import nll_sums

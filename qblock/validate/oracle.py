@@ -34,6 +34,7 @@ import uuid
 from typing import Any, Callable, Iterable, Sequence
 
 from qblock.problems.block_removal import removal_key
+from qblock.validate.evaluate import forward_tokens
 
 __all__ = ["CalibrationLoss", "OracleBook"]
 
@@ -74,7 +75,7 @@ class CalibrationLoss:
         self._args = (model, list(samples), gate, int(batch_size), max_bytes)
         self._prefix = None  # recorded on first use: that pass is the full model's evaluation
         self._predicted = None  # next-token predictions per pass, known once recorded
-        self.tokens_per_pass = int(sum(int(getattr(s, "numel", lambda: len(s))()) for s in samples))
+        self.tokens_per_pass = forward_tokens(samples)
         self.num_samples = len(samples)
         self._cache: dict[tuple[int, ...], float] = {}
         self._per_sample: dict[tuple[int, ...], list[float]] = {}

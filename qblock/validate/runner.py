@@ -45,6 +45,7 @@ import numpy as np
 from qblock._io import json_default as _json_default
 from qblock._provenance import Provenance, tokens_sha256
 from qblock.validate.baselines import BASELINE_METHODS, sleb_reach
+from qblock.validate.evaluate import forward_tokens
 from qblock.validate.report import runner_up_text
 from qblock.validate.stats import (MEASURED_METHOD, QUBO_METHOD, RANDOM_METHOD, REFERENCE_METHOD, SELECT_METHOD,
                                    is_baseline, summarize)
@@ -391,10 +392,6 @@ def _energy_problems(problem, model, calib, settings: ValidationSettings, notes:
 SLEB_USUAL_TOKENS_PER_PASS = 128 * 2048
 
 
-def _tokens(samples: Sequence[Any]) -> int:
-    return int(sum(int(getattr(s, "numel", lambda: len(s))()) for s in samples))
-
-
 def sleb_passes(num_blocks: int, m: int) -> int:
     """Candidate passes SLEB spends to remove ``m`` of ``num_blocks`` blocks (each step, every surviving block
     but the first and the last: :func:`qblock.validate.baselines.sleb_reach`).
@@ -709,7 +706,7 @@ def _qubo_rows(problem, ms: Sequence[int], calib: Sequence[Any], settings: Valid
             rows.append({"num_remove": m, "method": QUBO_METHOD, "rank": rank, "removed": sorted(removed),
                          "cost_forward_passes": 1, "cost_backward_passes": 1, "cost_calib_samples": n_calib,
                          "cost_seconds": (meta.get("extraction") or {}).get("seconds_this_run"),
-                         "cost_forward_tokens": _tokens(calib), "cost_backward_tokens": _tokens(calib)})
+                         "cost_forward_tokens": forward_tokens(calib), "cost_backward_tokens": forward_tokens(calib)})
     return rows
 
 
@@ -725,7 +722,7 @@ def _baseline_rows(model, calib: Sequence[Any], ms: Sequence[int], settings: Val
     if not calib:
         raise ValidationError("baselines need calibration samples")
     greedy = list(calib[: settings.greedy_samples]) if settings.greedy_samples else list(calib)
-    tokens = {"calib": _tokens(calib), "greedy": _tokens(greedy)}
+    tokens = {"calib": forward_tokens(calib), "greedy": forward_tokens(greedy)}
     t0 = time.perf_counter()
     _log(f"baselines {', '.join(settings.baselines)} for M = {ms} ({len(calib)} calibration samples, "
          f"greedy methods on {len(greedy)})", settings.progress)

@@ -544,6 +544,21 @@ def test_calibration_oracle_per_sample_losses_are_each_samples_own():
     assert oracle.sample_losses((0, 3)) == got and oracle.evaluations == 3
 
 
+def test_calibration_oracle_charges_only_the_tokens_a_pass_runs_on():
+    """A one-token sample predicts nothing and is never run: it costs no tokens (the old count charged it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qblock.validate.oracle import CalibrationLoss
+
+    torch.manual_seed(1)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                     num_attention_heads=2, num_key_value_heads=2)).eval()
+    with_one = CalibrationLoss(m, [torch.randint(0, 50, (9,)), torch.randint(0, 50, (1,)), torch.randint(0, 50, (6,))])
+    assert with_one.tokens_per_pass == 15
+    with_one.loss((1,))
+    assert with_one.tokens == 2 * 15  # the full model's recorded pass and one set
+
+
 def test_prefix_cache_replays_the_previous_set_in_trie_order():
     """Sets in prefix_order compute only past their first difference with the set before, same losses."""
     from transformers import LlamaConfig, LlamaForCausalLM
