@@ -162,9 +162,10 @@ def _same(xs, ys) -> bool:
 def _sleb_sets(model, samples, rc: dict) -> dict[int, tuple[list[int], int]]:
     """``{M: (SLEB's set, its forward tokens)}`` for the re-check's M, SLEB run on ``samples``."""
     from qblock.validate.baselines import sleb
+    from qblock.validate.evaluate import forward_tokens
 
     ms = [int(m) for m in rc["per_m"]]
-    tokens = sum(int(s.numel()) for s in samples)
+    tokens = forward_tokens(samples)
     return {r.num_remove: (r.removed, r.forward_passes * tokens)
             for r in sleb(model, samples, max(ms), progress=True) if r.num_remove in ms}
 
@@ -178,9 +179,10 @@ def _sleb_on(model, samples, rc: dict, earlier: dict[int, tuple[list[int], int]]
     continued from (``None``: the earlier sets sufficed)."""
     from qblock.llm.blocks import find_blocks
     from qblock.validate.baselines import sleb, sleb_kept
+    from qblock.validate.evaluate import forward_tokens
     from qblock.validate.runner import sleb_passes
 
-    n, tokens = len(find_blocks(model)), sum(int(s.numel()) for s in samples)
+    n, tokens = len(find_blocks(model)), forward_tokens(samples)
     clean = [m for m, (removed, _) in earlier.items() if not sleb_kept(n) & set(removed)]
     k = max(clean, default=0)
     sets = {m: sorted(removed) for m, (removed, _) in earlier.items() if m <= k}

@@ -101,9 +101,9 @@ def _torch():
 def _as_samples(samples):
     torch = _torch()
     out = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in samples]
-    out = [s for s in out if s.numel() >= 1]
+    out = [s for s in out if s.numel() >= 2]  # as every pass that predicts (forward_tokens counts the same)
     if not out:
-        raise ValueError("baselines need at least one calibration sample")
+        raise ValueError("baselines need at least one calibration sample of two or more tokens")
     return out
 
 

@@ -76,7 +76,7 @@ class CalibrationLoss:
         self._prefix = None  # recorded on first use: that pass is the full model's evaluation
         self._predicted = None  # next-token predictions per pass, known once recorded
         self.tokens_per_pass = forward_tokens(samples)
-        self.num_samples = len(samples)
+        self.num_samples = sum(1 for s in samples if int(getattr(s, "numel", lambda: len(s))()) >= 2)  # the ones run
         self._cache: dict[tuple[int, ...], float] = {}
         self._per_sample: dict[tuple[int, ...], list[float]] = {}
         self.tokens = 0

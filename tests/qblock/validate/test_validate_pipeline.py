@@ -557,6 +557,14 @@ def test_calibration_oracle_charges_only_the_tokens_a_pass_runs_on():
     assert with_one.tokens_per_pass == 15
     with_one.loss((1,))
     assert with_one.tokens == 2 * 15  # the full model's recorded pass and one set
+    assert with_one.num_samples == 2
+    # the baselines' statistics pass leaves it out too, so every method runs (and is charged) the same samples
+    from qblock.validate.baselines import block_statistics
+
+    xs = [torch.randint(0, 50, (9,)), torch.randint(0, 50, (1,))]
+    assert block_statistics(m, xs)["tokens"] == block_statistics(m, xs[:1])["tokens"] == 9
+    with pytest.raises(ValueError, match="two or more tokens"):
+        block_statistics(m, xs[1:])
 
 
 def test_prefix_cache_replays_the_previous_set_in_trie_order():
