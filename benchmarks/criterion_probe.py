@@ -12,17 +12,21 @@ once, per sample, on ``--calib-samples`` calibration samples (NLL and KL) and ``
 held-out samples (NLL: the truth), split with ``--split-seed`` (a split no report used). From random
 subsets of n calibration samples it reports, per M and n, for each criterion: Spearman with held-out loss
 over the sets, the held-out regret of the set the criterion ranks first (its held-out loss minus the
-lowest; the held-out minimum is itself noisy, so even a perfect criterion shows some), and the share of the
-pairs that held-out data resolve (more than two standard errors apart) which the criterion orders the same
-way. A last table mirrors qblock's two stages: the 6 best sets by the criterion on ``--loop-samples``
-samples (the loop), then the lowest NLL among them on ``--confirm-samples`` others (the confirmation).
+lowest held-out loss, itself a noisy minimum over many sets), and the share of the pairs that held-out data
+resolve (more than two standard errors apart) which the criterion orders the same way. A last table is a
+simplified version of qblock's two stages (the top 6 only; no one-pass sets, no race): the 6 best sets by the
+criterion on ``--loop-samples`` samples (the loop), then the lowest NLL among them on ``--confirm-samples``
+others (the confirmation); beside it, what choosing by held-out loss itself on as many held-out samples
+regrets, judged on the other held-out samples: the noise a choice on that many samples cannot avoid.
 
     python benchmarks/criterion_probe.py benchmarks/results/quick_default_seed* --out benchmarks/results/criterion_probe_default
     python benchmarks/criterion_probe.py benchmarks/results/quick_gemma3-270m_seed* --model gemma3-270m \\
         --out benchmarks/results/criterion_probe_gemma3-270m
 
-Writes ``STEM.json`` (settings, sets, per-set means, tables), ``STEM.npz`` (per-sample losses: ``nll_calib``,
-``kl_calib``, ``nll_heldout``, sets x samples) and ``STEM.md``. Cost: one forward pass per set over every
+Writes ``STEM.npz`` (per-sample losses ``nll_calib``, ``kl_calib``, ``nll_heldout``, sets x samples; ``sets``,
+``methods``, ``settings`` as JSON text: all ``--reanalyse STEM`` needs to recompute the tables without the
+model, e.g. with other ``--draws``, ``--loop-samples`` or ``--confirm-samples``), ``STEM.json`` (settings,
+per-set means, tables) and ``STEM.md``; an existing STEM is not overwritten (except by ``--reanalyse``). Cost: one forward pass per set over every
 sample, bf16 (about 10 s per set for SmolLM2-135M with 64 + 128 samples on 2 cores with native bf16).
 """
 
@@ -38,6 +42,7 @@ import numpy as np
 
 SUBSETS = (4, 8, 16, 24, 32)
 SKIPPED = ("full", "random", "qubo")  # the full model, random sets, the Fisher QUBO's states
+ANALYSIS = {"draws": 300, "loop_samples": 8, "confirm_samples": 24}  # defaults of the options --reanalyse may change
 
 
 def report_sets(folders: list[Path]) -> dict[int, dict[tuple[int, ...], str]]:
@@ -151,8 +156,8 @@ def two_stage(crit: dict[str, np.ndarray], heldout: np.ndarray, loop: int, confi
               draws: int, seed: int) -> dict:
     """qblock's two stages on random disjoint draws: the ``top`` best by each criterion on ``loop`` samples,
     then the lowest NLL among them on ``confirm`` others; mean held-out regret of the best set among the
-    finalists and of the one chosen; ``heldout_floor``: the regret of choosing on one half of the held-out
-    samples, judged on the other half (what noise alone costs at that sample count)."""
+    finalists and of the one chosen; ``heldout_floor``: the regret of choosing by held-out loss on ``confirm``
+    held-out samples, judged on the other held-out samples (what noise alone costs a choice on that many)."""
     rng = np.random.default_rng(seed)
     truth = heldout.mean(1)
     n_all = crit["nll"].shape[1]
@@ -164,10 +169,10 @@ def two_stage(crit: dict[str, np.ndarray], heldout: np.ndarray, loop: int, confi
             fin = np.argsort(x[:, first].mean(1), kind="stable")[:top]
             out[name]["finalists"].append(truth[fin].min() - truth.min())
             out[name]["chosen"].append(truth[fin[np.argmin(crit["nll"][fin][:, then].mean(1))]] - truth.min())
-    floor = []  # the truth's own noise: choose on half the held-out samples, judge on the other half
+    floor = []  # the truth's own noise: choose on `confirm` held-out samples, judge on the others
     for _ in range(draws):
         perm = rng.permutation(heldout.shape[1])
-        a, b = perm[: len(perm) // 2], perm[len(perm) // 2:]
+        a, b = perm[:confirm], perm[confirm:]
         judged = heldout[:, b].mean(1)
         floor.append(judged[np.argmin(heldout[:, a].mean(1))] - judged.min())
     return {**{name: {k: float(np.mean(v)) for k, v in d.items()} for name, d in out.items()},
@@ -190,15 +195,56 @@ def analyse(settings: dict, num_blocks: int, sets: list[tuple[int, ...]], method
     return result
 
 
-def reanalyse(stem: Path) -> dict:
-    """The result again from a probe's ``STEM.json`` (settings, sets) and ``STEM.npz`` (per-sample losses),
-    without the model: for a change of the analysis only."""
-    old = json.loads(stem.with_suffix(".json").read_text())
-    arrays = np.load(stem.with_suffix(".npz"))
+def _file(stem: Path, ext: str) -> Path:
+    return stem.parent / (stem.name + ext)  # not with_suffix: a stem may hold a dot
+
+
+def reanalyse(stem: Path, changes: dict) -> dict:
+    """The result again from a probe's ``STEM.npz`` alone (no model), with ``changes`` to the analysis settings."""
+    arrays = np.load(_file(stem, ".npz"))
+    settings = json.loads(str(arrays["settings"])) | changes
     sets = [tuple(int(b) for b in k.split()) for k in arrays["sets"]]
-    methods = {tuple(e["removed"]): e["method"] for per in old["per_m"].values() for e in per["sets"]}
-    return analyse(old["settings"], old["num_blocks"], sets, [methods[k] for k in sets],
+    return analyse(settings, int(arrays["num_blocks"]), sets, [str(m) for m in arrays["methods"]],
                    arrays["nll_calib"], arrays["kl_calib"], arrays["nll_heldout"])
+
+
+def _check(args) -> str | None:
+    """What is wrong with the command line, in one line (None: nothing)."""
+    given = {k: getattr(args, k) for k in ANALYSIS if getattr(args, k) is not None}
+    if any(v < 1 for v in given.values()):
+        return "--draws, --loop-samples and --confirm-samples must be at least 1"
+    if args.reanalyse is not None:
+        if args.reports or args.out:
+            return "--reanalyse takes no report folders and no --out"
+        if not _file(args.reanalyse, ".npz").is_file():
+            return f"--reanalyse: no {_file(args.reanalyse, '.npz')}"
+        return None
+    if not args.reports or args.out is None:
+        return "give report folders and --out (or --reanalyse STEM)"
+    missing = [str(f) for f in args.reports if not (f / "candidates.csv").is_file()]
+    if missing:
+        return f"no candidates.csv in {', '.join(missing)}"
+    other = sorted({s for f in args.reports if (s := _report_model(f)) not in (None, args.model)})
+    if other:
+        return f"the reports are of {', '.join(other)}, not --model {args.model}"
+    existing = [str(f) for f in (_file(args.out, x) for x in (".npz", ".json", ".md")) if f.exists()]
+    if existing:
+        return f"--out {args.out}: {existing[0]} exists (choose another stem)"
+    if not args.out.parent.is_dir():
+        return f"--out {args.out}: no folder {args.out.parent}"
+    a = ANALYSIS | given
+    if a["loop_samples"] + a["confirm_samples"] > args.calib_samples or a["confirm_samples"] >= args.heldout_samples:
+        return ("--loop-samples + --confirm-samples must not exceed --calib-samples, and --confirm-samples must be "
+                "below --heldout-samples")
+    return None
+
+
+def _report_model(folder: Path) -> str | None:
+    """The model spec a report was run with (None where its summary does not say)."""
+    try:
+        return json.loads((folder / "summary.json").read_text())["problem"]["model"]["spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,33 +256,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--split-seed", type=int, default=11, help="seed of the calibration/held-out split")
     p.add_argument("--neighbours", type=int, default=6, help="random one-swap neighbours added per M")
-    p.add_argument("--draws", type=int, default=300, help="random sample subsets per n")
-    p.add_argument("--loop-samples", type=int, default=8)
-    p.add_argument("--confirm-samples", type=int, default=24)
-    p.add_argument("--out", type=Path, help="output stem (STEM.json, STEM.npz, STEM.md)")
+    p.add_argument("--draws", type=int, default=None, help=f"random sample subsets per n (default {ANALYSIS['draws']})")
+    p.add_argument("--loop-samples", type=int, default=None, help=f"default {ANALYSIS['loop_samples']}")
+    p.add_argument("--confirm-samples", type=int, default=None, help=f"default {ANALYSIS['confirm_samples']}")
+    p.add_argument("--out", type=Path, help="output stem (STEM.npz, STEM.json, STEM.md; an existing one is refused)")
     p.add_argument("--reanalyse", type=Path, metavar="STEM",
-                   help="recompute the tables of an earlier probe from its STEM.json and STEM.npz (no model; rewrites "
-                        "STEM.json and STEM.md)")
+                   help="recompute the tables of an earlier probe from its STEM.npz (no model; rewrites STEM.json "
+                        "and STEM.md)")
     args = p.parse_args(argv)
+    problem = _check(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    changes = {k: getattr(args, k) for k in ANALYSIS if getattr(args, k) is not None}
     if args.reanalyse is not None:
-        missing = [str(args.reanalyse.with_suffix(x)) for x in (".json", ".npz")
-                   if not args.reanalyse.with_suffix(x).is_file()]
-        if missing or args.reports or args.out:
-            why = f"missing {', '.join(missing)}" if missing else "it takes no report folders and no --out"
-            print(f"error: --reanalyse {args.reanalyse}: {why}", file=sys.stderr)
-            return 2
-        return _write(args.reanalyse, reanalyse(args.reanalyse))
-    if not args.reports or args.out is None:
-        print("error: give report folders and --out (or --reanalyse STEM)", file=sys.stderr)
+        return _write(args.reanalyse, reanalyse(args.reanalyse, changes))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("reports", "reanalyse", *ANALYSIS)} | ANALYSIS | changes
+    settings["reports"] = [str(f) for f in args.reports]
+    sets = report_sets(args.reports)
+    if not sets:
+        print("error: the reports hold no set to compare", file=sys.stderr)
         return 2
-    missing = [str(f) for f in args.reports if not (f / "candidates.csv").is_file()]
-    if missing:
-        print(f"error: no candidates.csv in {', '.join(missing)}", file=sys.stderr)
-        return 2
-    if args.loop_samples + args.confirm_samples > args.calib_samples:
-        print("error: --loop-samples + --confirm-samples exceed --calib-samples", file=sys.stderr)
-        return 2
+    keys, n_blocks, losses = _measure_all(args, sets)
+    methods = [sets[len(k)][k] for k in keys]
+    np.savez(_file(args.out, ".npz"), **losses, sets=np.array([" ".join(map(str, k)) for k in keys]),
+             methods=np.array(methods), settings=np.array(json.dumps(settings)), num_blocks=np.array(n_blocks))
+    return _write(args.out, analyse(settings, n_blocks, keys, methods, losses["nll_calib"], losses["kl_calib"],
+                                    losses["nll_heldout"]))
 
+
+def _measure_all(args, sets: dict) -> tuple[list[tuple[int, ...]], int, dict[str, np.ndarray]]:
+    """Load the model, add the neighbours, measure every set: ``(sets in order, N, per-sample losses)``."""
     import torch
     from tqdm.auto import tqdm
 
@@ -249,31 +300,25 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model, quiet=True)
     model = cast_for_eval(model.eval(), torch.bfloat16)
     n_blocks = len(find_blocks(model))
+    if any(b >= n_blocks for found in sets.values() for k in found for b in k):
+        raise SystemExit(f"error: the reports remove blocks the model ({n_blocks} blocks) does not have")
     calib, heldout, _ = calibration_and_eval(tok, num_calib=args.calib_samples, num_eval=args.heldout_samples,
                                              seq_len=args.seq_len, seed=args.split_seed)
-    sets = report_sets(args.reports)
     add_neighbours(sets, n_blocks, args.neighbours, seed=args.split_seed)
-    keys = [(m, k) for m in sorted(sets) for k in sorted(sets[m])]
+    keys = [k for m in sorted(sets) for k in sorted(sets[m])]
     _, _, teacher = measure(model, calib, keep=True)  # the full model: the teacher of the KL
     nll_c, kl_c, nll_h = [], [], []
-    for m, k in tqdm(keys, desc="sets", unit="set"):
+    for k in tqdm(keys, desc="sets", unit="set"):
         with mask_blocks(model, k):
             c, kl, _ = measure(model, calib, teacher)
             h, _, _ = measure(model, heldout)
         nll_c.append(c), kl_c.append(kl), nll_h.append(h)
-    nll_c, kl_c, nll_h = np.array(nll_c), np.array(kl_c), np.array(nll_h)
-    np.savez(args.out.with_suffix(".npz"), nll_calib=nll_c, kl_calib=kl_c, nll_heldout=nll_h,
-             sets=np.array([" ".join(map(str, k)) for _, k in keys]))
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("reports", "reanalyse")} | {"reports": [str(f) for f in args.reports]}
-    methods = [sets[m][k] for m, k in keys]
-    result = analyse(settings, n_blocks, [k for _, k in keys], methods, nll_c, kl_c, nll_h)
-    return _write(args.out, result)
+    return keys, n_blocks, {"nll_calib": np.array(nll_c), "kl_calib": np.array(kl_c), "nll_heldout": np.array(nll_h)}
 
 
 def _write(stem: Path, result: dict) -> int:
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(render(result))
+    _file(stem, ".json").write_text(json.dumps(result, indent=1) + "\n")
+    _file(stem, ".md").write_text(render(result))
     print(render(result))
     return 0
 
@@ -295,8 +340,10 @@ def render(result: dict) -> str:
                          f"{f(r['nll_regret'])} | {f(r['kl_regret'])} | {f(r['nll_agreement'])} | "
                          f"{f(r['kl_agreement'])} ({r['pairs']} pairs) |")
     lines += ["", f"Two stages: the 6 best by the criterion on {s['loop_samples']} samples, then the lowest NLL among "
-              f"them on {s['confirm_samples']} others (held-out regret of the best finalist / of the set chosen).", "",
-              "| M | loop on NLL: best finalist | chosen | loop on KL: best finalist | chosen | held-out half -> other half |",
+              f"them on {s['confirm_samples']} others (held-out regret of the best finalist / of the set chosen); last "
+              f"column: the lowest held-out loss on {s['confirm_samples']} held-out samples, judged on the other "
+              f"{s['heldout_samples'] - s['confirm_samples']} (the noise a choice on that many samples cannot avoid).", "",
+              "| M | loop on NLL: best finalist | chosen | loop on KL: best finalist | chosen | chosen by held-out loss |",
               "|---|---|---|---|---|---|"]
     for m, e in result["per_m"].items():
         t = e["two_stage"]
