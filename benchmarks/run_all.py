@@ -50,7 +50,7 @@ STUDIES: dict[str, tuple[list[str], list[str], str]] = {
 }
 
 #: scripts that re-examine another benchmark's results (a path is required), so they are not run here
-FOLLOW_UPS = ("selection_recheck", "selection_paired", "report_paired")
+FOLLOW_UPS = ("selection_recheck", "selection_paired", "report_paired", "criterion_probe")
 
 
 def discover(studies: bool = False) -> list[str]:
