@@ -34,7 +34,7 @@ import uuid
 from typing import Any, Callable, Iterable, Sequence
 
 from qblock.problems.block_removal import removal_key
-from qblock.validate.evaluate import forward_tokens
+from qblock.validate.evaluate import forward_tokens, sample_tokens
 
 __all__ = ["CalibrationLoss", "OracleBook"]
 
@@ -76,7 +76,7 @@ class CalibrationLoss:
         self._prefix = None  # recorded on first use: that pass is the full model's evaluation
         self._predicted = None  # next-token predictions per pass, known once recorded
         self.tokens_per_pass = forward_tokens(samples)
-        self.num_samples = sum(1 for s in samples if int(getattr(s, "numel", lambda: len(s))()) >= 2)  # the ones run
+        self.num_samples = len(sample_tokens(samples))  # the samples a pass runs (two or more tokens)
         self._cache: dict[tuple[int, ...], float] = {}
         self._per_sample: dict[tuple[int, ...], list[float]] = {}
         self.tokens = 0
@@ -107,8 +107,6 @@ class CalibrationLoss:
     @property
     def sample_tokens(self) -> list[int]:
         """Next-token predictions of each sample that has any (the weights of :meth:`sample_losses`)."""
-        from qblock.validate.evaluate import sample_tokens
-
         return sample_tokens(self._args[1])
 
     def sample_losses(self, removed: Iterable[int]) -> list[float]:
