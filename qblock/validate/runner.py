@@ -854,7 +854,23 @@ def _write_tables_and_plots(rows: list[dict[str, Any]], ms: Sequence[int], other
         col = energy_column(name)
         sub = out / "energy_models"
         plot_paths += plots.plot_energy_vs_loss([dict(r, energy=r[col]) for r in rows], sub / name.replace("+", "_"))
+    _remove_stale_plots(out, plot_paths)
     return paths, plot_paths
+
+
+def _remove_stale_plots(out: Path, written: Sequence[str]) -> None:
+    """Remove the plots an earlier report in ``out`` left that this one did not write (another M, a single M's
+    missing ``loss_vs_m.png``, an energy model not scored now), so the folder shows one report. Only the names
+    qblock's plots have are touched; an energy model's folder goes only once empty."""
+    keep = {Path(p).resolve() for p in written}
+    found = [out / "loss_vs_m.png", *out.glob("energy_vs_loss_M*.png"),
+             *out.glob("energy_models/*/energy_vs_loss_M*.png")]
+    for f in found:
+        if f.is_file() and f.resolve() not in keep:
+            f.unlink()
+    for d in [*out.glob("energy_models/*"), out / "energy_models"]:
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
 
 
 def _settings_view(problem, ms: Sequence[int], settings: ValidationSettings, solved: Mapping[int, Any],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,6 +181,24 @@ def test_report_and_plots(tmp_path):
     assert s["per_m"]["3"]["best"]["statement"] in md
     assert "QUBO #1" in md and "sleb" in md and "random s4" in md
     json.dumps(s)  # JSON-ready
+
+
+def test_a_report_written_again_leaves_no_plot_of_the_earlier_one(tmp_path):
+    """Written again into the same folder for fewer M and without an energy model, the folder shows the new
+    report only; files qblock does not name are kept."""
+    pytest.importorskip("matplotlib")
+    from qblock.validate.runner import _write_tables_and_plots
+
+    rows = [dict(r, energy_fisher_grad=r.get("energy")) for r in _table()]
+    _write_tables_and_plots(rows, [2, 3], {"fisher+grad": None}, tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert (tmp_path / "energy_models" / "fisher_grad" / "energy_vs_loss_M3.png").is_file()
+    again = [r for r in rows if int(r["num_remove"]) in (0, 2)]
+    _, written = _write_tables_and_plots(again, [2], {}, tmp_path)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.suffix in (".png", ".txt"))
+    assert left == ["energy_vs_loss_M2.png", "notes.txt"] == sorted(
+        [Path(p).name for p in written] + ["notes.txt"])
+    assert not (tmp_path / "energy_models").exists()
 
 
 @pytest.mark.parametrize("name", ["qblock.validate", "qblock.validate.stats", "qblock.validate.report",
