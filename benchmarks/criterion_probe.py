@@ -107,19 +107,21 @@ def _spearman(a, b) -> float:
 
 
 def resolved_pairs(heldout: np.ndarray) -> list[tuple[int, int, float]]:
-    """Pairs of rows whose per-sample held-out difference is more than two standard errors from 0, with
-    the sign of ``row a - row b``.
+    """Pairs of rows whose per-sample held-out difference is resolved (more than two standard errors from 0,
+    qblock's one rule: :func:`qblock.validate.stats.paired_difference`), with the sign of ``row a - row b``.
 
     Example:
         >>> resolved_pairs(np.array([[1.0, 1.1, 0.9], [2.0, 2.2, 1.9], [2.0, 1.0, 1.5]]))
         [(0, 1, -1.0)]
     """
+    from qblock.validate.stats import _resolved, paired_difference
+
     out = []
     for a in range(len(heldout)):
         for b in range(a + 1, len(heldout)):
-            d = heldout[a] - heldout[b]
-            if abs(d.mean()) > 2 * d.std(ddof=1) / np.sqrt(len(d)):
-                out.append((a, b, float(np.sign(d.mean()))))
+            d = paired_difference(heldout[a], heldout[b])
+            if _resolved(d["diff"], d["se"]):
+                out.append((a, b, float(np.sign(d["diff"]))))
     return out
 
 

@@ -317,9 +317,10 @@ def sleb(model, samples: Sequence[Any], max_remove: int, *, barriers: tuple[int,
     samples = _as_samples(samples)
     n = len(find_blocks(model))
     early, late = (int(b) for b in barriers)
-    if max_remove > sleb_reach(n, barriers):
+    reach = sleb_reach(n, barriers)
+    if max_remove > reach:
         raise ValueError(f"SLEB keeps the first {early} and the last {late} block(s): it can remove at most "
-                         f"{sleb_reach(n, barriers)} of {n} blocks, not {max_remove}")
+                         f"{reach} of {n} blocks, not {max_remove}")
     removed = [int(i) for i in start]
     if len(set(removed)) != len(removed) or not all(0 <= i < n for i in removed) or len(removed) > max_remove:
         raise ValueError(f"start must be distinct blocks of 0..{n - 1}, at most max_remove = {max_remove}, "

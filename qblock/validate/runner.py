@@ -700,13 +700,14 @@ def _qubo_rows(problem, ms: Sequence[int], calib: Sequence[Any], settings: Valid
     extraction; how each M's states were found goes into ``solved``."""
     meta = problem.metadata or {}
     n_calib = int(meta.get("num_samples") or len(calib))
+    tokens = forward_tokens(calib)  # one forward and one backward pass over them, whatever the state
     rows = []
     for m in ms:
         for rank, removed in enumerate(_qubo_states(problem, m, settings, solutions, timings, solved), start=1):
             rows.append({"num_remove": m, "method": QUBO_METHOD, "rank": rank, "removed": sorted(removed),
                          "cost_forward_passes": 1, "cost_backward_passes": 1, "cost_calib_samples": n_calib,
                          "cost_seconds": (meta.get("extraction") or {}).get("seconds_this_run"),
-                         "cost_forward_tokens": forward_tokens(calib), "cost_backward_tokens": forward_tokens(calib)})
+                         "cost_forward_tokens": tokens, "cost_backward_tokens": tokens})
     return rows
 
 
