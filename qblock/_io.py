@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 __all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "file_in_the_way", "staged_folder"]
 
@@ -141,6 +141,44 @@ def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
             out.rmdir()
         raise
     stage.rmdir()
+
+
+def remove_stale(out: str | os.PathLike, patterns: Iterable[str], written: Iterable[Any]) -> list[Path]:
+    """Remove the files an earlier run left in ``out`` under ``patterns`` that this run did not write, so a
+    folder written again shows one result; the one rule for every command that writes plots with variable
+    names. Files matching no pattern are never touched, and a folder left empty by it is removed.
+
+    Args:
+        out: the output folder.
+        patterns: glob patterns relative to ``out`` (``"energy_vs_loss_M*.png"``, ``"sub/*/x_*.png"``).
+        written: the paths this run wrote (any iterable of paths).
+
+    Returns:
+        The files removed.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp())
+        >>> for name in ("plot_1.png", "plot_2.png", "mine.txt"):
+        ...     _ = (out / name).write_text("")
+        >>> [p.name for p in remove_stale(out, ["plot_*.png"], [out / "plot_1.png"])]
+        ['plot_2.png']
+        >>> sorted(p.name for p in out.iterdir())
+        ['mine.txt', 'plot_1.png']
+    """
+    out = Path(out)
+    keep = {Path(p).resolve() for p in written}
+    gone, folders = [], set()
+    for pattern in patterns:
+        for f in sorted(out.glob(pattern)):
+            if f.is_file() and not f.is_symlink() and f.resolve() not in keep:
+                f.unlink()
+                gone.append(f)
+                folders.update(d for d in f.parents if out in d.parents)
+    for d in sorted(folders, key=lambda d: len(d.parts), reverse=True):  # deepest first
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    return gone
 
 
 def json_default(o: Any) -> Any:

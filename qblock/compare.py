@@ -769,7 +769,7 @@ def _slug(study: Mapping[str, Any]) -> str:
 def render(result: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write the table (markdown, CSV) and the plots of ``result`` into ``out_dir``, using only the
     JSON document (so this also re-renders a saved ``compare.json``)."""
-    from qblock._io import atomic_write_bytes
+    from qblock._io import atomic_write_bytes, remove_stale
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -787,6 +787,8 @@ def render(result: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, P
         paths[f"energies_{slug}"] = plot_energy_distributions(study, out / f"energies_{slug}.png")
     if len(result["studies"]) > 1:
         paths["tts"] = plot_tts(result, out / "tts.png")
+    # a comparison of other problems drawn here before leaves no plot that this table does not have
+    remove_stale(out, ["energies_*.png", "tts.png"], paths.values())
     return paths
 
 

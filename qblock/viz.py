@@ -400,7 +400,7 @@ def show(
     Returns:
         ``{name: path}`` of what was written.
     """
-    from qblock._io import atomic_write_bytes
+    from qblock._io import atomic_write_bytes, remove_stale
 
     out = Path(out_dir)
     meta: dict[str, Any] = {"num_blocks": problem.num_blocks, "num_remove": problem.num_remove,
@@ -432,5 +432,6 @@ def show(
             meta["embedding"] = {"skipped": reason}
     atomic_write_bytes(out / "show.json", (json.dumps(meta, indent=1) + "\n").encode())
     paths["json"] = out / "show.json"
+    remove_stale(out, ["embedding.png"], paths.values())  # an earlier run's, not this problem's
     return paths
 

@@ -861,17 +861,10 @@ def _write_tables_and_plots(rows: list[dict[str, Any]], ms: Sequence[int], other
 
 def _remove_stale_plots(out: Path, written: Sequence[str]) -> None:
     """Remove the plots an earlier report in ``out`` left that this one did not write (another M, a single M's
-    missing ``loss_vs_m.png``, an energy model not scored now), so the folder shows one report. Only the names
-    qblock's plots have are touched; an energy model's folder goes only once empty."""
-    keep = {Path(p).resolve() for p in written}
-    found = [out / "loss_vs_m.png", *out.glob("energy_vs_loss_M*.png"),
-             *out.glob("energy_models/*/energy_vs_loss_M*.png")]
-    for f in found:
-        if f.is_file() and f.resolve() not in keep:
-            f.unlink()
-    for d in [*out.glob("energy_models/*"), out / "energy_models"]:
-        if d.is_dir() and not any(d.iterdir()):
-            d.rmdir()
+    missing ``loss_vs_m.png``, an energy model not scored now), so the folder shows one report."""
+    from qblock._io import remove_stale
+
+    remove_stale(out, ["loss_vs_m.png", "energy_vs_loss_M*.png", "energy_models/*/energy_vs_loss_M*.png"], written)
 
 
 def _settings_view(problem, ms: Sequence[int], settings: ValidationSettings, solved: Mapping[int, Any],

@@ -172,6 +172,12 @@ def test_sweep_writes_tts_plot_and_reference_kinds(tmp_path):
     assert _png_ok(tmp_path / "tts.png")
     for n, m in ((8, 2), (12, 3), (16, 4)):
         assert _png_ok(tmp_path / f"energies_N{n}_M{m}.png")
+    # a one-problem comparison written into the same folder leaves none of the sweep's plots behind
+    (tmp_path / "mine.png").write_bytes(b"")
+    p = tmp_path / "p.npz"
+    qblock.random_problem(10, 2, seed=0).save(p)
+    assert main(["compare", str(p), "--backends", "swap", "--repeats", "1", "--out", str(tmp_path), "-q"]) == 0
+    assert sorted(f.name for f in tmp_path.glob("*.png")) == ["energies_N10_M2.png", "mine.png"]
 
 
 def test_reference_falls_back_to_best_known_and_says_so():

@@ -41,6 +41,9 @@ def test_show_cli_writes_every_picture(problem_file, tmp_path, capsys):
     assert meta["removal"]["energy"] == pytest.approx(best.first.energy)
     assert len(meta["embedding"]["chain_lengths"]) == 14 and min(meta["embedding"]["chain_lengths"]) >= 1
     assert "certified optimum" in capsys.readouterr().out
+    # drawn again without the embedding, the folder keeps no embedding of the earlier run
+    assert main(["show", str(problem_file), "--no-embedding", "--out", str(tmp_path), "-q"]) == 0
+    assert not (tmp_path / "embedding.png").exists() and "embedding" not in json.loads((tmp_path / "show.json").read_text())
 
 
 def test_show_given_removal_set_and_no_embedding(problem_file, tmp_path):
