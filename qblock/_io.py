@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 __all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "file_in_the_way", "staged_folder"]
 
@@ -100,13 +100,20 @@ def replacing(path: Path, *, suffix: str = "", mode: int | None = None) -> Itera
 
 
 @contextlib.contextmanager
-def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(out: str | os.PathLike, stale: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """A hidden folder inside ``out`` to write a result into: its entries move into ``out`` only if the
     block ends without error; otherwise it is removed, and so is ``out`` if this call created it.
 
     A failed write (an error, a failed check, Ctrl-C) thus leaves nothing that looks like a result, and
     the files of an existing ``out`` as they were. The staging folder is inside ``out``, not beside it,
-    so the moves are renames on one file system even where ``out`` is a mount point.
+    so the moves are renames on one file system even where ``out`` is a mount point. The entries the
+    result replaces, and those ``stale`` marks (an earlier result's files this one did not write), are
+    moved aside before the result moves in and come back if a move fails, so ``out`` never mixes the two.
+
+    Args:
+        out: the output folder.
+        stale: ``stale(path)`` for an entry of ``out`` the result does not write: True removes it with the
+            replaced ones (default: none).
 
     Example:
         >>> import tempfile, os
@@ -121,8 +128,10 @@ def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
         False
         >>> with staged_folder(out) as d:
         ...     _ = (d / "a.json").write_text("{}")
+        >>> with staged_folder(out, stale=lambda p: p.suffix == ".json") as d:
+        ...     _ = (d / "b.json").write_text("{}")
         >>> sorted(os.listdir(out))
-        ['a.json']
+        ['b.json']
     """
     out = Path(out)
     created = not out.exists()
@@ -130,17 +139,41 @@ def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(prefix=".qblock-staging-", dir=out))
     try:
         yield stage
-        for entry in sorted(stage.iterdir()):
-            dest = out / entry.name
-            if dest.is_dir() and not dest.is_symlink():
-                shutil.rmtree(dest)  # os.replace cannot replace a folder
-            os.replace(entry, dest)
+        _move_in(stage, out, stale)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
     stage.rmdir()
+
+
+def _move_in(stage: Path, out: Path, stale: Callable[[Path], bool] | None) -> None:
+    """Move every entry of ``stage`` into ``out``, the entries it replaces (and the ``stale`` ones) aside first;
+    a failed move puts everything back, so ``out`` holds the old result or the new one, not a mix."""
+    new = sorted(p.name for p in stage.iterdir())
+    old = [n for n in new if os.path.lexists(out / n)]
+    if stale is not None:
+        old += sorted(p.name for p in out.iterdir()
+                      if p.name not in new and not p.name.startswith(".qblock-") and stale(p))
+    aside = Path(tempfile.mkdtemp(prefix=".qblock-previous-", dir=out))
+    moved_old: list[str] = []
+    moved_new: list[str] = []
+    try:
+        for n in old:
+            os.replace(out / n, aside / n)  # a folder too: renamed to a free name, never deleted first
+            moved_old.append(n)
+        for n in new:
+            os.replace(stage / n, out / n)
+            moved_new.append(n)
+    except BaseException:
+        for n in reversed(moved_new):
+            os.replace(out / n, stage / n)
+        for n in reversed(moved_old):
+            os.replace(aside / n, out / n)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside)
 
 
 def remove_stale(out: str | os.PathLike, patterns: Iterable[str], written: Iterable[Any]) -> list[Path]:

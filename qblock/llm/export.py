@@ -227,25 +227,21 @@ def save_model_folder(model, tokenizer, out_dir: str | os.PathLike, finish: Call
     from qblock.llm._hf import _no_bars, _transformers
 
     _drop_gguf_markers(model)
-    with staged_folder(out_dir) as folder:
+    with staged_folder(out_dir, stale=_old_weights) as folder:
         with _no_bars(_transformers(), quiet):
             model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         if finish is not None:
             finish(folder)
-        written = {p.name for p in folder.iterdir()}
-    _drop_stale_weights(Path(out_dir), written)
     return Path(out_dir)
 
 
-def _drop_stale_weights(out: Path, written: set[str]) -> None:
-    """Weight files an earlier model left in ``out`` (an ``--overwrite`` target) that this save did not write.
+def _old_weights(f: Path) -> bool:
+    """A weight file an earlier model left in ``out`` (an ``--overwrite`` target) that this save did not write.
 
     ``save_pretrained`` removes them itself only in the folder it writes, here the staging folder; left in
     ``out``, an old shard index would make transformers load the old shards beside the new weights.
     """
-    for f in out.iterdir():
-        weights = f.name.startswith(("model", "pytorch_model")) and f.name.endswith((".safetensors", ".bin", ".json"))
-        if weights and f.is_file() and f.name not in written:
-            f.unlink()
+    weights = f.name.startswith(("model", "pytorch_model")) and f.name.endswith((".safetensors", ".bin", ".json"))
+    return weights and f.is_file()
