@@ -25,8 +25,9 @@ class _TopK:
     #: degenerate plateau); ``None`` keeps every tie
     plateau_cap: int | None = 100_000
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, complement: bool = False) -> None:
         self.k = k
+        self.complement = complement  # states are complements: ties resolve by the complement's order
         self.energy = np.zeros(0)
         self.states: list[np.ndarray] = []
         self.X = None
@@ -56,5 +57,6 @@ class _TopK:
         else:
             X_all, e_all = np.concatenate([self.X, X_new]), np.concatenate([self.energy, e_new])
         # deterministic order: energy, then lexicographic state (so ties resolve the same every run)
-        order = np.lexsort(tuple(X_all[:, ::-1].T) + (e_all,))[: self.k]
+        keys = 1 - X_all if self.complement else X_all
+        order = np.lexsort(tuple(keys[:, ::-1].T) + (e_all,))[: self.k]
         self.X, self.energy = X_all[order], e_all[order]

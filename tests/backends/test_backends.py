@@ -119,6 +119,24 @@ def test_exact_chunked_paths_agree():
         assert np.allclose(e, base[1]) and np.array_equal(X, base[0])
 
 
+@pytest.mark.parametrize("kind", ["real", "integer ties"])
+def test_exact_removing_more_than_half_equals_brute_force(kind):
+    """M > N/2 enumerates the kept blocks instead: the same states, energies and tie order as sorting all."""
+    rng = np.random.default_rng(1)
+    n = 11
+    A = rng.normal(size=(n, n)) if kind == "real" else rng.integers(-1, 2, size=(n, n)).astype(float)
+    H, lin = A + A.T, (rng.normal(size=n) if kind == "real" else rng.integers(-1, 2, size=n).astype(float))
+    for M in (6, 8, 10, 11):
+        C = np.array(list(itertools.combinations(range(n), M)))
+        X = np.zeros((len(C), n), dtype=np.int8)
+        np.put_along_axis(X, C, 1, axis=1)
+        e = np.einsum("si,ij,sj->s", X, H, X) + X @ lin
+        order = np.lexsort(tuple(X[:, ::-1].T) + (e,))[:25]
+        for cap, chunk in [(1, 7), (10**9, 10**9)]:
+            Xk, ek, visited = enumerate_topk(H, lin, M, 25, suffix_cap=cap, chunk_entries=chunk)
+            assert visited == len(C) and np.array_equal(Xk, X[order]) and np.allclose(ek, e[order], atol=1e-9)
+
+
 def test_exact_sampler_on_plain_bqm_with_string_labels():
     bqm = dimod.BQM({"a": 1.0, "b": -2.0, "c": 0.5}, {("a", "b"): 3.0, ("b", "c"): -1.0}, 2.0, "BINARY")
     ss = ExactTopKSampler().sample(bqm, num_remove=2, num_solutions=3)
