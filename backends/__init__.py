@@ -34,7 +34,7 @@ from qblock.backends._params import Param, validate
 from qblock.backends._spec import _BOTH, _REGISTRY, PENALTY_PARAMS, BackendSpec, register
 
 __all__ = ["BackendSpec", "Param", "register", "names", "get_spec", "get_sampler", "available", "describe",
-           "validate_params", "PENALTY_PARAMS"]
+           "validate_params", "variable_limit", "PENALTY_PARAMS"]
 
 
 def names() -> list[str]:
@@ -47,6 +47,19 @@ def get_spec(name: str) -> BackendSpec:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+
+
+def variable_limit(name: str, params: dict[str, Any] | None = None) -> int | None:
+    """The most variables backend ``name`` takes with ``params`` (its ``max_variables`` parameter), or None.
+
+    Example:
+        >>> variable_limit("qaoa"), variable_limit("qaoa", {"max_qubits": 12}), variable_limit("exact")
+        (22, 12, None)
+        >>> variable_limit("qaoa", {"method": "matrix_product_state"}) is None
+        True
+    """
+    bound = get_spec(name).max_variables
+    return None if bound is None else bound(dict(params or {}))
 
 
 def validate_params(name: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -32,13 +32,21 @@ _MIQP = {
     "threads": Param("int", low=1, none=True),
     "verbose": Param("bool"),
 }
+#: the largest QAOA statevector simulated unless asked (16 bytes * 2^22 = 64 MiB)
+DEFAULT_MAX_QUBITS = 22
+
+
+def _qaoa_qubits(params: dict) -> int | None:
+    """QAOA's qubit bound: ``max_qubits``, except that a matrix-product-state simulation has none."""
+    return None if params.get("method") == "matrix_product_state" else int(params.get("max_qubits", DEFAULT_MAX_QUBITS))
+
 _AER_METHODS = ("automatic", "statevector", "density_matrix", "stabilizer", "extended_stabilizer",
                 "matrix_product_state", "unitary", "superop", "tensor_network")
 
 register(BackendSpec("qaoa", f"{_B}.qaoa:QAOASampler", "constrained",
                      "QAOA on qiskit-aer (XY mixer from a Dicke state by default; mixer='x' on the penalised QUBO)",
                      requires=("qiskit", "qiskit_aer", "qiskit_optimization", "scipy"), extra="qaoa",
-                     runner=f"{_B}.qaoa:run", params={
+                     runner=f"{_B}.qaoa:run", max_variables=_qaoa_qubits, params={
                          "mixer": Param("choice", choices=("xy", "x")),
                          "penalty": Param("float", low=0, none=True, doc="with mixer 'x'"),
                          "repair": Param("bool", doc="with mixer 'x'"),

@@ -8,7 +8,7 @@ that imports them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from qblock.backends._params import Param
 
@@ -35,6 +35,8 @@ class BackendSpec:
     problems: tuple[str, ...] = ("block_removal",)
     #: ``{problem kind: "module:function"}``: a runner for that kind replacing the default path
     problem_runners: dict[str, str] = field(default_factory=dict)
+    #: ``max_variables(params)``: the most variables it takes with those parameters (None: no bound), or None
+    max_variables: Callable[[dict[str, Any]], int | None] | None = None
 
     def accepts(self, kind: str) -> bool:
         """Whether this backend solves problems of ``kind``.

@@ -40,6 +40,8 @@ from typing import Any
 import dimod
 import numpy as np
 
+from qblock.backends._optional import DEFAULT_MAX_QUBITS
+
 __all__ = [
     "QAOASampler",
     "run",
@@ -298,7 +300,7 @@ class QAOASampler(dimod.Sampler):
         init: str = "linear_ramp",
         xy_topology: str = "ring",
         method: str = "statevector",
-        max_qubits: int = 22,
+        max_qubits: int = DEFAULT_MAX_QUBITS,
         restarts: int = 0,
         initial_point: Any = None,
         ramp_scale: float = 0.75,

@@ -157,23 +157,24 @@ def _move_in(stage: Path, out: Path, stale: Callable[[Path], bool] | None) -> No
         old += sorted(p.name for p in out.iterdir()
                       if p.name not in new and not p.name.startswith(".qblock-") and stale(p))
     aside = Path(tempfile.mkdtemp(prefix=".qblock-previous-", dir=out))
-    moved_old: list[str] = []
-    moved_new: list[str] = []
     try:
         for n in old:
             os.replace(out / n, aside / n)  # a folder too: renamed to a free name, never deleted first
-            moved_old.append(n)
         for n in new:
             os.replace(stage / n, out / n)
-            moved_new.append(n)
     except BaseException:
-        for n in reversed(moved_new):
-            os.replace(out / n, stage / n)
-        for n in reversed(moved_old):
-            os.replace(aside / n, out / n)
-        aside.rmdir()
+        # back by what is where (an interrupt may land between a move and its record), each step best-effort
+        for n in new:
+            if not os.path.lexists(stage / n) and os.path.lexists(out / n):
+                with contextlib.suppress(OSError):
+                    os.replace(out / n, stage / n)
+        for entry in list(aside.iterdir()):
+            with contextlib.suppress(OSError):
+                os.replace(entry, out / entry.name)
+        with contextlib.suppress(OSError):
+            aside.rmdir()
         raise
-    shutil.rmtree(aside)
+    shutil.rmtree(aside, ignore_errors=True)  # the result is in place: a leftover must not report failure
 
 
 def remove_stale(out: str | os.PathLike, patterns: Iterable[str], written: Iterable[Any]) -> list[Path]:

@@ -788,7 +788,7 @@ def render(result: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, P
     if len(result["studies"]) > 1:
         paths["tts"] = plot_tts(result, out / "tts.png")
     # a comparison of other problems drawn here before leaves no plot that this table does not have
-    remove_stale(out, ["energies_*.png", "tts.png"], paths.values())
+    remove_stale(out, ["energies_N*_M*.png", "tts.png"], paths.values())
     return paths
 
 

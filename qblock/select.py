@@ -51,7 +51,7 @@ import numpy as np
 from qblock.problems.block_removal import BlockRemovalProblem, removal_key
 
 __all__ = ["LossOracle", "measure", "measured_problem", "refine", "Refinement", "surrogate_problem", "confirm",
-           "greedy_chain", "default_pool_size"]
+           "greedy_chain", "default_pool_size", "solve_blocks", "restrict", "check_backend_size"]
 
 
 class LossOracle(Protocol):
@@ -302,6 +302,8 @@ class Refinement:
         confirm_rounds: the confirmation's rounds: for each, the sets it measured with their loss over
             every sample so far, lowest first (``[{"removed", "loss"}, ...]``); the first round's first set
             is the pick without racing.
+        solve_blocks: the blocks the backend's surrogate was restricted to (:func:`solve_blocks`), or None
+            when it saw every block.
     """
 
     num_remove: int
@@ -321,6 +323,7 @@ class Refinement:
     sources: dict[tuple[int, ...], str] = field(default_factory=dict)
     runner_up: dict[str, Any] | None = None
     confirm_rounds: list[list[dict[str, Any]]] = field(default_factory=list)
+    solve_blocks: list[int] | None = None
 
     @property
     def recommended(self) -> tuple[list[int], float]:
@@ -379,10 +382,18 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
             (``"start:<label>"``); the surrogate is then fitted to them and searches around them too.
         progress: a callable ``progress(tokens_spent, budget)`` or None.
 
+    A backend that takes fewer than N variables with ``backend_params`` (:func:`qblock.backends.variable_limit`:
+    QAOA simulates 22 qubits unless told more) solves the surrogate on :func:`solve_blocks` only; the swap
+    neighbours still range over every block.
+
     Returns:
         A :class:`Refinement`.
+
+    Raises:
+        ValueError: M out of range, a bad budget or batch, or a backend too small to choose M blocks.
     """
     import qblock
+    from qblock.backends import variable_limit
 
     n, M = prior.num_blocks, int(num_remove)
     if not 1 <= M <= n:
@@ -404,6 +415,8 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
             labels.setdefault(k, f"start:{label}" if label else "start")
     first = list(labels)
     sur = prior.with_num_remove(M)
+    limit = variable_limit(backend, backend_params)
+    widest = solve_blocks(prior, M, limit)  # refuses an M the backend cannot choose, before any measurement
     while True:
         sur = surrogate_problem(prior, list(seen), list(seen.values()), base, M)
         measured_m = sum(1 for k in seen if len(k) == M)
@@ -415,9 +428,14 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
             want = min(want, left // per_eval)
             if want < 1:
                 break
-        k = min(total, want + measured_m)
-        ss = qblock.solve(sur, backend, num_solutions=k, seed=seed + rounds, **(backend_params or {}))
-        props = [p for p in (removal_key(sur.removed_blocks(x)) for x in ss.samples()) if len(p) == M]
+        on = solve_blocks(prior, M, limit, measured=seen, want=want)  # wider once its sets are measured
+        widest = on if on is None or len(on) > len(widest) else widest
+        target = sur if on is None else restrict(sur, on)
+        inside = measured_m if on is None else sum(1 for s in seen if len(s) == M and set(s) <= set(on))
+        k = min(math.comb(target.num_blocks, M), want + inside)
+        ss = qblock.solve(target, backend, num_solutions=k, seed=seed + rounds, **(backend_params or {}))
+        lift = (lambda r: r) if on is None else (lambda r: [on[i] for i in r])
+        props = [p for p in (removal_key(lift(target.removed_blocks(x))) for x in ss.samples()) if len(p) == M]
         fresh = [p for p in dict.fromkeys(props) if p not in seen]
         repeats += len(props) - len(fresh)
         # the surrogate's global proposals, and (trust-region style) its best unseen swap neighbours of the
@@ -446,7 +464,88 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
     best = min(sized, key=lambda k: (_rank(sized[k]), k))
     before = {k: v for k, v in (known or {}).items() if len(k) == M}
     return Refinement(M, list(best), sized[best], history, sur, oracle.tokens - t0, backend, rounds, repeats,
-                      known=before, sources={k: labels[k] for k in first if k in before})
+                      known=before, sources={k: labels[k] for k in first if k in before}, solve_blocks=widest)
+
+
+def solve_blocks(prior: BlockRemovalProblem, num_remove: int, max_variables: int | None,
+                 measured: Iterable[Iterable[int]] = (), want: int = 1) -> list[int] | None:
+    """The blocks :func:`refine` gives a backend that takes at most ``max_variables`` variables: None when
+    all N fit; else the most removable blocks (lowest single-removal energy of ``prior``, so the measured
+    QUBO's pool first), as many as the pool (``metadata["selection"]["pool"]``, else
+    :func:`default_pool_size`) or ``M + 2`` if more, and more while fewer than ``want`` of their sets of
+    size M are left unmeasured (``measured``), at most ``max_variables``.
+
+    Raises:
+        ValueError: ``max_variables`` leaves no choice of M blocks (M or fewer variables).
+
+    Example:
+        >>> import numpy as np
+        >>> prior = BlockRemovalProblem(np.diag([5.0, 1, 4, 2, 3, 9, 8, 7, 6, 10]), 2)
+        >>> solve_blocks(prior, 2, 22) is None, solve_blocks(prior, 2, 4), solve_blocks(prior, 3, 9)
+        (True, [1, 2, 3, 4], [0, 1, 2, 3, 4, 6, 7, 8])
+        >>> solve_blocks(prior, 2, 9, measured=[(1, 2), (1, 3), (2, 3)], want=26)  # C(8, 2) - 3 = 25 < 26
+        [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    """
+    n, M = prior.num_blocks, int(num_remove)
+    if max_variables is None or n <= int(max_variables):
+        return None
+    limit = int(max_variables)
+    _check_fits(limit, n, M)
+    pool = ((prior.metadata or {}).get("selection") or {}).get("pool")
+    size = min(limit, max(len(pool) if pool else default_pool_size(n), M + 2))
+    order = np.argsort([prior.energy_of([i]) for i in range(n)], kind="stable").tolist()
+    sized = [set(s) for s in measured if len(removal_key(s)) == M]
+    while size < limit and math.comb(size, M) - sum(s <= set(order[:size]) for s in sized) < int(want):
+        size += 1
+    return sorted(order[:size])
+
+
+def check_backend_size(backend: str, backend_params: dict[str, Any] | None, num_blocks: int,
+                       num_removes: Iterable[int]) -> int | None:
+    """Refuse, before anything is measured, a loop backend too small to choose every M of ``num_blocks``;
+    returns its variable limit (None: none).
+
+    Example:
+        >>> check_backend_size("qaoa", None, 30, [3, 9]), check_backend_size("exact", None, 30, [29])
+        (22, None)
+        >>> check_backend_size("qaoa", {"max_qubits": 8}, 30, [3, 9])
+        Traceback (most recent call last):
+        ...
+        ValueError: qaoa takes at most 8 variables, too few to choose M = 9 of the 30 blocks; choose another backend or a smaller M
+    """
+    from qblock.backends import variable_limit
+
+    limit = variable_limit(backend, backend_params)
+    if limit is not None and int(num_blocks) > limit:
+        for m in sorted({int(m) for m in num_removes}):
+            _check_fits(limit, int(num_blocks), m, backend)
+    return limit
+
+
+def _check_fits(limit: int, n: int, M: int, backend: str = "the backend") -> None:
+    """The one rule of :func:`solve_blocks`: a solver of ``limit`` variables chooses M of more blocks only if M < limit."""
+    if M >= limit:
+        raise ValueError(f"{backend} takes at most {limit} variables, too few to choose M = {M} of the {n} blocks; "
+                         "choose another backend or a smaller M")
+
+
+def restrict(problem: BlockRemovalProblem, blocks: Sequence[int]) -> BlockRemovalProblem:
+    """``problem`` on ``blocks`` only, every other block kept: the same energy for every set inside them
+    (its removal set ``r`` is ``[blocks[i] for i in r]`` in the whole problem).
+
+    Example:
+        >>> import numpy as np
+        >>> A = np.arange(16.0).reshape(4, 4) / 10
+        >>> p = BlockRemovalProblem(A + A.T, 2, linear=np.array([1.0, 2, 3, 4]))
+        >>> q = restrict(p, [1, 3])
+        >>> q.num_blocks, bool(np.isclose(q.energy_of([0, 1]), p.energy_of([1, 3])))
+        (2, True)
+    """
+    b = np.asarray(blocks, dtype=np.intp)
+    return BlockRemovalProblem(np.asarray(problem.H)[np.ix_(b, b)], problem.num_remove,
+                               linear=np.asarray(problem.linear)[b], offset=problem.offset,
+                               labels=[problem.labels[i] for i in b],
+                               metadata=dict(problem.metadata or {}, restricted_to=[int(i) for i in b]))
 
 
 def _neighbours(sur: BlockRemovalProblem, seen: dict[tuple[int, ...], float], M: int, count: int,

@@ -36,7 +36,9 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         evaluations_per_m: refinement budget per M, in evaluations of ``samples`` (tokens = this x
             the samples' tokens).
         batch: sets measured per refinement round.
-        backend, backend_params, seed: the solver in the loop (any :func:`qblock.solve` backend).
+        backend, backend_params, seed: the solver in the loop (any :func:`qblock.solve` backend; one that
+            takes fewer than N variables, as QAOA, solves the surrogate on the most removable blocks:
+            :func:`qblock.select.solve_blocks`).
         batch_size: forward batch size.
         confirm_samples: other calibration samples on which the ``confirm_top`` best sets of each M are
             measured again, the lowest recommended (:func:`qblock.select.confirm`); ``None``: no
@@ -76,10 +78,11 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     import time
 
     from qblock.llm.blocks import find_blocks
-    from qblock.select import confirm, greedy_chain, measured_problem, refine
+    from qblock.select import check_backend_size, confirm, greedy_chain, measured_problem, refine
 
     t0 = time.perf_counter()
     n = len(find_blocks(model))
+    check_backend_size(backend, backend_params, n, num_removes)  # before any measurement
     oracle = CalibrationLoss(model, samples, gate=gate, batch_size=batch_size, executor=executor)
     checker = (CalibrationLoss(model, confirm_samples, gate=gate, batch_size=batch_size, executor=executor)
                if confirm_samples and int(confirm_top) > 0 else None)

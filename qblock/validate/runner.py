@@ -530,7 +530,8 @@ def _selection_rows(sel: Mapping[str, Any], settings: ValidationSettings) -> lis
                 "cost_backward_tokens": 0, "cost_forward_tokens": tokens}
         note = (f"measured QUBO (pairs in a pool of {len(prior.metadata['selection']['pool'])}"
                 + _pairs_on(sel) + ") refined with "
-                f"{ref.backend} in the loop" + _loop_starts(sel.get("screen_samples"), sel.get("one_pass"))
+                f"{ref.backend} in the loop" + _solved_on(ref)
+                + _loop_starts(sel.get("screen_samples"), sel.get("one_pass"))
                 + (f"; {len(fin)} finalists confirmed on {sel['confirm_samples']} calibration sample"
                    + ("s" if sel["confirm_samples"] != 1 else "")
                    + _raced(ref) if fin else ""))
@@ -566,7 +567,7 @@ def _selection_summary(sel: Mapping[str, Any], n: int, ms: Sequence[int]) -> dic
         "per_m": {str(m): {"backend": r.backend, "rounds": r.rounds, "evaluations": len(r.history),
                            "tokens": r.tokens, "solver_repeats": r.repeats, "finalists": len(r.finalists),
                            "confirm_tokens": r.confirm_tokens, "confirm_evaluations": r.confirm_evaluations,
-                           "surrogate_ridge": r.surrogate.metadata.get("ridge"),
+                           "surrogate_ridge": r.surrogate.metadata.get("ridge"), "solve_blocks": r.solve_blocks,
                            "confirm_rounds": [[dict(e, loss=e["loss"] if math.isfinite(e["loss"]) else None) for e in rnd]
                                               for rnd in r.confirm_rounds]}
                   for m, r in sel["refinements"].items()},
@@ -644,6 +645,13 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
                               f"(granularity {meta.get('granularity')!r})")
     if settings.harness not in ("native", "lm-eval"):
         raise ValidationError(f"harness must be 'native' or 'lm-eval', got {settings.harness!r}")
+    if settings.select:
+        from qblock.select import check_backend_size
+
+        try:  # here, before the baselines' passes, not after them
+            check_backend_size(settings.select_backend, None, n, ms)
+        except ValueError as exc:
+            raise ValidationError(f"qblock selection: {exc}") from None
 
     # 1. candidates: the QUBO's top-k, the baselines, qblock's selection, random sets, the full model
     solved: dict[int, dict[str, Any]] = {}
@@ -857,6 +865,11 @@ def _write_tables_and_plots(rows: list[dict[str, Any]], ms: Sequence[int], other
         plot_paths += plots.plot_energy_vs_loss([dict(r, energy=r[col]) for r in rows], sub / name.replace("+", "_"))
     _remove_stale_plots(out, plot_paths)
     return paths, plot_paths
+
+
+def _solved_on(ref) -> str:
+    """The note's words for a loop whose backend saw only some blocks (:func:`qblock.select.solve_blocks`)."""
+    return "" if ref.solve_blocks is None else f" (on the {len(ref.solve_blocks)} most removable blocks)"
 
 
 def _remove_stale_plots(out: Path, written: Sequence[str]) -> None:

@@ -37,13 +37,16 @@ def _write_new(folder):
     (folder / "tok" / "vocab.txt").write_text("new vocab")
 
 
-def test_a_move_interrupted_half_way_puts_the_earlier_result_back(earlier, monkeypatch):
+@pytest.mark.parametrize("when", ["moving the new weights in", "moving an old shard aside"])
+def test_a_move_interrupted_half_way_puts_the_earlier_result_back(earlier, monkeypatch, when):
     before = _tree(earlier)
     real = os.replace
 
     def interrupted(src, dst):
-        if ".qblock-staging-" in str(src) and str(dst).endswith("model.safetensors"):
+        if when == "moving the new weights in" and ".qblock-staging-" in str(src) and str(dst).endswith("model.safetensors"):
             raise KeyboardInterrupt  # Ctrl-C after config.json has moved in, before the weights
+        if when == "moving an old shard aside" and str(src).endswith("00002-of-00002.safetensors"):
+            raise KeyboardInterrupt
         return real(src, dst)
 
     monkeypatch.setattr(_io.os, "replace", interrupted)

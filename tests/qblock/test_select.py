@@ -158,6 +158,29 @@ def test_loop_runs_with_qaoa_on_a_small_problem():
     assert res.best_loss == min(h["loss"] for h in res.history)
 
 
+def test_qaoa_in_the_loop_solves_on_the_most_removable_blocks_when_the_model_has_more():
+    """A model with more blocks than QAOA simulates: the solver sees the pool (its proposals lie inside it), the
+    swap neighbours range over every block, and an M the solver cannot choose is refused before any measurement."""
+    pytest.importorskip("qiskit_aer")
+    from qblock.select import check_backend_size
+
+    o = Oracle(14, seed=11)
+    prior = measured_problem(o, 14, pool_size=6)
+    pool = prior.metadata["selection"]["pool"]
+    known = {c: o.true_loss(c) for c in o.calls}  # every pair of the pool is measured already, as in a run
+    res = refine(o, prior, 2, backend="qaoa", backend_params={"max_qubits": 8, "reps": 1, "maxiter": 20},
+                 budget_tokens=9 * o.tokens_per_eval, batch=3, seed=1, known=known)
+    assert len(res.history) == 9 and res.best_loss == min(v for _, v in res.ranked())
+    # the pool's pairs all measured, the solver's blocks grow past the pool (up to the 8 it takes) to find new sets
+    assert set(pool) < set(res.solve_blocks) and len(res.solve_blocks) <= 8
+    assert all(set(h["removed"]) <= set(res.solve_blocks) for h in res.history if h["source"] == "solver")
+    assert any(h["source"] == "solver" for h in res.history)
+    # M + 2 blocks when the pool is smaller, never more than the solver takes
+    assert len(qblock.select.solve_blocks(prior, 6, 8)) == 8 and qblock.select.solve_blocks(prior, 6, 20) is None
+    with pytest.raises(ValueError, match="qaoa takes at most 8 variables, too few to choose M = 8 of the 14"):
+        check_backend_size("qaoa", {"max_qubits": 8}, 14, [2, 8])
+
+
 def test_loop_runs_with_the_mock_qpu():
     pytest.importorskip("dwave.system")
     from dwave.system.testing import MockDWaveSampler
