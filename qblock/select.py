@@ -44,7 +44,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -302,8 +302,8 @@ class Refinement:
         confirm_rounds: the confirmation's rounds: for each, the sets it measured with their loss over
             every sample so far, lowest first (``[{"removed", "loss"}, ...]``); the first round's first set
             is the pick without racing.
-        solve_blocks: the blocks the backend's surrogate was restricted to (:func:`solve_blocks`), or None
-            when it saw every block.
+        solve_blocks: every block the backend's surrogate was restricted to in some round
+            (:func:`solve_blocks`), or None when it saw every block.
     """
 
     num_remove: int
@@ -416,7 +416,7 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
     first = list(labels)
     sur = prior.with_num_remove(M)
     limit = variable_limit(backend, backend_params)
-    widest = solve_blocks(prior, M, limit)  # refuses an M the backend cannot choose, before any measurement
+    offered = solve_blocks(prior, M, limit)  # refuses an M the backend cannot choose, before any measurement
     while True:
         sur = surrogate_problem(prior, list(seen), list(seen.values()), base, M)
         measured_m = sum(1 for k in seen if len(k) == M)
@@ -428,8 +428,8 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
             want = min(want, left // per_eval)
             if want < 1:
                 break
-        on = solve_blocks(prior, M, limit, measured=seen, want=want)  # wider once its sets are measured
-        widest = on if on is None or len(on) > len(widest) else widest
+        on = solve_blocks(prior, M, limit, measured=seen, want=want)  # follows the incumbents; wider once measured
+        offered = None if on is None else sorted(set(offered) | set(on))
         target = sur if on is None else restrict(sur, on)
         inside = measured_m if on is None else sum(1 for s in seen if len(s) == M and set(s) <= set(on))
         k = min(math.comb(target.num_blocks, M), want + inside)
@@ -464,16 +464,17 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
     best = min(sized, key=lambda k: (_rank(sized[k]), k))
     before = {k: v for k, v in (known or {}).items() if len(k) == M}
     return Refinement(M, list(best), sized[best], history, sur, oracle.tokens - t0, backend, rounds, repeats,
-                      known=before, sources={k: labels[k] for k in first if k in before}, solve_blocks=widest)
+                      known=before, sources={k: labels[k] for k in first if k in before}, solve_blocks=offered)
 
 
 def solve_blocks(prior: BlockRemovalProblem, num_remove: int, max_variables: int | None,
-                 measured: Iterable[Iterable[int]] = (), want: int = 1) -> list[int] | None:
+                 measured: Mapping[tuple[int, ...], float] | None = None, want: int = 1) -> list[int] | None:
     """The blocks :func:`refine` gives a backend that takes at most ``max_variables`` variables: None when
-    all N fit; else the most removable blocks (lowest single-removal energy of ``prior``, so the measured
-    QUBO's pool first), as many as the pool (``metadata["selection"]["pool"]``, else
-    :func:`default_pool_size`) or ``M + 2`` if more, and more while fewer than ``want`` of their sets of
-    size M are left unmeasured (``measured``), at most ``max_variables``.
+    all N fit; else as many as the pool (``metadata["selection"]["pool"]``, else :func:`default_pool_size`) or
+    ``M + 2`` if more, and more while fewer than ``want`` of their sets of size M are unmeasured, at most
+    ``max_variables``. First the blocks of the best measured sets of size M (``measured``: ``{removed: loss}``,
+    lowest loss first), so the solver can always search around the incumbents; then the most removable
+    (lowest single-removal energy of ``prior``: the measured QUBO's pool first).
 
     Raises:
         ValueError: ``max_variables`` leaves no choice of M blocks (M or fewer variables).
@@ -483,7 +484,9 @@ def solve_blocks(prior: BlockRemovalProblem, num_remove: int, max_variables: int
         >>> prior = BlockRemovalProblem(np.diag([5.0, 1, 4, 2, 3, 9, 8, 7, 6, 10]), 2)
         >>> solve_blocks(prior, 2, 22) is None, solve_blocks(prior, 2, 4), solve_blocks(prior, 3, 9)
         (True, [1, 2, 3, 4], [0, 1, 2, 3, 4, 6, 7, 8])
-        >>> solve_blocks(prior, 2, 9, measured=[(1, 2), (1, 3), (2, 3)], want=26)  # C(8, 2) - 3 = 25 < 26
+        >>> solve_blocks(prior, 2, 4, measured={(5, 9): 0.1, (1, 2): 0.3})  # the best sets' blocks first
+        [1, 2, 5, 9]
+        >>> solve_blocks(prior, 2, 9, measured={(1, 2): 1, (1, 3): 1, (2, 3): 1}, want=26)  # C(8, 2) - 3 < 26
         [0, 1, 2, 3, 4, 5, 6, 7, 8]
     """
     n, M = prior.num_blocks, int(num_remove)
@@ -493,9 +496,11 @@ def solve_blocks(prior: BlockRemovalProblem, num_remove: int, max_variables: int
     _check_fits(limit, n, M)
     pool = ((prior.metadata or {}).get("selection") or {}).get("pool")
     size = min(limit, max(len(pool) if pool else default_pool_size(n), M + 2))
-    order = np.argsort([prior.energy_of([i]) for i in range(n)], kind="stable").tolist()
-    sized = [set(s) for s in measured if len(removal_key(s)) == M]
-    while size < limit and math.comb(size, M) - sum(s <= set(order[:size]) for s in sized) < int(want):
+    single = np.argsort([prior.energy_of([i]) for i in range(n)], kind="stable").tolist()
+    sized = sorted(((removal_key(k), v) for k, v in (measured or {}).items() if len(removal_key(k)) == M),
+                   key=lambda kv: (_rank(kv[1]), kv[0]))
+    order = list(dict.fromkeys([i for k, _ in sized for i in sorted(k, key=single.index)] + single))
+    while size < limit and math.comb(size, M) - sum(set(k) <= set(order[:size]) for k, _ in sized) < int(want):
         size += 1
     return sorted(order[:size])
 

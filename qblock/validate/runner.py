@@ -869,7 +869,8 @@ def _write_tables_and_plots(rows: list[dict[str, Any]], ms: Sequence[int], other
 
 def _solved_on(ref) -> str:
     """The note's words for a loop whose backend saw only some blocks (:func:`qblock.select.solve_blocks`)."""
-    return "" if ref.solve_blocks is None else f" (on the {len(ref.solve_blocks)} most removable blocks)"
+    return "" if ref.solve_blocks is None else (" (on the best sets' and the most removable blocks, "
+                                                 f"{len(ref.solve_blocks)} in all)")
 
 
 def _remove_stale_plots(out: Path, written: Sequence[str]) -> None:

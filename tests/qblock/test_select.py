@@ -171,8 +171,11 @@ def test_qaoa_in_the_loop_solves_on_the_most_removable_blocks_when_the_model_has
     res = refine(o, prior, 2, backend="qaoa", backend_params={"max_qubits": 8, "reps": 1, "maxiter": 20},
                  budget_tokens=9 * o.tokens_per_eval, batch=3, seed=1, known=known)
     assert len(res.history) == 9 and res.best_loss == min(v for _, v in res.ranked())
-    # the pool's pairs all measured, the solver's blocks grow past the pool (up to the 8 it takes) to find new sets
-    assert set(pool) < set(res.solve_blocks) and len(res.solve_blocks) <= 8
+    # the pool's pairs all measured, the solver's blocks grow past the pool's size, never past the 8 it takes
+    assert len(pool) < len(res.solve_blocks)
+    assert len(qblock.select.solve_blocks(prior, 2, 8, measured=known, want=100)) == 8
+    best = min(known, key=lambda k: (len(k) != 2, known[k]))  # the best known pair: its blocks are offered
+    assert set(best) <= set(qblock.select.solve_blocks(prior, 2, 8, measured=known))
     assert all(set(h["removed"]) <= set(res.solve_blocks) for h in res.history if h["source"] == "solver")
     assert any(h["source"] == "solver" for h in res.history)
     # M + 2 blocks when the pool is smaller, never more than the solver takes
