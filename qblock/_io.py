@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
-__all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "file_in_the_way", "staged_folder"]
+__all__ = ["atomic_write_bytes", "write_json_atomic", "json_default", "file_in_the_way", "staged_folder", "remove_stale"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

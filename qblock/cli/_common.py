@@ -272,7 +272,8 @@ def add_selection_options(p: argparse.ArgumentParser, samples: int | None = 8, e
                         "fewer tokens, but at M = 2 the loop then measures its candidate pairs itself)")
     g.add_argument("--select-backend", default="exact",
                    help="solver in the refinement loop: any backend name (default exact); one that takes fewer "
-                        "variables than the model has blocks (qaoa: 22 qubits) solves on the most removable blocks")
+                        "variables than the model has blocks (qaoa: 22 qubits) solves on the best sets' and the most "
+                        "removable blocks")
     g.add_argument("--select-confirm", type=int, default=6, metavar="K",
                    help="best sets per M measured again on more calibration samples, the lowest recommended "
                         "(default 6; 0 for none)")

@@ -37,8 +37,8 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
             the samples' tokens).
         batch: sets measured per refinement round.
         backend, backend_params, seed: the solver in the loop (any :func:`qblock.solve` backend; one that
-            takes fewer than N variables, as QAOA, solves the surrogate on the most removable blocks:
-            :func:`qblock.select.solve_blocks`).
+            takes fewer than N variables, as QAOA, solves the surrogate on the best measured sets' and the
+            most removable blocks: :func:`qblock.select.solve_blocks`).
         batch_size: forward batch size.
         confirm_samples: other calibration samples on which the ``confirm_top`` best sets of each M are
             measured again, the lowest recommended (:func:`qblock.select.confirm`); ``None``: no
