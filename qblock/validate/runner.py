@@ -629,7 +629,6 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
     """
     t_all = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     notes = list(notes)
     timings: dict[str, float] = {}
     ms = sorted({int(m) for m in settings.num_removes})
@@ -652,6 +651,7 @@ def validate(problem, model, tokenizer, calib: Sequence[Any], evals: Sequence[An
             check_backend_size(settings.select_backend, None, n, ms)
         except ValueError as exc:
             raise ValidationError(f"qblock selection: {exc}") from None
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder behind
 
     # 1. candidates: the QUBO's top-k, the baselines, qblock's selection, random sets, the full model
     solved: dict[int, dict[str, Any]] = {}

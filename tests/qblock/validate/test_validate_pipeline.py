@@ -223,6 +223,22 @@ def test_random_sets_are_distinct_and_seeded():
     assert len(B.random_sets(4, 2, 100)) == math.comb(4, 2)
 
 
+@pytest.mark.parametrize("change", [{"num_removes": [99]}, {"select": True, "select_backend": "qaoa",
+                                                          "num_removes": [2]}])
+def test_a_refused_validation_leaves_no_folder(tiny, tmp_path, change, monkeypatch):
+    """Bad settings stop in one line before anything runs, and the output folder is not created."""
+    import qblock.backends as backends
+    from qblock.llm.blocks import find_blocks
+    from qblock.validate.runner import ValidationError, ValidationSettings, validate
+
+    model, calib, evals = tiny
+    problem = qblock.random_problem(len(find_blocks(model)), 2, seed=0)
+    monkeypatch.setattr(backends, "variable_limit", lambda name, params=None: 2 if name == "qaoa" else None)
+    with pytest.raises(ValidationError, match="M must satisfy|qaoa takes at most 2 variables"):
+        validate(problem, model, None, calib, evals, ValidationSettings(progress=False, **change), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_validate_end_to_end_and_recompute_from_table(tiny, tmp_path):
     from qblock.llm.energy import build_problem
     from qblock.llm.gradients import gate_gradients
