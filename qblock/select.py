@@ -51,7 +51,7 @@ import numpy as np
 from qblock.problems.block_removal import BlockRemovalProblem, removal_key
 
 __all__ = ["LossOracle", "measure", "measured_problem", "refine", "Refinement", "surrogate_problem", "confirm",
-           "greedy_chain", "default_pool_size", "solve_blocks", "restrict", "check_backend_size"]
+           "greedy_chain", "keep_chain", "default_pool_size", "solve_blocks", "restrict", "check_backend_size"]
 
 
 class LossOracle(Protocol):
@@ -753,4 +753,45 @@ def greedy_chain(oracle: LossOracle, num_blocks: int, max_remove: int, *,
         chain[m] = current
         if progress is not None:
             progress(m, top)
+    return chain
+
+
+def keep_chain(oracle: LossOracle, num_blocks: int, min_remove: int, *,
+               progress: Any = None) -> dict[int, tuple[int, ...]]:
+    """Starting sets for M above half the blocks: :func:`greedy_chain` walked from the other end. From the model
+    with every block removed, keep blocks one at a time, each step the one whose return gives the least measured
+    loss; for ``M > N / 2`` that end is nearer, so its ``N - M`` steps cost fewer passes than the ``M`` of the
+    removal chain, and it finds which few blocks carry the model, which removing one at a time need not.
+
+    Args:
+        oracle: the screening oracle.
+        num_blocks: N.
+        min_remove: the smallest M needed (the chain stops there).
+        progress: a callable ``progress(step, steps)`` or None.
+
+    Returns:
+        ``{m: removal set of size m}`` for ``m = N - 1`` down to ``min_remove``.
+
+    Example:
+        >>> class Toy:  # blocks 1 and 3 carry the model together
+        ...     tokens = 0
+        ...     def loss(self, removed):
+        ...         kept = set(range(5)) - set(removed)
+        ...         return 10.0 - 2 * len(kept & {1, 3}) - 4 * ({1, 3} <= kept) - 0.1 * len(kept)
+        >>> keep_chain(Toy(), 5, 3)
+        {4: (0, 1, 2, 4), 3: (0, 2, 4)}
+    """
+    n, low = int(num_blocks), int(min_remove)
+    if not 1 <= low <= n:
+        raise ValueError(f"min_remove must be between 1 and N = {n}, got {min_remove}")
+    chain: dict[int, tuple[int, ...]] = {}
+    kept: set[int] = set()
+    for step, m in enumerate(range(n - 1, low - 1, -1), 1):
+        nxt = [removal_key(set(range(n)) - kept - {j}) for j in range(n) if j not in kept]
+        losses = dict(zip(nxt, measure(oracle, nxt)))  # one batch: in parallel on a Ray executor
+        best = min(losses, key=lambda k: (_rank(losses[k]), k))
+        kept = set(range(n)) - set(best)
+        chain[m] = best
+        if progress is not None:
+            progress(step, n - low)
     return chain

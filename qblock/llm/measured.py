@@ -52,8 +52,9 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
             ``()``: no racing.
         confirm_top: finalists per M chosen by the loop's ranking (the one-pass sets may add up to two).
         screen_samples: if positive, a greedy removal chain (:func:`qblock.select.greedy_chain`) on the
-            first ``screen_samples`` samples proposes one starting set per M for the loop (its tokens
-            count as shared); ``0``: none.
+            first ``screen_samples`` samples proposes one starting set per M for the loop, and for M above
+            N / 2 a chain keeping blocks from the empty model (:func:`qblock.select.keep_chain`) one more (their
+            tokens count as shared); ``0``: none.
         one_pass: the sets of the one-pass baselines (ShortGPT's lowest block influence, the angular
             window; :func:`one_pass_sets`) from one statistics pass over ``samples`` (its tokens count as
             shared) start the loop for every M and are always among the confirmed finalists, so the
@@ -78,7 +79,7 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     import time
 
     from qblock.llm.blocks import find_blocks
-    from qblock.select import check_backend_size, confirm, greedy_chain, measured_problem, refine
+    from qblock.select import check_backend_size, confirm, greedy_chain, keep_chain, measured_problem, refine
 
     t0 = time.perf_counter()
     n = len(find_blocks(model))
@@ -107,17 +108,20 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         cheap = one_pass_sets(model, samples, num_removes, batch_size=batch_size, progress=progress) if one_pass else {}
         if cheap:
             shared += oracle.tokens_per_pass
-        chain = {}
+        chain, kept = {}, {}
         if int(screen_samples) > 0 and num_removes:
             book = book or OracleBook(model, batch_size=batch_size, executor=executor)
             screen = book.view(list(samples)[: int(screen_samples)], gate)
             singles = {i: float(v) for i, v in enumerate(prior.arrays["single_losses"])}
             chain = greedy_chain(_Bar(screen, False, bar.bar), n, max(int(m) for m in num_removes), singles=singles)
+            far = [int(m) for m in num_removes if 2 * int(m) > n]  # nearer the empty model: walk from there too
+            kept = keep_chain(_Bar(screen, False, bar.bar), n, min(far)) if far else {}
             screen.oracle.release()  # its recorded outputs; the losses stay in the book
             shared += screen.tokens
         refinements = {}
         for m in sorted({int(m) for m in num_removes}):
-            starts = {**({"greedy": chain[m]} if m in chain else {}), **cheap.get(m, {})}
+            starts = {**({"greedy": chain[m]} if m in chain else {}), **({"keep": kept[m]} if m in kept else {}),
+                      **cheap.get(m, {})}
             refinements[m] = refine(bar, prior, m, backend=backend, backend_params=backend_params, seed=seed,
                                     budget_tokens=int(evaluations_per_m) * oracle.tokens_per_pass, batch=batch,
                                     known=oracle.measured(), starts=starts)

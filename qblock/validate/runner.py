@@ -504,7 +504,8 @@ def _raced(ref) -> str:
 
 def _loop_starts(screen_samples: int | None, one_pass: bool | None) -> str:
     """How the loop was started, in the words of the log, the candidates' notes and the report settings."""
-    return ((f", started from a greedy chain on {screen_samples} samples" if screen_samples else "")
+    return ((f", started from a greedy chain on {screen_samples} samples (above N/2 also one keeping blocks)"
+             if screen_samples else "")
             + (" and the one-pass baselines' sets" if one_pass else ""))
 
 

@@ -184,6 +184,24 @@ def test_qaoa_in_the_loop_solves_on_the_most_removable_blocks_when_the_model_has
         check_backend_size("qaoa", {"max_qubits": 8}, 14, [2, 8])
 
 
+def test_keep_chain_walks_from_the_empty_model_and_costs_n_minus_m_steps():
+    """Each step keeps the block whose return gives the least loss; it stops at the smallest M asked for."""
+    from qblock.select import keep_chain
+
+    o = Oracle(9, seed=12)
+    chain = keep_chain(o, 9, 6)
+    assert sorted(chain) == [6, 7, 8] and all(len(chain[m]) == m for m in chain)
+    kept: set[int] = set()
+    for m in (8, 7, 6):
+        options = [tuple(sorted(set(range(9)) - kept - {j})) for j in range(9) if j not in kept]
+        best = min(options, key=lambda k: (o.true_loss(k), k))
+        assert chain[m] == best and (m == 8 or set(chain[m]) < set(chain[m + 1]))  # nested: blocks come back
+        kept = set(range(9)) - set(best)
+    assert len(o.calls) == 9 + 8 + 7  # one batch per step, every block not yet kept
+    with pytest.raises(ValueError, match="min_remove"):
+        keep_chain(o, 9, 0)
+
+
 def test_loop_runs_with_the_mock_qpu():
     pytest.importorskip("dwave.system")
     from dwave.system.testing import MockDWaveSampler
@@ -664,6 +682,18 @@ def test_select_removals_screens_with_a_chain_and_counts_its_tokens():
     assert sel["shared_tokens"] == sel["prior"].metadata["selection"]["forward_tokens"] + screen_tokens
     ref = sel["refinements"][3]  # (at M = 2 the chain's pair may be one the pool measured already)
     assert ref.history[0]["source"] == "start:greedy" and len(ref.history[0]["removed"]) == 3
+    # above N / 2 the screen also walks from the empty model: N - M steps, its set a start of the loop
+    far = select_removals(model, samples, [4], pool_size=4, evaluations_per_m=4, screen_samples=1, one_pass=False)
+    removal_steps = (6 - 1) + (6 - 2) + (6 - 3)
+    extra = far["shared_tokens"] - far["prior"].metadata["selection"]["forward_tokens"] - (1 + removal_steps) * 12
+    # its 6 sets of 5 blocks are new; of its 5 sets of 4 those the removal chain asked for are charged once
+    assert 6 * 12 <= extra <= (6 + 5) * 12
+    from qblock.select import keep_chain
+    from qblock.validate.oracle import CalibrationLoss
+
+    kept = keep_chain(CalibrationLoss(model, samples[:1]), 6, 4)[4]
+    starts = {tuple(h["removed"]): h["source"] for h in far["refinements"][4].history if h["round"] == 0}
+    assert starts.get(kept) in ("start:keep", "start:greedy")  # measured first (labelled greedy if the same set)
 
 
 def test_sleb_and_a_screen_through_one_book_measure_each_set_once_and_count_their_own_tokens():
