@@ -79,7 +79,7 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     import time
 
     from qblock.llm.blocks import find_blocks
-    from qblock.select import check_backend_size, confirm, greedy_chain, keep_chain, measured_problem, refine
+    from qblock.select import check_backend_size, confirm, measured_problem, refine
 
     t0 = time.perf_counter()
     n = len(find_blocks(model))
@@ -108,20 +108,15 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
         cheap = one_pass_sets(model, samples, num_removes, batch_size=batch_size, progress=progress) if one_pass else {}
         if cheap:
             shared += oracle.tokens_per_pass
-        chain, kept = {}, {}
+        chains, screened = {}, 0
         if int(screen_samples) > 0 and num_removes:
             book = book or OracleBook(model, batch_size=batch_size, executor=executor)
-            screen = book.view(list(samples)[: int(screen_samples)], gate)
-            singles = {i: float(v) for i, v in enumerate(prior.arrays["single_losses"])}
-            chain = greedy_chain(_Bar(screen, False, bar.bar), n, max(int(m) for m in num_removes), singles=singles)
-            far = [int(m) for m in num_removes if 2 * int(m) > n]  # nearer the empty model: walk from there too
-            kept = keep_chain(_Bar(screen, False, bar.bar), n, min(far)) if far else {}
-            screen.oracle.release()  # its recorded outputs; the losses stay in the book
-            shared += screen.tokens
+            chains, screened = _screen(book.view(list(samples)[: int(screen_samples)], gate), bar, prior, n,
+                                       num_removes)
+        shared += screened
         refinements = {}
         for m in sorted({int(m) for m in num_removes}):
-            starts = {**({"greedy": chain[m]} if m in chain else {}), **({"keep": kept[m]} if m in kept else {}),
-                      **cheap.get(m, {})}
+            starts = {**{label: c[m] for label, c in chains.items() if m in c}, **cheap.get(m, {})}
             refinements[m] = refine(bar, prior, m, backend=backend, backend_params=backend_params, seed=seed,
                                     budget_tokens=int(evaluations_per_m) * oracle.tokens_per_pass, batch=batch,
                                     known=oracle.measured(), starts=starts)
@@ -135,6 +130,21 @@ def select_removals(model, samples: Sequence[Any], num_removes: Sequence[int], *
     return {"prior": prior, "refinements": refinements, "shared_tokens": int(shared),
             "tokens_per_evaluation": oracle.tokens_per_pass, "oracle": oracle, "confirm_oracle": checker,
             "race_oracles": racers, "seconds": time.perf_counter() - t0}
+
+
+def _screen(screen, bar, prior, n: int, num_removes: Sequence[int]) -> tuple[dict[str, dict], int]:
+    """The screen's starting sets, ``{"greedy": chain, "keep": chain}`` (:func:`qblock.select.greedy_chain`;
+    :func:`qblock.select.keep_chain` for M above N / 2, nearer the empty model), and the tokens it spent."""
+    from qblock.select import greedy_chain, keep_chain
+
+    singles = {i: float(v) for i, v in enumerate(prior.arrays["single_losses"])}
+    chains = {"greedy": greedy_chain(_Bar(screen, False, bar.bar), n, max(int(m) for m in num_removes),
+                                     singles=singles)}
+    far = [int(m) for m in num_removes if 2 * int(m) > n]
+    if far:
+        chains["keep"] = keep_chain(_Bar(screen, False, bar.bar), n, min(far))
+    screen.oracle.release()  # its recorded outputs; the losses stay in the book
+    return chains, screen.tokens
 
 
 def _pair_oracle(model, samples: Sequence[Any], pair_samples: int | None, **kw: Any) -> CalibrationLoss | None:
