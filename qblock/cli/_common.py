@@ -420,3 +420,26 @@ def setup_torch(args: argparse.Namespace) -> int:
         return apply_threads(args.threads, quiet=args.quiet)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+
+
+def describe_eval(data_provenance: dict) -> str:
+    """The held-out data of a report in one phrase, e.g. "12 samples x 128 tokens from stories"."""
+    e = data_provenance.get("evaluation", {})
+    # a built-in source by its name, a user's file by its path
+    src = (e.get("package") and e.get("name")) or e.get("file") or e.get("source") or e.get("name") or "?"
+    extra = ", passages disjoint from calibration" if e.get("disjoint_from_calibration") else ""
+    return f"{e.get('num_samples')} samples x {e.get('seq_len')} tokens from {src}{extra}"
+
+
+def text_sources(args, *options: str) -> dict[str, str | None]:
+    """Each text option's canonical source (a file's absolute path, a built-in source's name, ``None`` for
+    LAMBADA), checked before any model is loaded: a bad one is a one-line :class:`CliError`."""
+    from qblock.llm.data import DataError, text_source
+
+    out = {}
+    for option in options:
+        try:
+            out[option] = text_source(getattr(args, option))
+        except DataError as exc:
+            raise CliError(f"--{option.replace('_', '-')}: {exc}") from None
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qblock.cli import CliError
-from qblock.cli._common import check_output
+from qblock.cli._common import check_output, text_sources
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--granularity", default="block", choices=("block", "sublayer"),
                    help="one variable per block, or per residual branch (branch gates only)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per batched backward (default 8)")
-    p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="calibration text: .txt (paragraphs) or .jsonl ('text' field); default LAMBADA passages")
+    p.add_argument("--calibration", default=None, metavar="FILE|NAME",
+                   help="calibration text: .txt (paragraphs) or .jsonl ('text' field), or a built-in source: "
+                        "lambada (default, book passages), wikipedia, stories, code")
     p.add_argument("--eval-samples", type=int, default=64,
                    help="held-out samples reserved (disjoint passages) for evaluation (default 64)")
     p.add_argument("--seed", type=int, default=0, help="data shuffle/split seed (default 0)")
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     out = npz_path(args.out)  # the file written ("-o e4" writes e4.npz): checked and named as such
     check_output(out, "--out", inputs=[args.calibration])
+    text_sources(args, "calibration")
     from qblock.cli._common import check_executor, open_executor
 
     if args.executor != "local" and args.energy != "measured":

@@ -81,8 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"blocks trained in --mode last (default {d.last_layers})")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA alpha (default {d.lora_alpha:g})")
-    p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="training text (.txt paragraphs or .jsonl 'text'); default LAMBADA passages")
+    p.add_argument("--calibration", default=None, metavar="FILE|NAME",
+                   help="training text (.txt paragraphs or .jsonl 'text'), or a built-in source: lambada (default, "
+                        "book passages), wikipedia, stories, code")
     p.add_argument("--seed", type=int, default=0, help="data split/order and initialisation seed (default 0)")
     p.add_argument("--eval-samples", type=int, default=16,
                    help="held-out samples evaluated before and after healing (default 16): the first of the held-out "
@@ -206,13 +207,14 @@ def run(args: argparse.Namespace) -> int:
     pruned, out = Path(args.pruned), Path(args.out)
     if not pruned.is_dir() or not (pruned / "config.json").is_file():
         raise CliError(f"PRUNED_DIR {pruned} is not a Hugging Face model directory (no config.json)")
-    from qblock.cli._common import check_output
+    from qblock.cli._common import check_output, text_sources
     from qblock.llm.heal import recorded_teacher
 
     # the one --out rule of every sub-command (not a file, writable, never one of the inputs); the teacher
     # qblock prune recorded is an input as much as a --teacher (heal P --out TEACHER --overwrite replaced it)
     teacher = args.teacher or recorded_teacher(pruned)
     check_output(args.out, "--out", inputs=[args.pruned, args.calibration, teacher], folder=True)
+    text_sources(args, "calibration")
     state = _out_state(out, args.overwrite)
     threads = _threads(args)
     t_start = time.perf_counter()

@@ -65,8 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baselines", default="all", help="'all', 'none' or a comma list (default all)")
     p.add_argument("--tasks", default=None, help="benchmarks, comma list, or 'none' (preset)")
     p.add_argument("--task-limit", type=int, default=None, help="items per benchmark (preset)")
-    p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="calibration and held-out text (.txt/.jsonl; disjoint passages); default LAMBADA passages")
+    p.add_argument("--calibration", default=None, metavar="FILE|NAME",
+                   help="calibration and held-out text (disjoint passages): a .txt/.jsonl file or a built-in source, "
+                        "lambada (default, book passages), wikipedia, stories or code")
+    p.add_argument("--eval-text", default=None, metavar="FILE|NAME",
+                   help="judge every set on this text instead of the calibration source's held-out passages (a file "
+                        "or a built-in source, e.g. code); everything is still chosen on calibration data only")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples for the intervals (preset)")
     p.add_argument("--energy", default="fisher", choices=tuple(ENERGY_MODELS),
                    help="energy model to solve: " + ", ".join(ENERGY_MODELS) + " (default fisher; see qblock extract)")
@@ -105,7 +109,7 @@ def _checked_settings(args: argparse.Namespace):
     Returns:
         ``(cfg, ms, baselines, tasks, energies)``; the preset's selection settings are set on ``args``.
     """
-    from qblock.cli._common import parse_list, parse_ms
+    from qblock.cli._common import parse_list, parse_ms, text_sources
     from qblock.llm.data import BENCHMARKS
     from qblock.validate.baselines import BASELINE_METHODS
 
@@ -127,11 +131,17 @@ def _checked_settings(args: argparse.Namespace):
     baselines = parse_list(args.baselines, BASELINE_METHODS, "--baselines", BASELINE_METHODS)
     tasks = parse_list(cfg["tasks"], tuple(BENCHMARKS), "--tasks")
     energies = args.energies if args.energies == "auto" else parse_list(args.energies, SCORED_ENERGY_MODELS, "--energies")
+    sources = text_sources(args, "calibration", "eval_text")
+    for option in sources:
+        if getattr(args, option) is not None:
+            cfg[option] = sources[option] or "lambada"
+    if args.eval_text is not None and sources["eval_text"] == sources["calibration"]:
+        raise CliError("--eval-text is the calibration text; omit it to judge on the disjoint held-out passages")
     return cfg, ms, baselines, tasks, energies
 
 
 def run(args: argparse.Namespace) -> int:
-    from qblock.cli._common import apply_eval_dtype, selection_settings, setup_torch
+    from qblock.cli._common import apply_eval_dtype, describe_eval, selection_settings, setup_torch
 
     threads = setup_torch(args)
     from qblock.llm.cache import CacheError
@@ -149,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
     heal_opts = heal_options(args)
     out = args.out or ("qblock-report-quick" if args.quick else "qblock-report")
-    check_output(out, "--out", inputs=[args.calibration], folder=True)
+    check_output(out, "--out", inputs=[args.calibration, args.eval_text], folder=True)
     progress = not args.quiet
     timings = {}
 
@@ -165,12 +175,6 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     timings["load_model"] = time.perf_counter() - t0
     prov = model_provenance(args.model)
-    if args.calibration:
-        from pathlib import Path
-
-        if not Path(args.calibration).is_file():
-            raise CliError(f"calibration file not found: {args.calibration}")
-        cfg["calibration"] = str(Path(args.calibration).resolve())
     extraction = ExtractionSettings(
         model_spec=args.model, num_samples=cfg["samples"], seq_len=cfg["seq_len"], energy=args.energy, gate=args.gate,
         batch_size=args.batch_size, seed=args.seed, progress=progress, restart=args.restart,
@@ -197,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         args.select_pool = capped
     dtype = apply_eval_dtype(model, args, healing=bool(heal_opts))  # after extraction: gradients stay fp32
     try:
-        calib, evals, dprov = data_for_problem(problem, tok, num_eval=cfg["eval_samples"])
+        calib, evals, dprov = data_for_problem(problem, tok, num_eval=cfg["eval_samples"], eval_text=cfg.get("eval_text"))
         settings = ValidationSettings(
             num_removes=ms, top_k=cfg["top"], backend=args.backend, solve_seed=args.seed, num_random=cfg["random"],
             random_seed=args.seed, baselines=baselines, greedy_samples=cfg["greedy_samples"], tasks=tasks,
@@ -219,8 +223,7 @@ def run(args: argparse.Namespace) -> int:
                                                "mode": "quick" if args.quick else "full",
                                                "energy (solved)": problem.metadata.get("energy"),
                                                "calibration": f"{cfg['samples']} samples x {cfg['seq_len']} tokens",
-                                               "held-out data": f"{len(evals)} samples x {cfg['seq_len']} tokens, "
-                                                                "passages disjoint from calibration",
+                                               "held-out data": describe_eval(dprov),
                                                "executor": args.executor},
                               title=f"qblock run: which blocks of {prov.get('id')} to remove", notes=notes,
                               executor=executor, write_summary=False)

@@ -14,7 +14,8 @@ import json
 import sys
 
 from qblock.cli import CliError
-from qblock.cli._common import check_at_least, check_fresh_folder, check_output, check_seed, parse_params
+from qblock.cli._common import (check_at_least, check_fresh_folder, check_output, check_seed, parse_params,
+                                text_sources)
 
 _DESCRIPTION = (
     "SVD of every attention and MLP projection of every decoder block (plain, or whitened on calibration "
@@ -36,8 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="uniform, global-threshold, fermigrad, or a backend (exact, swap, sa, tabu, leap-cqm, ...)")
     p.add_argument("--basis", default="whitened", choices=("whitened", "plain"),
                    help="SVD of W (plain) or of W S with S S^T the input activations' second moment (default)")
-    p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="calibration text (.txt passages separated by blank lines, or .jsonl); default LAMBADA")
+    p.add_argument("--calibration", default=None, metavar="FILE|NAME",
+                   help="calibration text (.txt passages separated by blank lines, or .jsonl), or a built-in source: "
+                        "lambada (default), wikipedia, stories, code")
     p.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample (default 128)")
     p.add_argument("--group-size", type=int, default=32, help="singular values per QUBO variable (default 32)")
@@ -70,6 +72,7 @@ def _check(args: argparse.Namespace) -> dict:
     check_output(args.out, "--out", folder=True, writes=("*.safetensors", "*.json"),
                  inputs=[args.calibration, args.model])
     check_fresh_folder(args.out, "--out", args.overwrite)
+    text_sources(args, "calibration")
     return parse_params(args.param)
 
 

