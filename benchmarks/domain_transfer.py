@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sleb", default=None, metavar="JSON",
                     help="a selection_paired.py --sleb-samples output on that re-check (SLEB at its usual count)")
     ap.add_argument("--domains", default=",".join(DOMAINS), help=f"comma list of {', '.join(DOMAINS)}")
-    ap.add_argument("--samples", type=int, default=64, help="samples per domain (default 64)")
+    ap.add_argument("--samples", type=int, default=128, help="samples per domain (default 128)")
     ap.add_argument("--seed", type=int, default=0, help="passage shuffling seed (default 0)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: the study's")

@@ -6,6 +6,7 @@ import argparse
 import fnmatch
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -443,3 +444,24 @@ def text_sources(args, *options: str) -> dict[str, str | None]:
         except DataError as exc:
             raise CliError(f"--{option.replace('_', '-')}: {exc}") from None
     return out
+
+
+def text_files(sources: dict[str, str | None]) -> list[str]:
+    """The user's files among canonical text sources (what :func:`check_output` must never overwrite)."""
+    from qblock.llm.data import TEXT_SOURCES
+
+    return [v for v in sources.values() if v is not None and v not in TEXT_SOURCES]
+
+
+def benchmark_overlap(data_provenance: dict, tasks, quiet: bool = False) -> list[str]:
+    """A report note (and a warning on stderr) where the calibration text holds a benchmark's own passages:
+    ``wikipedia`` is BoolQ's, so BoolQ accuracy of sets chosen on it is not held-out."""
+    from qblock.llm.data import source_of
+
+    if "boolq" not in (tasks or ()) or source_of(data_provenance.get("calibration") or {}) != "wikipedia":
+        return []
+    note = ("the calibration text (wikipedia) is the BoolQ validation passages: BoolQ accuracy of sets chosen on it "
+            "is not a held-out score")
+    if not quiet:
+        print(f"qblock: warning: {note}", file=sys.stderr, flush=True)
+    return [note]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qblock.cli import CliError
-from qblock.cli._common import check_output, text_sources
+from qblock.cli._common import check_output, text_files, text_sources
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--granularity sublayer needs --gate branch (one gate per residual branch)")
     check_seed(args.seed)
     out = npz_path(args.out)  # the file written ("-o e4" writes e4.npz): checked and named as such
-    check_output(out, "--out", inputs=[args.calibration])
-    text_sources(args, "calibration")
+    check_output(out, "--out", inputs=text_files(text_sources(args, "calibration")))
     from qblock.cli._common import check_executor, open_executor
 
     if args.executor != "local" and args.energy != "measured":

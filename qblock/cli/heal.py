@@ -207,14 +207,14 @@ def run(args: argparse.Namespace) -> int:
     pruned, out = Path(args.pruned), Path(args.out)
     if not pruned.is_dir() or not (pruned / "config.json").is_file():
         raise CliError(f"PRUNED_DIR {pruned} is not a Hugging Face model directory (no config.json)")
-    from qblock.cli._common import check_output, text_sources
+    from qblock.cli._common import check_output, text_files, text_sources
     from qblock.llm.heal import recorded_teacher
 
     # the one --out rule of every sub-command (not a file, writable, never one of the inputs); the teacher
     # qblock prune recorded is an input as much as a --teacher (heal P --out TEACHER --overwrite replaced it)
     teacher = args.teacher or recorded_teacher(pruned)
-    check_output(args.out, "--out", inputs=[args.pruned, args.calibration, teacher], folder=True)
-    text_sources(args, "calibration")
+    check_output(args.out, "--out", inputs=[args.pruned, *text_files(text_sources(args, "calibration")), teacher],
+                 folder=True)
     state = _out_state(out, args.overwrite)
     threads = _threads(args)
     t_start = time.perf_counter()

@@ -141,7 +141,8 @@ def _checked_settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from qblock.cli._common import apply_eval_dtype, describe_eval, selection_settings, setup_torch
+    from qblock.cli._common import (apply_eval_dtype, benchmark_overlap, describe_eval, selection_settings, setup_torch,
+                                    text_files)
 
     threads = setup_torch(args)
     from qblock.llm.cache import CacheError
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
     heal_opts = heal_options(args)
     out = args.out or ("qblock-report-quick" if args.quick else "qblock-report")
-    check_output(out, "--out", inputs=[args.calibration, args.eval_text], folder=True)
+    check_output(out, "--out", inputs=text_files({k: cfg.get(k) for k in ("calibration", "eval_text")}), folder=True)
     progress = not args.quiet
     timings = {}
 
@@ -215,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
             "state; baseline costs are forward passes over their own calibration samples, counted as run",
             "greedy baselines (SLEB, iterative ShortGPT) are run once for the largest M; their first M steps are the "
             "result for a smaller M, and the cost listed is that of those steps",
+            *benchmark_overlap(dprov, tasks, quiet=args.quiet),
         ]
         with open_executor(args, quiet=args.quiet) as executor:
             result = validate(problem, model, tok, calib, evals, settings, out,

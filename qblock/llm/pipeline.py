@@ -463,7 +463,8 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
         seed: data shuffling/split seed.
         out: output ``.npz``; ``None`` computes without files (no checkpointing).
         checkpoint_every: checkpoint interval in samples (default 32, rounded up to whole batches).
-        calibration: ``None`` (LAMBADA passages) or a ``.txt``/``.jsonl`` file.
+        calibration: ``None`` (LAMBADA passages), a built-in source's name (``qblock.llm.data.TEXT_SOURCES``)
+            or a ``.txt``/``.jsonl`` file.
         keep_A: store ``A`` in the problem file (lets other energies be derived later).
         progress: progress bar and messages on stderr.
         num_remove: ``M`` to store in the problem (``None``: choose later).

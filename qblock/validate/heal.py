@@ -148,6 +148,7 @@ def heal_after_validation(result: dict[str, Any], model, tokenizer, evals: Seque
         The ``"healing"`` summary (also in ``result["healing"]`` and ``result["summary_json"]``).
     """
     from qblock.llm.export import remove_blocks
+    from qblock.llm.data import source_of
     from qblock.llm.heal import HealError, HealSettings, heal, heal_data
     from qblock.validate.evaluate import heldout_loss
     from qblock.validate.runner import ValidationError
@@ -161,7 +162,7 @@ def heal_after_validation(result: dict[str, Any], model, tokenizer, evals: Seque
     if options.get("tokens") is not None:
         settings.tokens = int(options["tokens"])
     steps = settings.num_steps()
-    source = None if cal.get("name") == "lambada" else cal.get("file")
+    source = source_of(cal)
     exclude = (data_provenance.get("evaluation") or {}).get("passages") or []
     try:
         train, _, dprov = heal_data(tokenizer, source, num_samples=steps * settings.batch_size, seq_len=seq_len,

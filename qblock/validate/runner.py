@@ -295,8 +295,7 @@ def data_for_problem(problem, tokenizer, *, num_eval: int | None = None, eval_se
         if not dmeta:
             raise ValidationError("the problem file records no calibration data; pass --calibration FILE "
                                   "(the text the problem was extracted from)")
-        builtin = dmeta.get("package") and dmeta.get("name") in qdata.TEXT_SOURCES  # not a file of the user's
-        calibration = qdata.text_source(dmeta["name"]) if builtin else dmeta.get("file")
+        calibration = qdata.source_of(dmeta)
         if dmeta.get("sha256") and calibration:
             import hashlib
 

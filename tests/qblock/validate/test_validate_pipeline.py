@@ -627,8 +627,9 @@ def test_cli_validate_eval_text_and_guards(tiny_dir, tmp_path, capsys):
     assert all(r["eval_tokens"] == 5 * 15 for r in rows)
     assert "held.txt" in (out / "report.md").read_text()
     # held-out text must not be the calibration text; M must fit the model
+    # (refused before the model loads: this model does not exist)
     assert main(["validate", str(prob), "-M", "2", "--eval-text", str(tiny_dir / "calib.txt"), "--quiet",
-                 "--out", str(tmp_path / "x")]) == 2
+                 "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "x")]) == 2
     assert "is the calibration text" in capsys.readouterr().err
     assert main(["validate", str(prob), "-M", "8", "--quiet", "--out", str(tmp_path / "y")]) == 2
     assert "--remove values must be between 1 and 7 for this 8-block model" in capsys.readouterr().err
