@@ -34,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _out import write_results  # noqa: E402  (the benchmarks' one output rule)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -47,16 +50,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
-
-
-def write_results(out: str | Path, res: dict, markdown) -> None:
-    """Write ``<out>.json`` and ``<out>.md`` (``markdown(res)``) and print the markdown."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=float))
-    md = markdown(res)
-    out.with_suffix(".md").write_text(md)
-    print(md)
 
 
 def machine_info() -> dict:
@@ -256,7 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-synthetic", action="store_true", help="only the --problem instance")
     ap.add_argument("--out", default=str(RESULTS / "bnb_topk"), help="output path without extension")
     args = ap.parse_args(argv)
-    write_results(args.out, run(args), markdown)
+    res = run(args)
+    write_results(args.out, res, markdown(res), echo=True)
     return 0
 
 

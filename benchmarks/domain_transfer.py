@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selection_paired import paired  # noqa: E402  (one home for the paired statistics)
+from selection_paired import paired, write_results  # noqa: E402  (one home for the paired statistics)
 
 DOMAINS = ("wikipedia", "stories", "code")  # qblock.llm.data.TEXT_SOURCES other than the calibration text
 
@@ -157,10 +157,7 @@ def main(argv=None) -> int:
         out["domains"][dom] = {m: compare(losses, per) for m, per in sets.items()}
         print(dom, json.dumps(out["domains"][dom]), flush=True)
     stem = Path(args.out) if args.out else path.with_name(path.stem + "_domains")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(out))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(stem, out, _markdown(out))
     return 0
 
 

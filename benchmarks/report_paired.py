@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selection_paired import _cell, _same, paired  # noqa: E402  (one home for the paired statistics)
+from selection_paired import _cell, _same, paired, write_results  # noqa: E402  (one home for the paired statistics)
 
 def read_report(folder: Path) -> dict:
     """Settings, and the full model's and every candidate's held-out losses (means, and per sample where
@@ -113,10 +113,7 @@ def main(argv=None) -> int:
     for folder, rep in reports:
         out["reports"].append(_one(folder, rep, args.samples, args.calib_samples, args.sleb_reference))
     stem = Path(args.out)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(out))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(stem, out, _markdown(out))
     return 0
 
 

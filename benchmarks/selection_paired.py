@@ -30,7 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _out import write_results  # noqa: E402, F401  (the benchmarks' one output rule; re-exported)
 
 
 def paired(a: list[float], b: list[float]) -> dict:
@@ -147,10 +151,7 @@ def main(argv=None) -> int:
     suffix = (f"_paired_sleb{args.sleb_samples}" + ("_reference" if args.sleb_from else "")
               if args.sleb_samples else "_paired")  # never over the --sleb-from file it reads
     stem = Path(args.out) if args.out else path.with_name(path.stem + suffix)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(out))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(stem, out, _markdown(out))
     return 0
 
 

@@ -20,7 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _out import write_results  # noqa: E402  (the benchmarks' one output rule)
 
 BASELINES = ("shortgpt", "shortgpt_iterative", "angular", "sleb", "norm_ratio")
 QBLOCK = "qblock (measured QUBO, refined)"
@@ -103,9 +107,7 @@ def main(argv=None) -> int:
             "baselines": base}
         print(m, rec, round(out["per_m"][str(m)]["heldout"], 4), flush=True)
     stem = Path(args.out) if args.out else study_path.with_name(study_path.stem + "_recheck")
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(out))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(stem, out, _markdown(out))
     return 0
 
 

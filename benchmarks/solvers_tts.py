@@ -105,9 +105,10 @@ def main(argv=None) -> int:
     ap.add_argument("--certify-time-limit", type=float, default=120.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "solvers_tts"))
     args = ap.parse_args(argv)
-    from bnb_topk import write_results
+    from _out import write_results
 
-    write_results(args.out, run(args), markdown)
+    res = run(args)
+    write_results(args.out, res, markdown(res), echo=True)
     return 0
 
 
