@@ -141,15 +141,24 @@ def _compare(losses: dict, sets: dict[str, list[int]]) -> dict:
 
 def _markdown(out: dict) -> str:
     sources = list(out["chosen"])
+    counts = ", ".join(f"{t} {n}" for t, n in out["judged_samples"].items())
     lines = [f"# Which calibration text: {out['model']}", "",
-             f"qblock's recommended set per M chosen by `qblock run --quick` on each calibration source (the even "
-             f"passages of one text, or `mix`: all four, equal characters each), judged on {out['seq_len']}-token "
-             f"samples of each text's odd passages ({out['judged_samples']}) (seed {out['seed']}). Cells: held-out loss "
-             "(nats/token); below it, that set minus the mix's set, paired (mean ± standard error, samples where it "
+             f"qblock's recommended set per M chosen by `qblock run --quick --seed {out['seed']}` on each calibration "
+             "source (the even passages of one text, or `mix`: all four, equal characters each), judged on "
+             f"{out['seq_len']}-token samples of each text's odd passages ({counts}). Cells: held-out loss "
+             "(nats/token), then that set minus the mix's set, paired (mean ± standard error, samples where it "
              "is lower); 'same' where the sets are equal.", "", "## Sets chosen", "",
              "| M | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
     for m in out["chosen"]["mix"]:
         lines.append(f"| {m} | " + " | ".join(",".join(map(str, out["chosen"][s][m])) for s in sources) + " |")
+    lines += ["", "## Over all four texts", "", "Mean held-out loss over the texts / the most the set loses, on any one "
+              "text, to the best of the five sets there (regret).", "",
+              "| M | " + " | ".join(f"chosen on {s}" for s in sources) + " |", "|---|" + "---|" * len(sources)]
+    for m in out["chosen"]["mix"]:
+        per_text = [out["judged"][t][m]["loss"] for t in out["judged"]]
+        cells = [f"{sum(r[s] for r in per_text) / len(per_text):.4f} / {max(r[s] - min(r.values()) for r in per_text):.3f}"
+                 for s in sources]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for text, per_m in out["judged"].items():
         lines += ["", f"## Judged on {text}", "", "| M | " + " | ".join(f"chosen on {s}" for s in sources) + " |",
                   "|---|" + "---|" * len(sources)]
