@@ -90,6 +90,18 @@ def _rank(loss: float) -> float:
     return loss if math.isfinite(loss) else math.inf
 
 
+def _by_loss(losses: Mapping[tuple[int, ...], float], keys: Iterable[tuple[int, ...]] | None = None
+             ) -> list[tuple[int, ...]]:
+    """``keys`` (default: all of ``losses``) lowest loss first, a broken model (:func:`_rank`) last, ties by set:
+    the one order in which this module ranks measured sets.
+
+    Example:
+        >>> _by_loss({(2,): 1.0, (0,): float("nan"), (1,): 1.0})
+        [(1,), (2,), (0,)]
+    """
+    return sorted(losses if keys is None else keys, key=lambda k: (_rank(losses[k]), k))
+
+
 def _stand_in(losses: np.ndarray, ref: float) -> np.ndarray:
     """``losses`` with each non-finite entry replaced by ``ref`` plus twice the largest finite increase over
     ``ref``: a broken removal enters the QUBO as worse than anything measured, with finite coefficients."""
@@ -344,7 +356,7 @@ class Refinement:
         sized = {k: v for k, v in self.known.items() if len(k) == self.num_remove}
         sized.update((tuple(h["removed"]), h["loss"]) for h in self.history if len(h["removed"]) == self.num_remove)
         sized.setdefault(tuple(self.best_removed), self.best_loss)
-        return sorted(sized.items(), key=lambda kv: (_rank(kv[1]), kv[0]))
+        return [(k, sized[k]) for k in _by_loss(sized)]
 
     def source(self, removed: Iterable[int]) -> str:
         """Where a measured set came from: a history ``source``, a start's label, ``"known"`` (measured
@@ -461,7 +473,7 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
     if not sized:
         raise ValueError(f"no set of size {M} was measured (no start, and the backend {backend!r} proposed "
                          "none of that size within the token budget)")
-    best = min(sized, key=lambda k: (_rank(sized[k]), k))
+    best = _by_loss(sized)[0]
     before = {k: v for k, v in (known or {}).items() if len(k) == M}
     return Refinement(M, list(best), sized[best], history, sur, oracle.tokens - t0, backend, rounds, repeats,
                       known=before, sources={k: labels[k] for k in first if k in before}, solve_blocks=offered)
@@ -497,10 +509,9 @@ def solve_blocks(prior: BlockRemovalProblem, num_remove: int, max_variables: int
     pool = ((prior.metadata or {}).get("selection") or {}).get("pool")
     size = min(limit, max(len(pool) if pool else default_pool_size(n), M + 2))
     single = np.argsort([prior.energy_of([i]) for i in range(n)], kind="stable").tolist()
-    sized = sorted(((removal_key(k), v) for k, v in (measured or {}).items() if len(removal_key(k)) == M),
-                   key=lambda kv: (_rank(kv[1]), kv[0]))
-    order = list(dict.fromkeys([i for k, _ in sized for i in sorted(k, key=single.index)] + single))
-    while size < limit and math.comb(size, M) - sum(set(k) <= set(order[:size]) for k, _ in sized) < int(want):
+    sized = _by_loss({removal_key(k): v for k, v in (measured or {}).items() if len(removal_key(k)) == M})
+    order = list(dict.fromkeys([i for k in sized for i in sorted(k, key=single.index)] + single))
+    while size < limit and math.comb(size, M) - sum(set(k) <= set(order[:size]) for k in sized) < int(want):
         size += 1
     return sorted(order[:size])
 
@@ -557,7 +568,7 @@ def _neighbours(sur: BlockRemovalProblem, seen: dict[tuple[int, ...], float], M:
                 exclude: Sequence[tuple[int, ...]] = ()) -> list[tuple[int, ...]]:
     """Unseen one-swap neighbours of the best measured sets of size M, lowest surrogate energy first."""
     n = sur.num_blocks
-    sized = sorted((k for k in seen if len(k) == M), key=lambda k: (_rank(seen[k]), k))[:5]
+    sized = _by_loss(seen, [k for k in seen if len(k) == M])[:5]
     cand: dict[tuple[int, ...], float] = {}
     skip = set(seen) | set(exclude)
     for s in sized:
@@ -649,7 +660,7 @@ def confirm(oracle: LossOracle, refinement: Refinement, top: int = 6,
                 toks += orc.sample_tokens
         refinement.confirm_tokens += orc.tokens - t0
         refinement.confirm_evaluations += len(keys)
-        keys = sorted(keys, key=lambda k: (_rank(refinement.finalists[k]), k))
+        keys = _by_loss(refinement.finalists, keys)
         refinement.confirm_rounds.append([{"removed": list(k), "loss": refinement.finalists[k]} for k in keys])
         keys = _survivors(keys, per if paired else {})
     refinement.runner_up = _runner_up(refinement, per) if paired else None
@@ -749,7 +760,7 @@ def greedy_chain(oracle: LossOracle, num_blocks: int, max_remove: int, *,
         else:
             nxt = [removal_key(current + (j,)) for j in range(n) if j not in current]
             losses = dict(zip(nxt, measure(oracle, nxt)))  # one batch: in parallel on a Ray executor
-        current = min(losses, key=lambda k: (_rank(losses[k]), k))
+        current = _by_loss(losses)[0]
         chain[m] = current
         if progress is not None:
             progress(m, top)
@@ -789,7 +800,7 @@ def keep_chain(oracle: LossOracle, num_blocks: int, min_remove: int, *,
     for step, m in enumerate(range(n - 1, low - 1, -1), 1):
         nxt = [removal_key(set(range(n)) - kept - {j}) for j in range(n) if j not in kept]
         losses = dict(zip(nxt, measure(oracle, nxt)))  # one batch: in parallel on a Ray executor
-        best = min(losses, key=lambda k: (_rank(losses[k]), k))
+        best = _by_loss(losses)[0]
         kept = set(range(n)) - set(best)
         chain[m] = best
         if progress is not None:
