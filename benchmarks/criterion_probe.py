@@ -183,6 +183,43 @@ def two_stage(crit: dict[str, np.ndarray], heldout: np.ndarray, loop: int, confi
             "heldout_floor": float(np.mean(floor))}
 
 
+def shift_check(calib: np.ndarray, heldout: np.ndarray) -> dict:
+    """Do calibration and held-out samples order the sets alike, up to their noise?
+
+    For every pair of sets: ``z`` = (calibration difference - held-out difference) / the standard error of
+    that gap (the two paired standard errors of :func:`qblock.validate.stats.paired_difference` in
+    quadrature). If both kinds of samples come from one distribution, each ``z`` is about standard normal:
+    its standard deviation near 1 and about 5 % beyond 2. Far more would mean the calibration text misleads
+    (a shift no number of its samples cures), not noise. The pairs share sets, so they are not independent.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> base = np.array([[0.0], [0.2], [0.4], [0.6]])
+        >>> r = shift_check(base + rng.normal(size=(4, 400)), base + rng.normal(size=(4, 400)))
+        >>> r["pairs"], r["z_sd"] < 2, r["worst"]["sets"] in ([0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3])
+        (6, True, True)
+        >>> shifted = base[::-1] + rng.normal(size=(4, 400))  # held-out samples order them the other way
+        >>> shift_check(base + rng.normal(size=(4, 400)), shifted)["beyond_3"]
+        1.0
+    """
+    from qblock.validate.stats import paired_difference
+
+    zs, worst = [], None
+    for a in range(len(calib)):
+        for b in range(a + 1, len(calib)):
+            c, h = paired_difference(calib[a], calib[b]), paired_difference(heldout[a], heldout[b])
+            se = float(np.hypot(c["se"], h["se"]))
+            if se > 0:
+                z = (c["diff"] - h["diff"]) / se
+                zs.append(z)
+                if worst is None or abs(z) > abs(worst["z"]):
+                    worst = {"sets": [a, b], "z": z, "calib_diff": c["diff"], "heldout_diff": h["diff"]}
+    z = np.asarray(zs)
+    return {"pairs": len(z), "z_sd": float(z.std()) if len(z) else None,
+            "beyond_2": float(np.mean(np.abs(z) > 2)) if len(z) else None,
+            "beyond_3": float(np.mean(np.abs(z) > 3)) if len(z) else None, "worst": worst}
+
+
 def analyse(settings: dict, num_blocks: int, sets: list[tuple[int, ...]], methods: list[str],
             nll_c: np.ndarray, kl_c: np.ndarray, nll_h: np.ndarray) -> dict:
     """The result (settings, each set's means, the tables per M) from the per-sample losses (sets x samples)."""
@@ -195,7 +232,11 @@ def analyse(settings: dict, num_blocks: int, sets: list[tuple[int, ...]], method
                       "calib_kl": float(kl_c[i].mean()), "heldout_nll": float(nll_h[i].mean())} for i in rows],
             "ranking": ranking_table(crit, nll_h[rows], settings["draws"], seed=m),
             "two_stage": two_stage(crit, nll_h[rows], settings["loop_samples"], settings["confirm_samples"], 6,
-                                   settings["draws"], seed=m)}
+                                   settings["draws"], seed=m),
+            "shift": shift_check(nll_c[rows], nll_h[rows])}
+        worst = result["per_m"][str(m)]["shift"]["worst"]
+        if worst is not None:  # row numbers within this M -> the sets themselves
+            worst["sets"] = [list(sets[rows[i]]) for i in worst["sets"]]
     return result
 
 
@@ -353,6 +394,19 @@ def render(result: dict) -> str:
         t = e["two_stage"]
         lines.append(f"| {m} | {t['nll']['finalists']:.4f} | {t['nll']['chosen']:.4f} | "
                      f"{t['kl']['finalists']:.4f} | {t['kl']['chosen']:.4f} | {t['heldout_floor']:.4f} |")
+    lines += ["", "Calibration against held-out samples, every pair of sets of an M: z = (calibration difference - "
+              "held-out difference) / its standard error (about standard normal where both come from one "
+              "distribution: sd near 1, about 5 % beyond 2); the pair of largest |z| with both differences.", "",
+              "| M | pairs | sd of z | share beyond 2 | share beyond 3 | largest |z|: sets, calibration / held-out difference |",
+              "|---|---|---|---|---|---|"]
+    for m, e in result["per_m"].items():
+        t = e.get("shift")
+        if t is None or t["worst"] is None:
+            continue
+        w = t["worst"]
+        pair = " vs ".join(",".join(map(str, k)) for k in w["sets"])
+        lines.append(f"| {m} | {t['pairs']} | {t['z_sd']:.2f} | {t['beyond_2']:.3f} | {t['beyond_3']:.3f} | "
+                     f"{abs(w['z']):.1f}: {pair}, {w['calib_diff']:+.4f} / {w['heldout_diff']:+.4f} |")
     return "\n".join(lines) + "\n"
 
 
