@@ -34,7 +34,8 @@ BASE_COLUMNS = (
     "eval_tokens", "cost_forward_passes", "cost_backward_passes", "cost_calib_samples", "cost_seconds",
 )
 _INT_COLUMNS = {"num_remove", "rank", "seed", "eval_tokens", "cost_forward_passes", "cost_backward_passes",
-                "cost_calib_samples", "num_items", "cost_forward_tokens", "cost_backward_tokens", "confirm_samples"}
+                "cost_calib_samples", "num_items", "cost_forward_tokens", "cost_backward_tokens", "confirm_samples",
+                "runner_up_samples"}
 _STR_COLUMNS = {"method", "note"}
 #: lists (space-separated in the CSV): each held-out sample's loss and token count, for paired comparisons;
 #: the confirmation's runner-up set
@@ -191,18 +192,24 @@ def _confirmed(loss: Any, samples: Any) -> str:
 
 
 def runner_up_text(up: Mapping[str, Any] | None) -> str:
-    """``"4,7,8: +0.0364 ± 0.0281, not resolved"``: the confirmation's second set and its margin.
+    """``"4,7,8: +0.0364 ± 0.0281, not resolved (about 48 samples would)"``: the confirmation's second set,
+    its margin and, where the margin is not resolved, about how many calibration samples would resolve one
+    of that size (:func:`qblock.validate.stats.samples_to_resolve`).
 
     Example:
         >>> runner_up_text({"removed": [4, 7], "calibration_margin": 0.05, "calibration_margin_se": 0.01,
         ...                 "resolved": True})
         '4,7: +0.0500 ± 0.0100'
+        >>> runner_up_text({"removed": [4, 8], "calibration_margin": 0.01, "calibration_margin_se": 0.01,
+        ...                 "resolved": False, "samples": 24, "samples_to_resolve": 96})
+        '4,8: +0.0100 ± 0.0100, not resolved (about 96 samples would)'
     """
     if not up:
         return "-"
-    se = up.get("calibration_margin_se")
+    se, need = up.get("calibration_margin_se"), up.get("samples_to_resolve")
     return (f"{_fmt(up['removed'])}: {up['calibration_margin']:+.4f}" + (f" ± {se:.4f}" if se is not None else "")
-            + ("" if up.get("resolved") else ", not resolved"))
+            + ("" if up.get("resolved") else ", not resolved")
+            + (f" (about {need:,} samples would)" if need and not up.get("resolved") else ""))
 
 
 def _ci(c: Mapping[str, Any], key: str) -> str:

@@ -548,7 +548,8 @@ def _selection_rows(sel: Mapping[str, Any], settings: ValidationSettings) -> lis
                 for rank, key in enumerate(order[: max(1, settings.select_heldout)], start=1)]
         if ref.runner_up is not None:  # how firmly the confirmation's samples chose (stats.recommended)
             up = ref.runner_up
-            mine[0].update(runner_up=up["removed"], runner_up_margin=up["margin"], runner_up_margin_se=up["se"])
+            mine[0].update(runner_up=up["removed"], runner_up_margin=up["margin"], runner_up_margin_se=up["se"],
+                           runner_up_samples=up["samples"])
         rows += mine
     return rows
 

@@ -206,6 +206,25 @@ def _resolved(margin: float, se: float) -> bool:
     return abs(margin) > 2 * se
 
 
+def samples_to_resolve(margin: float, se: float, samples: int) -> int | None:
+    """About how many samples would resolve (:func:`_resolved`) a margin of this size, were it the truth.
+
+    The standard error of a mean shrinks as one over the square root of the sample count, so ``samples``
+    samples with error ``se`` become ``2 se`` against ``|margin|`` at ``samples * (2 se / |margin|)^2``. An
+    extrapolation: the measured margin is itself noisy, and a true one near zero needs far more. ``None``
+    where the margin is zero or a number is missing.
+
+    Example:
+        >>> samples_to_resolve(0.01, 0.01, 24)  # twice the standard error must fit in the margin: 4x the samples
+        96
+        >>> samples_to_resolve(0.0235, 0.0136, 24)  # a runner-up +0.0235 ± 0.0136 on 24 samples
+        33
+    """
+    if not (samples and _finite(margin) and _finite(se)) or margin == 0:
+        return None
+    return math.ceil(samples * (2 * se / abs(margin)) ** 2)
+
+
 def _resolution(rec: Mapping[str, Any], bb: Mapping[str, Any]) -> dict[str, Any] | None:
     """The paired difference of the recommended set's and the best baseline's per-sample held-out losses
     (``heldout_sample_losses``, weighted by ``heldout_sample_tokens``), or None where they are the same
@@ -306,7 +325,9 @@ def recommended(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
         ``confirmation_loss`` on the ``confirmation_samples`` calibration samples the confirmation measured
         it on, ``None`` without one; ``runner_up``: the confirmation's second set, ``{"removed",
         "calibration_margin"`` (its confirmed loss minus the recommendation's), ``"calibration_margin_se"``
-        (paired), ``"resolved"`` (the margin above twice that)}, or ``None``).
+        (paired), ``"resolved"`` (the margin above twice that), ``"samples"`` (how many it is paired over),
+        ``"samples_to_resolve"`` (where not resolved: about how many would resolve a margin that size, see
+        :func:`samples_to_resolve`)}, or ``None``).
 
     Example:
         >>> recommended([{"num_remove": 2, "method": "qblock", "removed": [3, 4], "calib_loss": 2.5,
@@ -337,8 +358,12 @@ def _runner_up(r: Mapping[str, Any]) -> dict[str, Any] | None:
     if not r.get("runner_up") or not _finite(r.get("runner_up_margin")):
         return None
     se = float(r["runner_up_margin_se"]) if _finite(r.get("runner_up_margin_se")) else None
-    return {"removed": sorted(int(i) for i in r["runner_up"]), "calibration_margin": float(r["runner_up_margin"]),
-            "calibration_margin_se": se, "resolved": se is not None and _resolved(float(r["runner_up_margin"]), se)}
+    margin = float(r["runner_up_margin"])
+    n = int(r["runner_up_samples"]) if _finite(r.get("runner_up_samples")) else None
+    resolved = se is not None and _resolved(margin, se)
+    return {"removed": sorted(int(i) for i in r["runner_up"]), "calibration_margin": margin,
+            "calibration_margin_se": se, "resolved": resolved, "samples": n,
+            "samples_to_resolve": None if resolved or se is None else samples_to_resolve(margin, se, n)}
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:

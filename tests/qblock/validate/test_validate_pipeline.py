@@ -757,6 +757,7 @@ def test_cli_validate_races_the_finalists_on_the_calibration_samples_after_the_c
     raced = sel["per_m"]["3"]["confirm_evaluations"] - 4
     assert raced == 4 and sel["per_m"]["3"]["confirm_tokens"] == (4 * 1 + raced * 1) * 24
     assert rec["confirmation_samples"] == 2
+    assert rec["runner_up"]["samples"] == 2  # it raced too: its margin is paired over both samples
     rounds = sel["per_m"]["3"]["confirm_rounds"]  # as measured, lowest first; the last round's first is recommended
     assert [len(r) for r in rounds] == [4, raced] and rounds[-1][0]["removed"] == rec["removed"]
     assert all(r[i]["loss"] <= r[i + 1]["loss"] for r in rounds for i in range(len(r) - 1))

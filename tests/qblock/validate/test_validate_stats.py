@@ -128,17 +128,24 @@ def test_recommended_margin_has_a_paired_standard_error_from_per_sample_losses(t
 def test_recommended_carries_the_runner_up_and_survives_the_csv(tmp_path):
     row = {"num_remove": 2, "method": "qblock", "rank": None, "seed": None, "removed": [4, 1], "energy": 0.1,
            "heldout_loss": 3.0, "perplexity": 20.0, "calib_loss": 2.9, "confirm_loss": 2.95, "confirm_samples": 16,
-           "cost_forward_tokens": 1000, "runner_up": [2, 1], "runner_up_margin": 0.03, "runner_up_margin_se": 0.02}
-    other = dict(row, method="sleb", removed=[2, 3], runner_up=None, runner_up_margin=None, runner_up_margin_se=None)
+           "cost_forward_tokens": 1000, "runner_up": [2, 1], "runner_up_margin": 0.03, "runner_up_margin_se": 0.02,
+           "runner_up_samples": 16}
+    other = dict(row, method="sleb", removed=[2, 3], runner_up=None, runner_up_margin=None, runner_up_margin_se=None,
+                 runner_up_samples=None)
     up = stats.recommended([row, other])["2"]["runner_up"]
-    assert up == {"removed": [1, 2], "calibration_margin": 0.03, "calibration_margin_se": 0.02, "resolved": False}
-    assert stats.recommended([dict(row, runner_up_margin_se=0.01)])["2"]["runner_up"]["resolved"] is True
+    # 2 x 0.02 against 0.03 on 16 samples: (0.04 / 0.03)^2 x 16 = 28.4 samples would resolve a margin that size
+    assert up == {"removed": [1, 2], "calibration_margin": 0.03, "calibration_margin_se": 0.02, "resolved": False,
+                  "samples": 16, "samples_to_resolve": 29}
+    resolved = stats.recommended([dict(row, runner_up_margin_se=0.01)])["2"]["runner_up"]
+    assert resolved["resolved"] is True and resolved["samples_to_resolve"] is None
+    older = stats.recommended([dict(row, runner_up_samples=None)])["2"]["runner_up"]  # a report from before the count
+    assert older["samples"] is None and older["samples_to_resolve"] is None
     assert stats.recommended([dict(row, runner_up=None)])["2"]["runner_up"] is None
     report.write_table([row, other], tmp_path)
     back = report.read_table(tmp_path / "candidates.csv")
     assert back[1]["runner_up"] is None and stats.recommended(back) == stats.recommended([row, other])
     text = report.render_report([row, other], stats.summarize([row, other], n_boot=50))
-    assert "| 1,2: +0.0300 ± 0.0200, not resolved |" in text
+    assert "| 1,2: +0.0300 ± 0.0200, not resolved (about 29 samples would) |" in text
 
 
 def test_paired_difference_weighted_by_tokens_is_the_margin_of_token_weighted_losses():
