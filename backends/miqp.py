@@ -49,24 +49,31 @@ def _prepare(H: np.ndarray, linear: np.ndarray | None, num_remove: int, k: int):
     return 0.5 * (H + H.T), lin, M, min(int(k), math.comb(n, M))
 
 
-def _convex_form(H: np.ndarray, lin: np.ndarray, M: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def _convex_form(H: np.ndarray, lin: np.ndarray, M: int,
+                 deadline: float | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
     """An equivalent objective for binaries with a PSD quadratic (``x_i^2 = x_i`` moves the diagonal).
 
     If ``H`` is already PSD it is returned unchanged. Otherwise the diagonal becomes the QCR diagonal
     of :func:`qblock.backends.bnb.convexify` plus the smallest uniform shift that makes it PSD on all
-    of R^N, so MIQP solvers see a convex problem (they are much faster on one).
+    of R^N, so MIQP solvers see a convex problem (they are much faster on one). The QCR iterations stop
+    at ``deadline`` (a ``time.perf_counter()`` value): the shift keeps the form exact, only less tight.
     """
     if np.linalg.eigvalsh(H)[0] >= -1e-12 * max(1.0, float(np.abs(H).max())):
         return H, lin, False
-    from qblock.backends.bnb import convexify
+    from qblock.backends.bnb import _convexify
 
     Q = H - np.diag(np.diag(H))
     c = lin + np.diag(H)
-    u, _ = convexify(Q, c, M)
+    u = _convexify(Q, c, M, "qcr", 300, nonneg=False, deadline=deadline)[0]
     lam = float(np.linalg.eigvalsh(Q + np.diag(u))[0])
     if lam < 0:
         u = u - lam
     return Q + np.diag(u), c - u, True
+
+
+def _half_time(t0: float, time_limit: float | None) -> float | None:
+    """The deadline of the convex form: half the time limit, so the solver keeps the other half."""
+    return None if time_limit is None else t0 + 0.5 * float(time_limit)
 
 
 def _unit_scale(H: np.ndarray, lin: np.ndarray) -> float:
@@ -117,18 +124,18 @@ def topk_gurobi(
     H, lin, M, k = _prepare(H, linear, num_remove, k)
     n = H.shape[0]
     H0, lin0 = H, lin  # energies are reported in the original form
+    t0 = time.perf_counter()  # time_limit bounds the whole solve, the convex form included
     if convex:
-        H, lin, _ = _convex_form(H, lin, M)
+        H, lin, _ = _convex_form(H, lin, M, _half_time(t0, time_limit))
     scale = _unit_scale(H, lin)
     H, lin = H * scale, lin * scale
-    t0 = time.perf_counter()
     env = gp.Env(empty=True)
     env.setParam("OutputFlag", 1 if verbose else 0)
     env.start()
     try:
         model = gp.Model(env=env)
         if time_limit is not None:
-            model.Params.TimeLimit = float(time_limit)
+            model.Params.TimeLimit = max(0.0, float(time_limit) - (time.perf_counter() - t0))
         if threads is not None:
             model.Params.Threads = int(threads)
         if linearize or (linearize is None and n <= 16):
@@ -152,7 +159,6 @@ def topk_gurobi(
             "certified": bool(certified),
             "nodes": int(model.NodeCount),
             "bound": "gurobi",
-            "gap": float(model.MIPGap) if model.SolCount else math.inf,
             "status": int(model.Status),
             "time_limit_reached": model.Status == gp.GRB.TIME_LIMIT,
             # a bound of the optimum, so of every state (the convex form has the same feasible energies)
@@ -164,6 +170,11 @@ def topk_gurobi(
     finally:
         env.dispose()
     X, e = _sorted_result(H0, lin0, states)
+    # Gurobi's MIPGap is relative and about the best state; the gap every backend reports is the k-th
+    # state's energy minus a bound of every state not returned
+    lower = stats["lower_bound"]
+    stats["gap"] = (0.0 if certified else max(0.0, float(e[k - 1]) - lower) if len(e) >= k and math.isfinite(lower)
+                    else math.inf)
     stats["time"] = time.perf_counter() - t0
     return X[:k], e[:k], stats
 
@@ -191,11 +202,11 @@ def topk_scip(
     H, lin, M, k = _prepare(H, linear, num_remove, k)
     n = H.shape[0]
     H0, lin0 = H, lin
+    t0 = time.perf_counter()  # time_limit bounds the whole sequence, the convex form included
     if convex:
-        H, lin, _ = _convex_form(H, lin, M)
+        H, lin, _ = _convex_form(H, lin, M, _half_time(t0, time_limit))
     scale = _unit_scale(H, lin)
     H, lin = H * scale, lin * scale
-    t0 = time.perf_counter()
     model = scip.Model()
     if not verbose:
         model.hideOutput()

@@ -70,7 +70,8 @@ def test_readme_python_blocks_run(tmp_path):
     blocks = readme_python_blocks()
     assert len(blocks) >= 5, "README lost its python examples"
     script = "\n".join(blocks)
-    env = dict(os.environ, MPLBACKEND="Agg", HF_HUB_OFFLINE="1")
+    # a cache of their own: the mock QPU's example saves its run folder there, not in the user's cache
+    env = dict(os.environ, MPLBACKEND="Agg", HF_HUB_OFFLINE="1", QBLOCK_CACHE=str(tmp_path / "cache"))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
     assert r.returncode == 0, f"README examples failed:\n{r.stderr[-3000:]}"
 

@@ -287,12 +287,13 @@ def test_miqp_samplers_through_dimod():
     assert math.isfinite(ss.info["time"])
 
 
-def test_convex_form_keeps_every_feasible_energy():
+@pytest.mark.parametrize("deadline", [None, 0.0])  # 0.0: long past, so the QCR iterations stop at once
+def test_convex_form_keeps_every_feasible_energy(deadline):
     from qblock.backends.miqp import _convex_form
 
     rng = np.random.default_rng(8)
     H, lin = _instance(rng, 9, "indefinite")
-    Hc, lc, changed = _convex_form(H, lin, 3)
+    Hc, lc, changed = _convex_form(H, lin, 3, deadline)
     assert changed and np.linalg.eigvalsh(Hc)[0] >= -1e-12
     Xr, er = _brute_lex(H, lin, 3, math.comb(9, 3))
     Xf = Xr.astype(float)
