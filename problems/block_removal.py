@@ -630,6 +630,8 @@ class BlockRemovalProblem:
                 metadata=header["metadata"],
                 arrays=arrays,
             )
+        except _OtherKind as exc:
+            raise ValueError(f"{path} {exc}") from None
         except ValueError as exc:
             raise ValueError(f"{path} is not a qblock problem file ({exc})") from None
 
@@ -650,6 +652,10 @@ class BlockRemovalProblem:
 
 
 # ---------------------------------------------------------------------------------- reading files
+class _OtherKind(ValueError):
+    """A valid qblock problem file of another kind than the one asked for."""
+
+
 #: deflate never expands more than ~1032:1, so a member claiming more data than that is corrupt
 _MAX_DEFLATE_RATIO = 1100
 #: what a problem file's archive can hold: the header, H, linear and the optional named arrays
@@ -723,6 +729,9 @@ def _parse_header(data: Mapping[str, np.ndarray]) -> dict[str, Any]:
         raise ValueError(f"the header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ValueError(f"the header must be a JSON object, got {type(header).__name__}")
+    if header.get("format") == "qblock.RankSelectionProblem":  # a qblock file, of the other kind
+        raise _OtherKind("is a rank-selection problem, not a block-removal one "
+                         "(qblock solve and qblock.load_problem take either kind)")
     if header.get("format") != "qblock.BlockRemovalProblem":
         raise ValueError(f"format={header.get('format')!r}")
     version = header.get("format_version", 0)

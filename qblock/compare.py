@@ -425,6 +425,9 @@ def _checked_settings(problem: BlockRemovalProblem, backends: Sequence[str], rep
     """The distinct backend names and per-backend parameters of a comparison, checked before any run."""
     from qblock import backends as registry
 
+    if getattr(problem, "kind", None) != "block_removal":  # backends are compared on block removal only
+        raise ValueError("comparisons take block-removal problems; this is a "
+                         f"{getattr(problem, 'kind', type(problem).__name__)} problem (qblock.solve takes it)")
     problem._require_m()
     if repeats < 1:
         raise ValueError("repeats must be at least 1")

@@ -140,7 +140,11 @@ def run(args: argparse.Namespace) -> int:
 
         for path in args.problems:
             for m in removes or [None]:
-                problems.append(load_problem(path, m))
+                problem = load_problem(path, m)
+                if problem.kind != "block_removal":
+                    raise CliError(f"{path} is a rank-selection problem; qblock compare compares backends on "
+                                   "block-removal problems (qblock solve takes this one)")
+                problems.append(problem)
                 names.append(path)
     from qblock.cli._common import open_executor
 

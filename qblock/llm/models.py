@@ -418,19 +418,43 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
             raise ModelLoadError(f"{p} has no usable tokenizer ({_first_line(exc)}); "
                                  "save one with tokenizer.save_pretrained(DIR)") from None
         return _finish(model, tok, device)
-    # a hub id
+    # a hub id: "owner/name" may be fetched; a bare name or an offline run only reads the local hub cache, so a
+    # mistyped folder name fails at once instead of after the hub client's retries
+    local_only = "/" not in spec_s or _hub_offline()
+    if local_only and not _in_hub_cache(spec_s):  # asking the hub would only retry for half a minute
+        why = ("no such folder, built-in model or model in the local hub cache (a hub id reads owner/name)"
+               if "/" not in spec_s else "offline, and not in the local hub cache")
+        raise ModelLoadError(f"could not load model {spec_s!r}: {why}; use --model default, gemma3-270m or a "
+                             "local model directory")
     if not quiet:
-        _log(f"loading {spec_s} from the Hugging Face hub (or its local hub cache)")
+        _log(f"loading {spec_s} from the {'local Hugging Face hub cache' if local_only else 'Hugging Face hub (or its local cache)'}")
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(spec_s, dtype=torch_dtype, **placement)
-        tok = tf.AutoTokenizer.from_pretrained(spec_s)
+        model = tf.AutoModelForCausalLM.from_pretrained(spec_s, dtype=torch_dtype, local_files_only=local_only,
+                                                        **placement)
+        tok = tf.AutoTokenizer.from_pretrained(spec_s, local_files_only=local_only)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"could not load model {spec_s!r}: not a local directory, and the Hugging Face hub "
-            f"is unreachable or has no such model ({_first_line(exc)}); use --model default or a "
-            "local model directory"
-        ) from None
+        why = ("the local hub cache's copy does not load" if local_only
+               else "the Hugging Face hub is unreachable or has no such model")
+        raise ModelLoadError(f"could not load model {spec_s!r}: {why} ({_first_line(exc)}); use --model default, "
+                             "gemma3-270m or a local model directory") from None
     return _finish(model, tok, device)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face hub cache holds ``repo_id``'s config (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # a name the hub client rejects (spaces, several slashes) is in no cache
+        return False
+
+
+def _hub_offline() -> bool:
+    """No downloads: ``QBLOCK_OFFLINE`` or the hub's own ``HF_HUB_OFFLINE`` is set."""
+    from qblock.llm.cache import offline
+
+    return offline() or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -245,3 +245,20 @@ def test_cli_solve_reads_a_rank_problem_file(tmp_path, capsys):
     assert sols["problem_kind"] == "rank_selection" and len(sols["solutions"]) == 3
     assert main(["solve", str(f), "--remove", "2"]) == 2
     assert "--remove is for block removal" in capsys.readouterr().err
+
+
+def test_block_removal_commands_say_a_rank_problem_is_the_other_kind(tmp_path, capsys):
+    from qblock.cli import main
+    from qblock.compare import compare_problems
+
+    f = _problem(seed=8).save(tmp_path / "r.npz")
+    for args in (["compare", str(f), "-b", "swap", "-r", "1", "-o", str(tmp_path / "cmp")], ["show", str(f)],
+                 ["validate", str(f), "--out", str(tmp_path / "v")]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "rank-selection problem" in err and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "cmp").exists() and not (tmp_path / "v").exists()
+    with pytest.raises(ValueError, match="rank-selection problem, not a block-removal one"):
+        qblock.BlockRemovalProblem.load(f)
+    with pytest.raises(ValueError, match="comparisons take block-removal problems"):
+        compare_problems([load_problem(f)], ["swap"], 1, 0)

@@ -293,10 +293,12 @@ def test_unreachable_hub_is_clear(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files\nmore")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: an owner/name id goes to the hub (here: fails to)
+    monkeypatch.setenv("QBLOCK_OFFLINE", "0")
     with pytest.raises(models.ModelLoadError) as e:
         models.load_model("someorg/some-model", quiet=True)
     msg = str(e.value)
-    assert "someorg/some-model" in msg and "hub" in msg and "\n" not in msg
+    assert "someorg/some-model" in msg and "hub is unreachable" in msg and "\n" not in msg
 
 
 def test_default_aliases_and_provenance():
@@ -389,3 +391,21 @@ def test_docstring_examples(name):
 
     failures, tried = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert failures == 0 and tried > 0
+
+
+@pytest.mark.parametrize("spec,offline,why", [("nosuchdir", False, "a hub id reads owner/name"),
+                                              ("nosuch/model", True, "offline, and not in the local hub cache")])
+def test_a_mistyped_model_fails_at_once_without_asking_the_hub(spec, offline, why, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from qblock.llm.models import ModelLoadError, load_model
+
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    monkeypatch.setenv("QBLOCK_OFFLINE", "1" if offline else "0")
+
+    def no_hub(*a, **k):
+        raise AssertionError("asked the hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    with pytest.raises(ModelLoadError, match=why):
+        load_model(spec, quiet=True)
