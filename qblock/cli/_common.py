@@ -40,6 +40,10 @@ def load_problem(path: str, remove: int | None = None):
     return problem
 
 
+#: solver arguments a command sets through its own options, never through --param
+OWN_OPTIONS = {"seed": "--seed", "num_solutions": "--top", "num_remove": "--remove"}
+
+
 def parse_params(items: list[str] | None) -> dict[str, Any]:
     """``KEY=VALUE`` pairs; values are parsed as JSON when they can be (numbers, lists, true/false)."""
     out: dict[str, Any] = {}
@@ -47,6 +51,8 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
         k, eq, v = item.partition("=")
         if not eq or not k.strip():
             raise CliError(f"--param expects KEY=VALUE, got {item!r}")
+        if k.strip() in OWN_OPTIONS:
+            raise CliError(f"--param {k.strip()}: set it with {OWN_OPTIONS[k.strip()]}")
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:

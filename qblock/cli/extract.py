@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from qblock.cli._common import check_at_least, check_seed
     from qblock.llm.pipeline import ExtractError, extract_problem, npz_path
 
-    check_at_least(("--samples", args.samples, 1), ("--seq-len", args.seq_len, 1), ("--batch-size", args.batch_size, 1))
+    check_at_least(("--samples", args.samples, 1), ("--seq-len", args.seq_len, 1), ("--batch-size", args.batch_size, 1),
+                   ("--checkpoint-every", args.checkpoint_every, 1))
     if args.seq_len < 2:
         raise CliError("--seq-len must be at least 2 (next-token loss)")
     if args.eval_samples < 0:

@@ -62,6 +62,21 @@ def certification_line(info: dict) -> str | None:
     return f"NOT CERTIFIED: time limit reached; {gap_text}"
 
 
+def _warn_if_long(problem, backend: str, params: dict) -> None:
+    """``exact`` past enumeration and past the sizes it was measured on (N = 128 in about a second), with no
+    time limit: say that it may take long, and how to bound it."""
+    import math
+
+    from qblock.backends.exact import ENUMERATION_LIMIT
+
+    if backend != "exact" or "time_limit" in params or problem.kind != "block_removal" or problem.num_blocks <= 128:
+        return
+    if params.get("strategy", "auto") != "enumerate" and math.comb(problem.num_blocks, problem.num_remove) > ENUMERATION_LIMIT:
+        print(f"note: a certified top-k over N={problem.num_blocks}, M={problem.num_remove} is a branch-and-bound "
+              "that can take long; --param time_limit=SECONDS bounds it (the answer then says if it is not "
+              "certified)", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     import qblock
     from qblock import backends
@@ -72,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--top must be at least 1")
     check_seed(args.seed)
     json_out = check_output(args.json_out, "--json", inputs=[args.problem])
+    if json_out is not None and json_out.suffix.lower() == ".npz":  # problem files are .npz
+        raise CliError(f"--json {args.json_out}: the solutions are JSON, not a problem file; give a .json path")
     problem = load_problem(args.problem, args.remove)
     params = parse_params(args.param)
     spec = backends.get_spec(args.backend)
@@ -83,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(format_plan(dry_run_plan(problem, args.backend, **params)))
         return 0
+    if not args.quiet:
+        _warn_if_long(problem, args.backend, params)
     ss = qblock.solve(problem, backend=args.backend, num_solutions=args.top, seed=args.seed, **params)
     if len(ss) == 0:
         raise CliError(f"backend {args.backend!r} returned no feasible solution; try more reads or another backend")

@@ -189,6 +189,10 @@ def test_folder_outputs_never_overwrite_an_input(tmp_path, capsys):
         (["solve", "{p}", "--json", "{p}/x.json"], "is a file, not a folder"),
         (["solve", "{p}", "--json", ""], "--json is empty"),
         (["solve", "{p}", "--json", "{t}/pipe"], "not a regular file"),
+        (["solve", "{p}", "--json", "{t}/out.npz"], "not a problem file; give a .json path"),
+        (["solve", "{p}", "--param", "seed=3"], "--param seed: set it with --seed"),
+        (["solve", "{p}", "--param", "num_solutions=5"], "--param num_solutions: set it with --top"),
+        (["compare", "{p}", "-b", "swap", "--param", "swap.seed=1", "--out", "{t}/c"], "set it with --seed"),
         (["random-problem", "-N", "4", "--out", "{p}/x.npz"], "is a file, not a folder"),
         (["random-problem", "-N", "4", "--out", ""], "--out is empty"),
         (["random-problem", "-N", "4", "--out", "{d}/"], "is a folder"),
@@ -302,6 +306,7 @@ def test_decode_names_what_it_expected():
 
 @pytest.mark.parametrize("argv, needle", [
     (["extract", "--out", "{p}/x.npz"], "is a file, not a folder"),
+    (["extract", "--checkpoint-every", "0", "--out", "{p}.new.npz"], "--checkpoint-every must be at least 1, got 0"),
     # a problem file is no calibration text: refused before the overwrite rule would be reached
     (["extract", "--out", "{p}", "--calibration", "{p}"], "unsupported calibration file p.npz"),
     (["validate", "{p}", "--out", "{p}"], "is an existing file"),
