@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     params = _params(args.param)
     for name, values in params.items():
         registry.validate_params(name, values)  # as solve does: a misspelt key fails now, not mid-study
-    removes = _int_list(args.remove, "--remove") if args.remove else None
+    # "3,3" asks for one study of M = 3, not two
+    removes = list(dict.fromkeys(_int_list(args.remove, "--remove"))) if args.remove else None
 
     problems, names = [], []
     if args.blocks:
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError("give a problem file (PROBLEM.npz) or --blocks N1,N2,... for a synthetic sweep")
         from qblock.cli._common import load_problem
 
-        for path in args.problems:
+        for path in dict.fromkeys(args.problems):  # a file named twice is one problem
             for m in removes or [None]:
                 problem = load_problem(path, m)
                 if problem.kind != "block_removal":
