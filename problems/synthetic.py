@@ -66,7 +66,7 @@ def random_problem(
 
     Args:
         num_blocks: N.
-        num_remove: M (default ``N // 4``).
+        num_remove: M (default ``N // 4``, at least 1 where ``N >= 2``: removing nothing is no problem to solve).
         num_samples: m rows of ``A``.
         correlation: neighbouring-block correlation of ``A``'s columns.
         linear: add the first-order Taylor term ``h = -mean(A, axis=0)`` (then ``E`` is not PSD-only).
@@ -87,7 +87,7 @@ def random_problem(
         lin = -(A.mean(axis=0) + rng.normal(0.0, 1.0, num_blocks) * np.sqrt(np.diag(H)))
     return BlockRemovalProblem(
         H,
-        num_blocks // 4 if num_remove is None else num_remove,
+        (max(num_blocks // 4, min(1, num_blocks - 1)) if num_remove is None else num_remove),
         linear=lin,
         labels=[f"layers.{i}" for i in range(num_blocks)],
         metadata={

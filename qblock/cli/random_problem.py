@@ -9,13 +9,15 @@ from qblock.cli import CliError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("random-problem", help="write a synthetic PSD problem (H = A^T A / m)")
+    p = sub.add_parser("random-problem", help="write a synthetic PSD problem (H = A^T A / m)",
+                       description="Write a synthetic problem of the paper's structure, H = A^T A / m, with "
+                                   "correlated neighbouring blocks: for trying backends without a model.")
     p.add_argument("--blocks", "-N", type=int, required=True, help="number of blocks N")
-    p.add_argument("--remove", "-M", type=int, default=None, help="blocks to remove (default N/4)")
+    p.add_argument("--remove", "-M", type=int, default=None, help="blocks to remove (default N/4, at least 1)")
     p.add_argument("--samples", type=int, default=256, help="rows m of A (default 256)")
     p.add_argument("--correlation", type=float, default=0.6, help="neighbouring-block correlation (default 0.6)")
     p.add_argument("--linear", action="store_true", help="add a first-order (linear) term")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", "-o", required=True, help="output .npz")
     p.set_defaults(func=run)
 

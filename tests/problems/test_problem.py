@@ -218,3 +218,9 @@ def test_to_networkx():
     assert g.number_of_nodes() == 5
     assert g.nodes[0]["label"] == "layers.0"
     assert g.edges[0, 1]["weight"] == pytest.approx(2 * p.H[0, 1])
+
+
+def test_random_problem_default_m_is_a_quarter_and_never_nothing():
+    from qblock.problems.synthetic import random_problem
+
+    assert [random_problem(n, seed=0).num_remove for n in (1, 2, 3, 4, 8, 12)] == [0, 1, 1, 1, 2, 3]
