@@ -40,11 +40,9 @@ def quadratic_energies(Xf: np.ndarray, H: np.ndarray, linear: np.ndarray, offset
 
 def save_npz(path: str | os.PathLike, payload: dict[str, np.ndarray]) -> Path:
     """Write ``payload`` as a compressed ``.npz`` atomically (``.npz`` appended where missing); return the path."""
-    from qblock._io import atomic_write_bytes
+    from qblock._io import atomic_write_bytes, npz_path
 
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+    path = npz_path(path)
     buf = io.BytesIO()
     np.savez_compressed(buf, **payload)
     atomic_write_bytes(path, buf.getvalue())

@@ -215,6 +215,19 @@ def remove_stale(out: str | os.PathLike, patterns: Iterable[str], written: Itera
     return gone
 
 
+def npz_path(out: str | os.PathLike | None) -> Path | None:
+    """The problem file written for ``out``: ``.npz`` is added when missing (``extract``, ``random-problem``).
+
+    Example:
+        >>> str(npz_path("e4")), str(npz_path("p.npz"))
+        ('e4.npz', 'p.npz')
+    """
+    if out is None:
+        return None
+    p = Path(out)
+    return p if p.name.lower().endswith(".npz") else p.with_name(p.name + ".npz")
+
+
 def json_default(o: Any) -> Any:
     """``json.dumps(default=...)`` for numpy scalars and arrays, sets and tuples (others as ``str``)."""
     import numpy as np

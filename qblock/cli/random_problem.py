@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--correlation", type=float, default=0.6, help="neighbouring-block correlation (default 0.6)")
     p.add_argument("--linear", action="store_true", help="add a first-order (linear) term")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--out", "-o", required=True, help="output .npz")
+    p.add_argument("--out", "-o", required=True, help="output problem file (.npz is added when missing)")
     p.set_defaults(func=run)
 
 
@@ -29,11 +29,13 @@ def run(args: argparse.Namespace) -> int:
     if args.blocks < 1:
         raise CliError("--blocks must be at least 1")
     check_seed(args.seed)
-    check_output(args.out, "--out")
-    if not args.out.endswith(".npz"):
-        raise CliError("--out must end in .npz")
+    from qblock._io import npz_path
+
+    check_output(args.out, "--out")  # a folder, an empty path: refused as spelled
+    out = npz_path(args.out)  # as extract: "-o p" writes p.npz
+    check_output(out, "--out")
     p = random_problem(args.blocks, args.remove, num_samples=args.samples, correlation=args.correlation,
                        linear=args.linear, seed=args.seed)
-    p.save(args.out)
-    print(f"wrote {args.out}: N={p.num_blocks}, M={p.num_remove}, energy={p.metadata['energy']}", file=sys.stderr)
+    p.save(out)
+    print(f"wrote {out}: N={p.num_blocks}, M={p.num_remove}, energy={p.metadata['energy']}", file=sys.stderr)
     return 0

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from qblock._io import npz_path  # noqa: F401  (public here: the file an extraction writes)
 from qblock._provenance import OBJECT_SPEC, Provenance, tokens_sha256
 from qblock.llm._rows import DEFAULT_CHECKPOINT_EVERY, ExtractError, compute_rows  # noqa: F401  (public here)
 
@@ -504,19 +505,6 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
     finally:
         if joined:
             leave()  # gloo's threads stop before the interpreter: else a rank can abort at exit
-
-
-def npz_path(out: str | os.PathLike | None) -> Path | None:
-    """The file an extraction writes for ``out``: ``.npz`` is added when missing.
-
-    Example:
-        >>> str(npz_path("e4")), str(npz_path("p.npz"))
-        ('e4.npz', 'p.npz')
-    """
-    if out is None:
-        return None
-    p = Path(out)
-    return p if p.name.endswith(".npz") else p.with_name(p.name + ".npz")
 
 
 def _measured(s: ExtractionSettings, run: _Run):
