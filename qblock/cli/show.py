@@ -74,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         if rem:
             how = "certified optimum" if rem["certified"] else f"from {rem['backend']}"
             print(f"removal set ({how}): {rem['removed']}  energy {rem['energy']:.6g}")
+        elif problem.num_remove is None and removed is None:
+            print("no removal set drawn: the file has no M (pass --remove M or --removed I,J,...)")
         emb = meta.get("embedding")
         if emb and "skipped" in emb:
             print(f"embedding skipped: {emb['skipped']}")

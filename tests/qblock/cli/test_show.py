@@ -72,6 +72,14 @@ def test_show_problem_without_m_draws_without_highlight(tmp_path):
     assert _png_ok(paths["depth_graph"])
 
 
+def test_cli_show_says_when_it_draws_no_removal_set(tmp_path, capsys):
+    from qblock.cli import main
+
+    f = qblock.BlockRemovalProblem([[2.0, 0.5], [0.5, 1.0]], None).save(tmp_path / "p.npz")
+    assert main(["show", str(f), "--no-embedding", "--out", str(tmp_path / "s")]) == 0
+    assert "no removal set drawn: the file has no M" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("topology", ["pegasus", "zephyr"])
 def test_embedding_is_a_valid_clique_minor(topology):
     pytest.importorskip("dwave.system")
