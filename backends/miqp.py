@@ -71,6 +71,23 @@ def _convex_form(H: np.ndarray, lin: np.ndarray, M: int,
     return Q + np.diag(u), c - u, True
 
 
+def _gap(energies: np.ndarray, k: int, lower: float, certified: bool) -> float:
+    """The gap every backend reports: the k-th energy minus a bound of every state not returned, in energy units
+    (0 when certified; ``inf`` with fewer than k states or no finite bound).
+
+    Example:
+        >>> _gap(np.array([1.0, 2.5]), 2, 2.0, False), _gap(np.array([1.0]), 2, 0.0, False)
+        (0.5, inf)
+        >>> _gap(np.array([1.0]), 1, -5.0, True)
+        0.0
+    """
+    if certified:
+        return 0.0
+    if len(energies) < k or not math.isfinite(lower):
+        return math.inf
+    return max(0.0, float(energies[k - 1]) - lower)
+
+
 def _half_time(t0: float, time_limit: float | None) -> float | None:
     """The deadline of the convex form: half the time limit, so the solver keeps the other half."""
     return None if time_limit is None else t0 + 0.5 * float(time_limit)
@@ -170,11 +187,8 @@ def topk_gurobi(
     finally:
         env.dispose()
     X, e = _sorted_result(H0, lin0, states)
-    # Gurobi's MIPGap is relative and about the best state; the gap every backend reports is the k-th
-    # state's energy minus a bound of every state not returned
-    lower = stats["lower_bound"]
-    stats["gap"] = (0.0 if certified else max(0.0, float(e[k - 1]) - lower) if len(e) >= k and math.isfinite(lower)
-                    else math.inf)
+    # not Gurobi's MIPGap: that is relative, and about the best state only
+    stats["gap"] = _gap(e, k, stats["lower_bound"], certified)
     stats["time"] = time.perf_counter() - t0
     return X[:k], e[:k], stats
 
@@ -262,7 +276,7 @@ def topk_scip(
         model.addCons(scip.quicksum(x[i] for i in ones) <= M - 1)
     X, e = _sorted_result(H0, lin0, states)
     certified = certified and X.shape[0] >= k
-    gap = 0.0 if certified else (max(0.0, float(e[k - 1]) - lower) if X.shape[0] >= k else math.inf)
+    gap = _gap(e, k, lower, certified)
     return X[:k], e[:k], {"certified": bool(certified), "nodes": nodes, "bound": "scip", "gap": gap,
                           "time": time.perf_counter() - t0, "first_time": first_time,
                           "time_limit_reached": bool(out_of_time), "lower_bound": lower}
@@ -285,8 +299,7 @@ def _fill_uncertified(H: np.ndarray, lin: np.ndarray, M: int, k: int, X: np.ndar
     _, _, Xh, _ = _initial_threshold(Q, c, M, k, seed=0, starts=8, deadline=0.0)  # one quick pass
     Xs, es = _sorted_result(H, lin, list(X) + list(Xh))
     lower = max(lower, _simple_bound(Q, c, M))
-    gap = max(0.0, float(es[k - 1]) - lower) if Xs.shape[0] >= k else math.inf
-    return Xs[:k], es[:k], gap
+    return Xs[:k], es[:k], _gap(es, k, lower, False)
 
 
 class _MIQPSampler(MatrixSampler):

@@ -420,14 +420,20 @@ def compare_backends(
     return study
 
 
+def require_block_removal(problem: Any, name: str = "this") -> None:
+    """Comparisons are of block-removal problems: refuse another kind in one line (``name``: the file)."""
+    if getattr(problem, "kind", None) != "block_removal":
+        kind = str(getattr(problem, "kind", type(problem).__name__)).replace("_", "-")
+        raise ValueError(f"{name} is a {kind} problem; comparisons take block-removal problems "
+                         "(qblock solve / qblock.solve take this one)")
+
+
 def _checked_settings(problem: BlockRemovalProblem, backends: Sequence[str], repeats: int, top_k: int,
                       params: Mapping[str, Mapping[str, Any]] | None) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """The distinct backend names and per-backend parameters of a comparison, checked before any run."""
     from qblock import backends as registry
 
-    if getattr(problem, "kind", None) != "block_removal":  # backends are compared on block removal only
-        raise ValueError("comparisons take block-removal problems; this is a "
-                         f"{getattr(problem, 'kind', type(problem).__name__)} problem (qblock.solve takes it)")
+    require_block_removal(problem)
     problem._require_m()
     if repeats < 1:
         raise ValueError("repeats must be at least 1")

@@ -40,19 +40,20 @@ def load_problem(path: str, remove: int | None = None):
     return problem
 
 
-#: solver arguments a command sets through its own options, never through --param
+#: solver arguments that ``solve`` and ``compare`` set through their own options, never through --param
 OWN_OPTIONS = {"seed": "--seed", "num_solutions": "--top", "num_remove": "--remove"}
 
 
-def parse_params(items: list[str] | None) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; values are parsed as JSON when they can be (numbers, lists, true/false)."""
+def parse_params(items: list[str] | None, own: dict[str, str] | None = None) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are parsed as JSON when they can be (numbers, lists, true/false).
+    ``own``: keys the command sets through its own options (key -> option), refused with that option's name."""
     out: dict[str, Any] = {}
     for item in items or []:
         k, eq, v = item.partition("=")
         if not eq or not k.strip():
             raise CliError(f"--param expects KEY=VALUE, got {item!r}")
-        if k.strip() in OWN_OPTIONS:
-            raise CliError(f"--param {k.strip()}: set it with {OWN_OPTIONS[k.strip()]}")
+        if own and k.strip() in own:
+            raise CliError(f"--param {k.strip()}: set it with {own[k.strip()]}")
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:

@@ -10,6 +10,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from qblock.cli import CliError
 
@@ -67,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _params(items: list[str] | None) -> dict[str, dict]:
-    from qblock.cli._common import parse_params
+    from qblock.cli._common import OWN_OPTIONS, parse_params
 
     out: dict[str, dict] = {}
     for item in items or []:
@@ -75,7 +76,7 @@ def _params(items: list[str] | None) -> dict[str, dict]:
         if "." not in key:
             raise CliError(f"--param expects BACKEND.KEY=VALUE (e.g. sa.num_reads=64), got {item!r}")
         backend, _, rest = item.partition(".")
-        out.setdefault(backend, {}).update(parse_params([rest]))
+        out.setdefault(backend, {}).update(parse_params([rest], own=OWN_OPTIONS))
     return out
 
 
@@ -139,12 +140,17 @@ def run(args: argparse.Namespace) -> int:
             raise CliError("give a problem file (PROBLEM.npz) or --blocks N1,N2,... for a synthetic sweep")
         from qblock.cli._common import load_problem
 
-        for path in dict.fromkeys(args.problems):  # a file named twice is one problem
+        seen = set()
+        for path in args.problems:
+            if Path(path).resolve() in seen:  # a file named twice (p.npz, ./p.npz) is one problem
+                continue
+            seen.add(Path(path).resolve())
             for m in removes or [None]:
                 problem = load_problem(path, m)
-                if problem.kind != "block_removal":
-                    raise CliError(f"{path} is a rank-selection problem; qblock compare compares backends on "
-                                   "block-removal problems (qblock solve takes this one)")
+                try:
+                    cmp.require_block_removal(problem, path)
+                except ValueError as exc:
+                    raise CliError(str(exc)) from None
                 problems.append(problem)
                 names.append(path)
     from qblock.cli._common import open_executor

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     import qblock
     from qblock import backends
     from qblock._solutions import solutions_payload
-    from qblock.cli._common import check_output, check_seed, load_problem, parse_params, write_json_atomic
+    from qblock.cli._common import OWN_OPTIONS, check_output, check_seed, load_problem, parse_params, write_json_atomic
 
     if args.top < 1:
         raise CliError("--top must be at least 1")
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if json_out is not None and json_out.suffix.lower() == ".npz":  # problem files are .npz
         raise CliError(f"--json {args.json_out}: the solutions are JSON, not a problem file; give a .json path")
     problem = load_problem(args.problem, args.remove)
-    params = parse_params(args.param)
+    params = parse_params(args.param, own=OWN_OPTIONS)
     spec = backends.get_spec(args.backend)
     if args.dry_run:
         backends.validate_params(args.backend, params)

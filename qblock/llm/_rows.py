@@ -98,6 +98,8 @@ def compute_rows(model, samples: Sequence, rows: np.ndarray | None = None, *, ga
         raise ExtractError(f"batch_size must be >= 1, got {batch_size}")
     if done > m:
         raise ExtractError(f"{done} rows already computed but only {m} samples")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ExtractError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
     every = checkpoint_every or DEFAULT_CHECKPOINT_EVERY
     every = max(batch_size, -(-every // batch_size) * batch_size)
     bar = None

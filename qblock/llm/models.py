@@ -422,7 +422,8 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
     # mistyped folder name fails at once instead of after the hub client's retries
     local_only = "/" not in spec_s or _hub_offline()
     if local_only and not _in_hub_cache(spec_s):  # asking the hub would only retry for half a minute
-        why = ("no such folder, built-in model or model in the local hub cache (a hub id reads owner/name)"
+        why = ("no such folder, built-in model or model in the local hub cache (a hub id reads owner/name, "
+               "e.g. openai-community/gpt2)"
                if "/" not in spec_s else "offline, and not in the local hub cache")
         raise ModelLoadError(f"could not load model {spec_s!r}: {why}; use --model default, gemma3-270m or a "
                              "local model directory")

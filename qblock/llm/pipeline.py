@@ -64,9 +64,8 @@ def _why(exc: BaseException) -> str:
 
 def partial_path(out: str | os.PathLike) -> Path:
     """The checkpoint file of an output: ``P.npz`` -> ``P.partial.npz`` (same folder)."""
-    out = Path(out)
-    stem = out.name[:-4] if out.name.endswith(".npz") else out.name
-    return out.with_name(stem + ".partial.npz")
+    out = npz_path(out)
+    return out.with_name(out.name[:-4] + ".partial.npz")
 
 
 def _log(msg: str, quiet: bool = False) -> None:

@@ -194,7 +194,8 @@ def _confirmed(loss: Any, samples: Any) -> str:
 def runner_up_text(up: Mapping[str, Any] | None) -> str:
     """``"4,7,8: +0.0364 ± 0.0281, not resolved (about 48 samples would)"``: the confirmation's second set,
     its margin and, where the margin is not resolved, about how many calibration samples would resolve one
-    of that size (:func:`qblock.validate.stats.samples_to_resolve`).
+    of that size (:func:`qblock.validate.stats.samples_to_resolve`; a margin within one standard error:
+    "more than 4x the samples").
 
     Example:
         >>> runner_up_text({"removed": [4, 7], "calibration_margin": 0.05, "calibration_margin_se": 0.01,
@@ -203,13 +204,18 @@ def runner_up_text(up: Mapping[str, Any] | None) -> str:
         >>> runner_up_text({"removed": [4, 8], "calibration_margin": 0.01, "calibration_margin_se": 0.01,
         ...                 "resolved": False, "samples": 24, "samples_to_resolve": 96})
         '4,8: +0.0100 ± 0.0100, not resolved (about 96 samples would)'
+        >>> runner_up_text({"removed": [4, 9], "calibration_margin": 0.001, "calibration_margin_se": 0.01,
+        ...                 "resolved": False, "samples": 24, "samples_to_resolve": None})
+        '4,9: +0.0010 ± 0.0100, not resolved (more than 4x the samples would be needed)'
     """
     if not up:
         return "-"
     se, need = up.get("calibration_margin_se"), up.get("samples_to_resolve")
+    hint = ""
+    if not up.get("resolved") and up.get("samples"):
+        hint = f" (about {need:,} samples would)" if need else " (more than 4x the samples would be needed)"
     return (f"{_fmt(up['removed'])}: {up['calibration_margin']:+.4f}" + (f" ± {se:.4f}" if se is not None else "")
-            + ("" if up.get("resolved") else ", not resolved")
-            + (f" (about {need:,} samples would)" if need and not up.get("resolved") else ""))
+            + ("" if up.get("resolved") else ", not resolved") + hint)
 
 
 def _ci(c: Mapping[str, Any], key: str) -> str:

@@ -65,7 +65,8 @@ def is_baseline(method: str) -> bool:
 
 
 def _finite(v: Any) -> bool:
-    return v is not None and isinstance(v, (int, float)) and math.isfinite(float(v))
+    """A finite real number: Python's or numpy's (``np.int64`` from a pandas row too), not a bool's stand-in None."""
+    return v is not None and isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(float(v))
 
 
 def energy_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -210,19 +211,24 @@ def samples_to_resolve(margin: float, se: float, samples: int) -> int | None:
     """About how many samples would resolve (:func:`_resolved`) a margin of this size, were it the truth.
 
     The standard error of a mean shrinks as one over the square root of the sample count, so ``samples``
-    samples with error ``se`` become ``2 se`` against ``|margin|`` at ``samples * (2 se / |margin|)^2``. An
-    extrapolation: the measured margin is itself noisy, and a true one near zero needs far more. ``None``
-    where the margin is zero or a number is missing.
+    samples with error ``se`` become ``2 se`` against ``|margin|`` at ``samples * (2 se / |margin|)^2``,
+    given to two significant figures. An extrapolation from a noisy margin: ``None`` where the margin is
+    within one standard error (its size is then mostly noise; it would take more than 4x the samples), zero,
+    or a number is missing.
 
     Example:
-        >>> samples_to_resolve(0.01, 0.01, 24)  # twice the standard error must fit in the margin: 4x the samples
-        96
         >>> samples_to_resolve(0.0235, 0.0136, 24)  # a runner-up +0.0235 ± 0.0136 on 24 samples
         33
+        >>> samples_to_resolve(0.0264, 0.0204, 24)  # 57.3: two significant figures
+        58
+        >>> samples_to_resolve(0.0014, 0.0072, 112) is None  # within one standard error
+        True
     """
-    if not (samples and _finite(margin) and _finite(se)) or margin == 0:
+    if not (samples and _finite(margin) and _finite(se)) or abs(margin) <= se:
         return None
-    return math.ceil(samples * (2 * se / abs(margin)) ** 2)
+    need = samples * (2 * se / abs(margin)) ** 2
+    step = 10 ** max(0, math.floor(math.log10(need)) - 1)  # two significant figures, rounded up
+    return int(math.ceil(need / step) * step)
 
 
 def _resolution(rec: Mapping[str, Any], bb: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -306,3 +306,11 @@ def test_binary_calibration_file_is_one_line_naming_it(tiny, tmp_path, capsys):
                  "--seq-len", "4", "--out", str(tmp_path / "p.npz"), "-q"]) == 2
     err = one_error_line(capsys)
     assert str(binary) in err and ".txt" in err and ".jsonl" in err
+
+
+@pytest.mark.parametrize("every", [0, -5])
+def test_a_checkpoint_interval_below_one_is_refused(every):
+    from qblock.llm._rows import ExtractError, compute_rows
+
+    with pytest.raises(ExtractError, match=f"checkpoint_every must be at least 1, got {every}"):
+        compute_rows(None, [], checkpoint_every=every, progress=False)

@@ -396,16 +396,16 @@ def test_docstring_examples(name):
 @pytest.mark.parametrize("spec,offline,why", [("nosuchdir", False, "a hub id reads owner/name"),
                                               ("nosuch/model", True, "offline, and not in the local hub cache")])
 def test_a_mistyped_model_fails_at_once_without_asking_the_hub(spec, offline, why, monkeypatch, tmp_path):
-    import huggingface_hub
-
     from qblock.llm.models import ModelLoadError, load_model
 
     monkeypatch.chdir(tmp_path)  # no folder of that name here
     monkeypatch.setenv("QBLOCK_OFFLINE", "1" if offline else "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the bare name alone must keep it off the hub
 
     def no_hub(*a, **k):
         raise AssertionError("asked the hub")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(auto, "from_pretrained", no_hub)
     with pytest.raises(ModelLoadError, match=why):
         load_model(spec, quiet=True)
