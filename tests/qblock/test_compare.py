@@ -179,7 +179,8 @@ def test_sweep_writes_tts_plot_and_reference_kinds(tmp_path):
     assert main(["compare", str(p), "--backends", "swap", "--repeats", "1", "--out", str(tmp_path), "-q"]) == 0
     assert sorted(f.name for f in tmp_path.glob("*.png")) == ["energies_N10_M2.png", "mine.png"]
     # the same file twice and the same M twice are one study, not three copies of it
-    assert main(["compare", str(p), str(p), "-M", "2,2", "--backends", "swap", "--repeats", "1", "--out",
+    again = str(p.parent / "." / p.name)  # another spelling of the same file
+    assert main(["compare", str(p), again, "-M", "2,2", "--backends", "swap", "--repeats", "1", "--out",
                  str(tmp_path / "twice"), "-q"]) == 0
     assert len(json.loads((tmp_path / "twice" / "compare.json").read_text())["studies"]) == 1
 

@@ -363,3 +363,10 @@ def test_run_presets_race_the_confirmation_unless_told_not_to(argv, race):
     args = parser.parse_args(["run", *argv])
     run_cmd._checked_settings(args)
     assert args.select_race is race
+
+
+def test_random_problem_adds_npz_as_extract_does(tmp_path, capsys):
+    assert main(["random-problem", "-N", "6", "--out", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p.npz").is_file() and not (tmp_path / "p").exists()
+    assert main(["random-problem", "-N", "6", "--out", str(tmp_path / "Q.NPZ")]) == 0
+    assert (tmp_path / "Q.NPZ").is_file() and not (tmp_path / "Q.NPZ.npz").exists()
