@@ -145,14 +145,13 @@ def run(args: argparse.Namespace) -> int:
             if Path(path).resolve() in seen:  # a file named twice (p.npz, ./p.npz) is one problem
                 continue
             seen.add(Path(path).resolve())
-            for m in removes or [None]:
-                problem = load_problem(path, m)
-                try:
-                    cmp.require_block_removal(problem, path)
-                except ValueError as exc:
-                    raise CliError(str(exc)) from None
-                problems.append(problem)
-                names.append(path)
+            problem = load_problem(path, removes[0] if removes else None)  # read once for every M
+            try:
+                cmp.require_block_removal(problem, path)
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
+            problems += [problem.with_num_remove(m) for m in removes] if removes else [problem]
+            names += [path] * (len(removes) if removes else 1)
     from qblock.cli._common import open_executor
 
     with open_executor(args, quiet=args.quiet) as executor:

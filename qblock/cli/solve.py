@@ -71,7 +71,8 @@ def _warn_if_long(problem, backend: str, params: dict) -> None:
 
     if backend != "exact" or "time_limit" in params or problem.kind != "block_removal" or problem.num_blocks <= 128:
         return
-    if params.get("strategy", "auto") != "enumerate" and math.comb(problem.num_blocks, problem.num_remove) > ENUMERATION_LIMIT:
+    feasible = math.comb(problem.num_blocks, problem.num_remove)
+    if params.get("strategy", "auto") != "enumerate" and feasible > ENUMERATION_LIMIT:
         print(f"note: a certified top-k over N={problem.num_blocks}, M={problem.num_remove} is a branch-and-bound "
               "that can take long; --param time_limit=SECONDS bounds it (the answer then says if it is not "
               "certified)", file=sys.stderr)

@@ -150,9 +150,14 @@ def wheels_dir() -> Path:
     return cache_dir() / "wheels"
 
 
+def env_flag(name: str) -> bool:
+    """Whether the environment variable ``name`` is set on: any value but ``""``, ``0``, ``false``, ``no``."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def offline() -> bool:
-    """True if ``QBLOCK_OFFLINE`` forbids downloads (any value but ``""``, ``0``, ``false``, ``no``)."""
-    return os.environ.get(ENV_OFFLINE, "").strip().lower() not in ("", "0", "false", "no")
+    """True if ``QBLOCK_OFFLINE`` forbids downloads (:func:`env_flag`)."""
+    return env_flag(ENV_OFFLINE)
 
 
 def _normalise(name: str) -> str:

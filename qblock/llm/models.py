@@ -428,7 +428,8 @@ def load_model(spec: str | os.PathLike = "default", dtype: Any = None, device: A
         raise ModelLoadError(f"could not load model {spec_s!r}: {why}; use --model default, gemma3-270m or a "
                              "local model directory")
     if not quiet:
-        _log(f"loading {spec_s} from the {'local Hugging Face hub cache' if local_only else 'Hugging Face hub (or its local cache)'}")
+        where = "local Hugging Face hub cache" if local_only else "Hugging Face hub (or its local cache)"
+        _log(f"loading {spec_s} from the {where}")
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(spec_s, dtype=torch_dtype, local_files_only=local_only,
                                                         **placement)
@@ -453,9 +454,9 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 def _hub_offline() -> bool:
     """No downloads: ``QBLOCK_OFFLINE`` or the hub's own ``HF_HUB_OFFLINE`` is set."""
-    from qblock.llm.cache import offline
+    from qblock.llm.cache import env_flag, offline
 
-    return offline() or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+    return offline() or env_flag("HF_HUB_OFFLINE")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -65,7 +65,7 @@ def is_baseline(method: str) -> bool:
 
 
 def _finite(v: Any) -> bool:
-    """A finite real number: Python's or numpy's (``np.int64`` from a pandas row too), not a bool's stand-in None."""
+    """A finite real number, Python's or numpy's (``np.int64`` from a pandas row too); not None."""
     return v is not None and isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(float(v))
 
 
@@ -369,7 +369,7 @@ def _runner_up(r: Mapping[str, Any]) -> dict[str, Any] | None:
     resolved = se is not None and _resolved(margin, se)
     return {"removed": sorted(int(i) for i in r["runner_up"]), "calibration_margin": margin,
             "calibration_margin_se": se, "resolved": resolved, "samples": n,
-            "samples_to_resolve": None if resolved or se is None else samples_to_resolve(margin, se, n)}
+            "samples_to_resolve": None if resolved else samples_to_resolve(margin, se, n)}
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
