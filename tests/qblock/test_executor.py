@@ -246,25 +246,41 @@ def test_sleb_on_ray_equals_local(ray_executor):
 def test_ctrl_c_stops_a_ray_compare_cleanly(tmp_path):
     """SIGINT mid-study: exit 130 promptly with the one-line message (Ray stopped with its tasks)."""
     import os
+    import re
     import signal
     import subprocess
+    import threading
     import time
-    from pathlib import Path
 
     pytest.importorskip("ray")
     from conftest import ROOT as root
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    # far more runs than any machine finishes before the interrupt (601 runs of about a second each)
     p = subprocess.Popen([sys.executable, "-m", "qblock", "compare", "--blocks", "60", "--backends", "swap,sa,tabu",
-                          "--repeats", "20", "--executor", "ray", "--out", str(tmp_path / "o")], cwd=root, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          "--repeats", "200", "--executor", "ray", "--out", str(tmp_path / "o")], cwd=root, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(25)  # Ray started (about 12 s here) and runs going (61 runs of about a second each)
-    assert p.poll() is None, "the study finished before it could be interrupted"
-    t0 = time.time()
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(p.stderr.fileno(), 4096), b"")))
+    reader.start()
+    try:
+        # interrupt once the progress bar shows a finished run, not after a guessed start-up time
+        deadline = time.time() + 180
+        while not re.search(rb"\b[1-9][0-9]*/[0-9]+ \[", b"".join(chunks)) and p.poll() is None:
+            assert time.time() < deadline, b"".join(chunks)[-2000:].decode(errors="replace")
+            time.sleep(0.2)
+        assert p.poll() is None, "the study finished before it could be interrupted"
+        t0 = time.time()
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=60)
+        took = time.time() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        reader.join(timeout=30)
+    err = b"".join(chunks).decode(errors="replace")
     assert p.returncode == 130, err[-2000:]
-    assert time.time() - t0 < 30 and "qblock: interrupted" in err
+    assert took < 30 and "qblock: interrupted" in err
     assert not (tmp_path / "o" / "compare.json").exists()
 
 
