@@ -268,11 +268,15 @@ def test_validate_end_to_end_and_recompute_from_table(tiny, tmp_path):
     assert q1["removed"] == list(IDENTITY)
     assert q1["heldout_loss"] == pytest.approx(full["heldout_loss"], abs=1e-6)
     assert q1["energy_fisher"] == pytest.approx(q1["energy"])
+    # the verdict is the table's: which set is best depends on the trained model's rounding (another CPU's
+    # kernels can make a trained block's removal lower the held-out loss), its arithmetic does not
     best = written["per_m"]["3"]["best"]
-    assert best["best"]["removed"] == list(IDENTITY)
-    # every baseline also found it, so the margin is zero ("tie")
-    assert best["margin_loss"] == pytest.approx(0.0, abs=1e-9)
-    assert "tie" in best["statement"]
+    at3 = [r for r in rows if r["num_remove"] == 3 and r["method"] != "full"]
+    assert best["best"]["heldout_loss"] == min(r["heldout_loss"] for r in at3) <= full["heldout_loss"] + 1e-6
+    bq = min(r["heldout_loss"] for r in at3 if r["method"] == "qubo")
+    bb = min(r["heldout_loss"] for r in at3 if stats.is_baseline(r["method"]))
+    assert best["margin_loss"] == pytest.approx(bb - bq, abs=1e-12)
+    assert ("the best QUBO candidate and the best baseline" in best["statement"]) == (bb == bq)
     md = (tmp_path / "report.md").read_text()
     assert best["statement"] in md
     for method in B.BASELINE_METHODS:
