@@ -46,6 +46,7 @@ import numpy as np
 
 from qblock._threads import single_blas_thread
 from qblock.backends._topk import _combos, _TopK
+from qblock.problems._states import check_num_remove
 
 __all__ = ["topk", "qcr_diagonal", "convexify", "convexify_nonneg", "LEVEL_CACHE_BYTES"]
 
@@ -579,9 +580,7 @@ def _checked_input(H: np.ndarray, linear: np.ndarray | None, num_remove: int,
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be square, got shape {H.shape}")
     n = H.shape[0]
-    M = int(num_remove)
-    if not 0 <= M <= n:
-        raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got {num_remove}")
+    M = check_num_remove(num_remove, n)
     if int(k) < 1:
         raise ValueError("k must be at least 1")
     lin = np.zeros(n) if linear is None else np.asarray(linear, dtype=np.float64).reshape(-1)

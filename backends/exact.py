@@ -22,6 +22,7 @@ import dimod
 import numpy as np
 
 from qblock.backends._topk import _combos, _TopK
+from qblock.problems._states import check_num_remove
 
 __all__ = ["ExactTopKSampler", "MatrixSampler", "enumerate_topk", "bqm_to_matrices", "set_energies", "auto_backend", "ENUMERATION_LIMIT"]
 
@@ -123,9 +124,7 @@ def enumerate_topk(
     """
     H = np.asarray(H, dtype=np.float64)
     n = H.shape[0]
-    M = int(num_remove)
-    if not 0 <= M <= n:
-        raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}")
+    M = check_num_remove(num_remove, n)
     if k < 1:
         raise ValueError("k must be at least 1")
     Hoff = H - np.diag(np.diag(H))
@@ -297,8 +296,7 @@ class ExactTopKSampler(MatrixSampler):
         deadline = None if time_limit is None else t0 + float(time_limit)
         lin = linear
         n = H.shape[0]
-        if not 0 <= num_remove <= n:
-            raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got {num_remove}")
+        num_remove = check_num_remove(num_remove, n)
         total = math.comb(n, num_remove)
         if strategy == "auto":
             strategy = "enumerate" if total <= ENUMERATION_LIMIT else "bnb"

@@ -29,6 +29,7 @@ import numpy as np
 
 from qblock._lazy import require
 from qblock.backends.exact import MatrixSampler
+from qblock.problems._states import check_num_remove
 
 __all__ = ["topk_gurobi", "topk_scip", "GurobiTopKSampler", "SCIPTopKSampler"]
 
@@ -41,9 +42,7 @@ def _prepare(H: np.ndarray, linear: np.ndarray | None, num_remove: int, k: int):
     lin = np.zeros(n) if linear is None else np.asarray(linear, dtype=np.float64).reshape(-1)
     if lin.shape != (n,):
         raise ValueError(f"linear must have length {n}")
-    M = int(num_remove)
-    if not 0 <= M <= n:
-        raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got {num_remove}")
+    M = check_num_remove(num_remove, n)
     if int(k) < 1:
         raise ValueError("k must be at least 1")
     return 0.5 * (H + H.T), lin, M, min(int(k), math.comb(n, M))

@@ -41,6 +41,7 @@ import dimod
 import numpy as np
 
 from qblock.backends._optional import DEFAULT_MAX_QUBITS
+from qblock.problems._states import check_num_remove
 
 __all__ = [
     "QAOASampler",
@@ -390,9 +391,7 @@ def _checked_settings(n: int, num_remove, mixer: str, optimizer: str, init: str,
         )
     if mixer not in ("xy", "x"):
         raise ValueError(f"mixer must be 'xy' or 'x', got {mixer!r}")
-    m = None if num_remove is None else int(num_remove)
-    if m is not None and not 0 <= m <= n:
-        raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got {num_remove}")
+    m = None if num_remove is None else check_num_remove(num_remove, n)
     if mixer == "xy" and m is None:
         raise ValueError("mixer='xy' needs num_remove=M (the Dicke state has M ones)")
     opt_name = {o.lower(): o for o in OPTIMIZERS}.get(str(optimizer).lower())

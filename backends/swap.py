@@ -14,6 +14,7 @@ import numpy as np
 
 from qblock.backends.exact import MatrixSampler
 from qblock.backends.local_search import swap_descent, topk_closure
+from qblock.problems._states import check_num_remove
 
 __all__ = ["SwapAnnealingSampler", "default_beta_range"]
 
@@ -103,9 +104,8 @@ class SwapAnnealingSampler(MatrixSampler):
         if num_reads < 1 or num_sweeps < 0:
             raise ValueError("num_reads must be >= 1 and num_sweeps >= 0")
         t0 = time.perf_counter()
-        n, m = H.shape[0], int(num_remove)
-        if not 0 <= m <= n:
-            raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got {num_remove}")
+        n = H.shape[0]
+        m = check_num_remove(num_remove, n)
         rng = np.random.default_rng(seed)
         R = int(num_reads)
         order = np.argsort(rng.random((R, n)), axis=1)

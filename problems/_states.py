@@ -4,6 +4,8 @@ qiskit-optimization form and how a problem file is written."""
 from __future__ import annotations
 
 import io
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,30 @@ def binary_states(X: Any, num_variables: int) -> np.ndarray:
     if not np.all((X == 0) | (X == 1)):
         raise ValueError("states must be binary (0/1)")
     return X.astype(np.float64)
+
+
+def check_num_remove(num_remove: Any, n: int, low: int = 0) -> int:
+    """``num_remove`` (M) as an int in ``low..n``, or a one-line ValueError; the one home of that rule.
+
+    Floats must be finite whole numbers (``2.0``, not ``2.5``).
+
+    Example:
+        >>> check_num_remove(2.0, 5)
+        2
+        >>> check_num_remove(9, 5)
+        Traceback (most recent call last):
+        ...
+        ValueError: M (num_remove, the number of blocks to remove) must satisfy 0 <= M <= N = 5, got 9
+    """
+    ok = isinstance(num_remove, numbers.Integral) or (
+        isinstance(num_remove, numbers.Real) and math.isfinite(num_remove) and float(num_remove).is_integer()
+    )
+    if not ok or isinstance(num_remove, (bool, np.bool_)):
+        raise ValueError(f"num_remove must be an integer, got {num_remove!r}")
+    if not low <= int(num_remove) <= n:
+        raise ValueError(f"M (num_remove, the number of blocks to remove) must satisfy {low} <= M <= N = {n}, "
+                         f"got {num_remove}")
+    return int(num_remove)
 
 
 def quadratic_energies(Xf: np.ndarray, H: np.ndarray, linear: np.ndarray, offset: float) -> np.ndarray:

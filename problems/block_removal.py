@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import struct
 import tempfile
@@ -27,7 +26,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import dimod
 import numpy as np
 
-from qblock.problems._states import binary_program, binary_states, quadratic_energies, save_npz
+from qblock.problems._states import (binary_program, binary_states, check_num_remove, quadratic_energies,
+                                     save_npz)
 
 __all__ = ["BlockRemovalProblem", "FORMAT_VERSION", "removal_key"]
 
@@ -88,18 +88,6 @@ def _as_linear(linear: Any, n: int) -> np.ndarray:
     if not np.all(np.isfinite(lin)):
         raise ValueError("linear must be finite")
     return lin.copy()
-
-
-def _check_num_remove(num_remove: Any, n: int) -> int:
-    """``num_remove`` as an int in ``0..n``; floats must be finite whole numbers (``2.0``, not ``2.5``)."""
-    ok = isinstance(num_remove, numbers.Integral) or (
-        isinstance(num_remove, numbers.Real) and math.isfinite(num_remove) and float(num_remove).is_integer()
-    )
-    if not ok or isinstance(num_remove, (bool, np.bool_)):
-        raise ValueError(f"num_remove must be an integer, got {num_remove!r}")
-    if not 0 <= int(num_remove) <= n:
-        raise ValueError(f"num_remove must satisfy 0 <= M <= N = {n}, got M = {num_remove}")
-    return int(num_remove)
 
 
 class BlockRemovalProblem:
@@ -166,7 +154,7 @@ class BlockRemovalProblem:
         if not math.isfinite(self._offset):
             raise ValueError("offset must be finite")
 
-        self._num_remove = None if num_remove is None else _check_num_remove(num_remove, n)
+        self._num_remove = None if num_remove is None else check_num_remove(num_remove, n)
 
         if labels is None:
             labels = [str(i) for i in range(n)]
@@ -277,7 +265,7 @@ class BlockRemovalProblem:
         p.__dict__.update(self.__dict__)
         p.metadata = dict(self.metadata)
         p._safe_penalty = None
-        p._num_remove = _check_num_remove(num_remove, self.num_blocks)
+        p._num_remove = check_num_remove(num_remove, self.num_blocks)
         return p
 
     def __repr__(self) -> str:

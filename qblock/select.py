@@ -48,6 +48,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from qblock.problems._states import check_num_remove
 from qblock.problems.block_removal import BlockRemovalProblem, removal_key
 
 __all__ = ["LossOracle", "measure", "measured_problem", "refine", "Refinement", "surrogate_problem", "confirm",
@@ -407,9 +408,8 @@ def refine(oracle: LossOracle, prior: BlockRemovalProblem, num_remove: int, *, b
     import qblock
     from qblock.backends import variable_limit
 
-    n, M = prior.num_blocks, int(num_remove)
-    if not 1 <= M <= n:
-        raise ValueError(f"num_remove must satisfy 1 <= M <= N = {n}, got {num_remove}")
+    n = prior.num_blocks
+    M = check_num_remove(num_remove, n, low=1)
     if int(batch) < 1 or int(budget_tokens) < 0:
         raise ValueError("batch must be at least 1 and budget_tokens non-negative")
     t0, rounds, repeats = oracle.tokens, 0, 0

@@ -252,3 +252,36 @@ def test_exact_ties_resolve_the_same_for_enumeration_and_bnb():
     X = p.states_from_sampleset(a)
     # energy, then lexicographic order of the 0/1 vector
     assert [tuple(x) for x in X] == sorted(tuple(x) for x in X)
+
+
+@pytest.mark.parametrize("entry", ["enumerate_topk", "exact", "swap", "bnb", "qaoa", "miqp", "problem", "refine"])
+@pytest.mark.parametrize("m", [-1, 5, 2.5, True])
+def test_every_entry_point_refuses_a_bad_m_with_one_message(entry, m):
+    """One rule for M (qblock.problems._states.check_num_remove), so one message wherever M enters."""
+    from qblock.backends import bnb, miqp, qaoa
+    from qblock.problems._states import check_num_remove
+
+    n = 4
+    H = np.ones((n, n)) - np.eye(n)
+    lin = np.zeros(n)
+    calls = {
+        "enumerate_topk": lambda: enumerate_topk(H, lin, m, 1),
+        "exact": lambda: ExactTopKSampler().sample_matrices(H, lin, 0.0, num_remove=m, num_solutions=1),
+        "swap": lambda: SwapAnnealingSampler().sample_matrices(H, lin, 0.0, num_remove=m, num_solutions=1),
+        "bnb": lambda: bnb.topk(H, lin, m, 1),
+        "qaoa": lambda: qaoa._checked_settings(n, m, "xy", "cobyla", "dicke", 1, 8, 1, 22, "statevector"),
+        "miqp": lambda: miqp._prepare(H, lin, m, 1),
+        "problem": lambda: qblock.random_problem(n, 1, seed=0).with_num_remove(m),
+        "refine": lambda: _refine_with_m(m),
+    }
+    with pytest.raises(ValueError) as want:
+        check_num_remove(m, n, low=1 if entry == "refine" else 0)
+    with pytest.raises(ValueError) as got:
+        calls[entry]()
+    assert str(got.value) == str(want.value)
+
+
+def _refine_with_m(m):
+    from qblock.select import refine
+
+    return refine(None, qblock.random_problem(4, 1, seed=0), m, budget_tokens=0)  # M is checked first
