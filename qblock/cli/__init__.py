@@ -26,10 +26,17 @@ class CliError(Exception):
         self.code = code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (it printed the whole usage block first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qblock import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qblock",
         description="Choose which transformer blocks to remove by constrained binary optimisation.",
     )

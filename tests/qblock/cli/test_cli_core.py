@@ -49,6 +49,10 @@ def test_solve_remove_overrides_and_params(tmp_path, capsys):
         (["solve", "{f}", "--top", "0"], "--top must be at least 1"),
         (["solve", "{f}", "--param", "oops"], "KEY=VALUE"),
         (["solve", "{f}", "--backend", "swap", "--param", "bogus=1"], "unknown parameter 'bogus'"),
+        # argparse's own errors: one line too (it printed the usage block first), pointing at --help
+        (["solve", "{f}", "--remove", "2.5"], "invalid int value: '2.5' (see 'qblock solve --help')"),
+        (["solve", "{f}", "--bogus"], "unrecognized arguments: --bogus"),
+        (["nosuch"], "invalid choice: 'nosuch'"),
     ],
 )
 def test_errors_are_one_line_and_nonzero(tmp_path, args, needle):
