@@ -47,7 +47,7 @@ def check_num_remove(num_remove: Any, n: int, low: int = 0) -> int:
         isinstance(num_remove, numbers.Real) and math.isfinite(num_remove) and float(num_remove).is_integer()
     )
     if not ok or isinstance(num_remove, (bool, np.bool_)):
-        raise ValueError(f"num_remove must be an integer, got {num_remove!r}")
+        raise ValueError(f"M (num_remove, the number of blocks to remove) must be a whole number, got {num_remove!r}")
     if not low <= int(num_remove) <= n:
         raise ValueError(f"M (num_remove, the number of blocks to remove) must satisfy {low} <= M <= N = {n}, "
                          f"got {num_remove}")

@@ -29,11 +29,13 @@ class CliError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors as one line (it printed the whole usage block first)."""
 
+    commands: dict[str, argparse.ArgumentParser] = {}  # the sub-command parsers, by name (build_parser)
+
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     from qblock import __version__
 
     parser = _Parser(
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         # every sub-command module is part of the package: a failing import is a bug, never hidden
         importlib.import_module(f"qblock.cli.{name}").register(sub)
+    parser.commands = sub.choices
     return parser
 
 
@@ -53,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     from qblock._lazy import MissingDependencyError, as_missing_dependency
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse says so from the top parser; the command's own --help lists its options
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if argv is None or argv == [] else 2

@@ -56,12 +56,20 @@ def in_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def leave() -> None:
+def leave(synchronize: bool = True) -> None:
     """Leave the process group, if any. Gloo's worker threads must stop before the interpreter does: a rank
-    that exits without this can abort at exit ("terminate called without an active exception")."""
+    that exits without this can abort at exit ("terminate called without an active exception").
+
+    With ``synchronize`` (the work ended well on this rank) every rank first waits at a barrier, so none tears
+    gloo down while another still talks to it: a rank that finished first still aborted now and then (once in
+    a local ``.ci/run``, on a loaded machine). After an error there is no barrier: the other ranks may never
+    reach it, and the launcher stops them.
+    """
     if in_group():
         import torch.distributed as dist
 
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -488,7 +488,7 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
     """
     from qblock.llm.distributed import in_group, init, leave, world
 
-    rank, joined = 0, False
+    rank, joined, ok = 0, False, False
     if world()[1] > 1:  # under torchrun: join the group; only rank 0 talks, locks and writes the output
         joined = not in_group()  # a group the caller made is the caller's to leave
         rank, _, device = init(device)
@@ -500,10 +500,12 @@ def extract_problem(model_spec: Any = "default", num_samples: int = 128, seq_len
             progress=progress and rank == 0, num_remove=num_remove, restart=restart, num_eval=num_eval,
             dtype=dtype, device=device, executor=executor)
         with _output_lock(settings.out if rank == 0 else None):
-            return _extract_problem(settings, model=model, tokenizer=tokenizer)
+            problem = _extract_problem(settings, model=model, tokenizer=tokenizer)
+        ok = True
+        return problem
     finally:
         if joined:
-            leave()  # gloo's threads stop before the interpreter: else a rank can abort at exit
+            leave(synchronize=ok)  # gloo's threads stop before the interpreter: else a rank can abort at exit
 
 
 def _measured(s: ExtractionSettings, run: _Run):

@@ -23,7 +23,7 @@ def psd(n, seed=0):
         (dict(H=np.array([[np.nan, 0.0], [0.0, 1.0]]), num_remove=1), "finite"),
         (dict(H=np.eye(3), num_remove=4), "0 <= M <= N"),
         (dict(H=np.eye(3), num_remove=-1), "0 <= M <= N"),
-        (dict(H=np.eye(3), num_remove=1.5), "integer"),
+        (dict(H=np.eye(3), num_remove=1.5), "whole number"),
         (dict(H=np.eye(3), num_remove=1, linear=[1.0, 2.0]), "linear has 2 entries"),
         (dict(H=np.eye(3), num_remove=1, labels=["a", "b"]), "labels has 2"),
         (dict(H=np.eye(3), num_remove=1, labels=["a", "a", "b"]), "distinct"),

@@ -261,7 +261,8 @@ def test_ctrl_c_stops_a_ray_compare_cleanly(tmp_path):
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     chunks: list[bytes] = []
-    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(p.stderr.fileno(), 4096), b"")))
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(p.stderr.fileno(), 4096), b"")),
+                              daemon=True)
     reader.start()
     try:
         # interrupt once the progress bar shows a finished run, not after a guessed start-up time
@@ -269,7 +270,8 @@ def test_ctrl_c_stops_a_ray_compare_cleanly(tmp_path):
         while not re.search(rb"\b[1-9][0-9]*/[0-9]+ \[", b"".join(chunks)) and p.poll() is None:
             assert time.time() < deadline, b"".join(chunks)[-2000:].decode(errors="replace")
             time.sleep(0.2)
-        assert p.poll() is None, "the study finished before it could be interrupted"
+        assert p.poll() is None, "the study ended before it could be interrupted: " + \
+            b"".join(chunks)[-2000:].decode(errors="replace")
         t0 = time.time()
         p.send_signal(signal.SIGINT)
         p.wait(timeout=60)

@@ -51,7 +51,8 @@ def test_solve_remove_overrides_and_params(tmp_path, capsys):
         (["solve", "{f}", "--backend", "swap", "--param", "bogus=1"], "unknown parameter 'bogus'"),
         # argparse's own errors: one line too (it printed the usage block first), pointing at --help
         (["solve", "{f}", "--remove", "2.5"], "invalid int value: '2.5' (see 'qblock solve --help')"),
-        (["solve", "{f}", "--bogus"], "unrecognized arguments: --bogus"),
+        (["solve", "{f}", "--bogus"],
+         "qblock solve: error: unrecognized arguments: --bogus (see 'qblock solve --help')"),
         (["nosuch"], "invalid choice: 'nosuch'"),
     ],
 )
