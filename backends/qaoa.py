@@ -387,7 +387,8 @@ def _checked_settings(n: int, num_remove, mixer: str, optimizer: str, init: str,
         raise QubitLimitError(
             f"QAOA on {n} qubits exceeds max_qubits={max_qubits}: a statevector of {n} qubits needs "
             f"16 bytes * 2^{n} = {_human_bytes(need)} (plus 8 bytes * 2^{n} for the cost diagonal); "
-            f"raise max_qubits if the machine has the memory, or use method='matrix_product_state'"
+            f"raise max_qubits if the machine has the memory, or use method='matrix_product_state' (command line: "
+            f"--param max_qubits={n} or --param method=matrix_product_state)"
         )
     if mixer not in ("xy", "x"):
         raise ValueError(f"mixer must be 'xy' or 'x', got {mixer!r}")

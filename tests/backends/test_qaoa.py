@@ -150,8 +150,9 @@ def test_variants_run_and_stay_feasible(opts):
 
 def test_qubit_limit_error_states_memory():
     p = qblock.random_problem(12, 3, seed=0)
-    with pytest.raises(QubitLimitError, match=r"16 bytes \* 2\^12 = 64\.0 KiB"):
+    with pytest.raises(QubitLimitError, match=r"16 bytes \* 2\^12 = 64\.0 KiB") as err:
         qblock.solve(p, "qaoa", max_qubits=10)
+    assert "--param max_qubits=12 or --param method=matrix_product_state" in str(err.value)  # the CLI's words too
     with pytest.raises(ValueError, match="mixer"):
         qblock.solve(p, "qaoa", mixer="zz")
     with pytest.raises(ValueError, match="optimizer"):
