@@ -142,9 +142,10 @@ def run(args: argparse.Namespace) -> int:
 
         seen = set()
         for path in args.problems:
-            if Path(path).resolve() in seen:  # a file named twice (p.npz, ./p.npz) is one problem
+            where = Path(path).resolve()
+            if where in seen:  # a file named twice (p.npz, ./p.npz) is one problem
                 continue
-            seen.add(Path(path).resolve())
+            seen.add(where)
             problem = load_problem(path, removes[0] if removes else None)  # read once for every M
             try:
                 cmp.require_block_removal(problem, path)
